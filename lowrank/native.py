@@ -1,0 +1,111 @@
+"""Loader for the native library built from csrc/ (a torch-free C ABI, loaded with ctypes).
+
+Importing this module never fails. `cpu()` / `cuda()` return the loaded `ctypes.CDLL`, or None
+after one warning when the library is missing or cannot be loaded; callers then fall back to the
+pure-torch path. `check(status, what)` turns a status code into an exception.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+
+ABI_VERSION = 1
+LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
+
+# Status codes and dtype codes: keep in sync with csrc/lowrank.h.
+OK = 0
+ERR_INVALID_ARGUMENT = 1
+ERR_UNSUPPORTED_DTYPE = 2
+ERR_CUDA = 3
+ERR_OUT_OF_MEMORY = 4
+ERR_CAPACITY = 5
+
+_STATUS_NAMES = {
+    ERR_INVALID_ARGUMENT: "invalid argument",
+    ERR_UNSUPPORTED_DTYPE: "unsupported dtype",
+    ERR_CUDA: "CUDA error",
+    ERR_OUT_OF_MEMORY: "out of memory",
+    ERR_CAPACITY: "record capacity exceeded",
+}
+
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+class NativeError(RuntimeError):
+    """A native entry point returned a non-zero status."""
+
+    def __init__(self, status: int, what: str, detail: str = ""):
+        self.status = status
+        msg = f"{what}: {_STATUS_NAMES.get(status, f'status {status}')}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+def dtype_code(dtype) -> int:
+    """The LOWRANK_DTYPE_* code of a torch dtype; TypeError for anything else."""
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPE_CODES:
+        raise TypeError(f"native library: unsupported dtype {dtype}; expected float32, float16 or bfloat16")
+    return DTYPE_CODES[name]
+
+
+def _load(kind: str):
+    path = os.path.join(LIB_DIR, f"liblowrank_{kind}.so")
+    if not os.path.exists(path):
+        return None, f"{path} does not exist (the {kind} build was skipped or failed at install)"
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        return None, f"cannot load {path}: {exc}"
+    version = getattr(lib, f"lowrank_{kind}_abi_version")
+    version.restype = ctypes.c_int
+    if version() != ABI_VERSION:
+        return None, f"{path} has ABI version {version()}, this package expects {ABI_VERSION} (rebuild it)"
+    info = getattr(lib, f"lowrank_{kind}_build_info")
+    info.restype = ctypes.c_char_p
+    if kind == "cuda":
+        lib.lowrank_cuda_last_error.restype = ctypes.c_char_p
+    return lib, None
+
+
+@functools.lru_cache(maxsize=None)
+def _get(kind: str, warn: bool):
+    lib, why = _load(kind)
+    if lib is None and warn:
+        warnings.warn(f"lowrank: native {kind} library unavailable, using the pure-torch path: {why}",
+                      RuntimeWarning, stacklevel=3)
+    return lib
+
+
+def cpu(warn: bool = True):
+    """The CPU library (ctypes.CDLL), or None after one warning."""
+    return _get("cpu", warn)
+
+
+def cuda(warn: bool = True):
+    """The CUDA library (ctypes.CDLL), or None after one warning."""
+    return _get("cuda", warn)
+
+
+def info() -> dict:
+    """What was built: {'abi': int, 'cpu': build string or None, 'cuda': build string or None}."""
+    out = {"abi": ABI_VERSION}
+    for kind in ("cpu", "cuda"):
+        lib = _get(kind, False)
+        out[kind] = None if lib is None else getattr(lib, f"lowrank_{kind}_build_info")().decode()
+    return out
+
+
+def check(status: int, what: str) -> None:
+    """Raise NativeError when a native call returned a non-zero status."""
+    if status == OK:
+        return
+    detail = ""
+    if status == ERR_CUDA:
+        lib = _get("cuda", False)
+        if lib is not None:
+            detail = lib.lowrank_cuda_last_error().decode()
+    raise NativeError(status, what, detail)

@@ -1,0 +1,89 @@
+"""Public differentiable ops and their device dispatch.
+
+Dispatch (DESIGN.md):
+- CUDA tensors go to the Triton kernels (when Triton is importable);
+- CPU tensors go to the pure-torch reference (`lowrank.reference`);
+- LOWRANK_BACKEND=triton forces the Triton kernels for CPU tensors too (run them under
+  TRITON_INTERPRET=1), LOWRANK_BACKEND=reference forces the reference everywhere.
+A missing Triton degrades to the reference path with one warning.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import kernels  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken Triton install
+        warnings.warn(f"lowrank: Triton unavailable ({exc}); using the pure-torch reference path",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """'triton' or 'reference' for an op whose main input is t."""
+    choice = os.environ.get("LOWRANK_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"LOWRANK_BACKEND={choice!r}; expected one of {BACKENDS}")
+    if choice == "reference":
+        return "reference"
+    if choice == "triton" or t.is_cuda:
+        return "triton" if triton_available() else "reference"
+    return "reference"
+
+
+def check_lora_args(x, weight, lora_A, lora_B, bias=None, where: str = "lora_linear") -> None:
+    """Shape, dtype and device checks shared by the LoRA ops; TypeError/ValueError naming the culprit."""
+    if x.dim() < 1:
+        raise ValueError(f"{where}: x must have at least one dimension, got a scalar")
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"{where}: weight, lora_A and lora_B must be 2-D, got shapes "
+                         f"{tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != k:
+        raise ValueError(f"{where}: x has {x.shape[-1]} features (shape {tuple(x.shape)}), weight expects {k} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if tuple(lora_A.shape) != (r, k):
+        raise ValueError(f"{where}: lora_A must be (rank, {k}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"{where}: lora_B must be ({n}, {r}) for weight {tuple(weight.shape)} and "
+                         f"lora_A {tuple(lora_A.shape)}, got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{where}: bias must be ({n},), got {tuple(bias.shape)}")
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"{where}: all tensors must share one dtype, got {dtypes}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{where}: dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
+    """y = x @ weight.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T, differentiable.
+
+    x: (..., K), any strides; weight: (N, K), frozen (no gradient is computed for it);
+    lora_A: (r, K); lora_B: (N, r); bias: (N,) or None, frozen. Pass dropout=0.0 in eval mode.
+    """
+    check_lora_args(x, weight, lora_A, lora_B, bias)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
+    return reference.lora_linear(x, weight, lora_A, lora_B, float(scaling), bias, dropout)

@@ -1,0 +1,173 @@
+"""Target discovery and module swapping: patch_linear, unpatch, trainable_parameters."""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch.nn as nn
+
+from .config import LoRAConfig, TargetSpec
+from .layers import LoRALinear, is_linear
+
+# Attribute on the patched root module: what patching changed, so unpatch can undo it exactly.
+_STATE_ATTR = "_lowrank_state"
+
+
+def iter_linear(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
+    """Yield (path, module, parent, attribute) for every linear layer; a LoRALinear counts as one
+    layer (its base_layer is not visited again)."""
+    for attr, child in model.named_children():
+        path = f"{prefix}.{attr}" if prefix else attr
+        if isinstance(child, LoRALinear) or is_linear(child):
+            yield path, child, model, attr
+        else:
+            yield from iter_linear(child, path)
+
+
+def _matches(spec: TargetSpec, path: str, module: nn.Module) -> bool:
+    if callable(spec) and not isinstance(spec, str):
+        base = module.base_layer if isinstance(module, LoRALinear) else module
+        return bool(spec(path, base))
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == s or path.endswith("." + s) for s in spec)
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    heads = set()
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if isinstance(head, nn.Module):
+            heads.add(id(head))
+            if isinstance(head, LoRALinear):
+                heads.add(id(head.base_layer))
+    return heads
+
+
+def select_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = None):
+    """The (path, module, parent, attr) of the linear layers `targets` selects and `exclude` does not.
+
+    targets: "all-linear" (every linear layer but the output head: the module returned by
+    `get_output_embeddings()`, or any layer named `lm_head`); a list of names matched against the
+    end of the module path ("q_proj", "self_attn.q_proj"); a regex string matched against the full
+    path (re.fullmatch); or a callable (path, module) -> bool. exclude takes the same forms.
+    Raises ValueError, listing the model's linear layers, when nothing is selected.
+    """
+    found = list(iter_linear(model))
+    if targets == "all-linear":
+        heads = _output_heads(model)
+        chosen = [f for f in found if id(f[1]) not in heads and f[0].rsplit(".", 1)[-1] != "lm_head"]
+    else:
+        chosen = [f for f in found if _matches(targets, f[0], f[1])]
+    if exclude is not None:
+        chosen = [f for f in chosen if not _matches(exclude, f[0], f[1])]
+    if not chosen:
+        raise ValueError(f"targets={_describe(targets)} (exclude={_describe(exclude)}) matched no linear layer; "
+                         f"{_list_linear(found)}")
+    return chosen
+
+
+def _describe(spec) -> str:
+    if callable(spec) and not isinstance(spec, str):
+        return getattr(spec, "__name__", repr(spec))
+    return repr(spec)
+
+
+def _list_linear(found) -> str:
+    if not found:
+        return "the model has no nn.Linear or Conv1D layer"
+    names = sorted({path.rsplit(".", 1)[-1] for path, *_ in found})
+    examples = ", ".join(path for path, *_ in found[:3])
+    return (f"the model's linear layers are named {names} ({len(found)} layers, e.g. {examples})")
+
+
+def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
+                 targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
+                 init: str = "kaiming", adapter_name: str = "default") -> nn.Module:
+    """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
+
+    Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
+    not copied); layers that are already LoRALinear get the new adapter added. Every parameter
+    that is not a LoRA parameter is frozen. All arguments are checked, and every new module is
+    built, before the model is touched: on error the model is unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
+    config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
+                        targets=targets, exclude=exclude, adapter_name=adapter_name)
+    chosen = select_targets(model, targets, exclude)
+    clash = [path for path, module, *_ in chosen
+             if isinstance(module, LoRALinear) and adapter_name in module.configs]
+    if clash:
+        raise ValueError(f"adapter {adapter_name!r} already exists on {len(clash)} layer(s) (e.g. {clash[0]}); "
+                         f"use another adapter_name or lowrank.unpatch(model) first")
+
+    # Build everything first; only then mutate the model.
+    wrappers = []
+    for path, module, parent, attr in chosen:
+        if isinstance(module, LoRALinear):
+            wrappers.append((parent, attr, module, False))
+        else:
+            wrappers.append((parent, attr, LoRALinear(module), True))
+    state = getattr(model, _STATE_ATTR, None)
+    fresh_state = state is None
+    if fresh_state:
+        state = {"requires_grad": [(p, p.requires_grad) for p in model.parameters()]}
+    for parent, attr, wrapper, new in wrappers:
+        wrapper.add_adapter(config)
+    for parent, attr, wrapper, new in wrappers:
+        if new:
+            setattr(parent, attr, wrapper)
+    lora_params = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
+                   for p in list(m.lora_A.values()) + list(m.lora_B.values())}
+    for p in model.parameters():
+        if id(p) not in lora_params:
+            p.requires_grad_(False)
+    if fresh_state:
+        object.__setattr__(model, _STATE_ATTR, state)
+    return model
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(path, layer) for every LoRALinear in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove every LoRA adapter: put the original modules back and restore requires_grad flags."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, LoRALinear):
+        raise TypeError("unpatch the model that contains the LoRALinear, not the layer itself")
+    swaps = []
+    for path, module in lora_layers(model):
+        if getattr(module, "merged", False):
+            raise ValueError(f"layer {path} is merged; lowrank.unmerge(model) before unpatching")
+        parent_path, _, attr = path.rpartition(".")
+        swaps.append((model.get_submodule(parent_path) if parent_path else model, attr, module.base_layer))
+    for parent, attr, base in swaps:
+        setattr(parent, attr, base)
+    state = model.__dict__.pop(_STATE_ATTR, None)
+    if state is not None:
+        for p, flag in state["requires_grad"]:
+            p.requires_grad_(flag)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (each shared parameter counted once)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

@@ -1,0 +1,52 @@
+"""Shared test helpers: the tolerance rule, poisoning, mismatch reports."""
+from __future__ import annotations
+
+import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+# Smallest error we tolerate regardless of the baseline: a few ulps of the output dtype.
+_ULP_FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so that any element a kernel forgets to write fails the comparison."""
+    return t.fill_(float("nan"))
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def where_mismatch(a: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor | float, k: int = 5) -> str:
+    """A short report of the worst elements, with indices."""
+    diff = (a.double() - ref.double()).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    flat = diff.flatten()
+    top = torch.topk(flat, min(k, flat.numel()))
+    rows = []
+    for v, i in zip(top.values.tolist(), top.indices.tolist()):
+        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), diff.shape))
+        rows.append(f"  at {idx}: got {a.flatten()[i].item():.6g}, ref {ref.flatten()[i].item():.6g}, |err| {v:.3g}")
+    return "\n".join(rows)
+
+
+def assert_close(out: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor | None = None,
+                 factor: float = 2.0, name: str = "output") -> None:
+    """The flash-attention rule: err(out) <= factor * err(baseline) + floor, against a float64 reference.
+
+    baseline: the same computation done by plain torch in out's dtype (None: compare to the floor
+    scaled by the reference's magnitude only). NaN in `out` never passes (unless the reference
+    has NaN at the same place).
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    nan_out, nan_ref = torch.isnan(out), torch.isnan(ref64)
+    assert torch.equal(nan_out, nan_ref), f"{name}: NaN pattern differs ({int(nan_out.sum())} NaN vs {int(nan_ref.sum())} in the reference)"
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    floor = _ULP_FLOOR[out.dtype] * max(scale, 1.0)
+    tol = floor
+    if baseline is not None:
+        tol = factor * max_err(baseline, ref64) + floor
+    err = max_err(torch.nan_to_num(out), torch.nan_to_num(ref64))
+    assert err <= tol, f"{name} ({out.dtype}): max |err| {err:.3g} > tol {tol:.3g}\n{where_mismatch(out, ref64, tol)}"
