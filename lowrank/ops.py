@@ -18,6 +18,9 @@ import torch
 from . import reference
 
 BACKENDS = ("auto", "triton", "reference")
+# The kernels take the three training dtypes; the reference path also takes float64 (gradient checks).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,8 +73,9 @@ def check_lora_args(x, weight, lora_A, lora_B, bias=None, where: str = "lora_lin
     dtypes = {name: t.dtype for name, t in tensors.items()}
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"{where}: all tensors must share one dtype, got {dtypes}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{where}: dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where}: dtype {x.dtype} is not supported; use float32, float16 or bfloat16 "
+                        f"(float64 on the reference path)")
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"{where}: all tensors must be on one device, got {devices}")

@@ -1,0 +1,63 @@
+"""Small real architectures built from transformers configs (no downloads), for tests."""
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=97, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def tiny_bert(seed: int = 0, dtype=torch.float32):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=97, max_position_embeddings=64)
+    return BertModel(cfg).to(dtype).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def input_ids(batch: int = 2, seq: int = 11, vocab: int = 97, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything patching may change: module tree (types and identities), tensors, flags."""
+    return {
+        "modules": [(n, type(m), id(m)) for n, m in model.named_modules()],
+        "params": {n: (p.detach().clone(), p.requires_grad, id(p)) for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "attrs": sorted(k for k in model.__dict__ if k.startswith("_lowrank")),
+    }
+
+
+def assert_same_snapshot(a: dict, b: dict) -> None:
+    assert a["modules"] == b["modules"], "module tree changed"
+    assert a["params"].keys() == b["params"].keys(), "parameter names changed"
+    for n, (t, rg, pid) in a["params"].items():
+        t2, rg2, pid2 = b["params"][n]
+        assert pid == pid2, f"parameter {n} was replaced"
+        assert rg == rg2, f"requires_grad of {n} changed"
+        assert torch.equal(t, t2), f"values of {n} changed"
+    assert a["buffers"].keys() == b["buffers"].keys()
+    for n, t in a["buffers"].items():
+        assert torch.equal(t, b["buffers"][n]), f"buffer {n} changed"
+    assert a["attrs"] == b["attrs"]

@@ -1,0 +1,293 @@
+"""The module layer: patch_linear / unpatch / trainable_parameters on real architectures."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lowrank
+from lowrank import LoRALinear
+from tests.models import MODELS, assert_same_snapshot, input_ids, snapshot, tiny_gpt2, tiny_llama
+
+
+class Toy(nn.Module):
+    def __init__(self, bias=True):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16, bias=bias), nn.ReLU(), nn.Linear(16, 16, bias=bias))
+        self.attn = nn.ModuleDict({"q_proj": nn.Linear(16, 16), "v_proj": nn.Linear(16, 16)})
+        self.norm = nn.LayerNorm(16)
+        self.lm_head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.encoder(x)
+        h = self.norm(self.attn["q_proj"](h) + self.attn["v_proj"](h))
+        return self.lm_head(h)
+
+
+def patched_paths(model):
+    return sorted(name for name, _ in lowrank.lora_layers(model))
+
+
+# -- init, forward, backward, unpatch on real architectures ----------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_real_architecture_patch_train_unpatch(arch, dtype):
+    model = MODELS[arch](dtype=dtype)
+    ids = input_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids)[0]
+    snap = snapshot(model)
+    lowrank.patch_linear(model, rank=4)
+    assert patched_paths(model), "nothing patched"
+    with torch.no_grad():
+        at_init = model(input_ids=ids)[0]
+    assert torch.equal(before, at_init), "B = 0 at init: outputs must be bit-identical to the base model"
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), trainable
+    model.train()
+    out = model(input_ids=ids)
+    sum(o.float().square().mean() for o in out.values() if torch.is_tensor(o) and o.is_floating_point()).backward()
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        elif not p.requires_grad:
+            assert p.grad is None, name
+
+    lowrank.unpatch(model)
+    for p in model.parameters():
+        p.grad = None
+    model.eval()
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert_same_snapshot(snap, snapshot(model))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids)[0], before)
+
+
+def test_trained_adapter_changes_outputs_and_unpatch_restores():
+    model = tiny_llama()
+    ids = input_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    lowrank.patch_linear(model, rank=8)
+    for _, layer in lowrank.lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B["default"].normal_()
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, before)
+    lowrank.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_all_linear_skips_the_output_head_and_conv1d_is_patched():
+    gpt2 = lowrank.patch_linear(tiny_gpt2(), rank=2)
+    paths = patched_paths(gpt2)
+    assert "lm_head" not in paths and len(paths) == 2 * 4  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    layer = gpt2.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and layer.lora_A["default"].shape == (2, 48) and layer.lora_B["default"].shape == (144, 2)
+    toy = lowrank.patch_linear(Toy(), rank=2)
+    assert patched_paths(toy) == ["attn.q_proj", "attn.v_proj", "encoder.0", "encoder.2"]
+
+
+# -- the count peft reports for Llama-3-8B, on the meta device ------------------------------------
+
+def test_llama3_8b_trainable_count_on_meta():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    base_total = sum(p.numel() for p in model.parameters())
+    lowrank.patch_linear(model, rank=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"])
+    trainable, total = lowrank.trainable_parameters(model)
+    # per layer: r * (in + out) summed over the seven projections
+    per_layer = 16 * ((4096 + 4096) + (4096 + 1024) * 2 + (4096 + 4096) + (4096 + 14336) * 2 + (14336 + 4096))
+    assert trainable == 32 * per_layer == 41_943_040
+    assert total == base_total + trainable
+
+
+# -- the peft oracle ---------------------------------------------------------------------------
+
+# fp32 with alpha 8 (scaling 2 or 4: exact in any order of rounding) must agree to 1e-6; float64
+# with alpha 12 (scaling 3 or 6) to 1e-12. In fp32 with scaling 3 the two libraries round
+# s * (T @ B^T) in a different order and the gradients of the first layer differ by ~1.2e-6.
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("dtype, alpha, tol", [(torch.float32, 8, 1e-6), (torch.float64, 12, 1e-12)],
+                         ids=["fp32", "fp64"])
+def test_matches_peft_outputs_and_gradients(arch, rslora, dtype, alpha, tol):
+    from peft import LoraConfig, get_peft_model
+
+    ids = input_ids()
+    ours = MODELS[arch](seed=3, dtype=dtype)
+    theirs = MODELS[arch](seed=3, dtype=dtype)
+    targets = ["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"]
+    lowrank.patch_linear(ours, rank=4, alpha=alpha, targets=targets, rslora=rslora)
+    theirs = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                                               fan_in_fan_out=arch == "gpt2"), autocast_adapter_dtype=False)
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
+                   if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    g = torch.Generator().manual_seed(5)
+    for path, layer in lowrank.lora_layers(ours):
+        a = (torch.randn(layer.lora_A["default"].shape, generator=g) * 0.1).to(dtype)
+        b = (torch.randn(layer.lora_B["default"].shape, generator=g) * 0.1).to(dtype)
+        with torch.no_grad():
+            layer.lora_A["default"].copy_(a)
+            layer.lora_B["default"].copy_(b)
+            peft_layers[path].lora_A["default"].weight.copy_(a)
+            peft_layers[path].lora_B["default"].weight.copy_(b)
+    assert len(peft_layers) == len(list(lowrank.lora_layers(ours)))
+    out_ours, out_theirs = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    rel = ((out_ours - out_theirs).norm() / out_theirs.norm()).item()
+    assert rel <= tol, rel
+    out_ours.square().mean().backward()
+    out_theirs.square().mean().backward()
+    for path, layer in lowrank.lora_layers(ours):
+        for which in ("lora_A", "lora_B"):
+            mine = getattr(layer, which)["default"].grad
+            ref = getattr(peft_layers[path], which)["default"].weight.grad
+            err = ((mine - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            assert err <= tol, (path, which, err)
+
+
+# -- hyper-parameters ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank, alpha, rslora, expected", [
+    (8, None, False, 2.0), (8, 4, False, 0.5), (16, 8, True, 2.0), (7, None, True, 14 / math.sqrt(7)),
+])
+def test_scaling(rank, alpha, rslora, expected):
+    model = lowrank.patch_linear(Toy(), rank=rank, alpha=alpha, rslora=rslora)
+    for _, layer in lowrank.lora_layers(model):
+        assert layer.scaling() == pytest.approx(expected, rel=1e-12)
+
+
+def test_kaiming_and_gaussian_init():
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(1024, 8))
+    layer = lowrank.patch_linear(big, rank=64)[0]
+    a = layer.lora_A["default"]
+    bound = 1 / math.sqrt(1024)  # kaiming-uniform with a=sqrt(5): bound = sqrt(6 / (6 * fan_in))
+    assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound
+    assert a.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert torch.count_nonzero(layer.lora_B["default"]) == 0
+    big = nn.Sequential(nn.Linear(1024, 8))
+    a = lowrank.patch_linear(big, rank=32, init="gaussian")[0].lora_A["default"]
+    assert a.std().item() == pytest.approx(1 / 32, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapters_follow_the_base_dtype_and_device(dtype):
+    model = Toy().to(dtype)
+    lowrank.patch_linear(model, rank=3)
+    for _, layer in lowrank.lora_layers(model):
+        assert layer.lora_A["default"].dtype == dtype and layer.lora_B["default"].dtype == dtype
+    out = model(torch.randn(2, 8).to(dtype))
+    assert out.dtype == dtype
+
+
+def test_weight_is_not_copied():
+    model = Toy()
+    w = model.attn["q_proj"].weight
+    lowrank.patch_linear(model, rank=2)
+    assert model.attn["q_proj"].base_layer.weight is w and model.attn["q_proj"].weight is w
+
+
+# -- targets and exclude ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("targets, exclude, expected", [
+    (["q_proj"], None, ["attn.q_proj"]),
+    (["attn.v_proj", "encoder.2"], None, ["attn.v_proj", "encoder.2"]),
+    (r"attn\..*", None, ["attn.q_proj", "attn.v_proj"]),
+    (r"encoder\.\d", None, ["encoder.0", "encoder.2"]),
+    (lambda name, m: m.out_features == 16 and m.in_features == 16, None, ["attn.q_proj", "attn.v_proj", "encoder.2"]),
+    ("all-linear", ["q_proj"], ["attn.v_proj", "encoder.0", "encoder.2"]),
+    ("all-linear", r"encoder\..*", ["attn.q_proj", "attn.v_proj"]),
+    (["lm_head"], None, ["lm_head"]),
+], ids=["suffix", "dotted-suffix", "regex", "regex-digits", "callable", "exclude-list", "exclude-regex", "head"])
+def test_target_forms(targets, exclude, expected):
+    model = lowrank.patch_linear(Toy(), rank=2, targets=targets, exclude=exclude)
+    assert patched_paths(model) == expected
+
+
+def test_suffix_matching_is_per_component():
+    with pytest.raises(ValueError, match="matched no linear layer"):
+        lowrank.patch_linear(Toy(), rank=2, targets=["proj"])  # "q_proj" does not end in ".proj"
+
+
+def test_second_adapter_on_patched_layers():
+    model = lowrank.patch_linear(Toy(), rank=2)
+    lowrank.patch_linear(model, rank=5, targets=["q_proj"], adapter_name="other")
+    q = model.attn["q_proj"]
+    assert set(q.configs) == {"default", "other"} and q.lora_A["other"].shape == (5, 16)
+    assert not isinstance(q.base_layer, LoRALinear)
+
+
+# -- bad input: a clear error and the model exactly as it was ------------------------------------
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(rank=0), ValueError, "rank must be >= 1"),
+    (dict(rank=-3), ValueError, "rank must be >= 1"),
+    (dict(rank=4.0), TypeError, "rank must be an int"),
+    (dict(rank=True), TypeError, "rank must be an int"),
+    (dict(alpha=0), ValueError, "alpha"),
+    (dict(alpha=-1.5), ValueError, "alpha"),
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(alpha="16"), TypeError, "alpha"),
+    (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+    (dict(dropout=-0.1), ValueError, "dropout"),
+    (dict(init="xavier"), ValueError, "init"),
+    (dict(targets=["nope"]), ValueError, r"matched no linear layer.*q_proj"),
+    (dict(targets=r"decoder\..*"), ValueError, "matched no linear layer"),
+    (dict(targets=lambda n, m: False), ValueError, "matched no linear layer"),
+    (dict(targets="all-linear", exclude=r".*"), ValueError, "matched no linear layer"),
+    (dict(targets="(unclosed"), ValueError, "regular expression"),
+    (dict(targets=[]), ValueError, "empty"),
+    (dict(targets=[3]), TypeError, "module names"),
+    (dict(targets=3), TypeError, "targets"),
+    (dict(exclude="all-linear"), ValueError, "exclude"),
+    (dict(adapter_name=""), ValueError, "adapter_name"),
+    (dict(adapter_name="a.b"), ValueError, "adapter_name"),
+], ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}={v[k]!r}"[:24] for k in v))
+def test_bad_arguments_leave_the_model_untouched(kwargs, exc, words):
+    model = Toy()
+    snap = snapshot(model)
+    with pytest.raises(exc, match=words):
+        lowrank.patch_linear(model, **{"rank": 2, **kwargs})
+    assert_same_snapshot(snap, snapshot(model))
+
+
+def test_patching_twice_under_one_name_raises_and_changes_nothing():
+    model = lowrank.patch_linear(Toy(), rank=2)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="'default' already exists"):
+        lowrank.patch_linear(model, rank=4, targets=["q_proj", "lm_head"])
+    assert_same_snapshot(snap, snapshot(model))
+    assert "default" not in model.lm_head.__dict__.get("configs", {})
+
+
+@pytest.mark.parametrize("thing", [torch.randn(3, 3), "model", None, [nn.Linear(2, 2)]],
+                         ids=["tensor", "str", "None", "list"])
+def test_non_module_is_a_type_error(thing):
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        lowrank.patch_linear(thing, rank=2)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        lowrank.unpatch(thing)
+
+
+def test_model_without_linear_layers_lists_nothing_to_patch():
+    with pytest.raises(ValueError, match="no nn.Linear or Conv1D"):
+        lowrank.patch_linear(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)), rank=2)
+
+
+def test_unpatch_restores_requires_grad_flags():
+    model = Toy()
+    model.norm.weight.requires_grad_(False)
+    snap = snapshot(model)
+    lowrank.patch_linear(model, rank=2)
+    assert not model.encoder[0].weight.requires_grad
+    lowrank.unpatch(model)
+    assert_same_snapshot(snap, snapshot(model))
