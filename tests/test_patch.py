@@ -93,7 +93,9 @@ def test_all_linear_skips_the_output_head_and_conv1d_is_patched():
 
 # -- the count peft reports for Llama-3-8B, on the meta device ------------------------------------
 
-def test_llama3_8b_trainable_count_on_meta():
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"]], ids=["all-linear", "seven-names"])
+def test_llama3_8b_trainable_count_on_meta(targets):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -101,8 +103,7 @@ def test_llama3_8b_trainable_count_on_meta():
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     base_total = sum(p.numel() for p in model.parameters())
-    lowrank.patch_linear(model, rank=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj"])
+    lowrank.patch_linear(model, rank=16, targets=targets)
     trainable, total = lowrank.trainable_parameters(model)
     # per layer: r * (in + out) summed over the seven projections
     per_layer = 16 * ((4096 + 4096) + (4096 + 1024) * 2 + (4096 + 4096) + (4096 + 14336) * 2 + (14336 + 4096))
