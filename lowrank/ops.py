@@ -81,12 +81,24 @@ def check_lora_args(x, weight, lora_A, lora_B, bias=None, where: str = "lora_lin
         raise ValueError(f"{where}: all tensors must be on one device, got {devices}")
 
 
+def autocast_inputs(x, *tensors):
+    """x and tensors cast to the autocast dtype of x's device (None and non-float tensors kept)."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors)]
+
+
 def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
     """y = x @ weight.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T, differentiable.
 
     x: (..., K), any strides; weight: (N, K), frozen (no gradient is computed for it);
     lora_A: (r, K); lora_B: (N, r); bias: (N,) or None, frozen. Pass dropout=0.0 in eval mode.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast treats this op as it treats F.linear: every float input cast to the autocast
+        # dtype (differentiably, so fp32 adapter parameters still get fp32 gradients).
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(*autocast_inputs(x, weight, lora_A, lora_B, bias), scaling=scaling,
+                               dropout=dropout)
     check_lora_args(x, weight, lora_A, lora_B, bias)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")

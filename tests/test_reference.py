@@ -148,3 +148,17 @@ def test_bad_arguments_are_named(kwargs, exc, words):
     args.update(kwargs)
     with pytest.raises(exc, match=words):
         lowrank.ops.lora_linear(args["x"], args["w"], args["a"], args["b"], 1.0, args["bias"])
+
+
+def test_autocast_runs_the_op_in_the_autocast_dtype():
+    """fp32 model under torch.autocast(bf16): same result as casting everything to bf16 by hand,
+    and fp32 gradients for the fp32 adapter parameters."""
+    x, w, bias = torch.randn(5, 24), torch.randn(16, 24), torch.randn(16)
+    a, b = torch.randn(4, 24, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lowrank.ops.lora_linear(x, w, a, b, 2.0, bias)
+    bf = [t.detach().bfloat16() for t in (x, w, a, b, bias)]
+    expected = reference.lora_linear(bf[0], bf[1], bf[2], bf[3], 2.0, bf[4])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32 and b.grad.abs().sum() > 0
