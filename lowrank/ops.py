@@ -96,9 +96,9 @@ def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: f
     if torch.is_autocast_enabled(x.device.type):
         # Autocast treats this op as it treats F.linear: every float input cast to the autocast
         # dtype (differentiably, so fp32 adapter parameters still get fp32 gradients).
+        x, weight, lora_A, lora_B, bias = autocast_inputs(x, weight, lora_A, lora_B, bias)
         with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(*autocast_inputs(x, weight, lora_A, lora_B, bias), scaling=scaling,
-                               dropout=dropout)
+            return lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout)
     check_lora_args(x, weight, lora_A, lora_B, bias)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
