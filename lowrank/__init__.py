@@ -11,14 +11,17 @@ back to the pure-torch reference path with one warning.
 from .config import LoRAConfig
 from .layers import LoRALinear
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
+from .io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "load_adapter",
     "lora_layers",
     "patch_linear",
+    "save_adapter",
     "select_targets",
     "trainable_parameters",
     "unpatch",
