@@ -11,6 +11,7 @@ import torch.nn as nn
 import lowrank
 from lowrank.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from tests.helpers import assert_close
+from tests.lora_models import MODELS, ids, logits, merged_f64, randomize_B_, tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -18,54 +19,6 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 STANDARD_FIELDS = {"peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora",
                    "use_dora", "fan_in_fan_out", "task_type", "base_model_name_or_path", "modules_to_save"}
-
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2():
-    cfg = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-
-def randomize_B_(model):
-    """peft and lowrank both start with B = 0 (the adapter is a no-op); make it count."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-
-
-def ids():
-    return torch.randint(0, 61, (2, 7))
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
-
-
-def merged_f64(model):
-    """An independent oracle: a float64 copy of a lowrank-patched model with each layer's active
-    adapter merged into a plain base layer (W + s * B @ A, transposed for Conv1D)."""
-    ref = copy.deepcopy(model)
-    for path, layer in list(lowrank.lora_layers(ref)):
-        base = layer.base_layer.double()
-        name = layer.active_adapter
-        if name is not None:
-            with torch.no_grad():
-                delta = layer.scaling(name) * layer.lora_B[name].double() @ layer.lora_A[name].double()
-                base.weight += delta.t() if layer.fan_in_fan_out else delta
-        parent, _, attr = path.rpartition(".")
-        setattr(ref.get_submodule(parent), attr, base)
-    return ref.double()
 
 
 def check_same(out, model_for_ref64, x, baseline):
