@@ -138,8 +138,9 @@ _TABLES: dict = {}
 
 
 def _tables(As, scalings, device) -> dict:
-    """Per-adapter rank, packed row offset and scaling as device tensors. Cached by value so that a
-    CUDA-graph capture (after one warm-up call) never copies from the host."""
+    """Per-segment rank, packed row offset and scaling as device tensors (segment 0 = base model,
+    rank 0). Cached by value so that a CUDA-graph capture (after one warm-up call) never copies
+    from the host."""
     ranks = tuple(int(a.shape[0]) for a in As)
     key = (ranks, tuple(scalings), str(device))
     hit = _TABLES.get(key)
@@ -148,9 +149,9 @@ def _tables(As, scalings, device) -> dict:
         for r in ranks[:-1]:
             roff.append(roff[-1] + r)
         hit = {"ranks": ranks,
-               "rank": torch.tensor(ranks, dtype=torch.int32, device=device),
-               "roff": torch.tensor(roff, dtype=torch.int32, device=device),
-               "scale": torch.tensor(scalings, dtype=torch.float32, device=device)}
+               "rank": torch.tensor((0, *ranks), dtype=torch.int32, device=device),
+               "roff": torch.tensor([0, *roff], dtype=torch.int32, device=device),
+               "scale": torch.tensor([0.0, *scalings], dtype=torch.float32, device=device)}
         if len(_TABLES) > 256:
             _TABLES.clear()
         _TABLES[key] = hit
@@ -168,11 +169,11 @@ def _triton_forward(x, out, ids, As, Bs, scalings):
     tables = _tables(As, scalings, x.device)
     r_max = max(tables["ranks"])
     a_pk, bt_pk = _pack(As, Bs)
-    meta = k.segment_metadata(ids, list(tables["ranks"]), k._blocks(x.device)["BLOCK_M"])
+    meta = k.segment_metadata(ids, len(As), k._blocks(x.device)["BLOCK_M"])
     t = torch.empty(x.shape[0], r_max, device=x.device, dtype=torch.float32)
     k.shrink(x, a_pk, t, meta, tables, r_max, scaled=False)
-    y = out.clone()
-    k.expand(t, bt_pk, y, meta, tables, scaled=True)
+    y = torch.empty_like(out)
+    k.expand(t, bt_pk, out, y, meta, tables, scaled=True)  # writes every row, base rows = out
     return y
 
 
@@ -183,14 +184,14 @@ def _triton_backward(dy, x, ids, As, Bs, scalings):
     ranks = tables["ranks"]
     r_max = max(ranks)
     a_pk, bt_pk = _pack(As, Bs)
-    meta = k.segment_metadata(ids, list(ranks), k._blocks(x.device)["BLOCK_M"])
+    meta = k.segment_metadata(ids, len(As), k._blocks(x.device)["BLOCK_M"])
     m = x.shape[0]
     t = torch.empty(m, r_max, device=x.device, dtype=torch.float32)
     k.shrink(x, a_pk, t, meta, tables, r_max, scaled=False)  # recomputed: cheaper than saving (M, r)
     dt = torch.empty_like(t)
     k.shrink(dy, bt_pk, dt, meta, tables, r_max, scaled=True)  # dT = s * dY @ B
-    dx = torch.zeros_like(x)
-    k.expand(dt, a_pk, dx, meta, tables, scaled=False)  # dX = dT @ A
+    dx = torch.empty_like(x)
+    k.expand(dt, a_pk, None, dx, meta, tables, scaled=False)  # dX = dT @ A (0 on base rows)
     da_pk = torch.empty_like(a_pk)
     k.wgrad(dt, x, da_pk, meta, tables, r_max, scaled=False)  # dA = dT^T X
     dbt_pk = torch.empty_like(bt_pk)

@@ -57,12 +57,12 @@ def grads_same_dtype(dy, x, ids, As, Bs, scal):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_forward_ranks_4_8_64_with_base_rows(backend, dtype):
     x, out, ids, As, Bs, scal = make(83, 45, 37, [4, 8, 64], dtype)
-    ids[:3] = torch.tensor([0, 1, 2])
-    ids[3] = -1
+    ids[:6] = torch.tensor([0, 1, 2, -1, 7, -5])  # 7 and -5 are out of range: the base model
     y = S.sgmv(x, out, ids, As, Bs, scal)
     ref = S.sgmv_f64(x, out, ids, As, Bs, scal)
     assert_close(y, ref, plain_same_dtype(x, out, ids, As, Bs, scal))
-    assert torch.equal(y[ids == -1], out[ids == -1]), "base rows must be the base output, untouched"
+    base = (ids < 0) | (ids >= 3)
+    assert torch.equal(y[base], out[base]), "base rows must be the base output, untouched"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -104,19 +104,21 @@ def test_segment_metadata_covers_every_token_once(m, n, block, seed):
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(-1, n, (m,), generator=g)
-    meta = segment_metadata(ids, [1] * n, block)
+    ids[ids == n - 1] = n + 3  # out of range: must count as base
+    meta = segment_metadata(ids, n, block)
     seen = []
     for t in range(meta["max_tiles"]):
         seg = int(meta["tile_seg"][t])
-        if seg >= n:
+        if seg > n:
             continue
         m0, start, count = int(meta["tile_m0"][t]), int(meta["seg_start"][seg]), int(meta["seg_len"][seg])
         assert 0 <= m0 < count
         for p in range(m0, min(m0 + block, count)):
             tok = int(meta["order"][start + p])
-            assert int(ids[tok]) == seg
+            want = int(ids[tok]) + 1 if 0 <= int(ids[tok]) < n else 0
+            assert want == seg
             seen.append(tok)
-    assert sorted(seen) == sorted((ids >= 0).nonzero().squeeze(1).tolist())
+    assert sorted(seen) == list(range(m)), "every token in exactly one tile"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -130,15 +132,22 @@ def test_kernels_write_every_element(dtype):
     x, out, ids, As, Bs, scal = make(40, 24, 19, ranks, dtype)
     tables = S._tables(As, scal, x.device)
     a_pk, bt_pk = S._pack(As, Bs)
-    meta = K.segment_metadata(ids, ranks, K._blocks(x.device)["BLOCK_M"])
+    meta = K.segment_metadata(ids, len(ranks), K._blocks(x.device)["BLOCK_M"])
     t = poison_(torch.empty(40, 64, dtype=torch.float32))
     K.shrink(x, a_pk, t, meta, tables, 64, scaled=False)
     order = meta["order"]
     for i, r in enumerate(ranks):
-        s0, c = int(meta["seg_start"][i]), int(meta["seg_len"][i])
+        s0, c = int(meta["seg_start"][i + 1]), int(meta["seg_len"][i + 1])
         rows = order[s0:s0 + c]
         ref = x[rows].double() @ As[i].double().t()
         assert_close(t[s0:s0 + c, :r], ref, (x[rows] @ As[i].t()).float(), name=f"T[{i}]")
+    y = poison_(torch.empty_like(out))
+    K.expand(t, bt_pk, out, y, meta, tables, scaled=True)
+    assert_close(y, S.sgmv_f64(x, out, ids, As, Bs, scal), plain_same_dtype(x, out, ids, As, Bs, scal), name="y")
+    y0 = poison_(torch.empty_like(out))
+    K.expand(t, bt_pk, None, y0, meta, tables, scaled=True)
+    assert_close(y0, S.sgmv_f64(x, torch.zeros_like(out), ids, As, Bs, scal),
+                 plain_same_dtype(x, torch.zeros_like(out), ids, As, Bs, scal), name="y without src")
     dy = torch.randn(40, 19, dtype=dtype)
     dbt = poison_(torch.empty_like(bt_pk))
     K.wgrad(t, dy, dbt, meta, tables, 64, scaled=True)
