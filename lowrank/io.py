@@ -214,7 +214,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                 f"(r={cfg.rank}, in={k}, out={n})")
             if t.dtype not in _FLOAT_DTYPES:
                 problems.append(f"{p}.{which}.weight: dtype {t.dtype}, expected a floating-point dtype")
-        if p in existing and existing[p].configs[adapter_name].rank != cfg.rank:
+        if existing and p not in existing:
+            problems.append(f"{p}: the model's adapter {adapter_name!r} does not cover this layer "
+                            f"(it is on {len(existing)} other layers)")
+        elif p in existing and existing[p].configs[adapter_name].rank != cfg.rank:
             problems.append(f"{p}: adapter {adapter_name!r} has rank {existing[p].configs[adapter_name].rank} "
                             f"in the model, {cfg.rank} in the file")
     if existing:

@@ -100,8 +100,8 @@ class LoRALinear(nn.Module):
         return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._adapter_ids is not None or (len(self.configs) > 1 and torch.compiler.is_compiling()):
-            return _sgmv.layer_forward(self, x)  # mixed batch, or adapter switching without recompiles
+        if _sgmv.takes(self):  # a mixed batch, or several adapters under torch.compile (lowrank.adapters)
+            return _sgmv.layer_forward(self, x)
         name = self.active_adapter
         if name is None:
             return self.base_layer(x)

@@ -229,6 +229,15 @@ def sgmv_grads_f64(dy, x, ids, As, Bs, scalings):
 
 
 # -- the LoRALinear branch ---------------------------------------------------------------------------
+def takes(layer) -> bool:
+    """Whether LoRALinear.forward goes through `layer_forward`: inside `lowrank.adapter_ids`, or
+    under torch.compile for an unmerged layer with two or more adapters (switching among them then
+    changes a buffer, not a guarded attribute)."""
+    if layer._adapter_ids is not None:
+        return True
+    return len(layer.configs) > 1 and not getattr(layer, "merged", False) and torch.compiler.is_compiling()
+
+
 def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """LoRALinear.forward for mixed batches (`layer._adapter_ids` set by `lowrank.adapter_ids`) and
     for the active adapter under torch.compile (`layer._active_index`, a buffer, so switching

@@ -219,5 +219,11 @@ def test_compile_switching_does_not_recompile():
             assert_close(got, expect[name].double(), expect[name], name=str(name))
         compiled(x).square().sum().backward()
     assert counter.frame_count == 1
+    # A mixed batch through the compiled model (entering adapter_ids may compile once more).
+    rows = ["b", None, "a"]
+    with lowrank.adapter_ids(model, rows):
+        got = compiled(x)
+    for i, name in enumerate(rows):
+        assert_close(got[i], expect[name][i].double(), expect[name][i], name=f"compiled mixed row {i}")
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads["0.lora_A.b"].any() and not grads["0.lora_A.a"].any()

@@ -156,6 +156,17 @@ def test_validation_lists_every_problem_and_leaves_model_unchanged(tmp_path):
         assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_file_covering_more_layers_than_existing_adapter(tmp_path):
+    base = tiny_llama()
+    lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
+    target = lowrank.patch_linear(copy.deepcopy(base), rank=4, targets=["q_proj"])
+    before, kinds = _state(target)
+    with pytest.raises(ValueError, match="does not cover this layer"):
+        lowrank.load_adapter(target, tmp_path)
+    after, kinds_after = _state(target)
+    assert kinds == kinds_after and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_rank_mismatch_with_existing_adapter(tmp_path):
     base = tiny_llama()
     lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
