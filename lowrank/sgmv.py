@@ -256,10 +256,12 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
         ids_tok = layer._active_index.expand(m)
     else:
         rows = 1 if x.dim() == 1 else x.shape[0]
-        if ids.shape[0] != rows:
+        # A 2-D input may be a (batch * seq, K) flattening of the rows, in row-major order.
+        flat = x.dim() == 2 and ids.shape[0] > 0 and rows % ids.shape[0] == 0
+        if ids.shape[0] != rows and not flat:
             raise ValueError(f"adapter_ids has {ids.shape[0]} entries but a LoRALinear({k} -> {n}) input has "
                              f"{rows} rows (shape {tuple(x.shape)}): give one adapter per row (sequence)")
-        ids_tok = ids if rows == m else ids.repeat_interleave(m // max(rows, 1), output_size=m)
+        ids_tok = ids if ids.shape[0] == m else ids.repeat_interleave(m // ids.shape[0], output_size=m)
     cfgs = [layer.configs[a] for a in names]
     h = x2
     if layer.training and any(c.dropout > 0.0 for c in cfgs):

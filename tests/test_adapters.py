@@ -173,6 +173,15 @@ def test_mixed_batch_errors():
     with pytest.raises(ValueError, match="adapter_ids has 2 entries.*3 rows"):
         with lowrank.adapter_ids(model, ["a", "b"]):
             model(input_ids=x)
+    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="adapter_ids has 2 entries.*7 rows"):
+        with lowrank.adapter_ids(model, ["a", "b"]):
+            layer(torch.randn(7, 32))
+    with lowrank.adapter_ids(model, ["a", None]):  # (rows * seq, K): a row-major flattening
+        flat = layer(torch.ones(6, 32))
+    lowrank.set_adapter(model, "a")
+    torch.testing.assert_close(flat[:3], layer(torch.ones(3, 32)))
+    assert torch.equal(flat[3:], layer.base_layer(torch.ones(6, 32))[3:])
     with pytest.raises(ValueError, match=r"ids must be in \[-1, 3\)"):
         with lowrank.adapter_ids(model, torch.tensor([0, 5, -1])):
             pass
@@ -219,11 +228,12 @@ def test_compile_switching_does_not_recompile():
             assert_close(got, expect[name].double(), expect[name], name=str(name))
         compiled(x).square().sum().backward()
     assert counter.frame_count == 1
-    # A mixed batch through the compiled model (entering adapter_ids may compile once more).
-    rows = ["b", None, "a"]
-    with lowrank.adapter_ids(model, rows):
-        got = compiled(x)
-    for i, name in enumerate(rows):
-        assert_close(got[i], expect[name][i].double(), expect[name][i], name=f"compiled mixed row {i}")
+    # Mixed batches through the compiled model: entering adapter_ids the first time compiles once
+    # more (the ids attribute goes from None to a tensor); other ids then reuse that graph.
+    for j, rows in enumerate((["b", None, "a"], [None, "a", "a"], ["b", "b", None])):
+        with torch._dynamo.config.patch(error_on_recompile=j > 0), lowrank.adapter_ids(model, rows):
+            got = compiled(x)
+        for i, name in enumerate(rows):
+            assert_close(got[i], expect[name][i].double(), expect[name][i], name=f"compiled mixed row {i}")
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads["0.lora_A.b"].any() and not grads["0.lora_A.a"].any()
