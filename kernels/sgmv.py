@@ -202,6 +202,16 @@ def segment_metadata(ids: torch.Tensor, n_adapters: int, block_m: int) -> dict:
             "tile_m0": tile_m0, "max_tiles": max_tiles}
 
 
+META_KEYS = ("order", "seg_start", "seg_len", "tile_seg", "tile_m0")
+
+
+def metadata_from_list(tensors) -> dict:
+    """The dict `segment_metadata` returns, from its tensors listed in META_KEYS order."""
+    meta = dict(zip(META_KEYS, tensors))
+    meta["max_tiles"] = meta["tile_seg"].numel()
+    return meta
+
+
 def shrink(x, w_packed, t, meta, tables, r_max, scaled: bool):
     """t[p, :r_i] = (s_i *) x[order[p]] @ w_packed[roff_i : roff_i + r_i].T; t: (M, r_max) fp32."""
     b = _blocks(x.device, r_max)

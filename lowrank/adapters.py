@@ -144,7 +144,9 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
 
     ids: one entry per row (sequence) of the batch: an adapter name, None (base model), an int
     index into `adapter_names(model)` (-1: base), or a 1-D int tensor of such indices (kept on its
-    device; no host sync). A layer that lacks a row's adapter runs its base layer for that row.
+    device; no host sync; an int64 tensor on the model's device is used as is, so it may be
+    updated in place between CUDA-graph replays). A layer that lacks a row's adapter runs its base
+    layer for that row.
     Each layer checks that its input has len(ids) rows. Gradients flow into the adapters used.
     """
     names = adapter_names(model)
@@ -164,8 +166,13 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
                 own = list(layer.configs)
                 table = [-1] + [own.index(n) if n in own else -1 for n in names]
                 g = gids.to(device)
-                lut = torch.tensor(table, dtype=torch.long, device=device)
-                luts[key] = lut[torch.where((g >= -1) & (g < len(names)), g + 1, 0)]
+                if table == list(range(-1, len(names))):
+                    # The layer has every adapter, in model order: use the caller's tensor itself,
+                    # so that ids updated in place reach the layers (CUDA-graph replays).
+                    luts[key] = g
+                else:
+                    lut = torch.tensor(table, dtype=torch.long, device=device)
+                    luts[key] = lut[torch.where((g >= -1) & (g < len(names)), g + 1, 0)]
             layer._adapter_ids = luts[key]
         yield
     finally:

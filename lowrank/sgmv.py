@@ -50,54 +50,59 @@ def check_sgmv_args(x, out, ids, As, Bs, scalings, where: str = "sgmv") -> None:
                          f"({x.dtype}, {x.device})")
 
 
-def sgmv(x, out, ids, As, Bs, scalings):
-    """Differentiable mixed-adapter LoRA (see the module docstring); returns a new (M, N) tensor."""
+def sgmv(x, out, ids, As, Bs, scalings, meta: list | None = None):
+    """Differentiable mixed-adapter LoRA (see the module docstring); returns a new (M, N) tensor.
+
+    meta: optional `segment_metadata(ids, ...)` tensors (see `metadata_for`) built once and shared
+    by every layer of a model that sees the same ids; the Triton path builds them when absent."""
     check_sgmv_args(x, out, ids, As, Bs, scalings)
-    return torch.ops.lowrank.sgmv(x, out, ids.long(), list(As), list(Bs), [float(s) for s in scalings])
+    return torch.ops.lowrank.sgmv(x, out, ids.long(), list(As), list(Bs), [float(s) for s in scalings],
+                                  list(meta or []))
 
 
 # -- the custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("lowrank::sgmv", mutates_args=())
 def _sgmv_op(x: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
-             Bs: list[torch.Tensor], scalings: list[float]) -> torch.Tensor:
+             Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor]) -> torch.Tensor:
     if ops.backend_for(x) == "triton":
-        return _triton_forward(x, out, ids, As, Bs, scalings)
+        return _triton_forward(x, out, ids, As, Bs, scalings, meta)
     return reference_forward(x, out, ids, As, Bs, scalings)
 
 
 @_sgmv_op.register_fake
-def _(x, out, ids, As, Bs, scalings):
+def _(x, out, ids, As, Bs, scalings, meta):
     return torch.empty_like(out)
 
 
 @torch.library.custom_op("lowrank::sgmv_backward", mutates_args=())
 def _sgmv_backward_op(dy: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
-                      Bs: list[torch.Tensor], scalings: list[float]) -> list[torch.Tensor]:
+                      Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor]) -> list[torch.Tensor]:
     if ops.backend_for(x) == "triton":
-        dx, das, dbs = _triton_backward(dy, x, ids, As, Bs, scalings)
+        dx, das, dbs = _triton_backward(dy, x, ids, As, Bs, scalings, meta)
     else:
         dx, das, dbs = reference_backward(dy, x, ids, As, Bs, scalings)
     return [dx, *das, *dbs]
 
 
 @_sgmv_backward_op.register_fake
-def _(dy, x, ids, As, Bs, scalings):
+def _(dy, x, ids, As, Bs, scalings, meta):
     return [torch.empty_like(x), *(torch.empty_like(a) for a in As), *(torch.empty_like(b) for b in Bs)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, out, ids, As, Bs, scalings = inputs
+    x, out, ids, As, Bs, scalings, meta = inputs
     ctx.n = len(As)
+    ctx.n_meta = len(meta)
     ctx.scalings = scalings
-    ctx.save_for_backward(x, ids, *As, *Bs)
+    ctx.save_for_backward(x, ids, *As, *Bs, *meta)
 
 
 def _backward(ctx, dy):
-    x, ids, *ab = ctx.saved_tensors
-    As, Bs = ab[:ctx.n], ab[ctx.n:]
-    grads = torch.ops.lowrank.sgmv_backward(dy.contiguous(), x, ids, As, Bs, ctx.scalings)
+    x, ids, *rest = ctx.saved_tensors
+    As, Bs, meta = rest[:ctx.n], rest[ctx.n:2 * ctx.n], rest[2 * ctx.n:]
+    grads = torch.ops.lowrank.sgmv_backward(dy.contiguous(), x, ids, As, Bs, ctx.scalings, meta)
     dx, das, dbs = grads[0], grads[1:1 + ctx.n], grads[1 + ctx.n:]
-    return dx, dy, None, list(das), list(dbs), None
+    return dx, dy, None, list(das), list(dbs), None, [None] * ctx.n_meta
 
 
 _sgmv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -163,13 +168,29 @@ def _pack(As, Bs):
     return torch.cat(list(As), 0), torch.cat([b.t() for b in Bs], 0)
 
 
-def _triton_forward(x, out, ids, As, Bs, scalings):
+def _meta(ids, n_adapters, device, meta):
+    from .kernels import sgmv as k
+
+    if meta:
+        return k.metadata_from_list(meta)
+    return k.segment_metadata(ids, n_adapters, k._blocks(device)["BLOCK_M"])
+
+
+def metadata_for(ids: torch.Tensor, n_adapters: int) -> list[torch.Tensor]:
+    """The Triton path's segment metadata for token ids (M,), as the list `sgmv(meta=...)` takes."""
+    from .kernels import sgmv as k
+
+    meta = k.segment_metadata(ids.long(), n_adapters, k._blocks(ids.device)["BLOCK_M"])
+    return [meta[key] for key in k.META_KEYS]
+
+
+def _triton_forward(x, out, ids, As, Bs, scalings, meta=()):
     from .kernels import sgmv as k
 
     tables = _tables(As, scalings, x.device)
     r_max = max(tables["ranks"])
     a_pk, bt_pk = _pack(As, Bs)
-    meta = k.segment_metadata(ids, len(As), k._blocks(x.device)["BLOCK_M"])
+    meta = _meta(ids, len(As), x.device, meta)
     t = torch.empty(x.shape[0], r_max, device=x.device, dtype=torch.float32)
     k.shrink(x, a_pk, t, meta, tables, r_max, scaled=False)
     y = torch.empty_like(out)
@@ -177,14 +198,14 @@ def _triton_forward(x, out, ids, As, Bs, scalings):
     return y
 
 
-def _triton_backward(dy, x, ids, As, Bs, scalings):
+def _triton_backward(dy, x, ids, As, Bs, scalings, meta=()):
     from .kernels import sgmv as k
 
     tables = _tables(As, scalings, x.device)
     ranks = tables["ranks"]
     r_max = max(ranks)
     a_pk, bt_pk = _pack(As, Bs)
-    meta = k.segment_metadata(ids, len(As), k._blocks(x.device)["BLOCK_M"])
+    meta = _meta(ids, len(As), x.device, meta)
     m = x.shape[0]
     t = torch.empty(m, r_max, device=x.device, dtype=torch.float32)
     k.shrink(x, a_pk, t, meta, tables, r_max, scaled=False)  # recomputed: cheaper than saving (M, r)
@@ -253,7 +274,7 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
     m = x2.shape[0]
     ids = layer._adapter_ids
     if ids is None:
-        ids_tok = layer._active_index.expand(m)
+        ids_tok, meta = layer._active_index.expand(m), []
     else:
         rows = 1 if x.dim() == 1 else x.shape[0]
         # A 2-D input may be a (batch * seq, K) flattening of the rows, in row-major order.
@@ -261,7 +282,7 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
         if ids.shape[0] != rows and not flat:
             raise ValueError(f"adapter_ids has {ids.shape[0]} entries but a LoRALinear({k} -> {n}) input has "
                              f"{rows} rows (shape {tuple(x.shape)}): give one adapter per row (sequence)")
-        ids_tok = ids if ids.shape[0] == m else ids.repeat_interleave(m // ids.shape[0], output_size=m)
+        ids_tok, meta = _tokens_and_meta(ids, m, len(names), x)
     cfgs = [layer.configs[a] for a in names]
     h = x2
     if layer.training and any(c.dropout > 0.0 for c in cfgs):
@@ -271,5 +292,24 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
         keep = torch.rand(x2.shape, device=x.device) >= p_tok
         h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
     y = sgmv(h, out.reshape(-1, n), ids_tok, [layer.lora_A[a] for a in names],
-             [layer.lora_B[a] for a in names], [c.scaling for c in cfgs])
+             [layer.lora_B[a] for a in names], [c.scaling for c in cfgs], meta)
     return y.view(out.shape)
+
+
+def _tokens_and_meta(ids, m: int, n_adapters: int, x):
+    """Per-token ids and (Triton path) segment metadata for a mixed batch. `lowrank.adapter_ids`
+    gives all layers with the same adapter list one ids tensor: the first layer of a forward
+    builds both and caches them on that tensor, the others reuse them (one sort a batch, not one
+    a layer). The key holds the tensor's version (ids changed in place miss) and whether a CUDA
+    graph is being captured (a capture records its own metadata build, so replays with new ids
+    rebuild it). Not cached while torch.compile traces."""
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (m, n_adapters, str(x.device), ids._version, capturing)
+    cache = None if torch.compiler.is_compiling() else ids.__dict__.setdefault("_lowrank_meta", {})
+    if cache is not None and key in cache:
+        return cache[key]
+    ids_tok = ids if ids.shape[0] == m else ids.repeat_interleave(m // ids.shape[0], output_size=m)
+    meta = metadata_for(ids_tok, n_adapters) if ops.backend_for(x) == "triton" else []
+    if cache is not None:
+        cache[key] = (ids_tok, meta)
+    return ids_tok, meta
