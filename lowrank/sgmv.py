@@ -288,7 +288,8 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.training and any(c.dropout > 0.0 for c in cfgs):
         # Each token gets its own adapter's dropout probability (0 for base tokens).
         p = torch.tensor([0.0] + [c.dropout for c in cfgs], device=x.device, dtype=torch.float32)
-        p_tok = p[(ids_tok + 1).clamp(0, len(cfgs))][:, None]  # (M, 1)
+        valid = (ids_tok >= 0) & (ids_tok < len(cfgs))
+        p_tok = p[torch.where(valid, ids_tok + 1, 0)][:, None]  # (M, 1)
         keep = torch.rand(x2.shape, device=x.device) >= p_tok
         h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
     y = sgmv(h, out.reshape(-1, n), ids_tok, [layer.lora_A[a] for a in names],

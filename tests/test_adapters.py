@@ -164,6 +164,26 @@ def test_mixed_batch_gradients(backend, monkeypatch):
             assert g is None or not g.any(), f"{n} got a gradient"
 
 
+def test_mixed_batch_dropout_per_adapter():
+    model = nn.Sequential(nn.Linear(40, 30))
+    lowrank.add_adapter(model, "drop", rank=4, dropout=0.5)
+    lowrank.add_adapter(model, "keep", rank=8)
+    randomize_B_(model)
+    x = torch.randn(6, 5, 40)
+    rows = ["drop", "keep", None, "drop", "keep", None]
+    with torch.no_grad():
+        with lowrank.adapter_ids(model, rows):
+            model.eval()
+            ev = model(x)
+            model.train()
+            tr = model(x)
+    for i, name in enumerate(rows):
+        if name == "drop":
+            assert not torch.allclose(tr[i], ev[i]), "dropout 0.5 must change the LoRA branch in training"
+        else:
+            assert torch.equal(tr[i], ev[i]), f"row {i} ({name}) has no dropout"
+
+
 def test_mixed_batch_errors():
     base, model = three_adapters()
     x = ids(rows=3, seq=4)
