@@ -11,15 +11,26 @@ back to the pure-torch reference path with one warning.
 from .config import LoRAConfig
 from .layers import LoRALinear
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
+from .io import load_adapter, save_adapter
+from .adapters import (add_adapter, adapter_ids, adapter_names, delete_adapter, disable_adapters,
+                       set_adapter)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "adapter_ids",
+    "adapter_names",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
     "lora_layers",
     "patch_linear",
+    "save_adapter",
     "select_targets",
+    "set_adapter",
     "trainable_parameters",
     "unpatch",
     "__version__",

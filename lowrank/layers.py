@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from . import sgmv as _sgmv
 from .config import LoRAConfig
 
 
@@ -46,6 +47,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.configs: dict[str, LoRAConfig] = {}
+        # Multi-adapter state (lowrank.adapters): the active adapter's position in `configs` as a
+        # device tensor (-1: none), kept in step with `active_adapter` by its setter, and the
+        # per-row adapter ids of a mixed batch (None outside `lowrank.adapter_ids`).
+        self.register_buffer("_active_index", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self._adapter_ids: torch.Tensor | None = None
         self.active_adapter: str | None = None
 
     # -- attributes that code written for nn.Linear reads -------------------------------------
@@ -56,6 +62,18 @@ class LoRALinear(nn.Module):
     @property
     def bias(self):
         return self.base_layer.bias
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.__dict__.get("_active_name")
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.configs:
+            raise ValueError(f"no adapter {name!r} on this layer (adapters: {list(self.configs)})")
+        self.__dict__["_active_name"] = name
+        with torch.no_grad():  # in place: a fresh tensor would be a new graph input to torch.compile
+            self._active_index.fill_(-1 if name is None else list(self.configs).index(name))
 
     def scaling(self, name: str | None = None) -> float:
         return self.configs[name or self.active_adapter].scaling
@@ -82,6 +100,8 @@ class LoRALinear(nn.Module):
         return w.t() if self.fan_in_fan_out else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _sgmv.takes(self):  # a mixed batch, or several adapters under torch.compile (lowrank.adapters)
+            return _sgmv.layer_forward(self, x)
         name = self.active_adapter
         if name is None:
             return self.base_layer(x)

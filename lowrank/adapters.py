@@ -1,0 +1,180 @@
+"""Many adapters on one model: add, switch, delete, disable, and mixed-adapter batches.
+
+    lowrank.add_adapter(model, "fr", rank=8)          # beside "default"; ranks may differ
+    lowrank.set_adapter(model, "fr")                  # no re-patching, no new tensors
+    with lowrank.disable_adapters(model): ...         # the base model; the old state returns after
+    with lowrank.adapter_ids(model, ["fr", None, "default"]):
+        logits = model(input_ids).logits              # row 0 on "fr", row 1 base, row 2 "default"
+    lowrank.delete_adapter(model, "fr")
+
+# Note: switching without torch.compile recompiles
+A LoRALinear's active adapter is a Python string for eager code, and also a 0-d long buffer,
+`_active_index`, that the `active_adapter` setter updates in place. Under torch.compile a layer
+with two or more adapters reads only the buffer and runs all its adapters through the one
+`lowrank::sgmv` custom op (every token on the active index), so the compiled graph depends on
+tensor data, not on a name that dynamo would guard: set_adapter / disable_adapters never
+recompile. Adding or deleting an adapter changes the parameters and does recompile, once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import TargetSpec
+from .patch import lora_layers, patch_linear
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name on the model, in the order adapters were added (the order that integer
+    ids in `adapter_ids` refer to)."""
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        for n in layer.configs:
+            names.setdefault(n, None)
+    return list(names)
+
+
+def _check_name(model: nn.Module, name, where: str) -> list[str]:
+    names = adapter_names(model)
+    if name not in names:
+        raise ValueError(f"{where}: no adapter {name!r} on the model (adapters: {names})")
+    return names
+
+
+def add_adapter(model: nn.Module, name: str, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
+                targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
+                init: str = "kaiming") -> nn.Module:
+    """Add adapter `name` (same arguments as `patch_linear`); the active adapter does not change
+    (a layer that had none makes it active). Returns model."""
+    return patch_linear(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets, exclude=exclude,
+                        rslora=rslora, init=init, adapter_name=name)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make `name` the active adapter of every LoRA layer; layers without it run their base layer
+    (as in peft). Nothing is re-patched or allocated."""
+    _check_name(model, name, "set_adapter")
+    for _, layer in lora_layers(model):
+        layer.active_adapter = name if name in layer.configs else None
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every layer. A layer whose active adapter it was switches to its
+    first remaining adapter (as peft does), or to none."""
+    _check_name(model, name, "delete_adapter")
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.configs]
+    merged = [p for p, layer in layers if getattr(layer, "merged", False) and layer.active_adapter == name]
+    if merged:
+        raise ValueError(f"delete_adapter: {name!r} is merged into {merged[0]} (and {len(merged) - 1} more); "
+                         f"unmerge first")
+    for _, layer in layers:
+        was_active = layer.active_adapter == name
+        del layer.lora_A[name]
+        del layer.lora_B[name]
+        del layer.configs[name]
+        rest = list(layer.configs)
+        # Positions in `configs` shifted: re-set the active adapter so its index buffer follows.
+        layer.active_adapter = (rest[0] if rest else None) if was_active else layer.active_adapter
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside: every LoRA layer runs its base layer only (outputs equal the unpatched model). On exit
+    (also after an exception) each layer's previous active adapter returns. A merged layer is
+    unmerged inside and merged again on exit."""
+    saved = [(layer, layer.active_adapter, bool(getattr(layer, "merged", False))) for _, layer in lora_layers(model)]
+    for layer, _, merged in saved:
+        if merged:
+            _call(layer, "unmerge")
+    try:
+        for layer, _, _ in saved:
+            layer.active_adapter = None
+        yield
+    finally:
+        for layer, name, merged in saved:
+            layer.active_adapter = name
+            if merged:
+                _call(layer, "merge")
+
+
+def _call(layer, method: str) -> None:
+    fn = getattr(layer, method, None)
+    if not callable(fn):
+        raise TypeError(f"disable_adapters: this LoRALinear is merged but has no {method}() method")
+    fn()
+
+
+def _ids_tensor(model: nn.Module, ids, names: list[str]) -> torch.Tensor:
+    """(rows,) int64 model-level adapter indices (-1: base model) from names / None / ints / a tensor."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"adapter_ids: a tensor of ids must be 1-D int32/int64, got {tuple(ids.shape)} {ids.dtype}")
+        if ids.device.type == "cpu" and ids.numel() and (ids.min() < -1 or ids.max() >= len(names)):
+            raise ValueError(f"adapter_ids: ids must be in [-1, {len(names)}) for adapters {names}, got "
+                             f"{ids.tolist()}")
+        # A CUDA tensor is not checked (that would sync); ids outside [-1, n) run the base model.
+        return ids.long()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(f"adapter_ids: give a sequence with one adapter name (or None) per row, or an int "
+                        f"tensor; got {type(ids).__name__}")
+    out, bad = [], []
+    for v in ids:
+        if v is None:
+            out.append(-1)
+        elif isinstance(v, str):
+            if v not in names:
+                bad.append(v)
+            out.append(names.index(v) if v in names else -1)
+        elif isinstance(v, int) and not isinstance(v, bool) and -1 <= v < len(names):
+            out.append(v)
+        else:
+            bad.append(v)
+    if bad:
+        raise ValueError(f"adapter_ids: unknown adapter(s) {bad!r}; the model has {names} (or None / -1 for the "
+                         f"base model)")
+    return torch.tensor(out, dtype=torch.long)
+
+
+@contextlib.contextmanager
+def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
+    """Run a mixed-adapter batch: row b of every LoRA layer's input uses adapter ids[b].
+
+    ids: one entry per row (sequence) of the batch: an adapter name, None (base model), an int
+    index into `adapter_names(model)` (-1: base), or a 1-D int tensor of such indices (kept on its
+    device; no host sync; an int64 tensor on the model's device is used as is, so it may be
+    updated in place between CUDA-graph replays). A layer that lacks a row's adapter runs its base
+    layer for that row.
+    Each layer checks that its input has len(ids) rows. Gradients flow into the adapters used.
+    """
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("adapter_ids: the model has no LoRA adapter")
+    gids = _ids_tensor(model, ids, names)
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer._adapter_ids is not None for layer in layers):
+        raise RuntimeError("adapter_ids: already inside an adapter_ids block for this model")
+    luts: dict[tuple, torch.Tensor] = {}
+    try:
+        for layer in layers:
+            device = layer._active_index.device
+            key = (tuple(layer.configs), str(device))
+            if key not in luts:
+                # model-level index + 1 -> this layer's index in its own configs (or -1).
+                own = list(layer.configs)
+                table = [-1] + [own.index(n) if n in own else -1 for n in names]
+                g = gids.to(device)
+                if table == list(range(-1, len(names))):
+                    # The layer has every adapter, in model order: use the caller's tensor itself,
+                    # so that ids updated in place reach the layers (CUDA-graph replays).
+                    luts[key] = g
+                else:
+                    lut = torch.tensor(table, dtype=torch.long, device=device)
+                    luts[key] = lut[torch.where((g >= -1) & (g < len(names)), g + 1, 0)]
+            layer._adapter_ids = luts[key]
+        yield
+    finally:
+        for layer in layers:
+            layer._adapter_ids = None

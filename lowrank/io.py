@@ -1,0 +1,287 @@
+"""Adapter files that peft and vLLM read: save_adapter / load_adapter.
+
+The on-disk format is peft's LoRA checkpoint:
+- `adapter_config.json` with the standard LoraConfig fields only (see `_config_dict`): fields
+  that only recent peft versions know would make older versions' `LoraConfig(**fields)` fail.
+- `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` (r, in)
+  and `.lora_B.weight` (out, r), the adapter name stripped, metadata {"format": "pt"}.
+  A GPT-2 Conv1D layer stores (in, out) weights, but its adapter has the same (r, in) / (out, r)
+  shapes as an nn.Linear one; the config then says `fan_in_fan_out: true`.
+
+# Note: atomic writes
+Each file is written to a temporary file in the target directory, flushed and fsynced, and only
+then renamed over the final name (`os.replace`, atomic on POSIX). Both temporary files are
+complete before either rename, so a crash at any point leaves either the old adapter, or the new
+one, or (only between the two renames, a window of microseconds) the new weights beside the old
+config; never a truncated file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+
+import torch
+import torch.nn as nn
+
+from .config import LoRAConfig
+from .layers import LoRALinear, linear_dims
+from .patch import iter_linear, lora_layers, patch_linear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# -- save -------------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 task_type: str | None = "auto", base_model_name_or_path: str | None = None) -> None:
+    """Write `adapter_name` of a patched `model` as a peft LoRA adapter in directory `path`.
+
+    task_type: "auto" writes "CAUSAL_LM" for a *ForCausalLM model and null otherwise (peft then
+    loads it as a plain PeftModel); pass a peft TaskType string to choose.
+    base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set.
+    Raises ValueError when the model has no such adapter, or when the layers' settings differ
+    (peft's per-layer rank_pattern / alpha_pattern are not written).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_adapter expects a torch.nn.Module, got {type(model).__name__}")
+    layers = [(p, m) for p, m in lora_layers(model) if adapter_name in m.configs]
+    if not layers:
+        names = sorted({n for _, m in lora_layers(model) for n in m.configs})
+        raise ValueError(f"save_adapter: the model has no adapter {adapter_name!r} (adapters: {names})")
+    settings = {(m.configs[adapter_name].rank, float(m.configs[adapter_name].alpha),
+                 m.configs[adapter_name].rslora, m.configs[adapter_name].dropout) for _, m in layers}
+    if len(settings) != 1:
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} has different (rank, alpha, rslora, dropout) "
+                         f"on different layers {sorted(settings)}; a peft file needs one setting")
+    cfg = layers[0][1].configs[adapter_name]
+    tensors = {}
+    for p, m in layers:
+        # clone: safetensors refuses tensors that share storage, and wants contiguous CPU data.
+        tensors[f"{PREFIX}{p}.lora_A.weight"] = m.lora_A[adapter_name].detach().to("cpu").contiguous().clone()
+        tensors[f"{PREFIX}{p}.lora_B.weight"] = m.lora_B[adapter_name].detach().to("cpu").contiguous().clone()
+    if task_type == "auto":
+        task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+    if base_model_name_or_path is None:
+        base_model_name_or_path = (getattr(getattr(model, "config", None), "name_or_path", None)
+                                   or getattr(model, "name_or_path", None)) or None
+    config = _config_dict(cfg, _target_modules(model, [p for p, _ in layers]),
+                          fan_in_fan_out=any(m.fan_in_fan_out for _, m in layers),
+                          task_type=task_type, base=base_model_name_or_path)
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tmp_w = _tmp_name(path, WEIGHTS_NAME)
+    tmp_c = _tmp_name(path, CONFIG_NAME)
+    try:
+        save_file(tensors, tmp_w, metadata={"format": "pt"})
+        _fsync(tmp_w)
+        with open(tmp_c, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
+        os.replace(tmp_c, os.path.join(path, CONFIG_NAME))
+    finally:
+        for t in (tmp_w, tmp_c):
+            if os.path.exists(t):
+                os.unlink(t)
+    _fsync_dir(path)
+
+
+def _config_dict(cfg: LoRAConfig, targets, fan_in_fan_out: bool, task_type, base) -> dict:
+    alpha = cfg.alpha
+    if float(alpha).is_integer():
+        alpha = int(alpha)
+    return {
+        "peft_type": "LORA",
+        "r": cfg.rank,
+        "lora_alpha": alpha,
+        "target_modules": targets,
+        "lora_dropout": cfg.dropout,
+        "bias": "none",
+        "use_rslora": cfg.rslora,
+        "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "task_type": task_type,
+        "base_model_name_or_path": base,
+        "modules_to_save": None,
+    }
+
+
+def _target_modules(model: nn.Module, paths: list[str]):
+    """peft's target_modules for exactly these module paths: the sorted list of their last names
+    when that list selects exactly them (the common, readable case: ["q_proj", "v_proj"]), else a
+    regex that peft full-matches against module paths."""
+    wanted = set(paths)
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    # peft matches a list entry t against every module (any type): key == t or key.endswith("." + t).
+    selected = {name for name, _ in model.named_modules()
+                if name and any(name == t or name.endswith("." + t) for t in leaves)}
+    selected = {s for s in selected if not any(s.startswith(w + ".") for w in wanted)}  # inside a LoRALinear
+    if selected == wanted:
+        return leaves
+    return "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+
+
+def _tmp_name(directory, final: str) -> str:
+    fd, name = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return name
+
+
+def _fsync(name: str) -> None:
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- load -------------------------------------------------------------------------------------------
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 allow_pickle: bool = False) -> nn.Module:
+    """Load a peft LoRA adapter from directory `path` into `model` as `adapter_name`; returns model.
+
+    If no layer of `model` has `adapter_name` yet, the layers named in the file are patched (an
+    unpatched model, or a patched one that gets another adapter); otherwise the file must cover
+    exactly the layers that have it, at the same rank, and its weights and alpha / rslora /
+    dropout replace theirs. Every key, shape and dtype is checked before the model is touched: on
+    any problem one ValueError lists them all and the model is unchanged. Floating-point weights
+    are cast to the layer's dtype (peft does the same).
+
+    Only `adapter_model.safetensors` is read. A pickled `adapter_model.bin` is refused unless
+    allow_pickle=True, and even then is read with torch.load(weights_only=True).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapter expects a torch.nn.Module, got {type(model).__name__}")
+    LoRAConfig(adapter_name=adapter_name)  # validates the name
+    path = os.fspath(path)
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {path!r}")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    cfg = _lora_config_from_peft(config, adapter_name, config_file)
+    tensors = _read_weights(path, allow_pickle)
+
+    problems = []
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            problems.append(f"{key}: not a LoRA A/B weight (only base_model.model.<path>.lora_A/B.weight "
+                            f"keys are supported; DoRA, biases, embeddings and modules_to_save are not)")
+            continue
+        pairs.setdefault(m["path"], {})[m["which"]] = t
+    linear = {p: mod for p, mod, *_ in iter_linear(model)}
+    existing = {p: mod for p, mod in lora_layers(model) if adapter_name in mod.configs}
+    for p, ab in sorted(pairs.items()):
+        for which in ("lora_A", "lora_B"):
+            if which not in ab:
+                problems.append(f"{p}: {which}.weight missing")
+        mod = linear.get(p)
+        if mod is None:
+            problems.append(f"{p}: no nn.Linear / Conv1D layer at this path in the model")
+            continue
+        k, n = (mod.in_features, mod.out_features) if isinstance(mod, LoRALinear) else linear_dims(mod)
+        expect = {"lora_A": (cfg.rank, k), "lora_B": (n, cfg.rank)}
+        for which, t in ab.items():
+            if tuple(t.shape) != expect[which]:
+                problems.append(f"{p}.{which}.weight: shape {tuple(t.shape)}, the layer needs {expect[which]} "
+                                f"(r={cfg.rank}, in={k}, out={n})")
+            if t.dtype not in _FLOAT_DTYPES:
+                problems.append(f"{p}.{which}.weight: dtype {t.dtype}, expected a floating-point dtype")
+        if existing and p not in existing:
+            problems.append(f"{p}: the model's adapter {adapter_name!r} does not cover this layer "
+                            f"(it is on {len(existing)} other layers)")
+        elif p in existing and existing[p].configs[adapter_name].rank != cfg.rank:
+            problems.append(f"{p}: adapter {adapter_name!r} has rank {existing[p].configs[adapter_name].rank} "
+                            f"in the model, {cfg.rank} in the file")
+    if existing:
+        for p in sorted(set(existing) - set(pairs)):
+            problems.append(f"{p}: has adapter {adapter_name!r} in the model but no weights in the file")
+    if not pairs and not problems:
+        problems.append("the file holds no LoRA weights")
+    if problems:
+        raise ValueError(f"load_adapter({path!r}, adapter_name={adapter_name!r}): {len(problems)} problem(s), "
+                         f"model unchanged:\n  " + "\n  ".join(problems))
+
+    wanted = set(pairs)
+    if not existing:
+        patch_linear(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+                     targets=lambda p, _m: p in wanted, adapter_name=adapter_name)
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for p, ab in pairs.items():
+            layer = layers[p]
+            for which, store in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                store[adapter_name].copy_(ab[which])
+            old = layer.configs[adapter_name]
+            layer.configs[adapter_name] = dataclasses.replace(
+                old, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
+    return model
+
+
+def _lora_config_from_peft(config: dict, adapter_name: str, where: str) -> LoRAConfig:
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
+    unsupported = {"use_dora": False, "bias": "none", "lora_bias": False}
+    for key, ok in unsupported.items():
+        if config.get(key, ok) != ok:
+            problems.append(f"{key}={config[key]!r} is not supported (only {ok!r})")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
+                "layer_replication", "trainable_token_indices", "target_parameters"):
+        if config.get(key):
+            problems.append(f"{key}={config[key]!r} is not supported")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(f"r={r!r} must be an int >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        problems.append(f"lora_alpha={alpha!r} must be a number > 0")
+    if problems:
+        raise ValueError(f"load_adapter: {where}: " + "; ".join(problems))
+    return LoRAConfig(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                      rslora=bool(config.get("use_rslora", False)), adapter_name=adapter_name)
+
+
+def _read_weights(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st, device="cpu")
+    pkl = os.path.join(path, PICKLE_NAME)
+    if os.path.isfile(pkl):
+        if not allow_pickle:
+            raise ValueError(f"load_adapter: {path!r} has only a pickled {PICKLE_NAME}; pickle files can run "
+                             f"code when loaded. Convert it to safetensors, or pass allow_pickle=True "
+                             f"(then read with torch.load(weights_only=True))")
+        state = torch.load(pkl, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"load_adapter: {pkl!r} is not a dict of tensors")
+        return state
+    raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {path!r}")

@@ -1,0 +1,300 @@
+"""Many adapters on one model: add / set / delete / disable, torch.compile without recompiles,
+and mixed-adapter batches through a real (tiny) transformers model."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lowrank
+from lowrank.ops import triton_available
+from tests.helpers import assert_close
+from tests.lora_models import MODELS, ids, logits, merged_f64, randomize_B_, tiny_llama
+
+RANKS = {"a": 4, "b": 8, "c": 64}
+
+
+def three_adapters(arch="llama"):
+    """A model with adapters a (r=4), b (r=8, rsLoRA, q/v only) and c (r=64), B randomized."""
+    base = MODELS[arch]()
+    model = copy.deepcopy(base)
+    lowrank.add_adapter(model, "a", rank=4, alpha=8)
+    lowrank.add_adapter(model, "b", rank=8, alpha=4, rslora=True,
+                        targets=["q_proj", "v_proj"] if arch == "llama" else ["c_attn"])
+    lowrank.add_adapter(model, "c", rank=64, alpha=16)
+    randomize_B_(model, std=0.2)
+    return base, model
+
+
+def test_set_adapter_switches_without_reallocating():
+    base, model = three_adapters()
+    x = ids()
+    params = {n: p.data_ptr() for n, p in model.named_parameters()}
+    modules = [id(m) for m in model.modules()]
+    outs = {}
+    for name in ["a", "b", "c", "a"]:
+        lowrank.set_adapter(model, name)
+        outs[name] = logits(model, x)
+        assert_close(outs[name], logits(merged_f64(model, name), x), logits(merged_f64(model, name).float(), x))
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == params
+    assert [id(m) for m in model.modules()] == modules
+    assert not torch.allclose(outs["a"], outs["b"])
+    # "b" targets q/v only: every other layer runs its base layer while "b" is active.
+    lowrank.set_adapter(model, "b")
+    assert all(layer.active_adapter == ("b" if "b" in layer.configs else None)
+               for _, layer in lowrank.lora_layers(model))
+
+
+def test_disable_adapters_gives_base_and_restores_state():
+    base, model = three_adapters()
+    x = ids()
+    lowrank.set_adapter(model, "b")
+    before = {p: layer.active_adapter for p, layer in lowrank.lora_layers(model)}
+    with_b = logits(model, x)
+    with lowrank.disable_adapters(model):
+        assert torch.equal(logits(model, x), logits(base, x))
+    assert {p: layer.active_adapter for p, layer in lowrank.lora_layers(model)} == before
+    assert torch.equal(logits(model, x), with_b)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lowrank.disable_adapters(model):
+            raise RuntimeError("boom")
+    assert torch.equal(logits(model, x), with_b)
+
+
+def test_delete_adapter():
+    base, model = three_adapters()
+    lowrank.set_adapter(model, "c")
+    x = ids()
+    lowrank.delete_adapter(model, "c")
+    assert lowrank.adapter_names(model) == ["a", "b"]
+    assert not any("lora_A.c" in n or "lora_B.c" in n for n, _ in model.named_parameters())
+    # The active adapter falls back to each layer's first remaining one ("a" everywhere).
+    assert {layer.active_adapter for _, layer in lowrank.lora_layers(model)} == {"a"}
+    assert_close(logits(model, x), logits(merged_f64(model, "a"), x), logits(merged_f64(model, "a").float(), x))
+    for _, layer in lowrank.lora_layers(model):  # the index buffer follows the shifted positions
+        assert int(layer._active_index) == list(layer.configs).index(layer.active_adapter)
+    with pytest.raises(ValueError, match=r"no adapter 'c'.*\['a', 'b'\]"):
+        lowrank.set_adapter(model, "c")
+    with pytest.raises(ValueError, match="no adapter 'zz'"):
+        lowrank.delete_adapter(model, "zz")
+
+
+ROWS = ["a", None, "c", "b", "a", "c", None]
+
+
+def _backends():
+    out = ["reference"]
+    if triton_available():
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_batch_rows_equal_their_adapter(arch, backend, monkeypatch):
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    base, model = three_adapters(arch)
+    x = ids(rows=len(ROWS), seq=5)
+    with lowrank.adapter_ids(model, ROWS):
+        mixed = logits(model, x)
+    for row, name in enumerate(ROWS):
+        lowrank.set_adapter(model, name) if name else None
+        ctx = lowrank.disable_adapters(model) if name is None else _null()
+        with ctx:
+            own = logits(model, x[row:row + 1])[0]
+        ref = logits(merged_f64(model, name), x[row:row + 1])[0]
+        assert_close(mixed[row], ref, own, name=f"row {row} ({name})")
+    # the same with integer ids and a tensor
+    names = lowrank.adapter_names(model)
+    t = torch.tensor([names.index(n) if n else -1 for n in ROWS])
+    with lowrank.adapter_ids(model, t):
+        again = logits(model, x)
+    assert torch.equal(again, mixed)
+    assert all(layer._adapter_ids is None for _, layer in lowrank.lora_layers(model))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_batch_gradients(backend, monkeypatch):
+    """Training several adapters in one batch: each adapter's gradient equals the gradient of its own
+    rows run alone; an adapter no row used gets none."""
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    base, model = three_adapters()
+    lowrank.add_adapter(model, "unused", rank=2)
+    rows = ["a", "c", None, "a", "b"]
+    x = ids(rows=len(rows), seq=4)
+    w = torch.randn(len(rows), 4, 61)  # a loss that weights every logit differently
+
+    def loss_of(m, xs, ws):
+        return (m(input_ids=xs).logits * ws).sum()
+
+    model.zero_grad()
+    with lowrank.adapter_ids(model, rows):
+        loss_of(model, x, w).backward()
+    mixed = {n: p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_model = copy.deepcopy(model).double()  # float64 oracle: the reference mixed path
+    ref_model.zero_grad()
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
+    with lowrank.adapter_ids(ref_model, rows):
+        loss_of(ref_model, x, w.double()).backward()
+    ref = dict(ref_model.named_parameters())
+
+    for name in ["a", "b", "c"]:
+        sel = [i for i, r in enumerate(rows) if r == name]
+        alone = copy.deepcopy(model)
+        alone.zero_grad()
+        lowrank.set_adapter(alone, name)
+        loss_of(alone, x[sel], w[sel]).backward()
+        for n, p in alone.named_parameters():
+            if f".{name}" in n and p.requires_grad:
+                r64 = ref[n].grad
+                # The eager single-adapter path is an independent computation of the same gradient.
+                assert (p.grad.double() - r64).abs().max() <= 1e-4 * r64.abs().max() + 1e-6, n
+                assert_close(mixed[n], r64, p.grad, name=n)
+    for n, g in mixed.items():
+        if ".unused" in n:
+            assert g is None or not g.any(), f"{n} got a gradient"
+
+
+def test_mixed_batch_dropout_per_adapter():
+    model = nn.Sequential(nn.Linear(40, 30))
+    lowrank.add_adapter(model, "drop", rank=4, dropout=0.5)
+    lowrank.add_adapter(model, "keep", rank=8)
+    randomize_B_(model)
+    x = torch.randn(6, 5, 40)
+    rows = ["drop", "keep", None, "drop", "keep", None]
+    with torch.no_grad():
+        with lowrank.adapter_ids(model, rows):
+            model.eval()
+            ev = model(x)
+            model.train()
+            tr = model(x)
+    for i, name in enumerate(rows):
+        if name == "drop":
+            assert not torch.allclose(tr[i], ev[i]), "dropout 0.5 must change the LoRA branch in training"
+        else:
+            assert torch.equal(tr[i], ev[i]), f"row {i} ({name}) has no dropout"
+
+
+def test_mixed_batch_errors():
+    base, model = three_adapters()
+    x = ids(rows=3, seq=4)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zz'\]"):
+        with lowrank.adapter_ids(model, ["a", "zz", None]):
+            pass
+    with pytest.raises(ValueError, match="adapter_ids has 2 entries.*3 rows"):
+        with lowrank.adapter_ids(model, ["a", "b"]):
+            model(input_ids=x)
+    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="adapter_ids has 2 entries.*7 rows"):
+        with lowrank.adapter_ids(model, ["a", "b"]):
+            layer(torch.randn(7, 32))
+    with lowrank.adapter_ids(model, ["a", None]):  # (rows * seq, K): a row-major flattening
+        flat = layer(torch.ones(6, 32))
+    lowrank.set_adapter(model, "a")
+    torch.testing.assert_close(flat[:3], layer(torch.ones(3, 32)))
+    assert torch.equal(flat[3:], layer.base_layer(torch.ones(6, 32))[3:])
+    with pytest.raises(ValueError, match=r"ids must be in \[-1, 3\)"):
+        with lowrank.adapter_ids(model, torch.tensor([0, 5, -1])):
+            pass
+    with pytest.raises(TypeError, match="one adapter name"):
+        with lowrank.adapter_ids(model, "a"):
+            pass
+    with lowrank.adapter_ids(model, ["a", "b", "c"]):
+        with pytest.raises(RuntimeError, match="already inside"):
+            with lowrank.adapter_ids(model, ["a", "b", "c"]):
+                pass
+    assert all(layer._adapter_ids is None for _, layer in lowrank.lora_layers(model))
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        with lowrank.adapter_ids(tiny_llama(), [None]):
+            pass
+
+
+def test_compile_switching_does_not_recompile():
+    """torch.compile (aot_eager backend: dynamo guards and AOT autograd are what decide recompiles;
+    inductor's C++ codegen would cost ~a minute on this CPU and changes nothing about guards)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    lowrank.add_adapter(model, "a", rank=4)
+    lowrank.add_adapter(model, "b", rank=8, rslora=True)
+    randomize_B_(model)
+    x = torch.randn(3, 5, 16)
+    expect = {}
+    for name in ["a", "b"]:
+        lowrank.set_adapter(model, name)
+        expect[name] = model(x).detach()
+    with lowrank.disable_adapters(model):
+        expect[None] = model(x).detach()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name in ["a", "b", "a", None, "b"]:
+            if name is None:
+                with lowrank.disable_adapters(model):
+                    got = compiled(x)
+            else:
+                lowrank.set_adapter(model, name)
+                got = compiled(x)
+            assert_close(got, expect[name].double(), expect[name], name=str(name))
+        compiled(x).square().sum().backward()
+    assert counter.frame_count == 1
+    # Mixed batches through the compiled model: entering adapter_ids the first time compiles once
+    # more (the ids attribute goes from None to a tensor); other ids then reuse that graph.
+    for j, rows in enumerate((["b", None, "a"], [None, "a", "a"], ["b", "b", None])):
+        with torch._dynamo.config.patch(error_on_recompile=j > 0), lowrank.adapter_ids(model, rows):
+            got = compiled(x)
+        for i, name in enumerate(rows):
+            assert_close(got[i], expect[name][i].double(), expect[name][i], name=f"compiled mixed row {i}")
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["0.lora_A.b"].any() and not grads["0.lora_A.a"].any()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_mixed_batch_model():
+    """A model's mixed-batch forward captured in a CUDA graph, replayed with ids changed in place."""
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64)).cuda()
+    for name, r in RANKS.items():
+        lowrank.add_adapter(model, name, rank=r)
+    randomize_B_(model, std=0.1)
+    x = torch.randn(4, 9, 64, device="cuda")
+    gids = torch.tensor([0, -1, 2, 1], device="cuda")
+    outs = []
+    with torch.no_grad(), lowrank.adapter_ids(model, gids):
+        model(x)  # warm-up: kernels compiled, tables cached
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        replays = ([2, 2, -1, 0], [1, 0, 1, -1])
+        for new in replays:
+            gids.copy_(torch.tensor(new))
+            graph.replay()
+            torch.cuda.synchronize()
+            outs.append(out.clone())
+    names = lowrank.adapter_names(model)
+    for new, got in zip(replays, outs):
+        for row, i in enumerate(new):
+            name = None if i < 0 else names[i]
+            ref = merged_f64(model, name)(x[row].double())
+            with torch.no_grad():
+                if name is None:
+                    with lowrank.disable_adapters(model):
+                        own = model(x[row])
+                else:
+                    lowrank.set_adapter(model, name)
+                    own = model(x[row])
+            assert_close(got[row], ref, own, name=f"replay row {row} ({name})")

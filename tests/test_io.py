@@ -1,0 +1,244 @@
+"""save_adapter / load_adapter: peft's file format, both ways, validation and atomic writes."""
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lowrank
+from lowrank.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from tests.helpers import assert_close
+from tests.lora_models import MODELS, ids, logits, merged_f64, randomize_B_, tiny_llama
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+STANDARD_FIELDS = {"peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora",
+                   "use_dora", "fan_in_fan_out", "task_type", "base_model_name_or_path", "modules_to_save"}
+
+
+def check_same(out, model_for_ref64, x, baseline):
+    """out must be as close to the float64 merged oracle of `model_for_ref64` as `baseline` (fp32) is."""
+    assert_close(out, logits(merged_f64(model_for_ref64), x), baseline)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_lowrank_to_peft(tmp_path, arch, rslora):
+    base = MODELS[arch]()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=12, rslora=rslora)
+    randomize_B_(model)
+    x = ids()
+    ours = logits(model, x)
+    lowrank.save_adapter(model, tmp_path)
+
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    config = json.load(open(tmp_path / CONFIG_NAME))
+    assert set(config) == STANDARD_FIELDS
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 12, rslora)
+    assert config["fan_in_fan_out"] == (arch == "gpt2")
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    for path, layer in lowrank.lora_layers(model):
+        assert torch.equal(tensors.pop(f"base_model.model.{path}.lora_A.weight"), layer.lora_A["default"])
+        assert torch.equal(tensors.pop(f"base_model.model.{path}.lora_B.weight"), layer.lora_B["default"])
+    assert not tensors, f"unexpected keys {list(tensors)}"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    theirs = logits(pm, x)
+    assert not torch.allclose(ours, logits(base, x)), "the adapter must change the output"
+    check_same(theirs, model, x, ours)
+
+
+PEFT_CASES = {
+    "llama-defaults": ("llama", dict(target_modules=["q_proj", "v_proj"])),
+    "llama-rslora-all": ("llama", dict(r=6, lora_alpha=5, use_rslora=True, target_modules="all-linear",
+                                       task_type="CAUSAL_LM")),
+    "gpt2": ("gpt2", dict(r=3, lora_alpha=7, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_to_lowrank(tmp_path, case):
+    arch, kwargs = PEFT_CASES[case]
+    base = MODELS[arch]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)).eval()
+    randomize_B_(pm)
+    pm.save_pretrained(str(tmp_path))
+    x = ids()
+    theirs = logits(pm, x)
+
+    model = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    ours = logits(model, x)
+    assert not torch.allclose(theirs, logits(base, x))
+    check_same(ours, model, x, theirs)
+    sd = pm.state_dict()
+    for path, layer in lowrank.lora_layers(model):
+        assert torch.equal(layer.lora_A["default"], sd[f"base_model.model.{path}.lora_A.default.weight"])
+        assert torch.equal(layer.lora_B["default"], sd[f"base_model.model.{path}.lora_B.default.weight"])
+
+
+def test_roundtrip_second_adapter_and_reload_into_patched(tmp_path):
+    base = tiny_llama()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4)
+    lowrank.patch_linear(model, rank=8, alpha=3, targets=["q_proj", "o_proj"], adapter_name="other")
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path, adapter_name="other")
+    config = json.load(open(tmp_path / CONFIG_NAME))
+    assert config["target_modules"] == ["o_proj", "q_proj"] and config["r"] == 8
+
+    # Into a fresh model as "default", into the same model over "other" (after scrambling it).
+    fresh = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    want = {p: (l.lora_A["other"].clone(), l.lora_B["other"].clone())
+            for p, l in lowrank.lora_layers(model) if "other" in l.configs}
+    got = {p: (l.lora_A["default"], l.lora_B["default"]) for p, l in lowrank.lora_layers(fresh)}
+    assert set(got) == set(want)
+    for p in want:
+        assert torch.equal(got[p][0], want[p][0]) and torch.equal(got[p][1], want[p][1])
+    with torch.no_grad():
+        for p, l in lowrank.lora_layers(model):
+            if "other" in l.configs:
+                l.lora_A["other"].zero_()
+    lowrank.load_adapter(model, tmp_path, adapter_name="other")
+    for p, l in lowrank.lora_layers(model):
+        if "other" in l.configs:
+            assert torch.equal(l.lora_A["other"], want[p][0])
+
+
+def test_regex_targets_when_names_are_ambiguous(tmp_path):
+    base = tiny_llama()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=2, targets=r"model\.layers\.0\.self_attn\.q_proj")
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path)
+    target = json.load(open(tmp_path / CONFIG_NAME))["target_modules"]
+    assert isinstance(target, str)  # "q_proj" would also select layer 1's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    x = ids()
+    check_same(logits(pm, x), model, x, logits(model, x))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
+
+
+def test_validation_lists_every_problem_and_leaves_model_unchanged(tmp_path):
+    base = tiny_llama()
+    src = lowrank.patch_linear(copy.deepcopy(base), rank=4, targets=["q_proj", "k_proj"])
+    lowrank.save_adapter(src, tmp_path)
+    t = load_file(tmp_path / WEIGHTS_NAME)
+    t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(5, 32)  # bad shape
+    del t["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"]  # missing half
+    t["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = torch.zeros(4, 32)  # no such layer
+    t["base_model.model.model.layers.0.self_attn.nope.lora_B.weight"] = torch.zeros(32, 4)
+    t["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"] = torch.zeros(16, 4, dtype=torch.int32)
+    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 61)  # unsupported kind
+    save_file(t, tmp_path / WEIGHTS_NAME)
+
+    for target in (copy.deepcopy(base), lowrank.patch_linear(copy.deepcopy(base), rank=3)):
+        before, kinds = _state(target)
+        with pytest.raises(ValueError) as err:
+            lowrank.load_adapter(target, tmp_path)
+        msg = str(err.value)
+        for needle in ("(5, 32)", "k_proj: lora_B.weight missing", "self_attn.nope: no nn.Linear",
+                       "torch.int32", "lora_embedding_A"):
+            assert needle in msg, f"{needle!r} not in:\n{msg}"
+        after, kinds_after = _state(target)
+        assert kinds == kinds_after and before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_file_covering_more_layers_than_existing_adapter(tmp_path):
+    base = tiny_llama()
+    lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
+    target = lowrank.patch_linear(copy.deepcopy(base), rank=4, targets=["q_proj"])
+    before, kinds = _state(target)
+    with pytest.raises(ValueError, match="does not cover this layer"):
+        lowrank.load_adapter(target, tmp_path)
+    after, kinds_after = _state(target)
+    assert kinds == kinds_after and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rank_mismatch_with_existing_adapter(tmp_path):
+    base = tiny_llama()
+    lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
+    target = lowrank.patch_linear(copy.deepcopy(base), rank=2)
+    before, _ = _state(target)
+    with pytest.raises(ValueError, match="has rank 2 in the model, 4 in the file"):
+        lowrank.load_adapter(target, tmp_path)
+    after, _ = _state(target)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unsupported_config_refused(tmp_path):
+    base = tiny_llama()
+    lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
+    config = json.load(open(tmp_path / CONFIG_NAME))
+    config.update(use_dora=True, rank_pattern={"q_proj": 8})
+    json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
+    with pytest.raises(ValueError, match="use_dora=True.*rank_pattern"):
+        lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_pickle_refused_unless_opted_in(tmp_path):
+    base = tiny_llama()
+    src = lowrank.patch_linear(copy.deepcopy(base), rank=4)
+    randomize_B_(src)
+    lowrank.save_adapter(src, tmp_path)
+    torch.save(load_file(tmp_path / WEIGHTS_NAME), tmp_path / PICKLE_NAME)
+    os.unlink(tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    model = lowrank.load_adapter(copy.deepcopy(base), tmp_path, allow_pickle=True)
+    x = ids()
+    assert torch.equal(logits(model, x), logits(src, x))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickle ran code",))
+
+    torch.save({"x": Evil()}, tmp_path / PICKLE_NAME)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        lowrank.load_adapter(copy.deepcopy(base), tmp_path, allow_pickle=True)
+
+
+def test_atomic_write_keeps_old_adapter_on_crash(tmp_path, monkeypatch):
+    base = tiny_llama()
+    old = lowrank.patch_linear(copy.deepcopy(base), rank=4)
+    lowrank.save_adapter(old, tmp_path)
+    files = {n: open(tmp_path / n, "rb").read() for n in (CONFIG_NAME, WEIGHTS_NAME)}
+    new = lowrank.patch_linear(copy.deepcopy(base), rank=8)
+
+    import safetensors.torch as st
+
+    real = st.save_file
+
+    def crash(tensors, filename, metadata=None):
+        real(dict(list(tensors.items())[:1]), filename, metadata)  # half the file, then die
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lowrank.save_adapter(new, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(files), "temporary files left behind"
+    for n, data in files.items():
+        assert open(tmp_path / n, "rb").read() == data
+    monkeypatch.setattr(st, "save_file", real)
+    lowrank.save_adapter(new, tmp_path)
+    assert json.load(open(tmp_path / CONFIG_NAME))["r"] == 8
+
+
+def test_save_errors():
+    model = lowrank.patch_linear(tiny_llama(), rank=2)
+    with pytest.raises(ValueError, match="no adapter 'nope'.*default"):
+        lowrank.save_adapter(model, "/nonexistent/never", adapter_name="nope")
+    with pytest.raises(TypeError):
+        lowrank.save_adapter(nn.Parameter(torch.zeros(1)), "/nonexistent/never")
