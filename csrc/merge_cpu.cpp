@@ -1,7 +1,15 @@
 // CPU half of the lowrank native library (OpenMP).
 #include "lowrank.h"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "merge_math.h"
 
 #define LOWRANK_STR2(x) #x
 #define LOWRANK_STR(x) LOWRANK_STR2(x)
@@ -14,4 +22,263 @@ extern "C" const char *lowrank_cpu_build_info(void) {
          " openmp " LOWRANK_STR(_OPENMP)
 #endif
       ;
+}
+
+// ---- merge / unmerge ------------------------------------------------------------------------
+// Work is split into tasks of (RB rows x JT columns); OpenMP's static schedule hands each thread
+// one contiguous run of tasks, so concatenating the threads' records in thread order gives them
+// sorted by index (deterministic). Inside a task the rank loop updates RB rows of accumulators
+// from one load of A's row (the inner j loops vectorize), then a branch-free epilogue certifies
+// and rounds every element; the rare uncertified ones are redone in double afterwards.
+
+using namespace lowrank;
+
+namespace {
+
+constexpr int RB = 4;    // rows per task: each load of A[k, j] feeds RB fmas
+constexpr int JT = 256;  // columns per task: RB x JT fp32 accumulators = 4 KiB, in L1
+
+struct Rec {
+  int32_t idx;
+  uint32_t bits;
+};
+
+template <int DT>
+struct Store;
+template <>
+struct Store<DT_F32> {
+  using T = uint32_t;
+};
+template <>
+struct Store<DT_F16> {
+  using T = uint16_t;
+};
+template <>
+struct Store<DT_BF16> {
+  using T = uint16_t;
+};
+
+template <int DT>
+static inline float to_float(uint32_t bits) {
+  if (DT == DT_F32) return u2f(bits);
+  if (DT == DT_F16) return half_to_float(bits);
+  return bf16_to_float(bits);
+}
+
+template <int DT>
+static inline uint32_t fast_round(float v) {
+  if (DT == DT_F32) return f2u(v);
+  if (DT == DT_F16) return float_to_half_normal(v);
+  return float_to_bf16_normal(v);
+}
+
+template <int DT>
+static inline bool certified(float v, float e) {
+  if (DT == DT_F32) return true;
+  if (DT == DT_F16) return certified_half(v, e);
+  return certified_bf16(v, e);
+}
+
+struct Args {
+  void *w;
+  int64_t rows, cols, ldw;
+  const float *b, *a;
+  int64_t rank;
+  const float *rb, *cb;
+  float abs_bound;
+  double scale;
+  bool record;
+};
+
+// Double-precision redo of element (i, j); also its round trip when recording.
+template <int DT>
+static uint32_t slow(const Args &g, int64_t i, int64_t j, uint32_t wbits, bool *fails) {
+  double acc = 0.0;
+  const float *bi = g.b + i * g.rank;
+  for (int64_t k = 0; k < g.rank; ++k) acc += (double)bi[k] * (double)g.a[k * g.cols + j];
+  uint32_t y = slow_element<DT>(wbits, g.scale, acc);
+  if (fails) *fails = slow_element<DT>(y, -g.scale, acc) != wbits;
+  return y;
+}
+
+// One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
+template <int DT>
+__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default"), noinline))
+void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vector<Rec> *out) {
+  using T = typename Store<DT>::T;
+  alignas(64) float acc[RB][JT];
+  alignas(64) T orig[JT];
+  alignas(64) uint8_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
+  const float s32 = (float)g.scale;
+  const int64_t r = g.rank;
+  for (int q = 0; q < RB; ++q)
+    for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
+  if (nr == RB) {
+    const float *b0 = g.b + i0 * r;
+    for (int64_t k = 0; k < r; ++k) {
+      const float *ak = g.a + k * g.cols + j0;
+      const float c0 = b0[k], c1 = b0[r + k], c2 = b0[2 * r + k], c3 = b0[3 * r + k];
+      for (int j = 0; j < nc; ++j) {
+        const float x = ak[j];
+        acc[0][j] = fmaf(c0, x, acc[0][j]);
+        acc[1][j] = fmaf(c1, x, acc[1][j]);
+        acc[2][j] = fmaf(c2, x, acc[2][j]);
+        acc[3][j] = fmaf(c3, x, acc[3][j]);
+      }
+    }
+  } else {
+    for (int q = 0; q < nr; ++q) {
+      const float *bq = g.b + (i0 + q) * r;
+      for (int64_t k = 0; k < r; ++k) {
+        const float *ak = g.a + k * g.cols + j0;
+        const float c = bq[k];
+        for (int j = 0; j < nc; ++j) acc[q][j] = fmaf(c, ak[j], acc[q][j]);
+      }
+    }
+  }
+  for (int q = 0; q < nr; ++q) {
+    const int64_t i = i0 + q;
+    T *wrow = (T *)g.w + i * g.ldw + j0;
+    const float rbi = g.rb[i];
+    const float *cbj = g.cb + j0;
+    const float *accq = acc[q];
+    int any = 0;
+    for (int j = 0; j < nc; ++j) {
+      const uint32_t wb = wrow[j];
+      const float v = fmaf(s32, accq[j], to_float<DT>(wb));
+      const uint32_t y = fast_round<DT>(v);
+      int f = 0;
+      if (DT == DT_F32) {
+        if (g.record) f = f2u(fmaf(-s32, accq[j], v)) != wb;
+      } else {
+        const bool ok1 = certified<DT>(v, error_bound(rbi, cbj[j], v, g.abs_bound));
+        if (g.record) {
+          const float v2 = fmaf(-s32, accq[j], to_float<DT>(y));
+          const bool ok2 = certified<DT>(v2, error_bound(rbi, cbj[j], v2, g.abs_bound));
+          f = (int)(fast_round<DT>(v2) != wb) | ((int)!(ok1 & ok2) << 1);
+        } else {
+          f = (int)!ok1 << 1;
+        }
+      }
+      orig[j] = (T)wb;
+      flag[j] = (uint8_t)f;
+      any |= f;
+      wrow[j] = (T)y;
+    }
+    if (!any) continue;
+    for (int j = 0; j < nc; ++j) {
+      if (!flag[j]) continue;
+      bool fails = (flag[j] & 1) != 0;
+      if (flag[j] & 2) wrow[j] = (T)slow<DT>(g, i, j0 + j, orig[j], g.record ? &fails : nullptr);
+      if (g.record && fails) out[q].push_back(Rec{(int32_t)(i * g.cols + j0 + j), orig[j]});
+    }
+  }
+}
+
+template <int DT>
+static int merge_impl(const Args &g, int32_t *rec_idx, void *rec_val, int64_t cap, int64_t *count) {
+  using T = typename Store<DT>::T;
+  // A task is a block of RB rows over all columns, so that each thread's records, appended row
+  // by row, come out sorted by flat index.
+  const int64_t tasks = (g.rows + RB - 1) / RB;
+  int nthreads = omp_get_max_threads();
+  std::vector<std::vector<Rec>> recs(g.record ? nthreads : 0);
+  bool oom = false;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<Rec> *mine = g.record ? &recs[omp_get_thread_num()] : nullptr;
+    std::vector<Rec> rows_out[RB];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t i0 = t * RB;
+      const int nr = (int)std::min<int64_t>(RB, g.rows - i0);
+      try {
+        for (int64_t j0 = 0; j0 < g.cols; j0 += JT)
+          merge_tile<DT>(g, i0, nr, j0, (int)std::min<int64_t>(JT, g.cols - j0), rows_out);
+        if (mine) {
+          for (int q = 0; q < nr; ++q) {
+            mine->insert(mine->end(), rows_out[q].begin(), rows_out[q].end());
+            rows_out[q].clear();
+          }
+        }
+      } catch (const std::bad_alloc &) {
+#pragma omp atomic write
+        oom = true;
+      }
+    }
+  }
+  if (!g.record) return oom ? LOWRANK_ERR_OUT_OF_MEMORY : LOWRANK_OK;
+  int64_t total = 0;
+  for (auto &v : recs) total += (int64_t)v.size();
+  *count = total;
+  if (oom || total > cap) {
+    // Undo: the unmerge restores every element not in the record by construction, and the
+    // record (complete here, only too large for the caller's buffer) restores the rest.
+    Args back = g;
+    back.scale = -g.scale;
+    back.record = false;
+    merge_impl<DT>(back, nullptr, nullptr, 0, nullptr);
+    for (auto &v : recs)
+      for (const Rec &rc : v) ((T *)g.w)[(rc.idx / g.cols) * g.ldw + rc.idx % g.cols] = (T)rc.bits;
+    return oom ? LOWRANK_ERR_OUT_OF_MEMORY : LOWRANK_ERR_CAPACITY;
+  }
+  int64_t n = 0;
+  for (auto &v : recs) {
+    for (const Rec &rc : v) {
+      rec_idx[n] = rc.idx;
+      ((T *)rec_val)[n] = (T)rc.bits;
+      ++n;
+    }
+  }
+  return LOWRANK_OK;
+}
+
+}  // namespace
+
+extern "C" int lowrank_cpu_merge(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                                 const float *b, const float *a, int64_t rank,
+                                 const float *row_bound, const float *col_bound, float abs_bound,
+                                 double scale, int32_t *rec_idx, void *rec_val,
+                                 int64_t rec_capacity, int64_t *rec_count) {
+  if (rows < 0 || cols < 0 || rank < 1 || rank > 256 || ldw < cols) return LOWRANK_ERR_INVALID_ARGUMENT;
+  if (rows == 0 || cols == 0) {
+    if (rec_count) *rec_count = 0;
+    return LOWRANK_OK;
+  }
+  if (!w || !b || !a || !row_bound || !col_bound || !(abs_bound >= 0.0f) || !isfinite(scale))
+    return LOWRANK_ERR_INVALID_ARGUMENT;
+  const bool record = rec_idx != nullptr;
+  if (record && (!rec_val || !rec_count || rec_capacity < 0 || rows * cols > INT32_MAX))
+    return LOWRANK_ERR_INVALID_ARGUMENT;
+  Args g{w, rows, cols, ldw, b, a, rank, row_bound, col_bound, abs_bound, scale, record};
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32: return merge_impl<DT_F32>(g, rec_idx, rec_val, rec_capacity, rec_count);
+    case LOWRANK_DTYPE_FLOAT16: return merge_impl<DT_F16>(g, rec_idx, rec_val, rec_capacity, rec_count);
+    case LOWRANK_DTYPE_BFLOAT16: return merge_impl<DT_BF16>(g, rec_idx, rec_val, rec_capacity, rec_count);
+    default: return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  }
+}
+
+template <typename T>
+static int restore_impl(T *w, int64_t rows, int64_t cols, int64_t ldw, const int32_t *idx,
+                        const T *val, int64_t count) {
+  for (int64_t n = 0; n < count; ++n)
+    if (idx[n] < 0 || idx[n] >= rows * cols) return LOWRANK_ERR_INVALID_ARGUMENT;
+  for (int64_t n = 0; n < count; ++n) w[(idx[n] / cols) * ldw + idx[n] % cols] = val[n];
+  return LOWRANK_OK;
+}
+
+extern "C" int lowrank_cpu_restore(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                                   const int32_t *rec_idx, const void *rec_val, int64_t count) {
+  if (count == 0) return LOWRANK_OK;
+  if (!w || !rec_idx || !rec_val || count < 0 || rows < 0 || cols <= 0 || ldw < cols)
+    return LOWRANK_ERR_INVALID_ARGUMENT;
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32:
+      return restore_impl((uint32_t *)w, rows, cols, ldw, rec_idx, (const uint32_t *)rec_val, count);
+    case LOWRANK_DTYPE_FLOAT16:
+    case LOWRANK_DTYPE_BFLOAT16:
+      return restore_impl((uint16_t *)w, rows, cols, ldw, rec_idx, (const uint16_t *)rec_val, count);
+    default: return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  }
 }

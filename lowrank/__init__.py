@@ -10,6 +10,7 @@ back to the pure-torch reference path with one warning.
 """
 from .config import LoRAConfig
 from .layers import LoRALinear
+from .merge import merge, merge_and_unload, unmerge
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
 
 __version__ = "0.1.0"
@@ -18,9 +19,12 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "lora_layers",
+    "merge",
+    "merge_and_unload",
     "patch_linear",
     "select_targets",
     "trainable_parameters",
+    "unmerge",
     "unpatch",
     "__version__",
 ]

@@ -47,6 +47,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.configs: dict[str, LoRAConfig] = {}
         self.active_adapter: str | None = None
+        # lowrank.merge state: None, or a lowrank.merge.MergeState (which adapter is merged into
+        # base_layer.weight, and the record that makes unmerge bit-exact).
+        self.merged = None
 
     # -- attributes that code written for nn.Linear reads -------------------------------------
     @property
@@ -83,7 +86,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
-        if name is None:
+        if name is None or self.merged:
             return self.base_layer(x)
         cfg = self.configs[name]
         return ops.lora_linear(

@@ -11,7 +11,7 @@ import functools
 import os
 import warnings
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
 
 # Status codes and dtype codes: keep in sync with csrc/lowrank.h.
@@ -68,7 +68,20 @@ def _load(kind: str):
     info.restype = ctypes.c_char_p
     if kind == "cuda":
         lib.lowrank_cuda_last_error.restype = ctypes.c_char_p
+    _declare_merge(lib, kind)
     return lib, None
+
+
+def _declare_merge(lib, kind: str) -> None:
+    """ctypes signatures of lowrank_{kind}_merge / _restore (csrc/lowrank.h)."""
+    p, i64, f32p = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
+    merge = getattr(lib, f"lowrank_{kind}_merge")
+    merge.restype = ctypes.c_int
+    merge.argtypes = [p, i64, i64, i64, ctypes.c_int, f32p, f32p, i64, f32p, f32p, ctypes.c_float,
+                      ctypes.c_double, p, p, i64, p] + ([p] if kind == "cuda" else [])
+    restore = getattr(lib, f"lowrank_{kind}_restore")
+    restore.restype = ctypes.c_int
+    restore.argtypes = [p, i64, i64, i64, ctypes.c_int, p, p, i64] + ([p] if kind == "cuda" else [])
 
 
 @functools.lru_cache(maxsize=None)
