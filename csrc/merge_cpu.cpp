@@ -73,8 +73,8 @@ static inline uint32_t fast_round(float v) {
 }
 
 template <int DT>
-static inline bool certified(float v, float e) {
-  if (DT == DT_F32) return true;
+static inline int32_t certified(float v, float e) {
+  if (DT == DT_F32) return 1;
   if (DT == DT_F16) return certified_half(v, e);
   return certified_bf16(v, e);
 }
@@ -102,37 +102,43 @@ static uint32_t slow(const Args &g, int64_t i, int64_t j, uint32_t wbits, bool *
 }
 
 // One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
-template <int DT>
-__attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default"), noinline))
+// The epilogue works on 32-bit arrays (widen W, compute, narrow back) under `omp simd`: with the
+// 16-bit loads and stores inside the same loop GCC 12 left it scalar (4x slower at 4096^2 bf16).
+template <int DT, bool RECORD>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
 void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vector<Rec> *out) {
   using T = typename Store<DT>::T;
   alignas(64) float acc[RB][JT];
-  alignas(64) T orig[JT];
-  alignas(64) uint8_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
+  alignas(64) uint32_t wb[JT], yb[JT];
+  alignas(64) int32_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
   const float s32 = (float)g.scale;
   const int64_t r = g.rank;
   for (int q = 0; q < RB; ++q)
     for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
   if (nr == RB) {
     const float *b0 = g.b + i0 * r;
+    float *acc0 = acc[0], *acc1 = acc[1], *acc2 = acc[2], *acc3 = acc[3];
     for (int64_t k = 0; k < r; ++k) {
       const float *ak = g.a + k * g.cols + j0;
       const float c0 = b0[k], c1 = b0[r + k], c2 = b0[2 * r + k], c3 = b0[3 * r + k];
+#pragma omp simd aligned(acc0, acc1, acc2, acc3 : 64)
       for (int j = 0; j < nc; ++j) {
         const float x = ak[j];
-        acc[0][j] = fmaf(c0, x, acc[0][j]);
-        acc[1][j] = fmaf(c1, x, acc[1][j]);
-        acc[2][j] = fmaf(c2, x, acc[2][j]);
-        acc[3][j] = fmaf(c3, x, acc[3][j]);
+        acc0[j] = fmaf(c0, x, acc0[j]);
+        acc1[j] = fmaf(c1, x, acc1[j]);
+        acc2[j] = fmaf(c2, x, acc2[j]);
+        acc3[j] = fmaf(c3, x, acc3[j]);
       }
     }
   } else {
     for (int q = 0; q < nr; ++q) {
       const float *bq = g.b + (i0 + q) * r;
+      float *accq = acc[q];
       for (int64_t k = 0; k < r; ++k) {
         const float *ak = g.a + k * g.cols + j0;
         const float c = bq[k];
-        for (int j = 0; j < nc; ++j) acc[q][j] = fmaf(c, ak[j], acc[q][j]);
+#pragma omp simd
+        for (int j = 0; j < nc; ++j) accq[j] = fmaf(c, ak[j], accq[j]);
       }
     }
   }
@@ -142,35 +148,37 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
     const float rbi = g.rb[i];
     const float *cbj = g.cb + j0;
     const float *accq = acc[q];
-    int any = 0;
+    const float abs_bound = g.abs_bound;
+    for (int j = 0; j < nc; ++j) wb[j] = wrow[j];
+    int32_t any = 0;
+#pragma omp simd reduction(| : any)
     for (int j = 0; j < nc; ++j) {
-      const uint32_t wb = wrow[j];
-      const float v = fmaf(s32, accq[j], to_float<DT>(wb));
+      const float v = fmaf(s32, accq[j], to_float<DT>(wb[j]));
       const uint32_t y = fast_round<DT>(v);
-      int f = 0;
+      int32_t f = 0;
       if (DT == DT_F32) {
-        if (g.record) f = f2u(fmaf(-s32, accq[j], v)) != wb;
+        if (RECORD) f = (int32_t)(f2u(fmaf(-s32, accq[j], v)) != wb[j]);
       } else {
-        const bool ok1 = certified<DT>(v, error_bound(rbi, cbj[j], v, g.abs_bound));
-        if (g.record) {
+        const int32_t ok1 = certified<DT>(v, error_bound(rbi, cbj[j], v, abs_bound));
+        if (RECORD) {
           const float v2 = fmaf(-s32, accq[j], to_float<DT>(y));
-          const bool ok2 = certified<DT>(v2, error_bound(rbi, cbj[j], v2, g.abs_bound));
-          f = (int)(fast_round<DT>(v2) != wb) | ((int)!(ok1 & ok2) << 1);
+          const int32_t ok2 = certified<DT>(v2, error_bound(rbi, cbj[j], v2, abs_bound));
+          f = (int32_t)(fast_round<DT>(v2) != wb[j]) | ((1 - (ok1 & ok2)) << 1);
         } else {
-          f = (int)!ok1 << 1;
+          f = (1 - ok1) << 1;
         }
       }
-      orig[j] = (T)wb;
-      flag[j] = (uint8_t)f;
+      yb[j] = y;
+      flag[j] = f;
       any |= f;
-      wrow[j] = (T)y;
     }
+    for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
     if (!any) continue;
     for (int j = 0; j < nc; ++j) {
       if (!flag[j]) continue;
       bool fails = (flag[j] & 1) != 0;
-      if (flag[j] & 2) wrow[j] = (T)slow<DT>(g, i, j0 + j, orig[j], g.record ? &fails : nullptr);
-      if (g.record && fails) out[q].push_back(Rec{(int32_t)(i * g.cols + j0 + j), orig[j]});
+      if (flag[j] & 2) wrow[j] = (T)slow<DT>(g, i, j0 + j, wb[j], RECORD ? &fails : nullptr);
+      if (RECORD && fails) out[q].push_back(Rec{(int32_t)(i * g.cols + j0 + j), wb[j]});
     }
   }
 }
@@ -193,8 +201,13 @@ static int merge_impl(const Args &g, int32_t *rec_idx, void *rec_val, int64_t ca
       const int64_t i0 = t * RB;
       const int nr = (int)std::min<int64_t>(RB, g.rows - i0);
       try {
-        for (int64_t j0 = 0; j0 < g.cols; j0 += JT)
-          merge_tile<DT>(g, i0, nr, j0, (int)std::min<int64_t>(JT, g.cols - j0), rows_out);
+        for (int64_t j0 = 0; j0 < g.cols; j0 += JT) {
+          const int nc = (int)std::min<int64_t>(JT, g.cols - j0);
+          if (g.record)
+            merge_tile<DT, true>(g, i0, nr, j0, nc, rows_out);
+          else
+            merge_tile<DT, false>(g, i0, nr, j0, nc, rows_out);
+        }
         if (mine) {
           for (int q = 0; q < nr; ++q) {
             mine->insert(mine->end(), rows_out[q].begin(), rows_out[q].end());

@@ -72,8 +72,8 @@ __device__ __forceinline__ uint32_t fast_round(float v) {
 }
 
 template <int DT>
-__device__ __forceinline__ bool certified(float v, float e) {
-  if (DT == DT_F32) return true;
+__device__ __forceinline__ int32_t certified(float v, float e) {
+  if (DT == DT_F32) return 1;
   if (DT == DT_F16) return certified_half(v, e);
   return certified_bf16(v, e);
 }

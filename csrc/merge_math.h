@@ -74,8 +74,11 @@ LR_HD float half_to_float(uint32_t h) {
   uint32_t normal = (em << 13) + 0x38000000u;           /* rebias 15 -> 127 */
   uint32_t infnan = (em << 13) | 0x7F800000u;
   float sub = (float)(int)(h & 0x3FFu) * 5.9604644775390625e-8f; /* m * 2^-24, exact */
-  uint32_t bits = em >= 0x7C00u ? infnan : normal;
-  bits = em < 0x0400u ? f2u(sub) : bits;
+  /* masks instead of ?: -- GCC 12 would not vectorize the selects here */
+  uint32_t is_infnan = 0u - (uint32_t)(em >= 0x7C00u);
+  uint32_t is_sub = 0u - (uint32_t)(em < 0x0400u);
+  uint32_t bits = (normal & ~is_infnan) | (infnan & is_infnan);
+  bits = (bits & ~is_sub) | (f2u(sub) & is_sub);
   return u2f(bits | sign);
 }
 
@@ -97,17 +100,17 @@ LR_HD uint32_t float_to_half_normal(float v) {
  * than e from the nearest rounding midpoint. Midpoints are fp32 numbers, so comparing e with the
  * exact distance d * ulp32(v) is rigorous. Outside the target's normal range (zero, subnormal,
  * top binade, Inf, NaN): false. */
-LR_HD bool certified_bf16(float v, float e) {
+LR_HD int32_t certified_bf16(float v, float e) {
   uint32_t u = f2u(v);
   int32_t ex = (int32_t)((u >> 23) & 0xFFu);
   int32_t low = (int32_t)(u & 0xFFFFu);
   int32_t d = low > 0x8000 ? low - 0x8000 : 0x8000 - low;
   d = d < 0x4000 ? d : 0x4000; /* the next binade's midpoints are >= 2^14 ulps away */
   float ulp = u2f((uint32_t)((ex >= 24 ? ex : 24) - 23) << 23);
-  return (ex >= 24) & (ex <= 253) & (e < (float)d * ulp);
+  return (int32_t)(ex >= 24) & (int32_t)(ex <= 253) & (int32_t)(e < (float)d * ulp);
 }
 
-LR_HD bool certified_half(float v, float e) {
+LR_HD int32_t certified_half(float v, float e) {
   uint32_t u = f2u(v);
   int32_t ex = (int32_t)((u >> 23) & 0xFFu);
   int32_t low = (int32_t)(u & 0x1FFFu);
@@ -115,7 +118,7 @@ LR_HD bool certified_half(float v, float e) {
   d = d < 0x800 ? d : 0x800;
   float ulp = u2f((uint32_t)((ex >= 24 ? ex : 24) - 23) << 23);
   /* fp16 normal range without its top binade: 2^-14 <= |v| < 2^15 */
-  return (ex >= 113) & (ex <= 141) & (e < (float)d * ulp);
+  return (int32_t)(ex >= 113) & (int32_t)(ex <= 141) & (int32_t)(e < (float)d * ulp);
 }
 
 LR_HD float error_bound(float rb, float cb, float v, float abs_bound) {

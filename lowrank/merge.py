@@ -51,8 +51,9 @@ MAX_RANK = 256
 # Checks and the factors the kernels take
 # ---------------------------------------------------------------------------------------------
 
-def check_merge_args(weight, lora_A, lora_B, scaling, where: str = "merge") -> None:
-    """TypeError / ValueError naming the culprit; called before anything is written."""
+def check_merge_args(weight, lora_A, lora_B, scaling, where: str = "merge", values: bool = True) -> None:
+    """TypeError / ValueError naming the culprit; called before anything is written. values=False
+    skips the NaN/Inf scan of the factors (fake tensors have no values)."""
     for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -81,7 +82,7 @@ def check_merge_args(weight, lora_A, lora_B, scaling, where: str = "merge") -> N
         raise ValueError(f"{where}: weight rows overlap (strides {tuple(weight.stride())})")
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
         raise ValueError(f"{where}: scaling must be a finite number, got {scaling!r}")
-    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+    if values and not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
         raise ValueError(f"{where}: lora_A / lora_B contain NaN or Inf; merging would destroy the weight")
 
 
@@ -136,7 +137,16 @@ def round_f64(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     toward = torch.where(back < x64, torch.full_like(f, math.inf), torch.full_like(f, -math.inf))
     f = torch.where(inexact & even, torch.nextafter(f, toward), f)
     # float32 overflowed to Inf from a finite double: Inf is also the right 16-bit answer.
-    return f.to(dtype)
+    out = f.to(dtype)
+    nan = torch.isnan(f)
+    if bool(nan.any()):  # NaNs as the library writes them (merge_math.h float_to_*_full)
+        fb = f.view(torch.int32)
+        if dtype == torch.bfloat16:
+            nb = ((fb >> 16) | 0x40).to(torch.int16)
+        else:
+            nb = torch.where(fb < 0, torch.tensor(-512, dtype=torch.int16), torch.tensor(0x7E00, dtype=torch.int16))
+        out = torch.where(nan, nb.view(dtype), out)
+    return out
 
 
 def _fma_f32(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -324,6 +334,7 @@ def merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
 
 @merge_.register_fake
 def _merge_fake(weight, lora_A, lora_B, scaling, exact=True):
+    check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.merge_", values=False)
     n = torch.library.get_ctx().new_dynamic_size() if exact else 0
     return weight.new_empty((n,), dtype=torch.int32), weight.new_empty((n,))
 
@@ -338,6 +349,7 @@ def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
 
 @unmerge_.register_fake
 def _unmerge_fake(weight, lora_A, lora_B, scaling, rec_idx=None, rec_val=None):
+    check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.unmerge_", values=False)
     return None
 
 
