@@ -172,13 +172,27 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
       flag[j] = f;
       any |= f;
     }
+    if (any & 2) {  // rare (~0.2% of elements): redo in double
+      for (int j = 0; j < nc; ++j) {
+        if (!(flag[j] & 2)) continue;
+        bool fails = false;
+        yb[j] = slow<DT>(g, i, j0 + j, wb[j], RECORD ? &fails : nullptr);
+        flag[j] = (int32_t)fails;
+        any |= flag[j];
+      }
+    }
     for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
-    if (!any) continue;
-    for (int j = 0; j < nc; ++j) {
-      if (!flag[j]) continue;
-      bool fails = (flag[j] & 1) != 0;
-      if (flag[j] & 2) wrow[j] = (T)slow<DT>(g, i, j0 + j, wb[j], RECORD ? &fails : nullptr);
-      if (RECORD && fails) out[q].push_back(Rec{(int32_t)(i * g.cols + j0 + j), wb[j]});
+    if (RECORD && (any & 1)) {
+      // Branch-free compaction: records hit ~5-10% of elements at random, where an `if` would
+      // mispredict on most of them.
+      Rec tmp[JT];
+      const int32_t base = (int32_t)(i * g.cols + j0);
+      int cnt = 0;
+      for (int j = 0; j < nc; ++j) {
+        tmp[cnt] = Rec{base + j, wb[j]};
+        cnt += flag[j] & 1;
+      }
+      out[q].insert(out[q].end(), tmp, tmp + cnt);
     }
   }
 }
