@@ -87,7 +87,7 @@ def run(quick: bool, device: str) -> list[Record]:
     copy_gbps = measure_copy_bandwidth(device)
     print(f"copy bandwidth {copy_gbps:.1f} GB/s", flush=True)
     if quick and device.type == "cpu":
-        shapes, ranks, dtypes, repeat = LLAMA3_8B[:2], [16, 64], [torch.bfloat16], 5
+        shapes, ranks, dtypes, repeat = LLAMA3_8B[:2], [16, 64], [torch.bfloat16], 9
     elif quick:
         shapes, ranks, dtypes, repeat = LLAMA3_8B, [16, 64], [torch.bfloat16], 10
     else:
@@ -155,7 +155,7 @@ def run(quick: bool, device: str) -> list[Record]:
                         extra={**stats[impl], "copy_GBps": copy_gbps, "delta_ratio": DELTA_RATIO}))
                 peft_t = statistics.median(times["peft"][1:])
                 line = " ".join(f"{impl}: {statistics.median(ts[1:]) * 1e3:.1f} ms (x{peft_t / statistics.median(ts[1:]):.2f} vs peft) "
-                                f"correct {stats[impl]['correct_frac']:.4f} restored {stats[impl]['restored_frac']:.4f}"
+                                f"correct {stats[impl]['correct_frac']:.5f} restored {stats[impl]['restored_frac']:.5f}"
                                 for impl, ts in times.items())
                 print(f"{name} {n}x{k} r={r} {dtype}: {line}; record {stats['lowrank']['record_frac']:.3f} of W bytes",
                       flush=True)

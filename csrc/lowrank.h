@@ -22,6 +22,7 @@ enum lowrank_status {
   LOWRANK_ERR_CUDA = 3,
   LOWRANK_ERR_OUT_OF_MEMORY = 4,
   LOWRANK_ERR_CAPACITY = 5,
+  LOWRANK_ERR_NONFINITE = 6, /* a LoRA factor holds NaN or Inf: nothing was written */
 };
 
 enum lowrank_dtype {
@@ -66,6 +67,14 @@ int lowrank_cpu_merge(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtyp
                       const float *a, int64_t rank, const float *row_bound, const float *col_bound,
                       float abs_bound, double scale, int32_t *rec_idx, void *rec_val,
                       int64_t rec_capacity, int64_t *rec_count);
+/* The same merge with the factors as they are: b (rows x rank) and a (rank x cols) in
+ * factor_dtype with element strides (so transposed views need no copy); the library widens them,
+ * rejects NaN / Inf (LOWRANK_ERR_NONFINITE, W untouched) and computes the bounds itself. */
+int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                              const void *b, int64_t b_s0, int64_t b_s1, const void *a, int64_t a_s0,
+                              int64_t a_s1, int factor_dtype, int64_t rank, double scale,
+                              int32_t *rec_idx, void *rec_val, int64_t rec_capacity,
+                              int64_t *rec_count);
 /* W[idx[n] / cols, idx[n] % cols] <- val[n] for n < count. */
 int lowrank_cpu_restore(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
                         const int32_t *rec_idx, const void *rec_val, int64_t count);

@@ -286,6 +286,74 @@ extern "C" int lowrank_cpu_merge(void *w, int64_t rows, int64_t cols, int64_t ld
   }
 }
 
+// Factor element (row-major index via strides) widened to float: exact for all three dtypes.
+static inline float load_factor(const void *p, int64_t off, int dtype) {
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32: return ((const float *)p)[off];
+    case LOWRANK_DTYPE_FLOAT16: return half_to_float(((const uint16_t *)p)[off]);
+    default: return bf16_to_float(((const uint16_t *)p)[off]);
+  }
+}
+
+static inline float round_up_float(double x) {
+  float f = (float)x;
+  return (double)f < x ? nextafterf(f, INFINITY) : f;
+}
+
+extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                                         const void *b, int64_t b_s0, int64_t b_s1, const void *a,
+                                         int64_t a_s0, int64_t a_s1, int factor_dtype, int64_t rank,
+                                         double scale, int32_t *rec_idx, void *rec_val,
+                                         int64_t rec_capacity, int64_t *rec_count) {
+  if (rows < 0 || cols < 0 || rank < 1 || rank > 256) return LOWRANK_ERR_INVALID_ARGUMENT;
+  if (factor_dtype < LOWRANK_DTYPE_FLOAT32 || factor_dtype > LOWRANK_DTYPE_BFLOAT16) return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  if (rows == 0 || cols == 0) {
+    if (rec_count) *rec_count = 0;
+    return LOWRANK_OK;
+  }
+  if (!b || !a || !isfinite(scale)) return LOWRANK_ERR_INVALID_ARGUMENT;
+  std::vector<float> b32, a32, rb, cb;
+  try {
+    b32.resize((size_t)(rows * rank));
+    a32.resize((size_t)(rank * cols));
+    rb.resize((size_t)rows);
+    cb.resize((size_t)cols);
+  } catch (const std::bad_alloc &) {
+    return LOWRANK_ERR_OUT_OF_MEMORY;
+  }
+  // The bounds of merge_math.h, from norms summed in double.
+  const double u = 5.9604644775390625e-08, r = (double)rank;
+  const double gamma = r * u / (1.0 - r * u);
+  const double c = fabs(scale) * (gamma * (1.0 + u) + u) * (1.0 + 3.814697265625e-06);
+  bool finite = true;
+  for (int64_t i = 0; i < rows; ++i) {
+    double ss = 0.0;
+    for (int64_t k = 0; k < rank; ++k) {
+      const float x = load_factor(b, i * b_s0 + k * b_s1, factor_dtype);
+      b32[i * rank + k] = x;
+      ss += (double)x * x;
+    }
+    finite &= isfinite(ss) != 0;
+    rb[i] = round_up_float(c * sqrt(ss));
+  }
+  std::vector<double> col_ss((size_t)cols, 0.0);
+  for (int64_t k = 0; k < rank; ++k) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const float x = load_factor(a, k * a_s0 + j * a_s1, factor_dtype);
+      a32[k * cols + j] = x;
+      col_ss[j] += (double)x * x;
+    }
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    finite &= isfinite(col_ss[j]) != 0;
+    cb[j] = round_up_float(sqrt(col_ss[j]));
+  }
+  if (!finite) return LOWRANK_ERR_NONFINITE;
+  const float abs_bound = round_up_float(1.1754943508222875e-38 * std::max(1.0, r * fabs(scale) * 1.01));
+  return lowrank_cpu_merge(w, rows, cols, ldw, dtype, b32.data(), a32.data(), rank, rb.data(), cb.data(),
+                           abs_bound, scale, rec_idx, rec_val, rec_capacity, rec_count);
+}
+
 template <typename T>
 static int restore_impl(T *w, int64_t rows, int64_t cols, int64_t ldw, const int32_t *idx,
                         const T *val, int64_t count) {

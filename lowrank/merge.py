@@ -230,54 +230,70 @@ def _restore_torch(weight, rec_idx, rec_val):
 # The custom ops
 # ---------------------------------------------------------------------------------------------
 
+def _cpu_merge(lib, weight, lora_A, lora_B, scaling, rec=None):
+    """lowrank_cpu_merge_strided on the tensors as they are (no torch op: on a loaded 2-core
+    machine each small parallel torch op costs tens of ms). rec: (idx, val, count) or None."""
+    n, k = weight.shape
+    args = (_ptr(weight), n, k, weight.stride(0), native.dtype_code(weight.dtype),
+            _ptr(lora_B), lora_B.stride(0), lora_B.stride(1), _ptr(lora_A), lora_A.stride(0), lora_A.stride(1),
+            native.dtype_code(lora_A.dtype), lora_A.shape[0], float(scaling))
+    if rec is None:
+        status = lib.lowrank_cpu_merge_strided(*args, None, None, 0, None)
+    else:
+        idx, val, count = rec
+        status = lib.lowrank_cpu_merge_strided(*args, _ptr(idx), _ptr(val), idx.numel(), ctypes.byref(count))
+    if status == native.ERR_NONFINITE:
+        raise ValueError("lowrank.ops.merge_: lora_A / lora_B contain NaN or Inf; merging would destroy the weight")
+    return status
+
+
 def _run_merge(weight, lora_A, lora_B, scaling, exact):
     """Merge in place; returns (rec_idx, rec_val) (empty when exact is False)."""
-    check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.merge_")
+    lib = _native_lib(weight.device)
+    cpu_native = lib is not None and weight.device.type == "cpu"
+    check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.merge_", values=not cpu_native)
     if exact and weight.numel() >= 2 ** 31:
         raise ValueError(f"merge_: exact=True needs fewer than 2^31 elements (int32 record), weight has "
                          f"{weight.numel()}; use exact=False")
     empty = (weight.new_empty(0, dtype=torch.int32), weight.new_empty(0))
     if weight.numel() == 0:
         return empty
+    if cpu_native:
+        if not exact:
+            native.check(_cpu_merge(lib, weight, lora_A, lora_B, scaling), "lowrank_cpu_merge_strided")
+            return empty
+        cap = weight.numel() // 8 + 64  # a guess; on overflow the library leaves W untouched
+        for _ in range(2):
+            rec = (torch.empty(cap, dtype=torch.int32), torch.empty(cap, dtype=weight.dtype), ctypes.c_int64(0))
+            status = _cpu_merge(lib, weight, lora_A, lora_B, scaling, rec)
+            if status == native.ERR_CAPACITY:
+                cap = rec[2].value
+                continue
+            native.check(status, "lowrank_cpu_merge_strided")
+            m = rec[2].value
+            return rec[0][:m].clone(), rec[1][:m].clone()
+        raise native.NativeError(native.ERR_CAPACITY, "lowrank_cpu_merge_strided")
     b32, a32, row_bound, col_bound, abs_bound = _factors(weight, lora_A, lora_B, scaling)
     n, k = weight.shape
-    lib = _native_lib(weight.device)
     if lib is None:
         out = _merge_torch(weight, b32, a32, float(scaling), exact)
         return out if exact else empty
-    dcode = native.dtype_code(weight.dtype)
-    common = (_ptr(weight), n, k, weight.stride(0), dcode, _ptr(b32), _ptr(a32), lora_A.shape[0],
-              _ptr(row_bound), _ptr(col_bound), abs_bound, float(scaling))
-    if weight.is_cuda:
-        stream = ctypes.c_void_p(torch.cuda.current_stream(weight.device).cuda_stream)
-        if not exact:
-            native.check(lib.lowrank_cuda_merge(*common, None, None, 0, None, stream), "lowrank_cuda_merge")
-            return empty
-        # Capacity = every element: the CUDA kernel cannot undo an overflow (csrc/lowrank.h).
-        cap = weight.numel()
-        rec_idx = torch.empty(cap, dtype=torch.int32, device=weight.device)
-        rec_val = torch.empty(cap, dtype=weight.dtype, device=weight.device)
-        count = torch.zeros(1, dtype=torch.int64, device=weight.device)
-        native.check(lib.lowrank_cuda_merge(*common, _ptr(rec_idx), _ptr(rec_val), cap, _ptr(count), stream),
-                     "lowrank_cuda_merge")
-        m = int(count.item())
-        order = torch.argsort(rec_idx[:m])  # atomics fill it in any order; sorted = deterministic
-        return rec_idx[:m][order].clone(), rec_val[:m][order].clone()
+    common = (_ptr(weight), n, k, weight.stride(0), native.dtype_code(weight.dtype), _ptr(b32), _ptr(a32),
+              lora_A.shape[0], _ptr(row_bound), _ptr(col_bound), abs_bound, float(scaling))
+    stream = ctypes.c_void_p(torch.cuda.current_stream(weight.device).cuda_stream)
     if not exact:
-        native.check(lib.lowrank_cpu_merge(*common, None, None, 0, None), "lowrank_cpu_merge")
+        native.check(lib.lowrank_cuda_merge(*common, None, None, 0, None, stream), "lowrank_cuda_merge")
         return empty
-    cap = weight.numel() // 8 + 64  # a guess; on overflow the library leaves W untouched
-    for _ in range(2):
-        rec_idx = torch.empty(cap, dtype=torch.int32)
-        rec_val = torch.empty(cap, dtype=weight.dtype)
-        count = ctypes.c_int64(0)
-        status = lib.lowrank_cpu_merge(*common, _ptr(rec_idx), _ptr(rec_val), cap, ctypes.byref(count))
-        if status == native.ERR_CAPACITY:
-            cap = count.value
-            continue
-        native.check(status, "lowrank_cpu_merge")
-        return rec_idx[:count.value].clone(), rec_val[:count.value].clone()
-    raise native.NativeError(native.ERR_CAPACITY, "lowrank_cpu_merge")
+    # Capacity = every element: the CUDA kernel cannot undo an overflow (csrc/lowrank.h).
+    cap = weight.numel()
+    rec_idx = torch.empty(cap, dtype=torch.int32, device=weight.device)
+    rec_val = torch.empty(cap, dtype=weight.dtype, device=weight.device)
+    count = torch.zeros(1, dtype=torch.int64, device=weight.device)
+    native.check(lib.lowrank_cuda_merge(*common, _ptr(rec_idx), _ptr(rec_val), cap, _ptr(count), stream),
+                 "lowrank_cuda_merge")
+    m = int(count.item())
+    order = torch.argsort(rec_idx[:m])  # atomics fill it in any order; sorted = deterministic
+    return rec_idx[:m][order].clone(), rec_val[:m][order].clone()
 
 
 def _check_record(weight, rec_idx, rec_val, where):
@@ -292,34 +308,42 @@ def _check_record(weight, rec_idx, rec_val, where):
                         f"got {rec_val.dtype} {tuple(rec_val.shape)}")
     if rec_idx.device != weight.device or rec_val.device != weight.device:
         raise ValueError(f"{where}: the record must be on the weight's device {weight.device}")
-    if rec_idx.numel() and (int(rec_idx.min()) < 0 or int(rec_idx.max()) >= weight.numel()):
+    lo_hi = torch.aminmax(rec_idx) if rec_idx.numel() else None
+    if lo_hi is not None and (int(lo_hi.min) < 0 or int(lo_hi.max) >= weight.numel()):
         raise ValueError(f"{where}: record indices outside 0..{weight.numel() - 1}: not this weight's record")
 
 
 def _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val):
-    check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.unmerge_")
+    lib = _native_lib(weight.device)
+    cpu_native = lib is not None and weight.device.type == "cpu"
+    check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.unmerge_", values=not cpu_native)
     _check_record(weight, rec_idx, rec_val, "lowrank.ops.unmerge_")
     if weight.numel() == 0:
         return
-    b32, a32, row_bound, col_bound, abs_bound = _factors(weight, lora_A, lora_B, scaling)
     n, k = weight.shape
-    lib = _native_lib(weight.device)
+    has_rec = rec_idx is not None and rec_idx.numel() > 0
+    if has_rec:
+        rec_idx, rec_val = rec_idx.contiguous(), rec_val.contiguous()
+    if cpu_native:
+        native.check(_cpu_merge(lib, weight, lora_A, lora_B, -float(scaling)), "lowrank_cpu_merge_strided")
+        if has_rec:
+            native.check(lib.lowrank_cpu_restore(_ptr(weight), n, k, weight.stride(0), native.dtype_code(weight.dtype),
+                                                 _ptr(rec_idx), _ptr(rec_val), rec_idx.numel()), "lowrank_cpu_restore")
+        return
+    b32, a32, row_bound, col_bound, abs_bound = _factors(weight, lora_A, lora_B, scaling)
     if lib is None:
         _merge_torch(weight, b32, a32, -float(scaling), False)
-        if rec_idx is not None and rec_idx.numel():
+        if has_rec:
             _restore_torch(weight, rec_idx, rec_val)
         return
     dcode = native.dtype_code(weight.dtype)
-    common = (_ptr(weight), n, k, weight.stride(0), dcode, _ptr(b32), _ptr(a32), lora_A.shape[0],
-              _ptr(row_bound), _ptr(col_bound), abs_bound, -float(scaling))
-    kind = "cuda" if weight.is_cuda else "cpu"
-    extra = (ctypes.c_void_p(torch.cuda.current_stream(weight.device).cuda_stream),) if weight.is_cuda else ()
-    native.check(getattr(lib, f"lowrank_{kind}_merge")(*common, None, None, 0, None, *extra), f"lowrank_{kind}_merge")
-    if rec_idx is not None and rec_idx.numel():
-        rec_idx, rec_val = rec_idx.contiguous(), rec_val.contiguous()
-        native.check(getattr(lib, f"lowrank_{kind}_restore")(_ptr(weight), n, k, weight.stride(0), dcode,
-                                                             _ptr(rec_idx), _ptr(rec_val), rec_idx.numel(),
-                                                             *extra), f"lowrank_{kind}_restore")
+    stream = ctypes.c_void_p(torch.cuda.current_stream(weight.device).cuda_stream)
+    native.check(lib.lowrank_cuda_merge(_ptr(weight), n, k, weight.stride(0), dcode, _ptr(b32), _ptr(a32),
+                                        lora_A.shape[0], _ptr(row_bound), _ptr(col_bound), abs_bound,
+                                        -float(scaling), None, None, 0, None, stream), "lowrank_cuda_merge")
+    if has_rec:
+        native.check(lib.lowrank_cuda_restore(_ptr(weight), n, k, weight.stride(0), dcode, _ptr(rec_idx),
+                                              _ptr(rec_val), rec_idx.numel(), stream), "lowrank_cuda_restore")
 
 
 @torch.library.custom_op("lowrank::merge_", mutates_args=("weight",))
