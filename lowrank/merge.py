@@ -230,6 +230,14 @@ def _restore_torch(weight, rec_idx, rec_val):
 # The custom ops
 # ---------------------------------------------------------------------------------------------
 
+def _shrink(buf: torch.Tensor, m: int) -> torch.Tensor:
+    """A right-sized copy of buf[:m] by memmove (a torch copy is a parallel op: see _cpu_merge)."""
+    out = torch.empty(m, dtype=buf.dtype)
+    if m:
+        ctypes.memmove(out.data_ptr(), buf.data_ptr(), m * buf.element_size())
+    return out
+
+
 def _cpu_merge(lib, weight, lora_A, lora_B, scaling, rec=None):
     """lowrank_cpu_merge_strided on the tensors as they are (no torch op: on a loaded 2-core
     machine each small parallel torch op costs tens of ms). rec: (idx, val, count) or None."""
@@ -271,7 +279,7 @@ def _run_merge(weight, lora_A, lora_B, scaling, exact):
                 continue
             native.check(status, "lowrank_cpu_merge_strided")
             m = rec[2].value
-            return rec[0][:m].clone(), rec[1][:m].clone()
+            return _shrink(rec[0], m), _shrink(rec[1], m)
         raise native.NativeError(native.ERR_CAPACITY, "lowrank_cpu_merge_strided")
     b32, a32, row_bound, col_bound, abs_bound = _factors(weight, lora_A, lora_B, scaling)
     n, k = weight.shape
