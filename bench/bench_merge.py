@@ -5,7 +5,8 @@ GB/s counting the floor traffic 2 * bytes(W) (read W once, write it once) and th
 of the copy bandwidth measured in the same run; then numerics on the same data:
   correct_frac  fraction of elements equal to the correctly rounded W + s * B @ A (float64 oracle)
   restored_frac fraction of elements equal to the original after merge + unmerge
-  record_frac   (lowrank, exact=True) the unmerge record's bytes / W's bytes
+  record_frac   (lowrank, exact=True) the unmerge record's bytes / W's bytes, as a merged layer
+                stores it (packed); record_frac_unpacked: as merge_ returns it (int32 indices)
 Impls: lowrank (exact=True, the default), lowrank-noexact (exact=False), peft (LoraLayer.merge,
 safe_merge=False: delta rounded to the weight dtype, then added -- two roundings).
 
@@ -79,7 +80,7 @@ def _eq_frac(x, y):
 
 
 def run(quick: bool, device: str) -> list[Record]:
-    from lowrank.merge import merge_, unmerge_
+    from lowrank.merge import MergeState, merge_, unmerge_
 
     device = torch.device(device)
     dev = device_name(device)
@@ -107,8 +108,10 @@ def run(quick: bool, device: str) -> list[Record]:
                 stats = {}
                 wk = w0.clone()
                 rec = merge_(wk, a, b, s, True)
+                packed = MergeState.pack("bench", s, True, rec[0], rec[1], w.numel(), ())
                 stats["lowrank"] = {"correct_frac": _eq_frac(wk, oracle),
-                                    "record_frac": (rec[0].numel() * 4 + rec[1].numel() * rec[1].element_size()) / bytes_w,
+                                    "record_frac": packed.record_bytes() / bytes_w,
+                                    "record_frac_unpacked": (rec[0].numel() * 4 + rec[1].numel() * rec[1].element_size()) / bytes_w,
                                     "recorded_elements_frac": rec[0].numel() / w.numel()}
                 unmerge_(wk, a, b, s, *rec)
                 stats["lowrank"]["restored_frac"] = _eq_frac(wk, w0)

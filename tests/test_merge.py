@@ -521,3 +521,16 @@ def test_cuda_opcheck_and_model_roundtrip():
     lowrank.unmerge(model)
     for n, p in model.named_parameters():
         assert_bits_equal(p.detach(), w0[n], n)
+
+
+def test_packed_record_round_trips():
+    """MergeState packs indices across 64Ki blocks (empty blocks, low bits >= 2^15) losslessly."""
+    from lowrank.merge import MergeState
+
+    numel = 5 * 65536 + 123
+    idx = torch.tensor([0, 1, 32767, 32768, 65535, 65536, 3 * 65536 + 40000, numel - 1], dtype=torch.int32)
+    val = torch.randn(idx.numel()).bfloat16()
+    state = MergeState.pack("a", 1.0, True, idx, val, numel, ())
+    got_idx, got_val = state.unpack()
+    assert torch.equal(got_idx, idx) and torch.equal(got_val, val)
+    assert state.record_bytes() == 6 * 4 + idx.numel() * (2 + 2)
