@@ -156,6 +156,8 @@ def run(quick: bool, device: str) -> list[Record]:
                         impl=impl, median_s=t, derived={"GB/s": gbps, "frac_copy_bw": gbps / copy_gbps},
                         device=dev, versions=vers,
                         extra={**stats[impl], "copy_GBps": copy_gbps, "delta_ratio": DELTA_RATIO}))
+                if device.type == "cuda":
+                    records.append(_cuda_kernel_record(w, a, b, s, name, r, dtype, copy_gbps, dev, vers, repeat))
                 peft_t = statistics.median(times["peft"][1:])
                 line = " ".join(f"{impl}: {statistics.median(ts[1:]) * 1e3:.1f} ms (x{peft_t / statistics.median(ts[1:]):.2f} vs peft) "
                                 f"correct {stats[impl]['correct_frac']:.5f} restored {stats[impl]['restored_frac']:.5f}"
@@ -164,3 +166,32 @@ def run(quick: bool, device: str) -> list[Record]:
                       flush=True)
                 del peft_model, layer, w, w0
     return records
+
+
+def _cuda_kernel_record(w, a, b, s, name, r, dtype, copy_gbps, dev, vers, repeat):
+    """The CUDA kernel alone (exact=False, factors prepared once), timed with CUDA events: what
+    the op costs without its Python-side preparation (~10 small launches) and record handling."""
+    import ctypes
+
+    from lowrank import native
+    from lowrank.merge import _factors, _ptr
+
+    lib = native.cuda()
+    n, k = w.shape
+    b32, a32, rb, cb, ab = _factors(w, a, b, s)
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    args = (_ptr(w), n, k, w.stride(0), native.dtype_code(w.dtype), _ptr(b32), _ptr(a32), r, _ptr(rb), _ptr(cb), ab)
+    ts = []
+    for i in range(2 * (repeat + 1)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        native.check(lib.lowrank_cuda_merge(*args, s if i % 2 == 0 else -s, None, None, 0, None, stream), "merge")
+        end.record()
+        end.synchronize()
+        ts.append(start.elapsed_time(end) / 1e3)
+    t = statistics.median(ts[2:])
+    gbps = 2 * w.numel() * w.element_size() / t / 1e9
+    print(f"  cuda kernel alone: {t * 1e6:.1f} us, {gbps:.0f} GB/s = {gbps / copy_gbps:.2f} of copy", flush=True)
+    return Record(op="merge", shape={"layer": name, "out": n, "in": k, "r": r}, dtype=str(dtype).replace("torch.", ""),
+                  impl="lowrank-kernel", median_s=t, derived={"GB/s": gbps, "frac_copy_bw": gbps / copy_gbps},
+                  device=dev, versions=vers, extra={"copy_GBps": copy_gbps})
