@@ -455,6 +455,11 @@ def test_non_dense_base_weight_is_not_implemented():
 # torch.library
 # ---------------------------------------------------------------------------------------------
 
+def test_ops_namespace():
+    assert lowrank.ops.merge_ is merge_ and lowrank.ops.unmerge_ is unmerge_
+    assert torch.ops.lowrank.merge_.default is not None and torch.ops.lowrank.unmerge_.default is not None
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_opcheck(dtype):
     w = (torch.randn(20, 36) * 0.02).to(dtype)
