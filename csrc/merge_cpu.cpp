@@ -35,6 +35,15 @@ using namespace lowrank;
 
 namespace {
 
+// One build runs well everywhere: AVX-512 and AVX2+FMA clones chosen at load time by CPU
+// features (GCC ifunc). "arch=haswell"-style clones dispatch on the CPU *model* and fell back to
+// the no-FMA default on AMD EPYC (fmaf became a libm call: 25x slower).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LOWRANK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
+#else
+#define LOWRANK_CLONES __attribute__((noinline))
+#endif
+
 constexpr int RB = 4;    // rows per task: each load of A[k, j] feeds RB fmas
 constexpr int JT = 256;  // columns per task: RB x JT fp32 accumulators = 4 KiB, in L1
 
@@ -83,6 +92,7 @@ struct Args {
   void *w;
   int64_t rows, cols, ldw;
   const float *b, *a;
+  const float *at;  // a transposed (cols x rank) for the slow path, or null
   int64_t rank;
   const float *rb, *cb;
   float abs_bound;
@@ -95,7 +105,12 @@ template <int DT>
 static uint32_t slow(const Args &g, int64_t i, int64_t j, uint32_t wbits, bool *fails) {
   double acc = 0.0;
   const float *bi = g.b + i * g.rank;
-  for (int64_t k = 0; k < g.rank; ++k) acc += (double)bi[k] * (double)g.a[k * g.cols + j];
+  if (g.at) {  // contiguous: the strided column of a costs a cache miss per k (2x at r = 64, fp16)
+    const float *aj = g.at + j * g.rank;
+    for (int64_t k = 0; k < g.rank; ++k) acc += (double)bi[k] * (double)aj[k];
+  } else {
+    for (int64_t k = 0; k < g.rank; ++k) acc += (double)bi[k] * (double)g.a[k * g.cols + j];
+  }
   uint32_t y = slow_element<DT>(wbits, g.scale, acc);
   if (fails) *fails = slow_element<DT>(y, -g.scale, acc) != wbits;
   return y;
@@ -105,7 +120,7 @@ static uint32_t slow(const Args &g, int64_t i, int64_t j, uint32_t wbits, bool *
 // The epilogue works on 32-bit arrays (widen W, compute, narrow back) under `omp simd`: with the
 // 16-bit loads and stores inside the same loop GCC 12 left it scalar (4x slower at 4096^2 bf16).
 template <int DT, bool RECORD>
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
+LOWRANK_CLONES
 void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vector<Rec> *out) {
   using T = typename Store<DT>::T;
   alignas(64) float acc[RB][JT];
@@ -262,6 +277,9 @@ static int merge_impl(const Args &g, int32_t *rec_idx, void *rec_val, int64_t ca
 
 }  // namespace
 
+static int merge_dispatch(const Args &g, int dtype, int32_t *rec_idx, void *rec_val, int64_t rec_capacity,
+                          int64_t *rec_count);
+
 extern "C" int lowrank_cpu_merge(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
                                  const float *b, const float *a, int64_t rank,
                                  const float *row_bound, const float *col_bound, float abs_bound,
@@ -277,7 +295,12 @@ extern "C" int lowrank_cpu_merge(void *w, int64_t rows, int64_t cols, int64_t ld
   const bool record = rec_idx != nullptr;
   if (record && (!rec_val || !rec_count || rec_capacity < 0 || rows * cols > INT32_MAX))
     return LOWRANK_ERR_INVALID_ARGUMENT;
-  Args g{w, rows, cols, ldw, b, a, rank, row_bound, col_bound, abs_bound, scale, record};
+  Args g{w, rows, cols, ldw, b, a, nullptr, rank, row_bound, col_bound, abs_bound, scale, record};
+  return merge_dispatch(g, dtype, rec_idx, rec_val, rec_capacity, rec_count);
+}
+
+static int merge_dispatch(const Args &g, int dtype, int32_t *rec_idx, void *rec_val, int64_t rec_capacity,
+                          int64_t *rec_count) {
   switch (dtype) {
     case LOWRANK_DTYPE_FLOAT32: return merge_impl<DT_F32>(g, rec_idx, rec_val, rec_capacity, rec_count);
     case LOWRANK_DTYPE_FLOAT16: return merge_impl<DT_F16>(g, rec_idx, rec_val, rec_capacity, rec_count);
@@ -312,10 +335,11 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
     return LOWRANK_OK;
   }
   if (!b || !a || !isfinite(scale)) return LOWRANK_ERR_INVALID_ARGUMENT;
-  std::vector<float> b32, a32, rb, cb;
+  std::vector<float> b32, a32, a32t, rb, cb;
   try {
     b32.resize((size_t)(rows * rank));
     a32.resize((size_t)(rank * cols));
+    a32t.resize((size_t)(rank * cols));
     rb.resize((size_t)rows);
     cb.resize((size_t)cols);
   } catch (const std::bad_alloc &) {
@@ -341,6 +365,7 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
     for (int64_t j = 0; j < cols; ++j) {
       const float x = load_factor(a, k * a_s0 + j * a_s1, factor_dtype);
       a32[k * cols + j] = x;
+      a32t[j * rank + k] = x;
       col_ss[j] += (double)x * x;
     }
   }
@@ -350,8 +375,12 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
   }
   if (!finite) return LOWRANK_ERR_NONFINITE;
   const float abs_bound = round_up_float(1.1754943508222875e-38 * std::max(1.0, r * fabs(scale) * 1.01));
-  return lowrank_cpu_merge(w, rows, cols, ldw, dtype, b32.data(), a32.data(), rank, rb.data(), cb.data(),
-                           abs_bound, scale, rec_idx, rec_val, rec_capacity, rec_count);
+  if (ldw < cols || !w) return LOWRANK_ERR_INVALID_ARGUMENT;
+  const bool record = rec_idx != nullptr;
+  if (record && (!rec_val || !rec_count || rec_capacity < 0 || rows * cols > INT32_MAX))
+    return LOWRANK_ERR_INVALID_ARGUMENT;
+  Args g{w, rows, cols, ldw, b32.data(), a32.data(), a32t.data(), rank, rb.data(), cb.data(), abs_bound, scale, record};
+  return merge_dispatch(g, dtype, rec_idx, rec_val, rec_capacity, rec_count);
 }
 
 template <typename T>
