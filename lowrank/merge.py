@@ -8,7 +8,8 @@ Numerics (csrc/merge_math.h has the proof sketch):
 - fp16 / bf16 weights: each merged element is the exact W + s * sum_k B[i,k] A[k,j] rounded
   once to the weight dtype (nearest-even) -- equal, element for element, to the float64 result
   rounded once. The one exception: an exact value within ~r * 2^-53 (relative) of a rounding
-  midpoint, where the double evaluation itself decides; it never happens with real weights.
+  midpoint, where the double evaluation decides (probability ~r * 2^-45 per element for
+  non-adversarial data).
   (torch's `float64_tensor.to(bfloat16)` is NOT that rounding: it rounds to float32 first, so two
   roundings; the tests use a correct one.)
 - fp32 weights: there is no wider format to round into, so the result is the fp32 computation
