@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define LOWRANK_ABI_VERSION 1
+#define LOWRANK_ABI_VERSION 2
 
 enum lowrank_status {
   LOWRANK_OK = 0,
@@ -22,6 +22,7 @@ enum lowrank_status {
   LOWRANK_ERR_CUDA = 3,
   LOWRANK_ERR_OUT_OF_MEMORY = 4,
   LOWRANK_ERR_CAPACITY = 5,
+  LOWRANK_ERR_NONFINITE = 6, /* a LoRA factor holds NaN or Inf: nothing was written */
 };
 
 enum lowrank_dtype {
@@ -40,6 +41,51 @@ int lowrank_cuda_abi_version(void);
 const char *lowrank_cuda_build_info(void);
 /* Human-readable message for the last CUDA error seen by this library on this thread. */
 const char *lowrank_cuda_last_error(void);
+
+/* ---- merge / unmerge ------------------------------------------------------------------------
+ * W (rows x cols, row-major, row stride ldw elements, dtype code) is updated in place:
+ *     W <- round(W + scale * B @ A)
+ * b: rows x rank, a: rank x cols, both fp32, contiguous (the caller widens and, for a weight stored
+ * transposed, swaps and transposes the factors: W^T + s B A = (W + s A^T B^T)^T).
+ * row_bound (rows), col_bound (cols), abs_bound: the error-bound terms of merge_math.h; the caller
+ * computes them from the factors (row_bound[i] * col_bound[j] >= |scale| (gamma_r (1+u) + u)
+ * ||b[i,:]||_2 ||a[:,j]||_2, abs_bound >= the underflow slack). rank: 1 .. 256.
+ *
+ * Record (optional; rec_idx == NULL skips it): the merge also finds every element whose
+ * unmerge (the same call with -scale) would not give its original bits back and stores its
+ * flat index i * cols + j in rec_idx (int32: rows * cols must be < 2^31) and its original bits
+ * in rec_val (W's dtype). lowrank_*_restore writes them back after the unmerge.
+ *
+ * CPU: records come sorted by index. When more than rec_capacity elements need one, W is left
+ * unchanged (bit for bit), *rec_count is set to the number needed and LOWRANK_ERR_CAPACITY is
+ * returned: call again with that capacity.
+ * CUDA: rec_count points to a device int64 that must be zero on entry; it receives the number of
+ * records (in no particular order). On overflow W is merged and the record incomplete, so callers
+ * pass rec_capacity >= rows * cols.
+ */
+int lowrank_cpu_merge(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype, const float *b,
+                      const float *a, int64_t rank, const float *row_bound, const float *col_bound,
+                      float abs_bound, double scale, int32_t *rec_idx, void *rec_val,
+                      int64_t rec_capacity, int64_t *rec_count);
+/* The same merge with the factors as they are: b (rows x rank) and a (rank x cols) in
+ * factor_dtype with element strides (so transposed views need no copy); the library widens them,
+ * rejects NaN / Inf (LOWRANK_ERR_NONFINITE, W untouched) and computes the bounds itself. */
+int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                              const void *b, int64_t b_s0, int64_t b_s1, const void *a, int64_t a_s0,
+                              int64_t a_s1, int factor_dtype, int64_t rank, double scale,
+                              int32_t *rec_idx, void *rec_val, int64_t rec_capacity,
+                              int64_t *rec_count);
+/* W[idx[n] / cols, idx[n] % cols] <- val[n] for n < count. */
+int lowrank_cpu_restore(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                        const int32_t *rec_idx, const void *rec_val, int64_t count);
+
+int lowrank_cuda_merge(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype, const float *b,
+                       const float *a, int64_t rank, const float *row_bound,
+                       const float *col_bound, float abs_bound, double scale, int32_t *rec_idx,
+                       void *rec_val, int64_t rec_capacity, int64_t *rec_count, void *stream);
+/* count is read on the host: pass the number of records. */
+int lowrank_cuda_restore(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                         const int32_t *rec_idx, const void *rec_val, int64_t count, void *stream);
 
 #ifdef __cplusplus
 }

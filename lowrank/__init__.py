@@ -10,6 +10,7 @@ back to the pure-torch reference path with one warning.
 """
 from .config import LoRAConfig
 from .layers import LoRALinear
+from .merge import merge, merge_and_unload, unmerge
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
 from .io import load_adapter, save_adapter
 from .adapters import (add_adapter, adapter_ids, adapter_names, delete_adapter, disable_adapters,
@@ -27,11 +28,14 @@ __all__ = [
     "disable_adapters",
     "load_adapter",
     "lora_layers",
+    "merge",
+    "merge_and_unload",
     "patch_linear",
     "save_adapter",
     "select_targets",
     "set_adapter",
     "trainable_parameters",
+    "unmerge",
     "unpatch",
     "__version__",
 ]

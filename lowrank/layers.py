@@ -53,6 +53,9 @@ class LoRALinear(nn.Module):
         self.register_buffer("_active_index", torch.tensor(-1, dtype=torch.long), persistent=False)
         self._adapter_ids: torch.Tensor | None = None
         self.active_adapter: str | None = None
+        # lowrank.merge state: None, or a lowrank.merge.MergeState (which adapter is merged into
+        # base_layer.weight, and the record that makes unmerge bit-exact).
+        self.merged = None
 
     # -- attributes that code written for nn.Linear reads -------------------------------------
     @property
@@ -103,7 +106,7 @@ class LoRALinear(nn.Module):
         if _sgmv.takes(self):  # a mixed batch, or several adapters under torch.compile (lowrank.adapters)
             return _sgmv.layer_forward(self, x)
         name = self.active_adapter
-        if name is None:
+        if name is None or self.merged:
             return self.base_layer(x)
         cfg = self.configs[name]
         return ops.lora_linear(

@@ -11,7 +11,7 @@ import functools
 import os
 import warnings
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
 
 # Status codes and dtype codes: keep in sync with csrc/lowrank.h.
@@ -21,6 +21,7 @@ ERR_UNSUPPORTED_DTYPE = 2
 ERR_CUDA = 3
 ERR_OUT_OF_MEMORY = 4
 ERR_CAPACITY = 5
+ERR_NONFINITE = 6
 
 _STATUS_NAMES = {
     ERR_INVALID_ARGUMENT: "invalid argument",
@@ -28,6 +29,7 @@ _STATUS_NAMES = {
     ERR_CUDA: "CUDA error",
     ERR_OUT_OF_MEMORY: "out of memory",
     ERR_CAPACITY: "record capacity exceeded",
+    ERR_NONFINITE: "a LoRA factor holds NaN or Inf",
 }
 
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -68,7 +70,24 @@ def _load(kind: str):
     info.restype = ctypes.c_char_p
     if kind == "cuda":
         lib.lowrank_cuda_last_error.restype = ctypes.c_char_p
+    _declare_merge(lib, kind)
     return lib, None
+
+
+def _declare_merge(lib, kind: str) -> None:
+    """ctypes signatures of lowrank_{kind}_merge / _restore (csrc/lowrank.h)."""
+    p, i64, f32p = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
+    merge = getattr(lib, f"lowrank_{kind}_merge")
+    merge.restype = ctypes.c_int
+    merge.argtypes = [p, i64, i64, i64, ctypes.c_int, f32p, f32p, i64, f32p, f32p, ctypes.c_float,
+                      ctypes.c_double, p, p, i64, p] + ([p] if kind == "cuda" else [])
+    if kind == "cpu":
+        lib.lowrank_cpu_merge_strided.restype = ctypes.c_int
+        lib.lowrank_cpu_merge_strided.argtypes = [p, i64, i64, i64, ctypes.c_int, p, i64, i64, p, i64, i64,
+                                                  ctypes.c_int, i64, ctypes.c_double, p, p, i64, p]
+    restore = getattr(lib, f"lowrank_{kind}_restore")
+    restore.restype = ctypes.c_int
+    restore.argtypes = [p, i64, i64, i64, ctypes.c_int, p, p, i64] + ([p] if kind == "cuda" else [])
 
 
 @functools.lru_cache(maxsize=None)

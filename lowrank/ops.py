@@ -103,3 +103,13 @@ def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: f
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
     return reference.lora_linear(x, weight, lora_A, lora_B, float(scaling), bias, dropout)
+
+
+def __getattr__(name: str):
+    """`lowrank.ops.merge_` / `lowrank.ops.unmerge_`: the merge custom ops, defined in
+    lowrank/merge.py (imported lazily: merge.py imports layers.py, which imports this module)."""
+    if name in ("merge_", "unmerge_"):
+        import importlib
+
+        return getattr(importlib.import_module("lowrank.merge"), name)
+    raise AttributeError(f"module 'lowrank.ops' has no attribute {name!r}")
