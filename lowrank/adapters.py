@@ -57,6 +57,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     """Make `name` the active adapter of every LoRA layer; layers without it run their base layer
     (as in peft). Nothing is re-patched or allocated."""
     _check_name(model, name, "set_adapter")
+    _refuse_merged(model, "set_adapter")
     for _, layer in lora_layers(model):
         layer.active_adapter = name if name in layer.configs else None
 
@@ -66,7 +67,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     first remaining adapter (as peft does), or to none."""
     _check_name(model, name, "delete_adapter")
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.configs]
-    merged = [p for p, layer in layers if getattr(layer, "merged", False) and layer.active_adapter == name]
+    merged = [p for p, layer in layers if getattr(layer, "merged", None) and layer.merged.adapter == name]
     if merged:
         raise ValueError(f"delete_adapter: {name!r} is merged into {merged[0]} (and {len(merged) - 1} more); "
                          f"unmerge first")
@@ -85,26 +86,27 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Inside: every LoRA layer runs its base layer only (outputs equal the unpatched model). On exit
     (also after an exception) each layer's previous active adapter returns. A merged layer is
     unmerged inside and merged again on exit."""
-    saved = [(layer, layer.active_adapter, bool(getattr(layer, "merged", False))) for _, layer in lora_layers(model)]
-    for layer, _, merged in saved:
-        if merged:
-            _call(layer, "unmerge")
+    from .merge import merge, unmerge
+
+    saved = [(layer, layer.active_adapter, getattr(layer, "merged", None)) for _, layer in lora_layers(model)]
+    for layer, _, state in saved:
+        if state:
+            unmerge(layer)
     try:
         for layer, _, _ in saved:
             layer.active_adapter = None
         yield
     finally:
-        for layer, name, merged in saved:
+        for layer, name, state in saved:
             layer.active_adapter = name
-            if merged:
-                _call(layer, "merge")
+            if state:  # the same adapter and record kind: the merged weight comes back bit for bit
+                merge(layer, adapter_name=state.adapter, exact=state.exact)
 
 
-def _call(layer, method: str) -> None:
-    fn = getattr(layer, method, None)
-    if not callable(fn):
-        raise TypeError(f"disable_adapters: this LoRALinear is merged but has no {method}() method")
-    fn()
+def _refuse_merged(model: nn.Module, where: str) -> None:
+    merged = [p for p, layer in lora_layers(model) if getattr(layer, "merged", None)]
+    if merged:
+        raise ValueError(f"{where}: {len(merged)} layer(s) are merged (e.g. {merged[0]}); lowrank.unmerge(model) first")
 
 
 def _ids_tensor(model: nn.Module, ids, names: list[str]) -> torch.Tensor:

@@ -298,3 +298,30 @@ def test_cuda_graph_mixed_batch_model():
                     lowrank.set_adapter(model, name)
                     own = model(x[row])
             assert_close(got[row], ref, own, name=f"replay row {row} ({name})")
+
+
+def test_merged_model_disable_set_and_delete():
+    """disable_adapters on a merged model runs the base weights inside and re-merges on exit, bit
+    for bit; switching or deleting the merged adapter is refused with nothing changed."""
+    model = tiny_llama()
+    x = ids()
+    base = logits(model, x)
+    lowrank.patch_linear(model, rank=4)
+    lowrank.add_adapter(model, "b", rank=8)
+    randomize_B_(model)
+    lowrank.merge(model)
+    merged_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with lowrank.disable_adapters(model):
+        assert torch.equal(logits(model, x), base)
+    for n, p in model.named_parameters():
+        if "base_layer" in n:
+            assert torch.equal(p, merged_weights[n]), n
+    with pytest.raises(ValueError, match="merged"):
+        lowrank.set_adapter(model, "b")
+    with pytest.raises(ValueError, match="merged"):
+        lowrank.delete_adapter(model, "default")
+    assert all(layer.active_adapter == "default" and set(layer.configs) == {"default", "b"}
+               for _, layer in lowrank.lora_layers(model))
+    lowrank.unmerge(model)
+    with lowrank.disable_adapters(model):
+        assert torch.equal(logits(model, x), base)
