@@ -102,6 +102,7 @@ def test_odd_shapes_every_rank(dtype, rank):
     check_all(33, 47, 59, rank, dtype, bias=i % 2 == 0, dropout=0.2 if i % 2 else 0.0)
 
 
+@settings(max_examples=6 * settings.default.max_examples)  # ~0.1 s an example in the interpreter
 @given(
     m=st.integers(1, 70), k=st.integers(1, 70), n=st.integers(1, 70),
     r=st.sampled_from([1, 2, 3, 5, 8, 16, 17, 31, 48, 64, 100, 128]),
