@@ -45,6 +45,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# LOWRANK_AUTOTUNE=0: no autotuning, block sizes from `_heuristic_config` (tests: a tuning run per
+# new (M, N, K) would compile and time ~7 configs per test example).
+AUTOTUNE = not INTERPRET and os.environ.get("LOWRANK_AUTOTUNE", "1") != "0"
 MAX_RANK = 128  # one register block of r; the op falls back to the reference above it
 
 # --------------------------------------------------------------------------------------------
@@ -53,9 +56,6 @@ MAX_RANK = 128  # one register block of r; the op falls back to the reference ab
 
 
 def _gemm_configs():
-    if INTERPRET:
-        # The interpreter runs every program as numpy: small tiles keep masks exercised and tests fast.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     cfg = []
     for bm, bn, bk, gm, w, s in [
         # Hopper (H100/H200, 228 KB smem): wide tiles, 3-4 stages.
@@ -83,6 +83,19 @@ def _prune_gemm(configs, nargs, **kwargs):
     cap = max(16, triton.next_power_of_2(m))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
     return keep or configs[:1]
+
+
+def _heuristic_config(m: int) -> dict:
+    """Block sizes without autotuning (interpreter, LOWRANK_AUTOTUNE=0): small-M or large-M tiles."""
+    if INTERPRET:
+        # The interpreter runs every program as numpy: small tiles keep masks exercised and tests fast.
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+    if m <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    # 96 KB of shared memory at 3 stages: fits Ampere (164 KB) and Hopper (228 KB).
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _m_bucket(m: int) -> int:
@@ -151,15 +164,15 @@ def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, t_ptr, seed_ptr,
-    M, K, R,
+    M, K, R, split_k,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_tm,
     p, inv_keep,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT_K: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
 ):
     """T[M, r] (fp32) = dropout(x) @ A.T.
 
-    FLOPs 2*M*K*r; minimum bytes (M*K + r*K) * itemsize + 4*M*r. Grid (cdiv(M, BLOCK_M), SPLIT_K):
+    FLOPs 2*M*K*r; minimum bytes (M*K + r*K) * itemsize + 4*M*r. Grid (cdiv(M, BLOCK_M), split_k):
     a split K range is summed into a zeroed T with atomic adds.
     """
     pid_m = tl.program_id(0)
@@ -170,7 +183,7 @@ def _shrink_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, split_k * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
@@ -186,13 +199,12 @@ def _shrink_kernel(
         acc = acc * inv_keep
     t_ptrs = t_ptr + rows[:, None] * stride_tm + offs_r[None, :]
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-    if SPLIT_K == 1:
-        tl.store(t_ptrs, acc, mask=mask)
-    else:
+    if ATOMIC:
         tl.atomic_add(t_ptrs, acc, mask=mask)
+    else:
+        tl.store(t_ptrs, acc, mask=mask)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K"], prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _fwd_kernel(
     x_ptr, w_ptr, t_ptr, b_ptr, bias_ptr, y_ptr,
@@ -240,17 +252,17 @@ def _fwd_kernel(
 @triton.jit
 def _dt_db_kernel(
     dy_ptr, b_ptr, t_ptr, dt_ptr, db_ptr,
-    M, N, R,
+    M, N, R, split_n,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_dtm, stride_dbn,
     scaling,
     LOWP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT_N: tl.constexpr, ATOMIC_DB: tl.constexpr,
+    ATOMIC_DT: tl.constexpr, ATOMIC_DB: tl.constexpr,
 ):
     """dT[M, r] = s * dY @ B and dB[N, r] = s * dY.T @ T (both fp32) in one pass over dY.
 
     FLOPs 4*M*N*r (+ 2*M*N*r split work for 16-bit); minimum bytes (M*N + N*r) * itemsize +
-    4*(2*M*r + N*r). Grid (cdiv(M, BLOCK_M), SPLIT_N); see the Note on atomics.
+    4*(2*M*r + N*r). Grid (cdiv(M, BLOCK_M), split_n); see the Note on atomics.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -262,7 +274,7 @@ def _dt_db_kernel(
     t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
                 mask=m_ok[:, None] & r_ok[None, :], other=0.0) * scaling
     acc_dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(pid_n * BLOCK_N, N, SPLIT_N * BLOCK_N):
+    for n0 in range(pid_n * BLOCK_N, N, split_n * BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn,
@@ -280,13 +292,12 @@ def _dt_db_kernel(
         else:
             tl.store(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
     dt_ptrs = dt_ptr + rows[:, None] * stride_dtm + offs_r[None, :]
-    if SPLIT_N == 1:
-        tl.store(dt_ptrs, acc_dt * scaling, mask=m_ok[:, None] & r_ok[None, :])
-    else:
+    if ATOMIC_DT:
         tl.atomic_add(dt_ptrs, acc_dt * scaling, mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        tl.store(dt_ptrs, acc_dt * scaling, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K"], prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _dx_kernel(
     dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, seed_ptr,
@@ -336,16 +347,16 @@ def _dx_kernel(
 @triton.jit
 def _da_kernel(
     dt_ptr, x_ptr, da_ptr, seed_ptr,
-    M, K, R,
+    M, K, R, split_m,
     stride_dtm, stride_xm, stride_xk, stride_dar,
     p, inv_keep,
     DROPOUT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     """dA[r, K] (fp32) = dT.T @ dropout(x).
 
     FLOPs 2*M*K*r (+ 2*M*K*r split work for 16-bit); minimum bytes M*K*itemsize + 4*(M*r + r*K).
-    Grid (cdiv(K, BLOCK_K), SPLIT_M): a split M range is summed into a zeroed dA with atomic adds.
+    Grid (cdiv(K, BLOCK_K), split_m): a split M range is summed into a zeroed dA with atomic adds.
     """
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -356,7 +367,7 @@ def _da_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(pid_m * BLOCK_M, M, SPLIT_M * BLOCK_M):
+    for m0 in range(pid_m * BLOCK_M, M, split_m * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
         m_ok = offs_m < M
@@ -370,10 +381,31 @@ def _da_kernel(
     if DROPOUT:
         acc = acc * inv_keep
     da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :]
-    if SPLIT_M == 1:
-        tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
-    else:
+    if ATOMIC:
         tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+    else:
+        tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+def _tuned(kernel):
+    return triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K"],
+                           prune_configs_by={"early_config_prune": _prune_gemm})(kernel)
+
+
+_fwd_kernel_tuned = _tuned(_fwd_kernel)
+_dx_kernel_tuned = _tuned(_dx_kernel)
+
+
+def _launch_gemm(kernel, tuned, m, cols, args, meta):
+    """Launch one of the two GEMM kernels: autotuned, or with `_heuristic_config` block sizes."""
+    if AUTOTUNE:
+        def grid(cfg):
+            return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
+
+        tuned[grid](*args, **meta)
+    else:
+        cfg = _heuristic_config(m)
+        kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
 
 
 @triton.jit
@@ -475,24 +507,19 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
     seed_arg = seed if drop else t
     inv_keep = 1.0 / (1.0 - dropout)
     _shrink_kernel[(tiles, sk)](
-        x, lora_A, t, seed_arg, M, K, R,
+        x, lora_A, t, seed_arg, M, K, R, sk,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0),
         float(dropout), inv_keep,
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(R), SPLIT_K=sk, DROPOUT=drop, LOWP=lowp, PREC=prec,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(R), ATOMIC=sk > 1, DROPOUT=drop, LOWP=lowp, PREC=prec,
         num_warps=4,
     )
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _fwd_kernel[grid](
+    _launch_gemm(_fwd_kernel, _fwd_kernel_tuned, M, N, (
         x, weight, t, lora_B, bias if bias is not None else y, y,
         M, N, K, R, _m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         float(scaling),
-        HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R),
-    )
+    ), dict(HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R)))
     return y, t
 
 
@@ -532,10 +559,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if atomic_db else _empty((N, R), torch.float32, dev)
     if M and N:
         _dt_db_kernel[(tiles_m, sn)](
-            dy, lora_B, t, dt, db32, M, N, R,
+            dy, lora_B, t, dt, db32, M, N, R, sn,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0), db32.stride(0),
             float(scaling),
-            LOWP=lowp, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, SPLIT_N=sn, ATOMIC_DB=atomic_db,
+            LOWP=lowp, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, ATOMIC_DT=sn > 1, ATOMIC_DB=atomic_db,
             num_warps=8 if bm == 128 else 4,
         )
     elif M == 0:
@@ -551,10 +578,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     seed_arg = seed if drop else dt
     if M and K:
         _da_kernel[(tiles_k, sm)](
-            dt, x, da32, seed_arg, M, K, R,
+            dt, x, da32, seed_arg, M, K, R, sm,
             dt.stride(0), x.stride(0), x.stride(1), da32.stride(0),
             float(dropout), inv_keep,
-            DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=br, SPLIT_M=sm,
+            DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=br, ATOMIC=sm > 1,
             num_warps=4,
         )
     elif M == 0:
@@ -567,18 +594,13 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
                              f"got {tuple(dx_out.shape)} {dx_out.dtype} on {dx_out.device}")
         dx = dx_out if dx_out is not None else _empty((M, K), dtype, dev)
         if M and K:
-
-            def grid(meta):
-                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-
-            _dx_kernel[grid](
+            _launch_gemm(_dx_kernel, _dx_kernel_tuned, M, K, (
                 dy, weight, dt, lora_A, dx, seed_arg,
                 M, N, K, R, _m_bucket(M),
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
                 lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
                 float(dropout), inv_keep,
-                DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=br,
-            )
+            ), dict(DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=br))
     return dx, da32.to(dtype), db32.to(dtype)
 
 
