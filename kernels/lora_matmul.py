@@ -445,6 +445,26 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     return lowp, prec
 
 
+# Block sizes of the three small kernels (3 stages). At r=128 they fit A100's 163 KB of shared
+# memory: fp32 halves the tiles because dt_db at 128x64 would need 176 KB there (sm_80 cubin).
+def _shrink_blocks(m: int) -> tuple[int, int]:
+    if INTERPRET:
+        return 16, 32
+    return (16, 128) if m <= 16 else (32, 128) if m <= 32 else (64, 64)
+
+
+def _dt_db_blocks(m: int, lowp: bool) -> tuple[int, int]:
+    if INTERPRET:
+        return 16, 32
+    return (16, 64) if m <= 16 else (64, 64) if m < 4096 or not lowp else (128, 64)
+
+
+def _da_blocks(lowp: bool) -> tuple[int, int]:
+    if INTERPRET:
+        return 16, 32
+    return (64, 128) if lowp else (64, 64)
+
+
 def _split(tiles: int, steps: int, sms: int) -> int:
     """How many programs share one output tile's reduction: enough for ~2 waves, >= 4 steps each."""
     if tiles >= 2 * sms:
@@ -496,7 +516,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     y = out if out is not None else _empty((M, N), x.dtype, x.device)
     sms = _num_sms(x.device)
-    bm, bk = (16, 32) if INTERPRET else ((16, 128) if M <= 16 else (32, 128) if M <= 32 else (64, 64))
+    bm, bk = _shrink_blocks(M)
     tiles, steps = triton.cdiv(M, bm), triton.cdiv(K, bk)
     sk = split_k or _split(tiles, steps, sms)
     t = torch.zeros((M, R), dtype=torch.float32, device=x.device) if sk > 1 else _empty((M, R), torch.float32, x.device)
@@ -511,7 +531,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0),
         float(dropout), inv_keep,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(R), ATOMIC=sk > 1, DROPOUT=drop, LOWP=lowp, PREC=prec,
-        num_warps=4,
+        num_warps=4, num_stages=3,
     )
     _launch_gemm(_fwd_kernel, _fwd_kernel_tuned, M, N, (
         x, weight, t, lora_B, bias if bias is not None else y, y,
@@ -551,7 +571,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     br = _block_r(R)
 
     # dT and dB: one pass over dY.
-    bm, bn = (16, 32) if INTERPRET else ((16, 64) if M <= 16 else (64, 64) if M < 4096 else (128, 64))
+    bm, bn = _dt_db_blocks(M, lowp)
     tiles_m = triton.cdiv(M, bm)
     sn = split_n or _split(tiles_m, triton.cdiv(N, bn), sms)
     atomic_db = tiles_m > 1
@@ -563,7 +583,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0), db32.stride(0),
             float(scaling),
             LOWP=lowp, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, ATOMIC_DT=sn > 1, ATOMIC_DB=atomic_db,
-            num_warps=8 if bm == 128 else 4,
+            num_warps=8 if bm == 128 else 4, num_stages=3,
         )
     elif M == 0:
         db32.zero_()
@@ -571,7 +591,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
         dt.zero_()
 
     # dA = dT.T @ dropout(x).
-    bm_a, bk_a = (16, 32) if INTERPRET else (64, 128)
+    bm_a, bk_a = _da_blocks(lowp)
     tiles_k = triton.cdiv(K, bk_a)
     sm = split_m or _split(tiles_k, triton.cdiv(M, bm_a), sms)
     da32 = torch.zeros((R, K), dtype=torch.float32, device=dev) if sm > 1 else _empty((R, K), torch.float32, dev)
@@ -582,7 +602,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
             dt.stride(0), x.stride(0), x.stride(1), da32.stride(0),
             float(dropout), inv_keep,
             DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=br, ATOMIC=sm > 1,
-            num_warps=4,
+            num_warps=4, num_stages=3,
         )
     elif M == 0:
         da32.zero_()
