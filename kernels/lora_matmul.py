@@ -23,15 +23,20 @@ unless `torch.backends.cuda.matmul.allow_tf32` is True, then TF32 (the same rule
 T and dT are fp32. A tensor-core dot needs both operands in one 16-bit dtype, so an fp32 operand
 t is split as t = hi + lo with hi = round16(t) and lo = round16(t - hi), and both halves are
 multiplied (two rank-r dots instead of one). That carries about 16 significant bits of t instead
-of 8 (bf16), for a block whose cost is r/K of the main GEMM (r=16, K=4096: 0.8% more MMA work).
+of 8 (bf16); the split block costs 2r/K of the main GEMM's MMA work (r=16, K=4096: 0.8%).
 
 # Note: atomics
 dB sums over M and dT over N while dY is read once, so one of the two sums crosses programs:
 each program owns BLOCK_M rows of dY and walks the N columns, keeping dT in registers and adding
 its (BLOCK_N, r) share of dB into an fp32 buffer with atomic adds: R / BLOCK_M atomics per dY
 element (r=16, BLOCK_M=128: 1 in 8). The shrink (split over K) and dA (split over M) use the same
-split-and-add when there are too few output tiles to fill the GPU. Atomic sums are not bitwise
-reproducible from run to run; a split of 1 uses plain stores and is.
+split-and-add when there are too few output tiles to fill the GPU. Sums that go through atomics
+(dB whenever M > BLOCK_M; T, dT, dA when split) are not bitwise reproducible from run to run.
+
+Block sizes: the two GEMM kernels are autotuned over Hopper and Ampere configs, keyed on
+(next_pow2(M), N, K); LOWRANK_AUTOTUNE=0 (tests) and the interpreter use `_heuristic_config`.
+The public entry is `lora_linear` (torch.library ops `lowrank::lora_linear_fwd` / `_bwd`), which
+`lowrank.ops.lora_linear` dispatches to; `lora_forward` / `lora_backward` are the raw launchers.
 """
 from __future__ import annotations
 
