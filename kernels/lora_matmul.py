@@ -76,6 +76,8 @@ def _gemm_configs():
         (32, 64, 128, 8, 4, 4),
         (16, 64, 256, 8, 4, 3),
         (16, 32, 256, 8, 4, 3),
+        # M <= 16 at N = 4096: 256 programs of 16 columns put two W streams on each of 132 SMs.
+        (16, 16, 512, 8, 2, 4),
     ]:
         cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
                                  num_warps=w, num_stages=s))
