@@ -534,7 +534,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
     sk = split_k or _split(tiles, steps, sms)
     t = torch.zeros((M, R), dtype=torch.float32, device=x.device) if sk > 1 else _empty((M, R), torch.float32, x.device)
     lowp, prec = _precision(x.dtype)
-    if M == 0 or N == 0:
+    if M == 0:
         return y, t
     drop = dropout > 0.0
     seed_arg = seed if drop else t
@@ -546,6 +546,8 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(R), ATOMIC=sk > 1, DROPOUT=drop, LOWP=lowp, PREC=prec,
         num_warps=4, num_stages=3,
     )
+    if N == 0:
+        return y, t
     _launch_gemm(_fwd_kernel, _fwd_kernel_tuned, M, N, (
         x, weight, t, lora_B, bias if bias is not None else y, y,
         M, N, K, R, _m_bucket(M),
