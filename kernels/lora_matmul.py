@@ -216,7 +216,7 @@ def _shrink_kernel(
 def _fwd_kernel(
     x_ptr, w_ptr, t_ptr, b_ptr, bias_ptr, y_ptr,
     M, N, K, R, m_bucket,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
     scaling,
     HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -250,7 +250,7 @@ def _fwd_kernel(
                  mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # (BLOCK_R, BLOCK_N)
     acc = _dot_f32_lhs(t * scaling, bt, acc, LOWP, PREC)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -552,7 +552,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
         x, weight, t, lora_B, bias if bias is not None else y, y,
         M, N, K, R, _m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
         float(scaling),
     ), dict(HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R)))
     return y, t

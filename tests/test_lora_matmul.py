@@ -48,7 +48,7 @@ def make_case(m, k, n, r, dtype, bias=True, x_layout="contiguous", w_layout="con
     w = rnd(k, n, std=k ** -0.5).t() if w_layout == "transposed" else rnd(n, k, std=k ** -0.5)
     a = rnd(r, k, std=k ** -0.5)
     b = rnd(n, r, std=r ** -0.5)
-    bb = rnd(n) if bias else None
+    bb = (rnd(2 * n)[::2] if x_layout == "sliced" else rnd(n)) if bias else None  # strided bias with sliced x
     dy = rnd(m, n)
     return x, w, a, b, bb, dy
 
@@ -321,7 +321,7 @@ def test_opcheck():
 
 _FLOAT_ARGS = {"scaling", "p", "inv_keep"}
 # Launch-time specialisation for contiguous operands: innermost strides are 1, the rest multiples of 16.
-_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_br", "stride_dyn", "stride_ak", "stride_dxk"}
+_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_br", "stride_dyn", "stride_ak", "stride_dxk", "stride_bias"}
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes per block (H100/H200, A100)
 
 
