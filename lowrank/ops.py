@@ -102,6 +102,13 @@ def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: f
     check_lora_args(x, weight, lora_A, lora_B, bias)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
+    if backend_for(x) == "triton":
+        # Fused kernels (kernels/lora_matmul.py), a torch.library custom op with autograd; ranks
+        # above 128 and a weight or bias that needs a gradient stay on the reference path.
+        from .kernels import lora_matmul
+
+        if lora_matmul.supported(x, weight, lora_A, bias):
+            return lora_matmul.lora_linear(x, weight, lora_A, lora_B, float(scaling), bias, float(dropout))
     return reference.lora_linear(x, weight, lora_A, lora_B, float(scaling), bias, dropout)
 
 

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The GPU check: one call on the H200 machine (no network there), from the repository root:
+#
+#   bash bench/gpu_check.sh              # on the GPU machine; writes under $OUT
+#   bash bench/gpu_check.sh --dry-run    # here: the same steps, CUDA parts skipped or on the CPU
+#
+# Steps (each under its own time limit, so the whole run stays within ~6 minutes):
+#   1. install the carried wheels (.whl/, e.g. bitsandbytes, which the machine lacks) with
+#      pip --no-index --no-deps --target, and put that folder on PYTHONPATH;
+#   2. make lowrank.kernels importable from the source tree (an editable install maps kernels/
+#      there; a bare copy of the tree needs a link), build the native library with nvcc (sm_90);
+#   3. pytest -m gpu (the GPU-sized tests), then the rest of the suite, on CUDA;
+#   4. python -m bench.run --quick --out $OUT/bench (every benchmark in bench/run.py's BENCHES).
+# Output: $OUT/gpu_check.log (everything), $OUT/gpu_check.json (per step: rc, seconds, the last
+# pytest line), $OUT/pytest_*.xml (JUnit), $OUT/bench/bench_<op>.json.
+set -u
+cd "$(dirname "$0")/.."
+
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
+OUT="${OUT:-/tmp/lowrank-gpu-check}"
+PY="${PYTHON:-python3}"
+SITE="${LOWRANK_SITE:-/tmp/lowrank-site}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+STEPS="$OUT/.steps.tsv"
+: > "$LOG"
+: > "$STEPS"
+exec > >(tee -a "$LOG") 2>&1
+T0=$(date +%s)
+
+# step NAME LIMIT_S CMD...: run with a time limit, record "name rc seconds last-pytest-line".
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== [$name] (limit ${limit}s, at +$(( $(date +%s) - T0 ))s): $*"
+    local start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/.step.out"
+    local rc=${PIPESTATUS[0]}
+    local secs=$(( $(date +%s) - start ))
+    local last
+    last=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/.step.out" | tail -1 | tr '\t' ' ')
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$secs" "$last" >> "$STEPS"
+    echo "=== [$name] rc=$rc in ${secs}s"
+}
+
+echo "lowrank GPU check, $(date -Iseconds), dry-run=$DRY, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+step env 30 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; $PY -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
+
+# 1. Carried wheels.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    step wheels 90 "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
+else
+    echo "no .whl/ folder: nothing to install (../shared/tools/gpu-wheels.sh fetches the wheels)"
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# 2. lowrank.kernels from the source tree, and the native library.
+if ! "$PY" -c "import lowrank.kernels" >/dev/null 2>&1; then
+    echo "linking lowrank/kernels -> ../kernels (no editable install here)"
+    ln -sfn ../kernels lowrank/kernels
+fi
+if [ "$DRY" = 1 ]; then
+    LOWRANK_NO_CUDA=1 step native 120 "$PY" setup.py build_native
+else
+    LOWRANK_CUDA_ARCHS="${LOWRANK_CUDA_ARCHS:-90}" step native 120 "$PY" setup.py build_native
+fi
+
+# 3. Tests. LOWRANK_AUTOTUNE=0: fixed block sizes (an autotuning run per new test shape would
+# compile and time every config); the benchmarks below autotune.
+export LOWRANK_AUTOTUNE=0
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra --strict-markers")
+step pytest_gpu 110 "${PYTEST[@]}" -m gpu --junitxml="$OUT/pytest_gpu.xml"
+if [ "$DRY" = 1 ]; then
+    # The interpreter is too slow for the whole suite inside a dry run: one file as a smoke test.
+    step pytest_suite 120 "${PYTEST[@]}" -m "not gpu" tests/test_lora_matmul.py -k "odd_shapes or wiring or layer" \
+        --junitxml="$OUT/pytest_suite.xml"
+else
+    step pytest_suite 110 "${PYTEST[@]}" -m "not gpu" --junitxml="$OUT/pytest_suite.xml"
+fi
+unset LOWRANK_AUTOTUNE
+
+# 4. Benchmarks (quick grid), all of bench/run.py's BENCHES.
+step bench 150 "$PY" -m bench.run --quick --out "$OUT/bench"
+
+"$PY" - "$STEPS" "$OUT/gpu_check.json" "$DRY" "$T0" <<'EOF'
+import json, sys, time, datetime
+steps_path, out, dry, t0 = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+steps = []
+for line in open(steps_path):
+    name, rc, secs, last = (line.rstrip("\n").split("\t") + [""])[:4]
+    steps.append({"step": name, "rc": int(rc), "seconds": int(secs), "summary": last})
+payload = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "dry_run": dry,
+           "total_seconds": int(time.time()) - t0, "ok": all(s["rc"] == 0 for s in steps), "steps": steps}
+try:
+    import torch
+    payload["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    payload["torch"] = torch.__version__
+except Exception as exc:  # the summary must still be written
+    payload["device"] = f"unknown ({exc})"
+json.dump(payload, open(out, "w"), indent=1)
+print(json.dumps(payload, indent=1))
+EOF
+rm -f "$OUT/.step.out" "$OUT/.steps.tsv"
+echo "done in $(( $(date +%s) - T0 ))s; log $LOG"

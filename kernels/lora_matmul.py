@@ -1,0 +1,721 @@
+"""Fused LoRA matmul: Triton kernels (forward and backward), launchers and the differentiable op.
+
+    y = x @ W.T + bias + s * dropout(x) @ A.T @ B.T          x: (M, K), W: (N, K), A: (r, K), B: (N, r)
+
+Forward, two launches:
+  1. `_shrink_kernel`   T = dropout(x) @ A.T, kept in fp32 (M, r): the only LoRA temporary.
+  2. `_fwd_kernel`      the base GEMM; after its K loop one extra block adds s * T @ B.T to the
+                        fp32 accumulator, then bias; y is written once (no M x N temporary).
+Backward (W and bias frozen), three launches:
+  3. `_dt_db_kernel`    one pass over dY for dT = s * dY @ B (M, r) and dB = s * dY.T @ T (N, r).
+  4. `_dx_kernel`       dX = dY @ W + mask * (dT @ A): one GEMM whose reduction over N ends with an
+                        extra r-block; skipped when x does not need a gradient.
+  5. `_da_kernel`       dA = dT.T @ dropout(x).
+
+Dropout lives inside kernels 1, 4 and 5: the keep decision for element (m, k) of x is
+`philox(seed, m * K + k) >= p`, regenerated wherever it is needed (`dropout_mask` rebuilds the
+very same mask for tests). No mask is ever stored.
+
+Dtypes: fp16, bf16 and fp32 inputs; every accumulator is fp32. fp32 inputs use IEEE fp32 dots
+unless `torch.backends.cuda.matmul.allow_tf32` is True, then TF32 (the same rule as torch.matmul).
+
+# Note: fp32 LoRA temporaries in 16-bit dots
+T and dT are fp32. A tensor-core dot needs both operands in one 16-bit dtype, so an fp32 operand
+t is split as t = hi + lo with hi = round16(t) and lo = round16(t - hi), and both halves are
+multiplied (two rank-r dots instead of one). That carries about 16 significant bits of t instead
+of 8 (bf16); the split block costs 2r/K of the main GEMM's MMA work (r=16, K=4096: 0.8%).
+
+# Note: atomics
+dB sums over M and dT over N while dY is read once, so one of the two sums crosses programs:
+each program owns BLOCK_M rows of dY and walks the N columns, keeping dT in registers and adding
+its (BLOCK_N, r) share of dB into an fp32 buffer with atomic adds: R / BLOCK_M atomics per dY
+element (r=16, BLOCK_M=128: 1 in 8). The shrink (split over K) and dA (split over M) use the same
+split-and-add when there are too few output tiles to fill the GPU. Sums that go through atomics
+(dB whenever M > BLOCK_M; T, dT, dA when split) are not bitwise reproducible from run to run.
+
+Block sizes: the two GEMM kernels are autotuned over Hopper and Ampere configs, keyed on
+(next_pow2(M), N, K); LOWRANK_AUTOTUNE=0 (tests) and the interpreter use `_heuristic_config`.
+The public entry is `lora_linear` (torch.library ops `lowrank::lora_linear_fwd` / `_bwd`), which
+`lowrank.ops.lora_linear` dispatches to; `lora_forward` / `lora_backward` are the raw launchers.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# LOWRANK_AUTOTUNE=0: no autotuning, block sizes from `_heuristic_config` (tests: a tuning run per
+# new (M, N, K) would compile and time ~7 configs per test example).
+AUTOTUNE = not INTERPRET and os.environ.get("LOWRANK_AUTOTUNE", "1") != "0"
+MAX_RANK = 128  # one register block of r; the op falls back to the reference above it
+
+# --------------------------------------------------------------------------------------------
+# Autotune configurations (the two GEMM kernels); the small ones use launcher heuristics.
+# --------------------------------------------------------------------------------------------
+
+
+def _gemm_configs():
+    cfg = []
+    for bm, bn, bk, gm, w, s in [
+        # Hopper (H100/H200, 228 KB smem): wide tiles, 3-4 stages.
+        (128, 256, 64, 8, 8, 3),
+        (256, 128, 64, 8, 8, 3),
+        (128, 128, 64, 8, 8, 4),
+        # Ampere (A100, 164 KB smem): the classic 128x128x32/64 tiles.
+        (128, 128, 32, 8, 4, 4),
+        (128, 64, 64, 8, 4, 4),
+        (64, 128, 64, 8, 4, 4),
+        # Small M (decode, M <= 64): the GEMM is a weight stream; many narrow N tiles fill the SMs.
+        (64, 64, 128, 8, 4, 4),
+        (32, 64, 128, 8, 4, 4),
+        (16, 64, 256, 8, 4, 3),
+        (16, 32, 256, 8, 4, 3),
+        # M <= 16 at N = 4096: 256 programs of 16 columns put two W streams on each of 132 SMs.
+        (16, 16, 512, 8, 2, 4),
+    ]:
+        cfg.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                                 num_warps=w, num_stages=s))
+    return cfg
+
+
+def _prune_gemm(configs, nargs, **kwargs):
+    """Drop tiles far taller than M (wasted MMA rows) and tiny tiles at large M (re-reads of W)."""
+    m = nargs["M"]
+    cap = max(16, triton.next_power_of_2(m))
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
+    return keep or configs[:1]
+
+
+def _heuristic_config(m: int) -> dict:
+    """Block sizes without autotuning (interpreter, LOWRANK_AUTOTUNE=0): small-M or large-M tiles."""
+    if INTERPRET:
+        # The interpreter runs every program as numpy: small tiles keep masks exercised and tests fast.
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=3)
+    if m <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    # 96 KB of shared memory at 3 stages: fits Ampere (164 KB) and Hopper (228 KB).
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for M: a power of two, so that a new batch size does not retune."""
+    return min(triton.next_power_of_2(max(m, 1)), 16384)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep(seed, offs_m, offs_k, K, p):
+    """Dropout keep decision for elements (offs_m, offs_k) of x: philox(seed, m*K + k) >= p."""
+    idx = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    return tl.rand(seed, idx) >= p
+
+
+@triton.jit
+def _dot_f32_lhs(t, b, acc, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """acc + t @ b for an fp32 t and b in the input dtype (see the Note on fp32 temporaries)."""
+    if LOWP:
+        hi = t.to(b.dtype)
+        lo = (t - hi.to(tl.float32)).to(b.dtype)
+        acc = tl.dot(hi, b, acc)
+        acc = tl.dot(lo, b, acc)
+    else:
+        acc = tl.dot(t, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _dot_f32_rhs(a, t, acc, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ t for a in the input dtype and an fp32 t."""
+    if LOWP:
+        hi = t.to(a.dtype)
+        lo = (t - hi.to(tl.float32)).to(a.dtype)
+        acc = tl.dot(a, hi, acc)
+        acc = tl.dot(a, lo, acc)
+    else:
+        acc = tl.dot(a, t, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n) in groups of GROUP_M row tiles, so W tiles are reused from L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, t_ptr, seed_ptr,
+    M, K, R, split_k,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm,
+    p, inv_keep,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ATOMIC: tl.constexpr, DROPOUT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+):
+    """T[M, r] (fp32) = dropout(x) @ A.T.
+
+    FLOPs 2*M*K*r; minimum bytes (M*K + r*K) * itemsize + 4*M*r. Grid (cdiv(M, BLOCK_M), split_k):
+    a split K range is summed into a zeroed T with atomic adds.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, split_k * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                     mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
+        if LOWP:
+            acc = tl.dot(x, at, acc)
+        else:
+            acc = tl.dot(x, at, acc, input_precision=PREC)
+    if DROPOUT:
+        acc = acc * inv_keep
+    t_ptrs = t_ptr + rows[:, None] * stride_tm + offs_r[None, :]
+    mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    if ATOMIC:
+        tl.atomic_add(t_ptrs, acc, mask=mask)
+    else:
+        tl.store(t_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, w_ptr, t_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R, m_bucket,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
+    scaling,
+    HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = x @ W.T + (s * T) @ B.T + bias, accumulated in fp32 and rounded once.
+
+    FLOPs 2*M*N*K + 2*M*N*r (+ 4*M*N*r of split MMA work for 16-bit dtypes); minimum bytes
+    (M*K + N*K + N*r + M*N + N) * itemsize + 4*M*r. The LoRA expand is one more r-deep block
+    after the K loop, so y is written exactly once.
+    """
+    pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        wt = tl.load(w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_N)
+        if LOWP:
+            acc = tl.dot(x, wt, acc)
+        else:
+            acc = tl.dot(x, wt, acc, input_precision=PREC)
+    offs_r = tl.arange(0, BLOCK_R)
+    t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
+                mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+    bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # (BLOCK_R, BLOCK_N)
+    acc = _dot_f32_lhs(t * scaling, bt, acc, LOWP, PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _dt_db_kernel(
+    dy_ptr, b_ptr, t_ptr, dt_ptr, db_ptr,
+    M, N, R, split_n,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_dtm, stride_dbn,
+    scaling,
+    LOWP: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ATOMIC_DT: tl.constexpr, ATOMIC_DB: tl.constexpr,
+):
+    """dT[M, r] = s * dY @ B and dB[N, r] = s * dY.T @ T (both fp32) in one pass over dY.
+
+    FLOPs 4*M*N*r (+ 2*M*N*r split work for 16-bit); minimum bytes (M*N + N*r) * itemsize +
+    4*(2*M*r + N*r). Grid (cdiv(M, BLOCK_M), split_n); see the Note on atomics.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
+                mask=m_ok[:, None] & r_ok[None, :], other=0.0) * scaling
+    acc_dt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(pid_n * BLOCK_N, N, split_n * BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
+        if LOWP:
+            acc_dt = tl.dot(dy, b, acc_dt)
+        else:
+            acc_dt = tl.dot(dy, b, acc_dt, input_precision=PREC)
+        part = _dot_f32_rhs(tl.trans(dy), t, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), LOWP, PREC)
+        db_ptrs = db_ptr + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r[None, :]
+        if ATOMIC_DB:
+            tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
+        else:
+            tl.store(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
+    dt_ptrs = dt_ptr + rows[:, None] * stride_dtm + offs_r[None, :]
+    if ATOMIC_DT:
+        tl.atomic_add(dt_ptrs, acc_dt * scaling, mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        tl.store(dt_ptrs, acc_dt * scaling, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _dx_kernel(
+    dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, seed_ptr,
+    M, N, K, R, m_bucket,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dtm, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    p, inv_keep,
+    DROPOUT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX[M, K] = dY @ W + mask * (dT @ A), fp32 accumulation, one rounding.
+
+    The output tile is (BLOCK_M, BLOCK_N) over (M, K) and the reduction runs over N in BLOCK_K
+    steps (names follow the GEMM roles, not the LoRA ones). FLOPs 2*M*N*K + 2*M*K*r; minimum
+    bytes (M*N + N*K + r*K + M*K) * itemsize + 4*M*r.
+    """
+    pid_m, pid_k = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_k.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        offs_n = n0 + tl.arange(0, BLOCK_K)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_K, BLOCK_N)
+        if LOWP:
+            acc = tl.dot(dy, w, acc)
+        else:
+            acc = tl.dot(dy, w, acc, input_precision=PREC)
+    offs_r = tl.arange(0, BLOCK_R)
+    dt = tl.load(dt_ptr + rows[:, None] * stride_dtm + offs_r[None, :],
+                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_R, BLOCK_N)
+    if DROPOUT:
+        lora = _dot_f32_lhs(dt, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LOWP, PREC)
+        seed = tl.load(seed_ptr)
+        acc += tl.where(_keep(seed, offs_m, offs_k, K, p), lora * inv_keep, 0.0)
+    else:
+        acc = _dot_f32_lhs(dt, a, acc, LOWP, PREC)
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _da_kernel(
+    dt_ptr, x_ptr, da_ptr, seed_ptr,
+    M, K, R, split_m,
+    stride_dtm, stride_xm, stride_xk, stride_dar,
+    p, inv_keep,
+    DROPOUT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """dA[r, K] (fp32) = dT.T @ dropout(x).
+
+    FLOPs 2*M*K*r (+ 2*M*K*r split work for 16-bit); minimum bytes M*K*itemsize + 4*(M*r + r*K).
+    Grid (cdiv(K, BLOCK_K), split_m): a split M range is summed into a zeroed dA with atomic adds.
+    """
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(pid_m * BLOCK_M, M, split_m * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = offs_m.to(tl.int64)
+        m_ok = offs_m < M
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+        dtt = tl.load(dt_ptr + offs_r[:, None] + rows[None, :] * stride_dtm,
+                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_M)
+        acc = _dot_f32_lhs(dtt, x, acc, LOWP, PREC)
+    if DROPOUT:
+        acc = acc * inv_keep
+    da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :]
+    if ATOMIC:
+        tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+    else:
+        tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+def _tune_bench(kernel_call, quantiles):
+    # 5 ms warm-up and 25 ms of repeats per config instead of Triton's 25 + 100: a new (M, N, K)
+    # key then tunes in ~0.2 s for 7 configs, and these GEMMs run 10 us to 5 ms.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _tuned(kernel):
+    return triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K"],
+                           prune_configs_by={"early_config_prune": _prune_gemm}, do_bench=_tune_bench)(kernel)
+
+
+_fwd_kernel_tuned = _tuned(_fwd_kernel)
+_dx_kernel_tuned = _tuned(_dx_kernel)
+
+
+def _launch_gemm(kernel, tuned, m, cols, args, meta):
+    """Launch one of the two GEMM kernels: autotuned, or with `_heuristic_config` block sizes."""
+    if AUTOTUNE:
+        def grid(cfg):
+            return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)
+
+        tuned[grid](*args, **meta)
+    else:
+        cfg = _heuristic_config(m)
+        kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
+
+
+@triton.jit
+def _mask_kernel(keep_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """keep[M, K] (int8) as the kernels above decide it (for tests and debugging only)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(tl.load(seed_ptr), offs_m, offs_k, K, p)
+    tl.store(keep_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers: check, allocate, launch
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(shape, dtype, device):
+    """Every buffer a kernel fully writes comes from here (tests patch it to NaN-fill)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: parallelism is irrelevant, keep splits rare (tests force them)
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _precision(dtype: torch.dtype) -> tuple[bool, str]:
+    lowp = dtype != torch.float32
+    prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return lowp, prec
+
+
+# Block sizes of the three small kernels (3 stages). At r=128 they fit A100's 163 KB of shared
+# memory: fp32 halves the tiles because dt_db at 128x64 would need 176 KB there (sm_80 cubin).
+def _shrink_blocks(m: int) -> tuple[int, int]:
+    if INTERPRET:
+        return 16, 32
+    return (16, 128) if m <= 16 else (32, 128) if m <= 32 else (64, 64)
+
+
+def _dt_db_blocks(m: int, lowp: bool) -> tuple[int, int]:
+    if INTERPRET:
+        return 16, 32
+    return (16, 64) if m <= 16 else (64, 64) if m < 4096 or not lowp else (128, 64)
+
+
+def _da_blocks(lowp: bool) -> tuple[int, int]:
+    if INTERPRET:
+        return 16, 32
+    return (64, 128) if lowp else (64, 64)
+
+
+def _split(tiles: int, steps: int, sms: int) -> int:
+    """How many programs share one output tile's reduction: enough for ~2 waves, >= 4 steps each."""
+    if tiles >= 2 * sms:
+        return 1
+    return max(1, min(-(-2 * sms // max(tiles, 1)), steps // 4))
+
+
+def _check_seed(seed, dropout, device):
+    if dropout == 0.0:
+        return
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != device:
+        raise ValueError(f"lora_matmul: dropout={dropout} needs a 1-element int64 seed tensor on {device}, "
+                         f"got {None if seed is None else (tuple(seed.shape), seed.dtype, seed.device)}")
+
+
+def draw_seed(device) -> torch.Tensor:
+    """A fresh dropout seed from torch's generator for `device` (no host sync on CUDA)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def dropout_mask(seed: torch.Tensor, m: int, k: int, dropout: float) -> torch.Tensor:
+    """The (m, k) float64 multiplier (0 or 1/(1-p)) that the kernels apply for `seed`: the mask that
+    `lowrank.reference.lora_linear_f64` / `lora_linear_grads_f64` take."""
+    keep = torch.empty((m, k), dtype=torch.int8, device=seed.device)
+    if m and k:
+        _mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](keep, seed, m, k, dropout, BLOCK_M=32, BLOCK_K=32)
+    return keep.double() / (1.0 - dropout)
+
+
+def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scaling: float, bias: Optional[torch.Tensor] = None, dropout: float = 0.0,
+                 seed: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                 split_k: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, T) for a 2-D x (M, K), any strides; weight (N, K) any strides (e.g. a Conv1D weight.t()).
+
+    y (M, N) in x's dtype (written into `out` when given); T = dropout(x) @ A.T (M, r) fp32, what
+    the backward needs. FLOPs 2*M*K*r + 2*M*N*K + 2*M*N*r; minimum bytes
+    (M*K + N*K + r*K + N*r + M*N [+ N]) * itemsize.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"lora_forward: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    if R > MAX_RANK:
+        raise ValueError(f"lora_forward: rank {R} > {MAX_RANK} is not supported by the kernels")
+    _check_seed(seed, dropout, x.device)
+    if out is not None and (tuple(out.shape) != (M, N) or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"lora_forward: out must be ({M}, {N}) {x.dtype} on {x.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    y = out if out is not None else _empty((M, N), x.dtype, x.device)
+    sms = _num_sms(x.device)
+    bm, bk = _shrink_blocks(M)
+    tiles, steps = triton.cdiv(M, bm), triton.cdiv(K, bk)
+    sk = split_k or _split(tiles, steps, sms)
+    t = torch.zeros((M, R), dtype=torch.float32, device=x.device) if sk > 1 else _empty((M, R), torch.float32, x.device)
+    lowp, prec = _precision(x.dtype)
+    if M == 0:
+        return y, t
+    drop = dropout > 0.0
+    seed_arg = seed if drop else t
+    inv_keep = 1.0 / (1.0 - dropout)
+    _shrink_kernel[(tiles, sk)](
+        x, lora_A, t, seed_arg, M, K, R, sk,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0),
+        float(dropout), inv_keep,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(R), ATOMIC=sk > 1, DROPOUT=drop, LOWP=lowp, PREC=prec,
+        num_warps=4, num_stages=3,
+    )
+    if N == 0:
+        return y, t
+    _launch_gemm(_fwd_kernel, _fwd_kernel_tuned, M, N, (
+        x, weight, t, lora_B, bias if bias is not None else y, y,
+        M, N, K, R, _m_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
+        float(scaling),
+    ), dict(HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R)))
+    return y, t
+
+
+def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                  lora_B: torch.Tensor, t: torch.Tensor, scaling: float, dropout: float = 0.0,
+                  seed: Optional[torch.Tensor] = None, need_dx: bool = True,
+                  dx_out: Optional[torch.Tensor] = None, split_n: Optional[int] = None,
+                  split_m: Optional[int] = None) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(dX or None, dA, dB) for 2-D dy (M, N) and x (M, K), T from `lora_forward`, W frozen.
+
+    FLOPs 4*M*N*r (dT, dB) + 2*M*K*r (dA) [+ 2*M*N*K + 2*M*K*r (dX)]; minimum bytes
+    (M*N + M*K + r*K + N*r [+ N*K + M*K]) * itemsize + 4*M*r.
+    """
+    if dy.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"lora_backward: dy and x must be 2-D, got {tuple(dy.shape)} and {tuple(x.shape)}")
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    if tuple(dy.shape) != (M, N) or tuple(t.shape) != (M, R) or t.dtype != torch.float32:
+        raise ValueError(f"lora_backward: dy must be ({M}, {N}) and t ({M}, {R}) float32, got "
+                         f"{tuple(dy.shape)} and {tuple(t.shape)} {t.dtype}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"lora_backward: dy dtype {dy.dtype} != x dtype {x.dtype}")
+    _check_seed(seed, dropout, x.device)
+    dev, dtype = x.device, x.dtype
+    sms = _num_sms(dev)
+    lowp, prec = _precision(dtype)
+    drop = dropout > 0.0
+    inv_keep = 1.0 / (1.0 - dropout)
+    br = _block_r(R)
+
+    # dT and dB: one pass over dY.
+    bm, bn = _dt_db_blocks(M, lowp)
+    tiles_m = triton.cdiv(M, bm)
+    sn = split_n or _split(tiles_m, triton.cdiv(N, bn), sms)
+    atomic_db = tiles_m > 1
+    dt = torch.zeros((M, R), dtype=torch.float32, device=dev) if sn > 1 else _empty((M, R), torch.float32, dev)
+    db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if atomic_db else _empty((N, R), torch.float32, dev)
+    if M and N:
+        _dt_db_kernel[(tiles_m, sn)](
+            dy, lora_B, t, dt, db32, M, N, R, sn,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0), db32.stride(0),
+            float(scaling),
+            LOWP=lowp, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, ATOMIC_DT=sn > 1, ATOMIC_DB=atomic_db,
+            num_warps=8 if bm == 128 else 4, num_stages=3,
+        )
+    elif M == 0:
+        db32.zero_()
+    if N == 0:
+        dt.zero_()
+
+    # dA = dT.T @ dropout(x).
+    bm_a, bk_a = _da_blocks(lowp)
+    tiles_k = triton.cdiv(K, bk_a)
+    sm = split_m or _split(tiles_k, triton.cdiv(M, bm_a), sms)
+    da32 = torch.zeros((R, K), dtype=torch.float32, device=dev) if sm > 1 else _empty((R, K), torch.float32, dev)
+    seed_arg = seed if drop else dt
+    if M and K:
+        _da_kernel[(tiles_k, sm)](
+            dt, x, da32, seed_arg, M, K, R, sm,
+            dt.stride(0), x.stride(0), x.stride(1), da32.stride(0),
+            float(dropout), inv_keep,
+            DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=br, ATOMIC=sm > 1,
+            num_warps=4, num_stages=3,
+        )
+    elif M == 0:
+        da32.zero_()
+
+    dx = None
+    if need_dx:
+        if dx_out is not None and (tuple(dx_out.shape) != (M, K) or dx_out.dtype != dtype or dx_out.device != dev):
+            raise ValueError(f"lora_backward: dx_out must be ({M}, {K}) {dtype} on {dev}, "
+                             f"got {tuple(dx_out.shape)} {dx_out.dtype} on {dx_out.device}")
+        dx = dx_out if dx_out is not None else _empty((M, K), dtype, dev)
+        if M and K:
+            _launch_gemm(_dx_kernel, _dx_kernel_tuned, M, K, (
+                dy, weight, dt, lora_A, dx, seed_arg,
+                M, N, K, R, _m_bucket(M),
+                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
+                lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
+                float(dropout), inv_keep,
+            ), dict(DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=br))
+    return dx, da32.to(dtype), db32.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The differentiable op: torch.library custom ops, so torch.compile traces them without a break
+# --------------------------------------------------------------------------------------------
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (M, C): a view when the strides allow it, else a copy."""
+    return t.reshape(-1, t.shape[-1])
+
+
+@torch.library.custom_op("lowrank::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float,
+                    dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (..., N), T (M, r) fp32): `lora_forward` on x flattened to 2-D."""
+    y, t = lora_forward(_flat(x), weight, lora_A, lora_B, scaling, bias, dropout, seed)
+    return y.view(*x.shape[:-1], weight.shape[0]), t
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout):
+    m = math.prod(x.shape[:-1])
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((m, lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("lowrank::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, t: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
+                    dropout: float, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX shaped like x, or an empty (0,) tensor when need_dx is False; dA; dB)."""
+    dx, da, db = lora_backward(_flat(dy), _flat(x), weight, lora_A, lora_B, t, scaling, dropout, seed, need_dx)
+    dx = dx.view(x.shape) if need_dx else x.new_empty((0,))
+    return dx, da, db
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, t, seed, scaling, dropout, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, seed, scaling, dropout = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout = scaling, dropout
+
+
+def _backward(ctx, dy, _dt):
+    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, da, db = torch.ops.lowrank.lora_linear_bwd(dy, x, weight, lora_A, lora_B, t, seed, ctx.scaling,
+                                                   ctx.dropout, need_dx)
+    return (dx if need_dx else None), None, da, db, None, None, None, None
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias=None) -> bool:
+    """Whether `lora_linear` below can take these (checked) arguments; else use the reference.
+
+    Not supported: float64 (the reference path takes it), rank > 128, an empty K or N, and a weight
+    or bias that needs a gradient (the kernels treat W and bias as frozen).
+    """
+    if x.dtype == torch.float64:
+        return False
+    if lora_A.shape[0] > MAX_RANK or weight.shape[0] == 0 or weight.shape[1] == 0:
+        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return True
+
+
+def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
+    """y = x @ W.T + bias + scaling * dropout(x) @ A.T @ B.T through the fused kernels (differentiable
+    in x, A and B). Arguments as `lowrank.ops.lora_linear`, already checked there."""
+    seed = draw_seed(x.device) if dropout > 0.0 else None
+    y, _ = torch.ops.lowrank.lora_linear_fwd(x, weight, lora_A, lora_B, bias, seed, float(scaling), float(dropout))
+    return y

@@ -1,0 +1,446 @@
+"""Fused LoRA matmul (kernels/lora_matmul.py) against the float64 einsum references.
+
+Every kernel output is checked with the flash-attention rule (tests/helpers.assert_close): its
+error against float64 may be at most twice that of the same maths done by plain torch in the same
+dtype. Buffers the kernels fully write are NaN-poisoned first (`lm._empty` patched), so an
+unwritten element fails. Without a GPU the kernels run in Triton's interpreter (conftest); with
+one, the same tests run on CUDA, and the `gpu`-marked ones add GPU-sized shapes.
+"""
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowrank
+from lowrank import ops, reference
+from lowrank.kernels import lora_matmul as lm
+from tests.helpers import DTYPE_IDS, DTYPES, assert_close, poison_
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+RANKS = [1, 3, 64, 128]
+
+
+def _nan_empty(shape, dtype, device):
+    return poison_(torch.empty(shape, dtype=dtype, device=device))
+
+
+def make_case(m, k, n, r, dtype, bias=True, x_layout="contiguous", w_layout="contiguous", device=DEV, gen_seed=0):
+    """Inputs scaled so that y, T and every gradient are O(1). Layouts: contiguous, "transposed"
+    (a .t() view of a column-major buffer), "sliced" (every other column of a wider buffer)."""
+    g = torch.Generator().manual_seed(gen_seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).to(device)
+
+    if x_layout == "transposed":
+        x = rnd(k, m).t()
+    elif x_layout == "sliced":
+        x = rnd(m, 2 * k)[:, ::2]
+    else:
+        x = rnd(m, k)
+    w = rnd(k, n, std=k ** -0.5).t() if w_layout == "transposed" else rnd(n, k, std=k ** -0.5)
+    a = rnd(r, k, std=k ** -0.5)
+    b = rnd(n, r, std=r ** -0.5)
+    bb = (rnd(2 * n)[::2] if x_layout == "sliced" else rnd(n)) if bias else None  # strided bias with sliced x
+    dy = rnd(m, n)
+    return x, w, a, b, bb, dy
+
+
+def baseline(x, w, a, b, s, bias, mask, dy):
+    """The same maths in plain torch, in the inputs' dtype: (y, T, dX, dA, dB)."""
+    h = x if mask is None else x * mask.to(x.dtype)
+    t = h @ a.t()
+    y = F.linear(x, w, bias) + s * (t @ b.t())
+    dt = s * (dy @ b)
+    db = s * (dy.t() @ t)
+    da = dt.t() @ h
+    dh = dt @ a
+    dx = dy @ w + (dh if mask is None else dh * mask.to(x.dtype))
+    return y, t, dx, da, db
+
+
+def check_all(m, k, n, r, dtype, bias, dropout, x_layout="contiguous", w_layout="contiguous",
+              need_dx=True, split_k=None, split_n=None, split_m=None, scaling=0.75, gen_seed=0):
+    x, w, a, b, bb, dy = make_case(m, k, n, r, dtype, bias, x_layout, w_layout, gen_seed=gen_seed)
+    seed = torch.tensor([1234 + gen_seed], dtype=torch.int64, device=DEV) if dropout else None
+    mask = lm.dropout_mask(seed, m, k, dropout) if dropout else None
+    out = poison_(torch.empty(m, n, dtype=dtype, device=DEV))
+    with mock.patch.object(lm, "_empty", _nan_empty):
+        y, t = lm.lora_forward(x, w, a, b, scaling, bb, dropout, seed, out=out, split_k=split_k)
+        dx, da, db = lm.lora_backward(dy, x, w, a, b, t, scaling, dropout, seed, need_dx=need_dx,
+                                      split_n=split_n, split_m=split_m)
+    assert y.data_ptr() == out.data_ptr()
+    y64 = reference.lora_linear_f64(x, w, a, b, scaling, bb, mask)
+    dx64, da64, db64 = reference.lora_linear_grads_f64(x, w, a, b, scaling, dy, mask)
+    h64 = x.double() if mask is None else x.double() * mask
+    yb, tb, dxb, dab, dbb = baseline(x, w, a, b, scaling, bb, mask, dy)
+    assert_close(y, y64, yb, name="y")
+    assert_close(t, h64 @ a.double().t(), tb, name="T")
+    assert_close(da, da64, dab, name="dA")
+    assert_close(db, db64, dbb, name="dB")
+    if need_dx:
+        assert_close(dx, dx64, dxb, name="dX")
+    else:
+        assert dx is None
+
+
+# -- the kernels against float64 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", RANKS, ids=[f"r{r}" for r in RANKS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_odd_shapes_every_rank(dtype, rank):
+    # 33 x 47 -> 59: no dimension is a multiple of any block; bias and dropout alternate with rank.
+    i = RANKS.index(rank)
+    check_all(33, 47, 59, rank, dtype, bias=i % 2 == 0, dropout=0.2 if i % 2 else 0.0)
+
+
+@settings(max_examples=6 * settings.default.max_examples)  # ~0.1 s an example in the interpreter
+@given(
+    m=st.integers(1, 70), k=st.integers(1, 70), n=st.integers(1, 70),
+    r=st.sampled_from([1, 2, 3, 5, 8, 16, 17, 31, 48, 64, 100, 128]),
+    dtype=st.sampled_from(DTYPES), bias=st.booleans(), dropout=st.sampled_from([0.0, 0.0, 0.1, 0.5]),
+    x_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    w_layout=st.sampled_from(["contiguous", "transposed"]),
+    need_dx=st.booleans(), splits=st.tuples(*[st.sampled_from([None, 1, 2, 3])] * 3),
+    scaling=st.sampled_from([0.0, 0.5, 2.0]), gen_seed=st.integers(0, 2**16),
+)
+def test_kernels_property(m, k, n, r, dtype, bias, dropout, x_layout, w_layout, need_dx, splits, scaling, gen_seed):
+    split_k, split_n, split_m = splits
+    check_all(m, k, n, r, dtype, bias, dropout, x_layout, w_layout, need_dx, split_k, split_n, split_m,
+              scaling, gen_seed)
+
+
+def test_dropout_mask_statistics():
+    seed = torch.tensor([7], dtype=torch.int64, device=DEV)
+    p = 0.3
+    mask = lm.dropout_mask(seed, 64, 200, p)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0 / (1.0 - p)}
+    keep = (mask > 0).double().mean().item()
+    # 12800 Bernoulli(0.7) draws: the standard deviation of the mean is 0.004; 5 sigma.
+    assert abs(keep - (1 - p)) < 0.02, keep
+    other = lm.dropout_mask(torch.tensor([8], dtype=torch.int64, device=DEV), 64, 200, p)
+    assert not torch.equal(mask, other)
+    assert torch.equal(mask, lm.dropout_mask(seed, 64, 200, p))
+    # A mask for a smaller x is the top-left corner only when K matches (offsets are m*K + k).
+    assert torch.equal(mask[:10], lm.dropout_mask(seed, 10, 200, p))
+
+
+def test_launcher_errors():
+    x, w, a, b, bb, dy = make_case(4, 8, 6, 2, torch.float32)
+    with pytest.raises(ValueError, match="seed"):
+        lm.lora_forward(x, w, a, b, 1.0, bb, 0.5, None)
+    with pytest.raises(ValueError, match="out must be"):
+        lm.lora_forward(x, w, a, b, 1.0, bb, out=torch.empty(4, 7, device=DEV))
+    with pytest.raises(ValueError, match="2-D"):
+        lm.lora_forward(x[None], w, a, b, 1.0)
+    y, t = lm.lora_forward(x, w, a, b, 1.0)
+    with pytest.raises(ValueError, match="t \\(4, 2\\) float32"):
+        lm.lora_backward(dy, x, w, a, b, t.double(), 1.0)
+
+
+def test_empty_batch():
+    x, w, a, b, bb, dy = make_case(0, 8, 6, 2, torch.float32)
+    y, t = lm.lora_forward(x, w, a, b, 1.0, bb)
+    dx, da, db = lm.lora_backward(dy, x, w, a, b, t, 1.0)
+    assert y.shape == (0, 6) and dx.shape == (0, 8)
+    assert torch.equal(da, torch.zeros_like(da)) and torch.equal(db, torch.zeros_like(db))
+
+
+# -- the public op and its wiring --------------------------------------------------------------
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("LOWRANK_BACKEND", "triton")
+    calls = []
+    real = lm.lora_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "lora_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["nodrop", "drop"])
+def test_ops_lora_linear_3d_autograd(triton_backend, dropout):
+    # A 3-D, non-contiguous x through ops.lora_linear and autograd; the mask is regenerated from
+    # the seed the op draws (same generator state, same draw).
+    dtype, s = torch.float32, 0.5
+    x0, w, a, b, bb, _ = make_case(2 * 5, 24, 20, 6, dtype)
+    x = x0.view(2, 5, 24).transpose(0, 1).requires_grad_()  # (5, 2, 24), strided
+    a.requires_grad_(), b.requires_grad_()
+    torch.manual_seed(3)
+    y = ops.lora_linear(x, w, a, b, s, bb, dropout)
+    assert triton_backend, "ops.lora_linear did not reach the Triton kernels"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.manual_seed(3)
+    mask = lm.dropout_mask(lm.draw_seed(DEV), 10, 24, dropout).view(5, 2, 24) if dropout else None
+    y64 = reference.lora_linear_f64(x.detach(), w, a.detach(), b.detach(), s, bb, mask)
+    dx64, da64, db64 = reference.lora_linear_grads_f64(x.detach(), w, a.detach(), b.detach(), s, dy, mask)
+    xd, ad, bd = x.detach(), a.detach(), b.detach()
+    hb = xd if mask is None else xd * mask.to(dtype)
+    tb = hb @ ad.t()
+    yb = F.linear(xd, w, bb) + s * tb @ bd.t()
+    assert_close(y.detach(), y64, yb, name="y")
+    dtb = s * dy @ bd
+    assert_close(x.grad, dx64, dy @ w + (dtb @ ad if mask is None else (dtb @ ad) * mask.to(dtype)), name="dX")
+    assert_close(a.grad, da64, torch.einsum("...r,...k->rk", dtb, hb), name="dA")
+    assert_close(b.grad, db64, s * torch.einsum("...n,...r->nr", dy, tb), name="dB")
+
+
+def test_frozen_x_and_trainable_weight_fallback(triton_backend):
+    x, w, a, b, bb, dy = make_case(9, 16, 12, 4, torch.float32)
+    a.requires_grad_(), b.requires_grad_()
+    ops.lora_linear(x, w, a, b, 1.0, bb).backward(dy)  # x needs no grad: dX is skipped
+    assert x.grad is None and a.grad is not None
+    _, da64, db64 = reference.lora_linear_grads_f64(x, w, a.detach(), b.detach(), 1.0, dy)
+    assert_close(a.grad, da64, name="dA")
+    assert_close(b.grad, db64, name="dB")
+    # A trainable weight is not the kernels' contract: the reference path computes dW.
+    triton_backend.clear()
+    w.requires_grad_()
+    ops.lora_linear(x, w, a.detach(), b.detach(), 1.0, bb).backward(dy)
+    assert not triton_backend and w.grad is not None
+    assert_close(w.grad, dy.double().t() @ x.double(), name="dW")
+
+
+def test_lora_linear_layer_uses_kernels(triton_backend):
+    torch.manual_seed(0)
+    base = nn.Linear(40, 28).to(DEV)
+    model = nn.Sequential(base)
+    lowrank.patch_linear(model, rank=5, dropout=0.1)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(3, 7, 40, device=DEV, requires_grad=True)
+    layer.eval()
+    y = layer(x)
+    assert triton_backend
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    s = layer.scaling()
+    y64 = reference.lora_linear_f64(x.detach(), base.weight.detach(), a.detach(), b.detach(), s, base.bias.detach())
+    assert_close(y.detach(), y64, reference.lora_linear(x.detach(), base.weight, a.detach(), b.detach(), s, base.bias))
+    layer.train()
+    torch.manual_seed(11)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.manual_seed(11)
+    mask = lm.dropout_mask(lm.draw_seed(DEV), 21, 40, 0.1).view(3, 7, 40)
+    dx64, da64, db64 = reference.lora_linear_grads_f64(x.detach(), base.weight.detach(), a.detach(), b.detach(),
+                                                       s, dy, mask)
+    assert_close(a.grad, da64, name="dA")
+    assert_close(b.grad, db64, name="dB")
+    assert_close(x.grad, dx64, name="dX")
+
+
+def test_patched_gpt2_matches_reference(monkeypatch):
+    # GPT-2's Conv1D stores W as (in, out): LoRALinear hands the kernels weight.t(), a strided W.
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(DEV).eval()
+    lowrank.patch_linear(model, rank=4)
+    for _, layer in lowrank.lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B["default"].normal_(std=0.1)
+    ids = torch.randint(0, 64, (2, 9), device=DEV)
+
+    real_op = ops.lora_linear
+
+    def f64_op(x, w, a, b, s, bias=None, dropout=0.0):
+        return reference.lora_linear_f64(x, w, a, b, s, bias)
+
+    def run(backend, dtype):
+        monkeypatch.setenv("LOWRANK_BACKEND", backend)
+        # ops.lora_linear takes 16/32-bit floats only: the float64 oracle is the einsum reference.
+        monkeypatch.setattr(lowrank.layers.ops, "lora_linear", f64_op if dtype == torch.float64 else real_op)
+        m = model.to(dtype)
+        m.zero_grad()
+        logits = m(ids).logits
+        logits.float().square().mean().backward()
+        grads = [p.grad.clone() for p in m.parameters() if p.requires_grad]
+        return logits.detach(), grads
+
+    ref_logits, ref_grads = run("reference", torch.float64)
+    base_logits, base_grads = run("reference", torch.float32)
+    calls = []
+    real = lm.lora_forward
+    monkeypatch.setattr(lm, "lora_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logits, grads = run("triton", torch.float32)
+    assert len(calls) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert_close(logits, ref_logits, base_logits, name="logits")
+    for i, (g, g64, gb) in enumerate(zip(grads, ref_grads, base_grads)):
+        assert_close(g, g64, gb, name=f"grad {i}")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop"])
+def test_torch_compile_fullgraph(triton_backend, dropout):
+    x, w, a, b, bb, dy = make_case(6, 16, 10, 3, torch.float32)
+    a.requires_grad_(), b.requires_grad_()
+    x.requires_grad_()
+
+    def f(x, a, b):
+        return ops.lora_linear(x, w, a, b, 0.5, bb, dropout).sin()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
+    torch.manual_seed(5)  # the seed draw is traced: the same generator state gives the same mask
+    out = compiled(x, a, b)
+    grads = torch.autograd.grad(out, (x, a, b), dy)
+    torch.manual_seed(5)
+    eager = f(x, a, b)
+    eager_grads = torch.autograd.grad(eager, (x, a, b), dy)
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_opcheck():
+    x, w, a, b, bb, dy = make_case(5, 16, 8, 3, torch.float32)
+    seed = torch.tensor([5], dtype=torch.int64, device=DEV)
+    a.requires_grad_(), b.requires_grad_()
+    torch.library.opcheck(torch.ops.lowrank.lora_linear_fwd.default, (x, w, a, b, bb, seed, 0.5, 0.1),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    t = lm.lora_forward(x, w, a, b, 0.5, bb, 0.1, seed)[1]
+    torch.library.opcheck(torch.ops.lowrank.lora_linear_bwd.default, (dy, x, w, a, b, t, seed, 0.5, 0.1, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# -- compile for real GPUs without one --------------------------------------------------------------
+# Triton compiles to cubin on a machine without a GPU when given a target: this catches kernels that
+# the interpreter accepts but the compiler rejects, and autotune configs that overflow shared memory.
+
+_FLOAT_ARGS = {"scaling", "p", "inv_keep"}
+# Launch-time specialisation for contiguous operands: innermost strides are 1, the rest multiples of 16.
+_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_br", "stride_dyn", "stride_ak", "stride_dxk", "stride_bias"}
+SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes per block (H100/H200, A100)
+
+
+def _aot_compile(kernel, dtype, cap, consts, num_warps, num_stages):
+    """Shared memory (bytes) of `kernel` compiled for sm_<cap> with element type `dtype` (triton name)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    f32_bufs = {"t_ptr", "dt_ptr", "db_ptr", "da_ptr"}
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in _UNIT_STRIDES:
+            sig[name], consts = "constexpr", {**consts, name: 1}
+        elif name.endswith("_ptr"):
+            sig[name] = "*i64" if name == "seed_ptr" else "*fp32" if name in f32_bufs else "*" + dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") or name in ("N", "K"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    return compiled.metadata.shared
+
+
+def _aot_main():
+    """Run in a subprocess without TRITON_INTERPRET: compile each kernel at its largest blocks, one
+    JSON line per cubin. sm_90 gets every autotune config; sm_80 the configs it must fit (4 stages)
+    and the small kernels at r=128 with the launchers' block sizes for large M."""
+    import json
+
+    base = dict(LOWP=True, PREC="ieee")
+    jobs = []  # (name, kernel, constexprs, num_warps, num_stages, caps)
+    for cfg in lm._gemm_configs():
+        kw = dict(cfg.kwargs, BLOCK_R=64, **base)
+        caps = (90, 80) if cfg.num_stages == 4 else (90,)
+        jobs.append(("fwd", lm._fwd_kernel, dict(kw, HAS_BIAS=True), cfg.num_warps, cfg.num_stages, caps))
+        jobs.append(("dx", lm._dx_kernel, dict(kw, DROPOUT=True), cfg.num_warps, cfg.num_stages, (90,)))
+    for lowp in (True, False):
+        prec = dict(LOWP=lowp, PREC="ieee" if lowp else "tf32")
+        (bm_s, bk_s), (bm_d, bn_d), (bm_a, bk_a) = lm._shrink_blocks(8192), lm._dt_db_blocks(8192, lowp), lm._da_blocks(lowp)
+        suffix = "" if lowp else "-fp32"
+        jobs += [
+            ("shrink" + suffix, lm._shrink_kernel,
+             dict(BLOCK_M=bm_s, BLOCK_K=bk_s, BLOCK_R=128, ATOMIC=True, DROPOUT=True, **prec), 4, 3, (90, 80)),
+            ("dt_db" + suffix, lm._dt_db_kernel,
+             dict(BLOCK_M=bm_d, BLOCK_N=bn_d, BLOCK_R=128, ATOMIC_DT=True, ATOMIC_DB=True, **prec),
+             8 if bm_d == 128 else 4, 3, (90, 80)),
+            ("da" + suffix, lm._da_kernel,
+             dict(BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=128, ATOMIC=True, DROPOUT=True, **prec), 4, 3, (90, 80)),
+        ]
+    for name, kernel, consts, warps, stages, caps in jobs:
+        for cap in caps:
+            shared = _aot_compile(kernel, "fp32" if name.endswith("fp32") else "bf16", cap, dict(consts), warps, stages)
+            print(json.dumps({"kernel": name, "cap": cap, "stages": stages, "shared": shared,
+                              "blocks": {k: v for k, v in consts.items() if k.startswith("BLOCK")}}), flush=True)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="covered by the GPU tests themselves on a CUDA machine")
+def test_kernels_compile_for_sm80_sm90():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", "import tests.test_lora_matmul as t; t._aot_main()"],
+                          capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    n_cfg = len(lm._gemm_configs())
+    n_four = sum(c.num_stages == 4 for c in lm._gemm_configs())
+    assert len(rows) == 2 * n_cfg + n_four + 12
+    for row in rows:
+        assert row["shared"] <= SMEM_LIMIT[row["cap"]], row
+
+
+# -- GPU-sized shapes (the GPU machine) ----------------------------------------------------------
+
+GPU_SHAPES = [(1, 4096, 4096), (16, 4096, 1024), (511, 1000, 3000), (2048, 4096, 4096), (4097, 1024, 14336 // 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [1, 16, 64, 100, 128], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gpu_shapes(dtype, shape, rank):
+    m, k, n = shape
+    i = GPU_SHAPES.index(shape)
+    check_all(m, k, n, rank, dtype, bias=i % 2 == 1, dropout=0.1 if (i + rank) % 2 else 0.0,
+              w_layout="transposed" if i == 2 else "contiguous", x_layout="sliced" if i == 3 else "contiguous")
+
+
+@pytest.mark.gpu
+@settings(max_examples=60)
+@given(m=st.integers(1, 600), k=st.integers(1, 600), n=st.integers(1, 600),
+       r=st.sampled_from([1, 7, 16, 33, 64, 100, 128]),  # every BLOCK_R: each one is a compile
+       dtype=st.sampled_from(DTYPES), dropout=st.sampled_from([0.0, 0.3]), bias=st.booleans(),
+       splits=st.tuples(*[st.sampled_from([None, 1, 4])] * 3), gen_seed=st.integers(0, 2**16))
+def test_gpu_property(m, k, n, r, dtype, dropout, bias, splits, gen_seed):
+    check_all(m, k, n, r, dtype, bias, dropout, split_k=splits[0], split_n=splits[1], split_m=splits[2],
+              gen_seed=gen_seed)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_follows_torch(monkeypatch):
+    # With TF32 allowed (torch's own switch), fp32 dots use it: still within TF32's ~1e-3 of float64.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    x, w, a, b, bb, dy = make_case(300, 512, 256, 16, torch.float32)
+    y, _ = lm.lora_forward(x, w, a, b, 0.5, bb)
+    y64 = reference.lora_linear_f64(x, w, a, b, 0.5, bb)
+    assert (y.double() - y64).abs().max().item() < 2e-2 * max(1.0, y64.abs().max().item())
+    assert not math.isnan(y.double().sum().item())
