@@ -10,6 +10,7 @@ back to the pure-torch reference path with one warning.
 """
 from .config import LoRAConfig
 from .layers import LoRALinear
+from .nf4 import NF4Weight, quantize_nf4
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
 
 __version__ = "0.1.0"
@@ -17,8 +18,10 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "NF4Weight",
     "lora_layers",
     "patch_linear",
+    "quantize_nf4",
     "select_targets",
     "trainable_parameters",
     "unpatch",
