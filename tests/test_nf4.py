@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowrank
+from lowrank import reference
 from lowrank.nf4 import BLOCKSIZES, NF4Weight, dynamic_code, nf4_code, quantize_nf4
 
-from helpers import DTYPE_IDS, DTYPES
+from helpers import DTYPE_IDS, DTYPES, assert_close, poison_, where_mismatch
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 oracle")
 import bitsandbytes.functional as BF  # noqa: E402
@@ -225,3 +226,157 @@ def test_from_bnb_rejects_fp4():
         NF4Weight.from_bnb(layer)
     with pytest.raises(ValueError, match="fp4"):
         NF4Weight.from_bnb(layer.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU)
+# --------------------------------------------------------------------------------------------
+kernels_nf4 = pytest.importorskip("lowrank.kernels.nf4", reason="needs Triton")
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+@settings(max_examples=30)
+@given(out_f=st.integers(1, 40), in_f=st.integers(1, 200), blocksize=st.sampled_from([32, 64, 128, 256, 512]),
+       double_quant=st.booleans(), dtype=st.sampled_from(DTYPES),
+       scale=st.sampled_from([1e-3, 1.0, 1e4]))
+def test_dequant_kernel_bit_identical(out_f, in_f, blocksize, double_quant, dtype, scale):
+    w = quantize_nf4((torch.randn(out_f, in_f) * scale).to(DEV), blocksize=blocksize, double_quant=double_quant)
+    out = poison_(torch.empty(w.shape, dtype=dtype, device=DEV))
+    kernels_nf4.dequantize(w, dtype, out=out)
+    ref = w.dequantize(dtype)
+    assert torch.equal(out, ref), where_mismatch(out, ref, 0.0)
+
+
+@pytest.mark.parametrize("blocksize", [2048, 4096])
+def test_dequant_kernel_blocks_larger_than_a_program(blocksize):
+    """Blocks longer than one program's run: several programs share one block's absmax."""
+    w = quantize_nf4(torch.randn(3, 3000, device=DEV), blocksize=blocksize)
+    out = poison_(torch.empty(w.shape, dtype=torch.bfloat16, device=DEV))
+    kernels_nf4.dequantize(w, torch.bfloat16, out=out)
+    assert torch.equal(out, w.dequantize(torch.bfloat16))
+
+
+def fused_case(m, n, k, r, dtype, blocksize=64, bias=True, device=DEV):
+    w = quantize_nf4(torch.randn(n, k, device=device) / k**0.5, blocksize=blocksize)
+    x = torch.randn(m, k, device=device).to(dtype)
+    a = (torch.randn(r, k, device=device) / k**0.5).to(dtype)
+    b = torch.randn(n, r, device=device).to(dtype)
+    bias_t = torch.randn(n, device=device).to(dtype) if bias else None
+    return w, x, a, b, bias_t
+
+
+@settings(max_examples=20)
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 90), r=st.integers(1, 20),
+       dtype=st.sampled_from(DTYPES), blocksize=st.sampled_from([32, 64, 128]), bias=st.booleans(),
+       scaling=st.sampled_from([0.5, 2.0]))
+def test_fused_forward_kernel(m, n, k, r, dtype, blocksize, bias, scaling):
+    w, x, a, b, bias_t = fused_case(m, n, k, r, dtype, blocksize, bias)
+    wd = w.dequantize(dtype)
+    t = x @ a.t()
+    out = poison_(torch.empty(m, n, dtype=dtype, device=DEV))
+    kernels_nf4.nf4_matmul(x, w, w.block_absmax(), True, t, b.t(), scaling, bias_t, out=out)
+    # the kernel takes T in the compute dtype, like the reference path: the oracle uses that T
+    ref = torch.einsum("mk,nk->mn", x.double(), wd.double()) + scaling * t.double() @ b.double().t()
+    if bias_t is not None:
+        ref = ref + bias_t.double()
+    baseline = reference.lora_linear(x, wd, a, b, scaling, bias_t)
+    assert_close(out, ref, baseline, name="nf4_matmul forward")
+
+
+@settings(max_examples=20)
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 90), r=st.integers(1, 20),
+       dtype=st.sampled_from(DTYPES))
+def test_fused_dx_kernel(m, n, k, r, dtype):
+    """dX = dY @ deq(W) + dT @ A, with W decoded inside the loop over N."""
+    w, _, a, _, _ = fused_case(m, n, k, r, dtype, bias=False)
+    wd = w.dequantize(dtype)
+    dy = torch.randn(m, n, device=DEV).to(dtype)
+    dt = torch.randn(m, r, device=DEV).to(dtype)
+    out = poison_(torch.empty(m, k, dtype=dtype, device=DEV))
+    kernels_nf4.nf4_matmul(dy, w, w.block_absmax(), False, dt, a, 1.0, out=out)
+    ref = dy.double() @ wd.double() + dt.double() @ a.double()
+    baseline = torch.addmm(dy @ wd, dt, a)
+    assert_close(out, ref, baseline, name="nf4_matmul dX")
+
+
+def op_case_grads(m_shape, n, k, r, dtype, scaling, dropout, bias=True, device=DEV):
+    w, x2, a, b, bias_t = fused_case(int(torch.tensor(m_shape).prod()), n, k, r, dtype, bias=bias, device=device)
+    x = x2.view(*m_shape, k).requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    dy = torch.randn(*m_shape, n, device=device).to(dtype)
+    return w, x, a, b, bias_t, dy
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("backend,dropout", [("triton", 0.0), ("triton", 0.3), ("reference", 0.0)],
+                         ids=["triton", "triton-dropout", "reference"])
+def test_nf4_lora_linear_forward_backward(dtype, backend, dropout, monkeypatch):
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    w, x, a, b, bias_t, dy = op_case_grads((3, 13), 45, 70, 6, dtype, 1.5, dropout)
+    torch.manual_seed(123)
+    y = lowrank.ops.nf4_lora_linear(x, w, a, b, 1.5, bias_t, dropout)
+    y.backward(dy)
+    mask = None
+    if dropout:
+        torch.manual_seed(123)
+        mask = kernels_nf4.dropout_keep(x.detach().view(-1, 70), dropout).view(x.shape)
+    wd = w.dequantize(dtype)
+    ref = reference.lora_linear_f64(x.detach(), wd, a.detach(), b.detach(), 1.5, bias_t, mask)
+    dx, da, db = reference.lora_linear_grads_f64(x.detach(), wd, a.detach(), b.detach(), 1.5, dy, mask)
+    # baseline: plain torch in the same dtype, with the same mask
+    xb, ab, bb = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    h = xb * mask if mask is not None else xb
+    yb = torch.nn.functional.linear(xb, wd, bias_t) + 1.5 * (h @ ab.t()) @ bb.t()
+    yb.backward(dy)
+    assert_close(y, ref, yb, name="y")
+    assert_close(x.grad, dx, xb.grad, name="dx")
+    assert_close(a.grad, da, ab.grad, name="dA")
+    assert_close(b.grad, db, bb.grad, name="dB")
+
+
+def test_nf4_lora_linear_fp32_master_adapters(monkeypatch):
+    """fp32 LoRA parameters with a bf16 compute dtype: grads come back in fp32."""
+    monkeypatch.setenv("LOWRANK_BACKEND", "triton")
+    w, x, a, b, _, dy = op_case_grads((5,), 20, 64, 4, torch.bfloat16, 1.0, 0.0, bias=False)
+    a32 = a.detach().float().requires_grad_()
+    b32 = b.detach().float().requires_grad_()
+    y = lowrank.ops.nf4_lora_linear(x, w, a32, b32, 1.0)
+    y.backward(dy)
+    assert y.dtype == torch.bfloat16 and a32.grad.dtype == torch.float32 and b32.grad.dtype == torch.float32
+    assert torch.isfinite(a32.grad).all() and torch.isfinite(b32.grad).all() and (b32.grad != 0).any()
+
+
+def test_nf4_lora_linear_errors():
+    w = quantize_nf4(torch.randn(8, 64))
+    x = torch.randn(2, 64)
+    a, b = torch.randn(4, 64), torch.randn(8, 4)
+    with pytest.raises(TypeError, match="NF4Weight"):
+        lowrank.ops.nf4_lora_linear(x, torch.randn(8, 64), a, b, 1.0)
+    with pytest.raises(ValueError, match="features"):
+        lowrank.ops.nf4_lora_linear(torch.randn(2, 63), w, a, b, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        lowrank.ops.nf4_lora_linear(x, w, a, torch.randn(9, 4), 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        lowrank.ops.nf4_lora_linear(x.double(), w, a, b, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 16, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_gpu_shapes(m, dtype):
+    """Real tile configs (small-M path included) and Llama-like sizes on the GPU."""
+    n, k, r = 1536, 2048, 16
+    w, x, a, b, bias_t = fused_case(m, n, k, r, dtype, device="cuda")
+    wd = w.dequantize(dtype)
+    assert torch.equal(kernels_nf4.dequantize(w, dtype), wd)
+    t = x @ a.t()
+    out = poison_(torch.empty(m, n, dtype=dtype, device="cuda"))
+    kernels_nf4.nf4_matmul(x, w, w.block_absmax(), True, t, b.t(), 2.0, bias_t, out=out)
+    ref = x.double() @ wd.double().t() + 2.0 * t.double() @ b.double().t() + bias_t.double()
+    assert_close(out, ref, reference.lora_linear(x, wd, a, b, 2.0, bias_t), name="forward")
+    dy = torch.randn(m, n, device="cuda", dtype=dtype)
+    dx = poison_(torch.empty(m, k, dtype=dtype, device="cuda"))
+    kernels_nf4.nf4_matmul(dy, w, w.block_absmax(), False, t, a, 1.0, out=dx)
+    assert_close(dx, dy.double() @ wd.double() + t.double() @ a.double(), torch.addmm(dy @ wd, t, a), name="dX")
