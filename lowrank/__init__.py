@@ -11,6 +11,7 @@ back to the pure-torch reference path with one warning.
 from .config import LoRAConfig
 from .layers import LoRALinear
 from .nf4 import NF4Weight, quantize_nf4
+from .qlora import NF4Linear, prepare_for_qlora_training
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
 
 __version__ = "0.1.0"
@@ -18,9 +19,11 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "NF4Linear",
     "NF4Weight",
     "lora_layers",
     "patch_linear",
+    "prepare_for_qlora_training",
     "quantize_nf4",
     "select_targets",
     "trainable_parameters",

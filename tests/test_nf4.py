@@ -380,3 +380,152 @@ def test_fused_gpu_shapes(m, dtype):
     dx = poison_(torch.empty(m, k, dtype=dtype, device="cuda"))
     kernels_nf4.nf4_matmul(dy, w, w.block_absmax(), False, t, a, 1.0, out=dx)
     assert_close(dx, dy.double() @ wd.double() + t.double() @ a.double(), torch.addmm(dy @ wd, t, a), name="dX")
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA patching
+# --------------------------------------------------------------------------------------------
+from lowrank.qlora import NF4Linear, quantized_layers  # noqa: E402
+
+
+def expected_nf4_bytes(numel, blocksize=64, double_quant=True):
+    blocks = -(-numel // blocksize)
+    if double_quant:
+        return (numel + 1) // 2 + blocks + 4 * -(-blocks // 256) + 4
+    return (numel + 1) // 2 + 4 * blocks
+
+
+def tiny_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_qlora_llama_trains_and_only_lora_changes():
+    model = tiny_llama()
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+    lowrank.patch_linear(model, rank=8, alpha=16, quantize="nf4", compute_dtype=torch.float32)
+    lowrank.prepare_for_qlora_training(model, gradient_checkpointing=False)
+    layers = dict(quantized_layers(model))
+    assert len(layers) == 14  # 7 projections x 2 layers; lm_head stays dense
+    total_numel = total_bytes = 0
+    for name, layer in layers.items():
+        path = name.removesuffix(".base_layer")
+        ref = quantize_nf4(dense[path], blocksize=64)
+        assert torch.equal(layer.nf4.packed, ref.packed) and torch.equal(layer.nf4.absmax, ref.absmax)
+        assert layer.nf4.nbytes == expected_nf4_bytes(dense[path].numel())
+        total_numel += dense[path].numel()
+        total_bytes += layer.nf4.nbytes
+    assert 4.12 < 8 * total_bytes / total_numel < 4.2
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stored = {n: {k: v.clone() for k, v in m.nf4.tensors().items()} for n, m in layers.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(n.split(".")[-2] in ("lora_A", "lora_B") for n, p in model.named_parameters()
+                             if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, 128, (4, 16))
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == p.requires_grad, f"{n}: changed={changed}, trainable={p.requires_grad}"
+    for n, m in layers.items():
+        for k, v in m.nf4.tensors().items():
+            assert torch.equal(v, stored[n][k]), f"{n}.{k} changed"
+
+
+def test_qlora_patch_matches_nf4_reference_forward():
+    """Zero-initialised B: the patched model computes exactly x @ deq(W).T (+ bias) per layer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32, bias=False))
+    w0, w2 = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    b0 = model[0].bias.detach().clone()
+    old = model[0]
+    lowrank.patch_linear(model, rank=4, targets=["0", "2"], quantize="nf4", compute_dtype=torch.float32)
+    assert old.weight.numel() == 0, "the dense weight must be released"
+    x = torch.randn(5, 64)
+    h = torch.relu(torch.nn.functional.linear(x, quantize_nf4(w0).dequantize(torch.float32), b0))
+    ref = torch.nn.functional.linear(h, quantize_nf4(w2).dequantize(torch.float32))
+    assert torch.equal(model(x), ref)
+
+
+def test_qlora_patch_errors_leave_model_unchanged():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight[3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"1.*NaN/Inf"):
+        lowrank.patch_linear(model, rank=4, targets=["0", "1"], quantize="nf4")
+    assert type(model[0]) is torch.nn.Linear and model[0].weight.numel() == 64 * 64
+    with pytest.raises(ValueError, match="quantize"):
+        lowrank.patch_linear(model, rank=4, targets=["0"], quantize="int4")
+    with pytest.raises(ValueError, match="blocksize"):
+        lowrank.patch_linear(model, rank=4, targets=["0"], quantize="nf4", blocksize=48)
+    assert type(model[0]) is torch.nn.Linear
+
+
+def test_adopts_bnb_linear4bit_without_requantizing():
+    _, layer = make_bnb_linear(128, 48, double_quant=True)
+    model = torch.nn.Sequential(layer)
+    packed_ptr = layer.weight.data.data_ptr()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y_bnb = layer(x)
+    lowrank.patch_linear(model, rank=4, targets=["0"], compute_dtype=torch.float32)
+    base = model[0].base_layer
+    assert isinstance(base, NF4Linear) and base.nf4.packed.data_ptr() == packed_ptr
+    assert torch.equal(model(x), y_bnb)  # B = 0: LoRA adds exactly nothing
+
+
+def test_nf4linear_state_dict_is_bitsandbytes():
+    dense, layer = make_bnb_linear(128, 40, double_quant=True)
+    ours = NF4Linear.from_linear(dense, compute_dtype=torch.float32)
+    theirs = layer.state_dict()
+    mine = ours.state_dict()
+    assert set(mine) == set(theirs)
+    for k in theirs:
+        assert torch.equal(mine[k], theirs[k]), k
+    fresh = NF4Linear(quantize_nf4(torch.randn(40, 128)), torch.zeros(40), torch.float32)
+    fresh.load_state_dict(theirs)
+    x = torch.randn(2, 128)
+    assert torch.equal(fresh(x), ours(x))
+
+
+def test_nf4linear_dtype_cast_keeps_storage():
+    layer = NF4Linear.from_linear(torch.nn.Linear(64, 16), compute_dtype=torch.float32)
+    absmax = layer.nf4.absmax.clone()
+    layer.half()
+    assert layer.nf4.absmax.dtype == torch.uint8 and torch.equal(layer.nf4.absmax, absmax)
+    assert layer.nf4.nested_absmax.dtype == torch.float32
+
+
+def test_qlora_llama_triton_path_matches_reference(monkeypatch):
+    """The patched model through the Triton kernels (interpreter here) gives the reference's loss
+    and LoRA gradients."""
+    model = tiny_llama()
+    lowrank.patch_linear(model, rank=4, quantize="nf4", compute_dtype=torch.float32, init="gaussian")
+    with torch.no_grad():
+        for _, m in lowrank.lora_layers(model):
+            m.lora_B["default"].normal_(0, 0.05)  # non-zero B so the LoRA branch counts
+    ids = torch.randint(0, 128, (2, 8))
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("LOWRANK_BACKEND", backend)
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    (l_ref, g_ref), (l_tri, g_tri) = results["reference"], results["triton"]
+    assert torch.allclose(l_tri, l_ref, rtol=1e-5, atol=1e-5), (l_tri, l_ref)
+    for a, b in zip(g_tri, g_ref):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * b.abs().max().item() + 1e-8)
