@@ -21,7 +21,7 @@ import torch
 
 from .harness import device_name, print_table, versions, write_json
 
-BENCHES: list[str] = []
+BENCHES: list[str] = ["nf4"]
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,160 @@
+"""NF4 / QLoRA microbenchmarks.
+
+    python -m bench.run --only nf4 [--quick]
+
+CPU (what the issue asks for there): quantize and dequantize, lowrank vs bitsandbytes' CPU
+backend, and a float32 copy as the memory ceiling.
+CUDA: the Triton dequant kernel vs bitsandbytes' dequantize_4bit and the measured copy bandwidth;
+fused QLoRA forward+backward vs peft + bitsandbytes Linear4bit + LoRA and vs bf16 LoRA at the same
+shapes; M = 1 forward vs bitsandbytes' 4-bit inference path (matmul_4bit -> gemv).
+
+Bytes counted (minimum traffic): dequant = 4-bit codes + uint8 absmax + nested statistics read,
+dense output written; quantize = dense input read, codes + statistics written; M = 1 forward =
+the 4-bit weight bytes (x and y are negligible).
+"""
+from __future__ import annotations
+
+import torch
+
+from .harness import Record, bench, derived, device_name, measure_copy_bandwidth, rotating_inputs, versions
+
+BASELINE = "bitsandbytes"
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+    except Exception:  # not installed (e.g. on the GPU machine without its wheel)
+        return None, None
+    return bnb, bf
+
+
+def _record(op, shape, dtype, impl, t, dev, flops=None, nbytes=None, **extra):
+    return Record(op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), impl=impl, median_s=t,
+                  derived=derived(t, flops, nbytes), device=device_name(dev), versions=versions(), extra=extra)
+
+
+def _nf4_bytes(n, k):
+    blocks = n * k // 64
+    return n * k // 2 + blocks + 4 * (-(-blocks // 256))
+
+
+def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
+    from lowrank.nf4 import quantize_nf4
+
+    bnb, bf = _bnb()
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    shapes = [(2048, 2048)] if quick else [(2048, 2048), (4096, 4096), (4096, 11008)]
+    if on_gpu:
+        shapes = [(4096, 4096)] if quick else [(4096, 4096), (4096, 11008), (8192, 28672)]
+    dtype = torch.bfloat16
+    out = []
+    copy_gbs = measure_copy_bandwidth(dev)
+    repeat = 20 if on_gpu else 5
+    for n, k in shapes:
+        shape = {"N": n, "K": k}
+        w = torch.randn(n, k, device=dev, dtype=dtype)
+        q4 = _nf4_bytes(n, k)
+        dense_bytes = n * k * 2
+        # copy of the dense bf16 weight: the ceiling for a pass that writes it
+        out.append(_record("nf4_dequantize", shape, dtype, "copy", (2 * dense_bytes) / (copy_gbs * 1e9), dev,
+                           nbytes=2 * dense_bytes, note="from measure_copy_bandwidth"))
+        t = bench(lambda: quantize_nf4(w), [()], warmup=1, repeat=repeat, device=dev)
+        out.append(_record("nf4_quantize", shape, dtype, "lowrank", t, dev, nbytes=dense_bytes + q4))
+        if bf is not None:
+            t = bench(lambda: bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"),
+                      [()], warmup=1, repeat=repeat, device=dev)
+            out.append(_record("nf4_quantize", shape, dtype, "bitsandbytes", t, dev, nbytes=dense_bytes + q4))
+        ours = quantize_nf4(w)
+        sets = rotating_inputs(lambda: (quantize_nf4(w),), q4 + dense_bytes, max_sets=8 if on_gpu else 1)
+        if on_gpu:
+            from lowrank.kernels.nf4 import dequantize
+
+            t = bench(lambda q: dequantize(q, dtype), sets, repeat=repeat, device=dev)
+            out.append(_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
+                               frac_of_copy=(q4 + dense_bytes) / t / 1e9 / copy_gbs))
+        t = bench(lambda q: q.dequantize(dtype), sets, repeat=repeat, device=dev)
+        out.append(_record("nf4_dequantize", shape, dtype, "lowrank-torch", t, dev, nbytes=q4 + dense_bytes))
+        if bf is not None:
+            packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            assert torch.equal(packed, ours.packed) or dev.type == "cuda"
+            t = bench(lambda: bf.dequantize_4bit(packed, state, quant_type="nf4"), [()], repeat=repeat, device=dev)
+            out.append(_record("nf4_dequantize", shape, dtype, "bitsandbytes", t, dev, nbytes=q4 + dense_bytes))
+        del w, ours, sets
+    return out
+
+
+def bench_qlora(quick: bool, device: str) -> list[Record]:
+    """Fused QLoRA forward+backward (CUDA only)."""
+    import lowrank
+    from lowrank.nf4 import quantize_nf4
+
+    bnb, _ = _bnb()
+    dev = torch.device(device)
+    dtype = torch.bfloat16
+    r = 16
+    shapes = [(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (4096, 4096, 11008), (4096, 11008, 4096),
+                                                  (16384, 4096, 4096)]
+    out = []
+    for m, k, n in shapes:
+        shape = {"M": m, "K": k, "N": n, "r": r}
+        flops = 2 * m * n * k * 2 + 2 * m * r * (k + n) * 3  # fwd + dX GEMMs, LoRA terms (no dW)
+        w = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
+        nf4 = quantize_nf4(w)
+        x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
+        a = (torch.randn(r, k, device=dev) / k**0.5).to(dtype).requires_grad_()
+        b = (torch.randn(n, r, device=dev) * 0.01).to(dtype).requires_grad_()
+        dy = torch.randn(m, n, device=dev, dtype=dtype)
+
+        def step_ours():
+            lowrank.ops.nf4_lora_linear(x, nf4, a, b, 2.0).backward(dy)
+
+        def step_bf16():
+            lowrank.ops.lora_linear(x, w, a, b, 2.0).backward(dy)
+
+        t = bench(step_ours, [()], device=dev)
+        out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank", t, dev, flops=flops))
+        t = bench(step_bf16, [()], device=dev)
+        out.append(_record("qlora_fwd_bwd", shape, dtype, "bf16_lora", t, dev, flops=flops))
+        if bnb is not None:
+            try:
+                from peft import LoraConfig, get_peft_model
+
+                base = torch.nn.Sequential(bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype,
+                                                             compress_statistics=True, quant_type="nf4"))
+                base[0].weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, compress_statistics=True,
+                                                   quant_type="nf4")
+                base = base.to(dev)
+                pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+                for p in pm.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.to(dtype)
+
+                def step_peft():
+                    pm(x).backward(dy)
+
+                t = bench(step_peft, [()], device=dev)
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", t, dev, flops=flops))
+            except Exception as exc:  # record why the baseline is missing rather than fail the run
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", float("nan"), dev, error=repr(exc)))
+        # M = 1 (decode): the 4-bit weight is the traffic
+        x1 = torch.randn(1, k, device=dev, dtype=dtype)
+        s1 = {"M": 1, "K": k, "N": n}
+        with torch.no_grad():
+            t = bench(lambda: lowrank.ops.nf4_lora_linear(x1, nf4, a, b, 2.0), [()], device=dev)
+            out.append(_record("nf4_gemv", s1, dtype, "lowrank", t, dev, nbytes=_nf4_bytes(n, k)))
+            if bnb is not None:
+                qw, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+                t = bench(lambda: bnb.matmul_4bit(x1, qw.t(), quant_state=qs), [()], device=dev)
+                out.append(_record("nf4_gemv", s1, dtype, "bitsandbytes", t, dev, nbytes=_nf4_bytes(n, k)))
+        del w, nf4, x, dy
+    return out
+
+
+def run(quick: bool, device: str) -> list[Record]:
+    records = bench_quant_dequant(quick, device)
+    if torch.device(device).type == "cuda":
+        records += bench_qlora(quick, device)
+    return records
