@@ -126,11 +126,68 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor
 # Fused NF4 matmul with the LoRA expand in the accumulator
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _w_tile_gather(packed_ptr, absmax_ptr, code_ptr, offs_q, offs_p, q_ok, p_ok, K_W,
+                   W_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """op(W)[q, p] for any K: one byte, nibble and absmax gather per element (fp32)."""
+    if W_TRANSPOSED:
+        e = offs_p[None, :].to(tl.int64) * K_W + offs_q[:, None]  # (BLOCK_Q, BLOCK_P)
+    else:
+        e = offs_q[:, None].to(tl.int64) * K_W + offs_p[None, :]
+    w_ok = q_ok[:, None] & p_ok[None, :]
+    byte = tl.load(packed_ptr + e // 2, mask=w_ok, other=0).to(tl.int32)
+    nib = (byte >> ((1 - (e % 2).to(tl.int32)) * 4)) & 0xF  # even element: high nibble
+    scale = tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_ok, other=0.0)
+    return tl.load(code_ptr + nib) * scale
+
+
+@triton.jit
+def _w_tile_aligned(packed_ptr, absmax_ptr, code_ptr, q0, p0, offs_q, offs_p, q_ok, p_ok, K_W,
+                    W_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    """op(W)[q, p] when K % blocksize == 0 (every real model): no block spans rows, so a row's
+    bytes are loaded contiguously, both nibbles of a byte are used, and each run of
+    min(blocksize, tile) elements of a row shares one absmax, loaded once (fp32)."""
+    if W_TRANSPOSED:
+        # tile (BLOCK_Q over K, BLOCK_P over N): bytes (BLOCK_Q/2, BLOCK_P), contiguous along K
+        HALF: tl.constexpr = BLOCK_Q // 2
+        SPAN: tl.constexpr = BLOCK_Q if BLOCKSIZE > BLOCK_Q else BLOCKSIZE
+        G: tl.constexpr = BLOCK_Q // SPAN
+        offs_b = q0 // 2 + tl.arange(0, HALF)
+        rows = offs_p[None, :].to(tl.int64)
+        byte = tl.load(packed_ptr + rows * (K_W // 2) + offs_b[:, None],
+                       mask=(offs_b[:, None] < K_W // 2) & p_ok[None, :], other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 0xF))
+        vals = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (BLOCK_Q, BLOCK_P))  # k = 2i + j
+        start = q0 + tl.arange(0, G) * SPAN  # (G,) first k of each run
+        scale = tl.load(absmax_ptr + (rows * K_W + start[:, None]) // BLOCKSIZE,
+                        mask=(start[:, None] < K_W) & p_ok[None, :], other=0.0)  # (G, BLOCK_P)
+        vals = tl.reshape(tl.reshape(vals, (G, SPAN, BLOCK_P)) * scale[:, None, :], (BLOCK_Q, BLOCK_P))
+    else:
+        # tile (BLOCK_Q over N, BLOCK_P over K): bytes (BLOCK_Q, BLOCK_P/2), contiguous along K
+        HALF: tl.constexpr = BLOCK_P // 2
+        SPAN: tl.constexpr = BLOCK_P if BLOCKSIZE > BLOCK_P else BLOCKSIZE
+        G: tl.constexpr = BLOCK_P // SPAN
+        offs_b = p0 // 2 + tl.arange(0, HALF)
+        rows = offs_q[:, None].to(tl.int64)
+        byte = tl.load(packed_ptr + rows * (K_W // 2) + offs_b[None, :],
+                       mask=q_ok[:, None] & (offs_b[None, :] < K_W // 2), other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 0xF))
+        vals = tl.reshape(tl.join(hi, lo), (BLOCK_Q, BLOCK_P))  # k = 2i + j
+        start = p0 + tl.arange(0, G) * SPAN
+        scale = tl.load(absmax_ptr + (rows * K_W + start[None, :]) // BLOCKSIZE,
+                        mask=q_ok[:, None] & (start[None, :] < K_W), other=0.0)  # (BLOCK_Q, G)
+        vals = tl.reshape(tl.reshape(vals, (BLOCK_Q, G, SPAN)) * scale[:, :, None], (BLOCK_Q, BLOCK_P))
+    return vals
+
+
+@triton.jit
 def _nf4_lora_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
     M, P, Q, K_W, lora_scale,
     stride_am, stride_aq, stride_lm, stride_lr, stride_rr, stride_rp, stride_om, stride_op,
-    W_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -160,15 +217,13 @@ def _nf4_lora_matmul_kernel(
         q_ok = offs_q < Q
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_q[None, :] * stride_aq,
                     mask=m_ok[:, None] & q_ok[None, :], other=0.0)
-        if W_TRANSPOSED:
-            e = offs_p[None, :].to(tl.int64) * K_W + offs_q[:, None]  # (BLOCK_Q, BLOCK_P)
+        if ALIGNED:
+            w = _w_tile_aligned(packed_ptr, absmax_ptr, code_ptr, q0, pid_p * BLOCK_P, offs_q, offs_p, q_ok, p_ok, K_W,
+                                W_TRANSPOSED, BLOCKSIZE, BLOCK_Q, BLOCK_P)
         else:
-            e = offs_q[:, None].to(tl.int64) * K_W + offs_p[None, :]
-        w_ok = q_ok[:, None] & p_ok[None, :]
-        byte = tl.load(packed_ptr + e // 2, mask=w_ok, other=0).to(tl.int32)
-        nib = (byte >> ((1 - (e % 2).to(tl.int32)) * 4)) & 0xF  # even element: high nibble
-        scale = tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_ok, other=0.0)
-        w = _round_to(tl.load(code_ptr + nib) * scale, compute_ty, INTERPRETED)  # deq(W)'s bits
+            w = _w_tile_gather(packed_ptr, absmax_ptr, code_ptr, offs_q, offs_p, q_ok, p_ok, K_W,
+                               W_TRANSPOSED, BLOCKSIZE)
+        w = _round_to(w, compute_ty, INTERPRETED)  # deq(W)'s bits in the compute dtype
         if IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
@@ -213,12 +268,13 @@ def _config(m: int, interpret: bool) -> dict:
 def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: bool,
                lora_l: torch.Tensor | None = None, lora_r: torch.Tensor | None = None,
                lora_scale: float = 1.0, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """a (M, Q) @ op(deq(W)) + lora_scale * lora_l (M, r) @ lora_r (r, P) + bias, in a's dtype.
 
     transposed=True: op(W) = W.T (the forward, Q = in_features, P = out_features);
     transposed=False: op(W) = W (dX in the backward, Q = out_features, P = in_features).
     absmax: the fp32 (blocks,) decoded block scales (`NF4Weight.block_absmax()`).
+    config: tile sizes (BLOCK_M, BLOCK_P, BLOCK_Q, GROUP_M, num_warps, num_stages); default by M.
     """
     n_w, k_w = w.shape
     m, q = a.shape
@@ -241,7 +297,7 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
         out = torch.empty(m, p, dtype=a.dtype, device=a.device)
     if m == 0 or p == 0:
         return out
-    cfg = _config(m, INTERPRET)
+    cfg = config or _config(m, INTERPRET)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]),)
     dummy = a
     _nf4_lora_matmul_kernel[grid](
@@ -252,7 +308,7 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
         lora_l.stride(0) if has_lora else 0, lora_l.stride(1) if has_lora else 0,
         lora_r.stride(0) if has_lora else 0, lora_r.stride(1) if has_lora else 0,
         out.stride(0), out.stride(1),
-        W_TRANSPOSED=transposed, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
+        W_TRANSPOSED=transposed, ALIGNED=k_w % w.blocksize == 0, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
         HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET,
         **cfg,
     )

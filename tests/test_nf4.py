@@ -529,3 +529,49 @@ def test_qlora_llama_triton_path_matches_reference(monkeypatch):
     assert torch.allclose(l_tri, l_ref, rtol=1e-5, atol=1e-5), (l_tri, l_ref)
     for a, b in zip(g_tri, g_ref):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * b.abs().max().item() + 1e-8)
+
+
+CONFIGS = {
+    "interp": dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1),
+    "small-m": dict(BLOCK_M=16, BLOCK_P=64, BLOCK_Q=256, GROUP_M=1, num_warps=4, num_stages=3),
+    "large": dict(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
+@pytest.mark.parametrize("blocksize,k", [(32, 96), (64, 320), (128, 128)], ids=["bs32", "bs64", "bs128"])
+@pytest.mark.parametrize("transposed", [True, False], ids=["fwd", "dx"])
+def test_fused_aligned_tiles(config, blocksize, k, transposed):
+    """K % blocksize == 0 takes the contiguous-byte tile path; the GPU tile shapes run here too
+    (runs of one absmax shorter and longer than a tile, partial tiles at every edge)."""
+    m, n, r, dtype = 19, 83, 5, torch.bfloat16
+    w, x, a, b, bias_t = fused_case(m, n, k, r, dtype, blocksize, bias=transposed)
+    wd = w.dequantize(dtype)
+    if transposed:
+        t = x @ a.t()
+        out = poison_(torch.empty(m, n, dtype=dtype, device=DEV))
+        kernels_nf4.nf4_matmul(x, w, w.block_absmax(), True, t, b.t(), 2.0, bias_t, out=out, config=CONFIGS[config])
+        ref = x.double() @ wd.double().t() + 2.0 * t.double() @ b.double().t() + bias_t.double()
+        baseline = reference.lora_linear(x, wd, a, b, 2.0, bias_t)
+    else:
+        dy = torch.randn(m, n, device=DEV).to(dtype)
+        dt = torch.randn(m, r, device=DEV).to(dtype)
+        out = poison_(torch.empty(m, k, dtype=dtype, device=DEV))
+        kernels_nf4.nf4_matmul(dy, w, w.block_absmax(), False, dt, a, 1.0, out=out, config=CONFIGS[config])
+        ref = dy.double() @ wd.double() + dt.double() @ a.double()
+        baseline = torch.addmm(dy @ wd, dt, a)
+    assert_close(out, ref, baseline, name=f"nf4_matmul {config}")
+
+
+def test_fused_aligned_exact_products():
+    """With one-hot inputs the kernel returns deq(W) entries themselves: the tile decode is exact
+    (catches a nibble-order or absmax-run mistake that a tolerance could hide)."""
+    k, n = 128, 40
+    w = quantize_nf4(torch.randn(n, k, device=DEV), blocksize=32)
+    wd = w.dequantize(torch.float32)
+    eye_k = torch.eye(k, device=DEV)
+    for name, cfg in CONFIGS.items():
+        out = kernels_nf4.nf4_matmul(eye_k, w, w.block_absmax(), True, config=cfg)  # (k, n) = W.T
+        assert torch.equal(out, wd.t()), name
+        out = kernels_nf4.nf4_matmul(torch.eye(n, device=DEV), w, w.block_absmax(), False, config=cfg)  # W
+        assert torch.equal(out, wd), name
