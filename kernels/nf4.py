@@ -13,8 +13,10 @@ high (e even) or low (e odd) nibble of packed[e // 2], scaled by absmax[e // blo
   N). A decoded weight value is fp32(NF4 * absmax) rounded to the compute dtype: the very bits
   `NF4Weight.dequantize(dtype)` gives, so the only difference with the reference is the order of
   the fp32 accumulation.
-- Small M (<= 16): the same kernel with one M-tile and wide K tiles, so the grid covers N only and
-  the 4-bit weight is streamed exactly once.
+- Small M (<= 16): the same kernel with one M-tile and wide reduction tiles, so each 4-bit weight
+  byte is read exactly once, split over the reduction (SPLIT_Q programs per output tile, fp32
+  atomic adds into a workspace, one rounding at the end) so that a decode-size launch still has
+  two programs per SM. The split sums in a run-dependent order: not bitwise reproducible.
 
 # Note: no FMA in the nested absmax decode
 bitsandbytes decodes absmax as fp32(fp32(code2[q] * absmax2) + offset): two roundings. On a GPU,
@@ -185,18 +187,22 @@ def _w_tile_aligned(packed_ptr, absmax_ptr, code_ptr, q0, p0, offs_q, offs_p, q_
 @triton.jit
 def _nf4_lora_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
-    M, P, Q, K_W, lora_scale,
+    M, P, Q, K_W, lora_scale, q_per_split,
     stride_am, stride_aq, stride_lm, stride_lr, stride_rr, stride_rp, stride_om, stride_op,
     W_TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_Q: tl.constexpr,
 ):
     """out (M, P) = a (M, Q) @ op(W) (Q, P) + lora_scale * l (M, r) @ r (r, P) + bias (P,).
 
     W is (N, K_W) in NF4. Forward (W_TRANSPOSED): P = N, Q = K_W, op(W)[q, p] = W[p, q].
     Backward: P = K_W, Q = N, op(W)[q, p] = W[q, p]. absmax: decoded fp32 per block.
+    SPLIT_Q > 1 (small M): program_id(1) takes q_per_split of Q and atomically adds its fp32
+    partial sum into out (an fp32 workspace); split 0 alone adds the LoRA term and the bias.
     """
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_p = tl.cdiv(P, BLOCK_P)
     # Grouped ordering: GROUP_M row tiles share the W tiles they read while those are in L2.
@@ -212,7 +218,9 @@ def _nf4_lora_matmul_kernel(
     p_ok = offs_p < P
     compute_ty = a_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    for q0 in range(0, Q, BLOCK_Q):
+    q_start = pid_s * q_per_split
+    q_end = tl.minimum(Q, q_start + q_per_split)
+    for q0 in range(q_start, q_end, BLOCK_Q):
         offs_q = q0 + tl.arange(0, BLOCK_Q)
         q_ok = offs_q < Q
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_q[None, :] * stride_aq,
@@ -231,7 +239,7 @@ def _nf4_lora_matmul_kernel(
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         l = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                    mask=m_ok[:, None], other=0.0)
+                    mask=m_ok[:, None] & (pid_s == 0), other=0.0)
         rr = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
                      mask=p_ok[None, :], other=0.0)
         if IEEE:
@@ -240,9 +248,12 @@ def _nf4_lora_matmul_kernel(
             lora = tl.dot(l, rr)
         acc += lora_scale * lora
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_p, mask=p_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op,
-             _round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
+        acc += tl.load(bias_ptr + offs_p, mask=p_ok & (pid_s == 0), other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op
+    if SPLIT_Q > 1:
+        tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & p_ok[None, :])
+    else:
+        tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
 
 
 def _pad_rank(t: torch.Tensor, dim: int, r_pad: int) -> torch.Tensor:
@@ -252,6 +263,13 @@ def _pad_rank(t: torch.Tensor, dim: int, r_pad: int) -> torch.Tensor:
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [0, r_pad - r]
     return torch.nn.functional.pad(t, pad)
+
+
+def _split_for(tiles: int, q: int, block_q: int, device) -> int:
+    """Splits of the reduction so that a small-M launch has >= 2 programs per SM (a GEMV is
+    bandwidth-bound: it needs every SM streaming weight bytes)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(q, block_q)))
 
 
 def _config(m: int, interpret: bool) -> dict:
@@ -297,21 +315,29 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
         out = torch.empty(m, p, dtype=a.dtype, device=a.device)
     if m == 0 or p == 0:
         return out
-    cfg = config or _config(m, INTERPRET)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]),)
+    cfg = dict(config or _config(m, INTERPRET))
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"])
+    split = cfg.pop("SPLIT_Q", None)
+    if split is None:
+        split = _split_for(tiles, q, cfg["BLOCK_Q"], a.device) if m <= 16 and not INTERPRET else 1
+    q_per_split = triton.cdiv(triton.cdiv(q, split), cfg["BLOCK_Q"]) * cfg["BLOCK_Q"]
+    split = triton.cdiv(q, q_per_split)
+    target = out if split == 1 else torch.zeros(m, p, dtype=torch.float32, device=a.device)
     dummy = a
-    _nf4_lora_matmul_kernel[grid](
+    _nf4_lora_matmul_kernel[(tiles, split)](
         a, w.packed, absmax, nf4_code(a.device),
-        lora_l if has_lora else dummy, lora_r if has_lora else dummy, bias if bias is not None else dummy, out,
-        m, p, q, k_w, float(lora_scale),
+        lora_l if has_lora else dummy, lora_r if has_lora else dummy, bias if bias is not None else dummy, target,
+        m, p, q, k_w, float(lora_scale), q_per_split,
         a.stride(0), a.stride(1),
         lora_l.stride(0) if has_lora else 0, lora_l.stride(1) if has_lora else 0,
         lora_r.stride(0) if has_lora else 0, lora_r.stride(1) if has_lora else 0,
-        out.stride(0), out.stride(1),
+        target.stride(0), target.stride(1),
         W_TRANSPOSED=transposed, ALIGNED=k_w % w.blocksize == 0, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
-        HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET,
+        HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET, SPLIT_Q=split,
         **cfg,
     )
+    if split > 1:
+        out.copy_(target)  # the one rounding of the split-Q sum
     return out
 
 
