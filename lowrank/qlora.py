@@ -220,9 +220,10 @@ def prepare_for_qlora_training(model: nn.Module, gradient_checkpointing: bool = 
     """Get a quantized model ready for training, as peft's `prepare_model_for_kbit_training` does.
 
     - Every parameter that is not a LoRA parameter is frozen.
-    - Normalization layers (nn.LayerNorm, nn.GroupNorm, and modules whose class name ends with
-      "Norm", e.g. LlamaRMSNorm) get fp32 parameters: their statistics are the numerically fragile
-      part of a low-precision forward.
+    - Every fp16/bf16 parameter left (what is not stored in 4 bits: norms, embeddings, the output
+      head, the bias of NF4 layers) is upcast to fp32, as peft does: the norms' statistics are the
+      numerically fragile part of a low-precision forward, and the layers after an fp32 norm must
+      accept its fp32 output (NF4 layers cast their input to compute_dtype themselves).
     - With gradient_checkpointing: the input embeddings' output requires grad (reentrant
       checkpointing drops the graph of a segment whose inputs do not require grad, and with frozen
       embeddings they would not), and the model's `gradient_checkpointing_enable` is called when
@@ -238,11 +239,9 @@ def prepare_for_qlora_training(model: nn.Module, gradient_checkpointing: bool = 
     for p in model.parameters():
         if id(p) not in lora:
             p.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm"):
-            for p in module.parameters(recurse=False):
-                if p.is_floating_point() and p.dtype != torch.float32:
-                    p.data = p.data.float()
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
     if gradient_checkpointing:
         enable = getattr(model, "enable_input_require_grads", None)
         if callable(enable):
