@@ -60,9 +60,10 @@ NF4_VALUES = (
 )
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-# Elements quantized per chunk: bounds the fp32/int temporaries (~20 bytes an element) to ~80 MB
-# whatever the layer's size.
-_CHUNK = 1 << 22
+# Elements quantized per chunk: bounds the fp32/int temporaries (~20 bytes an element) to ~20 MB
+# whatever the layer's size (a 4096 x 4096 bf16 layer is 32 MB), so quantizing while patching
+# peaks below one dense layer.
+_CHUNK = 1 << 20
 
 _code_cache: dict = {}
 
@@ -368,7 +369,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     `bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics=double_quant,
     quant_type="nf4")` (bitsandbytes' CPU backend for CPU tensors).
 
-    Works in chunks of 4M elements, so temporaries stay ~80 MB whatever the layer's size.
+    Works in chunks of 1M elements, so temporaries stay ~20 MB whatever the layer's size.
     Raises ValueError for NaN/Inf, a bad blocksize or shape; TypeError for a non-float dtype.
     """
     if not isinstance(weight, torch.Tensor):

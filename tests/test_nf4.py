@@ -116,6 +116,15 @@ def test_nested_blocks_span_more_than_256():
     assert_same_as_bnb(w, 64, True)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_chunked_quantization_same_bytes(blocksize, monkeypatch):
+    """Quantization runs in chunks of whole blocks: tiny chunks must give the same bytes."""
+    import lowrank.nf4 as nf4_mod
+
+    monkeypatch.setattr(nf4_mod, "_CHUNK", 100)
+    assert_same_as_bnb(torch.randn(37, 101), blocksize, True)
+
+
 def test_all_zero_weight():
     w = torch.zeros(8, 64)
     _, _, ours = assert_same_as_bnb(w, 64, True)
