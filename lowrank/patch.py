@@ -175,7 +175,8 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts (each shared parameter counted once)."""
+    """(trainable, total) parameter counts (each shared parameter counted once; the elements of
+    NF4-quantized weights count in total)."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -184,4 +185,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    from .qlora import quantized_layers
+
+    for _, layer in quantized_layers(model):
+        total += layer.nf4.numel  # NF4 weights are not Parameters: count their elements here
     return trainable, total

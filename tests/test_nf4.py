@@ -429,6 +429,10 @@ def test_qlora_llama_trains_and_only_lora_changes():
         total_numel += dense[path].numel()
         total_bytes += layer.nf4.nbytes
     assert 4.12 < 8 * total_bytes / total_numel < 4.2
+    trainable_n, total_n = lowrank.trainable_parameters(model)
+    lora_n = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert trainable_n == lora_n
+    assert total_n == sum(p.numel() for p in tiny_llama().parameters()) + lora_n
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     stored = {n: {k: v.clone() for k, v in m.nf4.tensors().items()} for n, m in layers.items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
