@@ -60,10 +60,11 @@ NF4_VALUES = (
 )
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-# Elements quantized per chunk: bounds the fp32/int temporaries (~20 bytes an element) to ~20 MB
-# whatever the layer's size (a 4096 x 4096 bf16 layer is 32 MB), so quantizing while patching
-# peaks below one dense layer.
-_CHUNK = 1 << 20
+# Elements quantized per chunk. On a GPU 1M bounds the fp32/int temporaries (~20 bytes an
+# element) to ~20 MB whatever the layer's size (a 4096 x 4096 bf16 layer is 32 MB), so quantizing
+# while patching peaks below one dense layer. On the CPU small chunks cost time (2048 x 2048:
+# 330 ms with 1M chunks, 140-240 ms with 16M; 2 cores), and RAM is less scarce.
+_CHUNK = {"cuda": 1 << 20, "cpu": 1 << 24}
 
 _code_cache: dict = {}
 
@@ -369,7 +370,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     `bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics=double_quant,
     quant_type="nf4")` (bitsandbytes' CPU backend for CPU tensors).
 
-    Works in chunks of 1M elements, so temporaries stay ~20 MB whatever the layer's size.
+    Works in chunks of whole blocks (1M elements on a GPU: ~20 MB of temporaries whatever the
+    layer's size; 16M on the CPU).
     Raises ValueError for NaN/Inf, a bad blocksize or shape; TypeError for a non-float dtype.
     """
     if not isinstance(weight, torch.Tensor):
@@ -387,7 +389,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     bounds = _midpoints(nf4_code(weight.device))
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
-    step = max(_CHUNK // blocksize, 1) * blocksize  # a multiple of blocksize, hence even
+    chunk = _CHUNK.get(weight.device.type, _CHUNK["cuda"])
+    step = max(chunk // blocksize, 1) * blocksize  # a multiple of blocksize, hence even
     for start in range(0, n, step):
         codes, am = _quantize_4bit_chunk(flat[start:start + step], blocksize, bounds)
         if codes.numel() % 2:

@@ -121,7 +121,7 @@ def test_chunked_quantization_same_bytes(blocksize, monkeypatch):
     """Quantization runs in chunks of whole blocks: tiny chunks must give the same bytes."""
     import lowrank.nf4 as nf4_mod
 
-    monkeypatch.setattr(nf4_mod, "_CHUNK", 100)
+    monkeypatch.setattr(nf4_mod, "_CHUNK", {"cpu": 100, "cuda": 100})
     assert_same_as_bnb(torch.randn(37, 101), blocksize, True)
 
 
