@@ -19,11 +19,13 @@ high (e even) or low (e odd) nibble of packed[e // 2], scaled by absmax[e // blo
   two programs per SM. The split sums in a run-dependent order: not bitwise reproducible.
 
 # Note: no FMA in the nested absmax decode
-bitsandbytes decodes absmax as fp32(fp32(code2[q] * absmax2) + offset): two roundings. On a GPU,
-LLVM/ptxas may fuse that multiply-add into one FMA (one rounding), which changes the last bit of
-some absmax values and then of every weight in the block. We use libdevice's `mul_rn`, which is
-never contracted. Triton's interpreter has no libdevice, and numpy never fuses, so there the
-plain product is used (INTERPRETED=True).
+bitsandbytes decodes absmax as fp32(fp32(code2[q] * absmax2) + offset): two roundings. Triton
+fuses such a multiply-add into one FMA (one rounding) by default, which changes the last bit of
+some absmax values and then of every weight in the block. The dequant kernel is therefore
+compiled with enable_fp_fusion=False (checked in the sm_90 PTX: `mul.rn.f32` then `add.rn.f32`,
+no `fma`). libdevice's `mul_rn` would also block the fusion, but Triton links it with
+flush-to-zero (`mul.rn.ftz.f32`), which breaks subnormal absmax values. The fused matmul has no
+such pair: its weight decode is a single product.
 """
 from __future__ import annotations
 
@@ -37,20 +39,7 @@ from lowrank.nf4 import NF4Weight, nf4_code
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-if not INTERPRET:
-    from triton.language.extra import libdevice
-else:
-    libdevice = None
-
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-@triton.jit
-def _mul_no_fma(a, b, INTERPRETED: tl.constexpr):
-    if INTERPRETED:
-        return a * b
-    else:
-        return libdevice.mul_rn(a, b)
 
 
 @triton.jit
@@ -85,8 +74,8 @@ def _nf4_dequant_kernel(
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=row_ok, other=0).to(tl.int32)
         scale2 = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=row_ok, other=0.0)
-        decoded = _mul_no_fma(tl.load(nested_code_ptr + q, mask=row_ok, other=0.0), scale2, INTERPRETED)
-        absmax = decoded + tl.load(offset_ptr)
+        decoded = tl.load(nested_code_ptr + q, mask=row_ok, other=0.0) * scale2
+        absmax = decoded + tl.load(offset_ptr)  # a separate rounding: see the Note on FMA
     else:
         absmax = tl.load(absmax_ptr + blk, mask=row_ok, other=0.0)
     byte_idx = row_start[:, None] // 2 + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
@@ -119,7 +108,7 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor
         w.offset if nested else dummy, nf4_code(w.device), out,
         n,
         BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize, NESTED=nested, BLOCK=block,
-        INTERPRETED=INTERPRET,
+        INTERPRETED=INTERPRET, enable_fp_fusion=False,
     )
     return out
 
