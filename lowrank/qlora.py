@@ -159,10 +159,22 @@ def quantize_targets(model: nn.Module, chosen: list, quantize, compute_dtype, bl
     Every check (arguments, NaN/Inf in any weight, fp4) runs before the first swap: on error the
     model is unchanged.
     """
+    from .layers import LoRALinear
+
     check_quantize_args(quantize, compute_dtype, blocksize, double_quant)
     plan = []
     for path, module, parent, attr in chosen:
-        if is_bnb_linear4bit(module):
+        if isinstance(module, LoRALinear):
+            base = module.base_layer
+            if quantize == "nf4" and not isinstance(base, NF4Linear) and _is_dense(base):
+                # an earlier dense patch: quantize its base layer in place, keep its adapters
+                if getattr(module, "merged", False):
+                    raise ValueError(f"layer {path} is merged; unmerge it before quantizing its base weight")
+                _check_weight(path, base)
+                plan.append((path, module, parent, attr, "quantize-base"))
+            else:
+                plan.append((path, module, parent, attr, None))
+        elif is_bnb_linear4bit(module):
             qs = getattr(module.weight, "quant_state", None)
             if qs is None or qs.quant_type != "nf4":
                 kind = "not quantized yet (move it to a device first)" if qs is None else f"{qs.quant_type!r}"
@@ -170,9 +182,7 @@ def quantize_targets(model: nn.Module, chosen: list, quantize, compute_dtype, bl
                                  f"can be adopted")
             plan.append((path, module, parent, attr, "adopt"))
         elif quantize == "nf4" and not isinstance(module, NF4Linear) and _is_dense(module):
-            if module.weight.device.type == "meta":
-                raise ValueError(f"layer {path}: weight is on the meta device; load real weights before quantizing")
-            _check_finite(module.weight.detach(), f"quantize layer {path}")
+            _check_weight(path, module)
             plan.append((path, module, parent, attr, "quantize"))
         else:
             plan.append((path, module, parent, attr, None))
@@ -181,6 +191,13 @@ def quantize_targets(model: nn.Module, chosen: list, quantize, compute_dtype, bl
     out = []
     for path, module, parent, attr, action in plan:
         if action is None:
+            out.append((path, module, parent, attr))
+            continue
+        if action == "quantize-base":
+            old = module.base_layer
+            module.base_layer = NF4Linear.from_linear(old, compute_dtype, blocksize, double_quant)
+            module.fan_in_fan_out = False  # NF4Linear stores (out, in) whatever the dense layout was
+            _release(model, old.weight)
             out.append((path, module, parent, attr))
             continue
         if action == "adopt":
@@ -192,6 +209,12 @@ def quantize_targets(model: nn.Module, chosen: list, quantize, compute_dtype, bl
             _release(model, module.weight)
         out.append((path, new, parent, attr))
     return out
+
+
+def _check_weight(path: str, module: nn.Module) -> None:
+    if module.weight.device.type == "meta":
+        raise ValueError(f"layer {path}: weight is on the meta device; load real weights before quantizing")
+    _check_finite(module.weight.detach(), f"quantize layer {path}")
 
 
 def _is_dense(module: nn.Module) -> bool:

@@ -723,3 +723,28 @@ def test_gpu_matches_bitsandbytes_cuda(double_quant):
     for dtype in DTYPES:
         state.dtype = dtype
         assert torch.equal(kernels_nf4.dequantize(theirs, dtype), BF.dequantize_4bit(packed, state, quant_type="nf4"))
+
+
+def test_quantize_an_already_patched_model_keeps_adapters():
+    """patch_linear(quantize="nf4") on a dense LoRA model quantizes the bases under the existing
+    adapters (GPT-2 Conv1D included: NF4 stores (out, in))."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    conv = transformers.pytorch_utils.Conv1D(48, 64)  # weight (in=64, out=48)
+    model = torch.nn.Sequential(conv)
+    w_nk = conv.weight.detach().t().clone()
+    lowrank.patch_linear(model, rank=4, targets=["0"], adapter_name="first")
+    with torch.no_grad():
+        model[0].lora_B["first"].normal_()
+    a, b = model[0].lora_A["first"].detach().clone(), model[0].lora_B["first"].detach().clone()
+    lowrank.patch_linear(model, rank=4, targets=["0"], adapter_name="second", quantize="nf4",
+                         compute_dtype=torch.float32)
+    layer = model[0]
+    assert isinstance(layer.base_layer, NF4Linear) and not layer.fan_in_fan_out
+    assert torch.equal(layer.base_layer.nf4.packed, quantize_nf4(w_nk).packed)
+    layer.active_adapter = "first"
+    x = torch.randn(3, 64)
+    ref = reference.lora_linear_f64(x, quantize_nf4(w_nk).dequantize(torch.float32), a, b, layer.scaling("first"),
+                                    conv.bias)
+    assert_close(model(x), ref, reference.lora_linear(x, quantize_nf4(w_nk).dequantize(torch.float32), a, b,
+                                                      layer.scaling("first"), conv.bias))
