@@ -158,3 +158,45 @@ def run(quick: bool, device: str) -> list[Record]:
     if torch.device(device).type == "cuda":
         records += bench_qlora(quick, device)
     return records
+
+
+def ptxas_report() -> list[str]:
+    """Registers, spills and shared memory of the fused kernel's GPU configs, compiled for sm_90
+    with Triton's bundled ptxas: no GPU needed (run without TRITON_INTERPRET)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowrank.kernels import nf4 as K
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    strides = ["stride_am", "stride_aq", "stride_lm", "stride_lr", "stride_rr", "stride_rp", "stride_om", "stride_op"]
+    lines = []
+    for m in (1, 64, 4096):
+        cfg = K._config(m, False)
+        split = 3 if m <= 16 else 1
+        for transposed in (True, False):
+            sig = {"a_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+                   "l_ptr": "*bf16", "r_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*fp32" if split > 1 else "*bf16",
+                   "M": "i32", "P": "i32", "Q": "i32", "K_W": "i32", "lora_scale": "fp32", "q_per_split": "i32",
+                   **{s: "i32" for s in strides}}
+            ce = dict(W_TRANSPOSED=transposed, ALIGNED=True, BLOCKSIZE=64, HAS_LORA=True, R_PAD=16, HAS_BIAS=True,
+                      IEEE=False, INTERPRETED=False, SPLIT_Q=split, **{k: v for k, v in cfg.items() if k.isupper()})
+            sig.update({c: "constexpr" for c in ce})
+            kern = triton.compile(ASTSource(K._nf4_lora_matmul_kernel, sig, ce), target=GPUTarget("cuda", 90, 32),
+                                  options={k: v for k, v in cfg.items() if not k.isupper()})
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(kern.asm["ptx"])
+            res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+            os.unlink(f.name)
+            info = "; ".join(x.split(":", 1)[-1].strip() for x in res.stderr.splitlines() if "registers" in x or "spill" in x)
+            lines.append(f"M={m:<5} {'fwd' if transposed else 'dX '} {cfg} smem={kern.metadata.shared}: {info}")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(ptxas_report()))

@@ -564,8 +564,8 @@ def test_qlora_llama_triton_path_matches_reference(monkeypatch):
 
 CONFIGS = {
     "interp": dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1),
-    "small-m": dict(BLOCK_M=16, BLOCK_P=64, BLOCK_Q=256, GROUP_M=1, num_warps=4, num_stages=3),
-    "large": dict(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "small-m": dict(BLOCK_M=16, BLOCK_P=64, BLOCK_Q=256, GROUP_M=1, num_warps=8, num_stages=3),
+    "large": dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3),
     "split-q": dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=1, num_warps=4, num_stages=1, SPLIT_Q=3),
 }
 
