@@ -82,7 +82,6 @@ def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
             assert torch.equal(packed, ours.packed) or dev.type == "cuda"
             t = bench(lambda: bf.dequantize_4bit(packed, state, quant_type="nf4"), [()], repeat=repeat, device=dev)
             out.append(_record("nf4_dequantize", shape, dtype, "bitsandbytes", t, dev, nbytes=q4 + dense_bytes))
-        del w, ours, sets
     return out
 
 
@@ -149,7 +148,6 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
                 qw, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
                 t = bench(lambda: bnb.matmul_4bit(x1, qw.t(), quant_state=qs), [()], device=dev)
                 out.append(_record("nf4_gemv", s1, dtype, "bitsandbytes", t, dev, nbytes=_nf4_bytes(n, k)))
-        del w, nf4, x, dy
     return out
 
 
@@ -181,7 +179,8 @@ def ptxas_report() -> list[str]:
         split = 3 if m <= 16 else 1
         for transposed in (True, False):
             sig = {"a_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
-                   "l_ptr": "*bf16", "r_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*fp32" if split > 1 else "*bf16",
+                   "l_ptr": "*bf16", "r_ptr": "*bf16", "bias_ptr": "*bf16",
+                   "out_ptr": "*fp32" if split > 1 else "*bf16",
                    "M": "i32", "P": "i32", "Q": "i32", "K_W": "i32", "lora_scale": "fp32", "q_per_split": "i32",
                    **{s: "i32" for s in strides}}
             ce = dict(W_TRANSPOSED=transposed, ALIGNED=True, BLOCKSIZE=64, HAS_LORA=True, R_PAD=16, HAS_BIAS=True,
@@ -191,9 +190,11 @@ def ptxas_report() -> list[str]:
                                   options={k: v for k, v in cfg.items() if not k.isupper()})
             with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
                 f.write(kern.asm["ptx"])
-            res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+            res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
             os.unlink(f.name)
-            info = "; ".join(x.split(":", 1)[-1].strip() for x in res.stderr.splitlines() if "registers" in x or "spill" in x)
+            info = "; ".join(x.split(":", 1)[-1].strip() for x in res.stderr.splitlines()
+                             if "registers" in x or "spill" in x)
             lines.append(f"M={m:<5} {'fwd' if transposed else 'dX '} {cfg} smem={kern.metadata.shared}: {info}")
     return lines
 

@@ -178,7 +178,8 @@ def _nf4_lora_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
     M, P, Q, K_W, lora_scale, q_per_split,
     stride_am, stride_aq, stride_lm, stride_lr, stride_rr, stride_rp, stride_om, stride_op,
-    W_TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_Q: tl.constexpr,
@@ -227,14 +228,14 @@ def _nf4_lora_matmul_kernel(
             acc = tl.dot(a, w, acc)
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
-        l = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+        ll = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
                     mask=m_ok[:, None] & (pid_s == 0), other=0.0)
         rr = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
                      mask=p_ok[None, :], other=0.0)
         if IEEE:
-            lora = tl.dot(l, rr, input_precision="ieee")
+            lora = tl.dot(ll, rr, input_precision="ieee")
         else:
-            lora = tl.dot(l, rr)
+            lora = tl.dot(ll, rr)
         acc += lora_scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=p_ok & (pid_s == 0), other=0.0).to(tl.float32)[None, :]

@@ -307,7 +307,8 @@ class NF4Weight:
                 raise ValueError("NF4Weight: double quantization needs uint8 absmax, nested_code and offset")
             if self.nested_absmax.numel() != -(-blocks // self.nested_blocksize) or self.nested_code.numel() != 256:
                 raise ValueError(f"NF4Weight: nested_absmax must have {-(-blocks // self.nested_blocksize)} entries "
-                                 f"and nested_code 256, got {self.nested_absmax.numel()} and {self.nested_code.numel()}")
+                                 f"and nested_code 256, got {self.nested_absmax.numel()} and "
+                                 f"{self.nested_code.numel()}")
         elif self.absmax.dtype != torch.float32:
             raise ValueError(f"NF4Weight: absmax must be float32 without double quantization, got {self.absmax.dtype}")
 
@@ -379,7 +380,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"quantize_nf4: dtype {weight.dtype} is not supported; use float32, float16 or bfloat16")
     if weight.dim() != 2:
-        raise ValueError(f"quantize_nf4: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise ValueError(f"quantize_nf4: weight must be 2-D (out_features, in_features), "
+                         f"got shape {tuple(weight.shape)}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"quantize_nf4: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if weight.numel() == 0:

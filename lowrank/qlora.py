@@ -36,7 +36,8 @@ class NF4Linear(nn.Module):
                  compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         if compute_dtype not in _COMPUTE_DTYPES:
-            raise TypeError(f"NF4Linear: compute_dtype {compute_dtype} is not supported; use float32, float16 or bfloat16")
+            raise TypeError(f"NF4Linear: compute_dtype {compute_dtype} is not supported; "
+                            f"use float32, float16 or bfloat16")
         nf4.validate()
         self.nf4 = nf4
         self.out_features, self.in_features = nf4.shape
