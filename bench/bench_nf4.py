@@ -3,10 +3,13 @@
     python -m bench.run --only nf4 [--quick]
 
 CPU (what the issue asks for there): quantize and dequantize, lowrank vs bitsandbytes' CPU
-backend, and a float32 copy as the memory ceiling.
+backend, and a float32 copy as the memory ceiling; plus, for the record, the reference QLoRA
+forward+backward and M = 1 at small fp32 shapes.
 CUDA: the Triton dequant kernel vs bitsandbytes' dequantize_4bit and the measured copy bandwidth;
-fused QLoRA forward+backward vs peft + bitsandbytes Linear4bit + LoRA and vs bf16 LoRA at the same
-shapes; M = 1 forward vs bitsandbytes' 4-bit inference path (matmul_4bit -> gemv).
+fused QLoRA forward+backward vs peft + bitsandbytes Linear4bit + LoRA and vs dense bf16 LoRA
+(`ops.lora_linear`) at the same shapes; M = 1 forward vs bitsandbytes' 4-bit inference path
+(matmul_4bit -> gemv).
+`python -m bench.bench_nf4` prints the fused kernel's register/spill report for sm_90 (no GPU).
 
 Bytes counted (minimum traffic): dequant = 4-bit codes + uint8 absmax + nested statistics read,
 dense output written; quantize = dense input read, codes + statistics written; M = 1 forward =
@@ -86,16 +89,21 @@ def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
 
 
 def bench_qlora(quick: bool, device: str) -> list[Record]:
-    """Fused QLoRA forward+backward (CUDA only)."""
+    """QLoRA forward+backward: fused Triton kernels on CUDA (bf16); on the CPU the reference path
+    (dequantize + torch, fp32: bf16 GEMMs are slow there) at small shapes, for the record."""
     import lowrank
     from lowrank.nf4 import quantize_nf4
 
     bnb, _ = _bnb()
     dev = torch.device(device)
-    dtype = torch.bfloat16
     r = 16
-    shapes = [(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (4096, 4096, 11008), (4096, 11008, 4096),
-                                                  (16384, 4096, 4096)]
+    if dev.type == "cuda":
+        dtype = torch.bfloat16
+        shapes = [(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (4096, 4096, 11008),
+                                                      (4096, 11008, 4096), (16384, 4096, 4096)]
+    else:
+        dtype = torch.float32
+        shapes = [(256, 1024, 1024)] if quick else [(256, 1024, 1024), (512, 2048, 2048)]
     out = []
     for m, k, n in shapes:
         shape = {"M": m, "K": k, "N": n, "r": r}
@@ -116,7 +124,7 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
         t = bench(step_ours, [()], device=dev)
         out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank", t, dev, flops=flops))
         t = bench(step_bf16, [()], device=dev)
-        out.append(_record("qlora_fwd_bwd", shape, dtype, "bf16_lora", t, dev, flops=flops))
+        out.append(_record("qlora_fwd_bwd", shape, dtype, "dense_lora", t, dev, flops=flops))
         if bnb is not None:
             try:
                 from peft import LoraConfig, get_peft_model
@@ -153,8 +161,7 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
 
 def run(quick: bool, device: str) -> list[Record]:
     records = bench_quant_dequant(quick, device)
-    if torch.device(device).type == "cuda":
-        records += bench_qlora(quick, device)
+    records += bench_qlora(quick, device)
     return records
 
 
