@@ -543,12 +543,12 @@ def test_nf4linear_dtype_cast_keeps_storage():
 def test_qlora_llama_triton_path_matches_reference(monkeypatch):
     """The patched model through the Triton kernels (interpreter here) gives the reference's loss
     and LoRA gradients."""
-    model = tiny_llama()
+    model = tiny_llama().to(DEV)
     lowrank.patch_linear(model, rank=4, quantize="nf4", compute_dtype=torch.float32, init="gaussian")
     with torch.no_grad():
         for _, m in lowrank.lora_layers(model):
             m.lora_B["default"].normal_(0, 0.05)  # non-zero B so the LoRA branch counts
-    ids = torch.randint(0, 128, (2, 8))
+    ids = torch.randint(0, 128, (2, 8), device=DEV)
     results = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("LOWRANK_BACKEND", backend)
