@@ -262,7 +262,7 @@ def _split_for(tiles: int, q: int, block_q: int, device) -> int:
     return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(q, block_q)))
 
 
-def _config(m: int, interpret: bool) -> dict:
+def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligned: bool = True) -> dict:
     """Tile sizes by M. Not measured yet on the H200; chosen so that sm_90 ptxas reports no
     register spills in the forward (the heavier direction: it decodes through a 3-D permute):
     16x64x256 with 4 warps spilled 192 B, with 8 warps it uses 165 registers and none;
@@ -272,10 +272,21 @@ def _config(m: int, interpret: bool) -> dict:
         return dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1)
     if m <= 16:
         # One M tile: each 4-bit weight byte is read once (split over Q: `_split_for`).
-        return dict(BLOCK_M=16, BLOCK_P=64, BLOCK_Q=256, GROUP_M=1, num_warps=8, num_stages=3)
-    if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=16, BLOCK_P=64, BLOCK_Q=256, GROUP_M=1, num_warps=8, num_stages=3)
+    elif m <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        # fp32 operands double the staged tiles: 3 stages of the small-M tile need 226 KB of the
+        # H200's 227 KB of shared memory (sm_90 ptxas), 2 stages 151 KB.
+        cfg["num_stages"] = 2
+    if not aligned:
+        # The per-element gather tile goes through shared memory for its layout change: with the
+        # aligned path's 16x64x256 tile it needs 264 KB (> 227 KB); 64-wide, 2 stages: 34 KB.
+        cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], 64)
+        cfg["num_stages"] = 2
+    return cfg
 
 
 def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: bool,
@@ -310,7 +321,8 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
         out = torch.empty(m, p, dtype=a.dtype, device=a.device)
     if m == 0 or p == 0:
         return out
-    cfg = dict(config or _config(m, INTERPRET))
+    aligned = k_w % w.blocksize == 0
+    cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned))
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"])
     split = cfg.pop("SPLIT_Q", None)
     if split is None:
@@ -327,7 +339,7 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
         lora_l.stride(0) if has_lora else 0, lora_l.stride(1) if has_lora else 0,
         lora_r.stride(0) if has_lora else 0, lora_r.stride(1) if has_lora else 0,
         target.stride(0), target.stride(1),
-        W_TRANSPOSED=transposed, ALIGNED=k_w % w.blocksize == 0, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
+        W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
         HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET, SPLIT_Q=split,
         **cfg,
     )

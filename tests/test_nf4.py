@@ -652,6 +652,7 @@ def test_patch_peak_memory_one_layer():
 
 _COMPILE_SCRIPT = r"""
 import re, sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -670,9 +671,9 @@ mm = ["a_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "l_ptr", "r_ptr", "bias_p
 ints = ["M", "P", "Q", "K_W"]
 strides = ["stride_am", "stride_aq", "stride_lm", "stride_lr", "stride_rr", "stride_rp", "stride_om", "stride_op"]
 variants = [("bf16", t, a, m) for t in (True, False) for a in (True, False) for m in (1, 4096)]
-variants += [("fp16", True, True, 64), ("fp32", False, True, 4096)]
+variants += [("fp16", True, True, 64), ("fp32", False, True, 4096), ("fp32", True, True, 1), ("fp32", True, False, 1)]
 for dtype, transposed, aligned, m in variants:
-    cfg = K._config(m, False)
+    cfg = K._config(m, False, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], aligned)
     split = 3 if m == 1 else 1
     sig = {"a_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
            "l_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
@@ -686,6 +687,7 @@ for dtype, transposed, aligned, m in variants:
     opts = {k: v for k, v in cfg.items() if not k.isupper()}
     k = triton.compile(ASTSource(K._nf4_lora_matmul_kernel, sig, ce), target=target, options=opts)
     assert k.asm["cubin"], (dtype, transposed, aligned, m)
+    assert k.metadata.shared <= 232448, (dtype, transposed, aligned, m, k.metadata.shared)  # sm_90: 227 KB
 fma = {n: len(re.findall(r"\bfma\.\w+\.f32", p)) for n, p in ptx.items()}
 assert all(v == 0 for v in fma.values()), fma
 print("compiled ok")
