@@ -142,6 +142,10 @@ class NF4Weight:
     offset: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
 
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, device={self.device}, {self.bits_per_param():.3f} bits/param)")
+
     # -- basic properties ----------------------------------------------------------------------
     @property
     def double_quant(self) -> bool:
