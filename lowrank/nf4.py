@@ -114,9 +114,11 @@ def _dynamic_lut(device) -> torch.Tensor:
     """The 65536-entry index -> code table of bitsandbytes' CPU 8-bit quantizer (int64)."""
     key = ("dynamic-lut", torch.device(device))
     if key not in _code_cache:
-        i = torch.arange(65536, dtype=torch.float32, device=device)
+        # Built on the CPU: CUDA torch divides by a scalar as a multiply by its reciprocal, which
+        # rounds differently from bitsandbytes' true division.
+        i = torch.arange(65536, dtype=torch.float32)
         grid = -1.0 + (2.0 * i) / 65535.0  # fp32: exact product, rounded quotient, rounded sum
-        _code_cache[key] = torch.bucketize(grid, _midpoints(dynamic_code(device)), right=False)
+        _code_cache[key] = torch.bucketize(grid, _midpoints(dynamic_code()), right=False).to(device)
     return _code_cache[key]
 
 
