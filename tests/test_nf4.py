@@ -721,6 +721,8 @@ def test_gpu_matches_bitsandbytes_cuda(double_quant):
     if not double_quant:
         ours = quantize_nf4(w, double_quant=False)
         assert torch.equal(ours.packed, packed) and torch.equal(ours.absmax, state.absmax)
+        on_cpu = quantize_nf4(w.cpu(), double_quant=False)
+        assert torch.equal(ours.packed.cpu(), on_cpu.packed) and torch.equal(ours.absmax.cpu(), on_cpu.absmax)
     theirs = NF4Weight.from_bnb(bnb.nn.Params4bit(packed, quant_state=state, bnb_quantized=True, quant_type="nf4"))
     for dtype in DTYPES:
         state.dtype = dtype
