@@ -17,6 +17,8 @@ the 4-bit weight bytes (x and y are negligible).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .harness import Record, bench, derived, device_name, measure_copy_bandwidth, rotating_inputs, versions
@@ -123,6 +125,16 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
 
         t = bench(step_ours, [()], device=dev)
         out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank", t, dev, flops=flops))
+        if dev.type == "cuda":  # the opt-in autotuned tiles (kernels/nf4.py), to pick the defaults from
+            os.environ["LOWRANK_NF4_AUTOTUNE"] = "1"
+            try:
+                t = bench(step_ours, [()], warmup=2, device=dev)
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank-autotune", t, dev, flops=flops))
+            except Exception as exc:
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank-autotune", float("nan"), dev,
+                                   error=repr(exc)))
+            finally:
+                os.environ.pop("LOWRANK_NF4_AUTOTUNE", None)
         t = bench(step_bf16, [()], device=dev)
         out.append(_record("qlora_fwd_bwd", shape, dtype, "dense_lora", t, dev, flops=flops))
         if bnb is not None:

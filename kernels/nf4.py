@@ -246,6 +246,18 @@ def _nf4_lora_matmul_kernel(
         tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
 
 
+# Opt-in (LOWRANK_NF4_AUTOTUNE=1) autotuning for M > 16, until the H200 measurements pick the
+# heuristic configs of `_config`: tiles that compile for sm_90 within its shared memory; Triton's
+# autotuner drops any that do not fit a dtype's path.
+_TUNE_CONFIGS = [
+    triton.Config(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, GROUP_M=8), num_warps=nw, num_stages=ns)
+    for bm, bp, bq, nw, ns in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3),
+                               (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)]
+]
+_nf4_lora_matmul_tuned = triton.autotune(
+    configs=_TUNE_CONFIGS, key=["M", "P", "Q", "W_TRANSPOSED", "ALIGNED", "HAS_LORA"])(_nf4_lora_matmul_kernel)
+
+
 def _pad_rank(t: torch.Tensor, dim: int, r_pad: int) -> torch.Tensor:
     """Zero-pad the rank dimension to r_pad (tl.dot needs >= 16 and a power of two)."""
     r = t.shape[dim]
@@ -322,6 +334,20 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
     if m == 0 or p == 0:
         return out
     aligned = k_w % w.blocksize == 0
+    dummy = a
+    args = [a, w.packed, absmax, nf4_code(a.device),
+            lora_l if has_lora else dummy, lora_r if has_lora else dummy, bias if bias is not None else dummy]
+    lora_strides = [lora_l.stride(0), lora_l.stride(1), lora_r.stride(0), lora_r.stride(1)] if has_lora else [0] * 4
+    consts = dict(W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
+                  HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET)
+    if config is None and m > 16 and not INTERPRET and os.environ.get("LOWRANK_NF4_AUTOTUNE") == "1":
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), 1)
+
+        _nf4_lora_matmul_tuned[grid](
+            *args, out, m, p, q, k_w, float(lora_scale), q,
+            a.stride(0), a.stride(1), *lora_strides, out.stride(0), out.stride(1), **consts, SPLIT_Q=1)
+        return out
     cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned))
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"])
     split = cfg.pop("SPLIT_Q", None)
@@ -330,18 +356,10 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
     q_per_split = triton.cdiv(triton.cdiv(q, split), cfg["BLOCK_Q"]) * cfg["BLOCK_Q"]
     split = triton.cdiv(q, q_per_split)
     target = out if split == 1 else torch.zeros(m, p, dtype=torch.float32, device=a.device)
-    dummy = a
     _nf4_lora_matmul_kernel[(tiles, split)](
-        a, w.packed, absmax, nf4_code(a.device),
-        lora_l if has_lora else dummy, lora_r if has_lora else dummy, bias if bias is not None else dummy, target,
-        m, p, q, k_w, float(lora_scale), q_per_split,
-        a.stride(0), a.stride(1),
-        lora_l.stride(0) if has_lora else 0, lora_l.stride(1) if has_lora else 0,
-        lora_r.stride(0) if has_lora else 0, lora_r.stride(1) if has_lora else 0,
-        target.stride(0), target.stride(1),
-        W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
-        HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET, SPLIT_Q=split,
-        **cfg,
+        *args, target, m, p, q, k_w, float(lora_scale), q_per_split,
+        a.stride(0), a.stride(1), *lora_strides, target.stride(0), target.stride(1),
+        **consts, SPLIT_Q=split, **cfg,
     )
     if split > 1:
         out.copy_(target)  # the one rounding of the split-Q sum

@@ -752,3 +752,33 @@ def test_quantize_an_already_patched_model_keeps_adapters():
                                     conv.bias)
     assert_close(model(x), ref, reference.lora_linear(x, quantize_nf4(w_nk).dequantize(torch.float32), a, b,
                                                       layer.scaling("first"), conv.bias))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the autotuned path is exercised by bench_nf4 for real")
+@pytest.mark.parametrize("transposed", [True, False], ids=["fwd", "dx"])
+def test_autotuned_launch_plumbing(transposed, monkeypatch):
+    """LOWRANK_NF4_AUTOTUNE=1 (GPU-only, M > 16) in the interpreter: every config runs (timed by a
+    stand-in for the CUDA benchmarker) and the chosen one gives the right fp32 result."""
+    import time
+
+    monkeypatch.setattr(kernels_nf4, "INTERPRET", False)
+    monkeypatch.setenv("LOWRANK_NF4_AUTOTUNE", "1")
+    tuned = kernels_nf4._nf4_lora_matmul_tuned
+
+    def wall_clock(kernel_call, quantiles):
+        t0 = time.perf_counter()
+        kernel_call()
+        return [time.perf_counter() - t0] * 3
+
+    monkeypatch.setattr(tuned, "_do_bench", wall_clock)
+    monkeypatch.setattr(tuned, "cache", {})
+    w = quantize_nf4(torch.randn(70, 128))
+    x = torch.randn(40, 128 if transposed else 70)
+    t = torch.randn(40, 4)
+    r = torch.randn(70, 4).t() if transposed else torch.randn(4, 128)
+    out = poison_(torch.empty(40, 70 if transposed else 128))
+    kernels_nf4.nf4_matmul(x, w, w.block_absmax(), transposed, t, r, 2.0, out=out)
+    wd = w.dequantize(torch.float32).double()
+    ref = x.double() @ (wd.t() if transposed else wd) + 2.0 * t.double() @ r.double()
+    base = x @ (w.dequantize(torch.float32).t() if transposed else w.dequantize(torch.float32)) + 2.0 * t @ r
+    assert_close(out, ref, base, name="autotuned nf4_matmul")
