@@ -789,3 +789,17 @@ def test_autotuned_launch_plumbing(transposed, monkeypatch):
     ref = x.double() @ (wd.t() if transposed else wd) + 2.0 * t.double() @ r.double()
     base = x @ (w.dequantize(torch.float32).t() if transposed else w.dequantize(torch.float32)) + 2.0 * t @ r
     assert_close(out, ref, base, name="autotuned nf4_matmul")
+
+
+@pytest.mark.gpu
+def test_nf4linear_moves_between_devices():
+    layer = NF4Linear.from_linear(torch.nn.Linear(256, 64), compute_dtype=torch.bfloat16)
+    ref = {k: v.clone() for k, v in layer.nf4.tensors().items()}
+    layer.cuda()
+    assert layer.nf4.device.type == "cuda" and layer.bias.device.type == "cuda"
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    assert torch.equal(y, torch.nn.functional.linear(x, layer.nf4.dequantize(torch.bfloat16), layer.bias.bfloat16()))
+    layer.cpu()
+    for k, v in layer.nf4.tensors().items():
+        assert v.device.type == "cpu" and torch.equal(v, ref[k]), k
