@@ -391,7 +391,6 @@ class NF4LoRAFunction(torch.autograd.Function):
         y = nf4_matmul(x2, w, absmax, True, t, lora_B.t(), scaling, bias)
         ctx.save_for_backward(h, lora_A, lora_B, t, keep)
         ctx.w, ctx.scaling, ctx.dropout, ctx.x_shape = w, scaling, dropout, shape
-        ctx.x_needs_grad = x.requires_grad
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
