@@ -65,6 +65,7 @@ NESTED_BLOCKSIZE = 256
 # while patching peaks below one dense layer. On the CPU small chunks cost time (2048 x 2048:
 # 330 ms with 1M chunks, 140-240 ms with 16M; 2 cores), and RAM is less scarce.
 _CHUNK = {"cuda": 1 << 20, "cpu": 1 << 24}
+_DEQUANT_CHUNK = 1 << 20
 
 _code_cache: dict = {}
 
@@ -204,15 +205,26 @@ class NF4Weight:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"NF4Weight.dequantize: dtype {dtype} is not supported; use float32, float16 or bfloat16")
         n, bs = self.numel, self.blocksize
-        # One gather of a (hi, lo) value pair per byte: 2x faster than unpacking the nibbles first.
-        values = torch.index_select(_pair_table(self.device), 0, self.packed.view(-1).int()).view(-1)[:n]
         absmax = self.block_absmax()
-        full = (n // bs) * bs
-        out = torch.empty(n, dtype=torch.float32, device=self.device)
-        out[:full] = (values[:full].view(-1, bs) * absmax[: n // bs, None]).view(-1)
-        if full < n:
-            out[full:] = values[full:] * absmax[-1]
-        return out.view(self.shape).to(dtype)
+        table = _pair_table(self.device)
+        flat_packed = self.packed.view(-1)
+        out = torch.empty(n, dtype=dtype, device=self.device)
+        # Chunks of whole blocks keep the fp32 temporaries small and reused: one pass over 16M
+        # elements allocated ~170 MB of fresh pages per call and ran 20x slower than 4M (CPU).
+        step = max(_DEQUANT_CHUNK // bs, 1) * bs
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            # one gather of a (hi, lo) value pair per byte: 2x faster than unpacking nibbles first
+            vals = torch.index_select(table, 0, flat_packed[start // 2: (stop + 1) // 2].int()).view(-1)
+            vals = vals[: stop - start]
+            full = ((stop - start) // bs) * bs
+            b0 = start // bs
+            chunk = torch.empty(stop - start, dtype=torch.float32, device=self.device)
+            chunk[:full] = (vals[:full].view(-1, bs) * absmax[b0: b0 + full // bs, None]).view(-1)
+            if full < stop - start:  # the trailing partial block of the whole weight
+                chunk[full:] = vals[full:] * absmax[-1]
+            out[start:stop] = chunk  # the one rounding to dtype
+        return out.view(self.shape)
 
     # -- bitsandbytes interchange --------------------------------------------------------------
     def quant_state_dict(self) -> dict:
