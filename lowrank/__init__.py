@@ -11,6 +11,8 @@ back to the pure-torch reference path with one warning.
 from .config import LoRAConfig
 from .layers import LoRALinear
 from .merge import merge, merge_and_unload, unmerge
+from .nf4 import NF4Weight, quantize_nf4
+from .qlora import NF4Linear, prepare_for_qlora_training
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
 from .io import load_adapter, save_adapter
 from .adapters import (add_adapter, adapter_ids, adapter_names, delete_adapter, disable_adapters,
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRAConfig",
     "LoRALinear",
+    "NF4Linear",
+    "NF4Weight",
     "adapter_ids",
     "adapter_names",
     "add_adapter",
@@ -31,6 +35,8 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "patch_linear",
+    "prepare_for_qlora_training",
+    "quantize_nf4",
     "save_adapter",
     "select_targets",
     "set_adapter",

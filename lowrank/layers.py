@@ -18,7 +18,9 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    from .qlora import NF4Linear
+
+    return isinstance(module, (nn.Linear, NF4Linear)) or is_conv1d(module)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -109,6 +111,9 @@ class LoRALinear(nn.Module):
         if name is None or self.merged:
             return self.base_layer(x)
         cfg = self.configs[name]
+        if getattr(self.base_layer, "lora_forward", None) is not None:  # NF4Linear: the fused QLoRA op
+            return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
+                                                cfg.dropout if self.training else 0.0)
         return ops.lora_linear(
             x, self.base_weight_nk(), self.lora_A[name], self.lora_B[name], cfg.scaling,
             bias=self.base_layer.bias, dropout=cfg.dropout if self.training else 0.0,

@@ -112,6 +112,39 @@ def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: f
     return reference.lora_linear(x, weight, lora_A, lora_B, float(scaling), bias, dropout)
 
 
+def nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
+    """QLoRA: y = x @ deq(W).T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T, differentiable.
+
+    nf4_weight: a `lowrank.NF4Weight` (N, K), frozen; x: (..., K) in the compute dtype (float32,
+    float16 or bfloat16); lora_A (r, K) and lora_B (N, r) are cast to x's dtype (their gradients
+    come back in their own dtype, e.g. float32 master weights); bias: (N,) or None, frozen.
+    Triton (CUDA): W is decoded tile by tile inside the GEMMs, never as a dense copy. Reference
+    (CPU): dequantize, then `reference.lora_linear`.
+    """
+    from .nf4 import NF4Weight
+
+    if not isinstance(nf4_weight, NF4Weight):
+        raise TypeError(f"nf4_lora_linear: nf4_weight must be a lowrank.NF4Weight, got {type(nf4_weight).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"nf4_lora_linear: x dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
+    if x.device != nf4_weight.device:
+        raise ValueError(f"nf4_lora_linear: x is on {x.device}, the NF4 weight on {nf4_weight.device}")
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    n, k = nf4_weight.shape
+    # Shape checks against a (N, K) stand-in: the NF4 weight has no dense tensor to check.
+    check_lora_args(x, x.new_empty(()).expand(n, k), lora_A, lora_B, bias, where="nf4_lora_linear")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"nf4_lora_linear: dropout must be in [0, 1), got {dropout}")
+    if backend_for(x) == "triton":
+        from .kernels.nf4 import NF4LoRAFunction
+
+        return NF4LoRAFunction.apply(x, nf4_weight, lora_A, lora_B, float(scaling), bias, float(dropout))
+    weight = nf4_weight.dequantize(x.dtype)
+    return reference.lora_linear(x, weight, lora_A, lora_B, float(scaling), bias, dropout)
+
+
 def __getattr__(name: str):
     """`lowrank.ops.merge_` / `lowrank.ops.unmerge_`: the merge custom ops, defined in
     lowrank/merge.py (imported lazily: merge.py imports layers.py, which imports this module)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
+import torch
 import torch.nn as nn
 
 from .config import LoRAConfig, TargetSpec
@@ -87,13 +88,21 @@ def _list_linear(found) -> str:
 
 def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                  targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
-                 init: str = "kaiming", adapter_name: str = "default") -> nn.Module:
+                 init: str = "kaiming", adapter_name: str = "default", quantize: str | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
+                 double_quant: bool = True) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
     not copied); layers that are already LoRALinear get the new adapter added. Every parameter
     that is not a LoRA parameter is frozen. All arguments are checked, and every new module is
     built, before the model is touched: on error the model is unchanged.
+
+    QLoRA: quantize="nf4" replaces each selected dense layer by a `lowrank.qlora.NF4Linear`
+    (bitsandbytes' NF4 format, `blocksize`, `double_quant`; matmuls in `compute_dtype`), one layer
+    at a time, releasing each dense weight as it goes (`unpatch` then gives back the NF4Linear
+    layers, not the dense ones). Selected bitsandbytes Linear4bit (nf4) layers are adopted as
+    they are, quantize or not. All checks (NaN/Inf weights included) run before the first swap.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
@@ -105,6 +114,11 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     if clash:
         raise ValueError(f"adapter {adapter_name!r} already exists on {len(clash)} layer(s) (e.g. {clash[0]}); "
                          f"use another adapter_name or lowrank.unpatch(model) first")
+
+    from .qlora import check_quantize_args, quantize_targets
+
+    check_quantize_args(quantize, compute_dtype, blocksize, double_quant)
+    chosen = quantize_targets(model, chosen, quantize, compute_dtype, blocksize, double_quant)
 
     # Build everything first; only then mutate the model.
     wrappers = []
@@ -161,7 +175,8 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts (each shared parameter counted once)."""
+    """(trainable, total) parameter counts (each shared parameter counted once; the elements of
+    NF4-quantized weights count in total)."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -170,4 +185,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    from .qlora import quantized_layers
+
+    for _, layer in quantized_layers(model):
+        total += layer.nf4.numel  # NF4 weights are not Parameters: count their elements here
     return trainable, total

@@ -1,0 +1,222 @@
+"""NF4 / QLoRA microbenchmarks.
+
+    python -m bench.run --only nf4 [--quick]
+
+CPU (what the issue asks for there): quantize and dequantize, lowrank vs bitsandbytes' CPU
+backend, and a float32 copy as the memory ceiling; plus, for the record, the reference QLoRA
+forward+backward and M = 1 at small fp32 shapes.
+CUDA: the Triton dequant kernel vs bitsandbytes' dequantize_4bit and the measured copy bandwidth;
+fused QLoRA forward+backward vs peft + bitsandbytes Linear4bit + LoRA and vs dense bf16 LoRA
+(`ops.lora_linear`) at the same shapes; M = 1 forward vs bitsandbytes' 4-bit inference path
+(matmul_4bit -> gemv).
+`python -m bench.bench_nf4` prints the fused kernel's register/spill report for sm_90 (no GPU).
+
+Bytes counted (minimum traffic): dequant = 4-bit codes + uint8 absmax + nested statistics read,
+dense output written; quantize = dense input read, codes + statistics written; M = 1 forward =
+the 4-bit weight bytes (x and y are negligible).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .harness import Record, bench, derived, device_name, measure_copy_bandwidth, rotating_inputs, versions
+
+BASELINE = "bitsandbytes"
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+    except Exception:  # not installed (e.g. on the GPU machine without its wheel)
+        return None, None
+    return bnb, bf
+
+
+def _record(op, shape, dtype, impl, t, dev, flops=None, nbytes=None, **extra):
+    return Record(op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), impl=impl, median_s=t,
+                  derived=derived(t, flops, nbytes), device=device_name(dev), versions=versions(), extra=extra)
+
+
+def _nf4_bytes(n, k):
+    blocks = n * k // 64
+    return n * k // 2 + blocks + 4 * (-(-blocks // 256))
+
+
+def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
+    from lowrank.nf4 import quantize_nf4
+
+    bnb, bf = _bnb()
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    shapes = [(2048, 2048)] if quick else [(2048, 2048), (4096, 4096), (4096, 11008)]
+    if on_gpu:
+        shapes = [(4096, 4096)] if quick else [(4096, 4096), (4096, 11008), (8192, 28672)]
+    dtype = torch.bfloat16
+    out = []
+    copy_gbs = measure_copy_bandwidth(dev)
+    repeat = 20 if on_gpu else 5
+    for n, k in shapes:
+        shape = {"N": n, "K": k}
+        w = torch.randn(n, k, device=dev, dtype=dtype)
+        q4 = _nf4_bytes(n, k)
+        dense_bytes = n * k * 2
+        # copy of the dense bf16 weight: the ceiling for a pass that writes it
+        out.append(_record("nf4_dequantize", shape, dtype, "copy", (2 * dense_bytes) / (copy_gbs * 1e9), dev,
+                           nbytes=2 * dense_bytes, note="from measure_copy_bandwidth"))
+        t = bench(lambda: quantize_nf4(w), [()], warmup=1, repeat=repeat, device=dev)
+        out.append(_record("nf4_quantize", shape, dtype, "lowrank", t, dev, nbytes=dense_bytes + q4))
+        if bf is not None:
+            t = bench(lambda: bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"),
+                      [()], warmup=1, repeat=repeat, device=dev)
+            out.append(_record("nf4_quantize", shape, dtype, "bitsandbytes", t, dev, nbytes=dense_bytes + q4))
+        ours = quantize_nf4(w)
+        sets = rotating_inputs(lambda: (quantize_nf4(w),), q4 + dense_bytes, max_sets=8 if on_gpu else 1)
+        if on_gpu:
+            from lowrank.kernels.nf4 import dequantize
+
+            t = bench(lambda q: dequantize(q, dtype), sets, repeat=repeat, device=dev)
+            out.append(_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
+                               frac_of_copy=(q4 + dense_bytes) / t / 1e9 / copy_gbs))
+        t = bench(lambda q: q.dequantize(dtype), sets, repeat=repeat, device=dev)
+        out.append(_record("nf4_dequantize", shape, dtype, "lowrank-torch", t, dev, nbytes=q4 + dense_bytes))
+        if bf is not None:
+            packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            assert torch.equal(packed, ours.packed) or dev.type == "cuda"
+            t = bench(lambda: bf.dequantize_4bit(packed, state, quant_type="nf4"), [()], repeat=repeat, device=dev)
+            out.append(_record("nf4_dequantize", shape, dtype, "bitsandbytes", t, dev, nbytes=q4 + dense_bytes))
+    return out
+
+
+def bench_qlora(quick: bool, device: str) -> list[Record]:
+    """QLoRA forward+backward: fused Triton kernels on CUDA (bf16); on the CPU the reference path
+    (dequantize + torch, fp32: bf16 GEMMs are slow there) at small shapes, for the record."""
+    import lowrank
+    from lowrank.nf4 import quantize_nf4
+
+    bnb, _ = _bnb()
+    dev = torch.device(device)
+    r = 16
+    if dev.type == "cuda":
+        dtype = torch.bfloat16
+        shapes = [(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (4096, 4096, 11008),
+                                                      (4096, 11008, 4096), (16384, 4096, 4096)]
+    else:
+        dtype = torch.float32
+        shapes = [(256, 1024, 1024)] if quick else [(256, 1024, 1024), (512, 2048, 2048)]
+    out = []
+    for m, k, n in shapes:
+        shape = {"M": m, "K": k, "N": n, "r": r}
+        flops = 2 * m * n * k * 2 + 2 * m * r * (k + n) * 3  # fwd + dX GEMMs, LoRA terms (no dW)
+        w = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
+        nf4 = quantize_nf4(w)
+        x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
+        a = (torch.randn(r, k, device=dev) / k**0.5).to(dtype).requires_grad_()
+        b = (torch.randn(n, r, device=dev) * 0.01).to(dtype).requires_grad_()
+        dy = torch.randn(m, n, device=dev, dtype=dtype)
+
+        def step_ours():
+            lowrank.ops.nf4_lora_linear(x, nf4, a, b, 2.0).backward(dy)
+
+        def step_bf16():
+            lowrank.ops.lora_linear(x, w, a, b, 2.0).backward(dy)
+
+        t = bench(step_ours, [()], device=dev)
+        out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank", t, dev, flops=flops))
+        if dev.type == "cuda":  # the opt-in autotuned tiles (kernels/nf4.py), to pick the defaults from
+            os.environ["LOWRANK_NF4_AUTOTUNE"] = "1"
+            try:
+                t = bench(step_ours, [()], warmup=2, device=dev)
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank-autotune", t, dev, flops=flops))
+            except Exception as exc:
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank-autotune", float("nan"), dev,
+                                   error=repr(exc)))
+            finally:
+                os.environ.pop("LOWRANK_NF4_AUTOTUNE", None)
+        t = bench(step_bf16, [()], device=dev)
+        out.append(_record("qlora_fwd_bwd", shape, dtype, "dense_lora", t, dev, flops=flops))
+        if bnb is not None:
+            try:
+                from peft import LoraConfig, get_peft_model
+
+                base = torch.nn.Sequential(bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype,
+                                                             compress_statistics=True, quant_type="nf4"))
+                base[0].weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, compress_statistics=True,
+                                                   quant_type="nf4")
+                base = base.to(dev)
+                pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+                for p in pm.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.to(dtype)
+
+                def step_peft():
+                    pm(x).backward(dy)
+
+                t = bench(step_peft, [()], device=dev)
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", t, dev, flops=flops))
+            except Exception as exc:  # record why the baseline is missing rather than fail the run
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", float("nan"), dev, error=repr(exc)))
+        # M = 1 (decode): the 4-bit weight is the traffic
+        x1 = torch.randn(1, k, device=dev, dtype=dtype)
+        s1 = {"M": 1, "K": k, "N": n}
+        with torch.no_grad():
+            t = bench(lambda: lowrank.ops.nf4_lora_linear(x1, nf4, a, b, 2.0), [()], device=dev)
+            out.append(_record("nf4_gemv", s1, dtype, "lowrank", t, dev, nbytes=_nf4_bytes(n, k)))
+            if bnb is not None:
+                qw, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+                t = bench(lambda: bnb.matmul_4bit(x1, qw.t(), quant_state=qs), [()], device=dev)
+                out.append(_record("nf4_gemv", s1, dtype, "bitsandbytes", t, dev, nbytes=_nf4_bytes(n, k)))
+    return out
+
+
+def run(quick: bool, device: str) -> list[Record]:
+    records = bench_quant_dequant(quick, device)
+    records += bench_qlora(quick, device)
+    return records
+
+
+def ptxas_report() -> list[str]:
+    """Registers, spills and shared memory of the fused kernel's GPU configs, compiled for sm_90
+    with Triton's bundled ptxas: no GPU needed (run without TRITON_INTERPRET)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowrank.kernels import nf4 as K
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    strides = ["stride_am", "stride_aq", "stride_lm", "stride_lr", "stride_rr", "stride_rp", "stride_om", "stride_op"]
+    lines = []
+    for m in (1, 64, 4096):
+        cfg = K._config(m, False)
+        split = 3 if m <= 16 else 1
+        for transposed in (True, False):
+            sig = {"a_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+                   "l_ptr": "*bf16", "r_ptr": "*bf16", "bias_ptr": "*bf16",
+                   "out_ptr": "*fp32" if split > 1 else "*bf16",
+                   "M": "i32", "P": "i32", "Q": "i32", "K_W": "i32", "lora_scale": "fp32", "q_per_split": "i32",
+                   **{s: "i32" for s in strides}}
+            ce = dict(W_TRANSPOSED=transposed, ALIGNED=True, BLOCKSIZE=64, HAS_LORA=True, R_PAD=16, HAS_BIAS=True,
+                      IEEE=False, INTERPRETED=False, SPLIT_Q=split, **{k: v for k, v in cfg.items() if k.isupper()})
+            sig.update({c: "constexpr" for c in ce})
+            kern = triton.compile(ASTSource(K._nf4_lora_matmul_kernel, sig, ce), target=GPUTarget("cuda", 90, 32),
+                                  options={k: v for k, v in cfg.items() if not k.isupper()})
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(kern.asm["ptx"])
+            res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+            os.unlink(f.name)
+            info = "; ".join(x.split(":", 1)[-1].strip() for x in res.stderr.splitlines()
+                             if "registers" in x or "spill" in x)
+            lines.append(f"M={m:<5} {'fwd' if transposed else 'dX '} {cfg} smem={kern.metadata.shared}: {info}")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(ptxas_report()))

@@ -1,0 +1,416 @@
+"""NF4 Triton kernels: a single-launch dequantization, and the fused NF4 LoRA matmul.
+
+Storage (lowrank/nf4.py, bitsandbytes' format): element e of the row-major (N, K) weight is the
+high (e even) or low (e odd) nibble of packed[e // 2], scaled by absmax[e // blocksize].
+
+- `dequantize(w, dtype)`: one launch; each program writes a run of whole quantization blocks (or
+  part of one when blocksize > BLOCK), decodes the nested absmax of each block once, and stores
+  the interleaved high/low nibbles contiguously.
+- `nf4_matmul(a, w, absmax, lora_l, lora_r, ...)`: out = a @ op(deq(W)) + lora_scale * lora_l @
+  lora_r (+ bias). The NF4 tiles of W are decoded inside the K-loop (no dense W in memory); the
+  LoRA expand is one more tl.dot into the same fp32 accumulator; the output is rounded once.
+  Forward: op(W) = W.T (out (M, N), reduce over K); backward: op(W) = W (dX (M, K), reduce over
+  N). A decoded weight value is fp32(NF4 * absmax) rounded to the compute dtype: the very bits
+  `NF4Weight.dequantize(dtype)` gives, so the only difference with the reference is the order of
+  the fp32 accumulation.
+- Small M (<= 16): the same kernel with one M-tile and wide reduction tiles, so each 4-bit weight
+  byte is read exactly once, split over the reduction (SPLIT_Q programs per output tile, fp32
+  atomic adds into a workspace, one rounding at the end) so that a decode-size launch still has
+  two programs per SM. The split sums in a run-dependent order: not bitwise reproducible.
+
+# Note: no FMA in the nested absmax decode
+bitsandbytes decodes absmax as fp32(fp32(code2[q] * absmax2) + offset): two roundings. Triton
+fuses such a multiply-add into one FMA (one rounding) by default, which changes the last bit of
+some absmax values and then of every weight in the block. The dequant kernel is therefore
+compiled with enable_fp_fusion=False (checked in the sm_90 PTX: `mul.rn.f32` then `add.rn.f32`,
+no `fma`). libdevice's `mul_rn` would also block the fusion, but Triton links it with
+flush-to-zero (`mul.rn.ftz.f32`), which breaks subnormal absmax values. The fused matmul has no
+such pair: its weight decode is a single product.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank.nf4 import NF4Weight, nf4_code
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """fp32 -> dtype, round to nearest even. The interpreter truncates fp32 -> bf16 (and its
+    "rtne" mode rounds half up without carrying into the exponent), so there we do it on the bits:
+    exact for finite values, which is all a decoded weight can be."""
+    if MANUAL_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
+    n_elements,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    # The program's BLOCK elements as a (ROWS, SPAN) tile: one row per quantization block (or one
+    # row inside a block larger than BLOCK), so each block's absmax is decoded once.
+    SPAN: tl.constexpr = BLOCK if BLOCKSIZE > BLOCK else BLOCKSIZE
+    ROWS: tl.constexpr = BLOCK // SPAN
+    HALF: tl.constexpr = SPAN // 2
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * BLOCK + tl.arange(0, ROWS).to(tl.int64) * SPAN  # (ROWS,) first element
+    blk = row_start // BLOCKSIZE
+    row_ok = row_start < n_elements
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=row_ok, other=0).to(tl.int32)
+        scale2 = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=row_ok, other=0.0)
+        decoded = tl.load(nested_code_ptr + q, mask=row_ok, other=0.0) * scale2
+        absmax = decoded + tl.load(offset_ptr)  # a separate rounding: see the Note on FMA
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=row_ok, other=0.0)
+    byte_idx = row_start[:, None] // 2 + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
+    n_bytes = (n_elements + 1) // 2
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
+    lo = tl.load(code_ptr + (byte & 0xF)) * absmax[:, None]
+    vals = tl.interleave(hi, lo)  # (ROWS, SPAN), element order: hi then lo
+    offs = row_start[:, None] + tl.arange(0, SPAN)[None, :]
+    tl.store(out_ptr + offs, _round_to(vals, out_ptr.dtype.element_ty, INTERPRETED), mask=offs < n_elements)
+
+
+def dequantize(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense (N, K) weight, bit-identical to `w.dequantize(dtype)`, in one launch."""
+    dtype = dtype or w.dtype
+    if dtype not in _TL_DTYPES:
+        raise TypeError(f"nf4.dequantize: dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    n = w.numel
+    if out is None:
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    elif out.shape != torch.Size(w.shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"nf4.dequantize: out must be a contiguous {tuple(w.shape)} {dtype} tensor, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    block = 256 if INTERPRET else 2048
+    grid = (triton.cdiv(n, block),)
+    nested = w.double_quant
+    dummy = w.absmax
+    _nf4_dequant_kernel[grid](
+        w.packed, w.absmax, w.nested_absmax if nested else dummy, w.nested_code if nested else dummy,
+        w.offset if nested else dummy, nf4_code(w.device), out,
+        n,
+        BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize, NESTED=nested, BLOCK=block,
+        INTERPRETED=INTERPRET, enable_fp_fusion=False,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused NF4 matmul with the LoRA expand in the accumulator
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _w_tile_gather(packed_ptr, absmax_ptr, code_ptr, offs_q, offs_p, q_ok, p_ok, K_W,
+                   W_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """op(W)[q, p] for any K: one byte, nibble and absmax gather per element (fp32)."""
+    if W_TRANSPOSED:
+        e = offs_p[None, :].to(tl.int64) * K_W + offs_q[:, None]  # (BLOCK_Q, BLOCK_P)
+    else:
+        e = offs_q[:, None].to(tl.int64) * K_W + offs_p[None, :]
+    w_ok = q_ok[:, None] & p_ok[None, :]
+    byte = tl.load(packed_ptr + e // 2, mask=w_ok, other=0).to(tl.int32)
+    nib = (byte >> ((1 - (e % 2).to(tl.int32)) * 4)) & 0xF  # even element: high nibble
+    scale = tl.load(absmax_ptr + e // BLOCKSIZE, mask=w_ok, other=0.0)
+    return tl.load(code_ptr + nib) * scale
+
+
+@triton.jit
+def _w_tile_aligned(packed_ptr, absmax_ptr, code_ptr, q0, p0, offs_q, offs_p, q_ok, p_ok, K_W,
+                    W_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    """op(W)[q, p] when K % blocksize == 0 (every real model): no block spans rows, so a row's
+    bytes are loaded contiguously, both nibbles of a byte are used, and each run of
+    min(blocksize, tile) elements of a row shares one absmax, loaded once (fp32)."""
+    if W_TRANSPOSED:
+        # tile (BLOCK_Q over K, BLOCK_P over N): bytes (BLOCK_Q/2, BLOCK_P), contiguous along K
+        HALF: tl.constexpr = BLOCK_Q // 2
+        SPAN: tl.constexpr = BLOCK_Q if BLOCKSIZE > BLOCK_Q else BLOCKSIZE
+        G: tl.constexpr = BLOCK_Q // SPAN
+        offs_b = q0 // 2 + tl.arange(0, HALF)
+        rows = offs_p[None, :].to(tl.int64)
+        byte = tl.load(packed_ptr + rows * (K_W // 2) + offs_b[:, None],
+                       mask=(offs_b[:, None] < K_W // 2) & p_ok[None, :], other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 0xF))
+        vals = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (BLOCK_Q, BLOCK_P))  # k = 2i + j
+        start = q0 + tl.arange(0, G) * SPAN  # (G,) first k of each run
+        scale = tl.load(absmax_ptr + (rows * K_W + start[:, None]) // BLOCKSIZE,
+                        mask=(start[:, None] < K_W) & p_ok[None, :], other=0.0)  # (G, BLOCK_P)
+        vals = tl.reshape(tl.reshape(vals, (G, SPAN, BLOCK_P)) * scale[:, None, :], (BLOCK_Q, BLOCK_P))
+    else:
+        # tile (BLOCK_Q over N, BLOCK_P over K): bytes (BLOCK_Q, BLOCK_P/2), contiguous along K
+        HALF: tl.constexpr = BLOCK_P // 2
+        SPAN: tl.constexpr = BLOCK_P if BLOCKSIZE > BLOCK_P else BLOCKSIZE
+        G: tl.constexpr = BLOCK_P // SPAN
+        offs_b = p0 // 2 + tl.arange(0, HALF)
+        rows = offs_q[:, None].to(tl.int64)
+        byte = tl.load(packed_ptr + rows * (K_W // 2) + offs_b[None, :],
+                       mask=q_ok[:, None] & (offs_b[None, :] < K_W // 2), other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 0xF))
+        vals = tl.reshape(tl.join(hi, lo), (BLOCK_Q, BLOCK_P))  # k = 2i + j
+        start = p0 + tl.arange(0, G) * SPAN
+        scale = tl.load(absmax_ptr + (rows * K_W + start[None, :]) // BLOCKSIZE,
+                        mask=q_ok[:, None] & (start[None, :] < K_W), other=0.0)  # (BLOCK_Q, G)
+        vals = tl.reshape(tl.reshape(vals, (BLOCK_Q, G, SPAN)) * scale[:, :, None], (BLOCK_Q, BLOCK_P))
+    return vals
+
+
+@triton.jit
+def _nf4_lora_matmul_kernel(
+    a_ptr, packed_ptr, absmax_ptr, code_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
+    M, P, Q, K_W, lora_scale, q_per_split,
+    stride_am, stride_aq, stride_lm, stride_lr, stride_rr, stride_rp, stride_om, stride_op,
+    W_TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_Q: tl.constexpr,
+):
+    """out (M, P) = a (M, Q) @ op(W) (Q, P) + lora_scale * l (M, r) @ r (r, P) + bias (P,).
+
+    W is (N, K_W) in NF4. Forward (W_TRANSPOSED): P = N, Q = K_W, op(W)[q, p] = W[p, q].
+    Backward: P = K_W, Q = N, op(W)[q, p] = W[q, p]. absmax: decoded fp32 per block.
+    SPLIT_Q > 1 (small M): program_id(1) takes q_per_split of Q and atomically adds its fp32
+    partial sum into out (an fp32 workspace); split 0 alone adds the LoRA term and the bias.
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_p = tl.cdiv(P, BLOCK_P)
+    # Grouped ordering: GROUP_M row tiles share the W tiles they read while those are in L2.
+    group = GROUP_M * num_p
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_p = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_ok = offs_m < M
+    p_ok = offs_p < P
+    compute_ty = a_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    q_start = pid_s * q_per_split
+    q_end = tl.minimum(Q, q_start + q_per_split)
+    for q0 in range(q_start, q_end, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = offs_q < Q
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_q[None, :] * stride_aq,
+                    mask=m_ok[:, None] & q_ok[None, :], other=0.0)
+        if ALIGNED:
+            w = _w_tile_aligned(packed_ptr, absmax_ptr, code_ptr, q0, pid_p * BLOCK_P, offs_q, offs_p, q_ok, p_ok, K_W,
+                                W_TRANSPOSED, BLOCKSIZE, BLOCK_Q, BLOCK_P)
+        else:
+            w = _w_tile_gather(packed_ptr, absmax_ptr, code_ptr, offs_q, offs_p, q_ok, p_ok, K_W,
+                               W_TRANSPOSED, BLOCKSIZE)
+        w = _round_to(w, compute_ty, INTERPRETED)  # deq(W)'s bits in the compute dtype
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        ll = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                    mask=m_ok[:, None] & (pid_s == 0), other=0.0)
+        rr = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
+                     mask=p_ok[None, :], other=0.0)
+        if IEEE:
+            lora = tl.dot(ll, rr, input_precision="ieee")
+        else:
+            lora = tl.dot(ll, rr)
+        acc += lora_scale * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_p, mask=p_ok & (pid_s == 0), other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op
+    if SPLIT_Q > 1:
+        tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & p_ok[None, :])
+    else:
+        tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
+
+
+# Opt-in (LOWRANK_NF4_AUTOTUNE=1) autotuning for M > 16, until the H200 measurements pick the
+# heuristic configs of `_config`: tiles that compile for sm_90 within its shared memory; Triton's
+# autotuner drops any that do not fit a dtype's path.
+_TUNE_CONFIGS = [
+    triton.Config(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, GROUP_M=8), num_warps=nw, num_stages=ns)
+    for bm, bp, bq, nw, ns in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3),
+                               (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)]
+]
+_nf4_lora_matmul_tuned = triton.autotune(
+    configs=_TUNE_CONFIGS, key=["M", "P", "Q", "W_TRANSPOSED", "ALIGNED", "HAS_LORA"])(_nf4_lora_matmul_kernel)
+
+
+def _pad_rank(t: torch.Tensor, dim: int, r_pad: int) -> torch.Tensor:
+    """Zero-pad the rank dimension to r_pad (tl.dot needs >= 16 and a power of two)."""
+    r = t.shape[dim]
+    if r == r_pad:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, r_pad - r]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _split_for(tiles: int, q: int, block_q: int, device) -> int:
+    """Splits of the reduction so that a small-M launch has >= 2 programs per SM (a GEMV is
+    bandwidth-bound: it needs every SM streaming weight bytes)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(q, block_q)))
+
+
+def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligned: bool = True) -> dict:
+    """Tile sizes by M. Not measured yet on the H200; chosen so that sm_90 ptxas reports no
+    register spills in the forward (the heavier direction: it decodes through a 3-D permute):
+    16x64x256 with 4 warps spilled 192 B, with 8 warps it uses 165 registers and none;
+    64x128x64 with 4 warps spilled 56 B, with 8 warps none; 128x128x64 spills 20 B (accepted:
+    the largest tile that fits); 128x256x64 spills 3.8 KB."""
+    if interpret:
+        return dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if m <= 16:
+        # One M tile: each 4-bit weight byte is read once (split over Q: `_split_for`).
+        cfg = dict(BLOCK_M=16, BLOCK_P=64, BLOCK_Q=256, GROUP_M=1, num_warps=8, num_stages=3)
+    elif m <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        # fp32 operands double the staged tiles: 3 stages of the small-M tile need 226 KB of the
+        # H200's 227 KB of shared memory (sm_90 ptxas), 2 stages 151 KB.
+        cfg["num_stages"] = 2
+    if not aligned:
+        # The per-element gather tile goes through shared memory for its layout change: with the
+        # aligned path's 16x64x256 tile it needs 264 KB (> 227 KB); 64-wide, 2 stages: 34 KB.
+        cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], 64)
+        cfg["num_stages"] = 2
+    return cfg
+
+
+def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: bool,
+               lora_l: torch.Tensor | None = None, lora_r: torch.Tensor | None = None,
+               lora_scale: float = 1.0, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """a (M, Q) @ op(deq(W)) + lora_scale * lora_l (M, r) @ lora_r (r, P) + bias, in a's dtype.
+
+    transposed=True: op(W) = W.T (the forward, Q = in_features, P = out_features);
+    transposed=False: op(W) = W (dX in the backward, Q = out_features, P = in_features).
+    absmax: the fp32 (blocks,) decoded block scales (`NF4Weight.block_absmax()`).
+    config: tile sizes (BLOCK_M, BLOCK_P, BLOCK_Q, GROUP_M, num_warps, num_stages); default by M.
+    """
+    n_w, k_w = w.shape
+    m, q = a.shape
+    p, q_expect = (n_w, k_w) if transposed else (k_w, n_w)
+    if q != q_expect:
+        raise ValueError(f"nf4_matmul: a has {q} columns, the NF4 weight {tuple(w.shape)} needs {q_expect}")
+    if a.dtype not in _TL_DTYPES:
+        raise TypeError(f"nf4_matmul: dtype {a.dtype} is not supported")
+    has_lora = lora_l is not None
+    r_pad = 16
+    if has_lora:
+        r = lora_l.shape[1]
+        if lora_r.shape != (r, p) or lora_l.shape[0] != m:
+            raise ValueError(f"nf4_matmul: lora_l {tuple(lora_l.shape)} and lora_r {tuple(lora_r.shape)} do not "
+                             f"fit ({m}, r) and (r, {p})")
+        r_pad = max(16, triton.next_power_of_2(r))
+        lora_l = _pad_rank(lora_l.to(a.dtype), 1, r_pad)
+        lora_r = _pad_rank(lora_r.to(a.dtype), 0, r_pad)
+    if out is None:
+        out = torch.empty(m, p, dtype=a.dtype, device=a.device)
+    if m == 0 or p == 0:
+        return out
+    aligned = k_w % w.blocksize == 0
+    dummy = a
+    args = [a, w.packed, absmax, nf4_code(a.device),
+            lora_l if has_lora else dummy, lora_r if has_lora else dummy, bias if bias is not None else dummy]
+    lora_strides = [lora_l.stride(0), lora_l.stride(1), lora_r.stride(0), lora_r.stride(1)] if has_lora else [0] * 4
+    consts = dict(W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
+                  HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET)
+    if config is None and m > 16 and not INTERPRET and os.environ.get("LOWRANK_NF4_AUTOTUNE") == "1":
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), 1)
+
+        _nf4_lora_matmul_tuned[grid](
+            *args, out, m, p, q, k_w, float(lora_scale), q,
+            a.stride(0), a.stride(1), *lora_strides, out.stride(0), out.stride(1), **consts, SPLIT_Q=1)
+        return out
+    cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned))
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"])
+    split = cfg.pop("SPLIT_Q", None)
+    if split is None:
+        split = _split_for(tiles, q, cfg["BLOCK_Q"], a.device) if m <= 16 and not INTERPRET else 1
+    q_per_split = triton.cdiv(triton.cdiv(q, split), cfg["BLOCK_Q"]) * cfg["BLOCK_Q"]
+    split = triton.cdiv(q, q_per_split)
+    target = out if split == 1 else torch.zeros(m, p, dtype=torch.float32, device=a.device)
+    _nf4_lora_matmul_kernel[(tiles, split)](
+        *args, target, m, p, q, k_w, float(lora_scale), q_per_split,
+        a.stride(0), a.stride(1), *lora_strides, target.stride(0), target.stride(1),
+        **consts, SPLIT_Q=split, **cfg,
+    )
+    if split > 1:
+        out.copy_(target)  # the one rounding of the split-Q sum
+    return out
+
+
+def dropout_keep(x2: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout multiplier (0 or 1/(1-p), in x's dtype) drawn from torch's RNG; tests redraw it
+    with the same seed."""
+    return torch.empty_like(x2).bernoulli_(1.0 - p) * (1.0 / (1.0 - p))
+
+
+class NF4LoRAFunction(torch.autograd.Function):
+    """y = x @ deq(W).T + bias + scaling * dropout(x) @ A.T @ B.T with the fused NF4 kernels.
+
+    Saved for backward: x (or dropout(x)), A, B, T = dropout(x) @ A.T and the NF4 weight (4-bit:
+    no dense copy). Backward: dT = s dY @ B, dB = s dY.T @ T, dA = dT.T @ H (small torch GEMMs);
+    dX = dY @ deq(W) + dT @ A in one fused launch (the dT @ A term outside it when dropout masks H).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w: NF4Weight, lora_A, lora_B, scaling, bias, dropout):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        absmax = w.block_absmax()
+        keep = dropout_keep(x2, dropout) if dropout > 0.0 else None
+        h = x2 * keep if keep is not None else x2
+        t = h @ lora_A.t()  # (M, r) in the compute dtype, as the reference rounds it
+        y = nf4_matmul(x2, w, absmax, True, t, lora_B.t(), scaling, bias)
+        ctx.save_for_backward(h, lora_A, lora_B, t, keep)
+        ctx.w, ctx.scaling, ctx.dropout, ctx.x_shape = w, scaling, dropout, shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, lora_A, lora_B, t, keep = ctx.saved_tensors
+        w, s = ctx.w, ctx.scaling
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if not dy2.is_contiguous():
+            dy2 = dy2.contiguous()
+        dt = (dy2 @ lora_B) * s  # (M, r)
+        d_b = (dy2.t() @ t) * s if ctx.needs_input_grad[3] else None
+        d_a = dt.t() @ h if ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            absmax = w.block_absmax()
+            if keep is not None:
+                # h = x * keep: dH = dT @ A flows back through the same multiplier.
+                dx = nf4_matmul(dy2, w, absmax, False)
+                dx = dx + (dt @ lora_A) * keep
+            else:
+                dx = nf4_matmul(dy2, w, absmax, False, dt, lora_A, 1.0)
+            dx = dx.view(ctx.x_shape)
+        return dx, None, d_a, d_b, None, None, None

@@ -1,0 +1,429 @@
+"""NF4 weights in bitsandbytes' exact storage format: quantize, dequantize, state-dict exchange.
+
+The format (bitsandbytes 0.50, `quant_type="nf4"`):
+- The weight is flattened row-major and cut into blocks of `blocksize` consecutive elements (a
+  block may span rows when in_features % blocksize != 0). absmax (fp32) per block.
+- Each element becomes a 4-bit index into the 16-value NF4 table `NF4_CODE`: x is scaled by the
+  fp32 reciprocal of the block's absmax (full blocks) or divided by it (the trailing partial
+  block: bitsandbytes' reference does that), clamped to [-1, 1], and the code is the number of
+  table midpoints strictly below it (ties go to the lower code). An all-zero block is scaled by
+  1/1e-38 and so gets code 7 (0.0) everywhere, with absmax 0.
+- Two codes a byte, the first element in the HIGH nibble; an odd element count pads a zero.
+- Double quantization: offset = mean(absmax) (fp32); absmax - offset is quantized in blocks of
+  256 to 8 bits with bitsandbytes' signed dynamic map (see `# Note: nested quantization`).
+  Decoding: absmax[b] = fp32(fp32(DYNAMIC_CODE[q[b]] * nested_absmax[b // 256]) + offset), two
+  roundings, no fused multiply-add; then w = fp32(NF4_CODE[c] * absmax[block]) rounded once to
+  the output dtype.
+
+# Note: nested quantization
+bitsandbytes' CPU library (the oracle in CI) quantizes the 8-bit absmax statistics through a
+65536-entry lookup table, not by nearest value: with v = (x * (1/absmax2)) clamped to [-1, 1],
+i = trunc(fp32(fp32((v + 1) * 0.5) * 65535) + 0.5), code = LUT[i], where LUT[i] counts the
+midpoints of the dynamic map below fp32(-1 + fp32(2i / 65535)). This differs from the nearest
+code for about 0.3% of values (measured: 130-170 of 102400). A block whose values are all zero
+gets code 0 with absmax 0. We reproduce that rule exactly; decoding is the same for any encoder.
+
+# Note: bitsandbytes' CPU dequantize and blocks that span rows
+bitsandbytes 0.50.2's AVX-512 CPU `dequantize_4bit` indexes absmax per row (`row * (K //
+blocksize) + k // blocksize`) whenever K % 16 == 0, which is wrong when K % blocksize != 0 (a
+block spans rows): it returns weights off by up to 5x for e.g. (4, 48) with blocksize 64. The
+format is the flattened one (bitsandbytes' CUDA kernels and its pure-torch backend agree on it);
+we follow the format, and the tests compare with bitsandbytes' CPU op only where it is right.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+# bitsandbytes.functional.get_4bit_type("nf4"), written out: regenerating the quantiles with
+# scipy is off by an ulp in some entries.
+NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+# Elements quantized per chunk. On a GPU 1M bounds the fp32/int temporaries (~20 bytes an
+# element) to ~20 MB whatever the layer's size (a 4096 x 4096 bf16 layer is 32 MB), so quantizing
+# while patching peaks below one dense layer. On the CPU small chunks cost time (2048 x 2048:
+# 330 ms with 1M chunks, 140-240 ms with 16M; 2 cores), and RAM is less scarce.
+_CHUNK = {"cuda": 1 << 20, "cpu": 1 << 24}
+_DEQUANT_CHUNK = 1 << 20
+
+_code_cache: dict = {}
+
+
+def nf4_code(device=None) -> torch.Tensor:
+    """The 16 NF4 values as fp32 on `device` (cached)."""
+    key = ("nf4", torch.device(device or "cpu"))
+    if key not in _code_cache:
+        _code_cache[key] = torch.tensor(NF4_VALUES, dtype=torch.float32, device=key[1])
+    return _code_cache[key]
+
+
+def dynamic_code(device=None) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (256 sorted fp32 values in [-0.993, 1]).
+
+    Seven exponent levels 10^-6 ... 10^0; at level i the linear fraction grid has 2^i + 1 points
+    in [0.1, 1]; the code values are the fp32 midpoints of consecutive grid points times
+    +-10^(i-6) (the product taken in fp32), plus 0 and 1.
+    """
+    key = ("dynamic", torch.device(device or "cpu"))
+    if key not in _code_cache:
+        values = []
+        for i in range(7):
+            grid = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+            mids = (grid[:-1] + grid[1:]) / 2.0
+            scale = torch.tensor(10.0 ** (i - 6), dtype=torch.float32)
+            values += (scale * mids).tolist() + (-scale * mids).tolist()
+        values += [0.0, 1.0]
+        _code_cache[key] = torch.tensor(sorted(values), dtype=torch.float32, device=key[1])
+    return _code_cache[key]
+
+
+def _pair_table(device) -> torch.Tensor:
+    """(256, 2) fp32: byte -> (NF4 value of its high nibble, of its low nibble)."""
+    key = ("nf4-pairs", torch.device(device))
+    if key not in _code_cache:
+        code = nf4_code(device)
+        _code_cache[key] = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
+    return _code_cache[key]
+
+
+def _midpoints(code: torch.Tensor) -> torch.Tensor:
+    return (code[:-1] + code[1:]) / 2  # fp32, as bitsandbytes computes them
+
+
+def _dynamic_lut(device) -> torch.Tensor:
+    """The 65536-entry index -> code table of bitsandbytes' CPU 8-bit quantizer (int64)."""
+    key = ("dynamic-lut", torch.device(device))
+    if key not in _code_cache:
+        # Built on the CPU: CUDA torch divides by a scalar as a multiply by its reciprocal, which
+        # rounds differently from bitsandbytes' true division.
+        i = torch.arange(65536, dtype=torch.float32)
+        grid = -1.0 + (2.0 * i) / 65535.0  # fp32: exact product, rounded quotient, rounded sum
+        _code_cache[key] = torch.bucketize(grid, _midpoints(dynamic_code()), right=False).to(device)
+    return _code_cache[key]
+
+
+@dataclass
+class NF4Weight:
+    """A 2-D weight stored as NF4 (bitsandbytes layout). All tensors live on one device.
+
+    packed:  uint8 ((numel + 1) // 2, 1): two codes a byte, first element in the high nibble.
+    absmax:  fp32 (blocks,) without double quantization; uint8 (blocks,) with it.
+    shape:   (out_features, in_features) of the dense weight; dtype: its dtype (what
+             `dequantize()` returns by default and what bitsandbytes records).
+    nested_absmax: fp32 (ceil(blocks / 256),); nested_code: fp32 (256,); offset: fp32 scalar
+             tensor; all None without double quantization.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, device={self.device}, {self.bits_per_param():.3f} bits/param)")
+
+    # -- basic properties ----------------------------------------------------------------------
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized storage (codes + statistics; the shared 16/256-entry maps excluded)."""
+        n = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            n += self.nested_absmax.numel() * 4 + 4
+        return n
+
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    def to(self, device) -> "NF4Weight":
+        """The same weight on `device` (no dtype change is possible: the storage is the format)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax),
+                       nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code),
+                       offset=move(self.offset))
+
+    def tensors(self) -> dict:
+        return {k: getattr(self, k) for k in ("packed", "absmax", "nested_absmax", "nested_code", "offset")
+                if getattr(self, k) is not None}
+
+    # -- decoding ------------------------------------------------------------------------------
+    def block_absmax(self) -> torch.Tensor:
+        """fp32 (blocks,) absmax, the nested statistics decoded (two fp32 roundings, no FMA)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        scale = self.nested_absmax.repeat_interleave(self.nested_blocksize)[: self.absmax.numel()]
+        decoded = self.nested_code[self.absmax.long()] * scale  # rounded once
+        return decoded + self.offset  # rounded twice
+
+    def codes(self) -> torch.Tensor:
+        """uint8 (numel,) code indices in element order."""
+        flat = self.packed.reshape(-1)
+        return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[: self.numel]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight in `dtype` (default: the original dtype); each value is
+        fp32(NF4 * absmax) rounded once to dtype, bit-identical to bitsandbytes."""
+        dtype = dtype or self.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"NF4Weight.dequantize: dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        n, bs = self.numel, self.blocksize
+        absmax = self.block_absmax()
+        table = _pair_table(self.device)
+        flat_packed = self.packed.view(-1)
+        out = torch.empty(n, dtype=dtype, device=self.device)
+        # Chunks of whole blocks keep the fp32 temporaries small and reused: one pass over 16M
+        # elements allocated ~170 MB of fresh pages per call and ran 20x slower than 4M (CPU).
+        step = max(_DEQUANT_CHUNK // bs, 1) * bs
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            # one gather of a (hi, lo) value pair per byte: 2x faster than unpacking nibbles first
+            vals = torch.index_select(table, 0, flat_packed[start // 2: (stop + 1) // 2].int()).view(-1)
+            vals = vals[: stop - start]
+            full = ((stop - start) // bs) * bs
+            b0 = start // bs
+            chunk = torch.empty(stop - start, dtype=torch.float32, device=self.device)
+            chunk[:full] = (vals[:full].view(-1, bs) * absmax[b0: b0 + full // bs, None]).view(-1)
+            if full < stop - start:  # the trailing partial block of the whole weight
+                chunk[full:] = vals[full:] * absmax[-1]
+            out[start:stop] = chunk  # the one rounding to dtype
+        return out.view(self.shape)
+
+    # -- bitsandbytes interchange --------------------------------------------------------------
+    def quant_state_dict(self) -> dict:
+        """The JSON-able part of bitsandbytes' QuantState.as_dict(packed=True)."""
+        d = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
+             "shape": list(self.shape)}
+        if self.double_quant:
+            d.update({"nested_blocksize": self.nested_blocksize, "nested_dtype": "float32",
+                      "nested_offset": float(self.offset.item())})
+        return d
+
+    def to_bnb_state_dict(self, prefix: str = "") -> dict:
+        """The tensors `bnb.nn.Linear4bit.state_dict()` writes for its weight (bias excluded):
+        `weight`, `weight.absmax`, `weight.quant_map`, and with double quantization
+        `weight.nested_absmax`, `weight.nested_quant_map`; plus `weight.quant_state.bitsandbytes__nf4`
+        (the JSON of blocksize/dtype/shape/offset as uint8 bytes)."""
+        p = prefix + "weight"
+        out = {p: self.packed, p + ".absmax": self.absmax, p + ".quant_map": nf4_code(self.device).clone()}
+        if self.double_quant:
+            out[p + ".nested_absmax"] = self.nested_absmax
+            out[p + ".nested_quant_map"] = self.nested_code.clone()
+        meta = json.dumps(self.quant_state_dict()).encode("utf-8")
+        out[p + ".quant_state.bitsandbytes__nf4"] = torch.tensor(list(meta), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_bnb(cls, source, prefix: str = "") -> "NF4Weight":
+        """Adopt bitsandbytes' storage without re-quantizing (tensors are shared, not copied).
+
+        source: a `bnb.nn.Linear4bit` (or its `Params4bit` weight) quantized with nf4, or a state
+        dict with the keys `to_bnb_state_dict` writes (after `prefix`).
+        """
+        if isinstance(source, dict):
+            return cls._from_state_dict(source, prefix)
+        weight = getattr(source, "weight", source)
+        qs = getattr(weight, "quant_state", None)
+        if qs is None:
+            raise ValueError(f"NF4Weight.from_bnb: {type(source).__name__} has no quant_state; move the "
+                             f"bitsandbytes layer to a device first (that is when bitsandbytes quantizes)")
+        if qs.quant_type != "nf4":
+            raise ValueError(f"NF4Weight.from_bnb: quant_type {qs.quant_type!r} is not supported, only 'nf4'")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise ValueError("NF4Weight.from_bnb: the layer holds bitsandbytes' CPU inference packing; "
+                             "save it with state_dict() and pass that instead")
+        packed = weight.data if isinstance(weight, torch.Tensor) else weight
+        packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
+        kw = {}
+        if qs.nested:
+            kw = dict(nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
+                      offset=torch.as_tensor(qs.offset, dtype=torch.float32), nested_blocksize=qs.state2.blocksize)
+        w = cls(packed=packed.reshape(-1, 1), absmax=qs.absmax, shape=tuple(qs.shape), dtype=qs.dtype,
+                blocksize=qs.blocksize, **kw)
+        w.validate()
+        return w
+
+    @classmethod
+    def _from_state_dict(cls, sd: dict, prefix: str) -> "NF4Weight":
+        p = prefix + "weight"
+        key = p + ".quant_state.bitsandbytes__nf4"
+        if key not in sd:
+            fp4 = p + ".quant_state.bitsandbytes__fp4"
+            if fp4 in sd:
+                raise ValueError("NF4Weight.from_bnb: the state dict holds an fp4 weight; only nf4 is supported")
+            raise ValueError(f"NF4Weight.from_bnb: missing key {key!r} (keys: {sorted(sd)[:8]})")
+        meta = json.loads(bytes(sd[key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        if meta.get("quant_type", "nf4") != "nf4":
+            raise ValueError(f"NF4Weight.from_bnb: quant_type {meta.get('quant_type')!r} is not supported")
+        packed = sd[p]
+        packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
+        kw = {}
+        if p + ".nested_absmax" in sd:
+            device = packed.device
+            kw = dict(nested_absmax=sd[p + ".nested_absmax"], nested_code=sd[p + ".nested_quant_map"],
+                      offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=device),
+                      nested_blocksize=int(meta["nested_blocksize"]))
+        w = cls(packed=packed.reshape(-1, 1), absmax=sd[p + ".absmax"], shape=tuple(meta["shape"]),
+                dtype=getattr(torch, meta["dtype"]), blocksize=int(meta["blocksize"]), **kw)
+        if p + ".quant_map" in sd and not torch.equal(sd[p + ".quant_map"].cpu().float(), nf4_code()):
+            raise ValueError("NF4Weight.from_bnb: weight.quant_map is not the NF4 table")
+        w.validate()
+        return w
+
+    def validate(self) -> None:
+        """ValueError if the tensors do not fit the format and shape."""
+        if len(self.shape) != 2:
+            raise ValueError(f"NF4Weight: shape must be 2-D (out_features, in_features), got {self.shape}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"NF4Weight: blocksize {self.blocksize} is not one of {BLOCKSIZES}")
+        blocks = -(-self.numel // self.blocksize)
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != (self.numel + 1) // 2:
+            raise ValueError(f"NF4Weight: packed must be uint8 with {(self.numel + 1) // 2} bytes for shape "
+                             f"{self.shape}, got {self.packed.dtype} with {self.packed.numel()}")
+        if self.absmax.numel() != blocks:
+            raise ValueError(f"NF4Weight: absmax must have {blocks} entries for shape {self.shape} and blocksize "
+                             f"{self.blocksize}, got {self.absmax.numel()}")
+        if self.double_quant:
+            if self.absmax.dtype != torch.uint8 or self.nested_code is None or self.offset is None:
+                raise ValueError("NF4Weight: double quantization needs uint8 absmax, nested_code and offset")
+            if self.nested_absmax.numel() != -(-blocks // self.nested_blocksize) or self.nested_code.numel() != 256:
+                raise ValueError(f"NF4Weight: nested_absmax must have {-(-blocks // self.nested_blocksize)} entries "
+                                 f"and nested_code 256, got {self.nested_absmax.numel()} and "
+                                 f"{self.nested_code.numel()}")
+        elif self.absmax.dtype != torch.float32:
+            raise ValueError(f"NF4Weight: absmax must be float32 without double quantization, got {self.absmax.dtype}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_finite(weight: torch.Tensor, where: str) -> None:
+    # min/max propagate NaN and expose +-Inf: 5x cheaper than isfinite().all() on bf16.
+    lo, hi = torch.aminmax(weight.detach())
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    _raise_not_finite(weight, where)
+
+
+def _raise_not_finite(weight: torch.Tensor, where: str) -> None:
+    bad = ~torch.isfinite(weight)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{where}: the weight of shape {tuple(weight.shape)} holds {int(bad.sum())} NaN/Inf "
+                         f"value(s) (first at {idx}: {weight[idx].item()}); NF4 cannot represent them")
+
+
+def _quantize_4bit_chunk(flat: torch.Tensor, blocksize: int, bounds: torch.Tensor):
+    """(codes uint8, absmax fp32) of a 1-D chunk whose length is a multiple of blocksize except
+    possibly for the last chunk."""
+    x = flat.float()
+    n = x.numel()
+    full = (n // blocksize) * blocksize
+    blocks = x[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1).view(-1)
+    if full < n:
+        tail_max = x[full:].abs().max()
+        tail = torch.clamp(x[full:] / tail_max.clamp(min=1e-38), -1, 1)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled = torch.cat([scaled, tail])
+    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
+
+
+def _quantize_dynamic(values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
+    """bitsandbytes' CPU 8-bit blockwise quantizer (see `# Note: nested quantization`):
+    (codes uint8 (n,), absmax fp32 (blocks,))."""
+    n = values.numel()
+    pad = (-n) % blocksize
+    x = torch.nn.functional.pad(values.float(), (0, pad)).view(-1, blocksize)
+    absmax = x.abs().amax(dim=1)
+    zero = absmax == 0
+    scaled = torch.clamp(x * (1.0 / torch.where(zero, torch.ones_like(absmax), absmax))[:, None], -1, 1)
+    index = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)  # fp32 ops, then truncation
+    codes = _dynamic_lut(values.device)[index].to(torch.uint8)
+    codes[zero] = 0
+    return codes.view(-1)[:n], absmax
+
+
+@torch.no_grad()
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize a 2-D (out_features, in_features) weight to NF4, byte-identical to
+    `bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics=double_quant,
+    quant_type="nf4")` (bitsandbytes' CPU backend for CPU tensors).
+
+    Works in chunks of whole blocks (1M elements on a GPU: ~20 MB of temporaries whatever the
+    layer's size; 16M on the CPU).
+    Raises ValueError for NaN/Inf, a bad blocksize or shape; TypeError for a non-float dtype.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"quantize_nf4: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"quantize_nf4: dtype {weight.dtype} is not supported; use float32, float16 or bfloat16")
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_nf4: weight must be 2-D (out_features, in_features), "
+                         f"got shape {tuple(weight.shape)}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"quantize_nf4: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if weight.numel() == 0:
+        raise ValueError(f"quantize_nf4: weight of shape {tuple(weight.shape)} is empty")
+    flat = weight.contiguous().view(-1)
+    n = flat.numel()
+    bounds = _midpoints(nf4_code(weight.device))
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
+    chunk = _CHUNK.get(weight.device.type, _CHUNK["cuda"])
+    step = max(chunk // blocksize, 1) * blocksize  # a multiple of blocksize, hence even
+    for start in range(0, n, step):
+        codes, am = _quantize_4bit_chunk(flat[start:start + step], blocksize, bounds)
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_full((1,), 7)])  # bucketize(0) = 7: the padded zero
+        packed[start // 2: start // 2 + codes.numel() // 2] = (codes[0::2] << 4) | codes[1::2]
+        absmax[start // blocksize: start // blocksize + am.numel()] = am
+    if not bool(torch.isfinite(absmax).all()):  # a NaN/Inf element makes its block's absmax NaN/Inf
+        _raise_not_finite(weight, "quantize_nf4")
+    out = NF4Weight(packed=packed.view(-1, 1), absmax=absmax, shape=tuple(weight.shape), dtype=weight.dtype,
+                    blocksize=blocksize)
+    if double_quant:
+        offset = absmax.mean()
+        qabsmax, nested = _quantize_dynamic(absmax - offset)
+        out = replace(out, absmax=qabsmax, nested_absmax=nested, nested_code=dynamic_code(weight.device).clone(),
+                      offset=offset)
+    return out
