@@ -30,8 +30,9 @@ pure-torch fallback with identical results (used, after one warning, when the li
 missing, or always with LOWRANK_NO_NATIVE=1). Both are behind the custom ops
 `torch.ops.lowrank.merge_` and `torch.ops.lowrank.unmerge_`.
 
-Not supported: base weights that are not dense fp32 / fp16 / bf16 tensors (NF4 layers raise
-NotImplementedError: NF4 merge is not implemented yet).
+NF4 (QLoRA) layers: `merge_and_unload` dequantizes them to their compute dtype and merges there
+(optionally quantizing the result back); in-place `merge` / `unmerge` of an NF4 weight raise
+NotImplementedError (the 4-bit codes cannot hold the delta).
 """
 from __future__ import annotations
 
@@ -459,7 +460,7 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None):
         raise NotImplementedError(
             f"layer {path}: merging into a {type(layer).__name__} over {type(base).__name__} with weight "
             f"{getattr(w, 'dtype', None)} is not implemented (only dense float32/float16/bfloat16 nn.Linear "
-            f"and Conv1D weights; NF4 merge is not implemented yet)")
+            f"and Conv1D weights; for NF4 layers use lowrank.merge_and_unload, which dequantizes and merges)")
     name = name or layer.active_adapter
     if name is None or name not in layer.configs:
         raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")
@@ -542,14 +543,77 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Merge (without a record) and put the plain nn.Linear / Conv1D layers back; returns `model`
-    with no LoRA module left and the original requires_grad flags (as lowrank.unpatch)."""
+def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requantize: bool = False,
+                     return_report: bool = False):
+    """Merge (without a record) and put plain layers back: returns `model` with no LoRA module left
+    and the original requires_grad flags (as lowrank.unpatch).
+
+    Dense layers get their merged nn.Linear / Conv1D back. NF4 (QLoRA) layers are dequantized to
+    a dense dtype and merged there with one rounding (the recipe the QLoRA authors recommend:
+    merging into 4-bit codes would lose most of the delta), becoming dense nn.Linear layers in the
+    dtype of the weight that was quantized (`NF4Weight.dtype`, the dtype the rest of the model
+    was in; bitsandbytes records it too), so the merged model runs without casts; with
+    `requantize=True` the merged weight is quantized back to an NF4Linear with the same blocksize
+    and double quantization. `return_report=True` returns `(model, report)` where report maps each
+    NF4 layer's path to the error requantizing added, relative to the merged dense weight:
+    {"rel_fro_error": |deq(q(W')) - W'|_F / |W'|_F, "max_abs_error": ...} (empty without NF4
+    layers or without requantize)."""
     from .patch import unpatch
+    from .qlora import NF4Linear
 
     if isinstance(model, LoRALinear):
         raise TypeError("merge_and_unload the model that contains the LoRALinear, not the layer itself")
-    merge(model, adapter_name=adapter_name, exact=False)
-    for _, layer in _targets(model, "merge_and_unload"):
+    layers = _targets(model, "merge_and_unload")
+    dense, quantized = [], []
+    for path, layer in layers:
+        if getattr(layer, "merged", None):
+            raise ValueError(f"layer {path} is merged already; unmerge it first (or call merge_and_unload "
+                             f"on an unmerged model)")
+        if isinstance(layer.base_layer, NF4Linear):
+            name = adapter_name or layer.active_adapter
+            if name not in layer.configs:
+                raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            if a.shape[0] > MAX_RANK:
+                raise ValueError(f"merge_and_unload: layer {path}: rank {a.shape[0]} is outside 1..{MAX_RANK}")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B contain NaN or Inf")
+            quantized.append((path, layer, name))
+        else:
+            dense.append((path, layer, _check_layer(path, layer, adapter_name)))
+    for path, layer, name in dense:
+        _merge_layer(layer, name, exact=False)
         layer.merged = None  # the wrapper is discarded next; its base layer keeps the merged weight
-    return unpatch(model)
+    report = {}
+    for path, layer, name in quantized:
+        layer.base_layer, report_row = _merged_nf4(layer, name, requantize)
+        if report_row is not None:
+            report[path] = report_row
+    unpatch(model)
+    return (model, report) if return_report else model
+
+
+@torch.no_grad()
+def _merged_nf4(layer: LoRALinear, name: str, requantize: bool):
+    """(new base layer, requantization error or None) for an NF4 LoRA layer."""
+    from .qlora import NF4Linear
+
+    base: NF4Linear = layer.base_layer
+    dtype = base.nf4.dtype if base.nf4.dtype in _FLOAT_DTYPES else base.compute_dtype
+    w = base.dequantize(dtype).contiguous()  # (out, in)
+    a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+    torch.ops.lowrank.merge_(w, a, b, layer.scaling(name), False)  # factors in their own dtype (fp32)
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+    linear.weight = nn.Parameter(w, requires_grad=False)
+    if base.bias is not None:
+        linear.bias = nn.Parameter(base.bias.detach().to(w.dtype), requires_grad=False)
+    if not requantize:
+        return linear, None
+    q = NF4Linear.from_linear(linear, compute_dtype=base.compute_dtype, blocksize=base.nf4.blocksize,
+                              double_quant=base.nf4.double_quant)
+    err = (q.dequantize(torch.float32) - w.float())
+    row = {"rel_fro_error": (err.norm() / w.float().norm().clamp_min(1e-30)).item(),
+           "max_abs_error": err.abs().max().item()}
+    if base.bias is not None:
+        q.bias = base.bias  # keep the original (frozen) bias parameter and dtype
+    return q, row

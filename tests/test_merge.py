@@ -441,14 +441,81 @@ def test_module_api_errors_leave_weights_unchanged():
 def test_non_dense_base_weight_is_not_implemented():
     layer = lowrank.LoRALinear(nn.Linear(16, 8))
     layer.add_adapter(lowrank.LoRAConfig(rank=2))
-    # stand-in for an NF4 layer: packed uint8 storage instead of a float weight
+    # stand-in for an unknown quantized layer: packed uint8 storage instead of a float weight
     layer.base_layer.weight = nn.Parameter(torch.zeros(64, 1, dtype=torch.uint8), requires_grad=False)
     model = nn.Sequential(layer)
-    with pytest.raises(NotImplementedError, match="NF4"):
+    with pytest.raises(NotImplementedError, match="not implemented"):
         lowrank.merge(model)
-    with pytest.raises(NotImplementedError, match="NF4"):
+    with pytest.raises(NotImplementedError, match="not implemented"):
         lowrank.merge_and_unload(model)
     assert not layer.merged
+
+
+def qlora_llama(compute_dtype, model_dtype=torch.float32):
+    torch.manual_seed(0)
+    model = tiny_llama(model_dtype)
+    lowrank.patch_linear(model, rank=8, quantize="nf4", compute_dtype=compute_dtype)
+    randomize_lora_(model, std=0.1)
+    return model
+
+
+def nf4_merged_f64(model):
+    """float64 oracle of a QLoRA model: every NF4 layer replaced by deq(W) + s * B @ A in float64."""
+    sd = {n.replace(".base_layer", ""): p.detach().double() for n, p in model.named_parameters()
+          if "lora_" not in n and p.is_floating_point()}
+    for path, layer in lowrank.lora_layers(model):
+        w = layer.base_layer.nf4.dequantize().double()
+        sd[f"{path}.weight"] = w + layer.scaling() * (layer.lora_B["default"].double() @ layer.lora_A["default"].double())
+    model64 = tiny_llama(torch.float64)
+    model64.load_state_dict(sd, strict=True)  # (a bf16 model's norms and embeddings upcast exactly)
+    return model64
+
+
+@pytest.mark.parametrize("model_dtype, compute_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+    ids=["fp32-model", "fp32-model-bf16-compute", "bf16-model"])
+def test_qlora_merge_and_unload_dequantizes_and_merges(model_dtype, compute_dtype):
+    model = qlora_llama(compute_dtype, model_dtype)
+    ids = torch.randint(0, 97, (2, 11))
+    ref64 = logits(nf4_merged_f64(model), ids)
+    out_qlora = logits(model, ids)
+    expected = {}
+    for path, layer in lowrank.lora_layers(model):  # each merged weight, from float64
+        w64 = layer.base_layer.nf4.dequantize().double()  # merged in the quantized weight's dtype
+        expected[path] = w64 + layer.scaling() * (layer.lora_B["default"].double() @ layer.lora_A["default"].double())
+    with pytest.raises(NotImplementedError, match="merge_and_unload"):
+        lowrank.merge(model)  # in place into 4-bit codes: refused, nothing changed
+    assert all(not layer.merged for _, layer in lowrank.lora_layers(model))
+    plain = lowrank.merge_and_unload(model)
+    assert not any(isinstance(m, (lowrank.LoRALinear, lowrank.NF4Linear)) for m in plain.modules())
+    for path, w64 in expected.items():
+        lin = plain.get_submodule(path)
+        assert type(lin) is nn.Linear and lin.weight.dtype == model_dtype and not lin.weight.requires_grad
+        if model_dtype == torch.bfloat16:  # one rounding of the exact value (merge's contract)
+            assert_bits_equal(lin.weight.detach(), round_f64(w64, model_dtype), path)
+        else:
+            assert_close(lin.weight.detach(), w64, name=path)
+    assert_close(logits(plain, ids).float(), ref64, baseline=out_qlora.float(), factor=2, name="merged QLoRA logits")
+
+
+def test_qlora_merge_and_unload_requantize_reports_its_error():
+    import copy
+
+    model = qlora_llama(torch.bfloat16)
+    dense = lowrank.merge_and_unload(copy.deepcopy(model))
+    requant, report = lowrank.merge_and_unload(model, requantize=True, return_report=True)
+    paths = sorted(report)
+    assert paths and paths == sorted(n for n, m in requant.named_modules() if isinstance(m, lowrank.NF4Linear))
+    for path in paths:
+        merged_w = dense.get_submodule(path).weight.detach()
+        q = requant.get_submodule(path)
+        # the requantized layer is exactly quantize_nf4 of the merged dense weight
+        again = lowrank.quantize_nf4(merged_w, blocksize=q.nf4.blocksize, double_quant=q.nf4.double_quant)
+        assert torch.equal(q.nf4.dequantize(torch.float32), again.dequantize(torch.float32))
+        err = q.nf4.dequantize(torch.float32) - merged_w.float()
+        assert report[path]["rel_fro_error"] == pytest.approx((err.norm() / merged_w.float().norm()).item(), rel=1e-6)
+        assert report[path]["max_abs_error"] == pytest.approx(err.abs().max().item(), rel=1e-6)
+        assert 0.0 < report[path]["rel_fro_error"] < 0.2  # NF4's ~0.1 relative error, not garbage
 
 
 # ---------------------------------------------------------------------------------------------
