@@ -1,13 +1,20 @@
 """`make demo`'s job: LoRA training on the synthetic task lowers the loss."""
+import json
+
+import safetensors.torch
 import torch
 
 from lowrank import cli
 
 
-def test_demo_loss_goes_down():
-    losses = cli.demo(steps=25, rank=4, quiet=True)
+def test_demo_loss_goes_down_and_saves_a_peft_adapter(tmp_path):
+    losses = cli.demo(steps=25, rank=4, quiet=True, out_dir=str(tmp_path))
     assert len(losses) == 25 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5, losses
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    keys = safetensors.torch.load_file(str(tmp_path / "adapter_model.safetensors")).keys()
+    assert len(keys) == 2 * 7 * 4 and all(k.startswith("base_model.model.model.layers.") for k in keys)
 
 
 def test_synthetic_task_is_learnable_structure():
