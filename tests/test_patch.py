@@ -111,6 +111,22 @@ def test_llama3_8b_trainable_count_on_meta(targets):
     assert total == base_total + trainable
 
 
+def test_llama3_8b_qlora_r64_count_matches_peft_on_meta():
+    """QLoRA's usual r=64 on q, k, v, o: the count peft reports for the same model (54,525,952)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    with torch.device("meta"):
+        ours, theirs = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    lowrank.patch_linear(ours, rank=64, targets=targets)
+    peft_trainable, peft_total = get_peft_model(theirs, LoraConfig(r=64, target_modules=targets)).get_nb_trainable_parameters()
+    assert lowrank.trainable_parameters(ours) == (peft_trainable, peft_total)
+    assert peft_trainable == 32 * 64 * (2 * (4096 + 4096) + 2 * (4096 + 1024)) == 54_525_952
+
+
 # -- the peft oracle ---------------------------------------------------------------------------
 
 # fp32 with alpha 8 (scaling 2 or 4: exact in any order of rounding) must agree to 1e-6; float64
