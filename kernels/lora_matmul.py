@@ -600,19 +600,21 @@ def _split(tiles: int, steps: int, sms: int) -> int:
 
 
 # Small-M path (Note on small M): blocks and split over K. BLOCK_K=256 reads 512 contiguous bytes
-# of each bf16 W row a step; BLOCK_N=32 gives N=1024 32 column tiles, N=4096 128.
+# of each bf16 W row a step; BLOCK_N=32 gives N=1024 32 column tiles, N=4096 128. fp32 takes
+# BLOCK_K=64: at 256 the (256, 128) fp32 A tile of r=128 alone needs 448 KB of shared memory
+# over 4 stages (sm_90 cubin), against 73 KB for bf16.
 SMALL_M_MAX = int(os.environ.get("LOWRANK_SMALL_M", "16"))
 
 
-def _small_m_blocks() -> tuple[int, int, int]:
+def _small_m_blocks(lowp: bool = True) -> tuple[int, int, int]:
     if INTERPRET:
         return 16, 16, 32
-    return 16, 32, 256
+    return 16, 32, 256 if lowp else 64
 
 
-def _small_m_split(m: int, n: int, k: int, sms: int) -> int:
+def _small_m_split(m: int, n: int, k: int, sms: int, lowp: bool = True) -> int:
     """Programs per output tile: ~2 waves over the SMs, each program >= 2 K steps."""
-    bm, bn, bk = _small_m_blocks()
+    bm, bn, bk = _small_m_blocks(lowp)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     return max(1, min(-(-2 * sms // tiles), triton.cdiv(k, bk) // 2))
 
@@ -622,13 +624,13 @@ def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y,
     with the LoRA expand and bias (`_small_m_partial_kernel`, `_small_m_epilogue_kernel`)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    bm, bn, bk = _small_m_blocks()
+    lowp, prec = _precision(x.dtype)
+    bm, bn, bk = _small_m_blocks(lowp)
     chunk = triton.cdiv(triton.cdiv(K, bk), split) * bk  # whole BLOCK_K steps per program
     split = triton.cdiv(K, chunk)  # no program without K work
     ws = _empty((split, M, N), torch.float32, x.device)
     wst = _empty((split, M, R), torch.float32, x.device)
     t = _empty((M, R), torch.float32, x.device)
-    lowp, prec = _precision(x.dtype)
     drop = dropout > 0.0
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     _small_m_partial_kernel[(tiles, split)](
@@ -700,7 +702,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
     y = out if out is not None else _empty((M, N), x.dtype, x.device)
     sms = _num_sms(x.device)
     if small_m is None:
-        small_m = _small_m_split(M, N, K, sms) if not INTERPRET and 0 < M <= SMALL_M_MAX and N > 0 else 0
+        small_m = _small_m_split(M, N, K, sms, x.dtype != torch.float32) if not INTERPRET and 0 < M <= SMALL_M_MAX and N > 0 else 0
     if small_m > 0 and M > 0 and N > 0 and K > 0:
         return _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, small_m)
     bm, bk = _shrink_blocks(M)

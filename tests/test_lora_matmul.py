@@ -319,6 +319,36 @@ def test_torch_compile_fullgraph(triton_backend, dropout):
         torch.testing.assert_close(g, e)
 
 
+def test_torch_compile_patched_model_inductor(triton_backend):
+    # A whole patched model through Inductor, fullgraph (a graph break raises), dropout on: the
+    # kernels stay opaque custom ops inside the compiled graph. fallback_random makes Inductor draw
+    # the dropout seed from torch's generator as eager does (its own RNG would draw other masks).
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).to(DEV)
+    lowrank.patch_linear(model, rank=4, dropout=0.1)
+    for _, layer in lowrank.lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B["default"].normal_()
+    x = torch.randn(2, 5, 32, device=DEV)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fn):
+        torch.manual_seed(1)
+        out = fn(x)
+        return out.detach(), torch.autograd.grad(out.square().mean(), params)
+
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")
+        y, grads = loss_and_grads(compiled)
+    assert len(triton_backend) == 2, "the compiled model did not run the kernels"
+    y_eager, grads_eager = loss_and_grads(model)
+    torch.testing.assert_close(y, y_eager)
+    for g, e in zip(grads, grads_eager):
+        torch.testing.assert_close(g, e)
+
+
 def test_opcheck():
     x, w, a, b, bb, dy = make_case(5, 16, 8, 3, torch.float32)
     seed = torch.tensor([5], dtype=torch.int64, device=DEV)
@@ -346,7 +376,7 @@ def _aot_compile(kernel, dtype, cap, consts, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    f32_bufs = {"t_ptr", "dt_ptr", "db_ptr", "da_ptr"}
+    f32_bufs = {"t_ptr", "dt_ptr", "db_ptr", "da_ptr", "ws_ptr", "wst_ptr"}
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:
@@ -383,6 +413,7 @@ def _aot_main():
     for lowp in (True, False):
         prec = dict(LOWP=lowp, PREC="ieee" if lowp else "tf32")
         (bm_s, bk_s), (bm_d, bn_d), (bm_a, bk_a) = lm._shrink_blocks(8192), lm._dt_db_blocks(8192, lowp), lm._da_blocks(lowp)
+        bm_p, bn_p, bk_p = lm._small_m_blocks(lowp)
         suffix = "" if lowp else "-fp32"
         jobs += [
             ("shrink" + suffix, lm._shrink_kernel,
@@ -392,6 +423,10 @@ def _aot_main():
              8 if bm_d == 128 else 4, 3, (90, 80)),
             ("da" + suffix, lm._da_kernel,
              dict(BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=128, ATOMIC=True, DROPOUT=True, **prec), 4, 3, (90, 80)),
+            ("small_m_partial" + suffix, lm._small_m_partial_kernel,
+             dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_K=bk_p, BLOCK_R=128, DROPOUT=True, **prec), 4, 4, (90, 80)),
+            ("small_m_epilogue" + suffix, lm._small_m_epilogue_kernel,
+             dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_R=128, HAS_BIAS=True, **prec), 4, 2, (90, 80)),
         ]
     for name, kernel, consts, warps, stages, caps in jobs:
         for cap in caps:
@@ -415,7 +450,7 @@ def test_kernels_compile_for_sm80_sm90():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     n_cfg = len(lm._gemm_configs())
     n_four = sum(c.num_stages == 4 for c in lm._gemm_configs())
-    assert len(rows) == 2 * n_cfg + n_four + 12
+    assert len(rows) == 2 * n_cfg + n_four + 20
     for row in rows:
         assert row["shared"] <= SMEM_LIMIT[row["cap"]], row
 
