@@ -32,6 +32,9 @@ its (BLOCK_N, r) share of dB into an fp32 buffer with atomic adds: R / BLOCK_M a
 element (r=16, BLOCK_M=128: 1 in 8). The shrink (split over K) and dA (split over M) use the same
 split-and-add when there are too few output tiles to fill the GPU. Sums that go through atomics
 (dB whenever M > BLOCK_M; T, dT, dA when split) are not bitwise reproducible from run to run.
+Under `torch.use_deterministic_algorithms(True)` no kernel uses atomics: T, dT and dA are not
+split, and each row tile writes its own fp32 dB slice, summed afterwards by torch in a fixed order
+(cdiv(M, BLOCK_M) * N * r * 4 bytes: M=16384, N=4096, r=16: 34 MB, a quarter of dY's 134 MB).
 
 # Note: small M
 At M <= 16 (decoding) the forward is a stream over W: 2*N*K bytes for 2*M*N*K FLOPs. One program
@@ -271,7 +274,7 @@ def _fwd_kernel(
 def _dt_db_kernel(
     dy_ptr, b_ptr, t_ptr, dt_ptr, db_ptr,
     M, N, R, split_n,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_dtm, stride_dbn,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_dtm, stride_dbm, stride_dbn,
     scaling,
     LOWP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -280,7 +283,8 @@ def _dt_db_kernel(
     """dT[M, r] = s * dY @ B and dB[N, r] = s * dY.T @ T (both fp32) in one pass over dY.
 
     FLOPs 4*M*N*r (+ 2*M*N*r split work for 16-bit); minimum bytes (M*N + N*r) * itemsize +
-    4*(2*M*r + N*r). Grid (cdiv(M, BLOCK_M), split_n); see the Note on atomics.
+    4*(2*M*r + N*r). Grid (cdiv(M, BLOCK_M), split_n); see the Note on atomics. Without ATOMIC_DB
+    each row tile writes its own dB slice db[pid_m] (stride_dbm; the launcher sums the slices).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -304,7 +308,7 @@ def _dt_db_kernel(
         else:
             acc_dt = tl.dot(dy, b, acc_dt, input_precision=PREC)
         part = _dot_f32_rhs(tl.trans(dy), t, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), LOWP, PREC)
-        db_ptrs = db_ptr + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r[None, :]
+        db_ptrs = db_ptr + pid_m.to(tl.int64) * stride_dbm + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r[None, :]
         if ATOMIC_DB:
             tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
         else:
@@ -707,7 +711,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
         return _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, small_m)
     bm, bk = _shrink_blocks(M)
     tiles, steps = triton.cdiv(M, bm), triton.cdiv(K, bk)
-    sk = split_k or _split(tiles, steps, sms)
+    sk = 1 if torch.are_deterministic_algorithms_enabled() else split_k or _split(tiles, steps, sms)
     t = torch.zeros((M, R), dtype=torch.float32, device=x.device) if sk > 1 else _empty((M, R), torch.float32, x.device)
     lowp, prec = _precision(x.dtype)
     if M == 0:
@@ -764,14 +768,19 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     # dT and dB: one pass over dY.
     bm, bn = _dt_db_blocks(M, lowp)
     tiles_m = triton.cdiv(M, bm)
-    sn = split_n or _split(tiles_m, triton.cdiv(N, bn), sms)
-    atomic_db = tiles_m > 1
+    det = torch.are_deterministic_algorithms_enabled()
+    sn = 1 if det else split_n or _split(tiles_m, triton.cdiv(N, bn), sms)
+    atomic_db = tiles_m > 1 and not det
     dt = torch.zeros((M, R), dtype=torch.float32, device=dev) if sn > 1 else _empty((M, R), torch.float32, dev)
-    db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if atomic_db else _empty((N, R), torch.float32, dev)
+    if atomic_db:
+        db32 = torch.zeros((N, R), dtype=torch.float32, device=dev)
+    else:  # (tiles_m, N, R): one dB slice per row tile, summed below (deterministic mode)
+        db32 = _empty((max(tiles_m, 1), N, R), torch.float32, dev)
     if M and N:
         _dt_db_kernel[(tiles_m, sn)](
             dy, lora_B, t, dt, db32, M, N, R, sn,
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0), db32.stride(0),
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0),
+            0 if atomic_db else db32.stride(0), db32.stride(-2),
             float(scaling),
             LOWP=lowp, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, ATOMIC_DT=sn > 1, ATOMIC_DB=atomic_db,
             num_warps=8 if bm == 128 else 4, num_stages=3,
@@ -780,11 +789,13 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
         db32.zero_()
     if N == 0:
         dt.zero_()
+    if not atomic_db:
+        db32 = db32[0] if db32.shape[0] == 1 else db32.sum(0)  # (N, R), in a fixed order
 
     # dA = dT.T @ dropout(x).
     bm_a, bk_a = _da_blocks(lowp)
     tiles_k = triton.cdiv(K, bk_a)
-    sm = split_m or _split(tiles_k, triton.cdiv(M, bm_a), sms)
+    sm = 1 if det else split_m or _split(tiles_k, triton.cdiv(M, bm_a), sms)
     da32 = torch.zeros((R, K), dtype=torch.float32, device=dev) if sm > 1 else _empty((R, K), torch.float32, dev)
     seed_arg = seed if drop else dt
     if M and K:

@@ -130,6 +130,43 @@ def test_kernels_property(m, k, n, r, dtype, bias, dropout, x_layout, w_layout, 
               scaling, gen_seed, small_m)
 
 
+@pytest.fixture
+def deterministic():
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(old)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="watches atomics through Triton's interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_deterministic_mode_uses_no_atomics(dtype, deterministic, monkeypatch):
+    # Under torch.use_deterministic_algorithms(True) no kernel may sum through atomics (their order
+    # varies run to run on a GPU), even where splits are asked for; the results still hold.
+    from triton.runtime import interpreter
+
+    def no_atomics(*args, **kwargs):
+        raise AssertionError("an atomic add ran in deterministic mode")
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw", no_atomics)
+    # M=70 is 5 row tiles of 16: dB has a slice per row tile; splits asked for everywhere.
+    check_all(70, 45, 38, 5, dtype, bias=True, dropout=0.2, split_k=3, split_n=2, split_m=3)
+
+
+def test_atomics_watch_can_fail(monkeypatch):
+    # The watch above sees atomics: outside deterministic mode the same case uses them.
+    from triton.runtime import interpreter
+
+    if DEV == "cuda":
+        pytest.skip("watches atomics through Triton's interpreter")
+    seen = []
+    real = interpreter.InterpreterBuilder.create_atomic_rmw
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw",
+                        lambda self, *a, **k: seen.append(1) or real(self, *a, **k))
+    check_all(70, 45, 38, 5, torch.float32, bias=True, dropout=0.2, split_k=3, split_n=2, split_m=3)
+    assert seen
+
+
 def test_dropout_mask_statistics():
     seed = torch.tensor([7], dtype=torch.int64, device=DEV)
     p = 0.3
