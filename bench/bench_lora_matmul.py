@@ -10,6 +10,9 @@ accumulates into .grad between calls. Each record's `extra` holds the time ratio
 and to peft at the same point ("vs_floor", "vs_peft": < 1 is faster), and for M <= 16 the forward's
 fraction of the measured copy bandwidth ("frac_bw", from the minimum bytes).
 
+At M <= 16 on CUDA, "lowrank-gemm" times the kernels with the small-M split-K path turned off
+(kernels/lora_matmul.py, Note on small M), so one run shows which of the two paths is faster.
+
 On the CPU the kernels are not timed (they would run in Triton's interpreter): the CPU path
 (`lowrank.reference.lora_linear`) runs against peft's layer at shapes scaled down 8x.
 """
