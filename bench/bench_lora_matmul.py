@@ -10,6 +10,9 @@ accumulates into .grad between calls. Each record's `extra` holds the time ratio
 and to peft at the same point ("vs_floor", "vs_peft": < 1 is faster), and for M <= 16 the forward's
 fraction of the measured copy bandwidth ("frac_bw", from the minimum bytes).
 
+At M <= 16 on CUDA, "lowrank-gemm" times the kernels with the small-M split-K path turned off
+(kernels/lora_matmul.py, Note on small M), so one run shows which of the two paths is faster.
+
 On the CPU the kernels are not timed (they would run in Triton's interpreter): the CPU path
 (`lowrank.reference.lora_linear`) runs against peft's layer at shapes scaled down 8x.
 """
@@ -80,8 +83,22 @@ def _peft_layer(w, a, b, alpha):
     return layer
 
 
-def _impls(device: str):
-    """name -> make(set) -> (fn(x), params needing grads besides x)."""
+def _without_small_m(fn):
+    """fn with the small-M path off (kernels/lora_matmul.py, Note on small M): the plain GEMM path."""
+    from lowrank.kernels import lora_matmul
+
+    def call(x):
+        saved, lora_matmul.SMALL_M_MAX = lora_matmul.SMALL_M_MAX, 0
+        try:
+            return fn(x)
+        finally:
+            lora_matmul.SMALL_M_MAX = saved
+    return call
+
+
+def _impls(device: str, m: int = 0):
+    """name -> make(set) -> (fn(x), params needing grads besides x). At M <= 16 on CUDA also
+    "lowrank-gemm": the kernels with the small-M split-K path off, to compare the two paths."""
     out = {
         "F.linear": lambda s: (lambda x: F.linear(x, s["w"]), []),
         "peft": lambda s: _peft_impl(s),
@@ -93,6 +110,8 @@ def _impls(device: str):
 
         out["lowrank"] = lambda s: (lambda x: lora_matmul.lora_linear(x, s["w"], s["a"], s["b"], s["scaling"]),
                                     [s["a"], s["b"]])
+        if m <= lora_matmul.SMALL_M_MAX:
+            out["lowrank-gemm"] = lambda s: (_without_small_m(out["lowrank"](s)[0]), [s["a"], s["b"]])
     return out
 
 
@@ -158,7 +177,7 @@ def _run(quick: bool, dev: torch.device) -> list[Record]:
             # At M <= 16 an eager call costs its launches (CPU) more than its GPU work: the forward
             # is also timed as CUDA graph replays ("+graph"), the way a decoding loop runs it.
             graph = dev.type == "cuda" and m <= 16 and not backward
-            variants = [(impl, build, g) for impl, build in _impls(device).items() for g in ((False, True) if graph else (False,))]
+            variants = [(impl, build, g) for impl, build in _impls(device, m).items() for g in ((False, True) if graph else (False,))]
             for impl, build, use_graph in variants:
                 built = [(build(s[0]), s[0]) for s in sets]
                 calls = []

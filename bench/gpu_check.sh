@@ -4,13 +4,18 @@
 #   bash bench/gpu_check.sh              # on the GPU machine; writes under $OUT
 #   bash bench/gpu_check.sh --dry-run    # here: the same steps, CUDA parts skipped or on the CPU
 #
-# Steps (each under its own time limit, so the whole run stays within ~6 minutes):
+# Steps, each under its own time limit AND inside one overall budget (LOWRANK_GPU_BUDGET, default
+# 360 s): a step gets min(its limit, what is left of the budget), so the whole run ends within
+# ~6 minutes even when a step hangs; steps that find no time left are recorded as rc=124, 0 s.
 #   1. install the carried wheels (.whl/, e.g. bitsandbytes, which the machine lacks) with
 #      pip --no-index --no-deps --target, and put that folder on PYTHONPATH;
 #   2. make lowrank.kernels importable from the source tree (an editable install maps kernels/
-#      there; a bare copy of the tree needs a link), build the native library with nvcc (sm_90);
-#   3. pytest -m gpu (the GPU-sized tests), then the rest of the suite, on CUDA;
-#   4. python -m bench.run --quick --out $OUT/bench (every benchmark in bench/run.py's BENCHES).
+#      there; a bare copy of the tree needs a link), build the native library with nvcc (sm_90;
+#      53 s wall / 13 s CPU for both libraries on the 2-core dev machine);
+#   3. pytest -m gpu over tests/ (the GPU tests of every test file);
+#   4. one step per benchmark in bench/run.py's BENCHES (python -m bench.run --quick --only NAME),
+#      so that a slow one cannot take the others' results with it;
+#   5. the rest of the suite on CUDA, last: it gets whatever time is left.
 # Output: $OUT/gpu_check.log (everything), $OUT/gpu_check.json (per step: rc, seconds, the last
 # pytest line), $OUT/pytest_*.xml (JUnit), $OUT/bench/bench_<op>.json.
 set -u
@@ -28,11 +33,23 @@ STEPS="$OUT/.steps.tsv"
 : > "$STEPS"
 exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
+# A dry run on the 2-core dev machine runs the CPU benchmarks and the interpreter: 20 minutes.
+if [ "$DRY" = 1 ]; then BUDGET="${LOWRANK_GPU_BUDGET:-1200}"; else BUDGET="${LOWRANK_GPU_BUDGET:-360}"; fi
 
 # step NAME LIMIT_S CMD...: run with a time limit, record "name rc seconds last-pytest-line".
 step() {
     local name=$1 limit=$2
     shift 2
+    # A dry run does on 2 shared CPU cores what the H200 does: 4x the GPU limits.
+    if [ "$DRY" = 1 ]; then limit=$(( limit * 4 )); fi
+    # 15 s of the budget stay for the JSON summary and the kill grace of a timed-out step.
+    local left=$(( T0 + BUDGET - 15 - $(date +%s) ))
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$limit" -le 0 ]; then
+        echo "=== [$name] skipped: the ${BUDGET}s budget is spent"
+        printf '%s\t%s\t%s\t%s\n' "$name" 124 0 "not run: budget spent" >> "$STEPS"
+        return
+    fi
     echo "=== [$name] (limit ${limit}s, at +$(( $(date +%s) - T0 ))s): $*"
     local start=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/.step.out"
@@ -45,11 +62,11 @@ step() {
 }
 
 echo "lowrank GPU check, $(date -Iseconds), dry-run=$DRY, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-step env 30 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; $PY -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
+step env 20 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; $PY -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
 
 # 1. Carried wheels.
 if ls .whl/*.whl >/dev/null 2>&1; then
-    step wheels 90 "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
+    step wheels 40 "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
 else
     echo "no .whl/ folder: nothing to install (../shared/tools/gpu-wheels.sh fetches the wheels)"
 fi
@@ -61,27 +78,41 @@ if ! "$PY" -c "import lowrank.kernels" >/dev/null 2>&1; then
     ln -sfn ../kernels lowrank/kernels
 fi
 if [ "$DRY" = 1 ]; then
-    LOWRANK_NO_CUDA=1 step native 120 "$PY" setup.py build_native
+    LOWRANK_NO_CUDA=1 step native 90 "$PY" setup.py build_native
 else
-    LOWRANK_CUDA_ARCHS="${LOWRANK_CUDA_ARCHS:-90}" step native 120 "$PY" setup.py build_native
+    LOWRANK_CUDA_ARCHS="${LOWRANK_CUDA_ARCHS:-90}" step native 60 "$PY" setup.py build_native
 fi
 
-# 3. Tests. LOWRANK_AUTOTUNE=0: fixed block sizes (an autotuning run per new test shape would
+# 3. GPU tests. LOWRANK_AUTOTUNE=0: fixed block sizes (an autotuning run per new test shape would
 # compile and time every config); the benchmarks below autotune.
 export LOWRANK_AUTOTUNE=0
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra --strict-markers")
-step pytest_gpu 110 "${PYTEST[@]}" -m gpu --junitxml="$OUT/pytest_gpu.xml"
-if [ "$DRY" = 1 ]; then
-    # The interpreter is too slow for the whole suite inside a dry run: one file as a smoke test.
-    step pytest_suite 120 "${PYTEST[@]}" -m "not gpu" tests/test_lora_matmul.py -k "odd_shapes or wiring or layer" \
-        --junitxml="$OUT/pytest_suite.xml"
-else
-    step pytest_suite 110 "${PYTEST[@]}" -m "not gpu" --junitxml="$OUT/pytest_suite.xml"
-fi
+step pytest_gpu 90 "${PYTEST[@]}" tests -m gpu --junitxml="$OUT/pytest_gpu.xml"
 unset LOWRANK_AUTOTUNE
 
-# 4. Benchmarks (quick grid), all of bench/run.py's BENCHES.
-step bench 150 "$PY" -m bench.run --quick --out "$OUT/bench"
+# 4. Benchmarks (quick grids), one step each, every name in bench/run.py's BENCHES. Limits from
+# the quick grids: lora_matmul 14 points x 4 impls (+ CUDA graphs at M <= 16) and two autotuned
+# GEMMs (~11 configs each to compile once); nf4 one 4096^3 QLoRA step (+ an autotuned variant)
+# and the M=1 GEMV; merge 4 Llama shapes x 2 ranks; multi_adapter q_proj x 3 adapter counts.
+BENCH_LIMITS="lora_matmul=80 nf4=45 merge=40 multi_adapter=30"
+for name in $("$PY" -c "from bench.run import BENCHES; print(' '.join(BENCHES))"); do
+    limit=30
+    for kv in $BENCH_LIMITS; do
+        if [ "${kv%%=*}" = "$name" ]; then limit=${kv#*=}; fi
+    done
+    step "bench_$name" "$limit" "$PY" -m bench.run --quick --only "$name" --out "$OUT/bench"
+done
+
+# 5. The rest of the suite on CUDA (interpreter-sized shapes), with what time is left.
+export LOWRANK_AUTOTUNE=0
+if [ "$DRY" = 1 ]; then
+    # The interpreter is too slow for the whole suite inside a dry run: one file as a smoke test.
+    step pytest_suite 30 "${PYTEST[@]}" -m "not gpu" tests/test_lora_matmul.py -k "odd_shapes or wiring or layer" \
+        --junitxml="$OUT/pytest_suite.xml"
+else
+    step pytest_suite 120 "${PYTEST[@]}" tests -m "not gpu" --junitxml="$OUT/pytest_suite.xml"
+fi
+unset LOWRANK_AUTOTUNE
 
 "$PY" - "$STEPS" "$OUT/gpu_check.json" "$DRY" "$T0" <<'EOF'
 import json, sys, time, datetime

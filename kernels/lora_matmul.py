@@ -2,7 +2,7 @@
 
     y = x @ W.T + bias + s * dropout(x) @ A.T @ B.T          x: (M, K), W: (N, K), A: (r, K), B: (N, r)
 
-Forward, two launches:
+Forward, two launches (for M <= 16 on a GPU, two others: see the Note on small M):
   1. `_shrink_kernel`   T = dropout(x) @ A.T, kept in fp32 (M, r): the only LoRA temporary.
   2. `_fwd_kernel`      the base GEMM; after its K loop one extra block adds s * T @ B.T to the
                         fp32 accumulator, then bias; y is written once (no M x N temporary).
@@ -32,6 +32,20 @@ its (BLOCK_N, r) share of dB into an fp32 buffer with atomic adds: R / BLOCK_M a
 element (r=16, BLOCK_M=128: 1 in 8). The shrink (split over K) and dA (split over M) use the same
 split-and-add when there are too few output tiles to fill the GPU. Sums that go through atomics
 (dB whenever M > BLOCK_M; T, dT, dA when split) are not bitwise reproducible from run to run.
+Under `torch.use_deterministic_algorithms(True)` no kernel uses atomics: T, dT and dA are not
+split, and each row tile writes its own fp32 dB slice, summed afterwards by torch in a fixed order
+(cdiv(M, BLOCK_M) * N * r * 4 bytes: M=16384, N=4096, r=16: 34 MB, a quarter of dY's 134 MB).
+
+# Note: small M
+At M <= 16 (decoding) the forward is a stream over W: 2*N*K bytes for 2*M*N*K FLOPs. One program
+per output tile leaves the GPU idle when there are few tiles (N=1024 in 32-column tiles: 32
+programs for 132 SMs), so the small-M path splits K as well: `_small_m_partial_kernel` writes
+fp32 partial sums of x @ W.T per K range (and of dropout(x) @ A.T, so the shrink needs no launch
+of its own), and `_small_m_epilogue_kernel` adds them in a fixed order, adds s * T @ B.T and the
+bias and writes y. No atomics: the result is bitwise reproducible. The workspaces hold
+split*M*(N + r) fp32 (M=16, N=1024, split=8: 0.5 MB, which stays in L2; against 8 MB of W).
+It is chosen automatically on a GPU for M <= SMALL_M_MAX (LOWRANK_SMALL_M, default 16; 0 turns it
+off) and forced in tests with `lora_forward(..., small_m=split)`.
 
 Block sizes: the two GEMM kernels are autotuned over Hopper and Ampere configs, keyed on
 (next_pow2(M), N, K); LOWRANK_AUTOTUNE=0 (tests) and the interpreter use `_heuristic_config`.
@@ -260,7 +274,7 @@ def _fwd_kernel(
 def _dt_db_kernel(
     dy_ptr, b_ptr, t_ptr, dt_ptr, db_ptr,
     M, N, R, split_n,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_dtm, stride_dbn,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_dtm, stride_dbm, stride_dbn,
     scaling,
     LOWP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -269,7 +283,8 @@ def _dt_db_kernel(
     """dT[M, r] = s * dY @ B and dB[N, r] = s * dY.T @ T (both fp32) in one pass over dY.
 
     FLOPs 4*M*N*r (+ 2*M*N*r split work for 16-bit); minimum bytes (M*N + N*r) * itemsize +
-    4*(2*M*r + N*r). Grid (cdiv(M, BLOCK_M), split_n); see the Note on atomics.
+    4*(2*M*r + N*r). Grid (cdiv(M, BLOCK_M), split_n); see the Note on atomics. Without ATOMIC_DB
+    each row tile writes its own dB slice db[pid_m] (stride_dbm; the launcher sums the slices).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -293,7 +308,7 @@ def _dt_db_kernel(
         else:
             acc_dt = tl.dot(dy, b, acc_dt, input_precision=PREC)
         part = _dot_f32_rhs(tl.trans(dy), t, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), LOWP, PREC)
-        db_ptrs = db_ptr + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r[None, :]
+        db_ptrs = db_ptr + pid_m.to(tl.int64) * stride_dbm + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r[None, :]
         if ATOMIC_DB:
             tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
         else:
@@ -394,6 +409,109 @@ def _da_kernel(
         tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _small_m_partial_kernel(
+    x_ptr, w_ptr, a_ptr, ws_ptr, wst_ptr, seed_ptr,
+    M, N, K, R, chunk,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_wss, stride_wsts,
+    p, inv_keep,
+    DROPOUT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Small-M forward, part 1 (see the Note on small M): program (tile, s) sums K range
+    [s * chunk, (s + 1) * chunk) of x @ W.T for its (BLOCK_M, BLOCK_N) tile into ws[s] (fp32), and
+    the programs of the first N tile also that range of dropout(x) @ A.T into wst[s] (fp32).
+
+    FLOPs 2*M*N*K + 2*M*K*r; minimum bytes (M*K + N*K + r*K) * itemsize + 4*split*M*(N + r).
+    """
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    m_ok = offs_m < M
+    k_lo = pid_k * chunk
+    k_hi = tl.minimum(k_lo + chunk, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & (offs_k[None, :] < k_hi), other=0.0)
+        wt = tl.load(w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < k_hi), other=0.0)  # (BLOCK_K, BLOCK_N)
+        if LOWP:
+            acc = tl.dot(x, wt, acc)
+        else:
+            acc = tl.dot(x, wt, acc, input_precision=PREC)
+    ws = ws_ptr + pid_k * stride_wss  # ws (split, M, N) and wst (split, M, R): contiguous
+    tl.store(ws + rows[:, None] * N + cols[None, :], acc, mask=m_ok[:, None] & (offs_n[None, :] < N))
+    if pid_n == 0:
+        offs_r = tl.arange(0, BLOCK_R)
+        if DROPOUT:
+            seed = tl.load(seed_ptr)
+        acc_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_ok[:, None] & (offs_k[None, :] < k_hi), other=0.0)
+            if DROPOUT:
+                x = tl.where(_keep(seed, offs_m, offs_k, K, p), x, 0.0)
+            at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                         mask=(offs_r[None, :] < R) & (offs_k[:, None] < k_hi), other=0.0)  # (BLOCK_K, BLOCK_R)
+            if LOWP:
+                acc_t = tl.dot(x, at, acc_t)
+            else:
+                acc_t = tl.dot(x, at, acc_t, input_precision=PREC)
+        if DROPOUT:
+            acc_t = acc_t * inv_keep
+        wst = wst_ptr + pid_k * stride_wsts
+        tl.store(wst + rows[:, None] * R + offs_r[None, :], acc_t, mask=m_ok[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _small_m_epilogue_kernel(
+    ws_ptr, wst_ptr, b_ptr, bias_ptr, t_ptr, y_ptr,
+    M, N, R, split,
+    stride_wss, stride_wsts, stride_bn, stride_br, stride_tm, stride_ym, stride_yn, stride_bias,
+    scaling,
+    HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Small-M forward, part 2: y = sum_s ws[s] + (s * T) @ B.T + bias with T = sum_s wst[s], the
+    split sums taken in a fixed order (bitwise reproducible); the first N tile also writes T.
+
+    FLOPs 2*M*N*r; minimum bytes (N*r + M*N + N) * itemsize + 4*split*M*(N + r) + 4*M*r.
+    """
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    mn_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    mr_ok = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for sk in range(0, split):
+        acc += tl.load(ws_ptr + sk * stride_wss + rows[:, None] * N + cols[None, :], mask=mn_ok, other=0.0)
+        t += tl.load(wst_ptr + sk * stride_wsts + rows[:, None] * R + offs_r[None, :], mask=mr_ok, other=0.0)
+    if pid_n == 0:
+        tl.store(t_ptr + rows[:, None] * stride_tm + offs_r[None, :], t, mask=mr_ok)
+    bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # (BLOCK_R, BLOCK_N)
+    acc = _dot_f32_lhs(t * scaling, bt, acc, LOWP, PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_bias, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mn_ok)
+
+
 def _tune_bench(kernel_call, quantiles):
     # 5 ms warm-up and 25 ms of repeats per config instead of Triton's 25 + 100: a new (M, N, K)
     # key then tunes in ~0.2 s for 7 configs, and these GEMMs run 10 us to 5 ms.
@@ -485,6 +603,61 @@ def _split(tiles: int, steps: int, sms: int) -> int:
     return max(1, min(-(-2 * sms // max(tiles, 1)), steps // 4))
 
 
+# Small-M path (Note on small M): blocks and split over K. BLOCK_K=256 reads 512 contiguous bytes
+# of each bf16 W row a step; BLOCK_N=32 gives N=1024 32 column tiles, N=4096 128. fp32 takes
+# BLOCK_K=64: at 256 the (256, 128) fp32 A tile of r=128 alone needs 448 KB of shared memory
+# over 4 stages (sm_90 cubin), against 73 KB for bf16.
+SMALL_M_MAX = int(os.environ.get("LOWRANK_SMALL_M", "16"))
+
+
+def _small_m_blocks(lowp: bool = True) -> tuple[int, int, int]:
+    if INTERPRET:
+        return 16, 16, 32
+    return 16, 32, 256 if lowp else 64
+
+
+def _small_m_split(m: int, n: int, k: int, sms: int, lowp: bool = True) -> int:
+    """Programs per output tile: ~2 waves over the SMs, each program >= 2 K steps."""
+    bm, bn, bk = _small_m_blocks(lowp)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    return max(1, min(-(-2 * sms // tiles), triton.cdiv(k, bk) // 2))
+
+
+def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, split):
+    """Two launches: partial sums over K ranges into fp32 workspaces, then their fixed-order sum
+    with the LoRA expand and bias (`_small_m_partial_kernel`, `_small_m_epilogue_kernel`)."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    lowp, prec = _precision(x.dtype)
+    bm, bn, bk = _small_m_blocks(lowp)
+    chunk = triton.cdiv(triton.cdiv(K, bk), split) * bk  # whole BLOCK_K steps per program
+    split = triton.cdiv(K, chunk)  # no program without K work
+    ws = _empty((split, M, N), torch.float32, x.device)
+    wst = _empty((split, M, R), torch.float32, x.device)
+    t = _empty((M, R), torch.float32, x.device)
+    drop = dropout > 0.0
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    _small_m_partial_kernel[(tiles, split)](
+        x, weight, lora_A, ws, wst, seed if drop else t,
+        M, N, K, R, chunk,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        ws.stride(0), wst.stride(0),
+        float(dropout), 1.0 / (1.0 - dropout),
+        DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=4, num_stages=4,
+    )
+    _small_m_epilogue_kernel[(tiles,)](
+        ws, wst, lora_B, bias if bias is not None else y, t, y,
+        M, N, R, split,
+        ws.stride(0), wst.stride(0), lora_B.stride(0), lora_B.stride(1), t.stride(0), y.stride(0), y.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        float(scaling),
+        HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R), BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=4, num_stages=2,
+    )
+    return y, t
+
+
 def _check_seed(seed, dropout, device):
     if dropout == 0.0:
         return
@@ -510,12 +683,15 @@ def dropout_mask(seed: torch.Tensor, m: int, k: int, dropout: float) -> torch.Te
 def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                  scaling: float, bias: Optional[torch.Tensor] = None, dropout: float = 0.0,
                  seed: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                 split_k: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 split_k: Optional[int] = None, small_m: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, T) for a 2-D x (M, K), any strides; weight (N, K) any strides (e.g. a Conv1D weight.t()).
 
     y (M, N) in x's dtype (written into `out` when given); T = dropout(x) @ A.T (M, r) fp32, what
     the backward needs. FLOPs 2*M*K*r + 2*M*N*K + 2*M*N*r; minimum bytes
     (M*K + N*K + r*K + N*r + M*N [+ N]) * itemsize.
+
+    split_k: the shrink's split over K (None: automatic). small_m: the small-M path (see the Note
+    on small M) with this split over K (None: automatic, on a GPU for M <= SMALL_M_MAX; 0: never).
     """
     if x.dim() != 2:
         raise ValueError(f"lora_forward: x must be 2-D (M, K), got shape {tuple(x.shape)}")
@@ -529,9 +705,13 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     y = out if out is not None else _empty((M, N), x.dtype, x.device)
     sms = _num_sms(x.device)
+    if small_m is None:
+        small_m = _small_m_split(M, N, K, sms, x.dtype != torch.float32) if not INTERPRET and 0 < M <= SMALL_M_MAX and N > 0 else 0
+    if small_m > 0 and M > 0 and N > 0 and K > 0:
+        return _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, small_m)
     bm, bk = _shrink_blocks(M)
     tiles, steps = triton.cdiv(M, bm), triton.cdiv(K, bk)
-    sk = split_k or _split(tiles, steps, sms)
+    sk = 1 if torch.are_deterministic_algorithms_enabled() else split_k or _split(tiles, steps, sms)
     t = torch.zeros((M, R), dtype=torch.float32, device=x.device) if sk > 1 else _empty((M, R), torch.float32, x.device)
     lowp, prec = _precision(x.dtype)
     if M == 0:
@@ -588,14 +768,19 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     # dT and dB: one pass over dY.
     bm, bn = _dt_db_blocks(M, lowp)
     tiles_m = triton.cdiv(M, bm)
-    sn = split_n or _split(tiles_m, triton.cdiv(N, bn), sms)
-    atomic_db = tiles_m > 1
+    det = torch.are_deterministic_algorithms_enabled()
+    sn = 1 if det else split_n or _split(tiles_m, triton.cdiv(N, bn), sms)
+    atomic_db = tiles_m > 1 and not det
     dt = torch.zeros((M, R), dtype=torch.float32, device=dev) if sn > 1 else _empty((M, R), torch.float32, dev)
-    db32 = torch.zeros((N, R), dtype=torch.float32, device=dev) if atomic_db else _empty((N, R), torch.float32, dev)
+    if atomic_db:
+        db32 = torch.zeros((N, R), dtype=torch.float32, device=dev)
+    else:  # (tiles_m, N, R): one dB slice per row tile, summed below (deterministic mode)
+        db32 = _empty((max(tiles_m, 1), N, R), torch.float32, dev)
     if M and N:
         _dt_db_kernel[(tiles_m, sn)](
             dy, lora_B, t, dt, db32, M, N, R, sn,
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0), db32.stride(0),
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0),
+            0 if atomic_db else db32.stride(0), db32.stride(-2),
             float(scaling),
             LOWP=lowp, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, ATOMIC_DT=sn > 1, ATOMIC_DB=atomic_db,
             num_warps=8 if bm == 128 else 4, num_stages=3,
@@ -604,11 +789,13 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
         db32.zero_()
     if N == 0:
         dt.zero_()
+    if not atomic_db:
+        db32 = db32[0] if db32.shape[0] == 1 else db32.sum(0)  # (N, R), in a fixed order
 
     # dA = dT.T @ dropout(x).
     bm_a, bk_a = _da_blocks(lowp)
     tiles_k = triton.cdiv(K, bk_a)
-    sm = split_m or _split(tiles_k, triton.cdiv(M, bm_a), sms)
+    sm = 1 if det else split_m or _split(tiles_k, triton.cdiv(M, bm_a), sms)
     da32 = torch.zeros((R, K), dtype=torch.float32, device=dev) if sm > 1 else _empty((R, K), torch.float32, dev)
     seed_arg = seed if drop else dt
     if M and K:

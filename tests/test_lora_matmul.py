@@ -8,6 +8,7 @@ one, the same tests run on CUDA, and the `gpu`-marked ones add GPU-sized shapes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from unittest import mock
 
@@ -67,13 +68,13 @@ def baseline(x, w, a, b, s, bias, mask, dy):
 
 
 def check_all(m, k, n, r, dtype, bias, dropout, x_layout="contiguous", w_layout="contiguous",
-              need_dx=True, split_k=None, split_n=None, split_m=None, scaling=0.75, gen_seed=0):
+              need_dx=True, split_k=None, split_n=None, split_m=None, scaling=0.75, gen_seed=0, small_m=None):
     x, w, a, b, bb, dy = make_case(m, k, n, r, dtype, bias, x_layout, w_layout, gen_seed=gen_seed)
     seed = torch.tensor([1234 + gen_seed], dtype=torch.int64, device=DEV) if dropout else None
     mask = lm.dropout_mask(seed, m, k, dropout) if dropout else None
     out = poison_(torch.empty(m, n, dtype=dtype, device=DEV))
     with mock.patch.object(lm, "_empty", _nan_empty):
-        y, t = lm.lora_forward(x, w, a, b, scaling, bb, dropout, seed, out=out, split_k=split_k)
+        y, t = lm.lora_forward(x, w, a, b, scaling, bb, dropout, seed, out=out, split_k=split_k, small_m=small_m)
         dx, da, db = lm.lora_backward(dy, x, w, a, b, t, scaling, dropout, seed, need_dx=need_dx,
                                       split_n=split_n, split_m=split_m)
     assert y.data_ptr() == out.data_ptr()
@@ -102,6 +103,15 @@ def test_odd_shapes_every_rank(dtype, rank):
     check_all(33, 47, 59, rank, dtype, bias=i % 2 == 0, dropout=0.2 if i % 2 else 0.0)
 
 
+@pytest.mark.parametrize("rank", RANKS, ids=[f"r{r}" for r in RANKS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_small_m_odd_shapes_every_rank(dtype, rank):
+    # The small-M forward (Note on small M) at decode sizes, K split 3 ways with a ragged last range
+    # (K=111 in 32-steps: ranges 64, 32, 15); M=1 and M=13 alternate with rank.
+    i = RANKS.index(rank)
+    check_all(1 if i % 2 else 13, 111, 37, rank, dtype, bias=i % 2 == 1, dropout=0.2 if i < 2 else 0.0, small_m=3)
+
+
 @settings(max_examples=6 * settings.default.max_examples)  # ~0.1 s an example in the interpreter
 @given(
     m=st.integers(1, 70), k=st.integers(1, 70), n=st.integers(1, 70),
@@ -111,11 +121,50 @@ def test_odd_shapes_every_rank(dtype, rank):
     w_layout=st.sampled_from(["contiguous", "transposed"]),
     need_dx=st.booleans(), splits=st.tuples(*[st.sampled_from([None, 1, 2, 3])] * 3),
     scaling=st.sampled_from([0.0, 0.5, 2.0]), gen_seed=st.integers(0, 2**16),
+    small_m=st.sampled_from([None, None, 1, 2, 5]),  # the small-M forward with a split over K
 )
-def test_kernels_property(m, k, n, r, dtype, bias, dropout, x_layout, w_layout, need_dx, splits, scaling, gen_seed):
+def test_kernels_property(m, k, n, r, dtype, bias, dropout, x_layout, w_layout, need_dx, splits, scaling, gen_seed,
+                          small_m):
     split_k, split_n, split_m = splits
     check_all(m, k, n, r, dtype, bias, dropout, x_layout, w_layout, need_dx, split_k, split_n, split_m,
-              scaling, gen_seed)
+              scaling, gen_seed, small_m)
+
+
+@pytest.fixture
+def deterministic():
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(old)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="watches atomics through Triton's interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_deterministic_mode_uses_no_atomics(dtype, deterministic, monkeypatch):
+    # Under torch.use_deterministic_algorithms(True) no kernel may sum through atomics (their order
+    # varies run to run on a GPU), even where splits are asked for; the results still hold.
+    from triton.runtime import interpreter
+
+    def no_atomics(*args, **kwargs):
+        raise AssertionError("an atomic add ran in deterministic mode")
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw", no_atomics)
+    # M=70 is 5 row tiles of 16: dB has a slice per row tile; splits asked for everywhere.
+    check_all(70, 45, 38, 5, dtype, bias=True, dropout=0.2, split_k=3, split_n=2, split_m=3)
+
+
+def test_atomics_watch_can_fail(monkeypatch):
+    # The watch above sees atomics: outside deterministic mode the same case uses them.
+    from triton.runtime import interpreter
+
+    if DEV == "cuda":
+        pytest.skip("watches atomics through Triton's interpreter")
+    seen = []
+    real = interpreter.InterpreterBuilder.create_atomic_rmw
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw",
+                        lambda self, *a, **k: seen.append(1) or real(self, *a, **k))
+    check_all(70, 45, 38, 5, torch.float32, bias=True, dropout=0.2, split_k=3, split_n=2, split_m=3)
+    assert seen
 
 
 def test_dropout_mask_statistics():
@@ -307,6 +356,36 @@ def test_torch_compile_fullgraph(triton_backend, dropout):
         torch.testing.assert_close(g, e)
 
 
+def test_torch_compile_patched_model_inductor(triton_backend):
+    # A whole patched model through Inductor, fullgraph (a graph break raises), dropout on: the
+    # kernels stay opaque custom ops inside the compiled graph. fallback_random makes Inductor draw
+    # the dropout seed from torch's generator as eager does (its own RNG would draw other masks).
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).to(DEV)
+    lowrank.patch_linear(model, rank=4, dropout=0.1)
+    for _, layer in lowrank.lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B["default"].normal_()
+    x = torch.randn(2, 5, 32, device=DEV)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(fn):
+        torch.manual_seed(1)
+        out = fn(x)
+        return out.detach(), torch.autograd.grad(out.square().mean(), params)
+
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")
+        y, grads = loss_and_grads(compiled)
+    assert len(triton_backend) == 2, "the compiled model did not run the kernels"
+    y_eager, grads_eager = loss_and_grads(model)
+    torch.testing.assert_close(y, y_eager)
+    for g, e in zip(grads, grads_eager):
+        torch.testing.assert_close(g, e)
+
+
 def test_opcheck():
     x, w, a, b, bb, dy = make_case(5, 16, 8, 3, torch.float32)
     seed = torch.tensor([5], dtype=torch.int64, device=DEV)
@@ -334,7 +413,7 @@ def _aot_compile(kernel, dtype, cap, consts, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    f32_bufs = {"t_ptr", "dt_ptr", "db_ptr", "da_ptr"}
+    f32_bufs = {"t_ptr", "dt_ptr", "db_ptr", "da_ptr", "ws_ptr", "wst_ptr"}
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:
@@ -371,6 +450,7 @@ def _aot_main():
     for lowp in (True, False):
         prec = dict(LOWP=lowp, PREC="ieee" if lowp else "tf32")
         (bm_s, bk_s), (bm_d, bn_d), (bm_a, bk_a) = lm._shrink_blocks(8192), lm._dt_db_blocks(8192, lowp), lm._da_blocks(lowp)
+        bm_p, bn_p, bk_p = lm._small_m_blocks(lowp)
         suffix = "" if lowp else "-fp32"
         jobs += [
             ("shrink" + suffix, lm._shrink_kernel,
@@ -380,6 +460,10 @@ def _aot_main():
              8 if bm_d == 128 else 4, 3, (90, 80)),
             ("da" + suffix, lm._da_kernel,
              dict(BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=128, ATOMIC=True, DROPOUT=True, **prec), 4, 3, (90, 80)),
+            ("small_m_partial" + suffix, lm._small_m_partial_kernel,
+             dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_K=bk_p, BLOCK_R=128, DROPOUT=True, **prec), 4, 4, (90, 80)),
+            ("small_m_epilogue" + suffix, lm._small_m_epilogue_kernel,
+             dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_R=128, HAS_BIAS=True, **prec), 4, 2, (90, 80)),
         ]
     for name, kernel, consts, warps, stages, caps in jobs:
         for cap in caps:
@@ -403,7 +487,7 @@ def test_kernels_compile_for_sm80_sm90():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     n_cfg = len(lm._gemm_configs())
     n_four = sum(c.num_stages == 4 for c in lm._gemm_configs())
-    assert len(rows) == 2 * n_cfg + n_four + 12
+    assert len(rows) == 2 * n_cfg + n_four + 20
     for row in rows:
         assert row["shared"] <= SMEM_LIMIT[row["cap"]], row
 
@@ -436,11 +520,81 @@ def test_gpu_property(m, k, n, r, dtype, dropout, bias, splits, gen_seed):
 
 
 @pytest.mark.gpu
-def test_gpu_tf32_follows_torch(monkeypatch):
+@pytest.mark.parametrize("shape", [(1, 4096, 1024), (16, 4096, 1024), (16, 14336, 4096)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_small_m_path_is_chosen_and_reproducible(shape):
+    # At M <= 16 the automatic choice is the split-K path (no atomics: two runs agree bit for bit),
+    # and it agrees with the plain GEMM path to the tolerance rule.
+    m, k, n = shape
+    x, w, a, b, bb, _ = make_case(m, k, n, 16, torch.bfloat16)
+    assert lm._small_m_split(m, n, k, lm._num_sms(x.device)) >= 1
+    calls, real = [], lm._small_m_forward
+    with mock.patch.object(lm, "_small_m_forward", side_effect=lambda *a: calls.append(1) or real(*a)):
+        y1, t1 = lm.lora_forward(x, w, a, b, 0.5, bb)
+    assert calls, "M <= 16 did not take the small-M path"
+    y2, t2 = lm.lora_forward(x, w, a, b, 0.5, bb)
+    assert torch.equal(y1, y2) and torch.equal(t1, t2)
+    y64 = reference.lora_linear_f64(x, w, a, b, 0.5, bb)
+    assert_close(y1, y64, baseline(x, w, a, b, 0.5, bb, None, torch.zeros_like(y1))[0], name="y")
+
+
+@contextlib.contextmanager
+def allow_tf32(flag: bool):
+    # Not monkeypatch: torch.backends.cuda.matmul answers allow_tf32 through __getattr__, so
+    # monkeypatch's undo tries delattr and raises AttributeError at teardown.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = flag
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_follows_torch():
     # With TF32 allowed (torch's own switch), fp32 dots use it: still within TF32's ~1e-3 of float64.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     x, w, a, b, bb, dy = make_case(300, 512, 256, 16, torch.float32)
-    y, _ = lm.lora_forward(x, w, a, b, 0.5, bb)
+    with allow_tf32(True):
+        y, _ = lm.lora_forward(x, w, a, b, 0.5, bb)
     y64 = reference.lora_linear_f64(x, w, a, b, 0.5, bb)
     assert (y.double() - y64).abs().max().item() < 2e-2 * max(1.0, y64.abs().max().item())
     assert not math.isnan(y.double().sum().item())
+
+
+# -- the fp32 temporaries keep ~16 bits in 16-bit dots (Note: fp32 LoRA temporaries) -----------
+
+
+def _exact_case(which, dtype):
+    """Small-integer-like inputs whose every product and sum is exact in fp32, built so that one
+    fp32 temporary needs more bits than the 16-bit dtype holds and the output cancels down to those
+    low bits. Rounding T (or dT) to 16 bits before its dot changes the output by 100% or 2 ulps."""
+    e = 2.0 ** -12
+    if which == "T":  # T[0] = [1 + 2^-12, 1], T[1] = [1, 1]: y[0] = T[0] @ [1, -1] = 2^-12; dB too
+        x = [[1.0, e], [1.0, 0.0]]
+        a = [[1.0, 1.0], [1.0, 0.0]]
+        b = [[1.0, -1.0]]
+        dy = [[1.0], [-1.0]]
+    else:  # dT[0] = [(1 + 2^-6)(1 - 2^-6), 1] = [1 - 2^-12, 1]: dX[0] = -2^-12, dA[0] = 2^-6 - 2^-12
+        x = [[1.0], [-1.0]]
+        a = [[1.0], [-1.0]]
+        b = [[1.0 - 2 ** -6, 0.0], [0.0, 1.0]]
+        dy = [[1.0 + 2 ** -6, 1.0], [1.0, 0.0]]
+    x, a, b, dy = (torch.tensor(v, dtype=dtype, device=DEV) for v in (x, a, b, dy))
+    w = torch.zeros(b.shape[0], x.shape[1], dtype=dtype, device=DEV)
+    return x, w, a, b, dy
+
+
+@pytest.mark.parametrize("which", ["T", "dT"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("small_m", [0, 1], ids=["gemm", "small_m"])
+def test_fp32_temporaries_are_not_rounded_to_16_bits(dtype, which, small_m):
+    # Plain torch in bf16/fp16 rounds T to the dtype and gets these outputs wrong; the hi/lo split
+    # (or fp32 IEEE dots for fp32) gets them exactly, so the kernel must equal the float64 result
+    # rounded once to the output dtype. fp32 is checked with TF32 off, its documented exact mode.
+    x, w, a, b, dy = _exact_case(which, dtype)
+    with mock.patch.object(lm, "_empty", _nan_empty), allow_tf32(False):
+        y, t = lm.lora_forward(x, w, a, b, 1.0, small_m=small_m)
+        dx, da, db = lm.lora_backward(dy, x, w, a, b, t, 1.0)
+    y64 = reference.lora_linear_f64(x, w, a, b, 1.0)
+    dx64, da64, db64 = reference.lora_linear_grads_f64(x, w, a, b, 1.0, dy)
+    for name, out, ref in [("y", y, y64), ("dX", dx, dx64), ("dA", da, da64), ("dB", db, db64)]:
+        assert torch.equal(out, ref.to(dtype)), f"{name} ({dtype}): {out.tolist()} != {ref.tolist()}"
