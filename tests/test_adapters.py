@@ -325,3 +325,51 @@ def test_merged_model_disable_set_and_delete():
     lowrank.unmerge(model)
     with lowrank.disable_adapters(model):
         assert torch.equal(logits(model, x), base)
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_packed_weight_cache_follows_every_update(monkeypatch):
+    """The Triton mixed path packs a layer's adapters once and reuses them; every way the weights can
+    change (optimizer-style in-place update, `.data` swap, load-style copy_, adding or deleting an
+    adapter) must reach the next forward."""
+    from lowrank import sgmv as S
+
+    monkeypatch.setenv("LOWRANK_BACKEND", "triton")
+    model = nn.Sequential(nn.Linear(40, 30))
+    lowrank.add_adapter(model, "a", rank=4, alpha=8)
+    lowrank.add_adapter(model, "b", rank=16)
+    randomize_B_(model, std=0.3)
+    layer = model[0]
+    x = torch.randn(6, 40)
+    rows = ["a", "b", None, "b", "a", "a"]
+
+    def check(what):
+        with torch.no_grad(), lowrank.adapter_ids(model, rows):
+            got = model(x)
+        names = list(layer.configs)
+        tid = torch.tensor([names.index(r) if r in names else -1 for r in rows])
+        As, Bs = [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names]
+        scal = [layer.configs[n].scaling for n in names]
+        ref = S.sgmv_f64(x, layer.base_layer(x).detach(), tid, As, Bs, scal)
+        plain = S.sgmv_f64(x, layer.base_layer(x).detach(), tid, As, Bs, scal).float()
+        assert_close(got, ref, plain, name=what)
+        return layer.__dict__["_sgmv_packed"][1]
+
+    first = check("first call")
+    assert check("unchanged") is first, "unchanged weights must reuse the packed copy"
+    with torch.no_grad():
+        layer.lora_B["a"].add_(0.5)  # what an optimizer step does
+    assert check("in-place update") is not first
+    layer.lora_A["b"].data = torch.randn(16, 40)
+    check(".data swap")
+    with torch.no_grad():
+        layer.lora_A["a"].copy_(torch.randn(4, 40))
+    check("copy_")
+    lowrank.add_adapter(model, "c", rank=8)
+    with torch.no_grad():
+        layer.lora_B["c"].normal_()
+    rows[2] = "c"
+    check("added adapter")
+    lowrank.delete_adapter(model, "b")
+    rows = [r if r != "b" else None for r in rows]
+    check("deleted adapter")
