@@ -312,8 +312,12 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
         h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
     As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
     packed = _layer_packed(layer, As, Bs) if ops.backend_for(x) == "triton" else None
-    y = sgmv(h, out.reshape(-1, n), ids_tok, As, Bs, [c.scaling for c in cfgs], meta, packed)
-    return y.view(out.shape)
+    # The adapters' dtype can differ from the activations': an NF4 base keeps fp32 adapters in a
+    # bf16 model, and autocast makes the base output bf16 beside fp32 x. As peft does, the LoRA
+    # part runs in the adapters' dtype and the sum comes back in the base output's dtype.
+    dt = As[0].dtype
+    y = sgmv(h.to(dt), out.reshape(-1, n).to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta, packed)
+    return y.view(out.shape).to(out.dtype)
 
 
 def _layer_packed(layer, As, Bs):

@@ -320,6 +320,10 @@ def test_merged_model_disable_set_and_delete():
         lowrank.set_adapter(model, "b")
     with pytest.raises(ValueError, match="merged"):
         lowrank.delete_adapter(model, "default")
+    with pytest.raises(ValueError, match="merged"):  # refused before any layer runs
+        with lowrank.adapter_ids(model, ["default", "b"]):
+            pass
+    assert all(layer._adapter_ids is None for _, layer in lowrank.lora_layers(model))
     assert all(layer.active_adapter == "default" and set(layer.configs) == {"default", "b"}
                for _, layer in lowrank.lora_layers(model))
     lowrank.unmerge(model)
@@ -373,3 +377,70 @@ def test_packed_weight_cache_follows_every_update(monkeypatch):
     lowrank.delete_adapter(model, "b")
     rows = [r if r != "b" else None for r in rows]
     check("deleted adapter")
+
+
+def _nf4_oracle_f64(model, rows, x):
+    """float64 logits of each row with its own adapter (None: base) on a QLoRA model: every NF4 layer
+    replaced by an nn.Linear holding deq(W) (+ s * B @ A), in float64."""
+    out = []
+    for row, name in enumerate(rows):
+        ref = copy.deepcopy(model)
+        for path, layer in list(lowrank.lora_layers(ref)):
+            w = layer.base_layer.nf4.dequantize().double()
+            if name in layer.configs:
+                w = w + layer.scaling(name) * (layer.lora_B[name].double() @ layer.lora_A[name].double())
+            lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=torch.float64)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            parent, _, attr = path.rpartition(".")
+            setattr(ref.get_submodule(parent), attr, lin)
+        out.append(logits(ref.double(), x[row:row + 1])[0])
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_batch_on_qlora_model(backend, monkeypatch):
+    """NF4 base layers keep fp32 adapters inside a bf16 model: a mixed batch runs the LoRA part in the
+    adapters' dtype and returns the model's dtype; each row matches its adapter's float64 oracle as
+    closely as the single-adapter QLoRA path does."""
+    from tests.models import tiny_llama as tiny_llama_dtype
+
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    model = tiny_llama_dtype(0, torch.bfloat16)
+    lowrank.patch_linear(model, rank=8, quantize="nf4", compute_dtype=torch.bfloat16)
+    lowrank.add_adapter(model, "b", rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    randomize_B_(model, std=0.1)
+    rows = ["default", "b", None]
+    x = torch.randint(0, 97, (3, 5))
+    with lowrank.adapter_ids(model, rows):
+        mixed = logits(model, x)
+    assert mixed.dtype == torch.bfloat16
+    refs = _nf4_oracle_f64(model, rows, x)
+    for row, name in enumerate(rows):
+        if name is None:
+            with lowrank.disable_adapters(model):
+                own = logits(model, x[row:row + 1])[0]
+        else:
+            lowrank.set_adapter(model, name)
+            own = logits(model, x[row:row + 1])[0]
+        assert_close(mixed[row].float(), refs[row], own.float(), name=f"row {row} ({name})")
+
+
+def test_disable_adapters_failing_unmerge_leaves_model_merged():
+    """If one merged layer cannot be unmerged (its adapter changed since the merge), disable_adapters
+    raises and merges back the layers it had already unmerged: nothing changed."""
+    model = tiny_llama()
+    lowrank.patch_linear(model, rank=4)
+    randomize_B_(model)
+    lowrank.merge(model)
+    layers = list(lowrank.lora_layers(model))
+    with torch.no_grad():
+        layers[-1][1].lora_B["default"].mul_(1.0)  # same values, new version: unmerge must refuse
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match="changed since it was merged"):
+        with lowrank.disable_adapters(model):
+            pass
+    assert all(layer.merged and layer.active_adapter == "default" for _, layer in layers)
+    for n, p in model.named_parameters():
+        if "base_layer" in n:
+            assert torch.equal(p, weights[n]), n
