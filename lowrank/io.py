@@ -241,6 +241,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         elif p in existing and existing[p].configs[adapter_name].rank != cfg.rank:
             problems.append(f"{p}: adapter {adapter_name!r} has rank {existing[p].configs[adapter_name].rank} "
                             f"in the model, {cfg.rank} in the file")
+    merged = sorted(p for p, mod in existing.items() if getattr(mod, "merged", None)
+                    and mod.merged.adapter == adapter_name)
+    if merged:  # new A / B under a merged weight: outputs would keep the old adapter, unmerge would fail
+        problems.append(f"adapter {adapter_name!r} is merged into {merged[0]} (and {len(merged) - 1} more "
+                        f"layers); lowrank.unmerge(model) first")
     if existing:
         for p in sorted(set(existing) - set(pairs)):
             problems.append(f"{p}: has adapter {adapter_name!r} in the model but no weights in the file")

@@ -360,7 +360,11 @@ def test_packed_weight_cache_follows_every_update(monkeypatch):
         return layer.__dict__["_sgmv_packed"][1]
 
     first = check("first call")
+    calls = []
+    real_pack = S._pack
+    monkeypatch.setattr(S, "_pack", lambda As, Bs: calls.append(1) or real_pack(As, Bs))
     assert check("unchanged") is first, "unchanged weights must reuse the packed copy"
+    assert not calls, "an unchanged layer must not concatenate its adapters again"
     with torch.no_grad():
         layer.lora_B["a"].add_(0.5)  # what an optimizer step does
     assert check("in-place update") is not first

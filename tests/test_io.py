@@ -274,3 +274,25 @@ def test_crash_between_the_two_renames_is_detected_on_load(tmp_path, monkeypatch
     loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
     x = ids()
     assert torch.equal(logits(loaded, x), logits(new, x))
+
+
+def test_load_over_a_merged_adapter_refused(tmp_path):
+    """New A / B under a weight that holds the old adapter merged would silently keep the old outputs
+    (and make unmerge impossible): refused, model unchanged; another adapter name still loads."""
+    base = tiny_llama()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4)
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path)
+    lowrank.merge(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="merged into"):
+        lowrank.load_adapter(model, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    lowrank.load_adapter(model, tmp_path, adapter_name="again")
+    lowrank.unmerge(model)  # still possible: the merged adapter was not touched
+    lowrank.set_adapter(model, "again")
+    x = ids()
+    lowrank.set_adapter(model, "default")
+    want = logits(model, x)
+    lowrank.set_adapter(model, "again")
+    assert torch.equal(logits(model, x), want)
