@@ -448,3 +448,13 @@ def test_disable_adapters_failing_unmerge_leaves_model_merged():
     for n, p in model.named_parameters():
         if "base_layer" in n:
             assert torch.equal(p, weights[n]), n
+
+
+@pytest.mark.parametrize("name", ["copy", "keys", "update", "training"])
+def test_adapter_names_that_parameterdict_cannot_hold_are_refused(name):
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    lowrank.patch_linear(model, rank=2)
+    with pytest.raises(ValueError, match="nn.ParameterDict"):
+        lowrank.add_adapter(model, name, rank=2)
+    assert all(list(layer.configs) == ["default"] and list(layer.lora_A) == ["default"]
+               for _, layer in lowrank.lora_layers(model))
