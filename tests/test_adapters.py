@@ -402,14 +402,15 @@ def _nf4_oracle_f64(model, rows, x):
     return out
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_mixed_batch_on_qlora_model(backend, monkeypatch):
+def test_mixed_batch_on_qlora_model(monkeypatch):
     """NF4 base layers keep fp32 adapters inside a bf16 model: a mixed batch runs the LoRA part in the
     adapters' dtype and returns the model's dtype; each row matches its adapter's float64 oracle as
-    closely as the single-adapter QLoRA path does."""
+    closely as the single-adapter QLoRA path does. (The dtype handling is in layer_forward, before
+    the backend split; the kernels' fp32 path is tested in test_sgmv. Reference only: the NF4
+    kernels under the interpreter would add ~10 s.)"""
     from tests.models import tiny_llama as tiny_llama_dtype
 
-    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
     model = tiny_llama_dtype(0, torch.bfloat16)
     lowrank.patch_linear(model, rank=8, quantize="nf4", compute_dtype=torch.bfloat16)
     lowrank.add_adapter(model, "b", rank=4, alpha=8, targets=["q_proj", "v_proj"])
