@@ -311,7 +311,10 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
         keep = torch.rand(x2.shape, device=x.device) >= p_tok
         h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
     As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
-    packed = _layer_packed(layer, As, Bs) if ops.backend_for(x) == "triton" else None
+    # Not while a CUDA graph is captured: the graph must pack from the live parameters on each
+    # replay, or weights updated in place (load_adapter, an optimizer) would never reach it.
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    packed = _layer_packed(layer, As, Bs) if ops.backend_for(x) == "triton" and not capturing else None
     # The adapters' dtype can differ from the activations': an NF4 base keeps fp32 adapters in a
     # bf16 model, and autocast makes the base output bf16 beside fp32 x. As peft does, the LoRA
     # part runs in the adapters' dtype and the sum comes back in the base output's dtype.

@@ -459,3 +459,39 @@ def test_adapter_names_that_parameterdict_cannot_hold_are_refused(name):
         lowrank.add_adapter(model, name, rank=2)
     assert all(list(layer.configs) == ["default"] and list(layer.lora_A) == ["default"]
                for _, layer in lowrank.lora_layers(model))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_sees_adapter_weights_updated_in_place():
+    """Eager calls reuse a packed copy of the adapters; a captured graph must not: weights changed in
+    place after the capture (hot-swapped with load_adapter, or an optimizer step) reach the replay."""
+    model = nn.Sequential(nn.Linear(64, 96)).cuda()
+    lowrank.add_adapter(model, "a", rank=4)
+    lowrank.add_adapter(model, "c", rank=64)
+    randomize_B_(model, std=0.1)
+    x = torch.randn(4, 64, device="cuda")
+    gids = torch.tensor([0, 1, -1, 1], device="cuda")
+    with torch.no_grad(), lowrank.adapter_ids(model, gids):
+        model(x)  # warm-up: kernels compiled, tables and the packed copy cached
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        model[0].lora_B["c"].mul_(3.0)
+        model[0].lora_A["a"].copy_(torch.randn_like(model[0].lora_A["a"]))
+        graph.replay()
+        torch.cuda.synchronize()
+    for row, name in enumerate(["a", "c", None, "c"]):
+        ref = merged_f64(model, name)(x[row].double())
+        with torch.no_grad():
+            if name is None:
+                with lowrank.disable_adapters(model):
+                    own = model(x[row])
+            else:
+                lowrank.set_adapter(model, name)
+                own = model(x[row])
+        assert_close(out[row], ref, own, name=f"replay row {row} ({name})")
