@@ -495,3 +495,37 @@ def test_cuda_graph_replay_sees_adapter_weights_updated_in_place():
                 lowrank.set_adapter(model, name)
                 own = model(x[row])
         assert_close(out[row], ref, own, name=f"replay row {row} ({name})")
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_batch_under_autocast(backend, monkeypatch):
+    """Under bf16 autocast the base layer returns bf16 beside fp32 x and fp32 adapters: the mixed
+    batch gives bf16 rows as close to float64 as each adapter's own autocast output is."""
+    from lowrank import sgmv as S
+
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    model = nn.Sequential(nn.Linear(40, 30))
+    lowrank.add_adapter(model, "a", rank=4, alpha=8)
+    lowrank.add_adapter(model, "b", rank=16)
+    randomize_B_(model, std=0.3)
+    layer = model[0]
+    x = torch.randn(3, 5, 40)
+    rows = ["b", None, "a"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), lowrank.adapter_ids(model, rows):
+        got = model(x)
+    assert got.dtype == torch.bfloat16
+    for row, name in enumerate(rows):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            if name is None:
+                with lowrank.disable_adapters(model):
+                    own = model(x[row])
+            else:
+                lowrank.set_adapter(model, name)
+                own = model(x[row])
+        base64 = x[row].double() @ layer.base_layer.weight.double().t() + layer.base_layer.bias.double()
+        if name is None:
+            ref = base64
+        else:
+            tid = torch.zeros(5, dtype=torch.long)
+            ref = S.sgmv_f64(x[row], base64, tid, [layer.lora_A[name]], [layer.lora_B[name]], [layer.scaling(name)])
+        assert_close(got[row], ref, own, name=f"row {row} ({name})")
