@@ -76,6 +76,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del layer.lora_A[name]
         del layer.lora_B[name]
         del layer.configs[name]
+        layer.__dict__.pop("_sgmv_packed", None)  # frees the packed copy that still holds the deleted weights
         rest = list(layer.configs)
         # Positions in `configs` shifted: re-set the active adapter so its index buffer follows.
         layer.active_adapter = (rest[0] if rest else None) if was_active else layer.active_adapter
