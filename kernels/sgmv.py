@@ -33,6 +33,8 @@ only tensor-core slots idle. The interpreter uses 16 there too, to test the mult
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -127,12 +129,15 @@ def _expand_kernel(
 def _wgrad_kernel(
     g_ptr, x_ptr, out_ptr, scale_ptr,
     order_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, roff_ptr,
-    K,
-    stride_gm, stride_xm, stride_xk, stride_or, stride_ok,
+    K, SPLIT,
+    stride_gm, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
     SCALED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    seg = tl.program_id(0)
+    # Program (seg * SPLIT + sp) sums part sp of segment seg's rows into slice sp of out (see the
+    # Note on the weight gradient's split).
+    seg = tl.program_id(0) // SPLIT
+    sp = tl.program_id(0) % SPLIT
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
     rank = tl.load(rank_ptr + seg)
@@ -147,10 +152,14 @@ def _wgrad_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    # An unused adapter (count 0) runs no iteration and stores zeros: every output element is written.
-    for m0 in range(0, count, BLOCK_M):
+    chunk = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_M) * BLOCK_M  # whole tiles per part
+    m_lo = sp * chunk
+    m_hi = tl.minimum(count, m_lo + chunk)
+    # An unused adapter (count 0), or a part past the segment's end, runs no iteration and stores
+    # zeros: every output element is written.
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < count
+        mask_m = offs_m < m_hi
         rows = tl.load(order_ptr + start + offs_m, mask=mask_m, other=0)
         g = tl.load(g_ptr + (start + offs_m)[None, :] * stride_gm + offs_r[:, None],
                     mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_R, BLOCK_M) fp32
@@ -159,7 +168,7 @@ def _wgrad_kernel(
         acc = tl.dot(g, x.to(tl.float32), acc, input_precision=PRECISION)
     if SCALED:
         acc = acc * tl.load(scale_ptr + seg)
-    tl.store(out_ptr + (roff + offs_r)[:, None] * stride_or + offs_k[None, :] * stride_ok,
+    tl.store(out_ptr + sp * stride_os + (roff + offs_r)[:, None] * stride_or + offs_k[None, :] * stride_ok,
              acc.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
 
 
@@ -247,16 +256,47 @@ def expand(t, w_packed, src, y, meta, tables, scaled: bool):
     )
 
 
-def wgrad(g, x, out, meta, tables, r_max, scaled: bool):
-    """out[roff_i : roff_i + r_i] = (s_i *) g[segment i, :r_i].T @ x[order[segment i]] for every adapter."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def wgrad_split(device: torch.device, m: int, programs: int, block_m: int) -> int:
+    """How many parts the weight gradient splits each segment's rows into (see the Note)."""
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one by one: more of them only cost time
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    # at least 4 row tiles per part, so the partial sums stay a small fraction of the traffic
+    return max(1, min(target // max(programs, 1), m // (4 * block_m)))
+
+
+def wgrad(g, x, out, meta, tables, r_max, scaled: bool, split: int | None = None):
+    """out[roff_i : roff_i + r_i] = (s_i *) g[segment i, :r_i].T @ x[order[segment i]] for every adapter.
+
+    # Note: the weight gradient's split
+    One program per (segment, rank block, K block) walks all of its segment's rows. With few
+    adapters and a small rank that is few programs (1 adapter, r=16, K=4096: 128, under one per
+    SM of an H200) each with a long serial loop over M. `split` > 1 cuts each segment's rows into
+    that many parts (whole BLOCK_M tiles), one program each, writing fp32 partial sums that one
+    torch.sum adds: deterministic (no atomics), and the choice depends on M and the grid only, not
+    on the ids, so it is CUDA-graph safe. Default: `wgrad_split`, enough programs for ~4 per SM."""
     b = _blocks(x.device)
     _, prec = _precision(x.dtype)
-    k = x.shape[1]
-    grid = (len(tables["ranks"]) + 1, triton.cdiv(r_max, b["BLOCK_R"]), triton.cdiv(k, b["BLOCK_K"]))
-    _wgrad_kernel[grid](
-        g, x, out, tables["scale"],
+    k, m = x.shape[1], x.shape[0]
+    n_seg = len(tables["ranks"]) + 1
+    rk = (triton.cdiv(r_max, b["BLOCK_R"]), triton.cdiv(k, b["BLOCK_K"]))
+    if split is None:
+        split = wgrad_split(x.device, m, n_seg * rk[0] * rk[1], b["BLOCK_M"])
+    if split < 1:
+        raise ValueError(f"sgmv wgrad: split must be >= 1, got {split}")
+    dest = out if split == 1 else torch.empty((split, *out.shape), device=out.device, dtype=torch.float32)
+    _wgrad_kernel[(n_seg * split, *rk)](
+        g, x, dest, tables["scale"],
         meta["order"], meta["seg_start"], meta["seg_len"], tables["rank"], tables["roff"],
-        k,
-        g.stride(0), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        k, split,
+        g.stride(0), x.stride(0), x.stride(1), 0 if split == 1 else dest.stride(0), dest.stride(-2),
+        dest.stride(-1),
         SCALED=scaled, PRECISION=prec, BLOCK_M=b["BLOCK_M"], BLOCK_R=b["BLOCK_R"], BLOCK_K=b["BLOCK_K"],
     )
+    if split > 1:
+        out.copy_(dest.sum(0))

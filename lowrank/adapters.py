@@ -76,6 +76,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del layer.lora_A[name]
         del layer.lora_B[name]
         del layer.configs[name]
+        layer.__dict__.pop("_sgmv_packed", None)  # frees the packed copy that still holds the deleted weights
         rest = list(layer.configs)
         # Positions in `configs` shifted: re-set the active adapter so its index buffer follows.
         layer.active_adapter = (rest[0] if rest else None) if was_active else layer.active_adapter
@@ -89,18 +90,25 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     from .merge import merge, unmerge
 
     saved = [(layer, layer.active_adapter, getattr(layer, "merged", None)) for _, layer in lora_layers(model)]
-    for layer, _, state in saved:
-        if state:
-            unmerge(layer)
+    unmerged = []
     try:
+        # Inside the try: if a layer refuses to unmerge (its weights changed since the merge), the
+        # layers unmerged before it are merged again, and the model is as it was.
+        for layer, _, state in saved:
+            if state:
+                unmerge(layer)
+                unmerged.append((layer, state))
         for layer, _, _ in saved:
             layer.active_adapter = None
         yield
     finally:
-        for layer, name, state in saved:
+        for layer, name, _ in saved:
             layer.active_adapter = name
-            if state:  # the same adapter and record kind: the merged weight comes back bit for bit
-                merge(layer, adapter_name=state.adapter, exact=state.exact)
+        # The same adapter and record kind: after an exact merge the weight comes back bit for bit;
+        # after merge(exact=False) unmerge only rounds back, so the re-merged weight may differ by
+        # an ulp here and there (as any inexact unmerge / merge cycle does).
+        for layer, state in unmerged:
+            merge(layer, adapter_name=state.adapter, exact=state.exact)
 
 
 def _refuse_merged(model: nn.Module, where: str) -> None:
@@ -154,6 +162,7 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
     names = adapter_names(model)
     if not names:
         raise ValueError("adapter_ids: the model has no LoRA adapter")
+    _refuse_merged(model, "adapter_ids")  # a merged weight holds one adapter for every row
     gids = _ids_tensor(model, ids, names)
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer._adapter_ids is not None for layer in layers):

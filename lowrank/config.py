@@ -66,6 +66,11 @@ class LoRAConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
             raise ValueError(f"adapter_name must be a non-empty identifier string, got {self.adapter_name!r}")
+        import torch.nn as _nn
+
+        if hasattr(_nn.ParameterDict(), self.adapter_name):  # e.g. "copy", "keys": lora_A[name] would fail midway
+            raise ValueError(f"adapter_name {self.adapter_name!r} is an attribute of nn.ParameterDict, where "
+                             f"adapters are stored; choose another name")
         check_target_spec(self.targets, "targets", allow_none=False)
         check_target_spec(self.exclude, "exclude", allow_none=True)
 

@@ -13,7 +13,10 @@ Each file is written to a temporary file in the target directory, flushed and fs
 then renamed over the final name (`os.replace`, atomic on POSIX). Both temporary files are
 complete before either rename, so a crash at any point leaves either the old adapter, or the new
 one, or (only between the two renames, a window of microseconds) the new weights beside the old
-config; never a truncated file.
+config; never a truncated file. Two files cannot be renamed at once, so that last case is made
+detectable instead: the weights file's metadata also records the settings that give the weights
+their meaning (`lowrank_settings`: r, lora_alpha, use_rslora), and load_adapter refuses a
+config that disagrees with them, naming the fields. peft ignores extra safetensors metadata.
 """
 from __future__ import annotations
 
@@ -82,7 +85,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     tmp_w = _tmp_name(path, WEIGHTS_NAME)
     tmp_c = _tmp_name(path, CONFIG_NAME)
     try:
-        save_file(tensors, tmp_w, metadata={"format": "pt"})
+        save_file(tensors, tmp_w, metadata={"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))})
         _fsync(tmp_w)
         with open(tmp_c, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -96,6 +99,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             if os.path.exists(t):
                 os.unlink(t)
     _fsync_dir(path)
+
+
+SETTINGS_KEY = "lowrank_settings"
+
+
+def _settings(config: dict) -> dict:
+    """The config fields without which the weights would compute something else."""
+    return {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora")}
 
 
 def _config_dict(cfg: LoRAConfig, targets, fan_in_fan_out: bool, task_type, base) -> dict:
@@ -185,7 +196,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     with open(config_file, encoding="utf-8") as f:
         config = json.load(f)
     cfg = _lora_config_from_peft(config, adapter_name, config_file)
-    tensors = _read_weights(path, allow_pickle)
+    tensors, stamp = _read_weights(path, allow_pickle)
+    if stamp is not None:
+        try:
+            saved = json.loads(stamp)
+        except ValueError:
+            saved = None
+        now = _settings({**config, "use_rslora": bool(config.get("use_rslora", False))})
+        if not isinstance(saved, dict) or saved != now:
+            raise ValueError(f"load_adapter: {path!r}: {WEIGHTS_NAME} was saved with {saved} but {CONFIG_NAME} "
+                             f"says {now}: the files do not belong together (a save interrupted between its "
+                             f"two renames, or a hand-edited config); save the adapter again")
 
     problems = []
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -220,6 +241,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         elif p in existing and existing[p].configs[adapter_name].rank != cfg.rank:
             problems.append(f"{p}: adapter {adapter_name!r} has rank {existing[p].configs[adapter_name].rank} "
                             f"in the model, {cfg.rank} in the file")
+    merged = sorted(p for p, mod in existing.items() if getattr(mod, "merged", None)
+                    and mod.merged.adapter == adapter_name)
+    if merged:  # new A / B under a merged weight: outputs would keep the old adapter, unmerge would fail
+        problems.append(f"adapter {adapter_name!r} is merged into {merged[0]} (and {len(merged) - 1} more "
+                        f"layers); lowrank.unmerge(model) first")
     if existing:
         for p in sorted(set(existing) - set(pairs)):
             problems.append(f"{p}: has adapter {adapter_name!r} in the model but no weights in the file")
@@ -268,12 +294,15 @@ def _lora_config_from_peft(config: dict, adapter_name: str, where: str) -> LoRAC
                       rslora=bool(config.get("use_rslora", False)), adapter_name=adapter_name)
 
 
-def _read_weights(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(tensors, the `lowrank_settings` metadata string of a file lowrank wrote, else None)."""
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(st, device="cpu")
+        with safe_open(st, framework="pt", device="cpu") as f:
+            stamp = (f.metadata() or {}).get(SETTINGS_KEY)
+            return {k: f.get_tensor(k) for k in f.keys()}, stamp
     pkl = os.path.join(path, PICKLE_NAME)
     if os.path.isfile(pkl):
         if not allow_pickle:
@@ -283,5 +312,5 @@ def _read_weights(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
         state = torch.load(pkl, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"load_adapter: {pkl!r} is not a dict of tensors")
-        return state
+        return state, None
     raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {path!r}")

@@ -50,59 +50,70 @@ def check_sgmv_args(x, out, ids, As, Bs, scalings, where: str = "sgmv") -> None:
                          f"({x.dtype}, {x.device})")
 
 
-def sgmv(x, out, ids, As, Bs, scalings, meta: list | None = None):
+def sgmv(x, out, ids, As, Bs, scalings, meta: list | None = None, packed: list | None = None):
     """Differentiable mixed-adapter LoRA (see the module docstring); returns a new (M, N) tensor.
 
     meta: optional `segment_metadata(ids, ...)` tensors (see `metadata_for`) built once and shared
-    by every layer of a model that sees the same ids; the Triton path builds them when absent."""
+    by every layer of a model that sees the same ids; the Triton path builds them when absent.
+    packed: optional [A packed, B^T packed] of these very As / Bs (`pack_weights`), which the
+    Triton path otherwise concatenates on every call; the caller keeps them current."""
     check_sgmv_args(x, out, ids, As, Bs, scalings)
+    if packed:
+        r, k, n = sum(a.shape[0] for a in As), x.shape[1], out.shape[1]
+        if len(packed) != 2 or tuple(packed[0].shape) != (r, k) or tuple(packed[1].shape) != (r, n):
+            raise ValueError(f"sgmv: packed weights must be [({r}, {k}), ({r}, {n})], got "
+                             f"{[tuple(p.shape) for p in packed]}")
     return torch.ops.lowrank.sgmv(x, out, ids.long(), list(As), list(Bs), [float(s) for s in scalings],
-                                  list(meta or []))
+                                  list(meta or []), list(packed or []))
 
 
 # -- the custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("lowrank::sgmv", mutates_args=())
 def _sgmv_op(x: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
-             Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor]) -> torch.Tensor:
+             Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor],
+             packed: list[torch.Tensor]) -> torch.Tensor:
     if ops.backend_for(x) == "triton":
-        return _triton_forward(x, out, ids, As, Bs, scalings, meta)
+        return _triton_forward(x, out, ids, As, Bs, scalings, meta, packed)
     return reference_forward(x, out, ids, As, Bs, scalings)
 
 
 @_sgmv_op.register_fake
-def _(x, out, ids, As, Bs, scalings, meta):
+def _(x, out, ids, As, Bs, scalings, meta, packed):
     return torch.empty_like(out)
 
 
 @torch.library.custom_op("lowrank::sgmv_backward", mutates_args=())
 def _sgmv_backward_op(dy: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
-                      Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor]) -> list[torch.Tensor]:
+                      Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor],
+                      packed: list[torch.Tensor]) -> list[torch.Tensor]:
     if ops.backend_for(x) == "triton":
-        dx, das, dbs = _triton_backward(dy, x, ids, As, Bs, scalings, meta)
+        dx, das, dbs = _triton_backward(dy, x, ids, As, Bs, scalings, meta, packed)
     else:
         dx, das, dbs = reference_backward(dy, x, ids, As, Bs, scalings)
     return [dx, *das, *dbs]
 
 
 @_sgmv_backward_op.register_fake
-def _(dy, x, ids, As, Bs, scalings, meta):
+def _(dy, x, ids, As, Bs, scalings, meta, packed):
     return [torch.empty_like(x), *(torch.empty_like(a) for a in As), *(torch.empty_like(b) for b in Bs)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, out, ids, As, Bs, scalings, meta = inputs
+    x, out, ids, As, Bs, scalings, meta, packed = inputs
     ctx.n = len(As)
     ctx.n_meta = len(meta)
+    ctx.n_packed = len(packed)
     ctx.scalings = scalings
-    ctx.save_for_backward(x, ids, *As, *Bs, *meta)
+    ctx.save_for_backward(x, ids, *As, *Bs, *meta, *packed)
 
 
 def _backward(ctx, dy):
     x, ids, *rest = ctx.saved_tensors
-    As, Bs, meta = rest[:ctx.n], rest[ctx.n:2 * ctx.n], rest[2 * ctx.n:]
-    grads = torch.ops.lowrank.sgmv_backward(dy.contiguous(), x, ids, As, Bs, ctx.scalings, meta)
+    As, Bs = rest[:ctx.n], rest[ctx.n:2 * ctx.n]
+    meta, packed = rest[2 * ctx.n:2 * ctx.n + ctx.n_meta], rest[2 * ctx.n + ctx.n_meta:]
+    grads = torch.ops.lowrank.sgmv_backward(dy.contiguous(), x, ids, As, Bs, ctx.scalings, meta, packed)
     dx, das, dbs = grads[0], grads[1:1 + ctx.n], grads[1 + ctx.n:]
-    return dx, dy, None, list(das), list(dbs), None, [None] * ctx.n_meta
+    return dx, dy, None, list(das), list(dbs), None, [None] * ctx.n_meta, [None] * ctx.n_packed
 
 
 _sgmv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -168,6 +179,13 @@ def _pack(As, Bs):
     return torch.cat(list(As), 0), torch.cat([b.t() for b in Bs], 0)
 
 
+def pack_weights(As, Bs) -> list[torch.Tensor]:
+    """[A packed, B^T packed] for `sgmv(packed=...)`: detached copies (the op's own backward gives
+    each A_i / B_i its gradient)."""
+    with torch.no_grad():
+        return list(_pack([a.detach() for a in As], [b.detach() for b in Bs]))
+
+
 def _meta(ids, n_adapters, device, meta):
     from .kernels import sgmv as k
 
@@ -184,12 +202,12 @@ def metadata_for(ids: torch.Tensor, n_adapters: int) -> list[torch.Tensor]:
     return [meta[key] for key in k.META_KEYS]
 
 
-def _triton_forward(x, out, ids, As, Bs, scalings, meta=()):
+def _triton_forward(x, out, ids, As, Bs, scalings, meta=(), packed=()):
     from .kernels import sgmv as k
 
     tables = _tables(As, scalings, x.device)
     r_max = max(tables["ranks"])
-    a_pk, bt_pk = _pack(As, Bs)
+    a_pk, bt_pk = packed if packed else _pack(As, Bs)
     meta = _meta(ids, len(As), x.device, meta)
     t = torch.empty(x.shape[0], r_max, device=x.device, dtype=torch.float32)
     k.shrink(x, a_pk, t, meta, tables, r_max, scaled=False)
@@ -198,13 +216,13 @@ def _triton_forward(x, out, ids, As, Bs, scalings, meta=()):
     return y
 
 
-def _triton_backward(dy, x, ids, As, Bs, scalings, meta=()):
+def _triton_backward(dy, x, ids, As, Bs, scalings, meta=(), packed=()):
     from .kernels import sgmv as k
 
     tables = _tables(As, scalings, x.device)
     ranks = tables["ranks"]
     r_max = max(ranks)
-    a_pk, bt_pk = _pack(As, Bs)
+    a_pk, bt_pk = packed if packed else _pack(As, Bs)
     meta = _meta(ids, len(As), x.device, meta)
     m = x.shape[0]
     t = torch.empty(m, r_max, device=x.device, dtype=torch.float32)
@@ -292,9 +310,40 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
         p_tok = p[torch.where(valid, ids_tok + 1, 0)][:, None]  # (M, 1)
         keep = torch.rand(x2.shape, device=x.device) >= p_tok
         h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
-    y = sgmv(h, out.reshape(-1, n), ids_tok, [layer.lora_A[a] for a in names],
-             [layer.lora_B[a] for a in names], [c.scaling for c in cfgs], meta)
-    return y.view(out.shape)
+    As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
+    # Not while a CUDA graph is captured: the graph must pack from the live parameters on each
+    # replay, or weights updated in place (load_adapter, an optimizer) would never reach it.
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    packed = _layer_packed(layer, As, Bs) if ops.backend_for(x) == "triton" and not capturing else None
+    # The adapters' dtype can differ from the activations': an NF4 base keeps fp32 adapters in a
+    # bf16 model, and autocast makes the base output bf16 beside fp32 x. As peft does, the LoRA
+    # part runs in the adapters' dtype and the sum comes back in the base output's dtype.
+    dt = As[0].dtype
+    y = sgmv(h.to(dt), out.reshape(-1, n).to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta, packed)
+    return y.view(out.shape).to(out.dtype)
+
+
+def _layer_packed(layer, As, Bs):
+    """The layer's adapters packed for the kernels, cached on the layer.
+
+    # Note: why cache, and when the cache is stale
+    Packing is two concatenations of every adapter of the layer: at 16 adapters of ranks 8-64 on a
+    4096 x 4096 layer that is ~16 MB of bf16 copied per layer per call, plus its launches, which
+    alone would break the 1.2x-of-one-adapter goal. The cache holds the parameters themselves
+    (identity, not id(): a freed tensor's id can be reused), their `_version` (bumped by every
+    in-place update: optimizer steps, load_adapter's copy_, merge) and data_ptr (`p.data = t`).
+    Adding or deleting an adapter changes the list and misses. Cost: one extra copy of the
+    layer's adapter weights. Not used while torch.compile traces (inductor fuses the cat)."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in (*As, *Bs)):
+        return None  # inference tensors have no version counter to key on
+    key = tuple((t, t._version, t.data_ptr()) for t in (*As, *Bs))
+    hit = layer.__dict__.get("_sgmv_packed")
+    if hit is not None and len(hit[0]) == len(key) and all(
+            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(hit[0], key)):
+        return hit[1]
+    packed = pack_weights(As, Bs)
+    layer.__dict__["_sgmv_packed"] = (key, packed)
+    return packed
 
 
 def _tokens_and_meta(ids, m: int, n_adapters: int, x):

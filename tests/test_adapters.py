@@ -320,8 +320,212 @@ def test_merged_model_disable_set_and_delete():
         lowrank.set_adapter(model, "b")
     with pytest.raises(ValueError, match="merged"):
         lowrank.delete_adapter(model, "default")
+    with pytest.raises(ValueError, match="merged"):  # refused before any layer runs
+        with lowrank.adapter_ids(model, ["default", "b"]):
+            pass
+    assert all(layer._adapter_ids is None for _, layer in lowrank.lora_layers(model))
     assert all(layer.active_adapter == "default" and set(layer.configs) == {"default", "b"}
                for _, layer in lowrank.lora_layers(model))
     lowrank.unmerge(model)
     with lowrank.disable_adapters(model):
         assert torch.equal(logits(model, x), base)
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_packed_weight_cache_follows_every_update(monkeypatch):
+    """The Triton mixed path packs a layer's adapters once and reuses them; every way the weights can
+    change (optimizer-style in-place update, `.data` swap, load-style copy_, adding or deleting an
+    adapter) must reach the next forward."""
+    from lowrank import sgmv as S
+
+    monkeypatch.setenv("LOWRANK_BACKEND", "triton")
+    model = nn.Sequential(nn.Linear(40, 30))
+    lowrank.add_adapter(model, "a", rank=4, alpha=8)
+    lowrank.add_adapter(model, "b", rank=16)
+    randomize_B_(model, std=0.3)
+    layer = model[0]
+    x = torch.randn(6, 40)
+    rows = ["a", "b", None, "b", "a", "a"]
+
+    def check(what):
+        with torch.no_grad(), lowrank.adapter_ids(model, rows):
+            got = model(x)
+        names = list(layer.configs)
+        tid = torch.tensor([names.index(r) if r in names else -1 for r in rows])
+        As, Bs = [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names]
+        scal = [layer.configs[n].scaling for n in names]
+        ref = S.sgmv_f64(x, layer.base_layer(x).detach(), tid, As, Bs, scal)
+        plain = S.sgmv_f64(x, layer.base_layer(x).detach(), tid, As, Bs, scal).float()
+        assert_close(got, ref, plain, name=what)
+        return layer.__dict__["_sgmv_packed"][1]
+
+    first = check("first call")
+    calls = []
+    real_pack = S._pack
+    monkeypatch.setattr(S, "_pack", lambda As, Bs: calls.append(1) or real_pack(As, Bs))
+    assert check("unchanged") is first, "unchanged weights must reuse the packed copy"
+    assert not calls, "an unchanged layer must not concatenate its adapters again"
+    with torch.no_grad():
+        layer.lora_B["a"].add_(0.5)  # what an optimizer step does
+    assert check("in-place update") is not first
+    layer.lora_A["b"].data = torch.randn(16, 40)
+    check(".data swap")
+    with torch.no_grad():
+        layer.lora_A["a"].copy_(torch.randn(4, 40))
+    check("copy_")
+    lowrank.add_adapter(model, "c", rank=8)
+    with torch.no_grad():
+        layer.lora_B["c"].normal_()
+    rows[2] = "c"
+    check("added adapter")
+    lowrank.delete_adapter(model, "b")
+    rows = [r if r != "b" else None for r in rows]
+    check("deleted adapter")
+
+
+def _nf4_oracle_f64(model, rows, x):
+    """float64 logits of each row with its own adapter (None: base) on a QLoRA model: every NF4 layer
+    replaced by an nn.Linear holding deq(W) (+ s * B @ A), in float64."""
+    out = []
+    for row, name in enumerate(rows):
+        ref = copy.deepcopy(model)
+        for path, layer in list(lowrank.lora_layers(ref)):
+            w = layer.base_layer.nf4.dequantize().double()
+            if name in layer.configs:
+                w = w + layer.scaling(name) * (layer.lora_B[name].double() @ layer.lora_A[name].double())
+            lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=torch.float64)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            parent, _, attr = path.rpartition(".")
+            setattr(ref.get_submodule(parent), attr, lin)
+        out.append(logits(ref.double(), x[row:row + 1])[0])
+    return out
+
+
+def test_mixed_batch_on_qlora_model(monkeypatch):
+    """NF4 base layers keep fp32 adapters inside a bf16 model: a mixed batch runs the LoRA part in the
+    adapters' dtype and returns the model's dtype; each row matches its adapter's float64 oracle as
+    closely as the single-adapter QLoRA path does. (The dtype handling is in layer_forward, before
+    the backend split; the kernels' fp32 path is tested in test_sgmv. Reference only: the NF4
+    kernels under the interpreter would add ~10 s.)"""
+    from tests.models import tiny_llama as tiny_llama_dtype
+
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
+    model = tiny_llama_dtype(0, torch.bfloat16)
+    lowrank.patch_linear(model, rank=8, quantize="nf4", compute_dtype=torch.bfloat16)
+    lowrank.add_adapter(model, "b", rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    randomize_B_(model, std=0.1)
+    rows = ["default", "b", None]
+    x = torch.randint(0, 97, (3, 5))
+    with lowrank.adapter_ids(model, rows):
+        mixed = logits(model, x)
+    assert mixed.dtype == torch.bfloat16
+    refs = _nf4_oracle_f64(model, rows, x)
+    for row, name in enumerate(rows):
+        if name is None:
+            with lowrank.disable_adapters(model):
+                own = logits(model, x[row:row + 1])[0]
+        else:
+            lowrank.set_adapter(model, name)
+            own = logits(model, x[row:row + 1])[0]
+        assert_close(mixed[row].float(), refs[row], own.float(), name=f"row {row} ({name})")
+
+
+def test_disable_adapters_failing_unmerge_leaves_model_merged():
+    """If one merged layer cannot be unmerged (its adapter changed since the merge), disable_adapters
+    raises and merges back the layers it had already unmerged: nothing changed."""
+    model = tiny_llama()
+    lowrank.patch_linear(model, rank=4)
+    randomize_B_(model)
+    lowrank.merge(model)
+    layers = list(lowrank.lora_layers(model))
+    with torch.no_grad():
+        layers[-1][1].lora_B["default"].mul_(1.0)  # same values, new version: unmerge must refuse
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match="changed since it was merged"):
+        with lowrank.disable_adapters(model):
+            pass
+    assert all(layer.merged and layer.active_adapter == "default" for _, layer in layers)
+    for n, p in model.named_parameters():
+        if "base_layer" in n:
+            assert torch.equal(p, weights[n]), n
+
+
+@pytest.mark.parametrize("name", ["copy", "keys", "update", "training"])
+def test_adapter_names_that_parameterdict_cannot_hold_are_refused(name):
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    lowrank.patch_linear(model, rank=2)
+    with pytest.raises(ValueError, match="nn.ParameterDict"):
+        lowrank.add_adapter(model, name, rank=2)
+    assert all(list(layer.configs) == ["default"] and list(layer.lora_A) == ["default"]
+               for _, layer in lowrank.lora_layers(model))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_sees_adapter_weights_updated_in_place():
+    """Eager calls reuse a packed copy of the adapters; a captured graph must not: weights changed in
+    place after the capture (hot-swapped with load_adapter, or an optimizer step) reach the replay."""
+    model = nn.Sequential(nn.Linear(64, 96)).cuda()
+    lowrank.add_adapter(model, "a", rank=4)
+    lowrank.add_adapter(model, "c", rank=64)
+    randomize_B_(model, std=0.1)
+    x = torch.randn(4, 64, device="cuda")
+    gids = torch.tensor([0, 1, -1, 1], device="cuda")
+    with torch.no_grad(), lowrank.adapter_ids(model, gids):
+        model(x)  # warm-up: kernels compiled, tables and the packed copy cached
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        model[0].lora_B["c"].mul_(3.0)
+        model[0].lora_A["a"].copy_(torch.randn_like(model[0].lora_A["a"]))
+        graph.replay()
+        torch.cuda.synchronize()
+    for row, name in enumerate(["a", "c", None, "c"]):
+        ref = merged_f64(model, name)(x[row].double())
+        with torch.no_grad():
+            if name is None:
+                with lowrank.disable_adapters(model):
+                    own = model(x[row])
+            else:
+                lowrank.set_adapter(model, name)
+                own = model(x[row])
+        assert_close(out[row], ref, own, name=f"replay row {row} ({name})")
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_batch_under_autocast(backend, monkeypatch):
+    """Under bf16 autocast the base layer returns bf16 beside fp32 x and fp32 adapters: the mixed
+    batch gives bf16 rows as close to float64 as each adapter's own autocast output is."""
+    from lowrank import sgmv as S
+
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    model = nn.Sequential(nn.Linear(40, 30))
+    lowrank.add_adapter(model, "a", rank=4, alpha=8)
+    lowrank.add_adapter(model, "b", rank=16)
+    randomize_B_(model, std=0.3)
+    layer = model[0]
+    x = torch.randn(3, 5, 40)
+    rows = ["b", None, "a"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), lowrank.adapter_ids(model, rows):
+        got = model(x)
+    assert got.dtype == torch.bfloat16
+    for row, name in enumerate(rows):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            if name is None:
+                with lowrank.disable_adapters(model):
+                    own = model(x[row])
+            else:
+                lowrank.set_adapter(model, name)
+                own = model(x[row])
+        base64 = x[row].double() @ layer.base_layer.weight.double().t() + layer.base_layer.bias.double()
+        if name is None:
+            ref = base64
+        else:
+            tid = torch.zeros(5, dtype=torch.long)
+            ref = S.sgmv_f64(x[row], base64, tid, [layer.lora_A[name]], [layer.lora_B[name]], [layer.scaling(name)])
+        assert_close(got[row], ref, own, name=f"row {row} ({name})")

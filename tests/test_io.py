@@ -242,3 +242,57 @@ def test_save_errors():
         lowrank.save_adapter(model, "/nonexistent/never", adapter_name="nope")
     with pytest.raises(TypeError):
         lowrank.save_adapter(nn.Parameter(torch.zeros(1)), "/nonexistent/never")
+
+
+def test_crash_between_the_two_renames_is_detected_on_load(tmp_path, monkeypatch):
+    """Two files cannot be renamed at once: a crash after the weights' rename leaves new weights
+    beside the old config. Same rank, other alpha: shapes cannot tell, the settings stamp must."""
+    base = tiny_llama()
+    old = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=8)
+    randomize_B_(old)
+    lowrank.save_adapter(old, tmp_path)
+    new = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=16)
+    randomize_B_(new)
+    real = os.replace
+
+    def die_at_config(src, dst):
+        if os.path.basename(dst) == CONFIG_NAME:
+            raise OSError("power cut")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_at_config)
+    with pytest.raises(OSError, match="power cut"):
+        lowrank.save_adapter(new, tmp_path)
+    monkeypatch.setattr(os, "replace", real)
+    assert json.load(open(tmp_path / CONFIG_NAME))["lora_alpha"] == 8  # the torn state is on disk
+    target = copy.deepcopy(base)
+    before = {n: p.clone() for n, p in target.state_dict().items()}
+    with pytest.raises(ValueError, match="do not belong together"):
+        lowrank.load_adapter(target, tmp_path)
+    assert not list(lowrank.lora_layers(target)) and all(torch.equal(p, before[n]) for n, p in target.state_dict().items())
+    lowrank.save_adapter(new, tmp_path)  # a complete save heals it
+    loaded = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    x = ids()
+    assert torch.equal(logits(loaded, x), logits(new, x))
+
+
+def test_load_over_a_merged_adapter_refused(tmp_path):
+    """New A / B under a weight that holds the old adapter merged would silently keep the old outputs
+    (and make unmerge impossible): refused, model unchanged; another adapter name still loads."""
+    base = tiny_llama()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4)
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path)
+    lowrank.merge(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="merged into"):
+        lowrank.load_adapter(model, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    lowrank.load_adapter(model, tmp_path, adapter_name="again")
+    lowrank.unmerge(model)  # still possible: the merged adapter was not touched
+    lowrank.set_adapter(model, "again")
+    x = ids()
+    lowrank.set_adapter(model, "default")
+    want = logits(model, x)
+    lowrank.set_adapter(model, "again")
+    assert torch.equal(logits(model, x), want)

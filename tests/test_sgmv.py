@@ -157,6 +157,38 @@ def test_kernels_write_every_element(dtype):
         assert_close(d.t(), db64[i], dbb[i], name=f"dB[{i}]")
 
 
+@pytest.mark.parametrize("split", [1, 2, 3, 9])
+def test_wgrad_split_over_rows(split):
+    """The weight gradient with each segment's rows cut into `split` parts (fp32 partial sums): every
+    element written (poisoned output), equal to float64 for dA and dB, also when parts outnumber a
+    segment's tiles (9 parts of <= 3 tiles) and for an adapter no token uses."""
+    from lowrank.kernels import sgmv as K
+
+    if not triton_available():
+        pytest.skip("Triton is not installed")
+    ranks = [4, 20, 6]
+    x, out, ids, As, Bs, scal = make(45, 24, 19, ranks, torch.bfloat16)
+    ids[ids == 2] = 0  # adapter 2 unused
+    tables = S._tables(As, scal, x.device)
+    a_pk, bt_pk = S._pack(As, Bs)
+    meta = K.segment_metadata(ids, len(ranks), K._blocks(x.device)["BLOCK_M"])
+    dy = torch.randn(45, 19, dtype=torch.bfloat16)
+    t = torch.empty(45, 20, dtype=torch.float32)
+    K.shrink(x, a_pk, t, meta, tables, 20, scaled=False)
+    dt = torch.empty_like(t)
+    K.shrink(dy, bt_pk, dt, meta, tables, 20, scaled=True)
+    da = poison_(torch.empty_like(a_pk))
+    K.wgrad(dt, x, da, meta, tables, 20, scaled=False, split=split)
+    dbt = poison_(torch.empty_like(bt_pk))
+    K.wgrad(t, dy, dbt, meta, tables, 20, scaled=True, split=split)
+    _, da64, db64 = S.sgmv_grads_f64(dy, x, ids, As, Bs, scal)
+    _, dab, dbb = grads_same_dtype(dy, x, ids, As, Bs, scal)
+    for i, (a, d) in enumerate(zip(torch.split(da, ranks, 0), torch.split(dbt, ranks, 0))):
+        assert_close(a, da64[i], dab[i], name=f"dA[{i}] split={split}")
+        assert_close(d.t(), db64[i], dbb[i], name=f"dB[{i}] split={split}")
+    assert not da[-6:].any() and not dbt[-6:].any(), "the unused adapter's gradient must be exactly 0"
+
+
 def test_errors():
     x, out, ids, As, Bs, scal = make(8, 6, 5, [2, 3], torch.float32)
     with pytest.raises(ValueError, match="same number of rows"):
