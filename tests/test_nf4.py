@@ -803,3 +803,125 @@ def test_nf4linear_moves_between_devices():
     layer.cpu()
     for k, v in layer.nf4.tensors().items():
         assert v.device.type == "cpu" and torch.equal(v, ref[k]), k
+
+
+# --------------------------------------------------------------------------------------------
+# The op's memory and torch.compile (lowrank/nf4_op.py)
+# --------------------------------------------------------------------------------------------
+def saved_for_backward(fn):
+    """(result, [saved tensors]) of fn() under saved_tensors_hooks: what autograd holds from
+    forward to backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_nf4_lora_linear_keeps_no_dense_weight(backend, dropout, monkeypatch):
+    """Between forward and backward, autograd holds the 4-bit storage, never a dense W, on both
+    backends: the CPU path decodes W again in backward."""
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    m, n, k, r = 4, 96, 128, 4
+    w, x, a, b, bias_t, dy = op_case_grads((m,), n, k, r, torch.float32, 2.0, dropout)
+    a32 = a.detach().requires_grad_()
+    y, saved = saved_for_backward(lambda: lowrank.ops.nf4_lora_linear(x, w, a32, b, 2.0, bias_t, dropout))
+    dense = n * k * 4
+    big = [tuple(t.shape) for t in saved if t.numel() >= n * k // 2 and t.dtype != torch.uint8]
+    assert not big, f"dense-sized tensors saved for backward: {big}"
+    held = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in saved}.values())
+    assert held < dense / 2, (held, dense)
+    y.backward(dy)  # and the gradients still come out right (checked against float64 above)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(a32.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nf4linear_forward_keeps_no_dense_weight(backend, monkeypatch):
+    """An NF4 layer without adapters (disabled adapters, an adopted layer) on an input that needs
+    a gradient: no dense W saved either, and the output is x @ deq(W).T + bias."""
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    lin = torch.nn.Linear(128, 96)
+    layer = NF4Linear.from_linear(lin, compute_dtype=torch.float32)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    y, saved = saved_for_backward(lambda: layer(x))
+    assert not [t for t in saved if t.numel() >= 96 * 128 // 2 and t.dtype != torch.uint8]
+    wd = layer.nf4.dequantize(torch.float32)
+    ref = torch.einsum("bsk,nk->bsn", x.detach().double(), wd.double()) + lin.bias.detach().double()
+    assert_close(y, ref, torch.nn.functional.linear(x.detach(), wd, lin.bias.detach()), name="NF4Linear")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dx_ref = torch.einsum("bsn,nk->bsk", dy.double(), wd.double())
+    assert_close(x.grad, dx_ref, dy @ wd, name="NF4Linear dx")
+
+
+def test_nf4_ops_opcheck():
+    """The custom ops' schemas, fake implementations and autograd registration agree with the real
+    ones (torch.library.opcheck), with and without dropout, bias, and a rank-0 adapter."""
+    import lowrank.nf4_op  # noqa: F401  (registers the ops)
+
+    w = quantize_nf4(torch.randn(24, 64), blocksize=32)
+    absmax = w.block_absmax()
+    for r, bias, keep in [(4, True, False), (3, False, True), (0, True, False)]:
+        x = torch.randn(2, 3, 64, requires_grad=True)
+        a = torch.randn(r, 64, requires_grad=True)
+        b = torch.randn(24, r, requires_grad=True)
+        bt = torch.randn(24) if bias else None
+        kp = (torch.rand(6, 64) > 0.3).float() / 0.7 if keep else None
+        torch.library.opcheck(torch.ops.lowrank.nf4_lora_fwd, (x, w.packed, absmax, a, b, bt, kp, 1.5, 32, 24))
+        t = x.detach().reshape(-1, 64) @ a.detach().t()
+        torch.library.opcheck(torch.ops.lowrank.nf4_lora_bwd,
+                              (torch.randn(2, 3, 24), x.detach(), w.packed, absmax, a.detach(), b.detach(), t, kp,
+                               1.5, 32, True))
+
+
+def test_nf4_lora_linear_under_torch_compile():
+    """A QLoRA step traces as one graph (fullgraph=True: a graph break raises) and gives the eager
+    results bit for bit (same ops, same order)."""
+    w, x, a, b, bias_t, dy = op_case_grads((2, 5), 40, 64, 4, torch.float32, 1.5, 0.0)
+
+    def step(x, a, b):
+        return lowrank.ops.nf4_lora_linear(x, w, a, b, 1.5, bias_t)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    xs, as_, bs = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    y = compiled(xs, as_, bs)
+    y.backward(dy)
+    y_e = step(x, a, b)
+    y_e.backward(dy)
+    assert torch.equal(y, y_e) and torch.equal(xs.grad, x.grad)
+    assert torch.equal(as_.grad, a.grad) and torch.equal(bs.grad, b.grad)
+
+
+def test_patch_quantize_frees_each_dense_weight_before_the_next():
+    """patch_linear(quantize="nf4") on CPU: when layer i is quantized, the dense weights of layers
+    0..i-1 are already freed (even though this test still refers to them), so the peak stays near
+    one dense layer beyond the result."""
+    import lowrank.qlora as Q
+
+    d, layers = 256, 5
+    model = torch.nn.Sequential(*[torch.nn.Linear(d, d, bias=False) for _ in range(layers)])
+    dense = [lin.weight for lin in model]  # outside references: must not keep the memory alive
+    layer_bytes = d * d * 4
+    alive_at_call = []
+    real = Q.quantize_nf4
+
+    def spy(weight, *args, **kwargs):
+        alive_at_call.append(sum(p.untyped_storage().nbytes() for p in dense))
+        return real(weight, *args, **kwargs)
+
+    Q.quantize_nf4 = spy
+    try:
+        lowrank.patch_linear(model, rank=4, targets="all-linear", quantize="nf4")
+    finally:
+        Q.quantize_nf4 = real
+    # call i sees layers i..L-1 still dense (the input), never one more
+    assert alive_at_call == [(layers - i) * layer_bytes for i in range(layers)], alive_at_call
+    assert all(p.untyped_storage().nbytes() == 0 for p in dense)
+    assert len(list(quantized_layers(model))) == layers
