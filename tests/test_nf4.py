@@ -897,6 +897,13 @@ def test_nf4_lora_linear_under_torch_compile():
     y_e.backward(dy)
     assert torch.equal(y, y_e) and torch.equal(xs.grad, x.grad)
     assert torch.equal(as_.grad, a.grad) and torch.equal(bs.grad, b.grad)
+    # and a QLoRA-patched model (LoRALinear over NF4Linear) as a whole
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    lowrank.patch_linear(model, rank=4, targets="all-linear", quantize="nf4", compute_dtype=torch.float32)
+    torch.nn.init.normal_(model[2].lora_B["default"])  # B = 0 at init would hide the LoRA term
+    xm = torch.randn(5, 64)
+    y_c = torch.compile(model, backend="aot_eager", fullgraph=True)(xm)
+    assert torch.equal(y_c, model(xm))
 
 
 def test_patch_quantize_frees_each_dense_weight_before_the_next():
