@@ -123,6 +123,12 @@ def nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling: float, bias=None, dr
     """
     from .nf4 import NF4Weight
 
+    if torch.is_autocast_enabled(x.device.type):
+        # As lora_linear (and bitsandbytes' 4-bit matmul, whose F.linear autocast casts): x, the
+        # adapters and the bias in the autocast dtype; the 4-bit weight is decoded straight to it.
+        x, lora_A, lora_B, bias = autocast_inputs(x, lora_A, lora_B, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling, bias, dropout)
     if not isinstance(nf4_weight, NF4Weight):
         raise TypeError(f"nf4_lora_linear: nf4_weight must be a lowrank.NF4Weight, got {type(nf4_weight).__name__}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):

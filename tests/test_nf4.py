@@ -975,3 +975,22 @@ def test_patch_quantize_peak_memory_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_layers = float(proc.stdout.strip().splitlines()[-1])
     assert peak_layers <= 1.25, f"peak {peak_layers:.2f} dense layers above the start"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nf4_lora_linear_under_autocast(backend, monkeypatch):
+    """Under autocast the op computes in the autocast dtype (as lora_linear and F.linear do): the
+    same result as casting x, A, B and bias first; fp32 adapters get fp32 gradients."""
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    w, x, a, b, bias_t, dy = op_case_grads((6,), 24, 64, 4, torch.float32, 1.5, 0.0)
+    low = torch.get_autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type):
+        y = lowrank.ops.nf4_lora_linear(x, w, a, b, 1.5, bias_t)
+    assert y.dtype == low
+    y.backward(dy.to(low))
+    assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
+    xl, al, bl = (t.detach().to(low).requires_grad_() for t in (x, a, b))
+    y_ref = lowrank.ops.nf4_lora_linear(xl, w, al, bl, 1.5, bias_t.to(low))
+    y_ref.backward(dy.to(low))
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, xl.grad.float())
+    assert torch.equal(a.grad, al.grad.float()) and torch.equal(b.grad, bl.grad.float())
