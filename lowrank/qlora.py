@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import nf4_op  # noqa: F401  (registers torch.ops.lowrank.nf4_lora_fwd / _bwd at import)
 from .nf4 import BLOCKSIZES, NF4Weight, _check_finite, quantize_nf4
 
 QUANTIZE_CHOICES = (None, "nf4")
