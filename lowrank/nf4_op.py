@@ -9,8 +9,10 @@ Why custom ops and not an autograd.Function over `reference.lora_linear`:
 - torch.compile: the ops carry fake (meta) implementations, so a compiled QLoRA model traces
   through them without a graph break (the NF4Weight dataclass is unpacked into tensors outside).
 
-The NF4 weight enters as (packed, absmax) with absmax the decoded fp32 block scales
-(`NF4Weight.block_absmax()`): the nested statistics are decoded once per call, outside.
+The NF4 weight enters as its own stored tensors (packed codes, absmax, and with double
+quantization nested_absmax, nested_code, offset), so what autograd saves for backward is storage
+the model holds anyway: the decoded fp32 block scales (1/16 of a bf16 weight's bytes, 4.4 GB over
+a 70B model) are recomputed in forward and in backward, never kept between.
 Dropout: the keep multiplier (0 or 1/(1-p), x's dtype, shaped (M, K)) is drawn outside
 (`dropout_keep`), so both backends and the tests see one mask.
 """
@@ -31,11 +33,10 @@ def dropout_keep(x2: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(x2).bernoulli_(1.0 - p) * (1.0 / (1.0 - p))
 
 
-def _weight(packed: torch.Tensor, absmax: torch.Tensor, n: int, k: int, blocksize: int,
-            dtype: torch.dtype) -> NF4Weight:
-    """An NF4Weight view of (packed, decoded fp32 absmax): no double quantization left to decode,
-    so its `dequantize` gives the same bits as the original weight's."""
-    return NF4Weight(packed, absmax, (n, k), dtype, blocksize)
+def _weight(packed, absmax, nested_absmax, nested_code, offset, n: int, k: int, blocksize: int,
+            nested_blocksize: int, dtype: torch.dtype) -> NF4Weight:
+    """The NF4Weight these tensors are (no copy)."""
+    return NF4Weight(packed, absmax, (n, k), dtype, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -45,13 +46,15 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("lowrank::nf4_lora_fwd", mutates_args=())
-def nf4_lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lora_A: torch.Tensor,
+def nf4_lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                 nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], lora_A: torch.Tensor,
                  lora_B: torch.Tensor, bias: Optional[torch.Tensor], keep: Optional[torch.Tensor],
-                 scaling: float, blocksize: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 scaling: float, blocksize: int, nested_blocksize: int,
+                 out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (..., N), T = dropout(x) @ A.T (M, r) in x's dtype). A rank-0 adapter is the plain NF4 linear."""
     n, k = out_features, x.shape[-1]
     x2 = x.reshape(-1, k)
-    w = _weight(packed, absmax, n, k, blocksize, x.dtype)
+    w = _weight(packed, absmax, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize, x.dtype)
     with torch.autocast(x.device.type, enabled=False):  # the caller already chose the dtype
         h = x2 if keep is None else x2 * keep
         t = h @ lora_A.t()  # (M, r), rounded to x's dtype as the reference does
@@ -59,7 +62,7 @@ def nf4_lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lo
         if _use_triton(x):
             from .kernels.nf4 import nf4_matmul
 
-            y = nf4_matmul(x2, w, absmax, True, t if has_lora else None, lora_B.t() if has_lora else None,
+            y = nf4_matmul(x2, w, w.block_absmax(), True, t if has_lora else None, lora_B.t() if has_lora else None,
                            scaling, bias)
         else:
             y = F.linear(x2, w.dequantize(x.dtype), bias)  # the dense W dies with this call
@@ -69,15 +72,18 @@ def nf4_lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lo
 
 
 @nf4_lora_fwd.register_fake
-def _(x, packed, absmax, lora_A, lora_B, bias, keep, scaling, blocksize, out_features):
+def _(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, bias, keep, scaling, blocksize,
+      nested_blocksize, out_features):
     m = math.prod(x.shape[:-1])
     return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, lora_A.shape[0]))
 
 
 @torch.library.custom_op("lowrank::nf4_lora_bwd", mutates_args=())
 def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
-                 lora_A: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor, keep: Optional[torch.Tensor],
-                 scaling: float, blocksize: int, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                 offset: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor,
+                 keep: Optional[torch.Tensor], scaling: float, blocksize: int, nested_blocksize: int,
+                 need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX shaped like x, or an empty (0,) tensor when need_dx is False; dA; dB).
 
     dT = s dY @ B, dB = s dY.T @ T, dA = dT.T @ H (H = dropout(x)); dX = dY @ deq(W) + dT @ A, the
@@ -94,12 +100,12 @@ def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax
         d_a = dt.t() @ h
         if not need_dx:
             return x.new_empty((0,)), d_a, d_b
-        w = _weight(packed, absmax, n, k, blocksize, x.dtype)
+        w = _weight(packed, absmax, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize, x.dtype)
         fuse = keep is None and lora_A.shape[0] > 0
         if _use_triton(x):
             from .kernels.nf4 import nf4_matmul
 
-            dx = nf4_matmul(dy2, w, absmax, False, dt if fuse else None, lora_A if fuse else None, 1.0)
+            dx = nf4_matmul(dy2, w, w.block_absmax(), False, dt if fuse else None, lora_A if fuse else None, 1.0)
         else:
             dx = dy2 @ w.dequantize(x.dtype)  # decoded again: nothing dense was kept from forward
             if fuse:
@@ -110,25 +116,28 @@ def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax
 
 
 @nf4_lora_bwd.register_fake
-def _(dy, x, packed, absmax, lora_A, lora_B, t, keep, scaling, blocksize, need_dx):
+def _(dy, x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, t, keep, scaling, blocksize,
+      nested_blocksize, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _setup_context(ctx, inputs, output):
-    x, packed, absmax, lora_A, lora_B, bias, keep, scaling, blocksize, out_features = inputs
-    # 4-bit storage and fp32 block scales only: never a dense W (see the module docstring)
-    ctx.save_for_backward(x, packed, absmax, lora_A, lora_B, output[1], keep)
-    ctx.scaling, ctx.blocksize = scaling, blocksize
+    (x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, bias, keep, scaling, blocksize,
+     nested_blocksize, out_features) = inputs
+    # the weight's own 4-bit storage and statistics: never a dense W (see the module docstring)
+    ctx.save_for_backward(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, output[1], keep)
+    ctx.scaling, ctx.blocksize, ctx.nested_blocksize = scaling, blocksize, nested_blocksize
 
 
 def _backward(ctx, dy, _dt):
-    x, packed, absmax, lora_A, lora_B, t, keep = ctx.saved_tensors
+    x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, t, keep = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
-    dx, d_a, d_b = torch.ops.lowrank.nf4_lora_bwd(dy, x, packed, absmax, lora_A, lora_B, t, keep, ctx.scaling,
-                                                  ctx.blocksize, need_dx)
-    d_bias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None
-    return (dx if need_dx else None), None, None, d_a, d_b, d_bias, None, None, None, None
+    dx, d_a, d_b = torch.ops.lowrank.nf4_lora_bwd(dy, x, packed, absmax, nested_absmax, nested_code, offset, lora_A,
+                                                  lora_B, t, keep, ctx.scaling, ctx.blocksize, ctx.nested_blocksize,
+                                                  need_dx)
+    d_bias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[8] else None
+    return (dx if need_dx else None), None, None, None, None, None, d_a, d_b, d_bias, None, None, None, None, None
 
 
 nf4_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -137,6 +146,7 @@ nf4_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 def nf4_lora_linear(x, w: NF4Weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
     """The op on checked arguments (`lowrank.ops.nf4_lora_linear` checks them), any backend."""
     keep = dropout_keep(x.reshape(-1, x.shape[-1]), dropout) if dropout > 0.0 else None
-    y, _ = torch.ops.lowrank.nf4_lora_fwd(x, w.packed, w.block_absmax(), lora_A, lora_B, bias, keep,
-                                          float(scaling), w.blocksize, w.shape[0])
+    y, _ = torch.ops.lowrank.nf4_lora_fwd(x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, lora_A,
+                                          lora_B, bias, keep, float(scaling), w.blocksize, w.nested_blocksize,
+                                          w.shape[0])
     return y

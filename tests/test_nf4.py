@@ -840,6 +840,11 @@ def test_nf4_lora_linear_keeps_no_dense_weight(backend, dropout, monkeypatch):
     assert not big, f"dense-sized tensors saved for backward: {big}"
     held = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in saved}.values())
     assert held < dense / 2, (held, dense)
+    # nothing derived from the weight either (e.g. its decoded fp32 block scales): only the weight's
+    # own storage, the adapters, and per-row tensors of this call (x, T, the dropout multiplier)
+    own = {t.untyped_storage().data_ptr() for t in [*w.tensors().values(), a32, b]}
+    extra = [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in own and t.shape[:1] != (m,)]
+    assert not extra, f"tensors derived from the weight saved for backward: {extra}"
     y.backward(dy)  # and the gradients still come out right (checked against float64 above)
     assert torch.isfinite(x.grad).all() and torch.isfinite(a32.grad).all()
 
@@ -865,22 +870,23 @@ def test_nf4linear_forward_keeps_no_dense_weight(backend, monkeypatch):
 
 def test_nf4_ops_opcheck():
     """The custom ops' schemas, fake implementations and autograd registration agree with the real
-    ones (torch.library.opcheck), with and without dropout, bias, and a rank-0 adapter."""
+    ones (torch.library.opcheck), with and without double quantization, dropout, bias, and with a
+    rank-0 adapter."""
     import lowrank.nf4_op  # noqa: F401  (registers the ops)
 
-    w = quantize_nf4(torch.randn(24, 64), blocksize=32)
-    absmax = w.block_absmax()
-    for r, bias, keep in [(4, True, False), (3, False, True), (0, True, False)]:
+    for r, bias, keep, dq in [(4, True, False, True), (3, False, True, False), (0, True, False, True)]:
+        w = quantize_nf4(torch.randn(24, 64), blocksize=32, double_quant=dq)
+        wt = (w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset)
         x = torch.randn(2, 3, 64, requires_grad=True)
         a = torch.randn(r, 64, requires_grad=True)
         b = torch.randn(24, r, requires_grad=True)
         bt = torch.randn(24) if bias else None
         kp = (torch.rand(6, 64) > 0.3).float() / 0.7 if keep else None
-        torch.library.opcheck(torch.ops.lowrank.nf4_lora_fwd, (x, w.packed, absmax, a, b, bt, kp, 1.5, 32, 24))
+        torch.library.opcheck(torch.ops.lowrank.nf4_lora_fwd, (x, *wt, a, b, bt, kp, 1.5, 32, 256, 24))
         t = x.detach().reshape(-1, 64) @ a.detach().t()
         torch.library.opcheck(torch.ops.lowrank.nf4_lora_bwd,
-                              (torch.randn(2, 3, 24), x.detach(), w.packed, absmax, a.detach(), b.detach(), t, kp,
-                               1.5, 32, True))
+                              (torch.randn(2, 3, 24), x.detach(), *wt, a.detach(), b.detach(), t, kp,
+                               1.5, 32, 256, True))
 
 
 def test_nf4_lora_linear_under_torch_compile():
