@@ -366,51 +366,6 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
     return out
 
 
-def dropout_keep(x2: torch.Tensor, p: float) -> torch.Tensor:
-    """The dropout multiplier (0 or 1/(1-p), in x's dtype) drawn from torch's RNG; tests redraw it
-    with the same seed."""
-    return torch.empty_like(x2).bernoulli_(1.0 - p) * (1.0 / (1.0 - p))
-
-
-class NF4LoRAFunction(torch.autograd.Function):
-    """y = x @ deq(W).T + bias + scaling * dropout(x) @ A.T @ B.T with the fused NF4 kernels.
-
-    Saved for backward: x (or dropout(x)), A, B, T = dropout(x) @ A.T and the NF4 weight (4-bit:
-    no dense copy). Backward: dT = s dY @ B, dB = s dY.T @ T, dA = dT.T @ H (small torch GEMMs);
-    dX = dY @ deq(W) + dT @ A in one fused launch (the dT @ A term outside it when dropout masks H).
-    """
-
-    @staticmethod
-    def forward(ctx, x, w: NF4Weight, lora_A, lora_B, scaling, bias, dropout):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        absmax = w.block_absmax()
-        keep = dropout_keep(x2, dropout) if dropout > 0.0 else None
-        h = x2 * keep if keep is not None else x2
-        t = h @ lora_A.t()  # (M, r) in the compute dtype, as the reference rounds it
-        y = nf4_matmul(x2, w, absmax, True, t, lora_B.t(), scaling, bias)
-        ctx.save_for_backward(h, lora_A, lora_B, t, keep)
-        ctx.w, ctx.scaling, ctx.dropout, ctx.x_shape = w, scaling, dropout, shape
-        return y.view(*shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        h, lora_A, lora_B, t, keep = ctx.saved_tensors
-        w, s = ctx.w, ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if not dy2.is_contiguous():
-            dy2 = dy2.contiguous()
-        dt = (dy2 @ lora_B) * s  # (M, r)
-        d_b = (dy2.t() @ t) * s if ctx.needs_input_grad[3] else None
-        d_a = dt.t() @ h if ctx.needs_input_grad[2] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            absmax = w.block_absmax()
-            if keep is not None:
-                # h = x * keep: dH = dT @ A flows back through the same multiplier.
-                dx = nf4_matmul(dy2, w, absmax, False)
-                dx = dx + (dt @ lora_A) * keep
-            else:
-                dx = nf4_matmul(dy2, w, absmax, False, dt, lora_A, 1.0)
-            dx = dx.view(ctx.x_shape)
-        return dx, None, d_a, d_b, None, None, None
+# The differentiable op over these kernels (both backends) is lowrank/nf4_op.py; its dropout
+# multiplier is re-exported here for the kernel tests.
+from lowrank.nf4_op import dropout_keep  # noqa: E402,F401

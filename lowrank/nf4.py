@@ -60,11 +60,15 @@ NF4_VALUES = (
 )
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-# Elements quantized per chunk. On a GPU 1M bounds the fp32/int temporaries (~20 bytes an
-# element) to ~20 MB whatever the layer's size (a 4096 x 4096 bf16 layer is 32 MB), so quantizing
-# while patching peaks below one dense layer. On the CPU small chunks cost time (2048 x 2048:
-# 330 ms with 1M chunks, 140-240 ms with 16M; 2 cores), and RAM is less scarce.
+# Elements quantized per chunk: at most _CHUNK[device] (1M on a GPU bounds the temporaries to
+# ~9 MB whatever the layer's size), and at most what keeps the chunk's temporaries (about
+# _TEMP_BYTES an element at their peak: fp32 scaled values + int32 codes + uint8 codes) under
+# half of the layer's dense bytes, so that quantizing while patching peaks near one dense layer
+# above the result (measured on the CPU before this bound: 6.5 dense bf16 4096 x 4096 layers
+# above the start with a 16M chunk). _MIN_CHUNK keeps small layers to a few chunks.
 _CHUNK = {"cuda": 1 << 20, "cpu": 1 << 24}
+_TEMP_BYTES = 9
+_MIN_CHUNK = 1 << 16
 _DEQUANT_CHUNK = 1 << 20
 
 _code_cache: dict = {}
@@ -354,17 +358,18 @@ def _raise_not_finite(weight: torch.Tensor, where: str) -> None:
 def _quantize_4bit_chunk(flat: torch.Tensor, blocksize: int, bounds: torch.Tensor):
     """(codes uint8, absmax fp32) of a 1-D chunk whose length is a multiple of blocksize except
     possibly for the last chunk."""
-    x = flat.float()
+    x = flat.float()  # flat itself when it is fp32: never written to
     n = x.numel()
     full = (n // blocksize) * blocksize
     blocks = x[:full].view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1).view(-1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1).view(-1)  # one fp32 temporary
     if full < n:
         tail_max = x[full:].abs().max()
         tail = torch.clamp(x[full:] / tail_max.clamp(min=1e-38), -1, 1)
         absmax = torch.cat([absmax, tail_max[None]])
         scaled = torch.cat([scaled, tail])
+    del x, blocks  # the fp32 copy of a low-precision chunk is not needed for the codes
     return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
 
 
@@ -389,8 +394,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     `bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics=double_quant,
     quant_type="nf4")` (bitsandbytes' CPU backend for CPU tensors).
 
-    Works in chunks of whole blocks (1M elements on a GPU: ~20 MB of temporaries whatever the
-    layer's size; 16M on the CPU).
+    Works in chunks of whole blocks whose temporaries stay under half the layer's dense bytes
+    (and 1M elements on a GPU, 16M on the CPU).
     Raises ValueError for NaN/Inf, a bad blocksize or shape; TypeError for a non-float dtype.
     """
     if not isinstance(weight, torch.Tensor):
@@ -409,7 +414,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     bounds = _midpoints(nf4_code(weight.device))
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
-    chunk = _CHUNK.get(weight.device.type, _CHUNK["cuda"])
+    cap = _CHUNK.get(weight.device.type, _CHUNK["cuda"])
+    chunk = min(cap, max(_MIN_CHUNK, n * weight.element_size() // (2 * _TEMP_BYTES)))
     step = max(chunk // blocksize, 1) * blocksize  # a multiple of blocksize, hence even
     for start in range(0, n, step):
         codes, am = _quantize_4bit_chunk(flat[start:start + step], blocksize, bounds)

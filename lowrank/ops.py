@@ -119,10 +119,16 @@ def nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling: float, bias=None, dr
     float16 or bfloat16); lora_A (r, K) and lora_B (N, r) are cast to x's dtype (their gradients
     come back in their own dtype, e.g. float32 master weights); bias: (N,) or None, frozen.
     Triton (CUDA): W is decoded tile by tile inside the GEMMs, never as a dense copy. Reference
-    (CPU): dequantize, then `reference.lora_linear`.
+    (CPU): W is dequantized inside the forward and again inside the backward, never kept between.
     """
     from .nf4 import NF4Weight
 
+    if torch.is_autocast_enabled(x.device.type):
+        # As lora_linear (and bitsandbytes' 4-bit matmul, whose F.linear autocast casts): x, the
+        # adapters and the bias in the autocast dtype; the 4-bit weight is decoded straight to it.
+        x, lora_A, lora_B, bias = autocast_inputs(x, lora_A, lora_B, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling, bias, dropout)
     if not isinstance(nf4_weight, NF4Weight):
         raise TypeError(f"nf4_lora_linear: nf4_weight must be a lowrank.NF4Weight, got {type(nf4_weight).__name__}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -137,12 +143,11 @@ def nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling: float, bias=None, dr
     check_lora_args(x, x.new_empty(()).expand(n, k), lora_A, lora_B, bias, where="nf4_lora_linear")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"nf4_lora_linear: dropout must be in [0, 1), got {dropout}")
-    if backend_for(x) == "triton":
-        from .kernels.nf4 import NF4LoRAFunction
+    # One torch.library op for both backends (lowrank/nf4_op.py): saves only the 4-bit storage for
+    # backward (no dense W on any path) and traces under torch.compile.
+    from .nf4_op import nf4_lora_linear as _nf4_op
 
-        return NF4LoRAFunction.apply(x, nf4_weight, lora_A, lora_B, float(scaling), bias, float(dropout))
-    weight = nf4_weight.dequantize(x.dtype)
-    return reference.lora_linear(x, weight, lora_A, lora_B, float(scaling), bias, dropout)
+    return _nf4_op(x, nf4_weight, lora_A, lora_B, float(scaling), bias, float(dropout))
 
 
 def __getattr__(name: str):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import nf4_op  # noqa: F401  (registers torch.ops.lowrank.nf4_lora_fwd / _bwd at import)
 from .nf4 import BLOCKSIZES, NF4Weight, _check_finite, quantize_nf4
 
 QUANTIZE_CHOICES = (None, "nf4")
@@ -86,9 +86,14 @@ class NF4Linear(nn.Module):
         return self.nf4.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The QLoRA op with a rank-0 adapter: F.linear over a dequantized W would keep that dense
+        # W alive for backward whenever x needs a gradient (adapters disabled, checkpointing).
+        from . import ops
+
         xc = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(xc, self.dequantize(self.compute_dtype), bias).to(x.dtype)
+        no_a = xc.new_empty((0, self.in_features))
+        no_b = xc.new_empty((self.out_features, 0))
+        return ops.nf4_lora_linear(xc, self.nf4, no_a, no_b, 0.0, self.bias).to(x.dtype)
 
     def lora_forward(self, x: torch.Tensor, lora_A, lora_B, scaling: float, dropout: float) -> torch.Tensor:
         """The fused QLoRA path LoRALinear takes (ops.nf4_lora_linear), in compute_dtype."""

@@ -1,0 +1,152 @@
+"""`lowrank::nf4_lora_fwd` / `lowrank::nf4_lora_bwd`: the differentiable QLoRA op behind
+`lowrank.ops.nf4_lora_linear`, as torch.library custom ops on every backend.
+
+Why custom ops and not an autograd.Function over `reference.lora_linear`:
+- memory: autograd around `F.linear(x, deq(W))` saves the dense W from forward to backward (for a
+  4096 x 4096 bf16 layer that is 32 MiB held per layer, 8x the 4-bit storage it came from).
+  Here only the 4-bit storage and the fp32 block scales are saved; the CPU path decodes W again in
+  backward and drops it when the call returns, like the Triton path decodes it tile by tile.
+- torch.compile: the ops carry fake (meta) implementations, so a compiled QLoRA model traces
+  through them without a graph break (the NF4Weight dataclass is unpacked into tensors outside).
+
+The NF4 weight enters as its own stored tensors (packed codes, absmax, and with double
+quantization nested_absmax, nested_code, offset), so what autograd saves for backward is storage
+the model holds anyway: the decoded fp32 block scales (1/16 of a bf16 weight's bytes, 4.4 GB over
+a 70B model) are recomputed in forward and in backward, never kept between.
+Dropout: the keep multiplier (0 or 1/(1-p), x's dtype, shaped (M, K)) is drawn outside
+(`dropout_keep`), so both backends and the tests see one mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .nf4 import NF4Weight
+
+
+def dropout_keep(x2: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout multiplier (0 or 1/(1-p), in x's dtype) drawn from torch's RNG; tests redraw it
+    with the same seed."""
+    return torch.empty_like(x2).bernoulli_(1.0 - p) * (1.0 / (1.0 - p))
+
+
+def _weight(packed, absmax, nested_absmax, nested_code, offset, n: int, k: int, blocksize: int,
+            nested_blocksize: int, dtype: torch.dtype) -> NF4Weight:
+    """The NF4Weight these tensors are (no copy)."""
+    return NF4Weight(packed, absmax, (n, k), dtype, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    from .ops import backend_for
+
+    return backend_for(x) == "triton"
+
+
+@torch.library.custom_op("lowrank::nf4_lora_fwd", mutates_args=())
+def nf4_lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                 nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, bias: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+                 scaling: float, blocksize: int, nested_blocksize: int,
+                 out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (..., N), T = dropout(x) @ A.T (M, r) in x's dtype). A rank-0 adapter is the plain NF4 linear."""
+    n, k = out_features, x.shape[-1]
+    x2 = x.reshape(-1, k)
+    w = _weight(packed, absmax, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # the caller already chose the dtype
+        h = x2 if keep is None else x2 * keep
+        t = h @ lora_A.t()  # (M, r), rounded to x's dtype as the reference does
+        has_lora = lora_A.shape[0] > 0 and scaling != 0.0
+        if _use_triton(x):
+            from .kernels.nf4 import nf4_matmul
+
+            y = nf4_matmul(x2, w, w.block_absmax(), True, t if has_lora else None, lora_B.t() if has_lora else None,
+                           scaling, bias)
+        else:
+            y = F.linear(x2, w.dequantize(x.dtype), bias)  # the dense W dies with this call
+            if has_lora:
+                y.addmm_(t, lora_B.t(), alpha=scaling)
+    return y.view(*x.shape[:-1], n), t
+
+
+@nf4_lora_fwd.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, bias, keep, scaling, blocksize,
+      nested_blocksize, out_features):
+    m = math.prod(x.shape[:-1])
+    return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, lora_A.shape[0]))
+
+
+@torch.library.custom_op("lowrank::nf4_lora_bwd", mutates_args=())
+def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                 nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                 offset: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor, t: torch.Tensor,
+                 keep: Optional[torch.Tensor], scaling: float, blocksize: int, nested_blocksize: int,
+                 need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX shaped like x, or an empty (0,) tensor when need_dx is False; dA; dB).
+
+    dT = s dY @ B, dB = s dY.T @ T, dA = dT.T @ H (H = dropout(x)); dX = dY @ deq(W) + dT @ A, the
+    dT @ A term through the same dropout multiplier when there is one."""
+    n, k = lora_B.shape[0], x.shape[-1]
+    dy2 = dy.reshape(-1, n)
+    if not dy2.is_contiguous():
+        dy2 = dy2.contiguous()
+    x2 = x.reshape(-1, k)
+    with torch.autocast(x.device.type, enabled=False):
+        h = x2 if keep is None else x2 * keep
+        dt = (dy2 @ lora_B) * scaling  # (M, r)
+        d_b = (dy2.t() @ t) * scaling
+        d_a = dt.t() @ h
+        if not need_dx:
+            return x.new_empty((0,)), d_a, d_b
+        w = _weight(packed, absmax, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize, x.dtype)
+        fuse = keep is None and lora_A.shape[0] > 0
+        if _use_triton(x):
+            from .kernels.nf4 import nf4_matmul
+
+            dx = nf4_matmul(dy2, w, w.block_absmax(), False, dt if fuse else None, lora_A if fuse else None, 1.0)
+        else:
+            dx = dy2 @ w.dequantize(x.dtype)  # decoded again: nothing dense was kept from forward
+            if fuse:
+                dx.addmm_(dt, lora_A)
+        if keep is not None and lora_A.shape[0] > 0:
+            dx = dx + (dt @ lora_A) * keep  # H = x * keep: dH flows back through the same multiplier
+    return dx.view(x.shape), d_a, d_b
+
+
+@nf4_lora_bwd.register_fake
+def _(dy, x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, t, keep, scaling, blocksize,
+      nested_blocksize, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, bias, keep, scaling, blocksize,
+     nested_blocksize, out_features) = inputs
+    # the weight's own 4-bit storage and statistics: never a dense W (see the module docstring)
+    ctx.save_for_backward(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, output[1], keep)
+    ctx.scaling, ctx.blocksize, ctx.nested_blocksize = scaling, blocksize, nested_blocksize
+
+
+def _backward(ctx, dy, _dt):
+    x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, t, keep = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, d_a, d_b = torch.ops.lowrank.nf4_lora_bwd(dy, x, packed, absmax, nested_absmax, nested_code, offset, lora_A,
+                                                  lora_B, t, keep, ctx.scaling, ctx.blocksize, ctx.nested_blocksize,
+                                                  need_dx)
+    d_bias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[8] else None
+    return (dx if need_dx else None), None, None, None, None, None, d_a, d_b, d_bias, None, None, None, None, None
+
+
+nf4_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nf4_lora_linear(x, w: NF4Weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
+    """The op on checked arguments (`lowrank.ops.nf4_lora_linear` checks them), any backend."""
+    keep = dropout_keep(x.reshape(-1, x.shape[-1]), dropout) if dropout > 0.0 else None
+    y, _ = torch.ops.lowrank.nf4_lora_fwd(x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, lora_A,
+                                          lora_B, bias, keep, float(scaling), w.blocksize, w.nested_blocksize,
+                                          w.shape[0])
+    return y
