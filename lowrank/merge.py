@@ -603,14 +603,22 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
             quantized.append((path, layer, name))
         else:
             dense.append((path, layer, _check_layer(path, layer, adapter_name)))
-    for path, layer, name in dense:
-        _merge_layer(layer, name, exact=False)
-        layer.merged = None  # the wrapper is discarded next; its base layer keeps the merged weight
-    report = {}
+    # NF4 layers first: they are built aside (nothing changes in place), so a failure there (out
+    # of memory) leaves the model untouched. Dense layers keep their `merged` flag until all are
+    # done: if one fails, the ones before it are merged (without a record) and flagged so, and
+    # their forward skips the LoRA path: outputs stay right, never W + 2 s B A.
+    report, new_bases = {}, []
     for path, layer, name in quantized:
-        layer.base_layer, report_row = _merged_nf4(layer, name, requantize)
+        base, report_row = _merged_nf4(layer, name, requantize)
+        new_bases.append((layer, base))
         if report_row is not None:
             report[path] = report_row
+    for path, layer, name in dense:
+        _merge_layer(layer, name, exact=False)
+    for layer, base in new_bases:
+        layer.base_layer = base
+    for path, layer, name in dense:
+        layer.merged = None  # the wrapper is discarded next; its base layer keeps the merged weight
     unpatch(model)
     return (model, report) if return_report else model
 

@@ -470,6 +470,36 @@ def test_module_api_errors_leave_weights_unchanged():
         lowrank.unmerge(model)
 
 
+def test_merge_and_unload_failing_midway_keeps_outputs(monkeypatch):
+    """A failure in the second layer's merge (simulated out of memory) leaves the first layer
+    merged and flagged merged, so its forward skips the LoRA path: the model's outputs stay those
+    of the adapted model instead of adding the delta twice."""
+    import importlib
+
+    merge_mod = importlib.import_module("lowrank.merge")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+    lowrank.patch_linear(model, rank=2)
+    randomize_lora_(model, std=0.3)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        out0 = model(x)
+    real, calls = merge_mod._merge_layer, []
+
+    def flaky(layer, name, exact):
+        if calls:
+            raise RuntimeError("simulated out of memory")
+        calls.append(name)
+        real(layer, name, exact)
+
+    monkeypatch.setattr(merge_mod, "_merge_layer", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lowrank.merge_and_unload(model)
+    assert model[0].merged and not model[2].merged
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out0, rtol=1e-5, atol=1e-5)
+
+
 def test_non_dense_base_weight_is_not_implemented():
     layer = lowrank.LoRALinear(nn.Linear(16, 8))
     layer.add_adapter(lowrank.LoRAConfig(rank=2))
@@ -632,7 +662,9 @@ def test_cuda_record_in_row_blocks_and_merged_layer_moved_to_gpu(monkeypatch):
     """The exact CUDA merge launches on blocks of rows with one reused scratch buffer (forced
     small here: 7 blocks); and a layer merged on the CPU, then moved with .cuda(), unmerges
     bit-exactly there (its record follows the weight)."""
-    import lowrank.merge as merge_mod  # (the module, not lowrank.merge the function)
+    import importlib
+
+    merge_mod = importlib.import_module("lowrank.merge")  # `import lowrank.merge as m` gives the function
 
     n, k, r = 200, 136, 16
     gen = torch.Generator().manual_seed(5)
