@@ -11,7 +11,7 @@
 
 #include "merge_math.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LOWRANK_NO_AVX2)  // (-DLOWRANK_NO_AVX2: test the portable loops)
 #include <immintrin.h>
 #define LOWRANK_HAVE_AVX2_KERNEL 1
 #endif
