@@ -58,10 +58,11 @@ const char *lowrank_cuda_last_error(void);
  *
  * CPU: records come sorted by index. When more than rec_capacity elements need one, W is left
  * unchanged (bit for bit), *rec_count is set to the number needed and LOWRANK_ERR_CAPACITY is
- * returned: call again with that capacity.
+ * returned: call again with that capacity. The whole buffer is scratch during the call (each
+ * thread writes into its share of it), not only its first *rec_count entries.
  * CUDA: rec_count points to a device int64 that must be zero on entry; it receives the number of
  * records (in no particular order). On overflow W is merged and the record incomplete, so callers
- * pass rec_capacity >= rows * cols.
+ * pass rec_capacity >= rows * cols (lowrank/merge.py launches blocks of rows to bound that).
  */
 int lowrank_cpu_merge(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype, const float *b,
                       const float *a, int64_t rank, const float *row_bound, const float *col_bound,

@@ -11,6 +11,11 @@
 
 #include "merge_math.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LOWRANK_NO_AVX2)  // (-DLOWRANK_NO_AVX2: test the portable loops)
+#include <immintrin.h>
+#define LOWRANK_HAVE_AVX2_KERNEL 1
+#endif
+
 #define LOWRANK_STR2(x) #x
 #define LOWRANK_STR(x) LOWRANK_STR2(x)
 
@@ -92,7 +97,7 @@ struct Args {
   void *w;
   int64_t rows, cols, ldw;
   const float *b, *a;
-  const float *at;  // a transposed (cols x rank) for the slow path, or null
+  const float *ap;  // a in 16-column panels (see pack_panels), or null
   int64_t rank;
   const float *rb, *cb;
   float abs_bound;
@@ -100,20 +105,90 @@ struct Args {
   bool record;
 };
 
-// Double-precision redo of element (i, j); also its round trip when recording.
-template <int DT>
-static uint32_t slow(const Args &g, int64_t i, int64_t j, uint32_t wbits, bool *fails) {
-  double acc = 0.0;
-  const float *bi = g.b + i * g.rank;
-  if (g.at) {  // contiguous: the strided column of a costs a cache miss per k (2x at r = 64, fp16)
-    const float *aj = g.at + j * g.rank;
-    for (int64_t k = 0; k < g.rank; ++k) acc += (double)bi[k] * (double)aj[k];
-  } else {
-    for (int64_t k = 0; k < g.rank; ++k) acc += (double)bi[k] * (double)g.a[k * g.cols + j];
+// The 4-row rank loop with its accumulators in registers (AVX2 + FMA): 16 columns x 4 rows = 8
+// ymm accumulators, each k costs 2 loads of A, 4 broadcasts of B and 8 fmas. A comes in panels
+// of 16 columns (ap: panel p holds a[k, 16p + c] at (p * r + k) * 16 + c, zero-padded), so a
+// panel's r rows are one contiguous run: read with a row stride of cols floats (16 KiB at
+// cols = 4096) the r lines of a panel all fall in one L1 set and were refetched from L2 (slower
+// than the portable loop at r = 64). The portable loop keeps RB x JT accumulators in L1 and is
+// store-bound (4 stores per 4 fmas). Same fma sequence per element (k ascending from +0), so
+// the same bits. nc may end mid-panel: the padded columns land in acc's unused tail.
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+__attribute__((target("avx2,fma"), noinline)) void rank_rows4_avx2(const float *b0, int64_t r, const float *ap,
+                                                                  int nc, float (*acc)[JT]) {
+  for (int j = 0; j < nc; j += 16, ap += 16 * r) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+           c31 = c00;
+    const float *p = ap;
+    for (int64_t k = 0; k < r; ++k, p += 16) {
+      const __m256 x0 = _mm256_loadu_ps(p), x1 = _mm256_loadu_ps(p + 8);
+      __m256 c = _mm256_broadcast_ss(b0 + k);
+      c00 = _mm256_fmadd_ps(c, x0, c00);
+      c01 = _mm256_fmadd_ps(c, x1, c01);
+      c = _mm256_broadcast_ss(b0 + r + k);
+      c10 = _mm256_fmadd_ps(c, x0, c10);
+      c11 = _mm256_fmadd_ps(c, x1, c11);
+      c = _mm256_broadcast_ss(b0 + 2 * r + k);
+      c20 = _mm256_fmadd_ps(c, x0, c20);
+      c21 = _mm256_fmadd_ps(c, x1, c21);
+      c = _mm256_broadcast_ss(b0 + 3 * r + k);
+      c30 = _mm256_fmadd_ps(c, x0, c30);
+      c31 = _mm256_fmadd_ps(c, x1, c31);
+    }
+    _mm256_storeu_ps(acc[0] + j, c00);
+    _mm256_storeu_ps(acc[0] + j + 8, c01);
+    _mm256_storeu_ps(acc[1] + j, c10);
+    _mm256_storeu_ps(acc[1] + j + 8, c11);
+    _mm256_storeu_ps(acc[2] + j, c20);
+    _mm256_storeu_ps(acc[2] + j + 8, c21);
+    _mm256_storeu_ps(acc[3] + j, c30);
+    _mm256_storeu_ps(acc[3] + j + 8, c31);
   }
-  uint32_t y = slow_element<DT>(wbits, g.scale, acc);
-  if (fails) *fails = slow_element<DT>(y, -g.scale, acc) != wbits;
-  return y;
+}
+static bool detect_avx2_fma() {
+  __builtin_cpu_init();  // needed before __builtin_cpu_supports in a static initializer
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+static const bool g_avx2_fma = detect_avx2_fma();
+
+// Bit `BIT` of flag[0 .. JT) as JT / 64 masks, 8 flags per movemask.
+template <int BIT>
+__attribute__((target("avx2"), noinline)) void flag_masks_avx2(const int32_t *flag, uint64_t *m) {
+  for (int w = 0; w < JT / 64; ++w) {
+    uint64_t x = 0;
+    for (int c = 0; c < 8; ++c) {
+      const __m256i v = _mm256_slli_epi32(_mm256_load_si256((const __m256i *)(flag + w * 64 + c * 8)), 31 - BIT);
+      x |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(v)) << (c * 8);
+    }
+    m[w] = x;
+  }
+}
+#else
+static const bool g_avx2_fma = false;
+#endif
+
+// Bit BIT of flag[0 .. nc) as masks (bits >= nc clear). Flags are rare (records ~8%, the double
+// path ~0.1-2%) and scattered: visiting set bits beats a per-element branch (mispredicts) and a
+// branch-free append (serial on its counter: it was 40% of an exact merge's time).
+template <int BIT>
+static inline void flag_masks(const int32_t *flag, int nc, uint64_t m[JT / 64]) {
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+  if (g_avx2_fma) {
+    flag_masks_avx2<BIT>(flag, m);
+  } else
+#endif
+  {
+    for (int w = 0; w < JT / 64; ++w) {
+      uint64_t x = 0;
+      for (int c = 0; c < 64; ++c) x |= (uint64_t)((flag[w * 64 + c] >> BIT) & 1) << c;
+      m[w] = x;
+    }
+  }
+  for (int w = 0; w < JT / 64; ++w) {
+    const int live = nc - w * 64;
+    if (live <= 0) m[w] = 0;
+    else if (live < 64) m[w] &= (1ull << live) - 1;
+  }
 }
 
 // One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
@@ -126,11 +201,16 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
   alignas(64) float acc[RB][JT];
   alignas(64) uint32_t wb[JT], yb[JT];
   alignas(64) int32_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
+  for (int j = nc; j < JT; ++j) flag[j] = 0;  // read (then masked off) by flag_masks
   const float s32 = (float)g.scale;
   const int64_t r = g.rank;
   for (int q = 0; q < RB; ++q)
     for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
-  if (nr == RB) {
+  if (nr == RB && g.ap) {
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+    rank_rows4_avx2(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
+#endif
+  } else if (nr == RB) {
     const float *b0 = g.b + i0 * r;
     float *acc0 = acc[0], *acc1 = acc[1], *acc2 = acc[2], *acc3 = acc[3];
     for (int64_t k = 0; k < r; ++k) {
@@ -187,44 +267,101 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
       flag[j] = f;
       any |= f;
     }
-    if (any & 2) {  // rare (~0.2% of elements): redo in double
-      for (int j = 0; j < nc; ++j) {
-        if (!(flag[j] & 2)) continue;
-        bool fails = false;
-        yb[j] = slow<DT>(g, i, j0 + j, wb[j], RECORD ? &fails : nullptr);
-        flag[j] = (int32_t)fails;
+    if (any & 2) {
+      // Redo in double: ~0.1% of elements for bf16 at r = 16, but ~4.5% for fp16 at r = 64 (the
+      // bound grows with r; fp16 midpoints are 8x denser), doubled in exact mode by the round
+      // trip's check. The flagged elements' sums run side by side (k outer), so one element's r
+      // dependent adds do not serialize. Per element the sum is still +0 + p_0 + ... + p_{r-1}
+      // in that order (products of floats exact in double), as in the pure-torch fallback.
+      int js[JT];
+      double dacc[JT];
+      int m = 0;
+      uint64_t mk[JT / 64];
+      flag_masks<1>(flag, nc, mk);
+      for (int w = 0; w < JT / 64; ++w)
+        for (uint64_t x = mk[w]; x; x &= x - 1) js[m++] = w * 64 + __builtin_ctzll(x);
+      const float *bi = g.b + i * r;
+      // (Gathering 8 elements' A values per k with AVX2 was 1.4x slower on AMD Zen 4.)
+      for (int e = 0; e < m; ++e) dacc[e] = 0.0;
+      for (int64_t k = 0; k < r; ++k) {
+        const double bk = (double)bi[k];
+        const float *ak = g.a + k * g.cols + j0;
+        for (int e = 0; e < m; ++e) dacc[e] += bk * (double)ak[js[e]];
+      }
+      for (int e = 0; e < m; ++e) {
+        const int j = js[e];
+        const uint32_t y = slow_element<DT>(wb[j], g.scale, dacc[e]);
+        flag[j] = RECORD ? (int32_t)(slow_element<DT>(y, -g.scale, dacc[e]) != wb[j]) : 0;
+        yb[j] = y;
         any |= flag[j];
       }
     }
     for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
     if (RECORD && (any & 1)) {
-      // Branch-free compaction: records hit ~5-10% of elements at random, where an `if` would
-      // mispredict on most of them.
       Rec tmp[JT];
       const int32_t base = (int32_t)(i * g.cols + j0);
       int cnt = 0;
-      for (int j = 0; j < nc; ++j) {
-        tmp[cnt] = Rec{base + j, wb[j]};
-        cnt += flag[j] & 1;
+      uint64_t mk[JT / 64];
+      flag_masks<0>(flag, nc, mk);
+      for (int w = 0; w < JT / 64; ++w) {
+        for (uint64_t x = mk[w]; x; x &= x - 1) {
+          const int j = w * 64 + __builtin_ctzll(x);
+          tmp[cnt++] = Rec{base + j, wb[j]};
+        }
       }
       out[q].insert(out[q].end(), tmp, tmp + cnt);
     }
   }
 }
 
+// a (rank x cols, row-major) -> 16-column panels for rank_rows4_avx2; empty when that kernel
+// is not used (no AVX2 + FMA, or fewer than RB rows).
+static std::vector<float> pack_panels(const Args &g) {
+  std::vector<float> ap;
+  if (!g_avx2_fma || g.rows < RB) return ap;
+  const int64_t panels = (g.cols + 15) / 16, r = g.rank;
+  ap.resize((size_t)(panels * r * 16));
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t k = 0; k < r; ++k) {
+      float *dst = ap.data() + (p * r + k) * 16;
+      for (int c = 0; c < 16; ++c) dst[c] = 16 * p + c < g.cols ? g.a[k * g.cols + 16 * p + c] : 0.0f;
+    }
+  }
+  return ap;
+}
+
 template <int DT>
-static int merge_impl(const Args &g, int32_t *rec_idx, void *rec_val, int64_t cap, int64_t *count) {
+static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t cap, int64_t *count) {
   using T = typename Store<DT>::T;
-  // A task is a block of RB rows over all columns, so that each thread's records, appended row
-  // by row, come out sorted by flat index.
+  Args g = g_in;
+  std::vector<float> panels;
+  if (!g.ap) {
+    try {
+      panels = pack_panels(g);
+    } catch (const std::bad_alloc &) {
+      return LOWRANK_ERR_OUT_OF_MEMORY;
+    }
+    g.ap = panels.empty() ? nullptr : panels.data();
+  }
+  // A task is a block of RB rows over all columns; the static schedule gives thread t one
+  // contiguous run of tasks, in thread order. Records go straight into the caller's buffers:
+  // thread t writes its rows' records, in index order, from slot cap * t / nthreads on (what
+  // does not fit its share goes to a heap spill), and the shares are then slid together. (The
+  // first version appended to growing per-thread vectors and copied them out serially: with
+  // their page faults that was half the time of an exact merge at 1024x4096.)
   const int64_t tasks = (g.rows + RB - 1) / RB;
-  int nthreads = omp_get_max_threads();
-  std::vector<std::vector<Rec>> recs(g.record ? nthreads : 0);
+  const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), tasks));
+  std::vector<int64_t> lo(nthreads + 1), got(nthreads, 0);
+  for (int t = 0; t <= nthreads; ++t) lo[t] = g.record ? cap * t / nthreads : 0;
+  std::vector<std::vector<Rec>> spill(g.record ? nthreads : 0);
+  T *vals = (T *)rec_val;
   bool oom = false;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<Rec> *mine = g.record ? &recs[omp_get_thread_num()] : nullptr;
+    const int me = omp_get_thread_num();
     std::vector<Rec> rows_out[RB];
+    int64_t n = 0;  // records found by this thread
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t i0 = t * RB;
@@ -237,9 +374,18 @@ static int merge_impl(const Args &g, int32_t *rec_idx, void *rec_val, int64_t ca
           else
             merge_tile<DT, false>(g, i0, nr, j0, nc, rows_out);
         }
-        if (mine) {
+        if (g.record) {
+          const int64_t room = lo[me + 1] - lo[me];
           for (int q = 0; q < nr; ++q) {
-            mine->insert(mine->end(), rows_out[q].begin(), rows_out[q].end());
+            for (const Rec &rc : rows_out[q]) {
+              if (n < room) {
+                rec_idx[lo[me] + n] = rc.idx;
+                vals[lo[me] + n] = (T)rc.bits;
+              } else {
+                spill[me].push_back(rc);
+              }
+              ++n;
+            }
             rows_out[q].clear();
           }
         }
@@ -248,29 +394,58 @@ static int merge_impl(const Args &g, int32_t *rec_idx, void *rec_val, int64_t ca
         oom = true;
       }
     }
+    if (g.record) got[me] = n;
   }
   if (!g.record) return oom ? LOWRANK_ERR_OUT_OF_MEMORY : LOWRANK_OK;
   int64_t total = 0;
-  for (auto &v : recs) total += (int64_t)v.size();
+  bool spilled = false;
+  for (int t = 0; t < nthreads; ++t) {
+    total += got[t];
+    spilled |= !spill[t].empty();
+  }
   *count = total;
-  if (oom || total > cap) {
-    // Undo: the unmerge restores every element not in the record by construction, and the
-    // record (complete here, only too large for the caller's buffer) restores the rest.
+  // All records, in index order, whatever their place: the share in the buffer, then the spill.
+  auto for_each_record = [&](auto &&fn) {
+    for (int t = 0; t < nthreads; ++t) {
+      const int64_t in_buf = std::min(got[t], lo[t + 1] - lo[t]);
+      for (int64_t n = 0; n < in_buf; ++n) fn(rec_idx[lo[t] + n], (uint32_t)vals[lo[t] + n]);
+      for (const Rec &rc : spill[t]) fn(rc.idx, rc.bits);
+    }
+  };
+  auto undo = [&](int status) {
+    // The unmerge restores every element not in the record by construction, and the record
+    // (complete here, only too large for the caller's buffer) restores the rest.
     Args back = g;
     back.scale = -g.scale;
     back.record = false;
     merge_impl<DT>(back, nullptr, nullptr, 0, nullptr);
-    for (auto &v : recs)
-      for (const Rec &rc : v) ((T *)g.w)[(rc.idx / g.cols) * g.ldw + rc.idx % g.cols] = (T)rc.bits;
-    return oom ? LOWRANK_ERR_OUT_OF_MEMORY : LOWRANK_ERR_CAPACITY;
-  }
-  int64_t n = 0;
-  for (auto &v : recs) {
-    for (const Rec &rc : v) {
-      rec_idx[n] = rc.idx;
-      ((T *)rec_val)[n] = (T)rc.bits;
-      ++n;
+    for_each_record([&](int32_t idx, uint32_t bits) { ((T *)g.w)[(idx / g.cols) * g.ldw + idx % g.cols] = (T)bits; });
+    return status;
+  };
+  if (oom) return undo(LOWRANK_ERR_OUT_OF_MEMORY);
+  if (total > cap) return undo(LOWRANK_ERR_CAPACITY);
+  if (!spilled) {  // slide the shares down: each destination starts at or below its source
+    int64_t dst = 0;
+    for (int t = 0; t < nthreads; ++t) {
+      if (dst != lo[t] && got[t] > 0) {
+        memmove(rec_idx + dst, rec_idx + lo[t], (size_t)got[t] * sizeof(int32_t));
+        memmove(vals + dst, vals + lo[t], (size_t)got[t] * sizeof(T));
+      }
+      dst += got[t];
     }
+    return LOWRANK_OK;
+  }
+  // A share overflowed (records far from evenly spread over the rows): gather, then write out.
+  std::vector<Rec> all;
+  try {
+    all.reserve((size_t)total);
+  } catch (const std::bad_alloc &) {
+    return undo(LOWRANK_ERR_OUT_OF_MEMORY);
+  }
+  for_each_record([&](int32_t idx, uint32_t bits) { all.push_back(Rec{idx, bits}); });
+  for (int64_t n = 0; n < total; ++n) {
+    rec_idx[n] = all[(size_t)n].idx;
+    vals[n] = (T)all[(size_t)n].bits;
   }
   return LOWRANK_OK;
 }
@@ -335,11 +510,10 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
     return LOWRANK_OK;
   }
   if (!b || !a || !isfinite(scale)) return LOWRANK_ERR_INVALID_ARGUMENT;
-  std::vector<float> b32, a32, a32t, rb, cb;
+  std::vector<float> b32, a32, rb, cb;
   try {
     b32.resize((size_t)(rows * rank));
     a32.resize((size_t)(rank * cols));
-    a32t.resize((size_t)(rank * cols));
     rb.resize((size_t)rows);
     cb.resize((size_t)cols);
   } catch (const std::bad_alloc &) {
@@ -365,7 +539,6 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
     for (int64_t j = 0; j < cols; ++j) {
       const float x = load_factor(a, k * a_s0 + j * a_s1, factor_dtype);
       a32[k * cols + j] = x;
-      a32t[j * rank + k] = x;
       col_ss[j] += (double)x * x;
     }
   }
@@ -379,7 +552,7 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
   const bool record = rec_idx != nullptr;
   if (record && (!rec_val || !rec_count || rec_capacity < 0 || rows * cols > INT32_MAX))
     return LOWRANK_ERR_INVALID_ARGUMENT;
-  Args g{w, rows, cols, ldw, b32.data(), a32.data(), a32t.data(), rank, rb.data(), cb.data(), abs_bound, scale, record};
+  Args g{w, rows, cols, ldw, b32.data(), a32.data(), nullptr, rank, rb.data(), cb.data(), abs_bound, scale, record};
   return merge_dispatch(g, dtype, rec_idx, rec_val, rec_capacity, rec_count);
 }
 

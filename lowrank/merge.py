@@ -297,16 +297,34 @@ def _run_merge(weight, lora_A, lora_B, scaling, exact):
     if not exact:
         native.check(lib.lowrank_cuda_merge(*common, None, None, 0, None, stream), "lowrank_cuda_merge")
         return empty
-    # Capacity = every element: the CUDA kernel cannot undo an overflow (csrc/lowrank.h).
-    cap = weight.numel()
+    # The CUDA kernel cannot undo an overflow (csrc/lowrank.h), so its capacity must cover every
+    # element it is given. Launched on blocks of rows of at most _CUDA_RECORD_CHUNK elements, one
+    # scratch buffer of that size serves them all: temporary memory min(W, 16M elements) x 6 or
+    # 8 bytes (96 MiB for bf16) instead of 3x W's bytes (1.4 GB of scratch at Llama-3-70B's
+    # 28672 x 8192 bf16), for one host sync per block.
+    rows_per = max(1, min(n, _CUDA_RECORD_CHUNK // k))
+    cap = rows_per * k
     rec_idx = torch.empty(cap, dtype=torch.int32, device=weight.device)
     rec_val = torch.empty(cap, dtype=weight.dtype, device=weight.device)
     count = torch.zeros(1, dtype=torch.int64, device=weight.device)
-    native.check(lib.lowrank_cuda_merge(*common, _ptr(rec_idx), _ptr(rec_val), cap, _ptr(count), stream),
-                 "lowrank_cuda_merge")
-    m = int(count.item())
-    order = torch.argsort(rec_idx[:m])  # atomics fill it in any order; sorted = deterministic
-    return rec_idx[:m][order].clone(), rec_val[:m][order].clone()
+    parts_idx, parts_val = [], []
+    for r0 in range(0, n, rows_per):
+        nr = min(rows_per, n - r0)
+        count.zero_()
+        block = weight[r0:r0 + nr]
+        native.check(lib.lowrank_cuda_merge(_ptr(block), nr, k, weight.stride(0), native.dtype_code(weight.dtype),
+                                            _ptr(b32[r0:]), _ptr(a32), lora_A.shape[0], _ptr(row_bound[r0:]),
+                                            _ptr(col_bound), abs_bound, float(scaling), _ptr(rec_idx), _ptr(rec_val),
+                                            cap, _ptr(count), stream), "lowrank_cuda_merge")
+        m = int(count.item())  # (syncs: the scratch is reused by the next block)
+        parts_idx.append(rec_idx[:m] + r0 * k)  # block-relative flat index -> W's
+        parts_val.append(rec_val[:m].clone())
+    idx, val = torch.cat(parts_idx), torch.cat(parts_val)
+    order = torch.argsort(idx)  # atomics fill it in any order; sorted = deterministic
+    return idx[order], val[order]
+
+
+_CUDA_RECORD_CHUNK = 1 << 24  # elements of W per exact CUDA merge launch (see _run_merge)
 
 
 def _check_record(weight, rec_idx, rec_val, where):
@@ -498,7 +516,11 @@ def _unmerge_layer(path: str, layer: LoRALinear) -> None:
         raise ValueError(f"layer {path}: the weight, lora_A, lora_B or scaling of adapter {state.adapter!r} "
                          f"changed since it was merged; unmerging would not give the original weight back")
     if state.exact:
-        torch.ops.lowrank.unmerge_(w, a, b, state.scaling, *state.unpack())
+        # The record is plain attributes, not buffers: a merged layer moved with .to() / .cuda()
+        # leaves it behind. It follows the weight here (the version check above has already
+        # refused a .to(dtype), which rewrites the weight).
+        rec_idx, rec_val = state.unpack()
+        torch.ops.lowrank.unmerge_(w, a, b, state.scaling, rec_idx.to(w.device), rec_val.to(w.device))
     else:
         torch.ops.lowrank.unmerge_(w, a, b, state.scaling)
     layer.merged = None
@@ -581,14 +603,22 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
             quantized.append((path, layer, name))
         else:
             dense.append((path, layer, _check_layer(path, layer, adapter_name)))
-    for path, layer, name in dense:
-        _merge_layer(layer, name, exact=False)
-        layer.merged = None  # the wrapper is discarded next; its base layer keeps the merged weight
-    report = {}
+    # NF4 layers first: they are built aside (nothing changes in place), so a failure there (out
+    # of memory) leaves the model untouched. Dense layers keep their `merged` flag until all are
+    # done: if one fails, the ones before it are merged (without a record) and flagged so, and
+    # their forward skips the LoRA path: outputs stay right, never W + 2 s B A.
+    report, new_bases = {}, []
     for path, layer, name in quantized:
-        layer.base_layer, report_row = _merged_nf4(layer, name, requantize)
+        base, report_row = _merged_nf4(layer, name, requantize)
+        new_bases.append((layer, base))
         if report_row is not None:
             report[path] = report_row
+    for path, layer, name in dense:
+        _merge_layer(layer, name, exact=False)
+    for layer, base in new_bases:
+        layer.base_layer = base
+    for path, layer, name in dense:
+        layer.merged = None  # the wrapper is discarded next; its base layer keeps the merged weight
     unpatch(model)
     return (model, report) if return_report else model
 

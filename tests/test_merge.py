@@ -238,6 +238,38 @@ def test_capacity_overflow_leaves_weight_unchanged():
     assert rec[0].numel() == count.value
 
 
+@needs_cpu_lib
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_records_crowded_into_one_threads_rows(dtype):
+    """Each OpenMP thread writes its records into its share of the caller's buffer (capacity x
+    t / threads on) and spills what does not fit: with every record in the first rows and a
+    buffer of exactly the records' size, the first share overflows and the spill must come back
+    in index order, the result identical to a merge with ample room."""
+    from lowrank.merge import _cpu_merge
+
+    lib = native.cpu()
+    n, k, r = 64, 96, 8
+    gen = torch.Generator().manual_seed(11)
+    _, w = make_weight(n, k, dtype, gen=gen)
+    a, b = factors(n, k, r, dtype, mag=0.3, gen=gen)
+    b[8:] = 0  # rows 8.. unchanged by the merge: no record there
+    w0 = w.clone()
+    ref_w = w.clone()
+    ref_idx, ref_val = merge_(ref_w, a, b, 2.0, True)
+    m = ref_idx.numel()
+    assert m > 8 and int(ref_idx.max()) < 8 * k
+    idx = torch.full((m,), -1, dtype=torch.int32)
+    val = torch.zeros(m, dtype=dtype)
+    count = ctypes.c_int64(0)
+    status = _cpu_merge(lib, w, a, b, 2.0, (idx, val, count))
+    assert status == native.OK and count.value == m
+    assert torch.equal(idx, ref_idx)
+    assert_bits_equal(val, ref_val, "record values")
+    assert_bits_equal(w, ref_w, "merged weight")
+    unmerge_(w, a, b, 2.0, idx, val)
+    assert_bits_equal(w, w0, "after unmerge")
+
+
 # ---------------------------------------------------------------------------------------------
 # Module API on real models built from configs
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +470,36 @@ def test_module_api_errors_leave_weights_unchanged():
         lowrank.unmerge(model)
 
 
+def test_merge_and_unload_failing_midway_keeps_outputs(monkeypatch):
+    """A failure in the second layer's merge (simulated out of memory) leaves the first layer
+    merged and flagged merged, so its forward skips the LoRA path: the model's outputs stay those
+    of the adapted model instead of adding the delta twice."""
+    import importlib
+
+    merge_mod = importlib.import_module("lowrank.merge")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+    lowrank.patch_linear(model, rank=2)
+    randomize_lora_(model, std=0.3)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        out0 = model(x)
+    real, calls = merge_mod._merge_layer, []
+
+    def flaky(layer, name, exact):
+        if calls:
+            raise RuntimeError("simulated out of memory")
+        calls.append(name)
+        real(layer, name, exact)
+
+    monkeypatch.setattr(merge_mod, "_merge_layer", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lowrank.merge_and_unload(model)
+    assert model[0].merged and not model[2].merged
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out0, rtol=1e-5, atol=1e-5)
+
+
 def test_non_dense_base_weight_is_not_implemented():
     layer = lowrank.LoRALinear(nn.Linear(16, 8))
     layer.add_adapter(lowrank.LoRAConfig(rank=2))
@@ -593,6 +655,40 @@ def test_cuda_opcheck_and_model_roundtrip():
     lowrank.unmerge(model)
     for n, p in model.named_parameters():
         assert_bits_equal(p.detach(), w0[n], n)
+
+
+@pytest.mark.gpu
+def test_cuda_record_in_row_blocks_and_merged_layer_moved_to_gpu(monkeypatch):
+    """The exact CUDA merge launches on blocks of rows with one reused scratch buffer (forced
+    small here: 7 blocks); and a layer merged on the CPU, then moved with .cuda(), unmerges
+    bit-exactly there (its record follows the weight)."""
+    import importlib
+
+    merge_mod = importlib.import_module("lowrank.merge")  # `import lowrank.merge as m` gives the function
+
+    n, k, r = 200, 136, 16
+    gen = torch.Generator().manual_seed(5)
+    _, w = make_weight(n, k, torch.bfloat16, specials=True, gen=gen)
+    a, b = factors(n, k, r, torch.bfloat16, mag=0.2, gen=gen)
+    w_cpu = w.clone()
+    rec_cpu = merge_(w_cpu, a, b, 1.5, True)
+    monkeypatch.setattr(merge_mod, "_CUDA_RECORD_CHUNK", 30 * k + 5)
+    w_gpu = w.cuda()
+    rec_gpu = merge_(w_gpu, a.cuda(), b.cuda(), 1.5, True)
+    assert_bits_equal(w_gpu.cpu(), w_cpu, "CUDA (row blocks) vs CPU merge", nan_payload=False)
+    assert torch.equal(rec_gpu[0].cpu(), rec_cpu[0])
+    assert_bits_equal(rec_gpu[1].cpu(), rec_cpu[1], "record values")
+
+    layer = lowrank.LoRALinear(nn.Linear(k, n, bias=False).to(torch.bfloat16))
+    layer.add_adapter(lowrank.LoRAConfig(rank=r, alpha=2 * r))
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(w)
+        layer.lora_A["default"].copy_(a)
+        layer.lora_B["default"].copy_(b)
+    lowrank.merge(layer)
+    layer.cuda()
+    lowrank.unmerge(layer)
+    assert_bits_equal(layer.base_layer.weight.detach().cpu(), w, "unmerged on the GPU")
 
 
 def test_packed_record_round_trips():
