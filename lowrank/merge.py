@@ -30,9 +30,13 @@ pure-torch fallback with identical results (used, after one warning, when the li
 missing, or always with LOWRANK_NO_NATIVE=1). Both are behind the custom ops
 `torch.ops.lowrank.merge_` and `torch.ops.lowrank.unmerge_`.
 
-NF4 (QLoRA) layers: `merge_and_unload` dequantizes them to their compute dtype and merges there
-(optionally quantizing the result back); in-place `merge` / `unmerge` of an NF4 weight raise
-NotImplementedError (the 4-bit codes cannot hold the delta).
+NF4 (QLoRA) layers: `merge_and_unload` dequantizes them and merges there with one rounding
+(optionally quantizing the result back). It dequantizes to the dtype of the weight that was
+quantized (`NF4Weight.dtype`), not to the compute dtype the issue named: the two agree in the usual
+bf16 QLoRA set-up, and where they differ (an fp32 model trained with bf16 compute) the merged
+layer must match the rest of the model to run without casts, and merging in the wider dtype
+loses nothing. In-place `merge` / `unmerge` of an NF4 weight raise NotImplementedError (the
+4-bit codes cannot hold the delta).
 """
 from __future__ import annotations
 
