@@ -2,21 +2,17 @@
 import copy
 
 import torch
-import transformers
-
 import lowrank
+from tests import models
 
 
 def tiny_llama():
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    # Smaller than tests/models.py's default: these models also run through Triton's interpreter.
+    return models.tiny_llama(seed=None, hidden=32, intermediate=44, vocab=61, positions=32)
 
 
 def tiny_gpt2():
-    cfg = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return models.tiny_gpt2(seed=None, hidden=32, vocab=61, positions=32)
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}

@@ -4,28 +4,36 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float32):
+def tiny_llama(seed: int | None = 0, dtype=torch.float32, hidden: int = 48, intermediate: int = 96,
+               vocab: int = 97, layers: int = 2, positions: int = 64):
+    """A random Llama built from a config (eval mode). seed=None keeps the global RNG's state."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      max_position_embeddings=positions)
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def tiny_gpt2(seed: int = 0, dtype=torch.float32):
+def tiny_gpt2(seed: int | None = 0, dtype=torch.float32, hidden: int = 48, vocab: int = 97, layers: int = 2,
+              positions: int = 64):
+    """A random GPT-2 (Conv1D layers) built from a config (eval mode)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=97, n_positions=64,
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=layers, n_embd=hidden, n_head=4, vocab_size=vocab, n_positions=positions,
                      bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
-def tiny_bert(seed: int = 0, dtype=torch.float32):
+def tiny_bert(seed: int | None = 0, dtype=torch.float32):
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     cfg = BertConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                      vocab_size=97, max_position_embeddings=64)
     return BertModel(cfg).to(dtype).eval()

@@ -22,7 +22,8 @@ import lowrank
 from lowrank import native
 from lowrank.merge import _factors, _ptr, merge_, record_fraction, round_f64, unmerge_
 
-from helpers import DTYPE_IDS, DTYPES, assert_close
+from tests import models
+from tests.helpers import DTYPE_IDS, DTYPES, assert_close
 
 HAS_CPU_LIB = native.cpu(warn=False) is not None
 needs_cpu_lib = pytest.mark.skipif(not HAS_CPU_LIB, reason="native CPU library not built (g++ missing?)")
@@ -283,18 +284,11 @@ def randomize_lora_(model, std=0.05, seed=0):
 
 
 def tiny_llama(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return models.tiny_llama(seed=None, dtype=dtype, hidden=64, intermediate=112)
 
 
 def tiny_gpt2(dtype):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(cfg).to(dtype).eval()
+    return models.tiny_gpt2(seed=None, dtype=dtype, hidden=64)
 
 
 def merged_model_f64(model, build):

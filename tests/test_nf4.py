@@ -11,7 +11,8 @@ import lowrank
 from lowrank import reference
 from lowrank.nf4 import BLOCKSIZES, NF4Weight, dynamic_code, nf4_code, quantize_nf4
 
-from helpers import DTYPE_IDS, DTYPES, assert_close, poison_, where_mismatch
+from tests import models
+from tests.helpers import DTYPE_IDS, DTYPES, assert_close, poison_, where_mismatch
 
 try:  # the NF4 oracle; the GPU machine may lack it, and then only the tests that need it skip
     import bitsandbytes as bnb
@@ -431,11 +432,7 @@ def expected_nf4_bytes(numel, blocksize=64, double_quant=True):
 
 
 def tiny_llama(seed=0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return models.tiny_llama(seed=seed, hidden=64, intermediate=128, vocab=128)
 
 
 def test_qlora_llama_trains_and_only_lora_changes():
