@@ -9,7 +9,6 @@ A missing Triton degrades to the reference path with one warning.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -23,17 +22,23 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
+_triton_ok: bool | None = None  # a plain global, not lru_cache: torch.compile traces through it quietly
 
-        from . import kernels  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken Triton install
-        warnings.warn(f"lowrank: Triton unavailable ({exc}); using the pure-torch reference path",
-                      RuntimeWarning, stacklevel=2)
-        return False
-    return True
+
+def triton_available() -> bool:
+    """Whether Triton and lowrank.kernels import (checked once; one warning when they do not)."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+
+            from . import kernels  # noqa: F401
+            _triton_ok = True
+        except Exception as exc:  # ImportError, or a broken Triton install
+            warnings.warn(f"lowrank: Triton unavailable ({exc}); using the pure-torch reference path",
+                          RuntimeWarning, stacklevel=2)
+            _triton_ok = False
+    return _triton_ok
 
 
 def backend_for(t: torch.Tensor) -> str:
