@@ -26,6 +26,15 @@ def three_adapters(arch="llama"):
     return base, model
 
 
+def run_on(model, name, fn):
+    """fn() with every layer on adapter `name` alone (None: the base model, adapters disabled)."""
+    if name is None:
+        with lowrank.disable_adapters(model):
+            return fn()
+    lowrank.set_adapter(model, name)
+    return fn()
+
+
 def test_set_adapter_switches_without_reallocating():
     base, model = three_adapters()
     x = ids()
@@ -230,21 +239,13 @@ def test_compile_switching_does_not_recompile():
     randomize_B_(model)
     x = torch.randn(3, 5, 16)
     expect = {}
-    for name in ["a", "b"]:
-        lowrank.set_adapter(model, name)
-        expect[name] = model(x).detach()
-    with lowrank.disable_adapters(model):
-        expect[None] = model(x).detach()
+    for name in ["a", "b", None]:
+        expect[name] = run_on(model, name, lambda: model(x).detach())
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for name in ["a", "b", "a", None, "b"]:
-            if name is None:
-                with lowrank.disable_adapters(model):
-                    got = compiled(x)
-            else:
-                lowrank.set_adapter(model, name)
-                got = compiled(x)
+            got = run_on(model, name, lambda: compiled(x))
             assert_close(got, expect[name].double(), expect[name], name=str(name))
         compiled(x).square().sum().backward()
     assert counter.frame_count == 1
@@ -291,12 +292,7 @@ def test_cuda_graph_mixed_batch_model():
             name = None if i < 0 else names[i]
             ref = merged_f64(model, name)(x[row].double())
             with torch.no_grad():
-                if name is None:
-                    with lowrank.disable_adapters(model):
-                        own = model(x[row])
-                else:
-                    lowrank.set_adapter(model, name)
-                    own = model(x[row])
+                own = run_on(model, name, lambda: model(x[row]))
             assert_close(got[row], ref, own, name=f"replay row {row} ({name})")
 
 
@@ -422,12 +418,7 @@ def test_mixed_batch_on_qlora_model(monkeypatch):
     assert mixed.dtype == torch.bfloat16
     refs = _nf4_oracle_f64(model, rows, x)
     for row, name in enumerate(rows):
-        if name is None:
-            with lowrank.disable_adapters(model):
-                own = logits(model, x[row:row + 1])[0]
-        else:
-            lowrank.set_adapter(model, name)
-            own = logits(model, x[row:row + 1])[0]
+        own = run_on(model, name, lambda: logits(model, x[row:row + 1])[0])
         assert_close(mixed[row].float(), refs[row], own.float(), name=f"row {row} ({name})")
 
 
@@ -488,12 +479,7 @@ def test_cuda_graph_replay_sees_adapter_weights_updated_in_place():
     for row, name in enumerate(["a", "c", None, "c"]):
         ref = merged_f64(model, name)(x[row].double())
         with torch.no_grad():
-            if name is None:
-                with lowrank.disable_adapters(model):
-                    own = model(x[row])
-            else:
-                lowrank.set_adapter(model, name)
-                own = model(x[row])
+            own = run_on(model, name, lambda: model(x[row]))
         assert_close(out[row], ref, own, name=f"replay row {row} ({name})")
 
 
