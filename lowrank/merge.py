@@ -50,8 +50,9 @@ import torch.nn as nn
 
 from . import native
 from .layers import LoRALinear, is_linear
+from .ops import KERNEL_DTYPES
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = KERNEL_DTYPES
 _U = 2.0 ** -24
 MAX_RANK = 256
 

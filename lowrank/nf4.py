@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .ops import KERNEL_DTYPES
+
 # bitsandbytes.functional.get_4bit_type("nf4"), written out: regenerating the quantiles with
 # scipy is off by an ulp in some entries.
 NF4_VALUES = (
@@ -206,7 +208,7 @@ class NF4Weight:
         """The dense (out, in) weight in `dtype` (default: the original dtype); each value is
         fp32(NF4 * absmax) rounded once to dtype, bit-identical to bitsandbytes."""
         dtype = dtype or self.dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if dtype not in KERNEL_DTYPES:
             raise TypeError(f"NF4Weight.dequantize: dtype {dtype} is not supported; use float32, float16 or bfloat16")
         n, bs = self.numel, self.blocksize
         absmax = self.block_absmax()
@@ -400,7 +402,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"quantize_nf4: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if weight.dtype not in KERNEL_DTYPES:
         raise TypeError(f"quantize_nf4: dtype {weight.dtype} is not supported; use float32, float16 or bfloat16")
     if weight.dim() != 2:
         raise ValueError(f"quantize_nf4: weight must be 2-D (out_features, in_features), "

@@ -136,7 +136,7 @@ def nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling: float, bias=None, dr
             return nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling, bias, dropout)
     if not isinstance(nf4_weight, NF4Weight):
         raise TypeError(f"nf4_lora_linear: nf4_weight must be a lowrank.NF4Weight, got {type(nf4_weight).__name__}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"nf4_lora_linear: x dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
     if x.device != nf4_weight.device:
         raise ValueError(f"nf4_lora_linear: x is on {x.device}, the NF4 weight on {nf4_weight.device}")

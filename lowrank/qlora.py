@@ -11,9 +11,10 @@ import torch.nn as nn
 
 from . import nf4_op  # noqa: F401  (registers torch.ops.lowrank.nf4_lora_fwd / _bwd at import)
 from .nf4 import BLOCKSIZES, NF4Weight, _check_finite, quantize_nf4
+from .ops import KERNEL_DTYPES
 
 QUANTIZE_CHOICES = (None, "nf4")
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_COMPUTE_DTYPES = KERNEL_DTYPES
 
 
 def is_bnb_linear4bit(module: nn.Module) -> bool:
