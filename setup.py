@@ -1,6 +1,6 @@
 """Build and install lowrank.
 
-The native library in csrc/ is a torch-free C ABI (see csrc/lowrank.h and DESIGN.md): g++ always
+The native library in csrc/ is a torch-free C ABI (see csrc/lowrank.h): g++ always
 builds the CPU half, nvcc builds the CUDA half when it is on the PATH. Neither build may fail the
 install: on error we warn, and lowrank falls back to its pure-torch path at run time.
 
@@ -91,7 +91,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lowrank", "lowrank.kernels"],
+    packages=["lowrank", "lowrank.ops", "lowrank.kernels"],
     # kernels/ sits at the top level of the repo but must never install as a top-level
     # `kernels` module (the name is taken on PyPI): map it under the package.
     package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels"},

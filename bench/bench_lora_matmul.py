@@ -14,7 +14,9 @@ At M <= 16 on CUDA, "lowrank-gemm" times the kernels with the small-M split-K pa
 (kernels/lora_matmul.py, Note on small M), so one run shows which of the two paths is faster.
 
 On the CPU the kernels are not timed (they would run in Triton's interpreter): the CPU path
-(`lowrank.reference.lora_linear`) runs against peft's layer at shapes scaled down 8x.
+(`lowrank.ops.lora_matmul.lora_linear_reference`) runs against peft's layer at shapes scaled down 8x.
+"lowrank" is the `lowrank::lora_linear_fwd` custom op itself (the kernels, with autograd), without
+the argument checks of `lowrank.ops.lora_linear` in front of it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.harness import Record, bench, derived, device_name, measure_copy_bandwidth, print_table, rotating_inputs, versions
-from lowrank import reference
+from lowrank.ops.lora_matmul import lora_linear_reference
 
 BASELINE = "F.linear"
 OP = "lora_matmul"
@@ -83,6 +85,11 @@ def _peft_layer(w, a, b, alpha):
     return layer
 
 
+def _fused(x, w, a, b, scaling):
+    """The kernels through their custom op (`lowrank::lora_linear_fwd`, differentiable), no dropout."""
+    return torch.ops.lowrank.lora_linear_fwd(x, w, a, b, None, None, float(scaling), 0.0)[0]
+
+
 def _without_small_m(fn):
     """fn with the small-M path off (kernels/lora_matmul.py, Note on small M): the plain GEMM path."""
     from lowrank.kernels import lora_matmul
@@ -102,14 +109,13 @@ def _impls(device: str, m: int = 0):
     out = {
         "F.linear": lambda s: (lambda x: F.linear(x, s["w"]), []),
         "peft": lambda s: _peft_impl(s),
-        "reference": lambda s: (lambda x: reference.lora_linear(x, s["w"], s["a"], s["b"], s["scaling"]),
+        "reference": lambda s: (lambda x: lora_linear_reference(x, s["w"], s["a"], s["b"], s["scaling"]),
                                 [s["a"], s["b"]]),
     }
     if device.startswith("cuda"):
         from lowrank.kernels import lora_matmul
 
-        out["lowrank"] = lambda s: (lambda x: lora_matmul.lora_linear(x, s["w"], s["a"], s["b"], s["scaling"]),
-                                    [s["a"], s["b"]])
+        out["lowrank"] = lambda s: (lambda x: _fused(x, s["w"], s["a"], s["b"], s["scaling"]), [s["a"], s["b"]])
         if m <= lora_matmul.SMALL_M_MAX:
             out["lowrank-gemm"] = lambda s: (_without_small_m(out["lowrank"](s)[0]), [s["a"], s["b"]])
     return out

@@ -69,7 +69,7 @@ def _inputs(n, k, r, dtype, device, gen):
 
 
 def _oracle(w, a, b, s):
-    from lowrank.merge import round_f64
+    from lowrank.ops.merge_torch import round_f64
 
     return round_f64(w.double() + s * (b.double() @ a.double()), w.dtype)
 
@@ -80,7 +80,8 @@ def _eq_frac(x, y):
 
 
 def run(quick: bool, device: str) -> list[Record]:
-    from lowrank.merge import MergeState, merge_, unmerge_
+    from lowrank.merge import MergeState
+    from lowrank.ops.merge import merge_, unmerge_
 
     device = torch.device(device)
     dev = device_name(device)
@@ -174,7 +175,7 @@ def _cuda_kernel_record(w, a, b, s, name, r, dtype, copy_gbps, dev, vers, repeat
     import ctypes
 
     from lowrank import native
-    from lowrank.merge import _factors, _ptr
+    from lowrank.ops.merge import _factors, _ptr
 
     lib = native.cuda()
     n, k = w.shape

@@ -21,7 +21,7 @@ import torch
 
 from .harness import device_name, print_table, versions, write_json
 
-BENCHES: list[str] = ["lora_matmul", "nf4", "merge", "multi_adapter"]
+BENCHES: list[str] = ["lora_matmul", "nf4_dequant", "nf4_lora_matmul", "merge", "sgmv"]
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,11 @@ const char *lowrank_cuda_last_error(void);
  * thread writes into its share of it), not only its first *rec_count entries.
  * CUDA: rec_count points to a device int64 that must be zero on entry; it receives the number of
  * records (in no particular order). On overflow W is merged and the record incomplete, so callers
- * pass rec_capacity >= rows * cols (lowrank/merge.py launches blocks of rows to bound that).
+ * pass rec_capacity >= rows * cols (lowrank/ops/merge.py launches blocks of rows to bound that).
+ *
+ * lowrank_cpu_merge is not called by the Python package (it uses lowrank_cpu_merge_strided below):
+ * it is the CPU twin of lowrank_cuda_merge's signature, kept in the ABI for C callers and for the
+ * tests, which drive its capacity overflow directly.
  */
 int lowrank_cpu_merge(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype, const float *b,
                       const float *a, int64_t rank, const float *row_bound, const float *col_bound,

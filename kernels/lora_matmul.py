@@ -1,16 +1,16 @@
-"""Fused LoRA matmul: Triton kernels (forward and backward), launchers and the differentiable op.
+"""Fused LoRA matmul: Triton kernels (forward and backward) and their launchers.
 
     y = x @ W.T + bias + s * dropout(x) @ A.T @ B.T          x: (M, K), W: (N, K), A: (r, K), B: (N, r)
 
 Forward, two launches (for M <= 16 on a GPU, two others: see the Note on small M):
-  1. `_shrink_kernel`   T = dropout(x) @ A.T, kept in fp32 (M, r): the only LoRA temporary.
-  2. `_fwd_kernel`      the base GEMM; after its K loop one extra block adds s * T @ B.T to the
+  1. `_lora_shrink_kernel`   T = dropout(x) @ A.T, kept in fp32 (M, r): the only LoRA temporary.
+  2. `_lora_fwd_kernel`      the base GEMM; after its K loop one extra block adds s * T @ B.T to the
                         fp32 accumulator, then bias; y is written once (no M x N temporary).
 Backward (W and bias frozen), three launches:
-  3. `_dt_db_kernel`    one pass over dY for dT = s * dY @ B (M, r) and dB = s * dY.T @ T (N, r).
-  4. `_dx_kernel`       dX = dY @ W + mask * (dT @ A): one GEMM whose reduction over N ends with an
+  3. `_lora_dt_db_kernel`    one pass over dY for dT = s * dY @ B (M, r) and dB = s * dY.T @ T (N, r).
+  4. `_lora_dx_kernel`       dX = dY @ W + mask * (dT @ A): one GEMM whose reduction over N ends with an
                         extra r-block; skipped when x does not need a gradient.
-  5. `_da_kernel`       dA = dT.T @ dropout(x).
+  5. `_lora_da_kernel`       dA = dT.T @ dropout(x).
 
 Dropout lives inside kernels 1, 4 and 5: the keep decision for element (m, k) of x is
 `philox(seed, m * K + k) >= p`, regenerated wherever it is needed (`dropout_mask` rebuilds the
@@ -39,23 +39,21 @@ split, and each row tile writes its own fp32 dB slice, summed afterwards by torc
 # Note: small M
 At M <= 16 (decoding) the forward is a stream over W: 2*N*K bytes for 2*M*N*K FLOPs. One program
 per output tile leaves the GPU idle when there are few tiles (N=1024 in 32-column tiles: 32
-programs for 132 SMs), so the small-M path splits K as well: `_small_m_partial_kernel` writes
+programs for 132 SMs), so the small-M path splits K as well: `_lora_small_m_partial_kernel` writes
 fp32 partial sums of x @ W.T per K range (and of dropout(x) @ A.T, so the shrink needs no launch
-of its own), and `_small_m_epilogue_kernel` adds them in a fixed order, adds s * T @ B.T and the
+of its own), and `_lora_small_m_epilogue_kernel` adds them in a fixed order, adds s * T @ B.T and the
 bias and writes y. No atomics: the result is bitwise reproducible. The workspaces hold
 split*M*(N + r) fp32 (M=16, N=1024, split=8: 0.5 MB, which stays in L2; against 8 MB of W).
 It is chosen automatically on a GPU for M <= SMALL_M_MAX (LOWRANK_SMALL_M, default 16; 0 turns it
 off) and forced in tests with `lora_forward(..., small_m=split)`.
 
 Block sizes: the two GEMM kernels are autotuned over Hopper and Ampere configs, keyed on
-(next_pow2(M), N, K); LOWRANK_AUTOTUNE=0 (tests) and the interpreter use `_heuristic_config`.
-The public entry is `lora_linear` (torch.library ops `lowrank::lora_linear_fwd` / `_bwd`), which
-`lowrank.ops.lora_linear` dispatches to; `lora_forward` / `lora_backward` are the raw launchers.
+(next_pow2(M), N, K), under the package's policy (`_common.AUTOTUNE`); otherwise
+`_heuristic_config`. `lora_forward` / `lora_backward` are the launchers; the differentiable op
+over them is `lowrank.ops.lora_matmul`.
 """
 from __future__ import annotations
 
-import functools
-import math
 import os
 from typing import Optional
 
@@ -63,10 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# LOWRANK_AUTOTUNE=0: no autotuning, block sizes from `_heuristic_config` (tests: a tuning run per
-# new (M, N, K) would compile and time ~7 configs per test example).
-AUTOTUNE = not INTERPRET and os.environ.get("LOWRANK_AUTOTUNE", "1") != "0"
+from ._common import AUTOTUNE, INTERPRET, grouped_pid, m_bucket, num_sms, tune_bench
+
 MAX_RANK = 128  # one register block of r; the op falls back to the reference above it
 
 # --------------------------------------------------------------------------------------------
@@ -119,11 +115,6 @@ def _heuristic_config(m: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune key for M: a power of two, so that a new batch size does not retune."""
-    return min(triton.next_power_of_2(max(m, 1)), 16384)
-
-
 # --------------------------------------------------------------------------------------------
 # Shared device helpers
 # --------------------------------------------------------------------------------------------
@@ -162,28 +153,13 @@ def _dot_f32_rhs(a, t, acc, LOWP: tl.constexpr, PREC: tl.constexpr):
     return acc
 
 
-@triton.jit
-def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (pid_m, pid_n) in groups of GROUP_M row tiles, so W tiles are reused from L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _shrink_kernel(
+def _lora_shrink_kernel(
     x_ptr, a_ptr, t_ptr, seed_ptr,
     M, K, R, split_k,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_tm,
@@ -227,7 +203,7 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _fwd_kernel(
+def _lora_fwd_kernel(
     x_ptr, w_ptr, t_ptr, b_ptr, bias_ptr, y_ptr,
     M, N, K, R, m_bucket,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
@@ -241,7 +217,7 @@ def _fwd_kernel(
     (M*K + N*K + N*r + M*N + N) * itemsize + 4*M*r. The LoRA expand is one more r-deep block
     after the K loop, so y is written exactly once.
     """
-    pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)
@@ -271,7 +247,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dt_db_kernel(
+def _lora_dt_db_kernel(
     dy_ptr, b_ptr, t_ptr, dt_ptr, db_ptr,
     M, N, R, split_n,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_dtm, stride_dbm, stride_dbn,
@@ -321,7 +297,7 @@ def _dt_db_kernel(
 
 
 @triton.jit
-def _dx_kernel(
+def _lora_dx_kernel(
     dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, seed_ptr,
     M, N, K, R, m_bucket,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dtm, stride_ar, stride_ak, stride_dxm, stride_dxk,
@@ -335,7 +311,7 @@ def _dx_kernel(
     steps (names follow the GEMM roles, not the LoRA ones). FLOPs 2*M*N*K + 2*M*K*r; minimum
     bytes (M*N + N*K + r*K + M*K) * itemsize + 4*M*r.
     """
-    pid_m, pid_k = _grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_k = grouped_pid(M, K, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)
@@ -367,7 +343,7 @@ def _dx_kernel(
 
 
 @triton.jit
-def _da_kernel(
+def _lora_da_kernel(
     dt_ptr, x_ptr, da_ptr, seed_ptr,
     M, K, R, split_m,
     stride_dtm, stride_xm, stride_xk, stride_dar,
@@ -410,7 +386,7 @@ def _da_kernel(
 
 
 @triton.jit
-def _small_m_partial_kernel(
+def _lora_small_m_partial_kernel(
     x_ptr, w_ptr, a_ptr, ws_ptr, wst_ptr, seed_ptr,
     M, N, K, R, chunk,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_wss, stride_wsts,
@@ -472,7 +448,7 @@ def _small_m_partial_kernel(
 
 
 @triton.jit
-def _small_m_epilogue_kernel(
+def _lora_small_m_epilogue_kernel(
     ws_ptr, wst_ptr, b_ptr, bias_ptr, t_ptr, y_ptr,
     M, N, R, split,
     stride_wss, stride_wsts, stride_bn, stride_br, stride_tm, stride_ym, stride_yn, stride_bias,
@@ -512,19 +488,13 @@ def _small_m_epilogue_kernel(
              mask=mn_ok)
 
 
-def _tune_bench(kernel_call, quantiles):
-    # 5 ms warm-up and 25 ms of repeats per config instead of Triton's 25 + 100: a new (M, N, K)
-    # key then tunes in ~0.2 s for 7 configs, and these GEMMs run 10 us to 5 ms.
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
 def _tuned(kernel):
     return triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K"],
-                           prune_configs_by={"early_config_prune": _prune_gemm}, do_bench=_tune_bench)(kernel)
+                           prune_configs_by={"early_config_prune": _prune_gemm}, do_bench=tune_bench)(kernel)
 
 
-_fwd_kernel_tuned = _tuned(_fwd_kernel)
-_dx_kernel_tuned = _tuned(_dx_kernel)
+_lora_fwd_kernel_tuned = _tuned(_lora_fwd_kernel)
+_lora_dx_kernel_tuned = _tuned(_lora_dx_kernel)
 
 
 def _launch_gemm(kernel, tuned, m, cols, args, meta):
@@ -540,7 +510,7 @@ def _launch_gemm(kernel, tuned, m, cols, args, meta):
 
 
 @triton.jit
-def _mask_kernel(keep_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lora_dropout_mask_kernel(keep_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """keep[M, K] (int8) as the kernels above decide it (for tests and debugging only)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -557,13 +527,6 @@ def _mask_kernel(keep_ptr, seed_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl
 def _empty(shape, dtype, device):
     """Every buffer a kernel fully writes comes from here (tests patch it to NaN-fill)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: parallelism is irrelevant, keep splits rare (tests force them)
 
 
 def _block_r(r: int) -> int:
@@ -625,7 +588,7 @@ def _small_m_split(m: int, n: int, k: int, sms: int, lowp: bool = True) -> int:
 
 def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, split):
     """Two launches: partial sums over K ranges into fp32 workspaces, then their fixed-order sum
-    with the LoRA expand and bias (`_small_m_partial_kernel`, `_small_m_epilogue_kernel`)."""
+    with the LoRA expand and bias (`_lora_small_m_partial_kernel`, `_lora_small_m_epilogue_kernel`)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     lowp, prec = _precision(x.dtype)
@@ -637,7 +600,7 @@ def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y,
     t = _empty((M, R), torch.float32, x.device)
     drop = dropout > 0.0
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    _small_m_partial_kernel[(tiles, split)](
+    _lora_small_m_partial_kernel[(tiles, split)](
         x, weight, lora_A, ws, wst, seed if drop else t,
         M, N, K, R, chunk,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -646,7 +609,7 @@ def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y,
         DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=4, num_stages=4,
     )
-    _small_m_epilogue_kernel[(tiles,)](
+    _lora_small_m_epilogue_kernel[(tiles,)](
         ws, wst, lora_B, bias if bias is not None else y, t, y,
         M, N, R, split,
         ws.stride(0), wst.stride(0), lora_B.stride(0), lora_B.stride(1), t.stride(0), y.stride(0), y.stride(1),
@@ -672,11 +635,11 @@ def draw_seed(device) -> torch.Tensor:
 
 
 def dropout_mask(seed: torch.Tensor, m: int, k: int, dropout: float) -> torch.Tensor:
-    """The (m, k) float64 multiplier (0 or 1/(1-p)) that the kernels apply for `seed`: the mask that
-    `lowrank.reference.lora_linear_f64` / `lora_linear_grads_f64` take."""
+    """The (m, k) float64 multiplier (0 or 1/(1-p)) that the kernels apply for `seed`, for debugging
+    (the tests derive the mask independently, from Philox itself)."""
     keep = torch.empty((m, k), dtype=torch.int8, device=seed.device)
     if m and k:
-        _mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](keep, seed, m, k, dropout, BLOCK_M=32, BLOCK_K=32)
+        _lora_dropout_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](keep, seed, m, k, dropout, BLOCK_M=32, BLOCK_K=32)
     return keep.double() / (1.0 - dropout)
 
 
@@ -704,7 +667,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
         raise ValueError(f"lora_forward: out must be ({M}, {N}) {x.dtype} on {x.device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     y = out if out is not None else _empty((M, N), x.dtype, x.device)
-    sms = _num_sms(x.device)
+    sms = num_sms(x.device)
     if small_m is None:
         small_m = _small_m_split(M, N, K, sms, x.dtype != torch.float32) if not INTERPRET and 0 < M <= SMALL_M_MAX and N > 0 else 0
     if small_m > 0 and M > 0 and N > 0 and K > 0:
@@ -719,7 +682,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
     drop = dropout > 0.0
     seed_arg = seed if drop else t
     inv_keep = 1.0 / (1.0 - dropout)
-    _shrink_kernel[(tiles, sk)](
+    _lora_shrink_kernel[(tiles, sk)](
         x, lora_A, t, seed_arg, M, K, R, sk,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), t.stride(0),
         float(dropout), inv_keep,
@@ -728,9 +691,9 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
     )
     if N == 0:
         return y, t
-    _launch_gemm(_fwd_kernel, _fwd_kernel_tuned, M, N, (
+    _launch_gemm(_lora_fwd_kernel, _lora_fwd_kernel_tuned, M, N, (
         x, weight, t, lora_B, bias if bias is not None else y, y,
-        M, N, K, R, _m_bucket(M),
+        M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
         float(scaling),
@@ -759,7 +722,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
         raise TypeError(f"lora_backward: dy dtype {dy.dtype} != x dtype {x.dtype}")
     _check_seed(seed, dropout, x.device)
     dev, dtype = x.device, x.dtype
-    sms = _num_sms(dev)
+    sms = num_sms(dev)
     lowp, prec = _precision(dtype)
     drop = dropout > 0.0
     inv_keep = 1.0 / (1.0 - dropout)
@@ -777,7 +740,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     else:  # (tiles_m, N, R): one dB slice per row tile, summed below (deterministic mode)
         db32 = _empty((max(tiles_m, 1), N, R), torch.float32, dev)
     if M and N:
-        _dt_db_kernel[(tiles_m, sn)](
+        _lora_dt_db_kernel[(tiles_m, sn)](
             dy, lora_B, t, dt, db32, M, N, R, sn,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0),
             0 if atomic_db else db32.stride(0), db32.stride(-2),
@@ -799,7 +762,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     da32 = torch.zeros((R, K), dtype=torch.float32, device=dev) if sm > 1 else _empty((R, K), torch.float32, dev)
     seed_arg = seed if drop else dt
     if M and K:
-        _da_kernel[(tiles_k, sm)](
+        _lora_da_kernel[(tiles_k, sm)](
             dt, x, da32, seed_arg, M, K, R, sm,
             dt.stride(0), x.stride(0), x.stride(1), da32.stride(0),
             float(dropout), inv_keep,
@@ -816,93 +779,11 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
                              f"got {tuple(dx_out.shape)} {dx_out.dtype} on {dx_out.device}")
         dx = dx_out if dx_out is not None else _empty((M, K), dtype, dev)
         if M and K:
-            _launch_gemm(_dx_kernel, _dx_kernel_tuned, M, K, (
+            _launch_gemm(_lora_dx_kernel, _lora_dx_kernel_tuned, M, K, (
                 dy, weight, dt, lora_A, dx, seed_arg,
-                M, N, K, R, _m_bucket(M),
+                M, N, K, R, m_bucket(M),
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
                 lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
                 float(dropout), inv_keep,
             ), dict(DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=br))
     return dx, da32.to(dtype), db32.to(dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# The differentiable op: torch.library custom ops, so torch.compile traces them without a break
-# --------------------------------------------------------------------------------------------
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (M, C): a view when the strides allow it, else a copy."""
-    return t.reshape(-1, t.shape[-1])
-
-
-@torch.library.custom_op("lowrank::lora_linear_fwd", mutates_args=())
-def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                    bias: Optional[torch.Tensor], seed: Optional[torch.Tensor], scaling: float,
-                    dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y (..., N), T (M, r) fp32): `lora_forward` on x flattened to 2-D."""
-    y, t = lora_forward(_flat(x), weight, lora_A, lora_B, scaling, bias, dropout, seed)
-    return y.view(*x.shape[:-1], weight.shape[0]), t
-
-
-@lora_linear_fwd.register_fake
-def _(x, weight, lora_A, lora_B, bias, seed, scaling, dropout):
-    m = math.prod(x.shape[:-1])
-    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
-            x.new_empty((m, lora_A.shape[0]), dtype=torch.float32))
-
-
-@torch.library.custom_op("lowrank::lora_linear_bwd", mutates_args=())
-def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, t: torch.Tensor, seed: Optional[torch.Tensor], scaling: float,
-                    dropout: float, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX shaped like x, or an empty (0,) tensor when need_dx is False; dA; dB)."""
-    dx, da, db = lora_backward(_flat(dy), _flat(x), weight, lora_A, lora_B, t, scaling, dropout, seed, need_dx)
-    dx = dx.view(x.shape) if need_dx else x.new_empty((0,))
-    return dx, da, db
-
-
-@lora_linear_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, t, seed, scaling, dropout, need_dx):
-    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, bias, seed, scaling, dropout = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout = scaling, dropout
-
-
-def _backward(ctx, dy, _dt):
-    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
-    need_dx = ctx.needs_input_grad[0]
-    dx, da, db = torch.ops.lowrank.lora_linear_bwd(dy, x, weight, lora_A, lora_B, t, seed, ctx.scaling,
-                                                   ctx.dropout, need_dx)
-    return (dx if need_dx else None), None, da, db, None, None, None, None
-
-
-lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def supported(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias=None) -> bool:
-    """Whether `lora_linear` below can take these (checked) arguments; else use the reference.
-
-    Not supported: float64 (the reference path takes it), rank > 128, an empty K or N, and a weight
-    or bias that needs a gradient (the kernels treat W and bias as frozen).
-    """
-    if x.dtype == torch.float64:
-        return False
-    if lora_A.shape[0] > MAX_RANK or weight.shape[0] == 0 or weight.shape[1] == 0:
-        return False
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    return True
-
-
-def lora_linear(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
-    """y = x @ W.T + bias + scaling * dropout(x) @ A.T @ B.T through the fused kernels (differentiable
-    in x, A and B). Arguments as `lowrank.ops.lora_linear`, already checked there."""
-    seed = draw_seed(x.device) if dropout > 0.0 else None
-    y, _ = torch.ops.lowrank.lora_linear_fwd(x, weight, lora_A, lora_B, bias, seed, float(scaling), float(dropout))
-    return y

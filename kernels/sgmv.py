@@ -33,15 +33,15 @@ only tensor-core slots idle. The interpreter uses 16 there too, to test the mult
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import num_sms
+
 
 @triton.jit
-def _shrink_kernel(
+def _sgmv_shrink_kernel(
     x_ptr, w_ptr, t_ptr, scale_ptr,
     order_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, roff_ptr, tile_seg_ptr, tile_m0_ptr,
     K, n_segments,
@@ -83,7 +83,7 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _expand_kernel(
+def _sgmv_expand_kernel(
     t_ptr, w_ptr, src_ptr, y_ptr, scale_ptr,
     order_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, roff_ptr, tile_seg_ptr, tile_m0_ptr,
     N, n_segments,
@@ -126,7 +126,7 @@ def _expand_kernel(
 
 
 @triton.jit
-def _wgrad_kernel(
+def _sgmv_wgrad_kernel(
     g_ptr, x_ptr, out_ptr, scale_ptr,
     order_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, roff_ptr,
     K, SPLIT,
@@ -227,7 +227,7 @@ def shrink(x, w_packed, t, meta, tables, r_max, scaled: bool):
     prec, _ = _precision(x.dtype)
     k = x.shape[1]
     grid = (meta["max_tiles"], triton.cdiv(r_max, b["SHRINK_R"]))
-    _shrink_kernel[grid](
+    _sgmv_shrink_kernel[grid](
         x, w_packed, t, tables["scale"],
         meta["order"], meta["seg_start"], meta["seg_len"], tables["rank"], tables["roff"],
         meta["tile_seg"], meta["tile_m0"],
@@ -245,7 +245,7 @@ def expand(t, w_packed, src, y, meta, tables, scaled: bool):
     n = y.shape[1]
     grid = (meta["max_tiles"], triton.cdiv(n, b["BLOCK_N"]))
     s = y if src is None else src
-    _expand_kernel[grid](
+    _sgmv_expand_kernel[grid](
         t, w_packed, s, y, tables["scale"],
         meta["order"], meta["seg_start"], meta["seg_len"], tables["rank"], tables["roff"],
         meta["tile_seg"], meta["tile_m0"],
@@ -256,16 +256,11 @@ def expand(t, w_packed, src, y, meta, tables, scaled: bool):
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def wgrad_split(device: torch.device, m: int, programs: int, block_m: int) -> int:
     """How many parts the weight gradient splits each segment's rows into (see the Note)."""
     if device.type != "cuda":
         return 1  # the interpreter runs programs one by one: more of them only cost time
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 4 * num_sms(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
     # at least 4 row tiles per part, so the partial sums stay a small fraction of the traffic
     return max(1, min(target // max(programs, 1), m // (4 * block_m)))
 
@@ -290,7 +285,7 @@ def wgrad(g, x, out, meta, tables, r_max, scaled: bool, split: int | None = None
     if split < 1:
         raise ValueError(f"sgmv wgrad: split must be >= 1, got {split}")
     dest = out if split == 1 else torch.empty((split, *out.shape), device=out.device, dtype=torch.float32)
-    _wgrad_kernel[(n_seg * split, *rk)](
+    _sgmv_wgrad_kernel[(n_seg * split, *rk)](
         g, x, dest, tables["scale"],
         meta["order"], meta["seg_start"], meta["seg_len"], tables["rank"], tables["roff"],
         k, split,

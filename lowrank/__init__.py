@@ -7,16 +7,20 @@
 
 Importing lowrank never fails for a missing Triton, GPU or native library: the affected ops fall
 back to the pure-torch reference path with one warning.
+
+Level 5 (the entry): the package is layered, every import pointing down (README, "Layout").
 """
-from .config import LoRAConfig
-from .layers import LoRALinear
-from .merge import merge, merge_and_unload, unmerge
-from .nf4 import NF4Weight, quantize_nf4
-from .qlora import NF4Linear, prepare_for_qlora_training
-from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
-from .io import load_adapter, save_adapter
+from . import ops
+from .adapter_files import load_adapter, save_adapter
 from .adapters import (add_adapter, adapter_ids, adapter_names, delete_adapter, disable_adapters,
                        set_adapter)
+from .config import LoRAConfig
+from .lora_linear import LoRALinear
+from .merge import merge, merge_and_unload, unmerge
+from .nf4_format import NF4Weight, quantize_nf4
+from .nf4_linear import NF4Linear
+from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
+from .qlora import prepare_for_qlora_training
 
 __version__ = "0.1.0"
 

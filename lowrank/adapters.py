@@ -1,4 +1,4 @@
-"""Many adapters on one model: add, switch, delete, disable, and mixed-adapter batches.
+"""Many adapters on one model: add, switch, delete, disable, and mixed-adapter batches. Level 4.
 
     lowrank.add_adapter(model, "fr", rank=8)          # beside "default"; ranks may differ
     lowrank.set_adapter(model, "fr")                  # no re-patching, no new tensors
@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .config import TargetSpec
+from .merge import merge, unmerge
 from .patch import lora_layers, patch_linear
 
 
@@ -87,8 +88,6 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Inside: every LoRA layer runs its base layer only (outputs equal the unpatched model). On exit
     (also after an exception) each layer's previous active adapter returns. A merged layer is
     unmerged inside and merged again on exit."""
-    from .merge import merge, unmerge
-
     saved = [(layer, layer.active_adapter, getattr(layer, "merged", None)) for _, layer in lora_layers(model)]
     unmerged = []
     try:

@@ -9,8 +9,17 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 import time
+
+import torch
+
+from . import __version__, native
+from .adapter_files import save_adapter
+from .backend import backend_for
+from .merge import merge_and_unload
+from .patch import lora_layers, patch_linear, trainable_parameters
 
 
 def _progress(i: int, n: int, loss: float, t0: float, width: int = 30) -> None:
@@ -25,8 +34,6 @@ def _progress(i: int, n: int, loss: float, t0: float, width: int = 30) -> None:
 def synthetic_batch(batch: int, seq: int, vocab: int, generator):
     """The built-in task: each sequence counts upwards mod `vocab` from a random start with a
     random stride in {1, 2, 3}; the model must infer the stride from the prefix."""
-    import torch
-
     start = torch.randint(0, vocab, (batch, 1), generator=generator)
     stride = torch.randint(1, 4, (batch, 1), generator=generator)
     return (start + stride * torch.arange(seq)) % vocab
@@ -36,20 +43,17 @@ def demo(steps: int = 60, rank: int = 8, seed: int = 0, lr: float = 3e-3, quiet:
          out_dir: str | None = None) -> list[float]:
     """Patch a small random Llama with LoRA and train it; returns the loss per step. With out_dir,
     then save the adapter there (peft format) and merge it into the model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import lowrank
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional: the demo builds a Llama
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg)
-    lowrank.patch_linear(model, rank=rank)
-    trainable, total = lowrank.trainable_parameters(model)
+    patch_linear(model, rank=rank)
+    trainable, total = trainable_parameters(model)
     say = (lambda *a: None) if quiet else print
     say(f"Llama from a config: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; "
-        f"LoRA r={rank} on {len(list(lowrank.lora_layers(model)))} linear layers")
+        f"LoRA r={rank} on {len(list(lora_layers(model)))} linear layers")
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed + 1)
@@ -72,9 +76,9 @@ def demo(steps: int = 60, rank: int = 8, seed: int = 0, lr: float = 3e-3, quiet:
         ids = synthetic_batch(4, 32, cfg.vocab_size, g)
         with torch.no_grad():
             lora_logits = model(input_ids=ids).logits
-        lowrank.save_adapter(model, out_dir)
+        save_adapter(model, out_dir)
         say(f"adapter saved in peft's format: {out_dir}/adapter_config.json, adapter_model.safetensors")
-        lowrank.merge_and_unload(model)
+        merge_and_unload(model)
         with torch.no_grad():
             diff = (model(input_ids=ids).logits - lora_logits).abs().max().item()
         say(f"merged into the base weights (native merge, one rounding): max |logit diff| vs LoRA model {diff:.2e}")
@@ -82,23 +86,16 @@ def demo(steps: int = 60, rank: int = 8, seed: int = 0, lr: float = 3e-3, quiet:
 
 
 def info() -> None:
-    import platform
-
-    import torch
-
-    import lowrank
-    from lowrank import native, ops
-
-    print(f"lowrank {lowrank.__version__}, torch {torch.__version__}, python {platform.python_version()}")
+    print(f"lowrank {__version__}, torch {torch.__version__}, python {platform.python_version()}")
     try:
-        import triton
+        import triton  # optional
 
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed (reference path only)")
     print(f"native library: {native.info()}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {dev}: backend {ops.backend_for(torch.empty(0, device=dev))}")
+    print(f"device {dev}: backend {backend_for(torch.empty(0, device=dev))}")
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,13 @@
-"""LoRAConfig: the hyper-parameters of one adapter, validated in one place."""
+"""LoRAConfig: the hyper-parameters of one adapter, validated in one place. Level 0."""
 from __future__ import annotations
 
 import math
 import numbers
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
+
+import torch.nn as nn
 
 TargetSpec = Union[str, Sequence[str], Callable[[str, Any], bool], None]
 
@@ -33,7 +35,6 @@ class LoRAConfig:
     targets: TargetSpec = "all-linear"
     exclude: TargetSpec = None
     adapter_name: str = "default"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.validate()
@@ -66,9 +67,7 @@ class LoRAConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
             raise ValueError(f"adapter_name must be a non-empty identifier string, got {self.adapter_name!r}")
-        import torch.nn as _nn
-
-        if hasattr(_nn.ParameterDict(), self.adapter_name):  # e.g. "copy", "keys": lora_A[name] would fail midway
+        if hasattr(nn.ParameterDict(), self.adapter_name):  # e.g. "copy", "keys": lora_A[name] would fail midway
             raise ValueError(f"adapter_name {self.adapter_name!r} is an attribute of nn.ParameterDict, where "
                              f"adapters are stored; choose another name")
         check_target_spec(self.targets, "targets", allow_none=False)

@@ -2,7 +2,10 @@
 
 Importing this module never fails. `cpu()` / `cuda()` return the loaded `ctypes.CDLL`, or None
 after one warning when the library is missing or cannot be loaded; callers then fall back to the
-pure-torch path. `check(status, what)` turns a status code into an exception.
+pure-torch path. `for_device(device)` picks one (honouring LOWRANK_NO_NATIVE=1).
+`check(status, what)` turns a status code into an exception.
+
+Level 0: imports torch and the standard library.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import ctypes
 import functools
 import os
 import warnings
+
+import torch
 
 ABI_VERSION = 2
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
@@ -107,6 +112,18 @@ def cpu(warn: bool = True):
 def cuda(warn: bool = True):
     """The CUDA library (ctypes.CDLL), or None after one warning."""
     return _get("cuda", warn)
+
+
+def for_device(device: torch.device):
+    """The library for tensors on `device` (None: missing, another device type, or
+    LOWRANK_NO_NATIVE=1, read at every call; callers then take the pure-torch path)."""
+    if os.environ.get("LOWRANK_NO_NATIVE") == "1":
+        return None
+    if device.type == "cuda":
+        return cuda()
+    if device.type == "cpu":
+        return cpu()
+    return None
 
 
 def info() -> dict:

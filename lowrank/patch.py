@@ -1,4 +1,7 @@
-"""Target discovery and module swapping: patch_linear, unpatch, trainable_parameters."""
+"""Target discovery and module swapping: patch_linear, unpatch, trainable_parameters.
+
+Level 4: imports levels 0-4.
+"""
 from __future__ import annotations
 
 import re
@@ -8,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from .config import LoRAConfig, TargetSpec
-from .layers import LoRALinear, is_linear
+from .lora_linear import LoRALinear, is_linear
+from .qlora import check_quantize_args, quantize_targets, quantized_layers
 
 # Attribute on the patched root module: what patching changed, so unpatch can undo it exactly.
 _STATE_ATTR = "_lowrank_state"
@@ -98,7 +102,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     that is not a LoRA parameter is frozen. All arguments are checked, and every new module is
     built, before the model is touched: on error the model is unchanged.
 
-    QLoRA: quantize="nf4" replaces each selected dense layer by a `lowrank.qlora.NF4Linear`
+    QLoRA: quantize="nf4" replaces each selected dense layer by a `lowrank.NF4Linear`
     (bitsandbytes' NF4 format, `blocksize`, `double_quant`; matmuls in `compute_dtype`), one layer
     at a time, releasing each dense weight as it goes (`unpatch` then gives back the NF4Linear
     layers, not the dense ones). Selected bitsandbytes Linear4bit (nf4) layers are adopted as
@@ -114,8 +118,6 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     if clash:
         raise ValueError(f"adapter {adapter_name!r} already exists on {len(clash)} layer(s) (e.g. {clash[0]}); "
                          f"use another adapter_name or lowrank.unpatch(model) first")
-
-    from .qlora import check_quantize_args, quantize_targets
 
     check_quantize_args(quantize, compute_dtype, blocksize, double_quant)
     chosen = quantize_targets(model, chosen, quantize, compute_dtype, blocksize, double_quant)
@@ -185,8 +187,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
-    from .qlora import quantized_layers
-
     for _, layer in quantized_layers(model):
         total += layer.nf4.numel  # NF4 weights are not Parameters: count their elements here
     return trainable, total

@@ -1,5 +1,5 @@
 """Test set-up. Triton's interpreter must be chosen before triton is imported: without a GPU
-every Triton kernel runs under TRITON_INTERPRET=1 (FINDINGS.md)."""
+every Triton kernel runs under TRITON_INTERPRET=1, on the CPU."""
 import os
 
 if "TRITON_INTERPRET" not in os.environ:

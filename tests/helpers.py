@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from lowrank.backend import triton_available
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
@@ -50,3 +52,59 @@ def assert_close(out: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor 
         tol = factor * max_err(baseline, ref64) + floor
     err = max_err(torch.nan_to_num(out), torch.nan_to_num(ref64))
     assert err <= tol, f"{name} ({out.dtype}): max |err| {err:.3g} > tol {tol:.3g}\n{where_mismatch(out, ref64, tol)}"
+
+
+def assert_close_rows(out: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor, factor: float = 2.0,
+                      name: str = "output") -> None:
+    """`assert_close` row by row: each row's tolerance comes from that row's own magnitude and its
+    own baseline error, so a small row (a small adapter's tokens beside a large one's) is held to
+    its own scale, not to the largest row's."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    for i in range(out.shape[0]):
+        assert_close(out[i], ref64[i], baseline[i], factor, name=f"{name} row {i}")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str = "weight", nan_payload: bool = True):
+    """Bitwise equality; with nan_payload=False any NaN matches any NaN (same positions)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+    ba, bb = bits(a), bits(b)
+    if not nan_payload:
+        na, nb = torch.isnan(a), torch.isnan(b)
+        assert torch.equal(na, nb), f"{what}: NaN positions differ"
+        ba, bb = ba[~na], bb[~nb]
+    bad = (ba != bb).nonzero()
+    assert bad.numel() == 0, (f"{what}: {bad.shape[0]} element(s) differ, first at {bad[0].tolist()}: "
+                              f"{a[tuple(bad[0])].item()!r} vs {b[tuple(bad[0])].item()!r}")
+
+
+def backends() -> list[str]:
+    """The LOWRANK_BACKEND values a model-level test runs on: the reference path, and the Triton
+    kernels (in Triton's interpreter without a GPU) whenever Triton imports."""
+    return ["reference", "triton"] if triton_available() else ["reference"]
+
+
+# On a GPU every new shape class and flag set is a fresh Triton compile (~1 s): the property tests
+# of the NF4 kernels draw fewer examples there (the interpreter runs the same source on many).
+GPU_FEW = 6
+
+
+def examples(n: int) -> int:
+    return GPU_FEW if torch.cuda.is_available() else n
+
+
+def saved_for_backward(fn):
+    """(result, [saved tensors]) of fn() under saved_tensors_hooks: what autograd holds from
+    forward to backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved

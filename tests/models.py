@@ -1,7 +1,10 @@
-"""Small real architectures built from transformers configs (no downloads), for tests."""
+"""The tests' model builders: small real architectures built from transformers configs (no
+downloads), and what tests do with them (inputs, logits, non-zero adapters, snapshots)."""
 from __future__ import annotations
 
 import torch
+
+import lowrank
 
 
 def tiny_llama(seed: int | None = 0, dtype=torch.float32, hidden: int = 48, intermediate: int = 96,
@@ -40,6 +43,48 @@ def tiny_bert(seed: int | None = 0, dtype=torch.float32):
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+# Smaller still, for the tests that also run their models through Triton's interpreter: a 61-token
+# vocabulary (`ids`), hidden size 32, fresh weights from the global generator (seeded per test).
+SMALL = dict(seed=None, hidden=32, vocab=61, positions=32)
+
+
+def small_llama():
+    return tiny_llama(intermediate=44, **SMALL)
+
+
+def small_gpt2():
+    return tiny_gpt2(**SMALL)
+
+
+SMALL_MODELS = {"llama": small_llama, "gpt2": small_gpt2}
+
+
+def ids(rows=2, seq=7, vocab=61):
+    """Random token ids for the small models, from the global generator."""
+    return torch.randint(0, vocab, (rows, seq))
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def randomize_B_(model, std=0.5):
+    """lowrank (like peft) starts with B = 0, where the adapter is a no-op: make it count."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+
+
+def randomize_lora_(model, std=0.05, seed=0):
+    """Every A and B of every adapter drawn from N(0, std^2) with its own generator."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lowrank.lora_layers(model):
+            for p in list(layer.lora_A.values()) + list(layer.lora_B.values()):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def input_ids(batch: int = 2, seq: int = 11, vocab: int = 97, seed: int = 1):

@@ -7,16 +7,18 @@ import torch
 import torch.nn as nn
 
 import lowrank
-from lowrank.ops import triton_available
-from tests.helpers import assert_close
-from tests.lora_models import MODELS, ids, logits, merged_f64, randomize_B_, tiny_llama
+from lowrank.backend import triton_available
+from tests.helpers import assert_close, backends
+from tests.models import SMALL_MODELS, ids, logits, randomize_B_, small_llama, tiny_llama
+from tests.oracles import sgmv_f64
+from tests.oracles import merged_f64
 
 RANKS = {"a": 4, "b": 8, "c": 64}
 
 
 def three_adapters(arch="llama"):
     """A model with adapters a (r=4), b (r=8, rsLoRA, q/v only) and c (r=64), B randomized."""
-    base = MODELS[arch]()
+    base = SMALL_MODELS[arch]()
     model = copy.deepcopy(base)
     lowrank.add_adapter(model, "a", rank=4, alpha=8)
     lowrank.add_adapter(model, "b", rank=8, alpha=4, rslora=True,
@@ -91,15 +93,8 @@ def test_delete_adapter():
 ROWS = ["a", None, "c", "b", "a", "c", None]
 
 
-def _backends():
-    out = ["reference"]
-    if triton_available():
-        out.append("triton")
-    return out
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends())
 def test_mixed_batch_rows_equal_their_adapter(arch, backend, monkeypatch):
     monkeypatch.setenv("LOWRANK_BACKEND", backend)
     base, model = three_adapters(arch)
@@ -130,7 +125,7 @@ class _null:
         return False
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends())
 def test_mixed_batch_gradients(backend, monkeypatch):
     """Training several adapters in one batch: each adapter's gradient equals the gradient of its own
     rows run alone; an adapter no row used gets none."""
@@ -223,7 +218,7 @@ def test_mixed_batch_errors():
                 pass
     assert all(layer._adapter_ids is None for _, layer in lowrank.lora_layers(model))
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        with lowrank.adapter_ids(tiny_llama(), [None]):
+        with lowrank.adapter_ids(small_llama(), [None]):
             pass
 
 
@@ -299,7 +294,7 @@ def test_cuda_graph_mixed_batch_model():
 def test_merged_model_disable_set_and_delete():
     """disable_adapters on a merged model runs the base weights inside and re-merges on exit, bit
     for bit; switching or deleting the merged adapter is refused with nothing changed."""
-    model = tiny_llama()
+    model = small_llama()
     x = ids()
     base = logits(model, x)
     lowrank.patch_linear(model, rank=4)
@@ -332,7 +327,7 @@ def test_packed_weight_cache_follows_every_update(monkeypatch):
     """The Triton mixed path packs a layer's adapters once and reuses them; every way the weights can
     change (optimizer-style in-place update, `.data` swap, load-style copy_, adding or deleting an
     adapter) must reach the next forward."""
-    from lowrank import sgmv as S
+    from lowrank.ops import sgmv as S
 
     monkeypatch.setenv("LOWRANK_BACKEND", "triton")
     model = nn.Sequential(nn.Linear(40, 30))
@@ -350,8 +345,8 @@ def test_packed_weight_cache_follows_every_update(monkeypatch):
         tid = torch.tensor([names.index(r) if r in names else -1 for r in rows])
         As, Bs = [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names]
         scal = [layer.configs[n].scaling for n in names]
-        ref = S.sgmv_f64(x, layer.base_layer(x).detach(), tid, As, Bs, scal)
-        plain = S.sgmv_f64(x, layer.base_layer(x).detach(), tid, As, Bs, scal).float()
+        ref = sgmv_f64(x, layer.base_layer(x).detach(), tid, As, Bs, scal)
+        plain = sgmv_f64(x, layer.base_layer(x).detach(), tid, As, Bs, scal).float()
         assert_close(got, ref, plain, name=what)
         return layer.__dict__["_sgmv_packed"][1]
 
@@ -379,35 +374,13 @@ def test_packed_weight_cache_follows_every_update(monkeypatch):
     check("deleted adapter")
 
 
-def _nf4_oracle_f64(model, rows, x):
-    """float64 logits of each row with its own adapter (None: base) on a QLoRA model: every NF4 layer
-    replaced by an nn.Linear holding deq(W) (+ s * B @ A), in float64."""
-    out = []
-    for row, name in enumerate(rows):
-        ref = copy.deepcopy(model)
-        for path, layer in list(lowrank.lora_layers(ref)):
-            w = layer.base_layer.nf4.dequantize().double()
-            if name in layer.configs:
-                w = w + layer.scaling(name) * (layer.lora_B[name].double() @ layer.lora_A[name].double())
-            lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=torch.float64)
-            with torch.no_grad():
-                lin.weight.copy_(w)
-            parent, _, attr = path.rpartition(".")
-            setattr(ref.get_submodule(parent), attr, lin)
-        out.append(logits(ref.double(), x[row:row + 1])[0])
-    return out
-
-
-def test_mixed_batch_on_qlora_model(monkeypatch):
+@pytest.mark.parametrize("backend", backends())
+def test_mixed_batch_on_qlora_model(backend, monkeypatch):
     """NF4 base layers keep fp32 adapters inside a bf16 model: a mixed batch runs the LoRA part in the
     adapters' dtype and returns the model's dtype; each row matches its adapter's float64 oracle as
-    closely as the single-adapter QLoRA path does. (The dtype handling is in layer_forward, before
-    the backend split; the kernels' fp32 path is tested in test_sgmv. Reference only: the NF4
-    kernels under the interpreter would add ~10 s.)"""
-    from tests.models import tiny_llama as tiny_llama_dtype
-
-    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
-    model = tiny_llama_dtype(0, torch.bfloat16)
+    closely as the single-adapter QLoRA path does (the fused NF4 kernels on the Triton backend)."""
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
+    model = tiny_llama(0, torch.bfloat16)
     lowrank.patch_linear(model, rank=8, quantize="nf4", compute_dtype=torch.bfloat16)
     lowrank.add_adapter(model, "b", rank=4, alpha=8, targets=["q_proj", "v_proj"])
     randomize_B_(model, std=0.1)
@@ -416,16 +389,16 @@ def test_mixed_batch_on_qlora_model(monkeypatch):
     with lowrank.adapter_ids(model, rows):
         mixed = logits(model, x)
     assert mixed.dtype == torch.bfloat16
-    refs = _nf4_oracle_f64(model, rows, x)
     for row, name in enumerate(rows):
+        ref = logits(merged_f64(model, name), x[row:row + 1])[0]
         own = run_on(model, name, lambda: logits(model, x[row:row + 1])[0])
-        assert_close(mixed[row].float(), refs[row], own.float(), name=f"row {row} ({name})")
+        assert_close(mixed[row].float(), ref, own.float(), name=f"row {row} ({name})")
 
 
 def test_disable_adapters_failing_unmerge_leaves_model_merged():
     """If one merged layer cannot be unmerged (its adapter changed since the merge), disable_adapters
     raises and merges back the layers it had already unmerged: nothing changed."""
-    model = tiny_llama()
+    model = small_llama()
     lowrank.patch_linear(model, rank=4)
     randomize_B_(model)
     lowrank.merge(model)
@@ -483,12 +456,10 @@ def test_cuda_graph_replay_sees_adapter_weights_updated_in_place():
         assert_close(out[row], ref, own, name=f"replay row {row} ({name})")
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", backends())
 def test_mixed_batch_under_autocast(backend, monkeypatch):
     """Under bf16 autocast the base layer returns bf16 beside fp32 x and fp32 adapters: the mixed
     batch gives bf16 rows as close to float64 as each adapter's own autocast output is."""
-    from lowrank import sgmv as S
-
     monkeypatch.setenv("LOWRANK_BACKEND", backend)
     model = nn.Sequential(nn.Linear(40, 30))
     lowrank.add_adapter(model, "a", rank=4, alpha=8)
@@ -513,5 +484,5 @@ def test_mixed_batch_under_autocast(backend, monkeypatch):
             ref = base64
         else:
             tid = torch.zeros(5, dtype=torch.long)
-            ref = S.sgmv_f64(x[row], base64, tid, [layer.lora_A[name]], [layer.lora_B[name]], [layer.scaling(name)])
+            ref = sgmv_f64(x[row], base64, tid, [layer.lora_A[name]], [layer.lora_B[name]], [layer.scaling(name)])
         assert_close(got[row], ref, own, name=f"row {row} ({name})")

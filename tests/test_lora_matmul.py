@@ -1,4 +1,5 @@
-"""Fused LoRA matmul (kernels/lora_matmul.py) against the float64 einsum references.
+"""The fused LoRA matmul (kernels/lora_matmul.py, the op in lowrank/ops/lora_matmul.py) against the
+float64 einsum oracles (tests/oracles.py; dropout masks recomputed from Philox itself).
 
 Every kernel output is checked with the flash-attention rule (tests/helpers.assert_close): its
 error against float64 may be at most twice that of the same maths done by plain torch in the same
@@ -9,6 +10,7 @@ one, the same tests run on CUDA, and the `gpu`-marked ones add GPU-sized shapes.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from unittest import mock
 
@@ -20,9 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowrank
-from lowrank import ops, reference
+from lowrank import ops
 from lowrank.kernels import lora_matmul as lm
+from lowrank.ops.lora_matmul import lora_linear_reference
 from tests.helpers import DTYPE_IDS, DTYPES, assert_close, poison_
+from tests.oracles import lora_dropout_mask, lora_linear_f64, lora_linear_grads_f64
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 RANKS = [1, 3, 64, 128]
@@ -71,15 +75,15 @@ def check_all(m, k, n, r, dtype, bias, dropout, x_layout="contiguous", w_layout=
               need_dx=True, split_k=None, split_n=None, split_m=None, scaling=0.75, gen_seed=0, small_m=None):
     x, w, a, b, bb, dy = make_case(m, k, n, r, dtype, bias, x_layout, w_layout, gen_seed=gen_seed)
     seed = torch.tensor([1234 + gen_seed], dtype=torch.int64, device=DEV) if dropout else None
-    mask = lm.dropout_mask(seed, m, k, dropout) if dropout else None
+    mask = lora_dropout_mask(1234 + gen_seed, m, k, dropout).to(DEV) if dropout else None
     out = poison_(torch.empty(m, n, dtype=dtype, device=DEV))
     with mock.patch.object(lm, "_empty", _nan_empty):
         y, t = lm.lora_forward(x, w, a, b, scaling, bb, dropout, seed, out=out, split_k=split_k, small_m=small_m)
         dx, da, db = lm.lora_backward(dy, x, w, a, b, t, scaling, dropout, seed, need_dx=need_dx,
                                       split_n=split_n, split_m=split_m)
     assert y.data_ptr() == out.data_ptr()
-    y64 = reference.lora_linear_f64(x, w, a, b, scaling, bb, mask)
-    dx64, da64, db64 = reference.lora_linear_grads_f64(x, w, a, b, scaling, dy, mask)
+    y64 = lora_linear_f64(x, w, a, b, scaling, bb, mask)
+    dx64, da64, db64 = lora_linear_grads_f64(x, w, a, b, scaling, dy, mask)
     h64 = x.double() if mask is None else x.double() * mask
     yb, tb, dxb, dab, dbb = baseline(x, w, a, b, scaling, bb, mask, dy)
     assert_close(y, y64, yb, name="y")
@@ -167,6 +171,14 @@ def test_atomics_watch_can_fail(monkeypatch):
     assert seen
 
 
+@pytest.mark.parametrize("seed,m,k,p", [(7, 64, 200, 0.3), (2**62 - 5, 5, 333, 0.5), (0, 70, 33, 0.1)])
+def test_kernel_dropout_mask_is_philox(seed, m, k, p):
+    """The kernels' keep rule, philox(seed, m*K + k) >= p, is the one the oracle computes from
+    Philox4x32-10 itself (numpy, no Triton): the debug launcher returns that very mask."""
+    got = lm.dropout_mask(torch.tensor([seed], dtype=torch.int64, device=DEV), m, k, p)
+    assert torch.equal(got.cpu(), lora_dropout_mask(seed, m, k, p))
+
+
 def test_dropout_mask_statistics():
     seed = torch.tensor([7], dtype=torch.int64, device=DEV)
     p = 0.3
@@ -234,9 +246,9 @@ def test_ops_lora_linear_3d_autograd(triton_backend, dropout):
     dy = torch.randn_like(y)
     y.backward(dy)
     torch.manual_seed(3)
-    mask = lm.dropout_mask(lm.draw_seed(DEV), 10, 24, dropout).view(5, 2, 24) if dropout else None
-    y64 = reference.lora_linear_f64(x.detach(), w, a.detach(), b.detach(), s, bb, mask)
-    dx64, da64, db64 = reference.lora_linear_grads_f64(x.detach(), w, a.detach(), b.detach(), s, dy, mask)
+    mask = lora_dropout_mask(int(lm.draw_seed(DEV)), 10, 24, dropout).to(DEV).view(5, 2, 24) if dropout else None
+    y64 = lora_linear_f64(x.detach(), w, a.detach(), b.detach(), s, bb, mask)
+    dx64, da64, db64 = lora_linear_grads_f64(x.detach(), w, a.detach(), b.detach(), s, dy, mask)
     xd, ad, bd = x.detach(), a.detach(), b.detach()
     hb = xd if mask is None else xd * mask.to(dtype)
     tb = hb @ ad.t()
@@ -253,7 +265,7 @@ def test_frozen_x_and_trainable_weight_fallback(triton_backend):
     a.requires_grad_(), b.requires_grad_()
     ops.lora_linear(x, w, a, b, 1.0, bb).backward(dy)  # x needs no grad: dX is skipped
     assert x.grad is None and a.grad is not None
-    _, da64, db64 = reference.lora_linear_grads_f64(x, w, a.detach(), b.detach(), 1.0, dy)
+    _, da64, db64 = lora_linear_grads_f64(x, w, a.detach(), b.detach(), 1.0, dy)
     assert_close(a.grad, da64, name="dA")
     assert_close(b.grad, db64, name="dB")
     # A trainable weight is not the kernels' contract: the reference path computes dW.
@@ -278,16 +290,16 @@ def test_lora_linear_layer_uses_kernels(triton_backend):
     assert triton_backend
     a, b = layer.lora_A["default"], layer.lora_B["default"]
     s = layer.scaling()
-    y64 = reference.lora_linear_f64(x.detach(), base.weight.detach(), a.detach(), b.detach(), s, base.bias.detach())
-    assert_close(y.detach(), y64, reference.lora_linear(x.detach(), base.weight, a.detach(), b.detach(), s, base.bias))
+    y64 = lora_linear_f64(x.detach(), base.weight.detach(), a.detach(), b.detach(), s, base.bias.detach())
+    assert_close(y.detach(), y64, lora_linear_reference(x.detach(), base.weight, a.detach(), b.detach(), s, base.bias))
     layer.train()
     torch.manual_seed(11)
     y = layer(x)
     dy = torch.randn_like(y)
     y.backward(dy)
     torch.manual_seed(11)
-    mask = lm.dropout_mask(lm.draw_seed(DEV), 21, 40, 0.1).view(3, 7, 40)
-    dx64, da64, db64 = reference.lora_linear_grads_f64(x.detach(), base.weight.detach(), a.detach(), b.detach(),
+    mask = lora_dropout_mask(int(lm.draw_seed(DEV)), 21, 40, 0.1).to(DEV).view(3, 7, 40)
+    dx64, da64, db64 = lora_linear_grads_f64(x.detach(), base.weight.detach(), a.detach(), b.detach(),
                                                        s, dy, mask)
     assert_close(a.grad, da64, name="dA")
     assert_close(b.grad, db64, name="dB")
@@ -307,15 +319,16 @@ def test_patched_gpt2_matches_reference(monkeypatch):
             layer.lora_B["default"].normal_(std=0.1)
     ids = torch.randint(0, 64, (2, 9), device=DEV)
 
-    real_op = ops.lora_linear
+    lora_linear_module = importlib.import_module("lowrank.lora_linear")  # LoRALinear's module
+    real_op = lora_linear_module.lora_linear
 
     def f64_op(x, w, a, b, s, bias=None, dropout=0.0):
-        return reference.lora_linear_f64(x, w, a, b, s, bias)
+        return lora_linear_f64(x, w, a, b, s, bias)
 
     def run(backend, dtype):
         monkeypatch.setenv("LOWRANK_BACKEND", backend)
         # ops.lora_linear takes 16/32-bit floats only: the float64 oracle is the einsum reference.
-        monkeypatch.setattr(lowrank.layers.ops, "lora_linear", f64_op if dtype == torch.float64 else real_op)
+        monkeypatch.setattr(lora_linear_module, "lora_linear", f64_op if dtype == torch.float64 else real_op)
         m = model.to(dtype)
         m.zero_grad()
         logits = m(ids).logits
@@ -445,24 +458,24 @@ def _aot_main():
     for cfg in lm._gemm_configs():
         kw = dict(cfg.kwargs, BLOCK_R=64, **base)
         caps = (90, 80) if cfg.num_stages == 4 else (90,)
-        jobs.append(("fwd", lm._fwd_kernel, dict(kw, HAS_BIAS=True), cfg.num_warps, cfg.num_stages, caps))
-        jobs.append(("dx", lm._dx_kernel, dict(kw, DROPOUT=True), cfg.num_warps, cfg.num_stages, (90,)))
+        jobs.append(("fwd", lm._lora_fwd_kernel, dict(kw, HAS_BIAS=True), cfg.num_warps, cfg.num_stages, caps))
+        jobs.append(("dx", lm._lora_dx_kernel, dict(kw, DROPOUT=True), cfg.num_warps, cfg.num_stages, (90,)))
     for lowp in (True, False):
         prec = dict(LOWP=lowp, PREC="ieee" if lowp else "tf32")
         (bm_s, bk_s), (bm_d, bn_d), (bm_a, bk_a) = lm._shrink_blocks(8192), lm._dt_db_blocks(8192, lowp), lm._da_blocks(lowp)
         bm_p, bn_p, bk_p = lm._small_m_blocks(lowp)
         suffix = "" if lowp else "-fp32"
         jobs += [
-            ("shrink" + suffix, lm._shrink_kernel,
+            ("shrink" + suffix, lm._lora_shrink_kernel,
              dict(BLOCK_M=bm_s, BLOCK_K=bk_s, BLOCK_R=128, ATOMIC=True, DROPOUT=True, **prec), 4, 3, (90, 80)),
-            ("dt_db" + suffix, lm._dt_db_kernel,
+            ("dt_db" + suffix, lm._lora_dt_db_kernel,
              dict(BLOCK_M=bm_d, BLOCK_N=bn_d, BLOCK_R=128, ATOMIC_DT=True, ATOMIC_DB=True, **prec),
              8 if bm_d == 128 else 4, 3, (90, 80)),
-            ("da" + suffix, lm._da_kernel,
+            ("da" + suffix, lm._lora_da_kernel,
              dict(BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=128, ATOMIC=True, DROPOUT=True, **prec), 4, 3, (90, 80)),
-            ("small_m_partial" + suffix, lm._small_m_partial_kernel,
+            ("small_m_partial" + suffix, lm._lora_small_m_partial_kernel,
              dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_K=bk_p, BLOCK_R=128, DROPOUT=True, **prec), 4, 4, (90, 80)),
-            ("small_m_epilogue" + suffix, lm._small_m_epilogue_kernel,
+            ("small_m_epilogue" + suffix, lm._lora_small_m_epilogue_kernel,
              dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_R=128, HAS_BIAS=True, **prec), 4, 2, (90, 80)),
         ]
     for name, kernel, consts, warps, stages, caps in jobs:
@@ -526,14 +539,14 @@ def test_gpu_small_m_path_is_chosen_and_reproducible(shape):
     # and it agrees with the plain GEMM path to the tolerance rule.
     m, k, n = shape
     x, w, a, b, bb, _ = make_case(m, k, n, 16, torch.bfloat16)
-    assert lm._small_m_split(m, n, k, lm._num_sms(x.device)) >= 1
+    assert lm._small_m_split(m, n, k, lm.num_sms(x.device)) >= 1
     calls, real = [], lm._small_m_forward
     with mock.patch.object(lm, "_small_m_forward", side_effect=lambda *a: calls.append(1) or real(*a)):
         y1, t1 = lm.lora_forward(x, w, a, b, 0.5, bb)
     assert calls, "M <= 16 did not take the small-M path"
     y2, t2 = lm.lora_forward(x, w, a, b, 0.5, bb)
     assert torch.equal(y1, y2) and torch.equal(t1, t2)
-    y64 = reference.lora_linear_f64(x, w, a, b, 0.5, bb)
+    y64 = lora_linear_f64(x, w, a, b, 0.5, bb)
     assert_close(y1, y64, baseline(x, w, a, b, 0.5, bb, None, torch.zeros_like(y1))[0], name="y")
 
 
@@ -555,7 +568,7 @@ def test_gpu_tf32_follows_torch():
     x, w, a, b, bb, dy = make_case(300, 512, 256, 16, torch.float32)
     with allow_tf32(True):
         y, _ = lm.lora_forward(x, w, a, b, 0.5, bb)
-    y64 = reference.lora_linear_f64(x, w, a, b, 0.5, bb)
+    y64 = lora_linear_f64(x, w, a, b, 0.5, bb)
     assert (y.double() - y64).abs().max().item() < 2e-2 * max(1.0, y64.abs().max().item())
     assert not math.isnan(y.double().sum().item())
 
@@ -594,7 +607,7 @@ def test_fp32_temporaries_are_not_rounded_to_16_bits(dtype, which, small_m):
     with mock.patch.object(lm, "_empty", _nan_empty), allow_tf32(False):
         y, t = lm.lora_forward(x, w, a, b, 1.0, small_m=small_m)
         dx, da, db = lm.lora_backward(dy, x, w, a, b, t, 1.0)
-    y64 = reference.lora_linear_f64(x, w, a, b, 1.0)
-    dx64, da64, db64 = reference.lora_linear_grads_f64(x, w, a, b, 1.0, dy)
+    y64 = lora_linear_f64(x, w, a, b, 1.0)
+    dx64, da64, db64 = lora_linear_grads_f64(x, w, a, b, 1.0, dy)
     for name, out, ref in [("y", y, y64), ("dX", dx, dx64), ("dA", da, da64), ("dB", db, db64)]:
         assert torch.equal(out, ref.to(dtype)), f"{name} ({dtype}): {out.tolist()} != {ref.tolist()}"

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import lowrank
 from lowrank import LoRALinear
+from tests.helpers import backends
 from tests.models import MODELS, assert_same_snapshot, input_ids, snapshot, tiny_gpt2, tiny_llama
 
 
@@ -131,13 +132,20 @@ def test_llama3_8b_qlora_r64_count_matches_peft_on_meta():
 
 # fp32 with alpha 8 (scaling 2 or 4: exact in any order of rounding) must agree to 1e-6; float64
 # with alpha 12 (scaling 3 or 6) to 1e-12. In fp32 with scaling 3 the two libraries round
-# s * (T @ B^T) in a different order and the gradients of the first layer differ by ~1.2e-6.
+# s * (T @ B^T) in a different order and the gradients of the first layer differ by ~1.2e-6. The
+# Triton kernels also sum in another order (K tiles, the LoRA term folded into the accumulator):
+# a few more fp32 ulps (1.3e-6 seen on GPT-2's c_attn dB), held to 5e-6.
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
-@pytest.mark.parametrize("dtype, alpha, tol", [(torch.float32, 8, 1e-6), (torch.float64, 12, 1e-12)],
-                         ids=["fp32", "fp64"])
-def test_matches_peft_outputs_and_gradients(arch, rslora, dtype, alpha, tol):
+@pytest.mark.parametrize("dtype, alpha, tol, backend",
+                         [(torch.float32, 8, 1e-6 if b == "reference" else 5e-6, b) for b in backends()]
+                         + [(torch.float64, 12, 1e-12, "reference")],
+                         ids=[f"fp32-{b}" for b in backends()] + ["fp64-reference"])
+def test_matches_peft_outputs_and_gradients(arch, rslora, dtype, alpha, tol, backend, monkeypatch):
+    """float64 runs the reference path only: the kernels take 16/32-bit floats."""
     from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setenv("LOWRANK_BACKEND", backend)
 
     ids = input_ids()
     ours = MODELS[arch](seed=3, dtype=dtype)

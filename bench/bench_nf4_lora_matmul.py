@@ -1,27 +1,24 @@
-"""NF4 / QLoRA microbenchmarks.
+"""QLoRA microbenchmarks: the fused NF4 LoRA matmul (kernels/nf4_lora_matmul.py) through
+`lowrank.ops.nf4_lora_linear`.
 
-    python -m bench.run --only nf4 [--quick]
+    python -m bench.run --only nf4_lora_matmul [--quick]
+    python -m bench.bench_nf4_lora_matmul      # the kernel's register / spill report for sm_90 (no GPU)
 
-CPU (what the issue asks for there): quantize and dequantize, lowrank vs bitsandbytes' CPU
-backend, and a float32 copy as the memory ceiling; plus, for the record, the reference QLoRA
-forward+backward and M = 1 at small fp32 shapes.
-CUDA: the Triton dequant kernel vs bitsandbytes' dequantize_4bit and the measured copy bandwidth;
-fused QLoRA forward+backward vs peft + bitsandbytes Linear4bit + LoRA and vs dense bf16 LoRA
-(`ops.lora_linear`) at the same shapes; M = 1 forward vs bitsandbytes' 4-bit inference path
-(matmul_4bit -> gemv).
-`python -m bench.bench_nf4` prints the fused kernel's register/spill report for sm_90 (no GPU).
+CUDA: fused QLoRA forward+backward vs peft + bitsandbytes Linear4bit + LoRA and vs dense bf16 LoRA
+(`ops.lora_linear`) at the same shapes, autotuned and with the fixed tiles; M = 1 forward vs
+bitsandbytes' 4-bit inference path (matmul_4bit -> gemv). CPU: the reference path at small fp32
+shapes, for the record.
 
-Bytes counted (minimum traffic): dequant = 4-bit codes + uint8 absmax + nested statistics read,
-dense output written; quantize = dense input read, codes + statistics written; M = 1 forward =
-the 4-bit weight bytes (x and y are negligible).
+Bytes counted (minimum traffic): M = 1 forward = the 4-bit weight bytes (x and y are negligible).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .harness import Record, bench, derived, device_name, measure_copy_bandwidth, rotating_inputs, versions
+import lowrank
+from lowrank.nf4_format import quantize_nf4
+
+from .harness import Record, bench, derived, device_name, versions
 
 BASELINE = "bitsandbytes"
 
@@ -45,57 +42,9 @@ def _nf4_bytes(n, k):
     return n * k // 2 + blocks + 4 * (-(-blocks // 256))
 
 
-def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
-    from lowrank.nf4 import quantize_nf4
-
-    bnb, bf = _bnb()
-    dev = torch.device(device)
-    on_gpu = dev.type == "cuda"
-    shapes = [(2048, 2048)] if quick else [(2048, 2048), (4096, 4096), (4096, 11008)]
-    if on_gpu:
-        shapes = [(4096, 4096)] if quick else [(4096, 4096), (4096, 11008), (8192, 28672)]
-    dtype = torch.bfloat16
-    out = []
-    copy_gbs = measure_copy_bandwidth(dev)
-    repeat = 20 if on_gpu else 5
-    for n, k in shapes:
-        shape = {"N": n, "K": k}
-        w = torch.randn(n, k, device=dev, dtype=dtype)
-        q4 = _nf4_bytes(n, k)
-        dense_bytes = n * k * 2
-        # copy of the dense bf16 weight: the ceiling for a pass that writes it
-        out.append(_record("nf4_dequantize", shape, dtype, "copy", (2 * dense_bytes) / (copy_gbs * 1e9), dev,
-                           nbytes=2 * dense_bytes, note="from measure_copy_bandwidth"))
-        t = bench(lambda: quantize_nf4(w), [()], warmup=1, repeat=repeat, device=dev)
-        out.append(_record("nf4_quantize", shape, dtype, "lowrank", t, dev, nbytes=dense_bytes + q4))
-        if bf is not None:
-            t = bench(lambda: bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"),
-                      [()], warmup=1, repeat=repeat, device=dev)
-            out.append(_record("nf4_quantize", shape, dtype, "bitsandbytes", t, dev, nbytes=dense_bytes + q4))
-        ours = quantize_nf4(w)
-        sets = rotating_inputs(lambda: (quantize_nf4(w),), q4 + dense_bytes, max_sets=8 if on_gpu else 1)
-        if on_gpu:
-            from lowrank.kernels.nf4 import dequantize
-
-            t = bench(lambda q: dequantize(q, dtype), sets, repeat=repeat, device=dev)
-            out.append(_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
-                               frac_of_copy=(q4 + dense_bytes) / t / 1e9 / copy_gbs))
-        t = bench(lambda q: q.dequantize(dtype), sets, repeat=repeat, device=dev)
-        out.append(_record("nf4_dequantize", shape, dtype, "lowrank-torch", t, dev, nbytes=q4 + dense_bytes))
-        if bf is not None:
-            packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-            assert torch.equal(packed, ours.packed) or dev.type == "cuda"
-            t = bench(lambda: bf.dequantize_4bit(packed, state, quant_type="nf4"), [()], repeat=repeat, device=dev)
-            out.append(_record("nf4_dequantize", shape, dtype, "bitsandbytes", t, dev, nbytes=q4 + dense_bytes))
-    return out
-
-
 def bench_qlora(quick: bool, device: str) -> list[Record]:
     """QLoRA forward+backward: fused Triton kernels on CUDA (bf16); on the CPU the reference path
     (dequantize + torch, fp32: bf16 GEMMs are slow there) at small shapes, for the record."""
-    import lowrank
-    from lowrank.nf4 import quantize_nf4
-
     bnb, _ = _bnb()
     dev = torch.device(device)
     r = 16
@@ -125,16 +74,15 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
 
         t = bench(step_ours, [()], device=dev)
         out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank", t, dev, flops=flops))
-        if dev.type == "cuda":  # the opt-in autotuned tiles (kernels/nf4.py), to pick the defaults from
-            os.environ["LOWRANK_NF4_AUTOTUNE"] = "1"
+        if dev.type == "cuda":  # the fixed heuristic tiles (`_config`) against what autotuning picked
+            from lowrank.kernels import nf4_lora_matmul as K
+
+            tuned, K.AUTOTUNE = K.AUTOTUNE, False
             try:
                 t = bench(step_ours, [()], warmup=2, device=dev)
-                out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank-autotune", t, dev, flops=flops))
-            except Exception as exc:
-                out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank-autotune", float("nan"), dev,
-                                   error=repr(exc)))
+                out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank-heuristic", t, dev, flops=flops))
             finally:
-                os.environ.pop("LOWRANK_NF4_AUTOTUNE", None)
+                K.AUTOTUNE = tuned
         t = bench(step_bf16, [()], device=dev)
         out.append(_record("qlora_fwd_bwd", shape, dtype, "dense_lora", t, dev, flops=flops))
         if bnb is not None:
@@ -172,9 +120,7 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
 
 
 def run(quick: bool, device: str) -> list[Record]:
-    records = bench_quant_dequant(quick, device)
-    records += bench_qlora(quick, device)
-    return records
+    return bench_qlora(quick, device)
 
 
 def ptxas_report() -> list[str]:
@@ -188,7 +134,7 @@ def ptxas_report() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lowrank.kernels import nf4 as K
+    from lowrank.kernels import nf4_lora_matmul as K
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     strides = ["stride_am", "stride_aq", "stride_lm", "stride_lr", "stride_rr", "stride_rp", "stride_om", "stride_op"]
@@ -200,7 +146,7 @@ def ptxas_report() -> list[str]:
             sig = {"a_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
                    "l_ptr": "*bf16", "r_ptr": "*bf16", "bias_ptr": "*bf16",
                    "out_ptr": "*fp32" if split > 1 else "*bf16",
-                   "M": "i32", "P": "i32", "Q": "i32", "K_W": "i32", "lora_scale": "fp32", "q_per_split": "i32",
+                   "M": "i32", "P": "i32", "Q": "i32", "K_W": "i32", "lora_scale": "fp32", "q_per_split": "i32", "m_bucket": "i32",
                    **{s: "i32" for s in strides}}
             ce = dict(W_TRANSPOSED=transposed, ALIGNED=True, BLOCKSIZE=64, HAS_LORA=True, R_PAD=16, HAS_BIAS=True,
                       IEEE=False, INTERPRETED=False, SPLIT_Q=split, **{k: v for k, v in cfg.items() if k.isupper()})

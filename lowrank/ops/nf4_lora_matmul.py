@@ -1,20 +1,22 @@
-"""`lowrank::nf4_lora_fwd` / `lowrank::nf4_lora_bwd`: the differentiable QLoRA op behind
-`lowrank.ops.nf4_lora_linear`, as torch.library custom ops on every backend.
+"""The QLoRA op: y = x @ deq(W).T + bias + s * dropout(x) @ A.T @ B.T with W stored as NF4.
 
-Why custom ops and not an autograd.Function over `reference.lora_linear`:
+    lowrank.ops.nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling, bias=None, dropout=0.0)
+
+One pair of torch.library custom ops, `lowrank::nf4_lora_fwd` / `lowrank::nf4_lora_bwd`, for both
+backends (`lowrank.backend.backend_for(x)`): on the Triton path W is decoded tile by tile inside
+the GEMMs (`lowrank.kernels.nf4_lora_matmul`); on the reference path it is dequantized inside the
+forward and again inside the backward, never kept between. Why custom ops and not an
+autograd.Function over `lora_linear_reference`:
 - memory: autograd around `F.linear(x, deq(W))` saves the dense W from forward to backward (for a
   4096 x 4096 bf16 layer that is 32 MiB held per layer, 8x the 4-bit storage it came from).
-  Here only the 4-bit storage and the fp32 block scales are saved; the CPU path decodes W again in
-  backward and drops it when the call returns, like the Triton path decodes it tile by tile.
+  Here only the weight's own 4-bit storage is saved; the fp32 block scales are recomputed in
+  forward and in backward (they are 1/16 of a bf16 weight's bytes), never kept between.
 - torch.compile: the ops carry fake (meta) implementations, so a compiled QLoRA model traces
   through them without a graph break (the NF4Weight dataclass is unpacked into tensors outside).
+Dropout: the keep multiplier (0 or 1/(1-p), x's dtype, shaped (M, K)) is drawn outside the ops
+(`dropout_keep`, from torch's generator), so both backends apply the same mask.
 
-The NF4 weight enters as its own stored tensors (packed codes, absmax, and with double
-quantization nested_absmax, nested_code, offset), so what autograd saves for backward is storage
-the model holds anyway: the decoded fp32 block scales (1/16 of a bf16 weight's bytes, 4.4 GB over
-a 70B model) are recomputed in forward and in backward, never kept between.
-Dropout: the keep multiplier (0 or 1/(1-p), x's dtype, shaped (M, K)) is drawn outside
-(`dropout_keep`), so both backends and the tests see one mask.
+Level 2: imports torch and levels 0-2 (the kernels only on the Triton path: Triton is optional).
 """
 from __future__ import annotations
 
@@ -24,12 +26,55 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .nf4 import NF4Weight
+from lowrank.backend import backend_for
+from lowrank.dtypes import check_dtype
+from lowrank.nf4_format import NF4Weight
+
+from .lora_matmul import autocast_inputs, check_dropout, check_lora_args
+
+
+def _kernels():
+    """`lowrank.kernels.nf4_lora_matmul`, imported on the Triton path only (Triton is optional)."""
+    from lowrank.kernels import nf4_lora_matmul
+
+    return nf4_lora_matmul
+
+
+def nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
+    """QLoRA: y = x @ deq(W).T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T, differentiable.
+
+    nf4_weight: a `lowrank.NF4Weight` (N, K), frozen; x: (..., K) in the compute dtype (float32,
+    float16 or bfloat16); lora_A (r, K) and lora_B (N, r) are cast to x's dtype (their gradients
+    come back in their own dtype, e.g. float32 master weights); bias: (N,) or None, frozen.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        # As lora_linear (and bitsandbytes' 4-bit matmul, whose F.linear autocast casts): x, the
+        # adapters and the bias in the autocast dtype; the 4-bit weight is decoded straight to it.
+        x, lora_A, lora_B, bias = autocast_inputs(x, lora_A, lora_B, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling, bias, dropout)
+    if not isinstance(nf4_weight, NF4Weight):
+        raise TypeError(f"nf4_lora_linear: nf4_weight must be a lowrank.NF4Weight, got {type(nf4_weight).__name__}")
+    check_dtype(x.dtype, "nf4_lora_linear", "x dtype")
+    if x.device != nf4_weight.device:
+        raise ValueError(f"nf4_lora_linear: x is on {x.device}, the NF4 weight on {nf4_weight.device}")
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    n, k = nf4_weight.shape
+    # Shape checks against a (N, K) stand-in: the NF4 weight has no dense tensor to check.
+    check_lora_args(x, x.new_empty(()).expand(n, k), lora_A, lora_B, bias, where="nf4_lora_linear")
+    check_dropout(dropout, "nf4_lora_linear")
+    w = nf4_weight
+    keep = dropout_keep(x.reshape(-1, k), dropout) if dropout > 0.0 else None
+    y, _ = torch.ops.lowrank.nf4_lora_fwd(x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, lora_A,
+                                          lora_B, bias, keep, float(scaling), w.blocksize, w.nested_blocksize, n)
+    return y
 
 
 def dropout_keep(x2: torch.Tensor, p: float) -> torch.Tensor:
-    """The dropout multiplier (0 or 1/(1-p), in x's dtype) drawn from torch's RNG; tests redraw it
-    with the same seed."""
+    """The dropout multiplier (0 or 1/(1-p), in x's dtype): keep each element with probability 1 - p,
+    drawn from torch's generator for x's device."""
     return torch.empty_like(x2).bernoulli_(1.0 - p) * (1.0 / (1.0 - p))
 
 
@@ -37,12 +82,6 @@ def _weight(packed, absmax, nested_absmax, nested_code, offset, n: int, k: int, 
             nested_blocksize: int, dtype: torch.dtype) -> NF4Weight:
     """The NF4Weight these tensors are (no copy)."""
     return NF4Weight(packed, absmax, (n, k), dtype, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    from .ops import backend_for
-
-    return backend_for(x) == "triton"
 
 
 @torch.library.custom_op("lowrank::nf4_lora_fwd", mutates_args=())
@@ -59,11 +98,9 @@ def nf4_lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ne
         h = x2 if keep is None else x2 * keep
         t = h @ lora_A.t()  # (M, r), rounded to x's dtype as the reference does
         has_lora = lora_A.shape[0] > 0 and scaling != 0.0
-        if _use_triton(x):
-            from .kernels.nf4 import nf4_matmul
-
-            y = nf4_matmul(x2, w, w.block_absmax(), True, t if has_lora else None, lora_B.t() if has_lora else None,
-                           scaling, bias)
+        if backend_for(x) == "triton":
+            y = _kernels().nf4_lora_matmul(x2, w, w.block_absmax(), True, t if has_lora else None,
+                                           lora_B.t() if has_lora else None, scaling, bias)
         else:
             y = F.linear(x2, w.dequantize(x.dtype), bias)  # the dense W dies with this call
             if has_lora:
@@ -102,10 +139,9 @@ def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax
             return x.new_empty((0,)), d_a, d_b
         w = _weight(packed, absmax, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize, x.dtype)
         fuse = keep is None and lora_A.shape[0] > 0
-        if _use_triton(x):
-            from .kernels.nf4 import nf4_matmul
-
-            dx = nf4_matmul(dy2, w, w.block_absmax(), False, dt if fuse else None, lora_A if fuse else None, 1.0)
+        if backend_for(x) == "triton":
+            dx = _kernels().nf4_lora_matmul(dy2, w, w.block_absmax(), False, dt if fuse else None,
+                                            lora_A if fuse else None, 1.0)
         else:
             dx = dy2 @ w.dequantize(x.dtype)  # decoded again: nothing dense was kept from forward
             if fuse:
@@ -142,11 +178,3 @@ def _backward(ctx, dy, _dt):
 
 nf4_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
-
-def nf4_lora_linear(x, w: NF4Weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
-    """The op on checked arguments (`lowrank.ops.nf4_lora_linear` checks them), any backend."""
-    keep = dropout_keep(x.reshape(-1, x.shape[-1]), dropout) if dropout > 0.0 else None
-    y, _ = torch.ops.lowrank.nf4_lora_fwd(x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, lora_A,
-                                          lora_B, bias, keep, float(scaling), w.blocksize, w.nested_blocksize,
-                                          w.shape[0])
-    return y

@@ -2,18 +2,18 @@
 
 Impls, all on the same layer, batch and adapters (ranks cycling 8, 16, 32, 64; Llama-3-8B shapes):
 - single_adapter: the same batch with one adapter for every row, the normal LoRALinear path
-  (BASELINE; the goal on the H200 is lowrank_mixed <= 1.2x this at 16 adapters);
+  (BASELINE; on the H200 lowrank_mixed should stay within 1.2x of it at 16 adapters);
 - lowrank_mixed: `with lowrank.adapter_ids(model, ids)` -> lowrank::sgmv (Triton SGMV kernels
   on CUDA, the gather/scatter reference on the CPU);
 - peft_mixed: peft's `adapter_names=` mixed-batch forward (a Python loop over adapters with
-  gather / index-add; goal: lowrank_mixed >= 5x faster);
+  gather / index-add; lowrank_mixed should be >= 5x faster);
 - one_at_a_time: each adapter's rows as their own batch, one forward per adapter;
 - lowrank_batch_setup: entering `adapter_ids` and building the segment metadata, which a model
   pays once per batch for all its layers (lowrank_mixed is the per-layer cost after it).
 Rows are assigned round-robin (row b -> adapter b mod n). On a CPU the impls take turns over a
 few rounds and keep their best, because the development machine is shared.
 
-    python -m bench.run --only multi_adapter --quick            # CPU: fp32, 256 tokens, q_proj shape
+    python -m bench.run --only sgmv --quick            # CPU: fp32, 256 tokens, q_proj shape
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def _measure(fns: dict, rounds: int, dev, **reps) -> dict:
 
 def run(quick: bool, device: str) -> list[Record]:
     import lowrank
-    from lowrank.sgmv import _tokens_and_meta
+    from lowrank.backend import backend_for
+    from lowrank.lora_linear import _tokens_and_meta
 
     dev = torch.device(device)
     cpu = dev.type == "cpu"
@@ -141,13 +142,13 @@ def run(quick: bool, device: str) -> list[Record]:
             with torch.no_grad():
                 times = _measure(fns, rounds, dev, **reps)
             for impl, t in times.items():
-                extra = {"backend": lowrank.ops.backend_for(x)} if impl.startswith("lowrank") else {}
+                extra = {"backend": backend_for(x)} if impl.startswith("lowrank") else {}
                 if impl == "single_adapter":
                     extra["note"] = "every row on adapter a0 (rank 8)"
                 if impl == "lowrank_batch_setup":
                     extra["note"] = "once per batch for the whole model, not per layer"
                 d = {} if impl == "lowrank_batch_setup" else derived(t, flops, byts)
-                records.append(Record("multi_adapter", shape, str(dtype).replace("torch.", ""), impl, t,
+                records.append(Record("sgmv", shape, str(dtype).replace("torch.", ""), impl, t,
                                       d, meta["device"], meta["versions"], extra))
             del model, layer, peft_layer, groups, ids
             if dev.type == "cuda":

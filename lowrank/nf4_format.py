@@ -1,9 +1,10 @@
-"""NF4 weights in bitsandbytes' exact storage format: quantize, dequantize, state-dict exchange.
+"""The NF4 storage format (bitsandbytes' exactly): `NF4Weight`, `quantize_nf4`, dequantize in pure
+torch, and state-dict exchange with bitsandbytes. Level 0: imports torch and the standard library.
 
 The format (bitsandbytes 0.50, `quant_type="nf4"`):
 - The weight is flattened row-major and cut into blocks of `blocksize` consecutive elements (a
   block may span rows when in_features % blocksize != 0). absmax (fp32) per block.
-- Each element becomes a 4-bit index into the 16-value NF4 table `NF4_CODE`: x is scaled by the
+- Each element becomes a 4-bit index into the 16-value NF4 table `NF4_VALUES`: x is scaled by the
   fp32 reciprocal of the block's absmax (full blocks) or divided by it (the trailing partial
   block: bitsandbytes' reference does that), clamped to [-1, 1], and the code is the number of
   table midpoints strictly below it (ties go to the lower code). An all-zero block is scaled by
@@ -11,8 +12,8 @@ The format (bitsandbytes 0.50, `quant_type="nf4"`):
 - Two codes a byte, the first element in the HIGH nibble; an odd element count pads a zero.
 - Double quantization: offset = mean(absmax) (fp32); absmax - offset is quantized in blocks of
   256 to 8 bits with bitsandbytes' signed dynamic map (see `# Note: nested quantization`).
-  Decoding: absmax[b] = fp32(fp32(DYNAMIC_CODE[q[b]] * nested_absmax[b // 256]) + offset), two
-  roundings, no fused multiply-add; then w = fp32(NF4_CODE[c] * absmax[block]) rounded once to
+  Decoding: absmax[b] = fp32(fp32(dynamic_code()[q[b]] * nested_absmax[b // 256]) + offset), two
+  roundings, no fused multiply-add; then w = fp32(NF4_VALUES[c] * absmax[block]) rounded once to
   the output dtype.
 
 # Note: nested quantization
@@ -20,7 +21,7 @@ bitsandbytes' CPU library (the oracle in CI) quantizes the 8-bit absmax statisti
 65536-entry lookup table, not by nearest value: with v = (x * (1/absmax2)) clamped to [-1, 1],
 i = trunc(fp32(fp32((v + 1) * 0.5) * 65535) + 0.5), code = LUT[i], where LUT[i] counts the
 midpoints of the dynamic map below fp32(-1 + fp32(2i / 65535)). This differs from the nearest
-code for about 0.3% of values (measured: 130-170 of 102400). A block whose values are all zero
+code for about 0.3% of values. A block whose values are all zero
 gets code 0 with absmax 0. We reproduce that rule exactly; decoding is the same for any encoder.
 
 # Note: bitsandbytes' CPU dequantize and blocks that span rows
@@ -38,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .ops import KERNEL_DTYPES
+from .dtypes import check_dtype
 
 # bitsandbytes.functional.get_4bit_type("nf4"), written out: regenerating the quantiles with
 # scipy is off by an ulp in some entries.
@@ -66,8 +67,8 @@ NESTED_BLOCKSIZE = 256
 # ~9 MB whatever the layer's size), and at most what keeps the chunk's temporaries (about
 # _TEMP_BYTES an element at their peak: fp32 scaled values + int32 codes + uint8 codes) under
 # half of the layer's dense bytes, so that quantizing while patching peaks near one dense layer
-# above the result (measured on the CPU before this bound: 6.5 dense bf16 4096 x 4096 layers
-# above the start with a 16M chunk). _MIN_CHUNK keeps small layers to a few chunks.
+# above the result (a test holds the CPU peak to 1.25 dense layers). _MIN_CHUNK keeps small
+# layers to a few chunks.
 _CHUNK = {"cuda": 1 << 20, "cpu": 1 << 24}
 _TEMP_BYTES = 9
 _MIN_CHUNK = 1 << 16
@@ -208,19 +209,18 @@ class NF4Weight:
         """The dense (out, in) weight in `dtype` (default: the original dtype); each value is
         fp32(NF4 * absmax) rounded once to dtype, bit-identical to bitsandbytes."""
         dtype = dtype or self.dtype
-        if dtype not in KERNEL_DTYPES:
-            raise TypeError(f"NF4Weight.dequantize: dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        check_dtype(dtype, "NF4Weight.dequantize")
         n, bs = self.numel, self.blocksize
         absmax = self.block_absmax()
         table = _pair_table(self.device)
         flat_packed = self.packed.view(-1)
         out = torch.empty(n, dtype=dtype, device=self.device)
-        # Chunks of whole blocks keep the fp32 temporaries small and reused: one pass over 16M
-        # elements allocated ~170 MB of fresh pages per call and ran 20x slower than 4M (CPU).
+        # Chunks of whole blocks keep the fp32 temporaries small and reused (one pass over a large
+        # weight would allocate fresh pages for every call, which is far slower on the CPU).
         step = max(_DEQUANT_CHUNK // bs, 1) * bs
         for start in range(0, n, step):
             stop = min(start + step, n)
-            # one gather of a (hi, lo) value pair per byte: 2x faster than unpacking nibbles first
+            # one gather of a (hi, lo) value pair per byte, not two nibble unpacks
             vals = torch.index_select(table, 0, flat_packed[start // 2: (stop + 1) // 2].int()).view(-1)
             vals = vals[: stop - start]
             full = ((stop - start) // bs) * bs
@@ -341,7 +341,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_finite(weight: torch.Tensor, where: str) -> None:
+def check_finite(weight: torch.Tensor, where: str) -> None:
     # min/max propagate NaN and expose +-Inf: 5x cheaper than isfinite().all() on bf16.
     lo, hi = torch.aminmax(weight.detach())
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):
@@ -402,8 +402,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"quantize_nf4: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"quantize_nf4: dtype {weight.dtype} is not supported; use float32, float16 or bfloat16")
+    check_dtype(weight.dtype, "quantize_nf4", "weight dtype")
     if weight.dim() != 2:
         raise ValueError(f"quantize_nf4: weight must be 2-D (out_features, in_features), "
                          f"got shape {tuple(weight.shape)}")

@@ -1,4 +1,4 @@
-"""Adapter files that peft and vLLM read: save_adapter / load_adapter.
+"""Adapter files that peft and vLLM read: save_adapter / load_adapter. Level 4.
 
 The on-disk format is peft's LoRA checkpoint:
 - `adapter_config.json` with the standard LoraConfig fields only (see `_config_dict`): fields
@@ -29,9 +29,13 @@ import tempfile
 
 import torch
 import torch.nn as nn
+import safetensors.torch
+from safetensors import safe_open
 
 from .config import LoRAConfig
-from .layers import LoRALinear, linear_dims
+from .dtypes import FLOAT_DTYPES
+from .layer_types import linear_dims
+from .lora_linear import LoRALinear
 from .patch import iter_linear, lora_layers, patch_linear
 
 CONFIG_NAME = "adapter_config.json"
@@ -39,7 +43,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # -- save -------------------------------------------------------------------------------------------
@@ -79,13 +82,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                           fan_in_fan_out=any(m.fan_in_fan_out for _, m in layers),
                           task_type=task_type, base=base_model_name_or_path)
 
-    from safetensors.torch import save_file
-
     os.makedirs(path, exist_ok=True)
     tmp_w = _tmp_name(path, WEIGHTS_NAME)
     tmp_c = _tmp_name(path, CONFIG_NAME)
     try:
-        save_file(tensors, tmp_w, metadata={"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))})
+        safetensors.torch.save_file(tensors, tmp_w, metadata={"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))})
         _fsync(tmp_w)
         with open(tmp_c, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -233,7 +234,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             if tuple(t.shape) != expect[which]:
                 problems.append(f"{p}.{which}.weight: shape {tuple(t.shape)}, the layer needs {expect[which]} "
                                 f"(r={cfg.rank}, in={k}, out={n})")
-            if t.dtype not in _FLOAT_DTYPES:
+            if t.dtype not in FLOAT_DTYPES:
                 problems.append(f"{p}.{which}.weight: dtype {t.dtype}, expected a floating-point dtype")
         if existing and p not in existing:
             problems.append(f"{p}: the model's adapter {adapter_name!r} does not cover this layer "
@@ -298,8 +299,6 @@ def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     """(tensors, the `lowrank_settings` metadata string of a file lowrank wrote, else None)."""
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
-        from safetensors import safe_open
-
         with safe_open(st, framework="pt", device="cpu") as f:
             stamp = (f.metadata() or {}).get(SETTINGS_KEY)
             return {k: f.get_tensor(k) for k in f.keys()}, stamp

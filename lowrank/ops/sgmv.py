@@ -10,18 +10,27 @@ torch.compile treats it as one opaque node: the ids are data, never a guard, whi
 switching the active adapter avoids recompiles (see `lowrank.adapters`). Gradients reach every
 A_i / B_i; an adapter that no token used gets an exact zero gradient.
 
-Two implementations behind one schema, chosen by `lowrank.ops.backend_for(x)`:
+Two implementations behind one schema, chosen by `lowrank.backend.backend_for(x)`:
 - reference (CPU): gather each adapter's tokens, LoRA in fp32, scatter back (a Python loop over
   adapters with a host sync per adapter, fine on the CPU);
 - triton (CUDA, or LOWRANK_BACKEND=triton under the interpreter): `lowrank.kernels.sgmv`,
   segmented shrink / expand / weight-gradient kernels, metadata built on the device.
-`sgmv_f64` / `sgmv_grads_f64` are float64 einsum oracles for tests.
+`LoRALinear`'s mixed-batch forward (`lowrank.lora_linear`) is what calls it.
+
+Level 2: imports torch and levels 0-1 (the kernels only on the Triton path: Triton is optional).
 """
 from __future__ import annotations
 
 import torch
 
-from . import ops
+from lowrank.backend import backend_for
+
+
+def _kernels():
+    """`lowrank.kernels.sgmv`, imported on the Triton path only (Triton is optional)."""
+    from lowrank.kernels import sgmv
+
+    return sgmv
 
 
 def check_sgmv_args(x, out, ids, As, Bs, scalings, where: str = "sgmv") -> None:
@@ -72,7 +81,7 @@ def sgmv(x, out, ids, As, Bs, scalings, meta: list | None = None, packed: list |
 def _sgmv_op(x: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
              Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor],
              packed: list[torch.Tensor]) -> torch.Tensor:
-    if ops.backend_for(x) == "triton":
+    if backend_for(x) == "triton":
         return _triton_forward(x, out, ids, As, Bs, scalings, meta, packed)
     return reference_forward(x, out, ids, As, Bs, scalings)
 
@@ -86,7 +95,7 @@ def _(x, out, ids, As, Bs, scalings, meta, packed):
 def _sgmv_backward_op(dy: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
                       Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor],
                       packed: list[torch.Tensor]) -> list[torch.Tensor]:
-    if ops.backend_for(x) == "triton":
+    if backend_for(x) == "triton":
         dx, das, dbs = _triton_backward(dy, x, ids, As, Bs, scalings, meta, packed)
     else:
         dx, das, dbs = reference_backward(dy, x, ids, As, Bs, scalings)
@@ -187,8 +196,7 @@ def pack_weights(As, Bs) -> list[torch.Tensor]:
 
 
 def _meta(ids, n_adapters, device, meta):
-    from .kernels import sgmv as k
-
+    k = _kernels()
     if meta:
         return k.metadata_from_list(meta)
     return k.segment_metadata(ids, n_adapters, k._blocks(device)["BLOCK_M"])
@@ -196,15 +204,13 @@ def _meta(ids, n_adapters, device, meta):
 
 def metadata_for(ids: torch.Tensor, n_adapters: int) -> list[torch.Tensor]:
     """The Triton path's segment metadata for token ids (M,), as the list `sgmv(meta=...)` takes."""
-    from .kernels import sgmv as k
-
+    k = _kernels()
     meta = k.segment_metadata(ids.long(), n_adapters, k._blocks(ids.device)["BLOCK_M"])
     return [meta[key] for key in k.META_KEYS]
 
 
 def _triton_forward(x, out, ids, As, Bs, scalings, meta=(), packed=()):
-    from .kernels import sgmv as k
-
+    k = _kernels()
     tables = _tables(As, scalings, x.device)
     r_max = max(tables["ranks"])
     a_pk, bt_pk = packed if packed else _pack(As, Bs)
@@ -217,8 +223,7 @@ def _triton_forward(x, out, ids, As, Bs, scalings, meta=(), packed=()):
 
 
 def _triton_backward(dy, x, ids, As, Bs, scalings, meta=(), packed=()):
-    from .kernels import sgmv as k
-
+    k = _kernels()
     tables = _tables(As, scalings, x.device)
     ranks = tables["ranks"]
     r_max = max(ranks)
@@ -239,127 +244,3 @@ def _triton_backward(dy, x, ids, As, Bs, scalings, meta=(), packed=()):
     das = [d.clone() for d in torch.split(da_pk, list(ranks), 0)]
     dbs = [d.t().contiguous() for d in torch.split(dbt_pk, list(ranks), 0)]
     return dx, das, dbs
-
-
-# -- float64 oracles for tests ----------------------------------------------------------------------
-def sgmv_f64(x, out, ids, As, Bs, scalings):
-    """float64 y of `sgmv`, with a dense one-hot mask instead of any gather."""
-    y = out.double().clone()
-    for i, (a, b, s) in enumerate(zip(As, Bs, scalings)):
-        sel = (ids == i).double()[:, None]
-        y = y + sel * (s * torch.einsum("mk,rk,nr->mn", x.double(), a.double(), b.double()))
-    return y
-
-
-def sgmv_grads_f64(dy, x, ids, As, Bs, scalings):
-    """float64 (dx, [dA_i], [dB_i]) of `sgmv` for upstream gradient dy (dout = dy is implied)."""
-    dy64, x64 = dy.double(), x.double()
-    dx = torch.zeros_like(x64)
-    das, dbs = [], []
-    for i, (a, b, s) in enumerate(zip(As, Bs, scalings)):
-        sel = (ids == i).double()[:, None]
-        g = dy64 * sel
-        t = torch.einsum("mk,rk->mr", x64, a.double())
-        dt = s * torch.einsum("mn,nr->mr", g, b.double())
-        dx = dx + torch.einsum("mr,rk->mk", dt, a.double())
-        das.append(torch.einsum("mr,mk->rk", dt, x64))
-        dbs.append(s * torch.einsum("mn,mr->nr", g, t))
-    return dx, das, dbs
-
-
-# -- the LoRALinear branch ---------------------------------------------------------------------------
-def takes(layer) -> bool:
-    """Whether LoRALinear.forward goes through `layer_forward`: inside `lowrank.adapter_ids`, or
-    under torch.compile for an unmerged layer with two or more adapters (switching among them then
-    changes a buffer, not a guarded attribute)."""
-    if layer._adapter_ids is not None:
-        return True
-    return len(layer.configs) > 1 and not getattr(layer, "merged", False) and torch.compiler.is_compiling()
-
-
-def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """LoRALinear.forward for mixed batches (`layer._adapter_ids` set by `lowrank.adapter_ids`) and
-    for the active adapter under torch.compile (`layer._active_index`, a buffer, so switching
-    adapters changes data, not a guard). Every adapter of the layer goes into one `lowrank::sgmv`."""
-    names = list(layer.configs)
-    out = layer.base_layer(x)
-    if not names:
-        return out
-    if getattr(layer, "merged", False):
-        raise ValueError("a merged LoRALinear cannot run mixed-adapter batches; unmerge it first")
-    k, n = layer.in_features, layer.out_features
-    x2 = x.reshape(-1, k)  # (M, K)
-    m = x2.shape[0]
-    ids = layer._adapter_ids
-    if ids is None:
-        ids_tok, meta = layer._active_index.expand(m), []
-    else:
-        rows = 1 if x.dim() == 1 else x.shape[0]
-        # A 2-D input may be a (batch * seq, K) flattening of the rows, in row-major order.
-        flat = x.dim() == 2 and ids.shape[0] > 0 and rows % ids.shape[0] == 0
-        if ids.shape[0] != rows and not flat:
-            raise ValueError(f"adapter_ids has {ids.shape[0]} entries but a LoRALinear({k} -> {n}) input has "
-                             f"{rows} rows (shape {tuple(x.shape)}): give one adapter per row (sequence)")
-        ids_tok, meta = _tokens_and_meta(ids, m, len(names), x)
-    cfgs = [layer.configs[a] for a in names]
-    h = x2
-    if layer.training and any(c.dropout > 0.0 for c in cfgs):
-        # Each token gets its own adapter's dropout probability (0 for base tokens).
-        p = torch.tensor([0.0] + [c.dropout for c in cfgs], device=x.device, dtype=torch.float32)
-        valid = (ids_tok >= 0) & (ids_tok < len(cfgs))
-        p_tok = p[torch.where(valid, ids_tok + 1, 0)][:, None]  # (M, 1)
-        keep = torch.rand(x2.shape, device=x.device) >= p_tok
-        h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
-    As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
-    # Not while a CUDA graph is captured: the graph must pack from the live parameters on each
-    # replay, or weights updated in place (load_adapter, an optimizer) would never reach it.
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    packed = _layer_packed(layer, As, Bs) if ops.backend_for(x) == "triton" and not capturing else None
-    # The adapters' dtype can differ from the activations': an NF4 base keeps fp32 adapters in a
-    # bf16 model, and autocast makes the base output bf16 beside fp32 x. As peft does, the LoRA
-    # part runs in the adapters' dtype and the sum comes back in the base output's dtype.
-    dt = As[0].dtype
-    y = sgmv(h.to(dt), out.reshape(-1, n).to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta, packed)
-    return y.view(out.shape).to(out.dtype)
-
-
-def _layer_packed(layer, As, Bs):
-    """The layer's adapters packed for the kernels, cached on the layer.
-
-    # Note: why cache, and when the cache is stale
-    Packing is two concatenations of every adapter of the layer: at 16 adapters of ranks 8-64 on a
-    4096 x 4096 layer that is ~16 MB of bf16 copied per layer per call, plus its launches, which
-    alone would break the 1.2x-of-one-adapter goal. The cache holds the parameters themselves
-    (identity, not id(): a freed tensor's id can be reused), their `_version` (bumped by every
-    in-place update: optimizer steps, load_adapter's copy_, merge) and data_ptr (`p.data = t`).
-    Adding or deleting an adapter changes the list and misses. Cost: one extra copy of the
-    layer's adapter weights. Not used while torch.compile traces (inductor fuses the cat)."""
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in (*As, *Bs)):
-        return None  # inference tensors have no version counter to key on
-    key = tuple((t, t._version, t.data_ptr()) for t in (*As, *Bs))
-    hit = layer.__dict__.get("_sgmv_packed")
-    if hit is not None and len(hit[0]) == len(key) and all(
-            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(hit[0], key)):
-        return hit[1]
-    packed = pack_weights(As, Bs)
-    layer.__dict__["_sgmv_packed"] = (key, packed)
-    return packed
-
-
-def _tokens_and_meta(ids, m: int, n_adapters: int, x):
-    """Per-token ids and (Triton path) segment metadata for a mixed batch. `lowrank.adapter_ids`
-    gives all layers with the same adapter list one ids tensor: the first layer of a forward
-    builds both and caches them on that tensor, the others reuse them (one sort a batch, not one
-    a layer). The key holds the tensor's version (ids changed in place miss) and whether a CUDA
-    graph is being captured (a capture records its own metadata build, so replays with new ids
-    rebuild it). Not cached while torch.compile traces."""
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (m, n_adapters, str(x.device), ids._version, capturing)
-    cache = None if torch.compiler.is_compiling() else ids.__dict__.setdefault("_lowrank_meta", {})
-    if cache is not None and key in cache:
-        return cache[key]
-    ids_tok = ids if ids.shape[0] == m else ids.repeat_interleave(m // ids.shape[0], output_size=m)
-    meta = metadata_for(ids_tok, n_adapters) if ops.backend_for(x) == "triton" else []
-    if cache is not None:
-        cache[key] = (ids_tok, meta)
-    return ids_tok, meta

@@ -1,4 +1,4 @@
-"""save_adapter / load_adapter: peft's file format, both ways, validation and atomic writes."""
+"""lowrank/adapter_files.py: save_adapter / load_adapter in peft's file format, both ways, validation and atomic writes."""
 import copy
 import json
 import os
@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 import lowrank
-from lowrank.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from lowrank.adapter_files import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from tests.helpers import assert_close
-from tests.lora_models import MODELS, ids, logits, merged_f64, randomize_B_, tiny_llama
+from tests.models import SMALL_MODELS, ids, logits, randomize_B_, small_llama
+from tests.oracles import merged_f64
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -29,7 +30,7 @@ def check_same(out, model_for_ref64, x, baseline):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
 def test_lowrank_to_peft(tmp_path, arch, rslora):
-    base = MODELS[arch]()
+    base = SMALL_MODELS[arch]()
     model = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=12, rslora=rslora)
     randomize_B_(model)
     x = ids()
@@ -66,7 +67,7 @@ PEFT_CASES = {
 @pytest.mark.parametrize("case", list(PEFT_CASES))
 def test_peft_to_lowrank(tmp_path, case):
     arch, kwargs = PEFT_CASES[case]
-    base = MODELS[arch]()
+    base = SMALL_MODELS[arch]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)).eval()
@@ -86,7 +87,7 @@ def test_peft_to_lowrank(tmp_path, case):
 
 
 def test_roundtrip_second_adapter_and_reload_into_patched(tmp_path):
-    base = tiny_llama()
+    base = small_llama()
     model = lowrank.patch_linear(copy.deepcopy(base), rank=4)
     lowrank.patch_linear(model, rank=8, alpha=3, targets=["q_proj", "o_proj"], adapter_name="other")
     randomize_B_(model)
@@ -113,7 +114,7 @@ def test_roundtrip_second_adapter_and_reload_into_patched(tmp_path):
 
 
 def test_regex_targets_when_names_are_ambiguous(tmp_path):
-    base = tiny_llama()
+    base = small_llama()
     model = lowrank.patch_linear(copy.deepcopy(base), rank=2, targets=r"model\.layers\.0\.self_attn\.q_proj")
     randomize_B_(model)
     lowrank.save_adapter(model, tmp_path)
@@ -131,7 +132,7 @@ def _state(model):
 
 
 def test_validation_lists_every_problem_and_leaves_model_unchanged(tmp_path):
-    base = tiny_llama()
+    base = small_llama()
     src = lowrank.patch_linear(copy.deepcopy(base), rank=4, targets=["q_proj", "k_proj"])
     lowrank.save_adapter(src, tmp_path)
     t = load_file(tmp_path / WEIGHTS_NAME)
@@ -157,7 +158,7 @@ def test_validation_lists_every_problem_and_leaves_model_unchanged(tmp_path):
 
 
 def test_file_covering_more_layers_than_existing_adapter(tmp_path):
-    base = tiny_llama()
+    base = small_llama()
     lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
     target = lowrank.patch_linear(copy.deepcopy(base), rank=4, targets=["q_proj"])
     before, kinds = _state(target)
@@ -168,7 +169,7 @@ def test_file_covering_more_layers_than_existing_adapter(tmp_path):
 
 
 def test_rank_mismatch_with_existing_adapter(tmp_path):
-    base = tiny_llama()
+    base = small_llama()
     lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
     target = lowrank.patch_linear(copy.deepcopy(base), rank=2)
     before, _ = _state(target)
@@ -179,7 +180,7 @@ def test_rank_mismatch_with_existing_adapter(tmp_path):
 
 
 def test_unsupported_config_refused(tmp_path):
-    base = tiny_llama()
+    base = small_llama()
     lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
     config = json.load(open(tmp_path / CONFIG_NAME))
     config.update(use_dora=True, rank_pattern={"q_proj": 8})
@@ -189,7 +190,7 @@ def test_unsupported_config_refused(tmp_path):
 
 
 def test_pickle_refused_unless_opted_in(tmp_path):
-    base = tiny_llama()
+    base = small_llama()
     src = lowrank.patch_linear(copy.deepcopy(base), rank=4)
     randomize_B_(src)
     lowrank.save_adapter(src, tmp_path)
@@ -211,7 +212,7 @@ def test_pickle_refused_unless_opted_in(tmp_path):
 
 
 def test_atomic_write_keeps_old_adapter_on_crash(tmp_path, monkeypatch):
-    base = tiny_llama()
+    base = small_llama()
     old = lowrank.patch_linear(copy.deepcopy(base), rank=4)
     lowrank.save_adapter(old, tmp_path)
     files = {n: open(tmp_path / n, "rb").read() for n in (CONFIG_NAME, WEIGHTS_NAME)}
@@ -237,7 +238,7 @@ def test_atomic_write_keeps_old_adapter_on_crash(tmp_path, monkeypatch):
 
 
 def test_save_errors():
-    model = lowrank.patch_linear(tiny_llama(), rank=2)
+    model = lowrank.patch_linear(small_llama(), rank=2)
     with pytest.raises(ValueError, match="no adapter 'nope'.*default"):
         lowrank.save_adapter(model, "/nonexistent/never", adapter_name="nope")
     with pytest.raises(TypeError):
@@ -247,7 +248,7 @@ def test_save_errors():
 def test_crash_between_the_two_renames_is_detected_on_load(tmp_path, monkeypatch):
     """Two files cannot be renamed at once: a crash after the weights' rename leaves new weights
     beside the old config. Same rank, other alpha: shapes cannot tell, the settings stamp must."""
-    base = tiny_llama()
+    base = small_llama()
     old = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=8)
     randomize_B_(old)
     lowrank.save_adapter(old, tmp_path)
@@ -279,7 +280,7 @@ def test_crash_between_the_two_renames_is_detected_on_load(tmp_path, monkeypatch
 def test_load_over_a_merged_adapter_refused(tmp_path):
     """New A / B under a weight that holds the old adapter merged would silently keep the old outputs
     (and make unmerge impossible): refused, model unchanged; another adapter name still loads."""
-    base = tiny_llama()
+    base = small_llama()
     model = lowrank.patch_linear(copy.deepcopy(base), rank=4)
     randomize_B_(model)
     lowrank.save_adapter(model, tmp_path)

@@ -1,121 +1,31 @@
-"""NF4 Triton kernels: a single-launch dequantization, and the fused NF4 LoRA matmul.
+"""The fused NF4 LoRA matmul: out = a @ op(deq(W)) + lora_scale * lora_l @ lora_r (+ bias).
 
-Storage (lowrank/nf4.py, bitsandbytes' format): element e of the row-major (N, K) weight is the
-high (e even) or low (e odd) nibble of packed[e // 2], scaled by absmax[e // blocksize].
+The NF4 tiles of W (`lowrank.nf4_format`, bitsandbytes' format) are decoded inside the K loop: no
+dense W in memory. The LoRA expand is one more tl.dot into the same fp32 accumulator, and the
+output is rounded once. Forward: op(W) = W.T (out (M, N), reduce over K); backward: op(W) = W
+(dX (M, K), reduce over N). A decoded weight value is fp32(NF4 * absmax) rounded to the compute
+dtype: the very bits `NF4Weight.dequantize(dtype)` gives, so the only difference with the
+reference path is the order of the fp32 accumulation.
 
-- `dequantize(w, dtype)`: one launch; each program writes a run of whole quantization blocks (or
-  part of one when blocksize > BLOCK), decodes the nested absmax of each block once, and stores
-  the interleaved high/low nibbles contiguously.
-- `nf4_matmul(a, w, absmax, lora_l, lora_r, ...)`: out = a @ op(deq(W)) + lora_scale * lora_l @
-  lora_r (+ bias). The NF4 tiles of W are decoded inside the K-loop (no dense W in memory); the
-  LoRA expand is one more tl.dot into the same fp32 accumulator; the output is rounded once.
-  Forward: op(W) = W.T (out (M, N), reduce over K); backward: op(W) = W (dX (M, K), reduce over
-  N). A decoded weight value is fp32(NF4 * absmax) rounded to the compute dtype: the very bits
-  `NF4Weight.dequantize(dtype)` gives, so the only difference with the reference is the order of
-  the fp32 accumulation.
-- Small M (<= 16): the same kernel with one M-tile and wide reduction tiles, so each 4-bit weight
-  byte is read exactly once, split over the reduction (SPLIT_Q programs per output tile, fp32
-  atomic adds into a workspace, one rounding at the end) so that a decode-size launch still has
-  two programs per SM. The split sums in a run-dependent order: not bitwise reproducible.
+Small M (<= 16): the same kernel with one M tile and wide reduction tiles, so each 4-bit weight
+byte is read exactly once, split over the reduction (SPLIT_Q programs per output tile, fp32
+atomic adds into a workspace, one rounding at the end) so that a decode-size launch still has two
+programs per SM. The split sums in a run-dependent order: not bitwise reproducible.
 
-# Note: no FMA in the nested absmax decode
-bitsandbytes decodes absmax as fp32(fp32(code2[q] * absmax2) + offset): two roundings. Triton
-fuses such a multiply-add into one FMA (one rounding) by default, which changes the last bit of
-some absmax values and then of every weight in the block. The dequant kernel is therefore
-compiled with enable_fp_fusion=False (checked in the sm_90 PTX: `mul.rn.f32` then `add.rn.f32`,
-no `fma`). libdevice's `mul_rn` would also block the fusion, but Triton links it with
-flush-to-zero (`mul.rn.ftz.f32`), which breaks subnormal absmax values. The fused matmul has no
-such pair: its weight decode is a single product.
+Tiles: autotuned for M > 16 under the package's policy (`_common.AUTOTUNE`), else `_config`.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from lowrank.nf4 import NF4Weight, nf4_code
+from lowrank.dtypes import check_dtype
+from lowrank.nf4_format import NF4Weight, nf4_code
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
-    """fp32 -> dtype, round to nearest even. The interpreter truncates fp32 -> bf16 (and its
-    "rtne" mode rounds half up without carrying into the exponent), so there we do it on the bits:
-    exact for finite values, which is all a decoded weight can be."""
-    if MANUAL_BF16 and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
+from ._common import AUTOTUNE, INTERPRET, grouped_pid, m_bucket, num_sms, round_to, tune_bench
 
 
-@triton.jit
-def _nf4_dequant_kernel(
-    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
-    n_elements,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
-):
-    # The program's BLOCK elements as a (ROWS, SPAN) tile: one row per quantization block (or one
-    # row inside a block larger than BLOCK), so each block's absmax is decoded once.
-    SPAN: tl.constexpr = BLOCK if BLOCKSIZE > BLOCK else BLOCKSIZE
-    ROWS: tl.constexpr = BLOCK // SPAN
-    HALF: tl.constexpr = SPAN // 2
-    pid = tl.program_id(0).to(tl.int64)
-    row_start = pid * BLOCK + tl.arange(0, ROWS).to(tl.int64) * SPAN  # (ROWS,) first element
-    blk = row_start // BLOCKSIZE
-    row_ok = row_start < n_elements
-    if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=row_ok, other=0).to(tl.int32)
-        scale2 = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=row_ok, other=0.0)
-        decoded = tl.load(nested_code_ptr + q, mask=row_ok, other=0.0) * scale2
-        absmax = decoded + tl.load(offset_ptr)  # a separate rounding: see the Note on FMA
-    else:
-        absmax = tl.load(absmax_ptr + blk, mask=row_ok, other=0.0)
-    byte_idx = row_start[:, None] // 2 + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
-    n_bytes = (n_elements + 1) // 2
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]
-    lo = tl.load(code_ptr + (byte & 0xF)) * absmax[:, None]
-    vals = tl.interleave(hi, lo)  # (ROWS, SPAN), element order: hi then lo
-    offs = row_start[:, None] + tl.arange(0, SPAN)[None, :]
-    tl.store(out_ptr + offs, _round_to(vals, out_ptr.dtype.element_ty, INTERPRETED), mask=offs < n_elements)
-
-
-def dequantize(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense (N, K) weight, bit-identical to `w.dequantize(dtype)`, in one launch."""
-    dtype = dtype or w.dtype
-    if dtype not in _TL_DTYPES:
-        raise TypeError(f"nf4.dequantize: dtype {dtype} is not supported; use float32, float16 or bfloat16")
-    n = w.numel
-    if out is None:
-        out = torch.empty(w.shape, dtype=dtype, device=w.device)
-    elif out.shape != torch.Size(w.shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"nf4.dequantize: out must be a contiguous {tuple(w.shape)} {dtype} tensor, "
-                         f"got {tuple(out.shape)} {out.dtype}")
-    block = 256 if INTERPRET else 2048
-    grid = (triton.cdiv(n, block),)
-    nested = w.double_quant
-    dummy = w.absmax
-    _nf4_dequant_kernel[grid](
-        w.packed, w.absmax, w.nested_absmax if nested else dummy, w.nested_code if nested else dummy,
-        w.offset if nested else dummy, nf4_code(w.device), out,
-        n,
-        BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize, NESTED=nested, BLOCK=block,
-        INTERPRETED=INTERPRET, enable_fp_fusion=False,
-    )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused NF4 matmul with the LoRA expand in the accumulator
-# ---------------------------------------------------------------------------------------------
 @triton.jit
 def _w_tile_gather(packed_ptr, absmax_ptr, code_ptr, offs_q, offs_p, q_ok, p_ok, K_W,
                    W_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr):
@@ -176,7 +86,7 @@ def _w_tile_aligned(packed_ptr, absmax_ptr, code_ptr, q0, p0, offs_q, offs_p, q_
 @triton.jit
 def _nf4_lora_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
-    M, P, Q, K_W, lora_scale, q_per_split,
+    M, P, Q, K_W, lora_scale, q_per_split, m_bucket,
     stride_am, stride_aq, stride_lm, stride_lr, stride_rr, stride_rp, stride_om, stride_op,
     W_TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr,
     HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
@@ -191,16 +101,8 @@ def _nf4_lora_matmul_kernel(
     SPLIT_Q > 1 (small M): program_id(1) takes q_per_split of Q and atomically adds its fp32
     partial sum into out (an fp32 workspace); split 0 alone adds the LoRA term and the bias.
     """
-    pid = tl.program_id(0)
+    pid_m, pid_p = grouped_pid(M, P, BLOCK_M, BLOCK_P, GROUP_M)
     pid_s = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_p = tl.cdiv(P, BLOCK_P)
-    # Grouped ordering: GROUP_M row tiles share the W tiles they read while those are in L2.
-    group = GROUP_M * num_p
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_p = (pid % group) // size_m
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -221,7 +123,7 @@ def _nf4_lora_matmul_kernel(
         else:
             w = _w_tile_gather(packed_ptr, absmax_ptr, code_ptr, offs_q, offs_p, q_ok, p_ok, K_W,
                                W_TRANSPOSED, BLOCKSIZE)
-        w = _round_to(w, compute_ty, INTERPRETED)  # deq(W)'s bits in the compute dtype
+        w = round_to(w, compute_ty, INTERPRETED)  # deq(W)'s bits in the compute dtype
         if IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
@@ -243,19 +145,20 @@ def _nf4_lora_matmul_kernel(
     if SPLIT_Q > 1:
         tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & p_ok[None, :])
     else:
-        tl.store(out_ptrs, _round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
+        tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
 
 
-# Opt-in (LOWRANK_NF4_AUTOTUNE=1) autotuning for M > 16, until the H200 measurements pick the
-# heuristic configs of `_config`: tiles that compile for sm_90 within its shared memory; Triton's
-# autotuner drops any that do not fit a dtype's path.
+# Autotuned tiles for M > 16 (`_common.AUTOTUNE`): `_config`'s two large-M tiles and neighbours
+# that compile for sm_90 within its shared memory; Triton's autotuner drops any that do not fit a
+# dtype's path.
 _TUNE_CONFIGS = [
     triton.Config(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, GROUP_M=8), num_warps=nw, num_stages=ns)
     for bm, bp, bq, nw, ns in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3),
                                (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)]
 ]
 _nf4_lora_matmul_tuned = triton.autotune(
-    configs=_TUNE_CONFIGS, key=["M", "P", "Q", "W_TRANSPOSED", "ALIGNED", "HAS_LORA"])(_nf4_lora_matmul_kernel)
+    configs=_TUNE_CONFIGS, key=["m_bucket", "P", "Q", "W_TRANSPOSED", "ALIGNED", "HAS_LORA"],
+    do_bench=tune_bench)(_nf4_lora_matmul_kernel)
 
 
 def _pad_rank(t: torch.Tensor, dim: int, r_pad: int) -> torch.Tensor:
@@ -270,16 +173,13 @@ def _pad_rank(t: torch.Tensor, dim: int, r_pad: int) -> torch.Tensor:
 def _split_for(tiles: int, q: int, block_q: int, device) -> int:
     """Splits of the reduction so that a small-M launch has >= 2 programs per SM (a GEMV is
     bandwidth-bound: it needs every SM streaming weight bytes)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(q, block_q)))
+    return max(1, min(triton.cdiv(2 * num_sms(device), tiles), triton.cdiv(q, block_q)))
 
 
 def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligned: bool = True) -> dict:
-    """Tile sizes by M. Not measured yet on the H200; chosen so that sm_90 ptxas reports no
-    register spills in the forward (the heavier direction: it decodes through a 3-D permute):
-    16x64x256 with 4 warps spilled 192 B, with 8 warps it uses 165 registers and none;
-    64x128x64 with 4 warps spilled 56 B, with 8 warps none; 128x128x64 spills 20 B (accepted:
-    the largest tile that fits); 128x256x64 spills 3.8 KB."""
+    """Tile sizes by M, chosen (before any GPU run) as the largest tiles for which sm_90 ptxas
+    reports no register spills in the forward, the heavier direction (it decodes through a 3-D
+    permute); 8 warps where 4 spilled."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1)
     if m <= 16:
@@ -290,21 +190,21 @@ def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligne
     else:
         cfg = dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
     if dtype == torch.float32:
-        # fp32 operands double the staged tiles: 3 stages of the small-M tile need 226 KB of the
-        # H200's 227 KB of shared memory (sm_90 ptxas), 2 stages 151 KB.
+        # fp32 operands double the staged tiles: 3 stages of the small-M tile would fill the
+        # H200's 227 KB of shared memory.
         cfg["num_stages"] = 2
     if not aligned:
-        # The per-element gather tile goes through shared memory for its layout change: with the
-        # aligned path's 16x64x256 tile it needs 264 KB (> 227 KB); 64-wide, 2 stages: 34 KB.
+        # The per-element gather tile goes through shared memory for its layout change: the
+        # aligned path's 16x64x256 tile would not fit in 227 KB.
         cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], 64)
         cfg["num_stages"] = 2
     return cfg
 
 
-def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: bool,
-               lora_l: torch.Tensor | None = None, lora_r: torch.Tensor | None = None,
-               lora_scale: float = 1.0, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+def nf4_lora_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: bool,
+                    lora_l: torch.Tensor | None = None, lora_r: torch.Tensor | None = None,
+                    lora_scale: float = 1.0, bias: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """a (M, Q) @ op(deq(W)) + lora_scale * lora_l (M, r) @ lora_r (r, P) + bias, in a's dtype.
 
     transposed=True: op(W) = W.T (the forward, Q = in_features, P = out_features);
@@ -316,15 +216,14 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
     m, q = a.shape
     p, q_expect = (n_w, k_w) if transposed else (k_w, n_w)
     if q != q_expect:
-        raise ValueError(f"nf4_matmul: a has {q} columns, the NF4 weight {tuple(w.shape)} needs {q_expect}")
-    if a.dtype not in _TL_DTYPES:
-        raise TypeError(f"nf4_matmul: dtype {a.dtype} is not supported")
+        raise ValueError(f"nf4_lora_matmul: a has {q} columns, the NF4 weight {tuple(w.shape)} needs {q_expect}")
+    check_dtype(a.dtype, "nf4_lora_matmul", "a dtype")
     has_lora = lora_l is not None
     r_pad = 16
     if has_lora:
         r = lora_l.shape[1]
         if lora_r.shape != (r, p) or lora_l.shape[0] != m:
-            raise ValueError(f"nf4_matmul: lora_l {tuple(lora_l.shape)} and lora_r {tuple(lora_r.shape)} do not "
+            raise ValueError(f"nf4_lora_matmul: lora_l {tuple(lora_l.shape)} and lora_r {tuple(lora_r.shape)} do not "
                              f"fit ({m}, r) and (r, {p})")
         r_pad = max(16, triton.next_power_of_2(r))
         lora_l = _pad_rank(lora_l.to(a.dtype), 1, r_pad)
@@ -340,12 +239,12 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
     lora_strides = [lora_l.stride(0), lora_l.stride(1), lora_r.stride(0), lora_r.stride(1)] if has_lora else [0] * 4
     consts = dict(W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
                   HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET)
-    if config is None and m > 16 and not INTERPRET and os.environ.get("LOWRANK_NF4_AUTOTUNE") == "1":
+    if config is None and m > 16 and AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), 1)
 
         _nf4_lora_matmul_tuned[grid](
-            *args, out, m, p, q, k_w, float(lora_scale), q,
+            *args, out, m, p, q, k_w, float(lora_scale), q, m_bucket(m),
             a.stride(0), a.stride(1), *lora_strides, out.stride(0), out.stride(1), **consts, SPLIT_Q=1)
         return out
     cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned))
@@ -357,15 +256,10 @@ def nf4_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: 
     split = triton.cdiv(q, q_per_split)
     target = out if split == 1 else torch.zeros(m, p, dtype=torch.float32, device=a.device)
     _nf4_lora_matmul_kernel[(tiles, split)](
-        *args, target, m, p, q, k_w, float(lora_scale), q_per_split,
+        *args, target, m, p, q, k_w, float(lora_scale), q_per_split, m_bucket(m),
         a.stride(0), a.stride(1), *lora_strides, target.stride(0), target.stride(1),
         **consts, SPLIT_Q=split, **cfg,
     )
     if split > 1:
         out.copy_(target)  # the one rounding of the split-Q sum
     return out
-
-
-# The differentiable op over these kernels (both backends) is lowrank/nf4_op.py; its dropout
-# multiplier is re-exported here for the kernel tests.
-from lowrank.nf4_op import dropout_keep  # noqa: E402,F401

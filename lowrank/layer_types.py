@@ -1,0 +1,30 @@
+"""Recognising the linear layers lowrank wraps, without importing the libraries that define them.
+
+Level 0: imports torch only. (`lowrank.lora_linear.is_linear` adds lowrank's own NF4Linear.)
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (weight stored (in, out)), detected without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def is_bnb_linear4bit(module: nn.Module) -> bool:
+    """bitsandbytes' Linear4bit (and its LinearNF4/LinearFP4 subclasses), without importing bitsandbytes."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def is_dense_linear(module: nn.Module) -> bool:
+    """nn.Linear (bitsandbytes' layers subclass it) or a GPT-2 Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or Conv1D."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features

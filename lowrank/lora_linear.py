@@ -1,0 +1,230 @@
+"""LoRALinear: a drop-in wrapper around nn.Linear, transformers' Conv1D or NF4Linear with LoRA
+adapters, including its mixed-batch forward (rows on different adapters, through `lowrank::sgmv`).
+
+Level 3: imports levels 0-3.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .backend import backend_for
+from .config import LoRAConfig
+from .layer_types import is_conv1d, is_dense_linear, linear_dims
+from .nf4_linear import NF4Linear
+from .ops.lora_matmul import lora_linear
+from .ops.sgmv import metadata_for, pack_weights, sgmv
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer LoRALinear can wrap: nn.Linear, GPT-2's Conv1D or lowrank's NF4Linear."""
+    return is_dense_linear(module) or isinstance(module, NF4Linear)
+
+
+class LoRALinear(nn.Module):
+    """base_layer(x) + scaling * dropout(x) @ A.T @ B.T for the active adapter.
+
+    The wrapped layer is kept as `base_layer` (its weight is not copied; `lowrank.unpatch` puts the
+    very same module back). Adapters live in `lora_A[name]` (rank, in_features) and
+    `lora_B[name]` (out_features, rank), in the base weight's dtype and device, so a GPT-2 Conv1D
+    adapter has the same shapes as an nn.Linear one (peft's `fan_in_fan_out`).
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not is_linear(base_layer):
+            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.configs: dict[str, LoRAConfig] = {}
+        # Multi-adapter state (lowrank.adapters): the active adapter's position in `configs` as a
+        # device tensor (-1: none), kept in step with `active_adapter` by its setter, and the
+        # per-row adapter ids of a mixed batch (None outside `lowrank.adapter_ids`).
+        self.register_buffer("_active_index", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self._adapter_ids: torch.Tensor | None = None
+        self.active_adapter: str | None = None
+        # lowrank.merge state: None, or a lowrank.merge.MergeState (which adapter is merged into
+        # base_layer.weight, and the record that makes unmerge bit-exact).
+        self.merged = None
+
+    # -- attributes that code written for nn.Linear reads -------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.__dict__.get("_active_name")
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.configs:
+            raise ValueError(f"no adapter {name!r} on this layer (adapters: {list(self.configs)})")
+        self.__dict__["_active_name"] = name
+        with torch.no_grad():  # in place: a fresh tensor would be a new graph input to torch.compile
+            self._active_index.fill_(-1 if name is None else list(self.configs).index(name))
+
+    def scaling(self, name: str | None = None) -> float:
+        return self.configs[name or self.active_adapter].scaling
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, config: LoRAConfig) -> None:
+        name = config.adapter_name
+        if name in self.configs:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        w = self.base_layer.weight
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        a = torch.empty(config.rank, self.in_features, device=w.device, dtype=dtype)
+        b = torch.zeros(self.out_features, config.rank, device=w.device, dtype=dtype)
+        init_lora_A_(a, config)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.configs[name] = config
+        if self.active_adapter is None:
+            self.active_adapter = name
+
+    def base_weight_nk(self) -> torch.Tensor:
+        """The base weight as (out_features, in_features): a view for Conv1D, no copy."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _takes_mixed_forward(self):  # a mixed batch, or several adapters under torch.compile
+            return _mixed_forward(self, x)
+        name = self.active_adapter
+        if name is None or self.merged:
+            return self.base_layer(x)
+        cfg = self.configs[name]
+        if getattr(self.base_layer, "lora_forward", None) is not None:  # NF4Linear: the fused QLoRA op
+            return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
+                                                cfg.dropout if self.training else 0.0)
+        return lora_linear(
+            x, self.base_weight_nk(), self.lora_A[name], self.lora_B[name], cfg.scaling,
+            bias=self.base_layer.bias, dropout=cfg.dropout if self.training else 0.0,
+        )
+
+    def extra_repr(self) -> str:
+        ranks = {n: c.rank for n, c in self.configs.items()}
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}, "
+                f"active={self.active_adapter!r}, fan_in_fan_out={self.fan_in_fan_out}")
+
+
+def init_lora_A_(a: torch.Tensor, config: LoRAConfig) -> None:
+    """Initialise A in place as peft does (drawn in float32, then cast): kaiming-uniform(a=sqrt(5))
+    or normal(std=1/rank)."""
+    if a.device.type == "meta":
+        return
+    a32 = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    if config.init == "kaiming":
+        nn.init.kaiming_uniform_(a32, a=math.sqrt(5))
+    else:
+        nn.init.normal_(a32, std=1.0 / config.rank)
+    with torch.no_grad():
+        a.copy_(a32)
+
+
+# -- the mixed-batch forward --------------------------------------------------------------------------
+def _takes_mixed_forward(layer) -> bool:
+    """Whether LoRALinear.forward goes through `_mixed_forward`: inside `lowrank.adapter_ids`, or
+    under torch.compile for an unmerged layer with two or more adapters (switching among them then
+    changes a buffer, not a guarded attribute)."""
+    if layer._adapter_ids is not None:
+        return True
+    return len(layer.configs) > 1 and not getattr(layer, "merged", False) and torch.compiler.is_compiling()
+
+
+def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """LoRALinear.forward for mixed batches (`layer._adapter_ids` set by `lowrank.adapter_ids`) and
+    for the active adapter under torch.compile (`layer._active_index`, a buffer, so switching
+    adapters changes data, not a guard). Every adapter of the layer goes into one `lowrank::sgmv`."""
+    names = list(layer.configs)
+    out = layer.base_layer(x)
+    if not names:
+        return out
+    if getattr(layer, "merged", False):
+        raise ValueError("a merged LoRALinear cannot run mixed-adapter batches; unmerge it first")
+    k, n = layer.in_features, layer.out_features
+    x2 = x.reshape(-1, k)  # (M, K)
+    m = x2.shape[0]
+    ids = layer._adapter_ids
+    if ids is None:
+        ids_tok, meta = layer._active_index.expand(m), []
+    else:
+        rows = 1 if x.dim() == 1 else x.shape[0]
+        # A 2-D input may be a (batch * seq, K) flattening of the rows, in row-major order.
+        flat = x.dim() == 2 and ids.shape[0] > 0 and rows % ids.shape[0] == 0
+        if ids.shape[0] != rows and not flat:
+            raise ValueError(f"adapter_ids has {ids.shape[0]} entries but a LoRALinear({k} -> {n}) input has "
+                             f"{rows} rows (shape {tuple(x.shape)}): give one adapter per row (sequence)")
+        ids_tok, meta = _tokens_and_meta(ids, m, len(names), x)
+    cfgs = [layer.configs[a] for a in names]
+    h = x2
+    if layer.training and any(c.dropout > 0.0 for c in cfgs):
+        # Each token gets its own adapter's dropout probability (0 for base tokens).
+        p = torch.tensor([0.0] + [c.dropout for c in cfgs], device=x.device, dtype=torch.float32)
+        valid = (ids_tok >= 0) & (ids_tok < len(cfgs))
+        p_tok = p[torch.where(valid, ids_tok + 1, 0)][:, None]  # (M, 1)
+        keep = torch.rand(x2.shape, device=x.device) >= p_tok
+        h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
+    As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
+    # Not while a CUDA graph is captured: the graph must pack from the live parameters on each
+    # replay, or weights updated in place (load_adapter, an optimizer) would never reach it.
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    packed = _layer_packed(layer, As, Bs) if backend_for(x) == "triton" and not capturing else None
+    # The adapters' dtype can differ from the activations': an NF4 base keeps fp32 adapters in a
+    # bf16 model, and autocast makes the base output bf16 beside fp32 x. As peft does, the LoRA
+    # part runs in the adapters' dtype and the sum comes back in the base output's dtype.
+    dt = As[0].dtype
+    y = sgmv(h.to(dt), out.reshape(-1, n).to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta, packed)
+    return y.view(out.shape).to(out.dtype)
+
+
+def _layer_packed(layer, As, Bs):
+    """The layer's adapters packed for the kernels, cached on the layer.
+
+    # Note: why cache, and when the cache is stale
+    Packing is two concatenations of every adapter of the layer: at 16 adapters of ranks 8-64 on a
+    4096 x 4096 layer that is ~16 MB of bf16 copied per layer per call, plus its launches, which
+    alone would break the 1.2x-of-one-adapter goal. The cache holds the parameters themselves
+    (identity, not id(): a freed tensor's id can be reused), their `_version` (bumped by every
+    in-place update: optimizer steps, load_adapter's copy_, merge) and data_ptr (`p.data = t`).
+    Adding or deleting an adapter changes the list and misses. Cost: one extra copy of the
+    layer's adapter weights. Not used while torch.compile traces (inductor fuses the cat)."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in (*As, *Bs)):
+        return None  # inference tensors have no version counter to key on
+    key = tuple((t, t._version, t.data_ptr()) for t in (*As, *Bs))
+    hit = layer.__dict__.get("_sgmv_packed")
+    if hit is not None and len(hit[0]) == len(key) and all(
+            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(hit[0], key)):
+        return hit[1]
+    packed = pack_weights(As, Bs)
+    layer.__dict__["_sgmv_packed"] = (key, packed)
+    return packed
+
+
+def _tokens_and_meta(ids, m: int, n_adapters: int, x):
+    """Per-token ids and (Triton path) segment metadata for a mixed batch. `lowrank.adapter_ids`
+    gives all layers with the same adapter list one ids tensor: the first layer of a forward
+    builds both and caches them on that tensor, the others reuse them (one sort a batch, not one
+    a layer). The key holds the tensor's version (ids changed in place miss) and whether a CUDA
+    graph is being captured (a capture records its own metadata build, so replays with new ids
+    rebuild it). Not cached while torch.compile traces."""
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (m, n_adapters, str(x.device), ids._version, capturing)
+    cache = None if torch.compiler.is_compiling() else ids.__dict__.setdefault("_lowrank_meta", {})
+    if cache is not None and key in cache:
+        return cache[key]
+    ids_tok = ids if ids.shape[0] == m else ids.repeat_interleave(m // ids.shape[0], output_size=m)
+    meta = metadata_for(ids_tok, n_adapters) if backend_for(x) == "triton" else []
+    if cache is not None:
+        cache[key] = (ids_tok, meta)
+    return ids_tok, meta

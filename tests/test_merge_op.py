@@ -1,0 +1,393 @@
+"""The merge op (lowrank/ops/merge.py, csrc/, and the pure-torch lowrank/ops/merge_torch.py): one
+rounding against float64, the bit-exact unmerge record, bad inputs, torch.library.
+
+The oracle for fp16 / bf16 is `round_once(W64 + s * B64 @ A64)` (tests/oracles.py: a single
+rounding done by numpy, independent of the fallback's own rounding). fp32 weights have no
+single-rounding oracle: they are held to the stated error bound and to the pure-torch emulation of
+the library's fma sequence, bit for bit.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowrank
+from lowrank import native
+from lowrank.ops.merge import _cpu_merge, _factors, _ptr, merge_, unmerge_
+
+from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal, bits
+from tests.models import randomize_lora_, tiny_llama
+from tests.oracles import round_once
+
+HAS_CPU_LIB = native.cpu(warn=False) is not None
+needs_cpu_lib = pytest.mark.skipif(not HAS_CPU_LIB, reason="native CPU library not built (g++ missing?)")
+
+
+def merged_f64(w, a, b, s):
+    """The exact merge rounded once to w's dtype: the oracle for fp16 / bf16."""
+    return round_once(w.double() + s * torch.einsum("nr,rk->nk", b.double(), a.double()), w.dtype)
+
+
+def fp32_bound(w, a, b, s, out):
+    """The documented fp32 error bound, element-wise."""
+    r = a.shape[0]
+    u = 2.0 ** -24
+    gamma = r * u / (1 - r * u)
+    absprod = torch.einsum("nr,rk->nk", b.double().abs(), a.double().abs())
+    return abs(s) * (gamma + 2 * u) * absprod + u * out.double().abs() + 2.0 ** -126
+
+
+def make_weight(n, k, dtype, pad=0, specials=False, scale=0.02, gen=None):
+    """A (n, k) weight with row stride k + pad (padding filled with a sentinel), optionally with
+    NaN / Inf / zero / subnormal / huge entries."""
+    store = torch.empty(n, k + pad, dtype=dtype)
+    store[:, k:] = -7.25  # sentinel: must survive the merge untouched
+    w = store[:, :k]
+    w.copy_(torch.randn(n, k, generator=gen) * scale)
+    if specials and w.numel() >= 6:
+        flat = w.view(-1) if pad == 0 else None
+        idx = torch.randperm(n * k, generator=gen)[:6]
+        vals = [math.nan, math.inf, -math.inf, 0.0, torch.finfo(dtype).tiny / 4, torch.finfo(dtype).max / 2]
+        for i, v in zip(idx.tolist(), vals):
+            w[i // k, i % k] = v
+        del flat
+    return store, w
+
+
+def factors(n, k, r, dtype, mag=0.05, gen=None):
+    a = (torch.randn(r, k, generator=gen) * mag).to(dtype)
+    b = (torch.randn(n, r, generator=gen) * mag).to(dtype)
+    return a, b
+
+
+SCALES = [2.0, 0.5, -1.25, 1.0 / math.sqrt(7), 16.0 / math.sqrt(13), 1e-3, 40.0]
+
+
+def run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    store, w = make_weight(n, k, dtype, pad, specials, gen=gen)
+    a, b = factors(n, k, r, dtype, mag, gen)
+    orig_store = store.clone()
+    w0 = w.clone()
+    rec_idx, rec_val = merge_(w, a, b, s, True)
+    # padding of the row stride untouched
+    assert_bits_equal(store[:, k:], orig_store[:, k:], "row padding")
+    if dtype == torch.float32:
+        err = (w.double() - (w0.double() + s * (b.double() @ a.double()))).abs()
+        finite = torch.isfinite(w0) & torch.isfinite(w)
+        bound = fp32_bound(w0, a, b, s, w)
+        assert bool((err[finite] <= bound[finite]).all()), f"fp32 merge outside its bound: max err {err[finite].max()}"
+    else:
+        assert_bits_equal(w, merged_f64(w0, a, b, s), "merged vs float64 rounded once", nan_payload=False)
+    # NaN / Inf stay where they were
+    assert torch.equal(torch.isnan(w), torch.isnan(w0))
+    inf0 = torch.isinf(w0)
+    assert torch.equal(w[inf0], w0[inf0])
+    # the record: sorted, unique, exactly the elements whose plain round trip fails
+    assert rec_idx.dtype == torch.int32 and rec_val.dtype == dtype
+    assert bool((rec_idx[1:] > rec_idx[:-1]).all())
+    plain = w.clone()
+    unmerge_(plain, a, b, s)
+    fails = (bits(plain) != bits(w0)).flatten().nonzero().squeeze(1).to(torch.int32)
+    assert torch.equal(fails, rec_idx), "record is not exactly the set of failing round trips"
+    assert_bits_equal(rec_val, w0.flatten()[rec_idx.long()], "record values")
+    unmerge_(w, a, b, s, rec_idx, rec_val)
+    assert_bits_equal(store, orig_store, "after unmerge")
+    return rec_idx.numel() / max(w.numel(), 1)
+
+# ---------------------------------------------------------------------------------------------
+# The library against float64
+# ---------------------------------------------------------------------------------------------
+
+@needs_cpu_lib
+@settings(max_examples=60)
+@given(n=st.integers(1, 70), k=st.integers(1, 300), r=st.sampled_from([1, 2, 3, 5, 8, 16, 31, 64]),
+       dtype=st.sampled_from(DTYPES), s=st.sampled_from(SCALES), pad=st.sampled_from([0, 0, 3, 8]),
+       specials=st.booleans(), mag=st.sampled_from([0.05, 0.01, 1.0]), seed=st.integers(0, 2**16))
+def test_merge_matches_float64_and_unmerge_is_exact(n, k, r, dtype, s, pad, specials, mag, seed):
+    run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag)
+
+
+@needs_cpu_lib
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (97, 59, 256), (33, 1025, 17), (300, 7, 4)], ids=str)
+def test_merge_odd_shapes_and_max_rank(shape, dtype):
+    n, k, r = shape
+    run_merge_unmerge(n, k, r, dtype, 2.0, 0, True, seed=n * k + r)
+
+
+@needs_cpu_lib
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_merge_near_rounding_midpoints(dtype):
+    """Weights and deltas built so that W + s*delta lands exactly on, or a hair off, rounding
+    midpoints: the certified fast path must send these to the exact path."""
+    n, k, r = 64, 128, 4
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randint(-64, 64, (n, k), generator=gen).float() / 32).to(dtype)  # coarse values
+    a = torch.zeros(r, k, dtype=dtype)
+    b = torch.zeros(n, r, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    a[0] = eps / 2  # half an ulp at 1.0: exact ties
+    a[1] = (torch.randint(-3, 4, (k,), generator=gen) * eps / 64).to(dtype)  # nudges
+    b[:, 0] = torch.randint(-2, 3, (n,), generator=gen).to(dtype)
+    b[:, 1] = 1
+    w0 = w.clone()
+    rec = merge_(w, a, b, 1.0, True)
+    assert_bits_equal(w, merged_f64(w0, a, b, 1.0), "midpoint cases")
+    unmerge_(w, a, b, 1.0, *rec)
+    assert_bits_equal(w, w0, "midpoint cases after unmerge")
+
+# ---------------------------------------------------------------------------------------------
+# The pure-torch fallback: same numerics, forced
+# ---------------------------------------------------------------------------------------------
+
+@needs_cpu_lib
+@settings(max_examples=20)
+@given(n=st.integers(1, 40), k=st.integers(1, 120), r=st.sampled_from([1, 4, 16]),
+       dtype=st.sampled_from(DTYPES), s=st.sampled_from(SCALES), specials=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_fallback_is_bit_identical_to_library(n, k, r, dtype, s, specials, seed):
+    gen = torch.Generator().manual_seed(seed)
+    _, w = make_weight(n, k, dtype, 0, specials, gen=gen)
+    a, b = factors(n, k, r, dtype, gen=gen)
+    w_lib, w_ref = w.clone(), w.clone()
+    rec_lib = merge_(w_lib, a, b, s, True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LOWRANK_NO_NATIVE", "1")
+        rec_ref = merge_(w_ref, a, b, s, True)
+        assert_bits_equal(w_ref, w_lib, "fallback merge vs library", nan_payload=False)
+        assert torch.equal(rec_ref[0], rec_lib[0])
+        assert_bits_equal(rec_ref[1], rec_lib[1], "record values")
+        unmerge_(w_ref, a, b, s, *rec_ref)
+    assert_bits_equal(w_ref, w, "fallback unmerge")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fallback_alone_matches_float64(dtype, monkeypatch):
+    """The fallback on its own (no library at all) against the oracle and the bound."""
+    monkeypatch.setenv("LOWRANK_NO_NATIVE", "1")
+    frac = run_merge_unmerge(45, 70, 6, dtype, 1.5, 2, True, seed=3)
+    assert frac < 1.0
+
+# ---------------------------------------------------------------------------------------------
+# Cycles, record size, capacity overflow
+# ---------------------------------------------------------------------------------------------
+
+@needs_cpu_lib
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_100_cycles_two_adapters_restore_bit_for_bit(dtype):
+    n, k = 48, 80
+    gen = torch.Generator().manual_seed(7)
+    _, w = make_weight(n, k, dtype, 0, True, gen=gen)
+    adapters = [factors(n, k, 8, dtype, gen=gen) + (2.0,), factors(n, k, 16, dtype, gen=gen) + (0.7,)]
+    w0 = w.clone()
+    merged_once = []
+    for cycle in range(100):
+        a, b, s = adapters[cycle % 2]
+        rec = merge_(w, a, b, s, True)
+        if cycle < 2:
+            merged_once.append(w.clone())
+        else:  # merging the same adapter into the same W gives the same bits every time
+            assert_bits_equal(w, merged_once[cycle % 2], f"merge in cycle {cycle}")
+        unmerge_(w, a, b, s, *rec)
+        assert_bits_equal(w, w0, f"cycle {cycle}")
+
+
+@needs_cpu_lib
+def test_capacity_overflow_leaves_weight_unchanged():
+    lib = native.cpu()
+    n, k, r = 64, 96, 8
+    _, w = make_weight(n, k, torch.bfloat16)
+    a, b = factors(n, k, r, torch.bfloat16)
+    w0 = w.clone()
+    b32, a32, rb, cb, ab = _factors(w, a, b, 2.0)
+    idx = torch.empty(4, dtype=torch.int32)
+    val = torch.empty(4, dtype=torch.bfloat16)
+    count = ctypes.c_int64(0)
+    status = lib.lowrank_cpu_merge(_ptr(w), n, k, k, 2, _ptr(b32), _ptr(a32), r, _ptr(rb), _ptr(cb), ab, 2.0,
+                                   _ptr(idx), _ptr(val), 4, ctypes.byref(count))
+    assert status == native.ERR_CAPACITY
+    assert count.value > 4
+    assert_bits_equal(w, w0, "after a capacity overflow")
+    rec = merge_(w.clone(), a, b, 2.0, True)
+    assert rec[0].numel() == count.value
+
+
+@needs_cpu_lib
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_records_crowded_into_one_threads_rows(dtype):
+    """Each OpenMP thread writes its records into its share of the caller's buffer (capacity x
+    t / threads on) and spills what does not fit: with every record in the first rows and a
+    buffer of exactly the records' size, the first share overflows and the spill must come back
+    in index order, the result identical to a merge with ample room."""
+    lib = native.cpu()
+    n, k, r = 64, 96, 8
+    gen = torch.Generator().manual_seed(11)
+    _, w = make_weight(n, k, dtype, gen=gen)
+    a, b = factors(n, k, r, dtype, mag=0.3, gen=gen)
+    b[8:] = 0  # rows 8.. unchanged by the merge: no record there
+    w0 = w.clone()
+    ref_w = w.clone()
+    ref_idx, ref_val = merge_(ref_w, a, b, 2.0, True)
+    m = ref_idx.numel()
+    assert m > 8 and int(ref_idx.max()) < 8 * k
+    idx = torch.full((m,), -1, dtype=torch.int32)
+    val = torch.zeros(m, dtype=dtype)
+    count = ctypes.c_int64(0)
+    status = _cpu_merge(lib, w, a, b, 2.0, (idx, val, count))
+    assert status == native.OK and count.value == m
+    assert torch.equal(idx, ref_idx)
+    assert_bits_equal(val, ref_val, "record values")
+    assert_bits_equal(w, ref_w, "merged weight")
+    unmerge_(w, a, b, 2.0, idx, val)
+    assert_bits_equal(w, w0, "after unmerge")
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: a clear error and W unchanged
+# ---------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    w = torch.randn(16, 24).bfloat16()
+    a = torch.randn(4, 24).bfloat16() * 0.1
+    b = torch.randn(16, 4).bfloat16() * 0.1
+    return [
+        ("lora_A shape", w, torch.randn(4, 23).bfloat16(), b, 1.0, ValueError, "lora_A"),
+        ("lora_B shape", w, a, torch.randn(15, 4).bfloat16(), 1.0, ValueError, "lora_B"),
+        ("rank mismatch", w, a, torch.randn(16, 5).bfloat16(), 1.0, ValueError, "one r"),
+        ("factor dtypes", w, a, b.half(), 1.0, TypeError, "share a dtype"),
+        ("float64 weight", w.double(), a, b, 1.0, TypeError, "float64"),
+        ("int weight", w.to(torch.int8), a, b, 1.0, TypeError, "int8"),
+        ("device", w, a.to("meta"), b, 1.0, ValueError, "one device"),
+        ("non-contiguous rows", torch.randn(24, 16).bfloat16().t(), a, b, 1.0, ValueError, "contiguous"),
+        ("NaN factor", w, a.clone().fill_(math.nan), b, 1.0, ValueError, "NaN"),
+        ("Inf scaling", w, a, b, math.inf, ValueError, "scaling"),
+        ("rank > 256", torch.randn(300, 300).bfloat16(), torch.randn(257, 300).bfloat16(),
+         torch.randn(300, 257).bfloat16(), 1.0, ValueError, "rank 257"),
+        ("3-D weight", w[None], a, b, 1.0, ValueError, "2-D"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_inputs_raise_and_leave_weight_unchanged(case):
+    _, w, a, b, s, exc, match = case
+    w0 = w.clone()
+    with pytest.raises(exc, match=match):
+        merge_(w, a, b, s, True)
+    with pytest.raises(exc, match=match):
+        unmerge_(w, a, b, s)
+    assert torch.equal(bits(w) if w.dtype.is_floating_point else w, bits(w0) if w.dtype.is_floating_point else w0)
+
+
+def test_bad_record_raises_and_leaves_weight_unchanged():
+    w = torch.randn(8, 8).bfloat16()
+    a, b = factors(8, 8, 2, torch.bfloat16)
+    w0 = w.clone()
+    for idx, val, exc in [(torch.tensor([0, 64], dtype=torch.int32), torch.zeros(2, dtype=torch.bfloat16), ValueError),
+                          (torch.tensor([0], dtype=torch.int64), torch.zeros(1, dtype=torch.bfloat16), TypeError),
+                          (torch.tensor([0], dtype=torch.int32), torch.zeros(1, dtype=torch.float16), TypeError)]:
+        with pytest.raises(exc):
+            unmerge_(w, a, b, 1.0, idx, val)
+        assert_bits_equal(w, w0, "after a bad record")
+
+# ---------------------------------------------------------------------------------------------
+# torch.library
+# ---------------------------------------------------------------------------------------------
+
+def test_ops_namespace():
+    assert lowrank.ops.merge_ is merge_ and lowrank.ops.unmerge_ is unmerge_
+    assert torch.ops.lowrank.merge_.default is not None and torch.ops.lowrank.unmerge_.default is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_opcheck(dtype):
+    w = (torch.randn(20, 36) * 0.02).to(dtype)
+    a, b = factors(20, 36, 4, dtype)
+    torch.library.opcheck(torch.ops.lowrank.merge_.default, (w.clone(), a, b, 2.0, True))
+    torch.library.opcheck(torch.ops.lowrank.merge_.default, (w.clone(), a, b, 2.0, False))
+    rec = merge_(w, a, b, 2.0, True)
+    torch.library.opcheck(torch.ops.lowrank.unmerge_.default, (w.clone(), a, b, 2.0, *rec))
+    torch.library.opcheck(torch.ops.lowrank.unmerge_.default, (w.clone(), a, b, 2.0, None, None))
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA library: built and loadable here, run on the GPU machine
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("LOWRANK_NO_CUDA") == "1",
+                    reason="nvcc not on PATH: setup.py skips the CUDA build")
+def test_cuda_library_built_for_sm80_sm90_and_validates_arguments():
+    lib = native.cuda(warn=False)
+    assert lib is not None, "liblowrank_cuda.so missing or not loadable"
+    info = native.info()["cuda"]
+    assert "sm_80" in info and "sm_90" in info, info
+    # argument checks run before any CUDA call: they work without a driver
+    args = dict(w=ctypes.c_void_p(16), rows=4, cols=4, ldw=4, dtype=2, b=ctypes.c_void_p(16), a=ctypes.c_void_p(16),
+                rank=1, rb=ctypes.c_void_p(16), cb=ctypes.c_void_p(16), ab=0.0, s=1.0)
+    for change, status in [({"rank": 0}, native.ERR_INVALID_ARGUMENT), ({"rank": 257}, native.ERR_INVALID_ARGUMENT),
+                           ({"ldw": 3}, native.ERR_INVALID_ARGUMENT), ({"dtype": 7}, native.ERR_UNSUPPORTED_DTYPE),
+                           ({"s": math.nan}, native.ERR_INVALID_ARGUMENT)]:
+        kw = {**args, **change}
+        got = lib.lowrank_cuda_merge(*kw.values(), None, None, 0, None, None)
+        assert got == status, (change, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (97, 59, 16), (256, 512, 64), (333, 1000, 256), (4096, 4104, 16)],
+                         ids=str)
+def test_cuda_merge_matches_cpu_library_bit_for_bit(shape, dtype):
+    n, k, r = shape
+    gen = torch.Generator().manual_seed(n + k + r)
+    store, w = make_weight(n, k, dtype, pad=8, specials=True, gen=gen)
+    a, b = factors(n, k, r, dtype, gen=gen)
+    w_cpu = w.clone()
+    rec_cpu = merge_(w_cpu, a, b, 1.7, True)
+    store_gpu = store.cuda()
+    w_gpu = store_gpu[:, :k]
+    rec_gpu = merge_(w_gpu, a.cuda(), b.cuda(), 1.7, True)
+    assert_bits_equal(w_gpu.cpu(), w_cpu, "CUDA vs CPU merge", nan_payload=False)
+    assert torch.equal(rec_gpu[0].cpu(), rec_cpu[0])
+    unmerge_(w_gpu, a.cuda(), b.cuda(), 1.7, *rec_gpu)
+    assert_bits_equal(store_gpu.cpu(), store, "CUDA unmerge")
+
+
+@pytest.mark.gpu
+def test_cuda_record_in_row_blocks_and_merged_layer_moved_to_gpu(monkeypatch):
+    """The exact CUDA merge launches on blocks of rows with one reused scratch buffer (forced
+    small here: 7 blocks); and a layer merged on the CPU, then moved with .cuda(), unmerges
+    bit-exactly there (its record follows the weight)."""
+    import importlib
+
+    merge_mod = importlib.import_module("lowrank.ops.merge")
+
+    n, k, r = 200, 136, 16
+    gen = torch.Generator().manual_seed(5)
+    _, w = make_weight(n, k, torch.bfloat16, specials=True, gen=gen)
+    a, b = factors(n, k, r, torch.bfloat16, mag=0.2, gen=gen)
+    w_cpu = w.clone()
+    rec_cpu = merge_(w_cpu, a, b, 1.5, True)
+    monkeypatch.setattr(merge_mod, "_CUDA_RECORD_CHUNK", 30 * k + 5)
+    w_gpu = w.cuda()
+    rec_gpu = merge_(w_gpu, a.cuda(), b.cuda(), 1.5, True)
+    assert_bits_equal(w_gpu.cpu(), w_cpu, "CUDA (row blocks) vs CPU merge", nan_payload=False)
+    assert torch.equal(rec_gpu[0].cpu(), rec_cpu[0])
+    assert_bits_equal(rec_gpu[1].cpu(), rec_cpu[1], "record values")
+
+    layer = lowrank.LoRALinear(nn.Linear(k, n, bias=False).to(torch.bfloat16))
+    layer.add_adapter(lowrank.LoRAConfig(rank=r, alpha=2 * r))
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(w)
+        layer.lora_A["default"].copy_(a)
+        layer.lora_B["default"].copy_(b)
+    lowrank.merge(layer)
+    layer.cuda()
+    lowrank.unmerge(layer)
+    assert_bits_equal(layer.base_layer.weight.detach().cpu(), w, "unmerged on the GPU")

@@ -1,0 +1,203 @@
+"""The NF4 storage format (lowrank/nf4_format.py): bit-exact with bitsandbytes (its CPU backend is
+the oracle), and state-dict exchange with bitsandbytes' Linear4bit both ways."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowrank.nf4_format import BLOCKSIZES, NF4Weight, dynamic_code, nf4_code, quantize_nf4
+
+from tests.bnb_oracle import (BF, bnb, bnb_cpu_dequant_is_right, bnb_dequantize_format, bnb_quantize,  # noqa: F401
+                              bnb_without_compile, make_bnb_linear, needs_bnb)
+from tests.helpers import DTYPE_IDS, DTYPES
+
+
+def assert_same_as_bnb(w, blocksize, double_quant):
+    packed, state = bnb_quantize(w, blocksize, double_quant)
+    ours = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    assert torch.equal(ours.packed, packed), "packed codes differ"
+    assert ours.absmax.dtype == state.absmax.dtype and torch.equal(ours.absmax, state.absmax), "absmax differs"
+    if double_quant:
+        assert torch.equal(ours.nested_absmax, state.state2.absmax), "nested absmax differs"
+        assert torch.equal(ours.offset, state.offset), "offset differs"
+        assert torch.equal(ours.nested_code, state.state2.code), "nested quant map differs"
+    else:
+        assert ours.nested_absmax is None
+    return packed, state, ours
+
+
+def weights(shape, dtype, kind):
+    w = torch.randn(shape)
+    if kind == "tiny":
+        w = w * 1e-30  # below fp16's range; fp32 subnormal-adjacent absmax
+    elif kind == "huge":
+        w = w * 1e30
+    elif kind == "zero-blocks":
+        w.view(-1)[: w.numel() // 2] = 0  # whole blocks of zeros
+    elif kind == "outliers":
+        w.view(-1)[::37] *= 1000
+    if dtype == torch.float16 and kind in ("tiny", "huge"):
+        w = torch.randn(shape) * (1e-6 if kind == "tiny" else 6e4 / 5)
+    return w.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The format
+# --------------------------------------------------------------------------------------------
+@needs_bnb
+def test_tables_match_bitsandbytes():
+    assert torch.equal(nf4_code(), BF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(dynamic_code(), BF.create_dynamic_map())
+
+
+@needs_bnb
+@settings(max_examples=40)
+@given(out_f=st.integers(1, 70), in_f=st.integers(1, 300), blocksize=st.sampled_from(BLOCKSIZES),
+       dtype=st.sampled_from(DTYPES), double_quant=st.booleans(),
+       kind=st.sampled_from(["normal", "tiny", "huge", "zero-blocks", "outliers"]), seed=st.integers(0, 2**16))
+def test_quantize_dequantize_bit_exact(out_f, in_f, blocksize, dtype, double_quant, kind, seed):
+    torch.manual_seed(seed)  # drawn by hypothesis: a saved failure replays the same weight
+    w = weights((out_f, in_f), dtype, kind)
+    packed, state, ours = assert_same_as_bnb(w, blocksize, double_quant)
+    for out_dtype in DTYPES:
+        mine = ours.dequantize(out_dtype)
+        assert mine.dtype == out_dtype and mine.shape == w.shape
+        assert torch.equal(mine, bnb_dequantize_format(packed, state, out_dtype)), out_dtype
+        if bnb_cpu_dequant_is_right(w.shape, blocksize):
+            state.dtype = out_dtype
+            theirs = BF.dequantize_4bit(packed, state, quant_type="nf4")
+            if packed.shape[0] == 1:  # a 1- or 2-element weight: bitsandbytes reads a 1-row A as
+                theirs = theirs.t()   # transposed and returns its output transposed (values equal)
+            assert torch.equal(mine, theirs), out_dtype
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape,blocksize", [((64, 256), 64), ((97, 111), 64), ((33, 200), 32),
+                                             ((300, 520), 256), ((3, 5000), 4096), ((513, 1), 64)])
+def test_bit_exact_fixed_shapes(shape, blocksize, dtype):
+    w = weights(shape, dtype, "normal")
+    packed, state, ours = assert_same_as_bnb(w, blocksize, True)
+    assert torch.equal(ours.dequantize(dtype), bnb_dequantize_format(packed, state, dtype))
+
+
+@needs_bnb
+def test_nested_blocks_span_more_than_256():
+    """More than one nested block (>256 absmax values), with a partial last one."""
+    w = torch.randn(130, 300)  # 610 blocks of 64
+    assert_same_as_bnb(w, 64, True)
+
+
+@needs_bnb
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_chunked_quantization_same_bytes(blocksize, monkeypatch):
+    """Quantization runs in chunks of whole blocks: tiny chunks must give the same bytes."""
+    import lowrank.nf4_format as nf4_mod
+
+    monkeypatch.setattr(nf4_mod, "_CHUNK", {"cpu": 100, "cuda": 100})
+    assert_same_as_bnb(torch.randn(37, 101), blocksize, True)
+
+
+@needs_bnb
+def test_all_zero_weight():
+    w = torch.zeros(8, 64)
+    _, _, ours = assert_same_as_bnb(w, 64, True)
+    assert torch.equal(ours.dequantize(torch.float32), w)
+
+
+def test_dequant_error_is_bounded():
+    """Independent of bitsandbytes: |w - deq(w)| <= half the widest NF4 gap times the block absmax."""
+    w = torch.randn(50, 130, dtype=torch.float64).float()
+    q = quantize_nf4(w, blocksize=64, double_quant=False)
+    gap = (nf4_code()[1:] - nf4_code()[:-1]).max().item() / 2
+    flat = w.view(-1)
+    am = torch.nn.functional.pad(flat.abs(), (0, (-flat.numel()) % 64)).view(-1, 64).amax(1)
+    bound = (gap * am).repeat_interleave(64)[: flat.numel()] * (1 + 1e-6)
+    assert bool(((q.dequantize(torch.float32).view(-1) - flat).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_inf_raise(bad):
+    w = torch.randn(4, 64)
+    w[2, 5] = bad
+    with pytest.raises(ValueError, match=r"NaN/Inf.*\(2, 5\)"):
+        quantize_nf4(w)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_nf4(torch.randn(4, 64), blocksize=48)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_nf4(torch.randn(64))
+    with pytest.raises(TypeError, match="dtype"):
+        quantize_nf4(torch.randn(4, 64).double())
+    with pytest.raises(TypeError, match="dtype"):
+        quantize_nf4(torch.randn(4, 64)).dequantize(torch.float64)
+
+
+@pytest.mark.parametrize("double_quant,bits", [(True, 4 + 8 / 64 + 32 / (64 * 256)), (False, 4 + 32 / 64)])
+def test_bits_per_param(double_quant, bits):
+    q = quantize_nf4(torch.randn(256, 1024), double_quant=double_quant)
+    # + one fp32 offset for the whole weight
+    assert q.nbytes == 256 * 1024 / 2 + (4096 if double_quant else 4 * 4096) + (4 * 16 + 4 if double_quant else 0)
+    assert abs(q.bits_per_param() - bits) < 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# bitsandbytes Linear4bit interchange
+# --------------------------------------------------------------------------------------------
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_from_bnb_state_dict_and_module(double_quant):
+    dense, layer = make_bnb_linear(96, 40, double_quant)
+    sd = layer.state_dict()
+    w_sd = NF4Weight.from_bnb(sd)
+    w_mod = NF4Weight.from_bnb(layer)
+    ours = quantize_nf4(dense.weight.data, double_quant=double_quant)
+    for w in (w_sd, w_mod):
+        assert torch.equal(w.packed, ours.packed) and torch.equal(w.absmax, ours.absmax)
+        assert torch.equal(w.dequantize(torch.float32), ours.dequantize(torch.float32))
+    # our state dict has exactly bitsandbytes' weight keys and values
+    mine = ours.to_bnb_state_dict()
+    theirs = {k: v for k, v in sd.items() if k != "bias"}
+    assert set(mine) == set(theirs)
+    for k in theirs:
+        assert torch.equal(mine[k], theirs[k]), k
+
+
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_to_bnb_round_trip_outputs_identical(double_quant):
+    """Our NF4 -> bnb Linear4bit (from_prequantized) gives bnb's outputs from our weight, and
+    back again we read the same bytes."""
+    # in_features a multiple of the blocksize: bitsandbytes' own CPU forward is wrong otherwise
+    w = torch.randn(48, 192)
+    bias = torch.randn(48)
+    ours = quantize_nf4(w, double_quant=double_quant)
+    sd = ours.to_bnb_state_dict()
+    layer = bnb.nn.Linear4bit(192, 48, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit.from_prequantized(
+        data=sd["weight"], quantized_stats={k: v for k, v in sd.items() if k != "weight"},
+        device="cpu", module=layer)
+    layer.bias = torch.nn.Parameter(bias.clone())
+    layer.train()
+    x = torch.randn(5, 192)
+    with torch.no_grad():
+        y_bnb = layer(x)
+    y_ours = torch.nn.functional.linear(x, ours.dequantize(torch.float32), bias)
+    assert torch.equal(y_bnb, y_ours)
+    back = NF4Weight.from_bnb(layer.state_dict())
+    assert torch.equal(back.packed, ours.packed) and torch.equal(back.absmax, ours.absmax)
+    if double_quant:
+        assert torch.equal(back.offset, ours.offset) and torch.equal(back.nested_absmax, ours.nested_absmax)
+
+
+@needs_bnb
+def test_from_bnb_rejects_fp4():
+    layer = bnb.nn.Linear4bit(64, 8, quant_type="fp4").to("cpu")
+    with pytest.raises(ValueError, match="fp4"):
+        NF4Weight.from_bnb(layer)
+    with pytest.raises(ValueError, match="fp4"):
+        NF4Weight.from_bnb(layer.state_dict())
