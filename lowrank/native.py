@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from .dtypes import check_dtype
+
 ABI_VERSION = 2
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
 
@@ -53,10 +55,10 @@ class NativeError(RuntimeError):
 
 def dtype_code(dtype) -> int:
     """The LOWRANK_DTYPE_* code of a torch dtype; TypeError for anything else."""
-    name = str(dtype).replace("torch.", "")
-    if name not in DTYPE_CODES:
-        raise TypeError(f"native library: unsupported dtype {dtype}; expected float32, float16 or bfloat16")
-    return DTYPE_CODES[name]
+    code = DTYPE_CODES.get(str(dtype).replace("torch.", ""))
+    if code is None:
+        check_dtype(dtype, "native library")  # not one of the three: the package's one TypeError
+    return code
 
 
 def _load(kind: str):

@@ -125,11 +125,15 @@ def test_merge_odd_shapes_and_max_rank(shape, dtype):
     run_merge_unmerge(n, k, r, dtype, 2.0, 0, True, seed=n * k + r)
 
 
-@needs_cpu_lib
+@pytest.mark.parametrize("backend", [pytest.param("library", marks=needs_cpu_lib), "fallback"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_merge_near_rounding_midpoints(dtype):
+def test_merge_near_rounding_midpoints(dtype, backend, monkeypatch):
     """Weights and deltas built so that W + s*delta lands exactly on, or a hair off, rounding
-    midpoints: the certified fast path must send these to the exact path."""
+    midpoints: the library's certified fast path must send these to its exact path, and neither
+    backend may round twice. The third term nudges some ties by 2^-30, below float32's resolution
+    at these magnitudes: rounding to float32 first would land on the tie and round it to even."""
+    if backend == "fallback":
+        monkeypatch.setenv("LOWRANK_NO_NATIVE", "1")
     n, k, r = 64, 128, 4
     gen = torch.Generator().manual_seed(1)
     w = (torch.randint(-64, 64, (n, k), generator=gen).float() / 32).to(dtype)  # coarse values
@@ -138,13 +142,16 @@ def test_merge_near_rounding_midpoints(dtype):
     eps = torch.finfo(dtype).eps
     a[0] = eps / 2  # half an ulp at 1.0: exact ties
     a[1] = (torch.randint(-3, 4, (k,), generator=gen) * eps / 64).to(dtype)  # nudges
+    a[2] = (torch.randint(0, 2, (k,), generator=gen) * 2 - 1) * 2.0 ** -15  # times b[:, 2]: +-2^-30
     b[:, 0] = torch.randint(-2, 3, (n,), generator=gen).to(dtype)
-    b[:, 1] = 1
+    b[:, 1] = (torch.arange(n) % 2).to(dtype)  # rows with the coarse nudges, and rows without
+    b[:, 2] = torch.randint(-1, 2, (n,), generator=gen) * 2.0 ** -15  # +-2^-30 on a third of the rows
     w0 = w.clone()
     rec = merge_(w, a, b, 1.0, True)
     assert_bits_equal(w, merged_f64(w0, a, b, 1.0), "midpoint cases")
     unmerge_(w, a, b, 1.0, *rec)
     assert_bits_equal(w, w0, "midpoint cases after unmerge")
+
 
 # ---------------------------------------------------------------------------------------------
 # The pure-torch fallback: same numerics, forced
