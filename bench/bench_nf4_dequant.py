@@ -21,7 +21,8 @@ from .harness import Record, bench, derived, device_name, measure_copy_bandwidth
 BASELINE = "bitsandbytes"
 
 
-def _bnb():
+def bnb_modules():
+    """(bitsandbytes, bitsandbytes.functional), or (None, None) where it is not installed."""
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bf
@@ -30,18 +31,20 @@ def _bnb():
     return bnb, bf
 
 
-def _record(op, shape, dtype, impl, t, dev, flops=None, nbytes=None, **extra):
+def nf4_record(op, shape, dtype, impl, t, dev, flops=None, nbytes=None, **extra):
+    """A Record with its derived TFLOP/s and GB/s."""
     return Record(op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), impl=impl, median_s=t,
                   derived=derived(t, flops, nbytes), device=device_name(dev), versions=versions(), extra=extra)
 
 
-def _nf4_bytes(n, k):
+def nf4_bytes(n, k):
+    """Bytes of an (n, k) NF4 weight with double quantization at blocksize 64."""
     blocks = n * k // 64
     return n * k // 2 + blocks + 4 * (-(-blocks // 256))
 
 
 def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
-    bnb, bf = _bnb()
+    bnb, bf = bnb_modules()
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
     shapes = [(2048, 2048)] if quick else [(2048, 2048), (4096, 4096), (4096, 11008)]
@@ -54,30 +57,30 @@ def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
     for n, k in shapes:
         shape = {"N": n, "K": k}
         w = torch.randn(n, k, device=dev, dtype=dtype)
-        q4 = _nf4_bytes(n, k)
+        q4 = nf4_bytes(n, k)
         dense_bytes = n * k * 2
         # copy of the dense bf16 weight: the ceiling for a pass that writes it
-        out.append(_record("nf4_dequantize", shape, dtype, "copy", (2 * dense_bytes) / (copy_gbs * 1e9), dev,
+        out.append(nf4_record("nf4_dequantize", shape, dtype, "copy", (2 * dense_bytes) / (copy_gbs * 1e9), dev,
                            nbytes=2 * dense_bytes, note="from measure_copy_bandwidth"))
         t = bench(lambda: quantize_nf4(w), [()], warmup=1, repeat=repeat, device=dev)
-        out.append(_record("nf4_quantize", shape, dtype, "lowrank", t, dev, nbytes=dense_bytes + q4))
+        out.append(nf4_record("nf4_quantize", shape, dtype, "lowrank", t, dev, nbytes=dense_bytes + q4))
         if bf is not None:
             t = bench(lambda: bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"),
                       [()], warmup=1, repeat=repeat, device=dev)
-            out.append(_record("nf4_quantize", shape, dtype, "bitsandbytes", t, dev, nbytes=dense_bytes + q4))
+            out.append(nf4_record("nf4_quantize", shape, dtype, "bitsandbytes", t, dev, nbytes=dense_bytes + q4))
         ours = quantize_nf4(w)
         sets = rotating_inputs(lambda: (quantize_nf4(w),), q4 + dense_bytes, max_sets=8 if on_gpu else 1)
         if on_gpu:
             t = bench(lambda q: nf4_dequantize(q, dtype), sets, repeat=repeat, device=dev)
-            out.append(_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
+            out.append(nf4_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
                                frac_of_copy=(q4 + dense_bytes) / t / 1e9 / copy_gbs))
         t = bench(lambda q: q.dequantize(dtype), sets, repeat=repeat, device=dev)
-        out.append(_record("nf4_dequantize", shape, dtype, "lowrank-torch", t, dev, nbytes=q4 + dense_bytes))
+        out.append(nf4_record("nf4_dequantize", shape, dtype, "lowrank-torch", t, dev, nbytes=q4 + dense_bytes))
         if bf is not None:
             packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
             assert torch.equal(packed, ours.packed) or dev.type == "cuda"
             t = bench(lambda: bf.dequantize_4bit(packed, state, quant_type="nf4"), [()], repeat=repeat, device=dev)
-            out.append(_record("nf4_dequantize", shape, dtype, "bitsandbytes", t, dev, nbytes=q4 + dense_bytes))
+            out.append(nf4_record("nf4_dequantize", shape, dtype, "bitsandbytes", t, dev, nbytes=q4 + dense_bytes))
     return out
 
 

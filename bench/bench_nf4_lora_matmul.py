@@ -18,34 +18,16 @@ import torch
 import lowrank
 from lowrank.nf4_format import quantize_nf4
 
-from .harness import Record, bench, derived, device_name, versions
+from .bench_nf4_dequant import bnb_modules, nf4_bytes, nf4_record
+from .harness import Record, bench
 
 BASELINE = "bitsandbytes"
-
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bf
-    except Exception:  # not installed (e.g. on the GPU machine without its wheel)
-        return None, None
-    return bnb, bf
-
-
-def _record(op, shape, dtype, impl, t, dev, flops=None, nbytes=None, **extra):
-    return Record(op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), impl=impl, median_s=t,
-                  derived=derived(t, flops, nbytes), device=device_name(dev), versions=versions(), extra=extra)
-
-
-def _nf4_bytes(n, k):
-    blocks = n * k // 64
-    return n * k // 2 + blocks + 4 * (-(-blocks // 256))
 
 
 def bench_qlora(quick: bool, device: str) -> list[Record]:
     """QLoRA forward+backward: fused Triton kernels on CUDA (bf16); on the CPU the reference path
     (dequantize + torch, fp32: bf16 GEMMs are slow there) at small shapes, for the record."""
-    bnb, _ = _bnb()
+    bnb, _ = bnb_modules()
     dev = torch.device(device)
     r = 16
     if dev.type == "cuda":
@@ -73,18 +55,18 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
             lowrank.ops.lora_linear(x, w, a, b, 2.0).backward(dy)
 
         t = bench(step_ours, [()], device=dev)
-        out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank", t, dev, flops=flops))
+        out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "lowrank", t, dev, flops=flops))
         if dev.type == "cuda":  # the fixed heuristic tiles (`_config`) against what autotuning picked
             from lowrank.kernels import nf4_lora_matmul as K
 
             tuned, K.AUTOTUNE = K.AUTOTUNE, False
             try:
                 t = bench(step_ours, [()], warmup=2, device=dev)
-                out.append(_record("qlora_fwd_bwd", shape, dtype, "lowrank-heuristic", t, dev, flops=flops))
+                out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "lowrank-heuristic", t, dev, flops=flops))
             finally:
                 K.AUTOTUNE = tuned
         t = bench(step_bf16, [()], device=dev)
-        out.append(_record("qlora_fwd_bwd", shape, dtype, "dense_lora", t, dev, flops=flops))
+        out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "dense_lora", t, dev, flops=flops))
         if bnb is not None:
             try:
                 from peft import LoraConfig, get_peft_model
@@ -103,19 +85,19 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
                     pm(x).backward(dy)
 
                 t = bench(step_peft, [()], device=dev)
-                out.append(_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", t, dev, flops=flops))
+                out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", t, dev, flops=flops))
             except Exception as exc:  # record why the baseline is missing rather than fail the run
-                out.append(_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", float("nan"), dev, error=repr(exc)))
+                out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", float("nan"), dev, error=repr(exc)))
         # M = 1 (decode): the 4-bit weight is the traffic
         x1 = torch.randn(1, k, device=dev, dtype=dtype)
         s1 = {"M": 1, "K": k, "N": n}
         with torch.no_grad():
             t = bench(lambda: lowrank.ops.nf4_lora_linear(x1, nf4, a, b, 2.0), [()], device=dev)
-            out.append(_record("nf4_gemv", s1, dtype, "lowrank", t, dev, nbytes=_nf4_bytes(n, k)))
+            out.append(nf4_record("nf4_gemv", s1, dtype, "lowrank", t, dev, nbytes=nf4_bytes(n, k)))
             if bnb is not None:
                 qw, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
                 t = bench(lambda: bnb.matmul_4bit(x1, qw.t(), quant_state=qs), [()], device=dev)
-                out.append(_record("nf4_gemv", s1, dtype, "bitsandbytes", t, dev, nbytes=_nf4_bytes(n, k)))
+                out.append(nf4_record("nf4_gemv", s1, dtype, "bitsandbytes", t, dev, nbytes=nf4_bytes(n, k)))
     return out
 
 
