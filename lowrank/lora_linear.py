@@ -35,7 +35,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         if not is_linear(base_layer):
-            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+            raise TypeError(f"LoRALinear wraps nn.Linear, transformers Conv1D or lowrank.NF4Linear, got "
+                            f"{type(base_layer).__name__}")
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.in_features, self.out_features = linear_dims(base_layer)
@@ -104,7 +105,7 @@ class LoRALinear(nn.Module):
         if name is None or self.merged:
             return self.base_layer(x)
         cfg = self.configs[name]
-        if getattr(self.base_layer, "lora_forward", None) is not None:  # NF4Linear: the fused QLoRA op
+        if isinstance(self.base_layer, NF4Linear):  # the fused QLoRA op
             return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
                                                 cfg.dropout if self.training else 0.0)
         return lora_linear(
