@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -80,14 +79,15 @@ def round_to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
         return x.to(dtype)
 
 
-def _bf16_bits_to_f32(bits):
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def patch_bf16_dot() -> bool:
     """Patch the interpreter's `InterpreterBuilder.create_dot` once (see the Note above); returns
-    True if the patch is in place."""
+    True if the patch is in place. numpy and the interpreter are imported here: a GPU run of the
+    kernels needs neither."""
+    import numpy as np
     from triton.runtime import interpreter
+
+    def _bf16_bits_to_f32(bits):
+        return (bits.astype(np.uint32) << 16).view(np.float32)
 
     builder = interpreter.InterpreterBuilder
     if getattr(builder.create_dot, "_lowrank_bf16_patch", False):

@@ -148,17 +148,35 @@ def _nf4_lora_matmul_kernel(
         tl.store(out_ptrs, round_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
 
 
-# Autotuned tiles for M > 16 (`_common.AUTOTUNE`): `_config`'s two large-M tiles and neighbours
-# that compile for sm_90 within its shared memory; Triton's autotuner drops any that do not fit a
-# dtype's path.
+# Autotuned tiles for M > 16 (`_common.AUTOTUNE`): `_config`'s two large-M tiles and neighbours,
+# adapted per launch by `_prune_tuned` to the shared-memory rules `_config` follows (every pruned
+# set is compiled for sm_90 by the tests).
 _TUNE_CONFIGS = [
     triton.Config(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, GROUP_M=8), num_warps=nw, num_stages=ns)
     for bm, bp, bq, nw, ns in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3),
                                (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)]
 ]
+
+
+def _prune_tuned(configs, nargs, **kwargs):
+    """The candidates for one launch, held to `_config`'s shared-memory rules: fp32 operands (IEEE)
+    at 2 stages; the unaligned gather tile at BLOCK_Q <= 64 and 2 stages."""
+    out = []
+    for c in configs:
+        kw, stages = dict(c.kwargs), c.num_stages
+        if kwargs.get("IEEE"):
+            stages = 2
+        if not kwargs.get("ALIGNED", True):
+            kw["BLOCK_Q"], stages = min(kw["BLOCK_Q"], 64), 2
+        cfg = triton.Config(kw, num_warps=c.num_warps, num_stages=stages)
+        if all(cfg.kwargs != o.kwargs or (cfg.num_warps, cfg.num_stages) != (o.num_warps, o.num_stages) for o in out):
+            out.append(cfg)
+    return out
+
+
 _nf4_lora_matmul_tuned = triton.autotune(
     configs=_TUNE_CONFIGS, key=["m_bucket", "P", "Q", "W_TRANSPOSED", "ALIGNED", "HAS_LORA"],
-    do_bench=tune_bench)(_nf4_lora_matmul_kernel)
+    prune_configs_by={"early_config_prune": _prune_tuned}, do_bench=tune_bench)(_nf4_lora_matmul_kernel)
 
 
 def _pad_rank(t: torch.Tensor, dim: int, r_pad: int) -> torch.Tensor:

@@ -31,9 +31,10 @@ LEVELS = {
     "lowrank": 5, "lowrank.cli": 5,
 }
 LEVEL_NAMES = ["base", "kernels", "ops", "modules", "model", "entry"]
-# What a function body may import: dependencies lowrank runs without (each use says why), and
-# the Triton kernels, which the ops import on their Triton path only.
-OPTIONAL = {"triton", "transformers", "bitsandbytes", "peft", "matplotlib"}
+# What a function body may import: dependencies lowrank runs without (each use says why; numpy
+# only for Triton's CPU interpreter), and the Triton kernels, which the ops import on their Triton
+# path only.
+OPTIONAL = {"triton", "numpy", "transformers", "bitsandbytes", "peft", "matplotlib"}
 LAZY_OK = ("lowrank.kernels",)
 
 

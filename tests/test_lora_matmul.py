@@ -71,11 +71,20 @@ def baseline(x, w, a, b, s, bias, mask, dy):
     return y, t, dx, da, db
 
 
+def dropout_mask(seed: int, m: int, k: int, p: float) -> torch.Tensor:
+    """The kernels' dropout multiplier for `seed`: from the Philox oracle (numpy), except for
+    GPU-sized masks on a GPU, which come from the kernels' own mask launcher (numpy Philox takes
+    about 2 s for 2048 x 4096; test_kernel_dropout_mask_is_philox pins that launcher to the oracle)."""
+    if DEV == "cuda" and m * k > 1 << 16:
+        return lm.dropout_mask(torch.tensor([seed], dtype=torch.int64, device=DEV), m, k, p)
+    return lora_dropout_mask(seed, m, k, p).to(DEV)
+
+
 def check_all(m, k, n, r, dtype, bias, dropout, x_layout="contiguous", w_layout="contiguous",
               need_dx=True, split_k=None, split_n=None, split_m=None, scaling=0.75, gen_seed=0, small_m=None):
     x, w, a, b, bb, dy = make_case(m, k, n, r, dtype, bias, x_layout, w_layout, gen_seed=gen_seed)
     seed = torch.tensor([1234 + gen_seed], dtype=torch.int64, device=DEV) if dropout else None
-    mask = lora_dropout_mask(1234 + gen_seed, m, k, dropout).to(DEV) if dropout else None
+    mask = dropout_mask(1234 + gen_seed, m, k, dropout) if dropout else None
     out = poison_(torch.empty(m, n, dtype=dtype, device=DEV))
     with mock.patch.object(lm, "_empty", _nan_empty):
         y, t = lm.lora_forward(x, w, a, b, scaling, bb, dropout, seed, out=out, split_k=split_k, small_m=small_m)

@@ -16,6 +16,7 @@ from tests.helpers import DTYPE_IDS, DTYPES, assert_close, examples, poison_, sa
 from tests.oracles import lora_linear_f64, lora_linear_grads_f64, nf4_dropout_mask
 
 K = pytest.importorskip("lowrank.kernels.nf4_lora_matmul", reason="needs Triton")
+nf4_dequant = pytest.importorskip("lowrank.kernels.nf4_dequant", reason="needs Triton")
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 
@@ -45,7 +46,7 @@ def test_fused_forward_kernel(m, n, k, r, dtype, blocksize, bias, scaling, seed)
     if bias_t is not None:
         ref = ref + bias_t.double()
     baseline = lora_linear_reference(x, wd, a, b, scaling, bias_t)
-    assert_close(out, ref, baseline, name="nf4_matmul forward")
+    assert_close(out, ref, baseline, name="nf4_lora_matmul forward")
 
 
 @settings(max_examples=examples(20))
@@ -62,7 +63,7 @@ def test_fused_dx_kernel(m, n, k, r, dtype, seed):
     K.nf4_lora_matmul(dy, w, w.block_absmax(), False, dt, a, 1.0, out=out)
     ref = dy.double() @ wd.double() + dt.double() @ a.double()
     baseline = torch.addmm(dy @ wd, dt, a)
-    assert_close(out, ref, baseline, name="nf4_matmul dX")
+    assert_close(out, ref, baseline, name="nf4_lora_matmul dX")
 
 
 CONFIGS = {
@@ -95,7 +96,7 @@ def test_fused_aligned_tiles(config, blocksize, k, transposed):
         K.nf4_lora_matmul(dy, w, w.block_absmax(), False, dt, a, 1.0, out=out, config=CONFIGS[config])
         ref = dy.double() @ wd.double() + dt.double() @ a.double()
         baseline = torch.addmm(dy @ wd, dt, a)
-    assert_close(out, ref, baseline, name=f"nf4_matmul {config}")
+    assert_close(out, ref, baseline, name=f"nf4_lora_matmul {config}")
 
 
 def test_fused_aligned_exact_products():
@@ -117,10 +118,25 @@ def test_fused_aligned_exact_products():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_fused_gpu_shapes(m, dtype):
     """Real tile configs (small-M path included) and Llama-like sizes on the GPU."""
+    check_gpu_shape(m, dtype)
+
+
+@pytest.mark.gpu
+def test_autotuned_path_gpu(monkeypatch):
+    """The default launch for M > 16 on a GPU picks its tiles by autotuning (gpu_check.sh turns that
+    off for the other tests): the chosen tiles give the same result, forward and dX."""
+    monkeypatch.setattr(K, "AUTOTUNE", True)
+    calls, real = [], K._nf4_lora_matmul_tuned.run
+    monkeypatch.setattr(K._nf4_lora_matmul_tuned, "run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    check_gpu_shape(300, torch.bfloat16)
+    assert len(calls) == 2, "forward and dX did not go through the autotuner"
+
+
+def check_gpu_shape(m, dtype):
     n, k, r = 1536, 2048, 16
     w, x, a, b, bias_t = fused_case(m, n, k, r, dtype, device="cuda")
     wd = w.dequantize(dtype)
-    assert torch.equal(lowrank.ops.nf4_dequantize(w, dtype), wd)
+    assert torch.equal(nf4_dequant.dequantize(w, dtype), wd)
     t = x @ a.t()
     out = poison_(torch.empty(m, n, dtype=dtype, device="cuda"))
     K.nf4_lora_matmul(x, w, w.block_absmax(), True, t, b.t(), 2.0, bias_t, out=out)
@@ -158,7 +174,7 @@ def test_autotuned_launch_plumbing(transposed, monkeypatch):
     wd = w.dequantize(torch.float32).double()
     ref = x.double() @ (wd.t() if transposed else wd) + 2.0 * t.double() @ r.double()
     base = x @ (w.dequantize(torch.float32).t() if transposed else w.dequantize(torch.float32)) + 2.0 * t @ r
-    assert_close(out, ref, base, name="autotuned nf4_matmul")
+    assert_close(out, ref, base, name="autotuned nf4_lora_matmul")
 
 
 def op_case_grads(m_shape, n, k, r, dtype, scaling, dropout, bias=True, device=DEV):
@@ -322,10 +338,17 @@ target = GPUTarget("cuda", 90, 32)  # the H200
 mm = ["a_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "l_ptr", "r_ptr", "bias_ptr", "out_ptr"]
 ints = ["M", "P", "Q", "K_W"]
 strides = ["stride_am", "stride_aq", "stride_lm", "stride_lr", "stride_rr", "stride_rp", "stride_om", "stride_op"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The fixed tiles of `_config` ...
 variants = [("bf16", t, a, m) for t in (True, False) for a in (True, False) for m in (1, 4096)]
 variants += [("fp16", True, True, 64), ("fp32", False, True, 4096), ("fp32", True, True, 1), ("fp32", True, False, 1)]
-for dtype, transposed, aligned, m in variants:
-    cfg = K._config(m, False, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], aligned)
+jobs = [(d, t, a, m, K._config(m, False, DTYPES[d], a)) for d, t, a, m in variants]
+# ... and every autotuning candidate, as `_prune_tuned` adapts it to the launch (M > 16).
+for d, t, a in [("bf16", True, True), ("bf16", False, True), ("bf16", True, False), ("fp32", True, True),
+                ("fp32", False, False)]:
+    for c in K._prune_tuned(K._TUNE_CONFIGS, {}, IEEE=d == "fp32", ALIGNED=a):
+        jobs.append((d, t, a, 4096, dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)))
+for dtype, transposed, aligned, m, cfg in jobs:
     split = 3 if m == 1 else 1
     sig = {"a_ptr": f"*{dtype}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
            "l_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
@@ -338,17 +361,17 @@ for dtype, transposed, aligned, m in variants:
     sig.update({c: "constexpr" for c in ce})
     opts = {k: v for k, v in cfg.items() if not k.isupper()}
     k = triton.compile(ASTSource(K._nf4_lora_matmul_kernel, sig, ce), target=target, options=opts)
-    assert k.asm["cubin"], (dtype, transposed, aligned, m)
-    assert k.metadata.shared <= 232448, (dtype, transposed, aligned, m, k.metadata.shared)  # sm_90: 227 KB
+    assert k.asm["cubin"], (dtype, transposed, aligned, m, cfg)
+    assert k.metadata.shared <= 232448, (dtype, transposed, aligned, m, cfg, k.metadata.shared)  # sm_90: 227 KB
 print("compiled ok")
 """
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels compile and run in the tests above")
 def test_kernel_compiles_for_sm90():
-    """Compile every variant of the fused kernel for sm_90 (Triton's bundled ptxas, no GPU needed):
-    the paths the interpreter never takes (tensor-core dots, real layouts, atomics) at least build,
-    within the H200's shared memory."""
+    """Compile every variant of the fused kernel for sm_90 (Triton's bundled ptxas, no GPU needed),
+    with the fixed tiles and with every autotuning candidate: the paths the interpreter never takes
+    (tensor-core dots, real layouts, atomics) at least build, within the H200's shared memory."""
     import os
     import subprocess
     import sys
