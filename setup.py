@@ -29,6 +29,32 @@ def _run(cmd):
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
 
+MANIFEST_NAME = "manifest.json"  # lowrank/native.py checks each library against it before mapping it
+
+
+def _record_in_manifest(out_dir, lib_path):
+    """Write lib_path's size and SHA-256 into out_dir/manifest.json (atomically): lowrank maps only a
+    library that matches what the build wrote."""
+    import hashlib
+    import json
+
+    manifest = os.path.join(out_dir, MANIFEST_NAME)
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            entries = json.load(f)
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    with open(lib_path, "rb") as f:
+        data = f.read()
+    entries[os.path.basename(lib_path)] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    tmp = manifest + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(tmp, manifest)
+
+
 def build_native(out_dir):
     """Compile csrc/ into out_dir/liblowrank_cpu.so and (with nvcc) liblowrank_cuda.so."""
     if os.environ.get("LOWRANK_NO_NATIVE") == "1":
@@ -42,6 +68,7 @@ def build_native(out_dir):
         arch = ["-march=x86-64-v2"] if _is_x86() else []
         _run([cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", *arch,
               "-I", CSRC, os.path.join(CSRC, "merge_cpu.cpp"), "-o", cpu_out])
+        _record_in_manifest(out_dir, cpu_out)
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"lowrank: CPU native library not built ({exc}); using the torch fallback")
 
@@ -58,6 +85,7 @@ def build_native(out_dir):
         _run([nvcc, "-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC", "-cudart=static",
               f'-DLOWRANK_CUDA_ARCHS="{arch_names}"', *gencode, "-I", CSRC,
               os.path.join(CSRC, "merge_cuda.cu"), "-o", os.path.join(out_dir, "liblowrank_cuda.so")])
+        _record_in_manifest(out_dir, os.path.join(out_dir, "liblowrank_cuda.so"))
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"lowrank: CUDA native library not built ({exc}); using Triton/torch instead")
 
@@ -95,7 +123,7 @@ setup(
     # kernels/ sits at the top level of the repo but must never install as a top-level
     # `kernels` module (the name is taken on PyPI): map it under the package.
     package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels"},
-    package_data={"lowrank": ["_lib/*.so"]},
+    package_data={"lowrank": ["_lib/*.so", "_lib/manifest.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import json
 import os
 import warnings
 
@@ -20,6 +22,7 @@ from .dtypes import check_dtype
 
 ABI_VERSION = 2
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
+MANIFEST_NAME = "manifest.json"  # written by setup.py beside the libraries: {file: {size, sha256}}
 
 # Status codes and dtype codes: keep in sync with csrc/lowrank.h.
 OK = 0
@@ -61,23 +64,53 @@ def dtype_code(dtype) -> int:
     return code
 
 
+def _verify(path: str) -> str | None:
+    """Why the file at `path` must not be mapped, or None. The build writes MANIFEST_NAME beside
+    the libraries with each one's size and SHA-256: a truncated or replaced file would otherwise be
+    mapped and could kill the process (SIGBUS) at its first call, beyond any fallback."""
+    name = os.path.basename(path)
+    manifest = os.path.join(os.path.dirname(path), MANIFEST_NAME)
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            entry = json.load(f)[name]
+        size, digest = int(entry["size"]), str(entry["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest} does not vouch for {name} ({type(exc).__name__}: {exc}); rebuild the library"
+    actual = os.path.getsize(path)
+    if actual != size:
+        return f"{path} has {actual} bytes, the build wrote {size} (truncated or replaced); rebuild it"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != digest:
+        return f"{path} differs from the file the build wrote (SHA-256 mismatch); rebuild it"
+    return None
+
+
 def _load(kind: str):
     path = os.path.join(LIB_DIR, f"liblowrank_{kind}.so")
     if not os.path.exists(path):
         return None, f"{path} does not exist (the {kind} build was skipped or failed at install)"
+    why = _verify(path)
+    if why is not None:
+        return None, why
     try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
         return None, f"cannot load {path}: {exc}"
-    version = getattr(lib, f"lowrank_{kind}_abi_version")
-    version.restype = ctypes.c_int
-    if version() != ABI_VERSION:
-        return None, f"{path} has ABI version {version()}, this package expects {ABI_VERSION} (rebuild it)"
-    info = getattr(lib, f"lowrank_{kind}_build_info")
-    info.restype = ctypes.c_char_p
-    if kind == "cuda":
-        lib.lowrank_cuda_last_error.restype = ctypes.c_char_p
-    _declare_merge(lib, kind)
+    try:
+        version = getattr(lib, f"lowrank_{kind}_abi_version")
+        version.restype = ctypes.c_int
+        if version() != ABI_VERSION:
+            return None, f"{path} has ABI version {version()}, this package expects {ABI_VERSION} (rebuild it)"
+        info = getattr(lib, f"lowrank_{kind}_build_info")
+        info.restype = ctypes.c_char_p
+        if kind == "cuda":
+            lib.lowrank_cuda_last_error.restype = ctypes.c_char_p
+        _declare_merge(lib, kind)
+    except AttributeError as exc:  # a valid library, but not this one: a symbol is missing
+        return None, f"{path} lacks an entry point of the ABI ({exc}); rebuild it"
     return lib, None
 
 
