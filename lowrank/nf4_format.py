@@ -341,14 +341,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_finite(weight: torch.Tensor, where: str) -> None:
-    # min/max propagate NaN and expose +-Inf: 5x cheaper than isfinite().all() on bf16.
-    lo, hi = torch.aminmax(weight.detach())
-    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        return
-    _raise_not_finite(weight, where)
-
-
 def _raise_not_finite(weight: torch.Tensor, where: str) -> None:
     bad = ~torch.isfinite(weight)
     if bool(bad.any()):
@@ -384,6 +376,9 @@ def _quantize_dynamic(values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
     absmax = x.abs().amax(dim=1)
     zero = absmax == 0
     scaled = torch.clamp(x * (1.0 / torch.where(zero, torch.ones_like(absmax), absmax))[:, None], -1, 1)
+    # A subnormal absmax has an infinite fp32 reciprocal: values become +-Inf (clamped to +-1) and
+    # zeros become NaN, which bitsandbytes' CPU quantizer turns into code 0, as index 0 does here.
+    scaled = torch.nan_to_num(scaled, nan=-1.0)
     index = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)  # fp32 ops, then truncation
     codes = _dynamic_lut(values.device)[index].to(torch.uint8)
     codes[zero] = 0
@@ -415,9 +410,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     bounds = _midpoints(nf4_code(weight.device))
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
-    cap = _CHUNK.get(weight.device.type, _CHUNK["cuda"])
-    chunk = min(cap, max(_MIN_CHUNK, n * weight.element_size() // (2 * _TEMP_BYTES)))
-    step = max(chunk // blocksize, 1) * blocksize  # a multiple of blocksize, hence even
+    step = _chunk_step(weight, blocksize)
     for start in range(0, n, step):
         codes, am = _quantize_4bit_chunk(flat[start:start + step], blocksize, bounds)
         if codes.numel() % 2:
@@ -429,8 +422,54 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     out = NF4Weight(packed=packed.view(-1, 1), absmax=absmax, shape=tuple(weight.shape), dtype=weight.dtype,
                     blocksize=blocksize)
     if double_quant:
-        offset = absmax.mean()
-        qabsmax, nested = _quantize_dynamic(absmax - offset)
+        qabsmax, nested, offset = _double_quant(absmax, "quantize_nf4", weight)
         out = replace(out, absmax=qabsmax, nested_absmax=nested, nested_code=dynamic_code(weight.device).clone(),
                       offset=offset)
     return out
+
+
+def _chunk_step(weight: torch.Tensor, blocksize: int) -> int:
+    """Elements per chunk of a pass over `weight` (a multiple of blocksize, hence even): temporaries
+    under half the layer's dense bytes, and at most _CHUNK[device]."""
+    cap = _CHUNK.get(weight.device.type, _CHUNK["cuda"])
+    chunk = min(cap, max(_MIN_CHUNK, weight.numel() * weight.element_size() // (2 * _TEMP_BYTES)))
+    return max(chunk // blocksize, 1) * blocksize
+
+
+def _double_quant(absmax: torch.Tensor, where: str, weight: torch.Tensor):
+    """(uint8 codes, nested absmax, offset) of bitsandbytes' double quantization of the fp32 block
+    maxima. ValueError where its statistics are not finite: the mean of block maxima near float32's
+    largest value overflows (bitsandbytes then stores an Inf offset and decodes NaN weights), and a
+    decoded maximum may round past it."""
+    offset = absmax.mean()
+    qabsmax, nested = _quantize_dynamic(absmax - offset)
+    decoded = dynamic_code(absmax.device)[qabsmax.long()] * nested.repeat_interleave(NESTED_BLOCKSIZE)[: absmax.numel()]
+    if not bool(torch.isfinite(offset) & torch.isfinite(decoded + offset).all()):
+        raise ValueError(f"{where}: the weight of shape {tuple(weight.shape)} has block maxima up to "
+                         f"{absmax.max().item():.3g}, too close to float32's largest value for double "
+                         f"quantization (their mean or a decoded maximum overflows to Inf); quantize it "
+                         f"with double_quant=False")
+    return qabsmax, nested, offset
+
+
+@torch.no_grad()
+def check_quantizable(weight: torch.Tensor, blocksize: int, double_quant: bool, where: str) -> None:
+    """ValueError, naming `where`, unless `quantize_nf4(weight, blocksize, double_quant)` would
+    succeed: every element finite, and the double-quantization statistics too. A pass over the
+    weight in chunks, without codes: what `patch_linear(quantize="nf4")` runs on every layer before
+    it swaps the first one."""
+    flat = weight.detach().contiguous().view(-1)
+    n = flat.numel()
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
+    step = _chunk_step(weight, blocksize)
+    for start in range(0, n, step):
+        x = flat[start:start + step]
+        full = (x.numel() // blocksize) * blocksize
+        b0 = start // blocksize
+        absmax[b0: b0 + full // blocksize] = x[:full].view(-1, blocksize).abs().amax(dim=1).float()
+        if full < x.numel():
+            absmax[-1] = x[full:].abs().max().float()
+    if not bool(torch.isfinite(absmax).all()):  # NaN / Inf anywhere make their block's maximum so
+        _raise_not_finite(weight, where)
+    if double_quant:
+        _double_quant(absmax, where, weight)

@@ -93,7 +93,7 @@ def _list_linear(found) -> str:
 def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                  targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
                  init: str = "kaiming", adapter_name: str = "default", quantize: str | None = None,
-                 compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
+                 compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                  double_quant: bool = True) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
@@ -103,10 +103,13 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     built, before the model is touched: on error the model is unchanged.
 
     QLoRA: quantize="nf4" replaces each selected dense layer by a `lowrank.NF4Linear`
-    (bitsandbytes' NF4 format, `blocksize`, `double_quant`; matmuls in `compute_dtype`), one layer
-    at a time, releasing each dense weight as it goes (`unpatch` then gives back the NF4Linear
-    layers, not the dense ones). Selected bitsandbytes Linear4bit (nf4) layers are adopted as
-    they are, quantize or not. All checks (NaN/Inf weights included) run before the first swap.
+    (bitsandbytes' NF4 format, `blocksize`, `double_quant`; matmuls in `compute_dtype`, default
+    bfloat16), one layer at a time, releasing each dense weight as it goes (`unpatch` then gives
+    back the NF4Linear layers, not the dense ones). Selected bitsandbytes Linear4bit (nf4) layers
+    are adopted as they are, quantize or not, with their own compute dtype unless `compute_dtype`
+    is given. Everything that could make quantizing fail (NaN/Inf, block maxima whose double
+    quantization would overflow) is checked on every layer before the first swap; an error after
+    it (out of memory) says which layers were converted.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")

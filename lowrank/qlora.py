@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from .dtypes import check_dtype
-from .layer_types import is_bnb_linear4bit, is_dense_linear
+from .layer_types import is_bnb_linear4bit, is_conv1d, is_dense_linear
 from .lora_linear import LoRALinear
-from .nf4_format import BLOCKSIZES, check_finite
+from .nf4_format import BLOCKSIZES, check_quantizable
 from .nf4_linear import NF4Linear
 
 QUANTIZE_CHOICES = (None, "nf4")
@@ -23,7 +23,8 @@ QUANTIZE_CHOICES = (None, "nf4")
 def check_quantize_args(quantize, compute_dtype, blocksize, double_quant) -> None:
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
-    check_dtype(compute_dtype, "patch_linear", "compute_dtype")
+    if compute_dtype is not None:
+        check_dtype(compute_dtype, "patch_linear", "compute_dtype")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     if not isinstance(double_quant, bool):
@@ -51,7 +52,7 @@ def quantize_targets(model: nn.Module, chosen: list, quantize, compute_dtype, bl
                 # an earlier dense patch: quantize its base layer in place, keep its adapters
                 if getattr(module, "merged", False):
                     raise ValueError(f"layer {path} is merged; unmerge it before quantizing its base weight")
-                _check_weight(path, base)
+                _check_weight(path, base, blocksize, double_quant)
                 plan.append((path, module, parent, attr, "quantize-base"))
             else:
                 plan.append((path, module, parent, attr, None))
@@ -63,39 +64,59 @@ def quantize_targets(model: nn.Module, chosen: list, quantize, compute_dtype, bl
                                  f"can be adopted")
             plan.append((path, module, parent, attr, "adopt"))
         elif quantize == "nf4" and not isinstance(module, NF4Linear) and _is_dense(module):
-            _check_weight(path, module)
+            _check_weight(path, module, blocksize, double_quant)
             plan.append((path, module, parent, attr, "quantize"))
         else:
             plan.append((path, module, parent, attr, None))
     if not any(action for *_, action in plan):
         return chosen
-    out = []
-    for path, module, parent, attr, action in plan:
-        if action is None:
-            out.append((path, module, parent, attr))
-            continue
-        if action == "quantize-base":
-            old = module.base_layer
-            module.base_layer = NF4Linear.from_linear(old, compute_dtype, blocksize, double_quant)
-            module.fan_in_fan_out = False  # NF4Linear stores (out, in) whatever the dense layout was
-            _release(model, old.weight)
-            out.append((path, module, parent, attr))
-            continue
-        if action == "adopt":
-            new = NF4Linear.from_bnb(module, compute_dtype)
-        else:
-            new = NF4Linear.from_linear(module, compute_dtype, blocksize, double_quant)
-        setattr(parent, attr, new)
-        if action == "quantize":
-            _release(model, module.weight)
-        out.append((path, new, parent, attr))
+    out, done = [], []
+    try:
+        for path, module, parent, attr, action in plan:
+            if action is None:
+                out.append((path, module, parent, attr))
+                continue
+            if action == "quantize-base":
+                old = module.base_layer
+                module.base_layer = NF4Linear.from_linear(old, compute_dtype or torch.bfloat16, blocksize, double_quant)
+                module.fan_in_fan_out = False  # NF4Linear stores (out, in) whatever the dense layout was
+                _release(model, old.weight)
+                out.append((path, module, parent, attr))
+            else:
+                if action == "adopt":  # bitsandbytes' own compute dtype unless the caller names one
+                    new = NF4Linear.from_bnb(module, compute_dtype)
+                else:
+                    new = NF4Linear.from_linear(module, compute_dtype or torch.bfloat16, blocksize, double_quant)
+                setattr(parent, attr, new)
+                if action == "quantize":
+                    _release(model, module.weight)
+                out.append((path, new, parent, attr))
+            done.append(path)
+    except BaseException as exc:  # out of memory, an interrupt: every check passed before the first swap
+        if done:
+            _say_state(exc, plan, done)
+        raise
     return out
 
 
-def _check_weight(path: str, module: nn.Module) -> None:
+def _say_state(exc: BaseException, plan: list, done: list) -> None:
+    """Attach to `exc` the state a half-done quantization leaves (dense weights already freed cannot
+    be brought back exactly)."""
+    rest = [p for p, *_, action in plan if action and p not in done]
+    note = (f"lowrank: quantizing stopped after {len(done)} of {len(done) + len(rest)} layers: "
+            f"{', '.join(done[:4])}{' ...' if len(done) > 4 else ''} are NF4Linear now (their dense weights freed "
+            f"unless shared); {', '.join(rest[:4])}{' ...' if len(rest) > 4 else ''} are unchanged; no adapter "
+            f"was added. Call patch_linear(..., quantize='nf4') again to finish.")
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+def _check_weight(path: str, module: nn.Module, blocksize: int, double_quant: bool) -> None:
+    """Everything that could make quantizing this layer fail, checked before any layer is swapped."""
     if module.weight.device.type == "meta":
         raise ValueError(f"layer {path}: weight is on the meta device; load real weights before quantizing")
-    check_finite(module.weight.detach(), f"quantize layer {path}")
+    w = module.weight.detach()
+    check_quantizable(w.t() if is_conv1d(module) else w, blocksize, double_quant, f"quantize layer {path}")
 
 
 def _is_dense(module: nn.Module) -> bool:

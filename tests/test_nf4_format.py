@@ -201,3 +201,74 @@ def test_from_bnb_rejects_fp4():
         NF4Weight.from_bnb(layer)
     with pytest.raises(ValueError, match="fp4"):
         NF4Weight.from_bnb(layer.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# The ends of float32's range
+# --------------------------------------------------------------------------------------------
+def _scaled(scale, shape=(16, 192)):
+    w = torch.randn(*shape)
+    return (w / w.abs().max() * scale).float()
+
+
+@needs_bnb
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("scale", [1e-45, 1e-40, 3e-39, 5e36], ids=lambda s: f"{s:g}")
+def test_extreme_block_maxima_bit_exact(scale, double_quant):
+    """Subnormal block maxima (whose float32 reciprocal overflows: the nested quantizer sees +-Inf
+    and 0 * Inf = NaN) and large ones whose mean still fits: bitsandbytes' bytes and decoded
+    weights, bit for bit. (The subnormal ones raised IndexError from the nested quantizer.)"""
+    w = _scaled(scale)
+    packed, state, ours = assert_same_as_bnb(w, 64, double_quant)
+    for dtype in DTYPES:
+        assert torch.equal(ours.dequantize(dtype), bnb_dequantize_format(packed, state, dtype)), dtype
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e38], ids=lambda s: f"{s:g}")
+def test_double_quant_overflow_is_a_clear_error(scale):
+    """Block maxima whose float32 mean overflows: bitsandbytes stores an Inf offset and decodes NaN
+    weights; lowrank refuses, names the way out, and quantizes them without double quantization."""
+    from lowrank.nf4_format import check_quantizable
+
+    w = _scaled(scale)
+    with pytest.raises(ValueError, match=r"\(16, 192\).*double_quant=False"):
+        quantize_nf4(w)
+    with pytest.raises(ValueError, match=r"layer x.*double_quant=False"):
+        check_quantizable(w, 64, True, "layer x")
+    check_quantizable(w, 64, False, "layer x")
+    q = quantize_nf4(w, double_quant=False)
+    assert torch.isfinite(q.dequantize(torch.float32)).all()
+    if BF is not None:
+        _, state = bnb_quantize(w, 64, True)
+        assert not torch.isfinite(state.offset), "bitsandbytes' double quantization overflows here too"
+
+
+@settings(max_examples=30)
+@given(rows=st.integers(1, 20), cols=st.integers(1, 150), blocksize=st.sampled_from([32, 64, 256]),
+       double_quant=st.booleans(), dtype=st.sampled_from(DTYPES),
+       kind=st.sampled_from(["normal", "subnormal", "max", "nan", "inf"]), seed=st.integers(0, 2**16))
+def test_check_quantizable_agrees_with_quantize(rows, cols, blocksize, double_quant, dtype, kind, seed):
+    """check_quantizable (what patch_linear runs on every layer before the first swap) raises exactly
+    when quantize_nf4 would, with the same message."""
+    from lowrank.nf4_format import check_quantizable
+
+    torch.manual_seed(seed)
+    w = torch.randn(rows, cols)
+    if kind == "subnormal":
+        w = w * 1e-40
+    elif kind == "max":
+        w = w / w.abs().max() * torch.finfo(dtype).max
+    elif kind in ("nan", "inf"):
+        w.view(-1)[torch.randint(0, w.numel(), (1,))] = float(kind)
+    w = w.to(dtype)
+    try:
+        quantize_nf4(w, blocksize, double_quant)
+        expected = None
+    except ValueError as exc:
+        expected = str(exc).replace("quantize_nf4", "WHERE")
+    try:
+        check_quantizable(w, blocksize, double_quant, "WHERE")
+        got = None
+    except ValueError as exc:
+        got = str(exc)
+    assert got == expected

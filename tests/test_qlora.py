@@ -279,3 +279,78 @@ def test_patch_quantize_peak_memory_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_layers = float(proc.stdout.strip().splitlines()[-1])
     assert peak_layers <= 1.25, f"peak {peak_layers:.2f} dense layers above the start"
+
+
+@pytest.mark.parametrize("bad, error", [("huge", "double_quant=False"), ("nan", "NaN/Inf")])
+def test_patch_quantize_checks_every_layer_before_the_first_swap(bad, error):
+    """A layer that cannot be quantized, behind layers that can: refused before the first swap, the
+    model exactly as it was. (Block maxima near float32's largest value raised IndexError from the
+    nested quantizer after the layers before them were converted and their dense weights freed.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    with torch.no_grad():
+        if bad == "huge":
+            model[2].weight.div_(model[2].weight.abs().max()).mul_(3e38)
+        else:
+            model[2].weight[5, 7] = float("nan")
+    layers = list(model)
+    bits = [m.weight.detach().view(torch.int32).clone() for m in model]  # NaN-proof comparison
+    with pytest.raises(ValueError, match=rf"quantize layer 2: .*{error}"):
+        lowrank.patch_linear(model, rank=4, targets="all-linear", quantize="nf4")
+    assert list(model) == layers and all(type(m) is torch.nn.Linear for m in model)
+    assert all(torch.equal(m.weight.detach().view(torch.int32), b) for m, b in zip(model, bits))
+    assert all(m.weight.requires_grad for m in model)
+
+
+def test_patch_quantize_subnormal_layer_as_bitsandbytes_does():
+    """A layer of subnormal values quantizes (bitsandbytes does too), exactly as quantize_nf4 does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-40 / model[1].weight.abs().max())
+    w1 = model[1].weight.detach().clone()
+    lowrank.patch_linear(model, rank=4, targets="all-linear", quantize="nf4")
+    q = model[1].base_layer.nf4
+    ref = quantize_nf4(w1)
+    assert torch.equal(q.packed, ref.packed) and torch.equal(q.absmax, ref.absmax)
+
+
+def test_patch_quantize_failing_midway_says_what_state_the_model_is_in(monkeypatch):
+    """A failure after the first swap (out of memory) cannot be undone exactly (the dense weights are
+    freed): the error says which layers are converted and which are not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    dense = [m.weight.detach().clone() for m in model]
+    real, calls = NF4Linear.from_linear, []
+
+    def flaky(*args, **kwargs):
+        if len(calls) == 2:
+            raise MemoryError("simulated out of memory")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(NF4Linear, "from_linear", flaky)
+    with pytest.raises(MemoryError, match="simulated") as err:
+        lowrank.patch_linear(model, rank=4, targets="all-linear", quantize="nf4")
+    note = " ".join(getattr(err.value, "__notes__", []))
+    assert "stopped after 2 of 4 layers: 0, 1 are NF4Linear now" in note and "2, 3 are unchanged" in note, note
+    assert [type(m).__name__ for m in model] == ["NF4Linear", "NF4Linear", "Linear", "Linear"]
+    assert torch.equal(model[2].weight, dense[2]) and torch.equal(model[3].weight, dense[3])
+    assert not list(lowrank.lora_layers(model))
+
+
+@needs_bnb
+def test_adopted_bnb_layer_keeps_its_compute_dtype():
+    """A bitsandbytes Linear4bit computing in float32 stays in float32 when adopted (patch_linear's
+    bfloat16 default used to override it: outputs off by ~0.03), unless a compute_dtype is given."""
+    _, layer = make_bnb_linear(128, 48, double_quant=True)
+    assert layer.compute_dtype == torch.float32
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y_bnb = layer(x)
+    model = torch.nn.Sequential(layer)
+    lowrank.patch_linear(model, rank=4, targets=["0"])
+    assert model[0].base_layer.compute_dtype == torch.float32
+    assert torch.equal(model(x), y_bnb)
+    _, other = make_bnb_linear(128, 48, double_quant=True)
+    lowrank.patch_linear(torch.nn.Sequential(other), rank=4, targets=["0"], compute_dtype=torch.bfloat16)
