@@ -36,7 +36,7 @@ from .config import LoRAConfig
 from .dtypes import FLOAT_DTYPES
 from .layer_types import linear_dims
 from .lora_linear import LoRALinear
-from .patch import iter_linear, lora_layers, patch_linear
+from .patch import iter_linear, lora_layers, patch_linear, refuse_inside_adapter_ids
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -190,6 +190,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter expects a torch.nn.Module, got {type(model).__name__}")
     LoRAConfig(adapter_name=adapter_name)  # validates the name
+    refuse_inside_adapter_ids(model, "load_adapter")
     path = os.fspath(path)
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):

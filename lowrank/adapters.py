@@ -18,6 +18,7 @@ recompile. Adding or deleting an adapter changes the parameters and does recompi
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 from .config import TargetSpec
 from .merge import merge, unmerge
-from .patch import lora_layers, patch_linear
+from .patch import lora_layers, patch_linear, refuse_inside_adapter_ids
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -67,6 +68,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer. A layer whose active adapter it was switches to its
     first remaining adapter (as peft does), or to none."""
     _check_name(model, name, "delete_adapter")
+    refuse_inside_adapter_ids(model, "delete_adapter")
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.configs]
     merged = [p for p, layer in layers if getattr(layer, "merged", None) and layer.merged.adapter == name]
     if merged:
@@ -147,6 +149,9 @@ def _ids_tensor(model: nn.Module, ids, names: list[str]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+_ENTRY = threading.Lock()  # entering adapter_ids: the check and the claim of a model's layers
+
+
 @contextlib.contextmanager
 def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
     """Run a mixed-adapter batch: row b of every LoRA layer's input uses adapter ids[b].
@@ -157,6 +162,9 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
     updated in place between CUDA-graph replays). A layer that lacks a row's adapter runs its base
     layer for that row.
     Each layer checks that its input has len(ids) rows. Gradients flow into the adapters used.
+    The block belongs to the thread that entered it: a forward of the same model in another thread
+    runs its active adapter as usual, and a second block on the model (any thread) is refused, as
+    is adding, loading, deleting, merging or unpatching adapters inside it.
     """
     names = adapter_names(model)
     if not names:
@@ -164,27 +172,37 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
     _refuse_merged(model, "adapter_ids")  # a merged weight holds one adapter for every row
     gids = _ids_tensor(model, ids, names)
     layers = [layer for _, layer in lora_layers(model)]
-    if any(layer._adapter_ids is not None for layer in layers):
-        raise RuntimeError("adapter_ids: already inside an adapter_ids block for this model")
     luts: dict[tuple, torch.Tensor] = {}
+    per_layer = []
+    for layer in layers:
+        device = layer._active_index.device
+        key = (tuple(layer.configs), str(device))
+        if key not in luts:
+            # model-level index + 1 -> this layer's index in its own configs (or -1).
+            own = list(layer.configs)
+            table = [-1] + [own.index(n) if n in own else -1 for n in names]
+            g = gids.to(device)
+            if table == list(range(-1, len(names))):
+                # The layer has every adapter, in model order: use the caller's tensor itself,
+                # so that ids updated in place reach the layers (CUDA-graph replays).
+                luts[key] = g
+            else:
+                lut = torch.tensor(table, dtype=torch.long, device=device)
+                luts[key] = lut[torch.where((g >= -1) & (g < len(names)), g + 1, 0)]
+        per_layer.append(luts[key])
+    me = threading.get_ident()
+    with _ENTRY:  # check and claim the layers as one step: two threads cannot both enter
+        busy = [layer._adapter_ids_thread for layer in layers if layer._adapter_ids is not None]
+        if busy:
+            where = "this thread" if busy[0] == me else f"thread {busy[0]}"
+            raise RuntimeError(f"adapter_ids: the model is already inside an adapter_ids block (entered in "
+                               f"{where}); one mixed batch at a time per model")
+        for layer, ids_l in zip(layers, per_layer):
+            layer._adapter_ids_thread = me
+            layer._adapter_ids = ids_l
     try:
-        for layer in layers:
-            device = layer._active_index.device
-            key = (tuple(layer.configs), str(device))
-            if key not in luts:
-                # model-level index + 1 -> this layer's index in its own configs (or -1).
-                own = list(layer.configs)
-                table = [-1] + [own.index(n) if n in own else -1 for n in names]
-                g = gids.to(device)
-                if table == list(range(-1, len(names))):
-                    # The layer has every adapter, in model order: use the caller's tensor itself,
-                    # so that ids updated in place reach the layers (CUDA-graph replays).
-                    luts[key] = g
-                else:
-                    lut = torch.tensor(table, dtype=torch.long, device=device)
-                    luts[key] = lut[torch.where((g >= -1) & (g < len(names)), g + 1, 0)]
-            layer._adapter_ids = luts[key]
         yield
     finally:
         for layer in layers:
             layer._adapter_ids = None
+            layer._adapter_ids_thread = None

@@ -6,6 +6,7 @@ Level 3: imports levels 0-3.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn as nn
@@ -45,9 +46,11 @@ class LoRALinear(nn.Module):
         self.configs: dict[str, LoRAConfig] = {}
         # Multi-adapter state (lowrank.adapters): the active adapter's position in `configs` as a
         # device tensor (-1: none), kept in step with `active_adapter` by its setter, and the
-        # per-row adapter ids of a mixed batch (None outside `lowrank.adapter_ids`).
+        # per-row adapter ids of a mixed batch (None outside `lowrank.adapter_ids`) with the thread
+        # that entered the block: only that thread's forwards use them.
         self.register_buffer("_active_index", torch.tensor(-1, dtype=torch.long), persistent=False)
         self._adapter_ids: torch.Tensor | None = None
+        self._adapter_ids_thread: int | None = None
         self.active_adapter: str | None = None
         # lowrank.merge state: None, or a lowrank.merge.MergeState (which adapter is merged into
         # base_layer.weight, and the record that makes unmerge bit-exact).
@@ -135,10 +138,13 @@ def init_lora_A_(a: torch.Tensor, config: LoRAConfig) -> None:
 
 # -- the mixed-batch forward --------------------------------------------------------------------------
 def _takes_mixed_forward(layer) -> bool:
-    """Whether LoRALinear.forward goes through `_mixed_forward`: inside `lowrank.adapter_ids`, or
-    under torch.compile for an unmerged layer with two or more adapters (switching among them then
-    changes a buffer, not a guarded attribute)."""
-    if layer._adapter_ids is not None:
+    """Whether LoRALinear.forward goes through `_mixed_forward`: inside `lowrank.adapter_ids` in the
+    thread that entered it (another thread's forward of the same model runs its active adapter as
+    if there were no block), or under torch.compile for an unmerged layer with two or more adapters
+    (switching among them then changes a buffer, not a guarded attribute). Under torch.compile the
+    thread is not checked: dynamo guards on the ids attribute, not on the calling thread."""
+    if layer._adapter_ids is not None and (torch.compiler.is_compiling()
+                                           or layer._adapter_ids_thread == threading.get_ident()):
         return True
     return len(layer.configs) > 1 and not getattr(layer, "merged", False) and torch.compiler.is_compiling()
 
@@ -161,9 +167,7 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
         ids_tok, meta = layer._active_index.expand(m), []
     else:
         rows = 1 if x.dim() == 1 else x.shape[0]
-        # A 2-D input may be a (batch * seq, K) flattening of the rows, in row-major order.
-        flat = x.dim() == 2 and ids.shape[0] > 0 and rows % ids.shape[0] == 0
-        if ids.shape[0] != rows and not flat:
+        if ids.shape[0] != rows:  # a (batch * seq, K) flattening cannot be told from a batch: refused
             raise ValueError(f"adapter_ids has {ids.shape[0]} entries but a LoRALinear({k} -> {n}) input has "
                              f"{rows} rows (shape {tuple(x.shape)}): give one adapter per row (sequence)")
         ids_tok, meta = _tokens_and_meta(ids, m, len(names), x)

@@ -31,7 +31,7 @@ from .dtypes import KERNEL_DTYPES
 from .lora_linear import LoRALinear, is_linear
 from .nf4_linear import NF4Linear
 from .ops.merge import MAX_RANK, check_merge_args
-from .patch import unpatch
+from .patch import refuse_inside_adapter_ids, unpatch
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
 
@@ -111,6 +111,7 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None):
 def _targets(model: nn.Module, what: str):
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what} expects a torch.nn.Module, got {type(model).__name__}")
+    refuse_inside_adapter_ids(model, what)
     if isinstance(model, LoRALinear):
         return [("", model)]
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]

@@ -113,6 +113,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
+    refuse_inside_adapter_ids(model, "patch_linear")
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
                         targets=targets, exclude=exclude, adapter_name=adapter_name)
     chosen = select_targets(model, targets, exclude)
@@ -158,12 +159,24 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+def refuse_inside_adapter_ids(model: nn.Module, where: str) -> None:
+    """ValueError while `model` is inside a `lowrank.adapter_ids` block: adding, loading, deleting,
+    merging or unpatching adapters there would send the batch's rows to other adapters than its
+    ids say."""
+    busy = [p or type(m).__name__ for p, m in lora_layers(model) if m._adapter_ids is not None]
+    if busy:
+        raise ValueError(f"{where}: the model is inside an adapter_ids block ({len(busy)} layers, e.g. {busy[0]}); "
+                         f"changing its adapters or weights there would reroute the batch's rows: leave the "
+                         f"block first")
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove every LoRA adapter: put the original modules back and restore requires_grad flags."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, LoRALinear):
         raise TypeError("unpatch the model that contains the LoRALinear, not the layer itself")
+    refuse_inside_adapter_ids(model, "unpatch")
     swaps = []
     for path, module in lora_layers(model):
         if getattr(module, "merged", False):

@@ -201,11 +201,9 @@ def test_mixed_batch_errors():
     with pytest.raises(ValueError, match="adapter_ids has 2 entries.*7 rows"):
         with lowrank.adapter_ids(model, ["a", "b"]):
             layer(torch.randn(7, 32))
-    with lowrank.adapter_ids(model, ["a", None]):  # (rows * seq, K): a row-major flattening
-        flat = layer(torch.ones(6, 32))
-    lowrank.set_adapter(model, "a")
-    torch.testing.assert_close(flat[:3], layer(torch.ones(3, 32)))
-    assert torch.equal(flat[3:], layer.base_layer(torch.ones(6, 32))[3:])
+    with pytest.raises(ValueError, match="adapter_ids has 2 entries.*6 rows"):
+        with lowrank.adapter_ids(model, ["a", None]):  # (rows * seq, K) cannot be told from 6 rows: refused
+            layer(torch.ones(6, 32))
     with pytest.raises(ValueError, match=r"ids must be in \[-1, 3\)"):
         with lowrank.adapter_ids(model, torch.tensor([0, 5, -1])):
             pass
@@ -486,3 +484,67 @@ def test_mixed_batch_under_autocast(backend, monkeypatch):
             tid = torch.zeros(5, dtype=torch.long)
             ref = sgmv_f64(x[row], base64, tid, [layer.lora_A[name]], [layer.lora_B[name]], [layer.scaling(name)])
         assert_close(got[row], ref, own, name=f"row {row} ({name})")
+
+
+def test_mixed_batch_ids_belong_to_the_thread_that_entered():
+    """While one thread runs a mixed batch, a plain forward of the same model in another thread runs
+    the active adapter (it used to take the mixed batch's ids); a second block is refused."""
+    import threading
+
+    base, model = three_adapters()
+    lowrank.set_adapter(model, "a")
+    x = ids(rows=2, seq=5)
+    plain = logits(model, x)
+    entered, release, seen, errors = threading.Event(), threading.Event(), {}, []
+
+    def mixed():
+        with lowrank.adapter_ids(model, ["b", None]):
+            seen["mixed"] = logits(model, x)
+            entered.set()
+            release.wait(30)
+
+    t = threading.Thread(target=mixed)
+    t.start()
+    assert entered.wait(30)
+    try:
+        seen["other"] = logits(model, x)
+        try:
+            with lowrank.adapter_ids(model, ["a", "a"]):
+                pass
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    finally:
+        release.set()
+        t.join(30)
+    assert torch.equal(seen["other"], plain), "another thread's forward used the mixed batch's ids"
+    assert errors and "entered in thread" in errors[0], errors
+    assert not torch.equal(seen["mixed"], plain)
+    for row, name in enumerate(["b", None]):
+        assert_close(seen["mixed"][row], logits(merged_f64(model, name), x[row:row + 1])[0],
+                     run_on(model, name, lambda: logits(model, x[row:row + 1])[0]), name=f"row {row}")
+
+
+@pytest.mark.parametrize("change", ["delete", "add", "load", "merge", "unpatch", "patch"])
+def test_changes_that_reroute_rows_are_refused_inside_a_mixed_batch(change, tmp_path):
+    """Deleting an adapter inside adapter_ids used to shift rows silently onto another adapter;
+    every change to the adapters or weights is refused there, and the batch stays right."""
+    base, model = three_adapters()
+    lowrank.save_adapter(model, tmp_path, adapter_name="a")
+    x = ids(rows=3, seq=4)
+    rows = ["c", "b", None]
+    with lowrank.adapter_ids(model, rows):
+        before = logits(model, x)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        action = {
+            "delete": lambda: lowrank.delete_adapter(model, "a"),
+            "add": lambda: lowrank.add_adapter(model, "d", rank=2),
+            "load": lambda: lowrank.load_adapter(model, tmp_path, adapter_name="e"),
+            "merge": lambda: lowrank.merge(model),
+            "unpatch": lambda: lowrank.unpatch(model),
+            "patch": lambda: lowrank.patch_linear(model, rank=2, adapter_name="f"),
+        }[change]
+        with pytest.raises(ValueError, match="inside an adapter_ids block"):
+            action()
+        assert lowrank.adapter_names(model) == ["a", "b", "c"]
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert torch.equal(logits(model, x), before)
