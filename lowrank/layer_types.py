@@ -1,4 +1,5 @@
-"""Recognising the linear layers lowrank wraps, without importing the libraries that define them.
+"""Recognising the linear layers lowrank wraps, without importing the libraries that define them,
+and finding every place a model holds a module (one module may sit under several paths).
 
 Level 0: imports torch only. (`lowrank.lora_linear.is_linear` adds lowrank's own NF4Linear.)
 """
@@ -28,3 +29,21 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_features, module.out_features
+
+
+def module_references(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(module) -> every (parent, attribute) of `model`'s tree that holds it: a module reachable
+    under two paths (or two attributes of one parent, which `named_children` reports once) has
+    two entries."""
+    refs: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                refs.setdefault(id(child), []).append((parent, attr))
+    return refs
+
+
+def replace_module(refs: dict, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` in every place of `refs` (from `module_references`) that holds `old`."""
+    for parent, attr in refs.get(id(old), ()):
+        setattr(parent, attr, new)

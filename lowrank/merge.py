@@ -120,6 +120,30 @@ def _targets(model: nn.Module, what: str):
     return layers
 
 
+def _check_not_shared(model: nn.Module, dense: list, what: str) -> None:
+    """ValueError when a weight to be merged in place is also held by another module of `model`
+    (tied input/output embeddings, two layers given one Parameter): merging would change that
+    module too, or apply the delta twice. `dense`: (path, LoRALinear) pairs."""
+    owners: dict[tuple, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is None or t.numel() == 0 or t.device.type == "meta":
+                continue
+            key = (t.device, t.untyped_storage().data_ptr())
+            owners.setdefault(key, []).append((f"{path}.{pname}" if path else pname, module))
+    for path, layer in dense:
+        w = layer.base_layer.weight
+        if w.device.type == "meta":
+            continue
+        others = [name for name, m in owners.get((w.device, w.untyped_storage().data_ptr()), [])
+                  if m is not layer.base_layer]
+        if others:
+            raise ValueError(f"{what}: layer {path}'s weight shares its storage with {others[0]}"
+                             f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''} (tied or shared "
+                             f"weights): merging in place would change {others[0]} too, or apply a delta twice. "
+                             f"Keep the adapter unmerged, or untie the weights first (give one of them a clone)")
+
+
 @torch.no_grad()
 def _merge_layer(layer: LoRALinear, name: str, exact: bool) -> None:
     w, a, b = _merge_operands(layer, name)
@@ -162,6 +186,7 @@ def merge(model: nn.Module, adapter_name: str | None = None, exact: bool = True)
             raise ValueError(f"layer {path or type(layer).__name__} is already merged "
                              f"(adapter {layer.merged.adapter!r}); unmerge it first")
         names.append(_check_layer(path, layer, adapter_name))
+    _check_not_shared(model, layers, "merge")
     done = []
     try:
         for (path, layer), name in zip(layers, names):
@@ -222,6 +247,7 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
             quantized.append((path, layer, name))
         else:
             dense.append((path, layer, _check_layer(path, layer, adapter_name)))
+    _check_not_shared(model, [(path, layer) for path, layer, _ in dense], "merge_and_unload")
     # NF4 layers first: they are built aside (nothing changes in place), so a failure there (out
     # of memory) leaves the model untouched. Dense layers keep their `merged` flag until all are
     # done: if one fails, the ones before it are merged (without a record) and flagged so, and

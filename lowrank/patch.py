@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import LoRAConfig, TargetSpec
+from .layer_types import module_references, replace_module
 from .lora_linear import LoRALinear, is_linear
 from .qlora import check_quantize_args, quantize_targets, quantized_layers
 
@@ -126,22 +127,23 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     check_quantize_args(quantize, compute_dtype, blocksize, double_quant)
     chosen = quantize_targets(model, chosen, quantize, compute_dtype, blocksize, double_quant)
 
-    # Build everything first; only then mutate the model.
-    wrappers = []
+    # Build everything first; only then mutate the model. One wrapper per module, put in every
+    # place the model holds it (a module under two paths must not get two sets of adapters).
+    wrappers: dict[int, tuple[nn.Module, LoRALinear, bool]] = {}
     for path, module, parent, attr in chosen:
-        if isinstance(module, LoRALinear):
-            wrappers.append((parent, attr, module, False))
-        else:
-            wrappers.append((parent, attr, LoRALinear(module), True))
+        if id(module) not in wrappers:
+            new = not isinstance(module, LoRALinear)
+            wrappers[id(module)] = (module, LoRALinear(module) if new else module, new)
+    refs = module_references(model)
     state = getattr(model, _STATE_ATTR, None)
     fresh_state = state is None
     if fresh_state:
         state = {"requires_grad": [(p, p.requires_grad) for p in model.parameters()]}
-    for parent, attr, wrapper, new in wrappers:
+    for _, wrapper, _ in wrappers.values():
         wrapper.add_adapter(config)
-    for parent, attr, wrapper, new in wrappers:
+    for module, wrapper, new in wrappers.values():
         if new:
-            setattr(parent, attr, wrapper)
+            replace_module(refs, module, wrapper)
     lora_params = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
                    for p in list(m.lora_A.values()) + list(m.lora_B.values())}
     for p in model.parameters():
@@ -177,14 +179,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     if isinstance(model, LoRALinear):
         raise TypeError("unpatch the model that contains the LoRALinear, not the layer itself")
     refuse_inside_adapter_ids(model, "unpatch")
-    swaps = []
-    for path, module in lora_layers(model):
+    layers = list(lora_layers(model))
+    for path, module in layers:
         if getattr(module, "merged", False):
             raise ValueError(f"layer {path} is merged; lowrank.unmerge(model) before unpatching")
-        parent_path, _, attr = path.rpartition(".")
-        swaps.append((model.get_submodule(parent_path) if parent_path else model, attr, module.base_layer))
-    for parent, attr, base in swaps:
-        setattr(parent, attr, base)
+    refs = module_references(model)
+    for _, module in layers:
+        replace_module(refs, module, module.base_layer)  # under every path that holds it
     state = model.__dict__.pop(_STATE_ATTR, None)
     if state is not None:
         for p, flag in state["requires_grad"]:

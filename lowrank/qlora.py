@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .dtypes import check_dtype
-from .layer_types import is_bnb_linear4bit, is_conv1d, is_dense_linear
+from .layer_types import is_bnb_linear4bit, is_conv1d, is_dense_linear, module_references, replace_module
 from .lora_linear import LoRALinear
 from .nf4_format import BLOCKSIZES, check_quantizable
 from .nf4_linear import NF4Linear
@@ -70,26 +70,32 @@ def quantize_targets(model: nn.Module, chosen: list, quantize, compute_dtype, bl
             plan.append((path, module, parent, attr, None))
     if not any(action for *_, action in plan):
         return chosen
-    out, done = [], []
+    out, done, converted = [], [], {}
+    refs = module_references(model)  # a module under several paths is swapped under all of them, once
     try:
         for path, module, parent, attr, action in plan:
             if action is None:
                 out.append((path, module, parent, attr))
+                continue
+            if id(module) in converted:
+                out.append((path, converted[id(module)], parent, attr))
                 continue
             if action == "quantize-base":
                 old = module.base_layer
                 module.base_layer = NF4Linear.from_linear(old, compute_dtype or torch.bfloat16, blocksize, double_quant)
                 module.fan_in_fan_out = False  # NF4Linear stores (out, in) whatever the dense layout was
                 _release(model, old.weight)
+                converted[id(module)] = module
                 out.append((path, module, parent, attr))
             else:
                 if action == "adopt":  # bitsandbytes' own compute dtype unless the caller names one
                     new = NF4Linear.from_bnb(module, compute_dtype)
                 else:
                     new = NF4Linear.from_linear(module, compute_dtype or torch.bfloat16, blocksize, double_quant)
-                setattr(parent, attr, new)
+                replace_module(refs, module, new)
                 if action == "quantize":
                     _release(model, module.weight)
+                converted[id(module)] = new
                 out.append((path, new, parent, attr))
             done.append(path)
     except BaseException as exc:  # out of memory, an interrupt: every check passed before the first swap

@@ -261,3 +261,49 @@ def test_packed_record_round_trips():
     got_idx, got_val = state.unpack()
     assert torch.equal(got_idx, idx) and torch.equal(got_val, val)
     assert state.record_bytes() == 6 * 4 + idx.numel() * (2 + 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tied and shared weights
+# ---------------------------------------------------------------------------------------------
+
+def test_merging_a_tied_output_head_is_refused():
+    """lm_head tied to the input embeddings: merging its adapter in place used to change the
+    embeddings too (logits off by ~36); refused, naming both, and nothing changes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=44, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=61, max_position_embeddings=32, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lowrank.patch_linear(model, rank=4, targets=["lm_head", "q_proj"])
+    randomize_lora_(model, std=0.5)
+    x = torch.randint(0, 61, (2, 7))
+    before = logits(model, x)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for call in (lambda: lowrank.merge(model), lambda: lowrank.merge_and_unload(model)):
+        with pytest.raises(ValueError, match=r"layer lm_head's weight shares its storage with model\.embed_tokens\.weight"):
+            call()
+        assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+        assert not any(layer.merged for _, layer in lowrank.lora_layers(model))
+        assert torch.equal(logits(model, x), before)
+
+
+def test_merging_two_layers_that_share_one_weight_is_refused():
+    """Two nn.Linear given one Parameter used to get the delta twice (and then refuse to unmerge)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
+    model[2].weight = model[0].weight
+    lowrank.patch_linear(model, rank=2)
+    randomize_lora_(model, std=0.3)
+    w0 = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"layer 0's weight shares its storage with 2\.base_layer\.weight"):
+        lowrank.merge(model)
+    assert torch.equal(model[0].weight, w0) and not model[0].merged and not model[2].merged
+    # only one of them patched: merging it would silently change the other, unpatched layer
+    model = nn.Sequential(nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 12))
+    model[2].weight = model[0].weight
+    lowrank.patch_linear(model, rank=2, targets=["0"])
+    with pytest.raises(ValueError, match=r"shares its storage with 2\.weight"):
+        lowrank.merge(model)

@@ -316,3 +316,46 @@ def test_unpatch_restores_requires_grad_flags():
     assert not model.encoder[0].weight.requires_grad
     lowrank.unpatch(model)
     assert_same_snapshot(snap, snapshot(model))
+
+
+# -- one module under several paths ------------------------------------------------------------
+
+class TwoPaths(nn.Module):
+    """One nn.Linear held twice by one parent and once more by a child: three paths, one module."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(8, 8)
+        self.a = shared
+        self.b = shared  # named_children reports only `a`
+        self.inner = nn.ModuleDict({"c": shared})
+        self.other = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.inner["c"](x) + self.other(x)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_a_module_under_several_paths_gets_one_lora_layer_everywhere(quantize):
+    """It used to be wrapped under one path only (the others ran without the adapter)."""
+    torch.manual_seed(0)
+    model = TwoPaths()
+    shared, other = model.a, model.other
+    x = torch.randn(3, 8)
+    lowrank.patch_linear(model, rank=2, quantize=quantize, compute_dtype=torch.float32)
+    assert model.a is model.b is model.inner["c"] and isinstance(model.a, LoRALinear)
+    assert sum(1 for _ in lowrank.lora_layers(model)) == 2  # the shared one counts once
+    with torch.no_grad():
+        model.a.lora_B["default"].normal_()
+        expected = 3 * model.a(x) + model.other(x)
+    assert torch.equal(model(x), expected)
+    if quantize is None:
+        lowrank.merge(model)
+        with torch.no_grad():
+            assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-5)  # merged once, not three times
+        lowrank.unmerge(model)
+    lowrank.unpatch(model)
+    if quantize is None:
+        assert model.a is model.b is model.inner["c"] is shared and model.other is other
+    else:
+        assert model.a is model.b is model.inner["c"] and type(model.a).__name__ == "NF4Linear"
