@@ -23,6 +23,9 @@ Level 4: imports levels 0-4.
 from __future__ import annotations
 
 import dataclasses
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -51,14 +54,15 @@ class MergeState:
     low_bits: torch.Tensor      # int16 (n,): flat index & 0xFFFF
     values: torch.Tensor        # weight.dtype (n,): original bits
     versions: tuple  # (weight, lora_A, lora_B) version counters right after the merge
+    fingerprints: tuple = ()  # (weight, lora_A, lora_B) `fingerprint`s right after the merge
 
     @classmethod
-    def pack(cls, adapter, scaling, exact, rec_idx, rec_val, numel, versions):
+    def pack(cls, adapter, scaling, exact, rec_idx, rec_val, numel, versions, fingerprints=()):
         blocks = -(-numel // (1 << _BLOCK_BITS))
         idx = rec_idx.long()
         counts = torch.bincount(idx >> _BLOCK_BITS, minlength=blocks).to(torch.int32)
         low = (idx & 0xFFFF).to(torch.int32).to(torch.int16)  # wraps to int16: decoded with & 0xFFFF
-        return cls(adapter, scaling, exact, counts, low, rec_val, versions)
+        return cls(adapter, scaling, exact, counts, low, rec_val, versions, fingerprints)
 
     def unpack(self):
         """(rec_idx int32 sorted, rec_val) as `merge_` returned them."""
@@ -144,23 +148,76 @@ def _check_not_shared(model: nn.Module, dense: list, what: str) -> None:
                              f"Keep the adapter unmerged, or untie the weights first (give one of them a clone)")
 
 
+_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 (2^64 / golden ratio) as a signed int64
+_FINGERPRINT_CHUNK = 1 << 22  # elements per step: bounds the temporaries
+
+
+@torch.no_grad()
+def fingerprint(t: torch.Tensor) -> tuple:
+    """A hash of t's bits that sees any change of any element, including edits through `.data`,
+    which version counters do not (NaN payloads and the sign of zero included). CPU: CRC-32 of each
+    block of rows, in threads (zlib releases the GIL; about half the time of the merge itself).
+    CUDA (or without numpy): sum_i (byte_i + 1) * (i * _MIX + 1) mod 2^64 on the device, one sync."""
+    t = t.detach()
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, _FINGERPRINT_CHUNK // max(rows.shape[1], 1))
+    blocks = [rows[i:i + step] for i in range(0, rows.shape[0], step)]
+    if t.device.type == "cpu":
+        try:  # .numpy() is a zero-copy view; it needs numpy, which torch does not require
+            return tuple(_pool().map(lambda blk: zlib.crc32(blk.contiguous().view(torch.uint8).numpy()), blocks))
+        except (ImportError, RuntimeError):
+            pass
+    acc, start = torch.zeros((), dtype=torch.int64, device=t.device), 0
+    for blk in blocks:
+        part = blk.contiguous().view(torch.uint8).reshape(-1).long() + 1
+        idx = torch.arange(start, start + part.numel(), dtype=torch.int64, device=t.device)
+        acc += (part * (idx * _MIX + 1)).sum()  # int64 arithmetic wraps: mod 2^64
+        start += part.numel()
+    return (int(acc),)
+
+
+_POOL: list = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lowrank-fingerprint"))
+    return _POOL[0]
+
+
+def _fingerprints(layer: LoRALinear, name: str, w: torch.Tensor) -> tuple:
+    return fingerprint(w), fingerprint(layer.lora_A[name]), fingerprint(layer.lora_B[name])
+
+
 @torch.no_grad()
 def _merge_layer(layer: LoRALinear, name: str, exact: bool) -> None:
     w, a, b = _merge_operands(layer, name)
     scaling = layer.scaling(name)
     rec_idx, rec_val = torch.ops.lowrank.merge_(w, a, b, scaling, exact)
     versions = (w._version, layer.lora_A[name]._version, layer.lora_B[name]._version)
-    layer.merged = MergeState.pack(name, scaling, exact, rec_idx, rec_val, w.numel(), versions)
+    layer.merged = MergeState.pack(name, scaling, exact, rec_idx, rec_val, w.numel(), versions,
+                                   _fingerprints(layer, name, w))
+
+
+def _check_unmergeable(path: str, layer: LoRALinear) -> None:
+    """ValueError unless the layer's weight, factors and scaling are what the merge left. Version
+    counters first (free), then the bits themselves: an edit through `.data` leaves the counters
+    alone, and unmerging over it would give back neither the original weight nor the edit."""
+    state: MergeState = layer.merged
+    w, _, _ = _merge_operands(layer, state.adapter)
+    now = (w._version, layer.lora_A[state.adapter]._version, layer.lora_B[state.adapter]._version)
+    if (now != state.versions or layer.scaling(state.adapter) != state.scaling
+            or _fingerprints(layer, state.adapter, w) != state.fingerprints):
+        raise ValueError(f"layer {path}: the weight, lora_A, lora_B or scaling of adapter {state.adapter!r} "
+                         f"changed since it was merged; unmerging would not give the original weight back")
 
 
 @torch.no_grad()
-def _unmerge_layer(path: str, layer: LoRALinear) -> None:
+def _unmerge_layer(path: str, layer: LoRALinear, checked: bool = False) -> None:
     state: MergeState = layer.merged
+    if not checked:
+        _check_unmergeable(path, layer)
     w, a, b = _merge_operands(layer, state.adapter)
-    now = (w._version, layer.lora_A[state.adapter]._version, layer.lora_B[state.adapter]._version)
-    if now != state.versions or layer.scaling(state.adapter) != state.scaling:
-        raise ValueError(f"layer {path}: the weight, lora_A, lora_B or scaling of adapter {state.adapter!r} "
-                         f"changed since it was merged; unmerging would not give the original weight back")
     if state.exact:
         # The record is plain attributes, not buffers: a merged layer moved with .to() / .cuda()
         # leaves it behind. It follows the weight here (the version check above has already
@@ -202,13 +259,16 @@ def merge(model: nn.Module, adapter_name: str | None = None, exact: bool = True)
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge` in every LoRA layer, in place: bit-exact for layers merged with exact=True.
-    Raises ValueError, changing nothing, if any LoRA layer is not merged."""
+    Raises ValueError, changing nothing, if any LoRA layer is not merged, or if any layer's weight,
+    factors or scaling changed since the merge (compared bit for bit, not by version counters)."""
     layers = _targets(model, "unmerge")
     for path, layer in layers:
         if not getattr(layer, "merged", None):
             raise ValueError(f"layer {path or type(layer).__name__} is not merged")
+    for path, layer in layers:  # every layer checked before the first is written
+        _check_unmergeable(path or type(layer).__name__, layer)
     for path, layer in layers:
-        _unmerge_layer(path, layer)
+        _unmerge_layer(path, layer, checked=True)
     return model
 
 

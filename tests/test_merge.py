@@ -307,3 +307,32 @@ def test_merging_two_layers_that_share_one_weight_is_refused():
     lowrank.patch_linear(model, rank=2, targets=["0"])
     with pytest.raises(ValueError, match=r"shares its storage with 2\.weight"):
         lowrank.merge(model)
+
+
+@pytest.mark.parametrize("edit", ["data_mul", "data_copy_permuted", "data_sign_of_zero", "lora_B_data"])
+def test_unmerge_sees_edits_that_bypass_version_counters(edit):
+    """An in-place edit through `.data` leaves the version counters alone: unmerge used to trust
+    them and write W - s B A over the edited weight, giving back neither the original nor the edit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    lowrank.patch_linear(model, rank=2)
+    randomize_lora_(model, std=0.3)
+    if edit == "data_sign_of_zero":
+        with torch.no_grad():
+            model[2].base_layer.weight[3, 4] = 0.0
+    lowrank.merge(model)
+    w = model[2].base_layer.weight  # the last layer: the first must not be unmerged before the check
+    with torch.no_grad():
+        if edit == "data_mul":
+            w.data.mul_(1.5)
+        elif edit == "data_copy_permuted":
+            w.data.copy_(w.data.flip(0))
+        elif edit == "data_sign_of_zero":
+            w.data[3, 4] = -0.0
+        else:
+            model[2].lora_B["default"].data.add_(1e-3)
+    edited = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="changed since it was merged"):
+        lowrank.unmerge(model)
+    assert all(torch.equal(p, edited[n]) for n, p in model.named_parameters())
+    assert model[0].merged and model[2].merged
