@@ -174,7 +174,7 @@ def _fsync_dir(directory) -> None:
 
 # -- load -------------------------------------------------------------------------------------------
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 allow_pickle: bool = False) -> nn.Module:
+                 allow_pickle: bool = False, set_active: bool = False) -> nn.Module:
     """Load a peft LoRA adapter from directory `path` into `model` as `adapter_name`; returns model.
 
     If no layer of `model` has `adapter_name` yet, the layers named in the file are patched (an
@@ -182,7 +182,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     exactly the layers that have it, at the same rank, and its weights and alpha / rslora /
     dropout replace theirs. Every key, shape and dtype is checked before the model is touched: on
     any problem one ValueError lists them all and the model is unchanged. Floating-point weights
-    are cast to the layer's dtype (peft does the same).
+    are cast to the layer's dtype (peft does the same). As in peft, a new adapter name on a model
+    that has adapters changes nothing that runs (the new adapter is inactive and frozen) unless
+    set_active=True; the first adapter of a model becomes its active one.
 
     Only `adapter_model.safetensors` is read. A pickled `adapter_model.bin` is refused unless
     allow_pickle=True, and even then is read with torch.load(weights_only=True).
@@ -260,7 +262,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     wanted = set(pairs)
     if not existing:
         patch_linear(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
-                     targets=lambda p, _m: p in wanted, adapter_name=adapter_name)
+                     targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for p, ab in pairs.items():

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .config import TargetSpec
 from .merge import merge, unmerge
-from .patch import lora_layers, patch_linear, refuse_inside_adapter_ids
+from .patch import active_adapter, lora_layers, patch_linear, refuse_inside_adapter_ids, set_active_adapter
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -48,25 +48,28 @@ def _check_name(model: nn.Module, name, where: str) -> list[str]:
 
 def add_adapter(model: nn.Module, name: str, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                 targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
-                init: str = "kaiming") -> nn.Module:
-    """Add adapter `name` (same arguments as `patch_linear`); the active adapter does not change
-    (a layer that had none makes it active). Returns model."""
+                init: str = "kaiming", set_active: bool = False) -> nn.Module:
+    """Add adapter `name` (same arguments as `patch_linear`). As in peft, nothing that runs changes:
+    the model's active adapter stays active (the first adapter of a model becomes it), and the new
+    one is frozen until `set_adapter` picks it, or set_active=True does so here. Returns model."""
     return patch_linear(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets, exclude=exclude,
-                        rslora=rslora, init=init, adapter_name=name)
+                        rslora=rslora, init=init, adapter_name=name, set_active=set_active)
 
 
-def set_adapter(model: nn.Module, name: str) -> None:
+def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
     """Make `name` the active adapter of every LoRA layer; layers without it run their base layer
-    (as in peft). Nothing is re-patched or allocated."""
+    (as in peft). Nothing is re-patched or allocated. trainable=True (peft's rule): its factors
+    require grad and every other adapter's do not. trainable=False leaves every flag as it is:
+    switching then never makes torch.compile recompile (dynamo guards on requires_grad)."""
     _check_name(model, name, "set_adapter")
     _refuse_merged(model, "set_adapter")
-    for _, layer in lora_layers(model):
-        layer.active_adapter = name if name in layer.configs else None
+    set_active_adapter(model, name, trainable)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` from every layer. A layer whose active adapter it was switches to its
-    first remaining adapter (as peft does), or to none."""
+    """Remove adapter `name` from every layer. If it was the model's active adapter, the first
+    remaining adapter in sorted order becomes active and trainable everywhere (peft's choice), or
+    none."""
     _check_name(model, name, "delete_adapter")
     refuse_inside_adapter_ids(model, "delete_adapter")
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.configs]
@@ -74,15 +77,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if merged:
         raise ValueError(f"delete_adapter: {name!r} is merged into {merged[0]} (and {len(merged) - 1} more); "
                          f"unmerge first")
+    was_active = active_adapter(model) == name
     for _, layer in layers:
-        was_active = layer.active_adapter == name
+        active = layer.active_adapter
         del layer.lora_A[name]
         del layer.lora_B[name]
         del layer.configs[name]
         layer.__dict__.pop("_sgmv_packed", None)  # frees the packed copy that still holds the deleted weights
-        rest = list(layer.configs)
         # Positions in `configs` shifted: re-set the active adapter so its index buffer follows.
-        layer.active_adapter = (rest[0] if rest else None) if was_active else layer.active_adapter
+        layer.active_adapter = None if active == name else active
+    if was_active:  # peft's choice: the first remaining name in sorted order
+        rest = sorted(adapter_names(model))
+        set_active_adapter(model, rest[0] if rest else None, trainable=True)
 
 
 @contextlib.contextmanager

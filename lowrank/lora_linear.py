@@ -81,7 +81,10 @@ class LoRALinear(nn.Module):
         return self.configs[name or self.active_adapter].scaling
 
     # -- adapters ------------------------------------------------------------------------------
-    def add_adapter(self, config: LoRAConfig) -> None:
+    def add_adapter(self, config: LoRAConfig, activate: bool | None = None) -> None:
+        """Add an adapter (A initialised as peft does, B = 0). activate: make it the active one
+        (True), leave the active adapter as it is (False), or activate it only on a layer that has
+        none (None). Model-level code (`lowrank.patch_linear`) decides for the whole model."""
         name = config.adapter_name
         if name in self.configs:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -93,7 +96,7 @@ class LoRALinear(nn.Module):
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.configs[name] = config
-        if self.active_adapter is None:
+        if activate or (activate is None and self.active_adapter is None):
             self.active_adapter = name
 
     def base_weight_nk(self) -> torch.Tensor:

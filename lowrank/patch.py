@@ -95,13 +95,19 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                  targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
                  init: str = "kaiming", adapter_name: str = "default", quantize: str | None = None,
                  compute_dtype: torch.dtype | None = None, blocksize: int = 64,
-                 double_quant: bool = True) -> nn.Module:
+                 double_quant: bool = True, set_active: bool = False) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
     not copied); layers that are already LoRALinear get the new adapter added. Every parameter
     that is not a LoRA parameter is frozen. All arguments are checked, and every new module is
     built, before the model is touched: on error the model is unchanged.
+
+    Adapter state as in peft: the model has one active adapter. The first adapter of a model
+    becomes active and trainable; a later one (another adapter_name) changes nothing that runs:
+    it is added inactive and frozen, and layers that get their first adapter from it run their
+    base layer, unless set_active=True makes it the active, trainable adapter everywhere (as
+    `lowrank.set_adapter` does).
 
     QLoRA: quantize="nf4" replaces each selected dense layer by a `lowrank.NF4Linear`
     (bitsandbytes' NF4 format, `blocksize`, `double_quant`; matmuls in `compute_dtype`, default
@@ -139,8 +145,9 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     fresh_state = state is None
     if fresh_state:
         state = {"requires_grad": [(p, p.requires_grad) for p in model.parameters()]}
+    activate = set_active or not any(layer.configs for _, layer in lora_layers(model))
     for _, wrapper, _ in wrappers.values():
-        wrapper.add_adapter(config)
+        wrapper.add_adapter(config, activate=activate)
     for module, wrapper, new in wrappers.values():
         if new:
             replace_module(refs, module, wrapper)
@@ -149,6 +156,12 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     for p in model.parameters():
         if id(p) not in lora_params:
             p.requires_grad_(False)
+    if activate:  # the model-wide active adapter: this one, trainable; every other one frozen
+        set_active_adapter(model, adapter_name, trainable=True)
+    else:
+        for _, wrapper, _ in wrappers.values():
+            wrapper.lora_A[adapter_name].requires_grad_(False)
+            wrapper.lora_B[adapter_name].requires_grad_(False)
     if fresh_state:
         object.__setattr__(model, _STATE_ATTR, state)
     return model
@@ -159,6 +172,22 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+def set_active_adapter(model: nn.Module, name: str | None, trainable: bool) -> None:
+    """`name` active on every LoRA layer that has it (the others run their base layer); with
+    trainable=True its factors require grad and every other adapter's do not (peft's rule)."""
+    for _, layer in lora_layers(model):
+        layer.active_adapter = name if name in layer.configs else None
+        if trainable:
+            for n in layer.configs:
+                layer.lora_A[n].requires_grad_(n == name)
+                layer.lora_B[n].requires_grad_(n == name)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The model's active adapter (None: no layer has one active)."""
+    return next((layer.active_adapter for _, layer in lora_layers(model) if layer.active_adapter is not None), None)
 
 
 def refuse_inside_adapter_ids(model: nn.Module, where: str) -> None:

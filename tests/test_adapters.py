@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowrank
 from lowrank.backend import triton_available
@@ -28,13 +30,20 @@ def three_adapters(arch="llama"):
     return base, model
 
 
-def run_on(model, name, fn):
+def run_on(model, name, fn, trainable=True):
     """fn() with every layer on adapter `name` alone (None: the base model, adapters disabled)."""
     if name is None:
         with lowrank.disable_adapters(model):
             return fn()
-    lowrank.set_adapter(model, name)
+    lowrank.set_adapter(model, name, trainable=trainable)
     return fn()
+
+
+def train_every_adapter_(model):
+    """Ask for every adapter's factors to be trainable (peft's rule trains the active one only)."""
+    for n, p in model.named_parameters():
+        if ".lora_A." in n or ".lora_B." in n:
+            p.requires_grad_(True)
 
 
 def test_set_adapter_switches_without_reallocating():
@@ -132,6 +141,7 @@ def test_mixed_batch_gradients(backend, monkeypatch):
     monkeypatch.setenv("LOWRANK_BACKEND", backend)
     base, model = three_adapters()
     lowrank.add_adapter(model, "unused", rank=2)
+    train_every_adapter_(model)  # several adapters trained in one batch: asked for
     rows = ["a", "c", None, "a", "b"]
     x = ids(rows=len(rows), seq=4)
     w = torch.randn(len(rows), 4, 61)  # a loss that weights every logit differently
@@ -222,7 +232,8 @@ def test_mixed_batch_errors():
 
 def test_compile_switching_does_not_recompile():
     """torch.compile (aot_eager backend: dynamo guards and AOT autograd are what decide recompiles;
-    inductor's C++ codegen would cost ~a minute on this CPU and changes nothing about guards)."""
+    inductor's C++ codegen would cost ~a minute on this CPU and changes nothing about guards).
+    set_adapter(trainable=False) leaves the requires_grad flags, which dynamo guards on, alone."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -230,15 +241,16 @@ def test_compile_switching_does_not_recompile():
     lowrank.add_adapter(model, "a", rank=4)
     lowrank.add_adapter(model, "b", rank=8, rslora=True)
     randomize_B_(model)
+    train_every_adapter_(model)  # asked: switching then leaves every requires_grad flag alone
     x = torch.randn(3, 5, 16)
     expect = {}
     for name in ["a", "b", None]:
-        expect[name] = run_on(model, name, lambda: model(x).detach())
+        expect[name] = run_on(model, name, lambda: model(x).detach(), trainable=False)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for name in ["a", "b", "a", None, "b"]:
-            got = run_on(model, name, lambda: compiled(x))
+            got = run_on(model, name, lambda: compiled(x), trainable=False)
             assert_close(got, expect[name].double(), expect[name], name=str(name))
         compiled(x).square().sum().backward()
     assert counter.frame_count == 1
@@ -548,3 +560,109 @@ def test_changes_that_reroute_rows_are_refused_inside_a_mixed_batch(change, tmp_
         assert lowrank.adapter_names(model) == ["a", "b", "c"]
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
         assert torch.equal(logits(model, x), before)
+
+
+def test_a_new_adapter_changes_nothing_that_runs(tmp_path):
+    """Loading a second adapter into a model whose first adapter covers fewer layers used to make
+    it active on the layers that had none, changing the output with no set_adapter call (peft's
+    does not change); the new adapter was also left trainable (peft freezes it)."""
+    model = small_llama()
+    lowrank.patch_linear(model, rank=4, targets=["q_proj"], adapter_name="a")
+    randomize_B_(model)
+    donor = lowrank.patch_linear(small_llama(), rank=4, targets="all-linear", adapter_name="b")
+    randomize_B_(donor)
+    lowrank.save_adapter(donor, tmp_path, adapter_name="b")
+    x = ids()
+    before = logits(model, x)
+    for call in (lambda: lowrank.load_adapter(model, tmp_path, adapter_name="b"),
+                 lambda: lowrank.add_adapter(model, "c", rank=2)):
+        call()
+        assert torch.equal(logits(model, x), before)
+        assert {layer.active_adapter for _, layer in lowrank.lora_layers(model)} == {"a", None}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(".a" in n for n in trainable), trainable
+    lowrank.set_adapter(model, "b")
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {"b"}
+    assert not torch.equal(logits(model, x), before)
+    lowrank.add_adapter(model, "d", rank=2, set_active=True)
+    assert {layer.active_adapter for _, layer in lowrank.lora_layers(model)} == {"d"}
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {"d"}
+
+
+def _peft_names(pm):
+    return {n.removeprefix("base_model.model.").replace(".weight", "") for n, p in pm.named_parameters()
+            if p.requires_grad}
+
+
+@settings(max_examples=12)
+@given(steps=st.lists(st.tuples(st.sampled_from(["add", "load", "set", "delete"]), st.sampled_from(["b", "c", "d"]),
+                                st.sampled_from(["all", "qv"])), min_size=1, max_size=6),
+       seed=st.integers(0, 2**16))
+def test_adapter_state_follows_peft(steps, seed):
+    """Random sequences of add / load / set / delete (of an inactive adapter) on lowrank and on peft
+    from the same start: the same outputs and the same trainable parameters after every step.
+    (Deleting the active adapter is model-wide here, per layer in peft: tested on its own below.)"""
+    import tempfile
+
+    import peft
+
+    torch.manual_seed(seed)
+    base = small_llama()
+    ours = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=8, targets=["q_proj"], adapter_name="a")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+                                 adapter_name="a", autocast_adapter_dtype=False)
+    targets = {"all": ["q_proj", "k_proj", "v_proj", "o_proj"], "qv": ["q_proj", "v_proj"]}
+    def sync(name):  # random factors for `name`, the same in both
+        peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
+                       if hasattr(m, "lora_A")}
+        for path, layer in lowrank.lora_layers(ours):
+            if name in layer.configs:
+                with torch.no_grad():
+                    layer.lora_A[name].normal_(0, 0.3)
+                    layer.lora_B[name].normal_(0, 0.3)
+                    peft_layers[path].lora_A[name].weight.copy_(layer.lora_A[name])
+                    peft_layers[path].lora_B[name].weight.copy_(layer.lora_B[name])
+
+    sync("a")
+    x = ids()
+    with tempfile.TemporaryDirectory() as tmp:
+        for op, name, tgt in steps:
+            have = set(lowrank.adapter_names(ours))
+            if op in ("add", "load") and name not in have:
+                if op == "add":
+                    lowrank.add_adapter(ours, name, rank=4, alpha=8, targets=targets[tgt])
+                    theirs.add_adapter(name, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets[tgt]))
+                    sync(name)
+                else:
+                    donor = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=8, targets=targets[tgt],
+                                                 adapter_name=name)
+                    randomize_B_(donor, std=0.3)
+                    lowrank.save_adapter(donor, f"{tmp}/{name}", adapter_name=name)
+                    lowrank.load_adapter(ours, f"{tmp}/{name}", adapter_name=name)
+                    theirs.load_adapter(f"{tmp}/{name}", adapter_name=name)
+            elif op == "set" and name in have:
+                lowrank.set_adapter(ours, name)
+                theirs.set_adapter(name)
+            elif op == "delete" and name in have and name != lowrank.patch.active_adapter(ours):
+                lowrank.delete_adapter(ours, name)
+                theirs.delete_adapter(name)
+            else:
+                continue
+            assert set(lowrank.adapter_names(ours)) == set(theirs.peft_config), (op, name)
+            mine = {n for n, p in ours.named_parameters() if p.requires_grad}
+            assert mine == _peft_names(theirs), (op, name, sorted(mine ^ _peft_names(theirs)))
+            assert torch.allclose(logits(ours, x), logits(theirs, x), rtol=1e-4, atol=1e-5), (op, name)
+
+
+def test_deleting_the_active_adapter_picks_one_for_the_whole_model():
+    """peft picks the new active adapter layer by layer (a layer without the first remaining name
+    activates its own first one); lowrank picks the first remaining name in sorted order for the
+    whole model, trainable, and layers without it run their base layer."""
+    model = small_llama()
+    lowrank.patch_linear(model, rank=4, targets=["q_proj"], adapter_name="a")
+    lowrank.add_adapter(model, "c", rank=4, targets=["k_proj"])
+    lowrank.add_adapter(model, "b", rank=4, targets=["q_proj"])
+    lowrank.delete_adapter(model, "a")
+    actives = {p.rsplit(".", 1)[-1]: layer.active_adapter for p, layer in lowrank.lora_layers(model)}
+    assert actives == {"q_proj": "b", "k_proj": None}
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {"b"}
