@@ -33,7 +33,7 @@ import torch.nn as nn
 from .dtypes import KERNEL_DTYPES
 from .lora_linear import LoRALinear, is_linear
 from .nf4_linear import NF4Linear
-from .ops.merge import MAX_RANK, check_merge_args
+from .ops.merge import check_merge_args
 from .patch import refuse_inside_adapter_ids, unpatch
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
@@ -300,8 +300,6 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
             if name not in layer.configs:
                 raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")
             a, b = layer.lora_A[name], layer.lora_B[name]
-            if a.shape[0] > MAX_RANK:
-                raise ValueError(f"merge_and_unload: layer {path}: rank {a.shape[0]} is outside 1..{MAX_RANK}")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B contain NaN or Inf")
             quantized.append((path, layer, name))

@@ -336,3 +336,21 @@ def test_unmerge_sees_edits_that_bypass_version_counters(edit):
         lowrank.unmerge(model)
     assert all(torch.equal(p, edited[n]) for n, p in model.named_parameters())
     assert model[0].merged and model[2].merged
+
+
+def test_a_rank_above_256_patches_merges_and_unmerges():
+    """One rank limit: what patches merges (rank 300: the pure-torch merge path), bit-exact back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(320, 40).to(torch.bfloat16))
+    lowrank.patch_linear(model, rank=300)
+    randomize_lora_(model, std=0.02)
+    w0 = model[0].base_layer.weight.detach().clone()
+    x = torch.randn(3, 320, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = model(x)
+        ref = merged_f64(model)(x.double())
+    lowrank.merge(model)
+    with torch.no_grad():
+        assert_close(model(x), ref, baseline=y, name="merged rank 300")
+    lowrank.unmerge(model)
+    assert_bits_equal(model[0].base_layer.weight.detach(), w0, "after unmerge")

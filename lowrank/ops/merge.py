@@ -40,7 +40,7 @@ from lowrank.dtypes import check_dtype
 from .merge_torch import merge_torch, restore_torch
 
 _U = 2.0 ** -24
-MAX_RANK = 256  # the native entry points take rank 1 .. 256 (csrc/lowrank.h)
+MAX_RANK = 256  # the native entry points take rank 1 .. 256 (csrc/lowrank.h); above, the pure-torch path
 
 
 def check_merge_args(weight, lora_A, lora_B, scaling, where: str = "merge", values: bool = True) -> None:
@@ -59,8 +59,8 @@ def check_merge_args(weight, lora_A, lora_B, scaling, where: str = "merge", valu
     if tuple(lora_A.shape) != (r, k) or tuple(lora_B.shape) != (n, r):
         raise ValueError(f"{where}: weight {tuple(weight.shape)} needs lora_B (N={n}, r) and lora_A (r, K={k}) "
                          f"with one r; got lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}")
-    if not 1 <= r <= MAX_RANK:
-        raise ValueError(f"{where}: rank {r} is outside 1..{MAX_RANK}")
+    if r < 1:
+        raise ValueError(f"{where}: rank {r} must be >= 1")
     devices = {t.device for t in (weight, lora_A, lora_B)}
     if len(devices) != 1:
         raise ValueError(f"{where}: weight ({weight.device}), lora_A ({lora_A.device}) and lora_B "
@@ -125,9 +125,15 @@ def _cpu_merge(lib, weight, lora_A, lora_B, scaling, rec=None):
     return status
 
 
+def _library(weight, lora_A):
+    """The native library for this merge, or None: missing, or a rank above its MAX_RANK (the
+    pure-torch path has the same numerics at any rank, so every rank that patches merges)."""
+    return native.for_device(weight.device) if lora_A.shape[0] <= MAX_RANK else None
+
+
 def _run_merge(weight, lora_A, lora_B, scaling, exact):
     """Merge in place; returns (rec_idx, rec_val) (empty when exact is False)."""
-    lib = native.for_device(weight.device)
+    lib = _library(weight, lora_A)
     cpu_native = lib is not None and weight.device.type == "cpu"
     check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.merge_", values=not cpu_native)
     if exact and weight.numel() >= 2 ** 31:
@@ -210,7 +216,7 @@ def _check_record(weight, rec_idx, rec_val, where):
 
 
 def _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val):
-    lib = native.for_device(weight.device)
+    lib = _library(weight, lora_A)
     cpu_native = lib is not None and weight.device.type == "cpu"
     check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.unmerge_", values=not cpu_native)
     _check_record(weight, rec_idx, rec_val, "lowrank.ops.unmerge_")
