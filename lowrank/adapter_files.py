@@ -68,6 +68,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise ValueError(f"save_adapter: adapter {adapter_name!r} has different (rank, alpha, rslora, dropout) "
                          f"on different layers {sorted(settings)}; a peft file needs one setting")
     cfg = layers[0][1].configs[adapter_name]
+    meta = [p for p, m in layers if m.lora_A[adapter_name].device.type == "meta"
+            or m.lora_B[adapter_name].device.type == "meta"]
+    if meta:
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} of layer {meta[0]} (and {len(meta) - 1} more) is on "
+                         f"the meta device (shapes without values): there is nothing to save")
     tensors = {}
     for p, m in layers:
         # clone: safetensors refuses tensors that share storage, and wants contiguous CPU data.

@@ -107,9 +107,18 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None):
     name = name or layer.active_adapter
     if name is None or name not in layer.configs:
         raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")
+    _refuse_meta(path, layer, name)
     w_, a, b = _merge_operands(layer, name)
     check_merge_args(w_, a, b, layer.scaling(name), f"merge: layer {path}")
     return name
+
+
+def _refuse_meta(path: str, layer: LoRALinear, name: str) -> None:
+    tensors = {"weight": layer.base_layer.weight, "lora_A": layer.lora_A[name], "lora_B": layer.lora_B[name]}
+    meta = [k for k, t in tensors.items() if t.device.type == "meta"]
+    if meta:
+        raise ValueError(f"layer {path}: {', '.join(meta)} on the meta device (shapes without values): load real "
+                         f"weights (e.g. model.to_empty() and a state dict) before merging")
 
 
 def _targets(model: nn.Module, what: str):
@@ -300,6 +309,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
             if name not in layer.configs:
                 raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")
             a, b = layer.lora_A[name], layer.lora_B[name]
+            if a.device.type == "meta" or b.device.type == "meta" or layer.base_layer.nf4.device.type == "meta":
+                raise ValueError(f"merge_and_unload: layer {path} is on the meta device (shapes without values)")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B contain NaN or Inf")
             quantized.append((path, layer, name))

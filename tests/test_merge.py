@@ -354,3 +354,18 @@ def test_a_rank_above_256_patches_merges_and_unmerges():
         assert_close(model(x), ref, baseline=y, name="merged rank 300")
     lowrank.unmerge(model)
     assert_bits_equal(model[0].base_layer.weight.detach(), w0, "after unmerge")
+
+
+def test_merge_and_save_on_the_meta_device_say_so(tmp_path):
+    """A model built on the meta device has shapes but no values: merge, merge_and_unload and
+    save_adapter used to fail with torch's internal errors; now a ValueError names the layer."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    lowrank.patch_linear(model, rank=2)
+    for call in (lambda: lowrank.merge(model), lambda: lowrank.merge_and_unload(model)):
+        with pytest.raises(ValueError, match=r"layer 0: weight, lora_A, lora_B on the meta device"):
+            call()
+    with pytest.raises(ValueError, match=r"save_adapter: .*layer 0 .*meta device"):
+        lowrank.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert all(isinstance(m, lowrank.LoRALinear) and not m.merged for m in model)

@@ -405,3 +405,27 @@ def test_ranks_above_the_library_limit_merge_on_the_torch_path(dtype):
     points' 256 the pure-torch path runs, with the same one-rounding result and exact unmerge.
     (Rank 257 used to patch and train, then raise at merge.)"""
     run_merge_unmerge(40, 300, 300, dtype, 0.5, 0, True, seed=257)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("library", marks=needs_cpu_lib), "fallback"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_a_merge_that_would_overflow_is_refused_before_writing(dtype, backend, monkeypatch):
+    """A finite weight whose merge would round to Inf (fp16 near 65504, an extreme scaling): refused,
+    naming the element, with the weight unchanged; the same weights with a sane scaling merge.
+    (The merge used to write Inf.)"""
+    if backend == "fallback":
+        monkeypatch.setenv("LOWRANK_NO_NATIVE", "1")
+    big = torch.finfo(dtype).max / 2
+    w = torch.full((6, 8), big, dtype=dtype)
+    w[2, 3] = -big
+    a, b = torch.ones(2, 8, dtype=dtype), torch.ones(6, 2, dtype=dtype)
+    w0 = w.clone()
+    with pytest.raises(ValueError, match=r"would overflow .* at \(0, 0\).*nothing was written"):
+        merge_(w, a, b, big, True)
+    assert_bits_equal(w, w0, "after a refused merge")
+    with pytest.raises(ValueError, match=r"would overflow .* at \(2, 3\)"):
+        unmerge_(w, a, b, big)
+    assert_bits_equal(w, w0, "after a refused unmerge")
+    rec = merge_(w, a, b, 1.0, True)
+    unmerge_(w, a, b, 1.0, *rec)
+    assert_bits_equal(w, w0, "a sane scaling")

@@ -77,6 +77,32 @@ def check_merge_args(weight, lora_A, lora_B, scaling, where: str = "merge", valu
         raise ValueError(f"{where}: lora_A / lora_B contain NaN or Inf; merging would destroy the weight")
 
 
+def check_no_overflow(weight, lora_A, lora_B, scaling, where: str) -> None:
+    """ValueError, before anything is written, if some finite element of weight + scaling * lora_B @
+    lora_A would round to Inf in the weight's dtype (an extreme alpha, or fp16 weights near 65504).
+    Usually free: when |scaling| * max_i ||B_i|| * max_j ||A_:,j|| (which bounds every |delta_ij|) is
+    under half an ulp of the dtype's largest value, no finite element can overflow. Otherwise the
+    exact sums are checked in float64, a block of rows at a time."""
+    info = torch.finfo(weight.dtype)
+    half_ulp = info.eps * info.max / (2.0 * (2.0 - info.eps))  # half the spacing just below max
+    b64, a64 = lora_B.detach().double(), lora_A.detach().double()
+    bound = abs(scaling) * float(torch.linalg.vector_norm(b64, dim=1).amax()) \
+        * float(torch.linalg.vector_norm(a64, dim=0).amax())
+    if bound < half_ulp or weight.numel() == 0:
+        return
+    n, k = weight.shape
+    rows_per = max(1, (1 << 20) // max(k, 1))
+    for r0 in range(0, n, rows_per):
+        w = weight[r0:r0 + rows_per].detach()
+        exact = w.double() + scaling * (b64[r0:r0 + rows_per] @ a64)
+        bad = torch.isfinite(w) & (exact.abs() >= info.max + half_ulp)
+        if bool(bad.any()):
+            i, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"{where}: the merged weight would overflow {weight.dtype} at ({r0 + i}, {j}): "
+                             f"{w[i, j].item():.6g} + delta = {exact[i, j].item():.6g}, beyond its largest "
+                             f"value {info.max:.6g}; nothing was written (is scaling {scaling!r} intended?)")
+
+
 def _round_up_f32(x64: torch.Tensor) -> torch.Tensor:
     """float32 >= x64 (nearest, then one step up where that rounded down)."""
     f = x64.float()
@@ -142,6 +168,7 @@ def _run_merge(weight, lora_A, lora_B, scaling, exact):
     empty = (weight.new_empty(0, dtype=torch.int32), weight.new_empty(0))
     if weight.numel() == 0:
         return empty
+    check_no_overflow(weight, lora_A, lora_B, scaling, "lowrank.ops.merge_")
     if cpu_native:
         if not exact:
             native.check(_cpu_merge(lib, weight, lora_A, lora_B, scaling), "lowrank_cpu_merge_strided")
@@ -224,6 +251,8 @@ def _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val):
         return
     n, k = weight.shape
     has_rec = rec_idx is not None and rec_idx.numel() > 0
+    if not has_rec:
+        check_no_overflow(weight, lora_A, lora_B, -scaling, "lowrank.ops.unmerge_")
     if has_rec:
         rec_idx, rec_val = rec_idx.contiguous(), rec_val.contiguous()
     if cpu_native:
