@@ -9,23 +9,31 @@ The on-disk format is peft's LoRA checkpoint:
   shapes as an nn.Linear one; the config then says `fan_in_fan_out: true`.
 
 # Note: atomic writes
-Each file is written to a temporary file in the target directory, flushed and fsynced, and only
-then renamed over the final name (`os.replace`, atomic on POSIX). Both temporary files are
-complete before either rename, so a crash at any point leaves either the old adapter, or the new
-one, or (only between the two renames, a window of microseconds) the new weights beside the old
-config; never a truncated file. Two files cannot be renamed at once, so that last case is made
-detectable instead: the weights file's metadata also records the settings that give the weights
-their meaning (`lowrank_settings`: r, lora_alpha, use_rslora), and load_adapter refuses a
-config that disagrees with them, naming the fields. peft ignores extra safetensors metadata.
+Both files are written complete and fsynced under temporary names before anything the reader
+sees changes. When the directory holds nothing but an adapter (the usual case), the two files are
+written into a staging directory beside it, and the two directories are swapped in one step
+(`renameat2(RENAME_EXCHANGE)`, Linux 3.15+): a reader, or a kill at any moment, finds the old
+adapter or the new one, never one file of each. peft needs that, since it cannot tell two files
+apart that share r and alpha but target other layers. Elsewhere (other files in the directory, which
+an exchange would take away, or no RENAME_EXCHANGE) each file is renamed over its final name in
+turn; the one state in between (new weights beside the old config) is made detectable for
+lowrank: the weights file's metadata also records the settings that give the weights their
+meaning (`lowrank_settings`: r, lora_alpha, use_rslora), and load_adapter refuses a config that
+disagrees with them, naming the fields. peft ignores extra safetensors metadata. Files get mode
+0666 less the umask, as peft's do; what an interrupted save left is removed by the next one.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import errno
 import json
 import math
 import os
 import re
-import tempfile
+import secrets
+import shutil
 
 import torch
 import torch.nn as nn
@@ -36,7 +44,7 @@ from .config import LoRAConfig
 from .dtypes import FLOAT_DTYPES
 from .layer_types import linear_dims
 from .lora_linear import LoRALinear
-from .patch import iter_linear, lora_layers, patch_linear, refuse_inside_adapter_ids
+from .patch import iter_linear, lora_layers, patch_linear, refuse_inside_adapter_ids, select_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -87,17 +95,67 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                           fan_in_fan_out=any(m.fan_in_fan_out for _, m in layers),
                           task_type=task_type, base=base_model_name_or_path)
 
-    os.makedirs(path, exist_ok=True)
-    tmp_w = _tmp_name(path, WEIGHTS_NAME)
-    tmp_c = _tmp_name(path, CONFIG_NAME)
+    metadata = {"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))}
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale(path)
+    if _only_adapter_files(path) and _exchange_supported(parent):
+        _save_by_exchange(path, tensors, metadata, config)
+    else:
+        _save_in_place(path, tensors, metadata, config)
+
+
+def _write_pair(directory: str, tensors: dict, metadata: dict, config: dict) -> tuple[str, str]:
+    """The weights and config files, complete and fsynced, under temporary names in `directory`."""
+    tmp_w, tmp_c = _tmp_name(directory, WEIGHTS_NAME), _tmp_name(directory, CONFIG_NAME)
     try:
-        safetensors.torch.save_file(tensors, tmp_w, metadata={"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))})
+        mode = os.stat(tmp_w).st_mode & 0o777  # 0666 less the umask, from _tmp_name
+        safetensors.torch.save_file(tensors, tmp_w, metadata=metadata)
+        os.chmod(tmp_w, mode)  # safetensors writes its file 0600
         _fsync(tmp_w)
         with open(tmp_c, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        for t in (tmp_w, tmp_c):
+            if os.path.exists(t):
+                os.unlink(t)
+        raise
+    return tmp_w, tmp_c
+
+
+def _save_by_exchange(path: str, tensors: dict, metadata: dict, config: dict) -> None:
+    """The new adapter written into a staging directory beside `path`, then swapped with it in one
+    step (renameat2 RENAME_EXCHANGE; a plain rename when `path` does not exist yet): a reader, or a
+    kill at any moment, sees the old adapter or the new one, never a mix (see the Note)."""
+    parent = os.path.dirname(path)
+    staging = _staging_name(path)
+    os.mkdir(staging, 0o777)  # the umask applies, as to any directory the user makes
+    try:
+        tmp_w, tmp_c = _write_pair(staging, tensors, metadata, config)
+        os.rename(tmp_w, os.path.join(staging, WEIGHTS_NAME))
+        os.rename(tmp_c, os.path.join(staging, CONFIG_NAME))
+        _fsync_dir(staging)
+        if os.path.isdir(path):
+            _exchange(staging, path)  # `staging` now holds the old adapter
+        else:
+            os.rename(staging, path)
+        _fsync_dir(parent)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_in_place(path: str, tensors: dict, metadata: dict, config: dict) -> None:
+    """Both files complete under temporary names, then renamed over the final ones: the fallback
+    when `path` holds other files (which a directory exchange would take away) or the platform has
+    no RENAME_EXCHANGE; a kill between the two renames is detected by load_adapter (the stamp)."""
+    os.makedirs(path, exist_ok=True)
+    tmp_w, tmp_c = _write_pair(path, tensors, metadata, config)
+    try:
         os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
         os.replace(tmp_c, os.path.join(path, CONFIG_NAME))
     finally:
@@ -105,6 +163,69 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             if os.path.exists(t):
                 os.unlink(t)
     _fsync_dir(path)
+
+
+def _staging_name(path: str) -> str:
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.saving")
+
+
+def _remove_stale(path: str) -> None:
+    """What an interrupted save left behind: temporary files in `path`, staging directories beside
+    it. (One writer at a time per adapter directory: a concurrent save's files would go too.)"""
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            if name.endswith(".tmp") and name.startswith((f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}.")):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(path, name))
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    if os.path.isdir(parent):
+        for name in os.listdir(parent):
+            if name.startswith(f".{base}.") and name.endswith(".saving"):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _only_adapter_files(path: str) -> bool:
+    return not os.path.exists(path) or (os.path.isdir(path) and set(os.listdir(path)) <= {CONFIG_NAME, WEIGHTS_NAME})
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _renameat2():
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap the names a and b in one step (both must exist)."""
+    fn = _renameat2()
+    if fn is None or fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno() if fn is not None else errno.ENOSYS
+        raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a!r} <-> {b!r}: {os.strerror(err)}")
+
+
+def _exchange_supported(parent: str) -> bool:
+    """Whether RENAME_EXCHANGE works in `parent` (Linux 3.15+, and a filesystem that has it): tried
+    on two empty directories made for the purpose."""
+    if _renameat2() is None:
+        return False
+    a, b = _staging_name(os.path.join(parent, "probe-a")), _staging_name(os.path.join(parent, "probe-b"))
+    try:
+        os.mkdir(a)
+        os.mkdir(b)
+        _exchange(a, b)
+        return True
+    except OSError:
+        return False
+    finally:
+        for d in (a, b):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 SETTINGS_KEY = "lowrank_settings"
@@ -151,8 +272,10 @@ def _target_modules(model: nn.Module, paths: list[str]):
 
 
 def _tmp_name(directory, final: str) -> str:
-    fd, name = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    """A new empty file in `directory` for `final`, created with mode 0666 less the umask (0644 under
+    umask 022, as peft's files are; mkstemp would make it 0600)."""
+    name = os.path.join(directory, f".{final}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return name
 
 
@@ -202,8 +325,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {path!r}")
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
+    config = _read_config(config_file)
     cfg = _lora_config_from_peft(config, adapter_name, config_file)
     tensors, stamp = _read_weights(path, allow_pickle)
     if stamp is not None:
@@ -219,6 +341,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     problems = []
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    layer_dtypes: dict[str, torch.dtype] = {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:
@@ -244,6 +367,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                 f"(r={cfg.rank}, in={k}, out={n})")
             if t.dtype not in FLOAT_DTYPES:
                 problems.append(f"{p}.{which}.weight: dtype {t.dtype}, expected a floating-point dtype")
+                continue
+            problems += _value_problems(f"{p}.{which}.weight", t, _adapter_dtype(mod, existing.get(p), adapter_name))
         if existing and p not in existing:
             problems.append(f"{p}: the model's adapter {adapter_name!r} does not cover this layer "
                             f"(it is on {len(existing)} other layers)")
@@ -258,6 +383,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if existing:
         for p in sorted(set(existing) - set(pairs)):
             problems.append(f"{p}: has adapter {adapter_name!r} in the model but no weights in the file")
+    selected = _peft_selection(model, config.get("target_modules"))
+    if selected is not None and pairs and selected != set(pairs):
+        extra, missing = sorted(set(pairs) - selected), sorted(selected - set(pairs))
+        problems.append(f"target_modules={config.get('target_modules')!r} in {CONFIG_NAME} selects other layers than "
+                        f"the weights cover (weights without a target: {extra[:3]}; targets without weights: "
+                        f"{missing[:3]}): peft would load another model from these files")
     if not pairs and not problems:
         problems.append("the file holds no LoRA weights")
     if problems:
@@ -280,8 +411,81 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return model
 
 
+def _adapter_dtype(mod: nn.Module, layer: LoRALinear | None, adapter_name: str) -> torch.dtype:
+    """The dtype the file's factors are cast to: the layer's adapter, or what a new one would get."""
+    if layer is not None:
+        return layer.lora_A[adapter_name].dtype
+    w = (mod.base_layer if isinstance(mod, LoRALinear) else mod).weight
+    return w.dtype if w.dtype.is_floating_point else torch.float32
+
+
+def _value_problems(name: str, t: torch.Tensor, dtype: torch.dtype) -> list[str]:
+    """NaN / Inf in the file, or finite values that become Inf in the layer's dtype."""
+    if not bool(torch.isfinite(t).all()):
+        return [f"{name}: holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)"]
+    if not bool(torch.isfinite(t.to(dtype)).all()):
+        return [f"{name}: values up to {t.abs().max().item():.6g} overflow the layer's {dtype}"]
+    return []
+
+
+def _peft_selection(model: nn.Module, targets) -> set[str] | None:
+    """The linear layers peft selects with `target_modules` (None: the config names none)."""
+    if targets is None:
+        return None
+    found = [p for p, *_ in iter_linear(model)]
+    if targets == "all-linear":
+        return {p for p, *_ in select_targets(model, "all-linear")} if found else set()
+    if isinstance(targets, str):
+        return {p for p in found if re.fullmatch(targets, p)}
+    return {p for p in found if any(p == t or p.endswith("." + t) for t in targets)}
+
+
+def _read_config(config_file: str) -> dict:
+    """The JSON object in adapter_config.json; ValueError naming the file for anything else."""
+    try:
+        with open(config_file, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"load_adapter: {config_file} is not UTF-8 text ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"load_adapter: {config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"load_adapter: {config_file} holds a JSON {type(config).__name__}, not an object of "
+                         f"LoraConfig fields")
+    return config
+
+
+# Fields whose JSON type must be exactly this (peft's LoraConfig takes them as given, and Python's
+# truthiness would turn "no" into True): name -> (accepted types, description).
+_FIELD_TYPES = {
+    "use_rslora": ((bool,), "true or false"),
+    "use_dora": ((bool,), "true or false"),
+    "fan_in_fan_out": ((bool,), "true or false"),
+    "lora_dropout": ((int, float), "a number in [0, 1)"),
+    "bias": ((str,), "a string"),
+    "target_modules": ((str, list, type(None)), "a regex string, a list of names, or null"),
+}
+
+
 def _lora_config_from_peft(config: dict, adapter_name: str, where: str) -> LoRAConfig:
     problems = []
+    for key, (types, what) in _FIELD_TYPES.items():
+        if key in config and (not isinstance(config[key], types)
+                              or (bool not in types and isinstance(config[key], bool))):
+            problems.append(f"{key}={config[key]!r} must be {what}")
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and not 0.0 <= dropout < 1.0:
+        problems.append(f"lora_dropout={dropout!r} must be a number in [0, 1)")
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets):
+        problems.append(f"target_modules={targets!r} must list non-empty module names")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            problems.append(f"target_modules={targets!r} is not a valid regular expression ({exc})")
+    if problems:
+        raise ValueError(f"load_adapter: {where}: " + "; ".join(problems))
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
     unsupported = {"use_dora": False, "bias": "none", "lora_bias": False}
@@ -300,7 +504,7 @@ def _lora_config_from_peft(config: dict, adapter_name: str, where: str) -> LoRAC
     if problems:
         raise ValueError(f"load_adapter: {where}: " + "; ".join(problems))
     return LoRAConfig(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                      rslora=bool(config.get("use_rslora", False)), adapter_name=adapter_name)
+                      rslora=config.get("use_rslora", False), adapter_name=adapter_name)
 
 
 def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str | None]:

@@ -246,12 +246,14 @@ def test_save_errors():
 
 
 def test_crash_between_the_two_renames_is_detected_on_load(tmp_path, monkeypatch):
-    """Two files cannot be renamed at once: a crash after the weights' rename leaves new weights
-    beside the old config. Same rank, other alpha: shapes cannot tell, the settings stamp must."""
+    """Where the files are renamed one at a time (the directory holds other files, so it is not
+    swapped whole), a crash after the weights' rename leaves new weights beside the old config. Same
+    rank, other alpha: shapes cannot tell, the settings stamp must."""
     base = small_llama()
     old = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=8)
     randomize_B_(old)
     lowrank.save_adapter(old, tmp_path)
+    (tmp_path / "README.md").write_text("the user's notes\n")
     new = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=16)
     randomize_B_(new)
     real = os.replace
@@ -297,3 +299,163 @@ def test_load_over_a_merged_adapter_refused(tmp_path):
     want = logits(model, x)
     lowrank.set_adapter(model, "again")
     assert torch.equal(logits(model, x), want)
+
+
+# -- strict reading ---------------------------------------------------------------------------------
+
+def _saved(tmp_path, **kwargs):
+    model = lowrank.patch_linear(small_llama(), rank=4, targets=["q_proj", "v_proj"], **kwargs)
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path)
+    return json.load(open(tmp_path / CONFIG_NAME))
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("use_rslora", "no", "use_rslora='no' must be true or false"),
+    ("use_rslora", 1, "use_rslora=1 must be true or false"),
+    ("lora_dropout", "0.1", "lora_dropout='0.1' must be a number"),
+    ("lora_dropout", 1.5, r"lora_dropout=1.5 must be a number in \[0, 1\)"),
+    ("fan_in_fan_out", "false", "fan_in_fan_out='false' must be true or false"),
+    ("target_modules", 3, "target_modules=3 must be a regex string"),
+    ("target_modules", ["q_proj", ""], "must list non-empty module names"),
+], ids=lambda v: str(v)[:12])
+def test_config_fields_are_typed_strictly(tmp_path, field, value, words):
+    """`use_rslora: "no"` used to load as True (Python truthiness): every typed field is checked."""
+    config = _saved(tmp_path)
+    config[field] = value
+    json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
+    target = small_llama()
+    with pytest.raises(ValueError, match=words):
+        lowrank.load_adapter(target, tmp_path)
+    assert not list(lowrank.lora_layers(target))
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe{}", "is not UTF-8"), (b"{not json", "is not valid JSON"), (b"[1, 2]", "holds a JSON list"),
+])
+def test_a_config_that_is_not_a_json_object_names_the_file(tmp_path, content, words):
+    _saved(tmp_path)
+    (tmp_path / CONFIG_NAME).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"adapter_config\.json {words}"):
+        lowrank.load_adapter(small_llama(), tmp_path)
+
+
+def test_target_modules_that_disagree_with_the_weights_are_refused(tmp_path):
+    """peft builds its layers from target_modules and ignores weights outside them: a config naming
+    other layers than the tensors would load into a different model in peft than in lowrank."""
+    config = _saved(tmp_path)
+    config["target_modules"] = ["q_proj"]
+    json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
+    target = small_llama()
+    with pytest.raises(ValueError, match=r"target_modules=\['q_proj'\].*weights without a target: .*v_proj"):
+        lowrank.load_adapter(target, tmp_path)
+    assert not list(lowrank.lora_layers(target))
+
+
+@pytest.mark.parametrize("bad, words", [(1e5, "overflow the layer's torch.float16"), (float("nan"), "NaN/Inf")])
+def test_values_the_model_cannot_hold_are_refused(tmp_path, bad, words):
+    """Loading into an fp16 model casts the factors: 1e5 used to become Inf silently."""
+    _saved(tmp_path)
+    t = load_file(tmp_path / WEIGHTS_NAME)
+    key = next(k for k in t if k.endswith("lora_B.weight"))
+    t[key][0, 0] = bad
+    save_file(t, tmp_path / WEIGHTS_NAME)
+    target = small_llama().half()
+    with pytest.raises(ValueError, match=words):
+        lowrank.load_adapter(target, tmp_path)
+    assert not list(lowrank.lora_layers(target))
+
+
+# -- writing: permissions, leftovers, kills ---------------------------------------------------------
+
+@pytest.mark.parametrize("others", [False, True], ids=["exchange", "in-place"])
+def test_saved_files_follow_the_umask_and_leftovers_are_removed(tmp_path, others):
+    """Files get 0666 less the umask (0644 under 022, as peft's; they were 0600), and the next save
+    removes what an interrupted one left (temporary files, a staging directory)."""
+    target = tmp_path / "adapter"
+    _saved(target)
+    if others:
+        (target / "README.md").write_text("notes\n")
+    stale = [target / f".{WEIGHTS_NAME}.999.deadbeef.tmp", target / f".{CONFIG_NAME}.999.deadbeef.tmp"]
+    for f in stale:
+        f.write_text("half a file")
+    (tmp_path / ".adapter.999.deadbeef.saving").mkdir()
+    old = os.umask(0o022)
+    try:
+        _saved(target)
+    finally:
+        os.umask(old)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (target / name).stat().st_mode & 0o777 == 0o644, name
+    assert sorted(os.listdir(target)) == sorted([CONFIG_NAME, WEIGHTS_NAME] + (["README.md"] if others else []))
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+_SAVE_LOOP = r"""
+import os, sys, time
+import torch
+import lowrank
+target, seed = sys.argv[1], int(sys.argv[2])
+real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+def slow(fn):
+    def call(*a, **k):
+        out = fn(*a, **k)
+        time.sleep(0.01)  # widen every step, so that kills land between them
+        return out
+    return call
+os.fsync, os.rename, os.replace = slow(real_fsync), slow(real_rename), slow(real_replace)
+models = []
+for i, targets in enumerate((["0", "1"], ["1", "2"])):  # same r and alpha, other layers
+    torch.manual_seed(seed + i)
+    m = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(3)])
+    lowrank.patch_linear(m, rank=2, alpha=4, targets=targets)
+    with torch.no_grad():
+        for _, layer in lowrank.lora_layers(m):
+            layer.lora_B["default"].normal_()
+    models.append(m)
+for i in range(10**6):
+    lowrank.save_adapter(models[i % 2], target)
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_save_leaves_the_old_or_the_new_adapter(tmp_path):
+    """SIGKILL at random moments of saves that alternate between two adapters with the same r and
+    alpha on different layers: after every kill, lowrank and peft both load one of the two,
+    complete (with files renamed one at a time peft could load the new weights under the old
+    config: a mix)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "adapter"
+    versions = {}
+    rng = random.Random(0)
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(target), str(attempt)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline(), proc.stderr.read()  # one complete save first
+            time.sleep(rng.uniform(0.0, 0.25))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(30)
+        base = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(3)])
+        ours = lowrank.load_adapter(copy.deepcopy(base), target)
+        mine = {p: (layer.lora_A["default"].detach(), layer.lora_B["default"].detach())
+                for p, layer in lowrank.lora_layers(ours)}
+        assert set(mine) in ({"0", "1"}, {"1", "2"}), sorted(mine)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(target))
+        sd = theirs.state_dict()
+        peft_paths = {k.removeprefix("base_model.model.").split(".")[0] for k in sd if ".lora_A." in k}
+        assert peft_paths == set(mine), (peft_paths, sorted(mine))
+        for p, (a, b) in mine.items():
+            assert torch.equal(sd[f"base_model.model.{p}.lora_A.default.weight"], a), p
+            assert torch.equal(sd[f"base_model.model.{p}.lora_B.default.weight"], b), p
+        versions[attempt] = sorted(mine)
+    assert not [n for n in os.listdir(tmp_path) if n != "adapter" and not n.endswith(".saving")]
