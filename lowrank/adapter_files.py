@@ -400,11 +400,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         patch_linear(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
                      targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active)
     layers = dict(lora_layers(model))
+    # The file's factors in each layer's dtype and device first (what can run out of memory), then
+    # the copies, which cannot fail.
+    staged = {(p, which): ab[which].to(getattr(layers[p], which)[adapter_name].dtype).to(
+        getattr(layers[p], which)[adapter_name].device) for p, ab in pairs.items() for which in ("lora_A", "lora_B")}
     with torch.no_grad():
         for p, ab in pairs.items():
             layer = layers[p]
             for which, store in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                store[adapter_name].copy_(ab[which])
+                store[adapter_name].copy_(staged[(p, which)])
             old = layer.configs[adapter_name]
             layer.configs[adapter_name] = dataclasses.replace(
                 old, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)

@@ -85,14 +85,26 @@ class LoRALinear(nn.Module):
         """Add an adapter (A initialised as peft does, B = 0). activate: make it the active one
         (True), leave the active adapter as it is (False), or activate it only on a layer that has
         none (None). Model-level code (`lowrank.patch_linear`) decides for the whole model."""
-        name = config.adapter_name
-        if name in self.configs:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.attach_adapter(config, *self.new_factors(config), activate=activate)
+
+    def new_factors(self, config: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) for `config` on this layer, allocated and initialised; the layer is not touched
+        (the allocation is what can fail: out of memory)."""
+        if config.adapter_name in self.configs:
+            raise ValueError(f"adapter {config.adapter_name!r} already exists on this layer")
         w = self.base_layer.weight
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         a = torch.empty(config.rank, self.in_features, device=w.device, dtype=dtype)
         b = torch.zeros(self.out_features, config.rank, device=w.device, dtype=dtype)
         init_lora_A_(a, config)
+        return a, b
+
+    def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor,
+                       activate: bool | None = None) -> None:
+        """Register factors from `new_factors` as adapter `config.adapter_name`."""
+        name = config.adapter_name
+        if name in self.configs:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.configs[name] = config

@@ -146,8 +146,10 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     if fresh_state:
         state = {"requires_grad": [(p, p.requires_grad) for p in model.parameters()]}
     activate = set_active or not any(layer.configs for _, layer in lora_layers(model))
-    for _, wrapper, _ in wrappers.values():
-        wrapper.add_adapter(config, activate=activate)
+    # Every new factor is allocated (what can run out of memory) before any layer gets one.
+    factors = [wrapper.new_factors(config) for _, wrapper, _ in wrappers.values()]
+    for (_, wrapper, _), (a, b) in zip(wrappers.values(), factors):
+        wrapper.attach_adapter(config, a, b, activate=activate)
     for module, wrapper, new in wrappers.values():
         if new:
             replace_module(refs, module, wrapper)

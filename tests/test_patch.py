@@ -359,3 +359,23 @@ def test_a_module_under_several_paths_gets_one_lora_layer_everywhere(quantize):
         assert model.a is model.b is model.inner["c"] is shared and model.other is other
     else:
         assert model.a is model.b is model.inner["c"] and type(model.a).__name__ == "NF4Linear"
+
+
+def test_running_out_of_memory_while_adding_an_adapter_changes_nothing(monkeypatch):
+    """Every new factor is allocated before any layer gets one: a failure in the allocation (out of
+    memory) on the fourth layer used to leave the first three with the adapter."""
+    model = lowrank.patch_linear(Toy(), rank=2)
+    snap = snapshot(model)
+    real, calls = LoRALinear.new_factors, []
+
+    def flaky(self, config):
+        if len(calls) == 3:
+            raise MemoryError("simulated out of memory")
+        calls.append(1)
+        return real(self, config)
+
+    monkeypatch.setattr(LoRALinear, "new_factors", flaky)
+    with pytest.raises(MemoryError):
+        lowrank.add_adapter(model, "second", rank=4)
+    assert_same_snapshot(snap, snapshot(model))
+    assert all(set(layer.configs) == {"default"} for _, layer in lowrank.lora_layers(model))
