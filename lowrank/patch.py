@@ -20,9 +20,12 @@ _STATE_ATTR = "_lowrank_state"
 
 
 def iter_linear(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
-    """Yield (path, module, parent, attribute) for every linear layer; a LoRALinear counts as one
-    layer (its base_layer is not visited again)."""
-    for attr, child in model.named_children():
+    """Yield (path, module, parent, attribute) for every linear layer, under every path that holds
+    it (a module held twice is yielded twice: `named_children` would report it once); a LoRALinear
+    counts as one layer (its base_layer is not visited again)."""
+    for attr, child in model._modules.items():
+        if child is None:
+            continue
         path = f"{prefix}.{attr}" if prefix else attr
         if isinstance(child, LoRALinear) or is_linear(child):
             yield path, child, model, attr

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowrank
 from lowrank.merge import MergeState, record_fraction
@@ -369,3 +371,51 @@ def test_merge_and_save_on_the_meta_device_say_so(tmp_path):
         lowrank.save_adapter(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert all(isinstance(m, lowrank.LoRALinear) and not m.merged for m in model)
+
+
+class _Tied(nn.Module):
+    """Four linear slots; each is a new layer, the same module as an earlier slot, or a new layer
+    given an earlier slot's weight Parameter."""
+
+    def __init__(self, pattern):
+        super().__init__()
+        self.slots = nn.ModuleList()
+        for kind, j in pattern:
+            if kind == "alias" and self.slots:
+                self.slots.append(self.slots[j % len(self.slots)])
+            else:
+                layer = nn.Linear(8, 8)
+                if kind == "share" and self.slots:
+                    layer.weight = self.slots[j % len(self.slots)].weight
+                self.slots.append(layer)
+
+    def forward(self, x):
+        return sum(slot(x) for slot in self.slots)
+
+
+@settings(max_examples=25)
+@given(pattern=st.lists(st.tuples(st.sampled_from(["new", "alias", "share"]), st.integers(0, 3)), min_size=4,
+                        max_size=4),
+       targets=st.sets(st.integers(0, 3), min_size=1), seed=st.integers(0, 2**16))
+def test_random_tying_patterns_merge_right_or_refuse(pattern, targets, seed):
+    """Random aliasing and weight sharing: a merge either gives the merged model's outputs (each
+    delta applied once, unmerge exact) or raises, with every weight as it was."""
+    torch.manual_seed(seed)
+    model = _Tied(pattern)
+    chosen = {f"slots.{i}" for i in targets}
+    lowrank.patch_linear(model, rank=2, targets=lambda path, m: path in chosen)
+    randomize_lora_(model, std=0.3, seed=seed)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        y = model(x)
+    weights = {id(p): p.detach().clone() for p in model.parameters()}
+    try:
+        lowrank.merge(model)
+    except ValueError as exc:
+        assert "shares its storage" in str(exc)
+        assert all(torch.equal(p, weights[id(p)]) for p in model.parameters())
+        return
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    lowrank.unmerge(model)
+    assert all(torch.equal(p, weights[id(p)]) for p in model.parameters())
