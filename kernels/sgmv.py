@@ -2,14 +2,15 @@
 
 Tokens are sorted by adapter id into segments. Segment 0 holds the base-model tokens (id -1, or
 any id outside [0, n)) and has rank 0: shrink skips it, expand only copies its rows. Segment
-i + 1 is adapter i. Every adapter keeps its own rank: the adapters' A matrices are packed row-wise into
-one (sum r_i, K) matrix and B^T into one (sum r_i, N) matrix, and each kernel walks adapter i's
-rows [roff_i, roff_i + r_i) only, in BLOCK_R steps, so a rank-4 adapter next to a rank-64 one
-costs a rank-4 amount of work (one BLOCK_R=16 step, masked), not a rank-64 one.
+i + 1 is adapter i. Every adapter keeps its own rank, and the kernels read each adapter's own
+tensors in place through a table of their addresses and strides (`weight_table`: no packed copy,
+so nothing can go stale when a weight is edited, through `.data` or otherwise); each kernel walks
+adapter i's r_i rows only, in BLOCK_R steps, so a rank-4 adapter next to a rank-64 one costs a
+rank-4 amount of work (one BLOCK_R=16 step, masked), not a rank-64 one.
 
-    shrink: T[p, :r_i]  = (s_i *) X[order[p]] @ W[roff_i : roff_i + r_i].T     (fp32 T)
-    expand: Y[order[p]]  = S[order[p]] + (s_i *) T[p, :r_i] @ W[roff_i : roff_i + r_i]   (S or 0)
-    wgrad:  G_i         = (s_i *) sum_{p in segment i} T[p, :r_i]^T X[order[p]]
+    shrink: T[p, :r_i]  = (s_i *) X[order[p]] @ W_i.T                  (fp32 T; W_i = A_i, or B_i.T)
+    expand: Y[order[p]]  = S[order[p]] + (s_i *) T[p, :r_i] @ W_i      (S or 0; W_i = B_i.T, or A_i)
+    wgrad:  G_i         = (s_i *) sum_{p in segment i} T[p, :r_i]^T X[order[p]]   (packed rows roff_i)
 
 T is indexed by sorted position p, with a row stride of max r_i; only its first r_i columns of a
 segment-i row are ever written or read.
@@ -42,10 +43,10 @@ from ._common import num_sms
 
 @triton.jit
 def _sgmv_shrink_kernel(
-    x_ptr, w_ptr, t_ptr, scale_ptr,
-    order_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, roff_ptr, tile_seg_ptr, tile_m0_ptr,
-    K, n_segments,
-    stride_xm, stride_xk, stride_wr, stride_wk, stride_tm,
+    x_ptr, wtab_ptr, t_ptr, scale_ptr,
+    order_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, tile_seg_ptr, tile_m0_ptr,
+    K, n_segments, stride_wtab,
+    stride_xm, stride_xk, stride_tm,
     SCALED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -61,7 +62,10 @@ def _sgmv_shrink_kernel(
     m0 = tl.load(tile_m0_ptr + pid)
     start = tl.load(seg_start_ptr + seg)
     count = tl.load(seg_len_ptr + seg)
-    roff = tl.load(roff_ptr + seg)
+    # This segment's own weight matrix W_i (r_i, K), read in place: its address and strides.
+    w_ptr = tl.load(wtab_ptr + seg).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    stride_wr = tl.load(wtab_ptr + stride_wtab + seg)
+    stride_wk = tl.load(wtab_ptr + 2 * stride_wtab + seg)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     rows = tl.load(order_ptr + start + offs_m, mask=mask_m, other=0)
@@ -73,7 +77,7 @@ def _sgmv_shrink_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptr + (roff + offs_r)[None, :] * stride_wr + offs_k[:, None] * stride_wk,
+        w = tl.load(w_ptr + offs_r[None, :] * stride_wr + offs_k[:, None] * stride_wk,
                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_R)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     if SCALED:
@@ -84,10 +88,10 @@ def _sgmv_shrink_kernel(
 
 @triton.jit
 def _sgmv_expand_kernel(
-    t_ptr, w_ptr, src_ptr, y_ptr, scale_ptr,
-    order_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, roff_ptr, tile_seg_ptr, tile_m0_ptr,
-    N, n_segments,
-    stride_tm, stride_wr, stride_wn, stride_sm, stride_sn, stride_ym, stride_yn,
+    t_ptr, wtab_ptr, src_ptr, y_ptr, scale_ptr,
+    order_ptr, seg_start_ptr, seg_len_ptr, rank_ptr, tile_seg_ptr, tile_m0_ptr,
+    N, n_segments, stride_wtab,
+    stride_tm, stride_sm, stride_sn, stride_ym, stride_yn,
     SCALED: tl.constexpr, HAS_SRC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -100,7 +104,10 @@ def _sgmv_expand_kernel(
     m0 = tl.load(tile_m0_ptr + pid)
     start = tl.load(seg_start_ptr + seg)
     count = tl.load(seg_len_ptr + seg)
-    roff = tl.load(roff_ptr + seg)
+    # This segment's own weight matrix W_i (r_i, N), read in place (for B_i: a transposed view).
+    w_ptr = tl.load(wtab_ptr + seg).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    stride_wr = tl.load(wtab_ptr + stride_wtab + seg)
+    stride_wn = tl.load(wtab_ptr + 2 * stride_wtab + seg)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     rows = tl.load(order_ptr + start + offs_m, mask=mask_m, other=0)
@@ -112,7 +119,7 @@ def _sgmv_expand_kernel(
         mask_r = offs_r < rank
         t = tl.load(t_ptr + (start + offs_m)[:, None] * stride_tm + offs_r[None, :],
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        w = tl.load(w_ptr + (roff + offs_r)[:, None] * stride_wr + offs_n[None, :] * stride_wn,
+        w = tl.load(w_ptr + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wn,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(t, w.to(tl.float32), acc, input_precision=PRECISION)
     if SCALED:
@@ -221,36 +228,56 @@ def metadata_from_list(tensors) -> dict:
     return meta
 
 
-def shrink(x, w_packed, t, meta, tables, r_max, scaled: bool):
-    """t[p, :r_i] = (s_i *) x[order[p]] @ w_packed[roff_i : roff_i + r_i].T; t: (M, r_max) fp32."""
+def weight_table(mats, device) -> torch.Tensor:
+    """(3, 1 + n) int64 on `device`: address, row stride and column stride (in elements) of each
+    adapter's matrix W_i (r_i, C), column 0 for the base segment (never read). The kernels read the
+    adapters' own tensors through it: no packed copy that could go stale. Cached by value, so that
+    a CUDA-graph capture (after one warm-up call) never copies from the host."""
+    cols = [(0, 0, 0)] + [(m.data_ptr(), m.stride(0), m.stride(1)) for m in mats]
+    key = (tuple(cols), str(device))
+    hit = _WEIGHT_TABLES.get(key)
+    if hit is None:
+        hit = torch.tensor(list(zip(*cols)), dtype=torch.int64, device=device)
+        if len(_WEIGHT_TABLES) > 1024:
+            _WEIGHT_TABLES.clear()
+        _WEIGHT_TABLES[key] = hit
+    return hit
+
+
+_WEIGHT_TABLES: dict = {}
+
+
+def shrink(x, wtab, t, meta, tables, r_max, scaled: bool):
+    """t[p, :r_i] = (s_i *) x[order[p]] @ W_i.T for the W_i (r_i, K) of `wtab` (`weight_table`);
+    t: (M, r_max) fp32. The W_i have x's dtype."""
     b = _blocks(x.device, r_max)
     prec, _ = _precision(x.dtype)
     k = x.shape[1]
     grid = (meta["max_tiles"], triton.cdiv(r_max, b["SHRINK_R"]))
     _sgmv_shrink_kernel[grid](
-        x, w_packed, t, tables["scale"],
-        meta["order"], meta["seg_start"], meta["seg_len"], tables["rank"], tables["roff"],
+        x, wtab, t, tables["scale"],
+        meta["order"], meta["seg_start"], meta["seg_len"], tables["rank"],
         meta["tile_seg"], meta["tile_m0"],
-        k, len(tables["ranks"]) + 1,
-        x.stride(0), x.stride(1), w_packed.stride(0), w_packed.stride(1), t.stride(0),
+        k, len(tables["ranks"]) + 1, wtab.stride(0),
+        x.stride(0), x.stride(1), t.stride(0),
         SCALED=scaled, PRECISION=prec, BLOCK_M=b["BLOCK_M"], BLOCK_R=b["SHRINK_R"], BLOCK_K=b["BLOCK_K"],
     )
 
 
-def expand(t, w_packed, src, y, meta, tables, scaled: bool):
-    """y[order[p]] = src[order[p]] (or 0 when src is None) + (s_i *) t[p, :r_i] @ w_packed[roff_i : roff_i + r_i].
-    Writes every row of y (rows of base tokens get src, or 0)."""
+def expand(t, wtab, src, y, meta, tables, scaled: bool):
+    """y[order[p]] = src[order[p]] (or 0 when src is None) + (s_i *) t[p, :r_i] @ W_i for the W_i
+    (r_i, N) of `wtab` (y's dtype). Writes every row of y (rows of base tokens get src, or 0)."""
     b = _blocks(y.device)
     _, prec = _precision(y.dtype)
     n = y.shape[1]
     grid = (meta["max_tiles"], triton.cdiv(n, b["BLOCK_N"]))
     s = y if src is None else src
     _sgmv_expand_kernel[grid](
-        t, w_packed, s, y, tables["scale"],
-        meta["order"], meta["seg_start"], meta["seg_len"], tables["rank"], tables["roff"],
+        t, wtab, s, y, tables["scale"],
+        meta["order"], meta["seg_start"], meta["seg_len"], tables["rank"],
         meta["tile_seg"], meta["tile_m0"],
-        n, len(tables["ranks"]) + 1,
-        t.stride(0), w_packed.stride(0), w_packed.stride(1), s.stride(0), s.stride(1), y.stride(0), y.stride(1),
+        n, len(tables["ranks"]) + 1, wtab.stride(0),
+        t.stride(0), s.stride(0), s.stride(1), y.stride(0), y.stride(1),
         SCALED=scaled, HAS_SRC=src is not None, PRECISION=prec,
         BLOCK_M=b["BLOCK_M"], BLOCK_R=b["BLOCK_R"], BLOCK_N=b["BLOCK_N"],
     )

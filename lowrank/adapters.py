@@ -83,7 +83,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del layer.lora_A[name]
         del layer.lora_B[name]
         del layer.configs[name]
-        layer.__dict__.pop("_sgmv_packed", None)  # frees the packed copy that still holds the deleted weights
         # Positions in `configs` shifted: re-set the active adapter so its index buffer follows.
         layer.active_adapter = None if active == name else active
     if was_active:  # peft's choice: the first remaining name in sorted order

@@ -16,7 +16,7 @@ from .config import LoRAConfig
 from .layer_types import is_conv1d, is_dense_linear, linear_dims
 from .nf4_linear import NF4Linear
 from .ops.lora_matmul import lora_linear
-from .ops.sgmv import metadata_for, pack_weights, sgmv
+from .ops.sgmv import metadata_for, sgmv
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -196,39 +196,12 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
         keep = torch.rand(x2.shape, device=x.device) >= p_tok
         h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
     As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
-    # Not while a CUDA graph is captured: the graph must pack from the live parameters on each
-    # replay, or weights updated in place (load_adapter, an optimizer) would never reach it.
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    packed = _layer_packed(layer, As, Bs) if backend_for(x) == "triton" and not capturing else None
     # The adapters' dtype can differ from the activations': an NF4 base keeps fp32 adapters in a
     # bf16 model, and autocast makes the base output bf16 beside fp32 x. As peft does, the LoRA
     # part runs in the adapters' dtype and the sum comes back in the base output's dtype.
     dt = As[0].dtype
-    y = sgmv(h.to(dt), out.reshape(-1, n).to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta, packed)
+    y = sgmv(h.to(dt), out.reshape(-1, n).to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta)
     return y.view(out.shape).to(out.dtype)
-
-
-def _layer_packed(layer, As, Bs):
-    """The layer's adapters packed for the kernels, cached on the layer.
-
-    # Note: why cache, and when the cache is stale
-    Packing is two concatenations of every adapter of the layer: at 16 adapters of ranks 8-64 on a
-    4096 x 4096 layer that is ~16 MB of bf16 copied per layer per call, plus its launches, which
-    alone would break the 1.2x-of-one-adapter goal. The cache holds the parameters themselves
-    (identity, not id(): a freed tensor's id can be reused), their `_version` (bumped by every
-    in-place update: optimizer steps, load_adapter's copy_, merge) and data_ptr (`p.data = t`).
-    Adding or deleting an adapter changes the list and misses. Cost: one extra copy of the
-    layer's adapter weights. Not used while torch.compile traces (inductor fuses the cat)."""
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in (*As, *Bs)):
-        return None  # inference tensors have no version counter to key on
-    key = tuple((t, t._version, t.data_ptr()) for t in (*As, *Bs))
-    hit = layer.__dict__.get("_sgmv_packed")
-    if hit is not None and len(hit[0]) == len(key) and all(
-            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(hit[0], key)):
-        return hit[1]
-    packed = pack_weights(As, Bs)
-    layer.__dict__["_sgmv_packed"] = (key, packed)
-    return packed
 
 
 def _tokens_and_meta(ids, m: int, n_adapters: int, x):

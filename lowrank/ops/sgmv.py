@@ -59,70 +59,60 @@ def check_sgmv_args(x, out, ids, As, Bs, scalings, where: str = "sgmv") -> None:
                          f"({x.dtype}, {x.device})")
 
 
-def sgmv(x, out, ids, As, Bs, scalings, meta: list | None = None, packed: list | None = None):
+def sgmv(x, out, ids, As, Bs, scalings, meta: list | None = None):
     """Differentiable mixed-adapter LoRA (see the module docstring); returns a new (M, N) tensor.
 
     meta: optional `segment_metadata(ids, ...)` tensors (see `metadata_for`) built once and shared
     by every layer of a model that sees the same ids; the Triton path builds them when absent.
-    packed: optional [A packed, B^T packed] of these very As / Bs (`pack_weights`), which the
-    Triton path otherwise concatenates on every call; the caller keeps them current."""
+    The Triton path reads every A_i / B_i in place (no packed copy)."""
     check_sgmv_args(x, out, ids, As, Bs, scalings)
-    if packed:
-        r, k, n = sum(a.shape[0] for a in As), x.shape[1], out.shape[1]
-        if len(packed) != 2 or tuple(packed[0].shape) != (r, k) or tuple(packed[1].shape) != (r, n):
-            raise ValueError(f"sgmv: packed weights must be [({r}, {k}), ({r}, {n})], got "
-                             f"{[tuple(p.shape) for p in packed]}")
     return torch.ops.lowrank.sgmv(x, out, ids.long(), list(As), list(Bs), [float(s) for s in scalings],
-                                  list(meta or []), list(packed or []))
+                                  list(meta or []))
 
 
 # -- the custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("lowrank::sgmv", mutates_args=())
 def _sgmv_op(x: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
-             Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor],
-             packed: list[torch.Tensor]) -> torch.Tensor:
+             Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor]) -> torch.Tensor:
     if backend_for(x) == "triton":
-        return _triton_forward(x, out, ids, As, Bs, scalings, meta, packed)
+        return _triton_forward(x, out, ids, As, Bs, scalings, meta)
     return reference_forward(x, out, ids, As, Bs, scalings)
 
 
 @_sgmv_op.register_fake
-def _(x, out, ids, As, Bs, scalings, meta, packed):
+def _(x, out, ids, As, Bs, scalings, meta):
     return torch.empty_like(out)
 
 
 @torch.library.custom_op("lowrank::sgmv_backward", mutates_args=())
 def _sgmv_backward_op(dy: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
-                      Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor],
-                      packed: list[torch.Tensor]) -> list[torch.Tensor]:
+                      Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor]) -> list[torch.Tensor]:
     if backend_for(x) == "triton":
-        dx, das, dbs = _triton_backward(dy, x, ids, As, Bs, scalings, meta, packed)
+        dx, das, dbs = _triton_backward(dy, x, ids, As, Bs, scalings, meta)
     else:
         dx, das, dbs = reference_backward(dy, x, ids, As, Bs, scalings)
     return [dx, *das, *dbs]
 
 
 @_sgmv_backward_op.register_fake
-def _(dy, x, ids, As, Bs, scalings, meta, packed):
+def _(dy, x, ids, As, Bs, scalings, meta):
     return [torch.empty_like(x), *(torch.empty_like(a) for a in As), *(torch.empty_like(b) for b in Bs)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, out, ids, As, Bs, scalings, meta, packed = inputs
+    x, out, ids, As, Bs, scalings, meta = inputs
     ctx.n = len(As)
     ctx.n_meta = len(meta)
-    ctx.n_packed = len(packed)
     ctx.scalings = scalings
-    ctx.save_for_backward(x, ids, *As, *Bs, *meta, *packed)
+    ctx.save_for_backward(x, ids, *As, *Bs, *meta)
 
 
 def _backward(ctx, dy):
     x, ids, *rest = ctx.saved_tensors
-    As, Bs = rest[:ctx.n], rest[ctx.n:2 * ctx.n]
-    meta, packed = rest[2 * ctx.n:2 * ctx.n + ctx.n_meta], rest[2 * ctx.n + ctx.n_meta:]
-    grads = torch.ops.lowrank.sgmv_backward(dy.contiguous(), x, ids, As, Bs, ctx.scalings, meta, packed)
+    As, Bs, meta = rest[:ctx.n], rest[ctx.n:2 * ctx.n], rest[2 * ctx.n:]
+    grads = torch.ops.lowrank.sgmv_backward(dy.contiguous(), x, ids, As, Bs, ctx.scalings, meta)
     dx, das, dbs = grads[0], grads[1:1 + ctx.n], grads[1 + ctx.n:]
-    return dx, dy, None, list(das), list(dbs), None, [None] * ctx.n_meta, [None] * ctx.n_packed
+    return dx, dy, None, list(das), list(dbs), None, [None] * ctx.n_meta
 
 
 _sgmv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -163,7 +153,7 @@ _TABLES: dict = {}
 
 
 def _tables(As, scalings, device) -> dict:
-    """Per-segment rank, packed row offset and scaling as device tensors (segment 0 = base model,
+    """Per-segment rank, row offset in the packed weight gradients, and scaling as device tensors (segment 0 = base model,
     rank 0). Cached by value so that a CUDA-graph capture (after one warm-up call) never copies
     from the host."""
     ranks = tuple(int(a.shape[0]) for a in As)
@@ -183,18 +173,6 @@ def _tables(As, scalings, device) -> dict:
     return hit
 
 
-def _pack(As, Bs):
-    """A packed (sum r_i, K), B^T packed (sum r_i, N): one copy of the adapters' weights, no padding."""
-    return torch.cat(list(As), 0), torch.cat([b.t() for b in Bs], 0)
-
-
-def pack_weights(As, Bs) -> list[torch.Tensor]:
-    """[A packed, B^T packed] for `sgmv(packed=...)`: detached copies (the op's own backward gives
-    each A_i / B_i its gradient)."""
-    with torch.no_grad():
-        return list(_pack([a.detach() for a in As], [b.detach() for b in Bs]))
-
-
 def _meta(ids, n_adapters, device, meta):
     k = _kernels()
     if meta:
@@ -209,36 +187,36 @@ def metadata_for(ids: torch.Tensor, n_adapters: int) -> list[torch.Tensor]:
     return [meta[key] for key in k.META_KEYS]
 
 
-def _triton_forward(x, out, ids, As, Bs, scalings, meta=(), packed=()):
+def _triton_forward(x, out, ids, As, Bs, scalings, meta=()):
     k = _kernels()
     tables = _tables(As, scalings, x.device)
     r_max = max(tables["ranks"])
-    a_pk, bt_pk = packed if packed else _pack(As, Bs)
     meta = _meta(ids, len(As), x.device, meta)
     t = torch.empty(x.shape[0], r_max, device=x.device, dtype=torch.float32)
-    k.shrink(x, a_pk, t, meta, tables, r_max, scaled=False)
+    k.shrink(x, k.weight_table(As, x.device), t, meta, tables, r_max, scaled=False)
     y = torch.empty_like(out)
-    k.expand(t, bt_pk, out, y, meta, tables, scaled=True)  # writes every row, base rows = out
+    bts = k.weight_table([b.t() for b in Bs], x.device)  # B_i.T: a view, read in place
+    k.expand(t, bts, out, y, meta, tables, scaled=True)  # writes every row, base rows = out
     return y
 
 
-def _triton_backward(dy, x, ids, As, Bs, scalings, meta=(), packed=()):
+def _triton_backward(dy, x, ids, As, Bs, scalings, meta=()):
     k = _kernels()
     tables = _tables(As, scalings, x.device)
     ranks = tables["ranks"]
     r_max = max(ranks)
-    a_pk, bt_pk = packed if packed else _pack(As, Bs)
     meta = _meta(ids, len(As), x.device, meta)
+    a_tab, bt_tab = k.weight_table(As, x.device), k.weight_table([b.t() for b in Bs], x.device)
     m = x.shape[0]
     t = torch.empty(m, r_max, device=x.device, dtype=torch.float32)
-    k.shrink(x, a_pk, t, meta, tables, r_max, scaled=False)  # recomputed: cheaper than saving (M, r)
+    k.shrink(x, a_tab, t, meta, tables, r_max, scaled=False)  # recomputed: cheaper than saving (M, r)
     dt = torch.empty_like(t)
-    k.shrink(dy, bt_pk, dt, meta, tables, r_max, scaled=True)  # dT = s * dY @ B
+    k.shrink(dy, bt_tab, dt, meta, tables, r_max, scaled=True)  # dT = s * dY @ B
     dx = torch.empty_like(x)
-    k.expand(dt, a_pk, None, dx, meta, tables, scaled=False)  # dX = dT @ A (0 on base rows)
-    da_pk = torch.empty_like(a_pk)
-    k.wgrad(dt, x, da_pk, meta, tables, r_max, scaled=False)  # dA = dT^T X
-    dbt_pk = torch.empty_like(bt_pk)
+    k.expand(dt, a_tab, None, dx, meta, tables, scaled=False)  # dX = dT @ A (0 on base rows)
+    da_pk = torch.empty(sum(ranks), x.shape[1], device=x.device, dtype=x.dtype)
+    k.wgrad(dt, x, da_pk, meta, tables, r_max, scaled=False)  # dA = dT^T X, packed rows
+    dbt_pk = torch.empty(sum(ranks), dy.shape[1], device=x.device, dtype=x.dtype)
     k.wgrad(t, dy, dbt_pk, meta, tables, r_max, scaled=True)  # dB^T = s * T^T dY
     # Outputs of a custom op may not alias each other: one copy per adapter (r_i x (K + N), small).
     das = [d.clone() for d in torch.split(da_pk, list(ranks), 0)]
