@@ -108,3 +108,12 @@ def saved_for_backward(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, saved
+
+
+def run_python(code: str, *args: str, env: dict | None = None, timeout: float = 120):
+    """`python -c code args...` in a fresh interpreter: the CompletedProcess (text output)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)

@@ -1,12 +1,10 @@
 """Backend choice (lowrank/backend.py) and the supported dtypes (lowrank/dtypes.py)."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lowrank.backend import backend_for, triton_available
 from lowrank.dtypes import FLOAT_DTYPES, KERNEL_DTYPES, check_dtype
+from tests.helpers import run_python
 
 
 @pytest.mark.parametrize("value, expected", [(None, "reference"), ("auto", "reference"), ("reference", "reference"),
@@ -38,7 +36,7 @@ def test_without_triton_the_kernels_fall_back_with_one_warning():
         "    print(backend_for(torch.empty(1)), backend_for(torch.empty(1)))\n"
         "print(sum('Triton unavailable' in str(w.message) for w in caught))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["reference", "reference", "1"], out.stdout
 

@@ -12,6 +12,7 @@ import warnings
 import pytest
 
 from lowrank import native
+from tests.helpers import run_python
 
 
 def test_cpu_library_loads_and_reports_its_build():
@@ -58,7 +59,7 @@ def test_import_never_fails_without_triton_or_native(tmp_path):
         "m = lowrank.patch_linear(torch.nn.Sequential(torch.nn.Linear(4, 3)), rank=2)\n"
         "print(m(torch.randn(2, 4)).shape)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 3])" in out.stdout
 
@@ -73,6 +74,7 @@ _MERGE_SCRIPT = r"""
 import sys, warnings
 import torch
 from lowrank import native
+from tests.helpers import run_python
 from lowrank.ops.merge_torch import round_f64
 native.LIB_DIR = sys.argv[1]
 with warnings.catch_warnings(record=True) as caught:
@@ -87,8 +89,7 @@ print("warnings", [str(x.message) for x in caught if "native cpu library unavail
 
 def _merge_in_subprocess(lib_dir):
     """Run a merge in a fresh Python whose native library folder is lib_dir: (returncode, stdout)."""
-    out = subprocess.run([sys.executable, "-c", _MERGE_SCRIPT, str(lib_dir)], capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(_MERGE_SCRIPT, str(lib_dir))
     return out.returncode, out.stdout + out.stderr
 
 
