@@ -17,6 +17,7 @@ few rounds and keep their best, because the development machine is shared.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -124,9 +125,9 @@ def run(quick: bool, device: str) -> list[Record]:
             def mixed():
                 # What each layer of a model pays inside `with lowrank.adapter_ids(...)`: the ids and
                 # their metadata are built once a batch (lowrank_batch_setup) and shared by all layers.
-                layer._adapter_ids = ids
+                layer._adapter_ids, layer._adapter_ids_thread = ids, threading.get_ident()
                 layer(x)
-                layer._adapter_ids = None
+                layer._adapter_ids, layer._adapter_ids_thread = None, None
 
             def setup():
                 with lowrank.adapter_ids(model, names):

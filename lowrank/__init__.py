@@ -10,7 +10,7 @@ back to the pure-torch reference path with one warning.
 
 Level 5 (the entry): the package is layered, every import pointing down (README, "Layout").
 """
-from . import ops
+from . import ops  # noqa: F401  (lowrank.ops: the public ops)
 from .adapter_files import load_adapter, save_adapter
 from .adapters import (add_adapter, adapter_ids, adapter_names, delete_adapter, disable_adapters,
                        set_adapter)

@@ -341,7 +341,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     problems = []
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    layer_dtypes: dict[str, torch.dtype] = {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:

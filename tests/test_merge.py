@@ -145,8 +145,6 @@ def test_merge_and_unload_failing_midway_keeps_outputs(monkeypatch):
     """A failure in the second layer's merge (simulated out of memory) leaves the first layer
     merged and flagged merged, so its forward skips the LoRA path: the model's outputs stay those
     of the adapted model instead of adding the delta twice."""
-    import importlib
-
     merge_mod = importlib.import_module("lowrank.merge")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))

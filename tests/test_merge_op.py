@@ -25,7 +25,6 @@ from lowrank import native
 from lowrank.ops.merge import _cpu_merge, _factors, _ptr, merge_, unmerge_
 
 from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal, bits
-from tests.models import randomize_lora_, tiny_llama
 from tests.oracles import round_once
 
 HAS_CPU_LIB = native.cpu(warn=False) is not None
@@ -54,12 +53,10 @@ def make_weight(n, k, dtype, pad=0, specials=False, scale=0.02, gen=None):
     w = store[:, :k]
     w.copy_(torch.randn(n, k, generator=gen) * scale)
     if specials and w.numel() >= 6:
-        flat = w.view(-1) if pad == 0 else None
         idx = torch.randperm(n * k, generator=gen)[:6]
         vals = [math.nan, math.inf, -math.inf, 0.0, torch.finfo(dtype).tiny / 4, torch.finfo(dtype).max / 2]
         for i, v in zip(idx.tolist(), vals):
             w[i // k, i % k] = v
-        del flat
     return store, w
 
 
@@ -370,8 +367,6 @@ def test_cuda_record_in_row_blocks_and_merged_layer_moved_to_gpu(monkeypatch):
     """The exact CUDA merge launches on blocks of rows with one reused scratch buffer (forced
     small here: 7 blocks); and a layer merged on the CPU, then moved with .cuda(), unmerges
     bit-exactly there (its record follows the weight)."""
-    import importlib
-
     merge_mod = importlib.import_module("lowrank.ops.merge")
 
     n, k, r = 200, 136, 16

@@ -1,12 +1,9 @@
 """The native library: built by setup.py, loaded with ctypes, reports its ABI and build."""
-import ctypes
 import hashlib
-import importlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 import warnings
 
 import pytest
