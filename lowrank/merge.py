@@ -158,7 +158,8 @@ def _check_not_shared(model: nn.Module, dense: list, what: str) -> None:
 
 
 _MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 (2^64 / golden ratio) as a signed int64
-_FINGERPRINT_CHUNK = 1 << 22  # elements per step: bounds the temporaries
+_FINGERPRINT_BYTES = {"cpu": 1 << 23, "cuda": 1 << 21}  # bytes of t per block: the CUDA path's int64
+# temporaries are 24x that (three of them, 8 bytes per byte of t): 48 MiB
 
 
 @torch.no_grad()
@@ -169,7 +170,8 @@ def fingerprint(t: torch.Tensor) -> tuple:
     CUDA (or without numpy): sum_i (byte_i + 1) * (i * _MIX + 1) mod 2^64 on the device, one sync."""
     t = t.detach()
     rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
-    step = max(1, _FINGERPRINT_CHUNK // max(rows.shape[1], 1))
+    block_bytes = _FINGERPRINT_BYTES["cpu" if t.device.type == "cpu" else "cuda"]
+    step = max(1, block_bytes // max(rows.shape[1] * t.element_size(), 1))
     blocks = [rows[i:i + step] for i in range(0, rows.shape[0], step)]
     if t.device.type == "cpu":
         try:  # .numpy() is a zero-copy view; it needs numpy, which torch does not require
