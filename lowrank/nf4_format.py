@@ -386,6 +386,21 @@ def _quantize_dynamic(values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
 
 
 @torch.no_grad()
+def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes of a `numel`-element NF4 weight's storage, as `NF4Weight.nbytes` counts them (codes,
+    block statistics, nested statistics and offset; the shared 16/256-entry maps excluded), without
+    quantizing anything: ceil(n/2) + blocks (uint8 absmax) + 4*ceil(blocks/256) + 4 with double
+    quantization, ceil(n/2) + 4*blocks without."""
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"nf4_nbytes: blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if numel < 1:
+        raise ValueError(f"nf4_nbytes: numel must be >= 1, got {numel}")
+    blocks = -(-numel // blocksize)
+    if not double_quant:
+        return (numel + 1) // 2 + 4 * blocks
+    return (numel + 1) // 2 + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4
+
+
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize a 2-D (out_features, in_features) weight to NF4, byte-identical to
     `bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics=double_quant,

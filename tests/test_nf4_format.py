@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank.nf4_format import BLOCKSIZES, NF4Weight, dynamic_code, nf4_code, quantize_nf4
+from lowrank.nf4_format import BLOCKSIZES, NF4Weight, dynamic_code, nf4_code, nf4_nbytes, quantize_nf4
 
 from tests.bnb_oracle import (BF, bnb, bnb_cpu_dequant_is_right, bnb_dequantize_format, bnb_quantize,  # noqa: F401
                               bnb_without_compile, make_bnb_linear, needs_bnb)
@@ -272,3 +272,13 @@ def test_check_quantizable_agrees_with_quantize(rows, cols, blocksize, double_qu
     except ValueError as exc:
         got = str(exc)
     assert got == expected
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 64), (17, 300), (128, 257)])
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_nbytes_counts_what_quantize_stores(shape, blocksize, double_quant):
+    """The planner's byte count without quantizing equals the storage quantize_nf4 allocates."""
+    w = quantize_nf4(torch.randn(shape), blocksize=blocksize, double_quant=double_quant)
+    stored = sum(t.numel() * t.element_size() for name, t in w.tensors().items() if name != "nested_code")
+    assert nf4_nbytes(w.numel, blocksize, double_quant) == w.nbytes == stored
