@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/lowrank demo
+	$(VENV)/bin/lowrank compare
 
 bench: install
 	$(PY) -m bench.run --quick

@@ -129,6 +129,8 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "safetensors>=0.4",
         "bitsandbytes>=0.45",
+        "rich>=13",  # lowrank plan / compare tables
+        "tqdm>=4.60",  # progress bars
     ],
     extras_require={
         "test": [
@@ -139,7 +141,10 @@ setup(
             "numpy<2.4",
             "peft==0.21.2",
             "transformers>=5,<6",
+            "matplotlib>=3.7",
         ],
+        # lowrank plan / compare read transformers configs and models; compare draws its curves
+        "jobs": ["transformers>=5,<6", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["lowrank=lowrank.cli:main"]},
     cmdclass={"build_py": BuildPyWithNative},

@@ -1,5 +1,10 @@
 """The `lowrank` command.
 
+    lowrank plan --model PRESET|config.json|DIR [--method all] [--rank 16] [--gpu h100-80gb] ...
+                                           full fine-tuning vs LoRA vs QLoRA: counts, memory per GPU,
+                                           time, and a recommendation (`lowrank plan -h`)
+    lowrank compare [--methods full,lora,qlora] [--budget flops|time] [--model DIR --data FILE]
+                                           the methods trained on one budget and measured (`make demo`)
     lowrank demo [--steps 60] [--rank 8] [--out DIR]
                                            train a small Llama (from a config, random init) with LoRA
                                            on a built-in synthetic task and show the loss going down,
@@ -9,13 +14,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
+import traceback
 
 import torch
 
 from . import __version__, native
+from . import compare as compare_job
+from . import plan as plan_job
 from .adapter_files import save_adapter
 from .backend import backend_for
 from .merge import merge_and_unload
@@ -98,23 +107,150 @@ def info() -> None:
     print(f"device {dev}: backend {backend_for(torch.empty(0, device=dev))}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _targets(text: str):
+    return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="full fine-tuning vs LoRA vs QLoRA: will it fit, what will it cost")
+    p.add_argument("--model", default="llama-3-8b",
+                   help=f"a preset ({', '.join(plan_job.PRESETS)}), a config.json or a local model directory")
+    p.add_argument("--method", default="all", choices=(*plan_job.METHODS, "all"))
+    p.add_argument("--rank", type=_positive_int, default=16)
+    p.add_argument("--targets", type=_targets, default="all-linear",
+                   help="all-linear, or comma-separated module names (q_proj,v_proj)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="micro-batch per GPU, in sequences")
+    p.add_argument("--seq", type=_positive_int, default=2048, help="tokens per sequence")
+    p.add_argument("--gpu", default="h100-80gb", choices=tuple(plan_job.GPUS))
+    p.add_argument("--gpu-mem", type=float, default=None, help="GPU memory in GiB (overrides --gpu's)")
+    p.add_argument("--gpus", type=_positive_int, default=1)
+    p.add_argument("--optimizer", default="adamw", choices=plan_job.OPTIMIZERS)
+    p.add_argument("--grad-ckpt", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--precision", default="bf16-mixed", choices=plan_job.PRECISIONS)
+    p.add_argument("--objective", default="instruction", choices=plan_job.OBJECTIVES)
+    p.add_argument("--examples", type=_positive_int, default=200_000)
+    p.add_argument("--tokens-per-example", type=_positive_int, default=None, help="default: --seq")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--variants", type=_positive_int, default=1, help="fine-tuned variants to train and store")
+    p.add_argument("--mfu", type=float, default=None, help="assumed utilisation, 0-1 (default: per GPU kind)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="full fine-tuning, LoRA and QLoRA trained on one budget and measured")
+    p.add_argument("--methods", default="full,lora,qlora", help="comma-separated: full, lora, qlora")
+    p.add_argument("--rank", type=_positive_int, default=4)
+    p.add_argument("--batch", type=_positive_int, default=16)
+    p.add_argument("--steps", type=_positive_int, default=120,
+                   help="the budget: the training FLOPs of this many full fine-tuning steps")
+    p.add_argument("--budget", default="flops", choices=("flops", "time"))
+    p.add_argument("--seconds", type=float, default=None, help="with --budget time: seconds of training per method")
+    p.add_argument("--lr", default=None, help="learning rates, e.g. full=3e-4,lora=1e-3,qlora=1e-3")
+    p.add_argument("--out", default="lowrank-compare", help="results.json, curves.png and the checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-steps", type=_positive_int, default=400)
+    p.add_argument("--no-cache", action="store_true", help="pretrain the built-in model again, cache nothing")
+    p.add_argument("--model", default=None, help="a local transformers model directory (instead of the built-in)")
+    p.add_argument("--data", default=None, help="with --model: JSONL of {text} or {prompt, completion}")
+    p.add_argument("--general", default=None, help="with --model: the general corpus (JSONL or .txt)")
+    p.add_argument("--seq", type=_positive_int, default=256, help="with --model: tokens per sequence")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _lrs(text):
+    if text is None:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in compare_job.METHODS:
+            raise ValueError(f"--lr: unknown method {name.strip()!r} (full, lora, qlora)")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr: {item!r} is not method=number") from None
+    return out
+
+
+def run_plan(args) -> None:
+    plan = plan_job.make_plan(
+        model=args.model, method=args.method, rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq,
+        gpu=args.gpu, gpu_mem=args.gpu_mem, gpus=args.gpus, optimizer=args.optimizer, grad_ckpt=args.grad_ckpt,
+        objective=args.objective, examples=args.examples, tokens_per_example=args.tokens_per_example,
+        epochs=args.epochs, variants=args.variants, precision=args.precision, mfu=args.mfu)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+    else:
+        plan_job.render(plan)
+
+
+def run_compare(args) -> None:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if (args.data or args.general) and not args.model:
+        raise ValueError("--data and --general need --model (a local transformers model directory)")
+    if args.model and not args.data:
+        raise ValueError("--model needs --data (JSONL of {text} or {prompt, completion})")
+    work = None
+    if args.model:
+        work = compare_job.file_workload(args.model, args.data, args.general, seq=args.seq, seed=args.seed,
+                                         progress=not args.json)
+    result = compare_job.compare(methods, rank=args.rank, batch=args.batch, full_steps=args.steps,
+                                 budget=args.budget, seconds=args.seconds, out_dir=args.out, seed=args.seed,
+                                 lr=_lrs(args.lr), progress=not args.json, workload=work,
+                                 pretrain_steps=args.pretrain_steps, cache=not args.no_cache, device=args.device)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        compare_job.render(result)
+        print(f"results: {args.out}/results.json, curves: {args.out}/curves.png")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lowrank", description="LoRA / QLoRA kernel engine for PyTorch")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = _Parser(prog="lowrank", description="LoRA / QLoRA kernel engine for PyTorch")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    _add_plan(sub)
+    _add_compare(sub)
     p = sub.add_parser("demo", help="train a small Llama with LoRA on a synthetic task")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=_positive_int, default=60)
+    p.add_argument("--rank", type=_positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default="lowrank-demo-adapter", help="where to save the trained adapter")
     sub.add_parser("info", help="versions, native build and kernel backend")
     args = parser.parse_args(argv)
-    if args.cmd == "demo":
-        if args.steps < 1:
-            parser.error("--steps must be >= 1")
-        demo(args.steps, args.rank, args.seed, args.lr, out_dir=args.out)
-    elif args.cmd == "info":
-        info()
+    try:
+        if args.cmd == "plan":
+            run_plan(args)
+        elif args.cmd == "compare":
+            run_compare(args)
+        elif args.cmd == "demo":
+            demo(args.steps, args.rank, args.seed, args.lr, out_dir=args.out)
+        elif args.cmd == "info":
+            info()
+    except (ValueError, TypeError, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lowrank {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

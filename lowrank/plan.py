@@ -194,6 +194,9 @@ class Counts:
     matmul_per_token: int       # weight parameters one token multiplies with (experts: k of E)
     lora_matmul_per_token: int  # r * (in + out) summed over the adapted layers
     largest_layer: int          # parameters of the largest decoder layer (FSDP2's unsharded unit)
+    largest_tensor: int         # elements of the largest parameter (full fine-tuning's largest trainable)
+    largest_lora_tensor: int    # elements of the largest LoRA factor
+    lora_qkv_first_layer: int = 0  # r * in_features summed over the first layer's adapted q, k, v
     trainable_roles: dict = field(default_factory=dict)  # LoRA: which inputs the adapted layers save
 
 
@@ -224,14 +227,19 @@ def count(config, arch: Arch, rank: int, targets, blocksize: int = 64) -> Counts
     patch_linear(model, rank=rank, targets=targets)
     per_target: dict[str, int] = {}
     lora_mm = 0
+    largest_lora = 0
+    first_qkv = 0
     roles = {"qkv": False, "o": False, "up": False, "down": False}
     for path, layer in lora_layers(model):
         name = path.rsplit(".", 1)[-1]
         n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        largest_lora = max([largest_lora] + [p.numel() for p in layer.parameters() if p.requires_grad])
         per_target[name] = per_target.get(name, 0) + n
         lora_mm += n
         if name in _ROLES:
             roles[_ROLES[name]] = True
+        if _ROLES.get(name) == "qkv" and ".0." in f".{path}.":  # the first decoder layer's
+            first_qkv += rank * layer.in_features
     # Matmul parameters per token: every dense linear and the output head; of the experts, k of E.
     mm = linear + (head_w.numel() if head_w is not None else 0)
     if experts:
@@ -244,7 +252,10 @@ def count(config, arch: Arch, rank: int, targets, blocksize: int = 64) -> Counts
     return Counts(total=total, embedding=emb.numel(), lm_head=lm_head, linear=linear, experts=experts, other=other,
                   n_targets=len(chosen), lora=lora_total, lora_per_target=dict(sorted(per_target.items())),
                   targets_found=sorted(per_target), quantized=quantized, nf4_bytes=nf4, matmul_per_token=mm,
-                  lora_matmul_per_token=lora_mm, largest_layer=layer_params, trainable_roles=roles)
+                  lora_matmul_per_token=lora_mm, largest_layer=layer_params,
+                  largest_tensor=max(p.numel() for p in params), largest_lora_tensor=largest_lora,
+                  lora_qkv_first_layer=first_qkv,
+                  trainable_roles=roles)
 
 
 def _decoder_layers(model: nn.Module):
@@ -267,6 +278,7 @@ class Setup:
     optimizer: str = "adamw"
     grad_ckpt: str = "auto"   # auto | on | off
     precision: str = "bf16-mixed"
+    foreach: bool = True      # torch's multi-tensor optimizer step (its default on CUDA; CPU runs loop)
 
 
 def _opt_bytes(optimizer: str) -> tuple[float, float]:
@@ -366,7 +378,11 @@ def memory(arch: Arch, counts: Counts, s: Setup, checkpointing: bool, shards: in
         first_grad = 0
         casts = trainable * b if b != 4 else 0  # their compute-dtype copies, kept for backward
     static = {"weights": weights, "master weights": master, "optimizer state": int(trainable * state)}
-    opt_temp = int(trainable * temp)
+    if s.foreach:
+        opt_temp = int(trainable * temp)
+    else:  # one parameter at a time: two temporaries of the largest one (AdamW's sqrt(v) and its update)
+        largest = counts.largest_tensor if s.method == "full" else counts.largest_lora_tensor
+        opt_temp = 2 * largest * 4 if temp else 0
     gathered = 0
     if shards > 1:
         static = {k: -(-v // shards) for k, v in static.items()}
@@ -380,15 +396,23 @@ def memory(arch: Arch, counts: Counts, s: Setup, checkpointing: bool, shards: in
     backward["gradients"] = first_grad
     if casts:
         backward["adapter compute copies"] = casts
-    for k, v in act.items():
-        backward[f"activations: {k}"] = tokens * v
-    backward["loss backward workspace"] = tokens * loss_ws
+    # The loss's backward runs before the first checkpointed layer is recomputed: with checkpointing
+    # the peak holds one or the other, without it everything at once.
+    loss_part = act["final norm"] + act["log-probs"] + loss_ws
+    recompute = act.get("recomputed layer", 0)
+    backward["activations: layers"] = tokens * act["layers"]
+    if recompute > loss_part:
+        backward["activations: recomputed layer"] = tokens * recompute
+    else:
+        backward["activations: final norm"] = tokens * act["final norm"]
+        backward["activations: log-probs"] = tokens * act["log-probs"]
+        backward["loss backward workspace"] = tokens * loss_ws
     step = dict(static)
     step["gradients"] = grads
     step["optimizer step temporaries"] = opt_temp
     phases = {"backward": sum(backward.values()), "optimizer step": sum(step.values())}
     phase = max(phases, key=phases.get)
-    per_seq = s.seq * (sum(act.values()) + loss_ws)
+    per_seq = s.seq * (act["layers"] + max(loss_part, recompute))
     return Memory(parts=backward if phase == "backward" else step, peak=phases[phase], phase=phase, phases=phases,
                   checkpointing=checkpointing, shards=shards, per_sequence=per_seq,
                   fixed=max(phases["optimizer step"], phases["backward"] - s.batch * per_seq))
@@ -415,6 +439,12 @@ def flops_per_token(arch: Arch, counts: Counts, method: str, seq: int, checkpoin
         lora = 2 * counts.lora_matmul_per_token
         fwd += lora
         bwd = mm + 2 * attn + 2 * lora
+        # With frozen embeddings the first layer's attention input needs no gradient: no dX through
+        # its q, k, v projections (base weights and adapters).
+        qkv_out = arch.heads * arch.head_dim + 2 * arch.kv_heads * arch.head_dim
+        bwd -= 2 * arch.hidden * qkv_out
+        if counts.trainable_roles.get("qkv"):
+            bwd -= 2 * counts.lora_qkv_first_layer
     recompute = (fwd - head) if checkpointing else 0
     return {"forward": fwd, "backward": bwd, "recompute": recompute, "total": fwd + bwd + recompute}
 
