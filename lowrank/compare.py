@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from dataclasses import dataclass, field
 import safetensors.torch
 import torch
 import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
 
 from .adapter_files import save_adapter
 from .patch import patch_linear, trainable_parameters
@@ -145,6 +149,11 @@ def evaluate(model: nn.Module, batches: list) -> tuple[float, float]:
     return total / n, right / n
 
 
+def _bar(**kw):
+    """A tqdm bar; redrawn every 10 s instead of 10 times a second when stderr is not a terminal."""
+    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 10.0, **kw)
+
+
 def _train_step(model, opt, ids, labels) -> float:
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
@@ -177,7 +186,6 @@ def pretrained_builtin(steps: int = 400, batch: int = 32, lr: float = 3e-3, seed
                        progress: bool = True, cache: bool = True) -> nn.Module:
     """The built-in model after `steps` of pretraining on the general corpus; cached on disk (keyed on
     everything that changes the weights) so later runs load it."""
-    from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM  # optional: the built-in model is a transformers Llama
 
     config = builtin_config()
@@ -198,8 +206,8 @@ def pretrained_builtin(steps: int = 400, batch: int = 32, lr: float = 3e-3, seed
                                               (1 + math.cos(math.pi * min(i, steps) / steps)))
     g = torch.Generator().manual_seed(seed + 1)
     model.train()
-    bar = tqdm(range(steps), desc="pretraining the built-in model on its general corpus (cached after this run)",
-               disable=not progress, leave=False)
+    bar = _bar(iterable=range(steps), desc="pretraining the built-in model on its general corpus (cached after "
+               "this run)", disable=not progress, leave=False)
     for _ in bar:
         loss = _train_step(model, opt, *general_batch(batch, g))
         sched.step()
@@ -378,8 +386,6 @@ def run_method(method: str, work: Workload, *, rank: int, batch: int, budget_flo
                budget_seconds: float | None, lr: float, seed: int, out_dir: str, device: str = "cpu",
                evals: int = 6, progress: bool = True) -> MethodResult:
     """Fine-tune the workload's starting model with one method for the budget; measure it."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     model = work.model().to(device)
     ev = {k: [_to(b, device) for b in v] for k, v in work.eval_sets.items()}
@@ -410,7 +416,7 @@ def run_method(method: str, work: Workload, *, rank: int, batch: int, budget_flo
                                            foreach=device == "cuda"), False).peak
     resettable = _rss_peak_reset()
     done, t_train, curve, next_eval = 2, 0.0, {}, 1
-    bar = tqdm(total=steps, desc=f"{method:>5}", disable=not progress, leave=True, unit="step")
+    bar = _bar(total=steps, desc=f"{method:>5}", disable=not progress, leave=True, unit="step")
     bar.update(2)
     while (done < steps) if steps is not None else (t_train < budget_seconds):
         b = _to(work.batches(batch, g), device)
@@ -575,9 +581,6 @@ def table_rows(comparison: Comparison) -> dict:
 
 
 def render(comparison: Comparison, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     s = comparison.setting
     same = (f"{s['budget_flops']:.3g} training FLOPs" if s["budget"] == "flops"

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
 
-from .layer_types import linear_dims
 from .nf4_format import nf4_nbytes
 from .patch import iter_linear, lora_layers, patch_linear, select_targets
 
@@ -318,7 +318,10 @@ def activation_bytes_per_token(arch: Arch, counts: Counts, method: str, b: int, 
     out = {}
     if checkpointing:
         out["layers"] = L * h * b          # each decoder layer keeps only its input
-        out["recomputed layer"] = layer    # one layer's activations while its backward runs
+        # One layer's activations while its backward runs, and that backward's gradient buffers
+        # (two MLP-wide, one hidden-wide: measured).
+        mlp = inter * max(arch.experts_per_token, 1) if arch.family != "gpt2" else 4 * h
+        out["recomputed layer"] = layer + (2 * mlp + h) * b
     else:
         out["layers"] = L * layer
     # After the last layer: the final norm (fp32 input; its outputs when the head trains), and the
@@ -393,17 +396,26 @@ def memory(arch: Arch, counts: Counts, s: Setup, checkpointing: bool, shards: in
     loss_ws = loss_workspace_per_token(arch, b)
     tokens = s.batch * s.seq
     backward = dict(static)
-    backward["gradients"] = first_grad
     if casts:
         backward["adapter compute copies"] = casts
-    # The loss's backward runs before the first checkpointed layer is recomputed: with checkpointing
-    # the peak holds one or the other, without it everything at once.
-    loss_part = act["final norm"] + act["log-probs"] + loss_ws
-    recompute = act.get("recomputed layer", 0)
-    backward["activations: layers"] = tokens * act["layers"]
-    if recompute > loss_part:
-        backward["activations: recomputed layer"] = tokens * recompute
+    # The loss's backward runs before the first checkpointed layer is recomputed, so with
+    # checkpointing the peak holds one or the other: the loss's tensors with the first gradient, or
+    # a recomputed layer late in backward, when (the activations hardly shrinking) nearly every
+    # gradient exists. Without checkpointing everything is live at the loss, and later gradients
+    # and activations trade places.
+    loss_part = tokens * (act["final norm"] + act["log-probs"] + loss_ws) + first_grad
+    # At the first layer's recomputation every gradient but its own and the input embedding's exists.
+    if s.method == "full":
+        late_grads = max(grads - -(-(counts.largest_layer + counts.embedding) * b // shards), 0)
     else:
+        late_grads = grads - grads // arch.layers
+    recompute_part = tokens * act["recomputed layer"] + late_grads if "recomputed layer" in act else 0
+    backward["activations: layers"] = tokens * act["layers"]
+    if recompute_part > loss_part:
+        backward["gradients"] = late_grads
+        backward["activations: recomputed layer"] = tokens * act["recomputed layer"]
+    else:
+        backward["gradients"] = first_grad
         backward["activations: final norm"] = tokens * act["final norm"]
         backward["activations: log-probs"] = tokens * act["log-probs"]
         backward["loss backward workspace"] = tokens * loss_ws
@@ -412,7 +424,8 @@ def memory(arch: Arch, counts: Counts, s: Setup, checkpointing: bool, shards: in
     step["optimizer step temporaries"] = opt_temp
     phases = {"backward": sum(backward.values()), "optimizer step": sum(step.values())}
     phase = max(phases, key=phases.get)
-    per_seq = s.seq * (act["layers"] + max(loss_part, recompute))
+    per_seq = s.seq * (act["layers"] + (act["recomputed layer"] if recompute_part > loss_part else
+                                        act["final norm"] + act["log-probs"] + loss_ws))
     return Memory(parts=backward if phase == "backward" else step, peak=phases[phase], phase=phase, phases=phases,
                   checkpointing=checkpointing, shards=shards, per_sequence=per_seq,
                   fixed=max(phases["optimizer step"], phases["backward"] - s.batch * per_seq))
@@ -533,7 +546,7 @@ def recommend(arch: Arch, counts: Counts, methods: dict, objective: str, variant
     for a new domain, LoRA for instruction or task tuning, which match it there and forget less),
     the hardware says what fits (full -> LoRA -> QLoRA, each step down only when the one above does
     not fit on the GPUs given), and the number of variants says what storing them costs."""
-    full, lora, qlora = methods["full"], methods["lora"], methods["qlora"]
+    full, lora = methods["full"], methods["lora"]
     reasons = []
     where = f"{gpus} x {gpu.name} ({gpu.mem_gib:g} GiB, {gib(usable_bytes(gpu))} usable)"
     if objective == "domain":
@@ -550,7 +563,7 @@ def recommend(arch: Arch, counts: Counts, methods: dict, objective: str, variant
         p = methods[m]
         peak = f"{gib(p.memory.peak)} per GPU"
         how = f"FSDP2 over {p.memory.shards} GPUs" if p.memory.shards > 1 else (
-            f"DDP, one replica per GPU" if gpus > 1 else "one GPU")
+            "DDP, one replica per GPU" if gpus > 1 else "one GPU")
         if p.fits:
             reasons.append(f"{m} fits on {where}: peak {peak} ({how}, gradient checkpointing "
                            f"{'on' if p.memory.checkpointing else 'off'}), largest micro-batch {p.max_batch}")
@@ -647,7 +660,8 @@ RULES = [
     "8h + 8 B, q and attention output 2hb, k and v 2(kv heads x head dim)b, log-sum-exp 4 B per head, gate, "
     "SiLU and up 3Ib; plus hb for the attention input and for the MLP input, and Ib for the MLP product, "
     "when a trainable layer reads them; plus 2hb when the norms train (full); plus r x b per adapted layer",
-    "with checkpointing: each layer keeps its input (hb per token) and one layer is recomputed at a time",
+    "with checkpointing: each layer keeps its input (hb per token) and one layer is recomputed at a time, "
+    "its backward adding (2I + h)b of gradient buffers",
     "after the layers: the final norm's fp32 input, and the loss's fp32 log-probabilities (4V per token)",
     "loss backward: two more fp32 vocabulary-sized tensors per token (three in fp32 runs)",
     "FLOPs per token: 2 per multiplied weight forward; backward x2 for trained weights, x1 for frozen ones",
@@ -658,9 +672,6 @@ RULES = [
 
 def render(plan: Plan, console=None) -> None:
     """The plan as aligned tables (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     a, c = plan.arch, plan.counts
     console.print(f"[bold]{a.name}[/bold] ({a.model_type}): {a.layers} layers, hidden {a.hidden}, {a.heads} heads "
