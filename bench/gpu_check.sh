@@ -7,14 +7,17 @@
 # Steps, each under its own time limit AND inside one overall budget (LOWRANK_GPU_BUDGET, default
 # 360 s): a step gets min(its limit, what is left of the budget), so the whole run ends within
 # ~6 minutes even when a step hangs; steps that find no time left are recorded as rc=124, 0 s.
-#   1. install the carried wheels (.whl/, e.g. bitsandbytes, which the machine lacks) with
+#   1. install the carried wheels (.whl/: bitsandbytes, and rich with markdown-it-py, mdurl and
+#      pygments for lowrank plan / compare: `../shared/tools/gpu-wheels.sh rich markdown-it-py mdurl
+#      pygments`; the machine lacks them) with
 #      pip --no-index --no-deps --target, and put that folder on PYTHONPATH;
 #   2. make lowrank.kernels importable from the source tree (an editable install maps kernels/
 #      there; a bare copy of the tree needs a link), build the native library with nvcc (sm_90;
 #      53 s wall / 13 s CPU for both libraries on the 2-core dev machine);
 #   3. pytest -m gpu over tests/ (the GPU tests of every test file);
 #   4. one step per benchmark in bench/run.py's BENCHES (python -m bench.run --quick --only NAME),
-#      so that a slow one cannot take the others' results with it;
+#      so that a slow one cannot take the others' results with it; then `lowrank compare --device
+#      cuda` (the planner's memory prediction against max_memory_allocated);
 #   5. the rest of the suite on CUDA, last: it gets whatever time is left.
 # Output: $OUT/gpu_check.log (everything), $OUT/gpu_check.json (per step: rc, seconds, the last
 # pytest line), $OUT/pytest_*.xml (JUnit), $OUT/bench/bench_<op>.json.
@@ -103,6 +106,12 @@ for name in $("$PY" -c "from bench.run import BENCHES; print(' '.join(BENCHES))"
     done
     step "bench_$name" "$limit" "$PY" -m bench.run --quick --only "$name" --out "$OUT/bench"
 done
+
+# 4b. lowrank compare on the GPU: each method's CUDA allocator peak (max_memory_allocated) next to
+# the planner's prediction for the same step, in $OUT/compare/results.json.
+if [ "$DRY" = 1 ]; then CMP_DEV=cpu; else CMP_DEV=cuda; fi
+step compare 45 "$PY" -m lowrank.cli compare --device "$CMP_DEV" --steps 40 --pretrain-steps 100 --no-cache \
+    --out "$OUT/compare" --json
 
 # 5. The rest of the suite on CUDA (interpreter-sized shapes), with what time is left.
 export LOWRANK_AUTOTUNE=0
