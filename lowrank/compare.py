@@ -164,6 +164,12 @@ def _train_step(model, opt, ids, labels) -> float:
 
 # -- workloads: what is trained and evaluated -----------------------------------------------------
 
+# Learning rates per method: the built-in model's (pretrained at 3e-3), and the usual ones for a
+# pretrained transformers model (LoRA's about 10x full fine-tuning's).
+BUILTIN_LR = {"full": 3e-4, "lora": 1e-3, "qlora": 1e-3}
+MODEL_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+
+
 def cache_dir() -> str:
     root = os.environ.get("LOWRANK_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lowrank")
@@ -227,6 +233,7 @@ class Workload:
     eval_sets: dict                 # "task" / "general" -> [(ids, labels), ...]
     start: dict | None = None       # the built-in model's starting weights
     model_dir: str | None = None    # or a local transformers model, loaded afresh per method
+    default_lr: dict = field(default_factory=lambda: dict(BUILTIN_LR))
 
     def model(self) -> nn.Module:
         if self.model_dir is not None:
@@ -340,7 +347,7 @@ def file_workload(model_dir: str, data: str, general: str | None = None, seq: in
                                 f"{general_desc})",
                     config=config, seq=seq, batches=batches,
                     eval_sets={"task": chunk(eval_ids, eval_labels), "general": chunk(gen_ids, gen_labels)},
-                    model_dir=model_dir)
+                    model_dir=model_dir, default_lr=dict(MODEL_LR))
 
 
 # -- one method ----------------------------------------------------------------------------------
@@ -364,8 +371,6 @@ class MethodResult:
     curve: dict = field(default_factory=dict)  # training FLOPs -> (task loss, general loss)
 
 
-# The learning rates each method is usually run at (LoRA's about 3x full fine-tuning's here).
-DEFAULT_LR = {"full": 3e-4, "lora": 1e-3, "qlora": 1e-3}
 
 
 def prepare(model: nn.Module, method: str, rank: int) -> nn.Module:
@@ -484,8 +489,8 @@ def compare(methods=METHODS, *, rank: int = 4, batch: int = 16, full_steps: int 
             raise ValueError(f"compare: {name} must be a positive integer, got {v!r}")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"compare: device must be 'cpu' or 'cuda' (with a GPU present), got {device!r}")
-    lr = {**DEFAULT_LR, **(lr or {})}
     work = workload or builtin_workload(pretrain_steps=pretrain_steps, seed=seed, progress=progress, cache=cache)
+    lr = {**work.default_lr, **(lr or {})}
     budget_flops = None
     if budget == "flops":
         arch = arch_of(work.config, "compare")

@@ -687,6 +687,8 @@ def render(plan: Plan, console=None) -> None:
     for name, v in c.lora_per_target.items():
         t.add_row(f"LoRA r={plan.setup['rank']} on {name}", f"{v:,}")
     t.add_row(f"LoRA r={plan.setup['rank']}, {c.n_targets} layers", f"{c.lora:,}")
+    t.add_row("QLoRA: the adapted layers in NF4", f"{human_bytes(c.nf4_bytes)}, "
+              f"{8 * c.nf4_bytes / max(c.quantized, 1):.4f} bits/param")
     console.print(t)
     if c.experts:
         console.print("[yellow]note:[/yellow] the experts are fused 3-D parameters in this transformers version: "
