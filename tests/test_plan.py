@@ -232,3 +232,18 @@ def test_json_output_is_the_plan():
     assert d["recommendation"]["method"] in ("full", "lora", "qlora") and d["recommendation"]["reasons"]
     for m in d["methods"].values():
         assert m["memory"]["peak"] == sum(m["memory"]["parts"].values())
+
+
+def test_model_from_a_config_file_or_a_directory(tmp_path):
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=500)
+    config.save_pretrained(tmp_path)
+    by_dir = P.make_plan(str(tmp_path), gpu="rtx4090")
+    by_file = P.make_plan(str(tmp_path / "config.json"), gpu="rtx4090")
+    with torch.device("meta"):
+        total = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert by_dir.counts.total == by_file.counts.total == total
+    assert by_dir.counts.lora == by_file.counts.lora == 16 * 3 * ((256 + 256) * 2 + (256 + 128) * 2 + (256 + 512) * 3)
+    (tmp_path / "bad.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(P.PlanError, match="model_type"):
+        P.make_plan(str(tmp_path / "bad.json"))
