@@ -107,6 +107,12 @@ for name in $("$PY" -c "from bench.run import BENCHES; print(' '.join(BENCHES))"
     step "bench_$name" "$limit" "$PY" -m bench.run --quick --only "$name" --out "$OUT/bench"
 done
 
+# 4a. bench.static on the GPU machine: every sm_90a variant compiled there, with the driver's own
+# register and spill counts beside ptxas's (driver_registers / driver_spills), in $OUT/static/.
+if [ "$DRY" = 1 ]; then STATIC_DRIVER=""; else STATIC_DRIVER="--driver"; fi
+step static 60 env -u TRITON_INTERPRET "$PY" -m bench.static --targets sm_90a --jobs 8 $STATIC_DRIVER \
+    --out "$OUT/static" --json "$OUT/static/static.jsonl"
+
 # 4b. lowrank compare on the GPU: each method's CUDA allocator peak (max_memory_allocated) next to
 # the planner's prediction for the same step, in $OUT/compare/results.json.
 if [ "$DRY" = 1 ]; then CMP_DEV=cpu; else CMP_DEV=cuda; fi

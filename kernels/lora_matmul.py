@@ -94,12 +94,66 @@ def _gemm_configs():
     return cfg
 
 
+# Register budgets, measured with `python -m bench.static` (ptxas -v, no spills allowed): the fp32
+# accumulator elements per thread a GEMM tile may hold. The dX kernel also holds its LoRA term's
+# operands, and with dropout the Philox keep-mask of its whole tile. sm_90 (wgmma, two warpgroups
+# at 8 warps) affords more than sm_80 (mma.sync), where the Hopper tiles above 128x128 also spill.
+def acc_limit(cap_major: int, num_warps: int, dx: bool, dropout: bool) -> int:
+    if cap_major >= 9:
+        if dx and dropout:
+            return 64 if num_warps >= 8 else 32
+        return 128
+    if dx:
+        return 32 if dropout or num_warps < 8 else 64
+    return 128
+
+
+def gemm_config_fits(blocks: dict, num_warps: int, num_stages: int, itemsize: int, block_r: int,
+                     smem_limit: int, dropout: bool = False, cap_major: int = 9, dx: bool = False):
+    """True if a GEMM tile (`_lora_fwd_kernel`, or `_lora_dx_kernel` with dx=True) fits the target,
+    else why not.
+
+    Shared memory, an upper bound of what Triton allocates: the pipelined operand tiles,
+    stages x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N), plus the LoRA term's operands: the r x BLOCK_N
+    factor and the BLOCK_M x r fp32 tile as its two 16-bit halves.
+    Registers: `acc_limit` accumulator elements per thread; on sm_80 no tile above 128x128."""
+    bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
+    smem = (num_stages * (bm * bk + bk * bn) + block_r * (bn + 2 * bm)) * itemsize
+    if smem > smem_limit:
+        return f"needs ~{smem} B of shared memory, the target has {smem_limit}"
+    per_thread = bm * bn // (32 * num_warps)
+    limit = acc_limit(cap_major, num_warps, dx, dropout)
+    if itemsize == 4 and num_warps < 8:
+        limit = min(limit, 64)  # fp32 operand fragments are twice as wide: 128x128 on 4 warps spills
+    if per_thread > limit:
+        return f"{per_thread} accumulator elements per thread (> {limit}{' with dropout' if dropout else ''}) spill"
+    if cap_major < 9 and bm * bn > 128 * 128:
+        return "Hopper tile: spills on sm_80"
+    return True
+
+
+def _device_limits(device) -> tuple[int, int]:
+    """(shared memory per block, compute capability major) of a CUDA device."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+    return props["max_shared_mem"], torch.cuda.get_device_capability(device)[0]
+
+
+def _fitting(configs, itemsize, block_r, dropout, device, dx):
+    limit, major = _device_limits(device)
+    return [c for c in configs if gemm_config_fits(c.kwargs, c.num_warps, c.num_stages, itemsize, block_r, limit,
+                                                   dropout, major, dx) is True]
+
+
 def _prune_gemm(configs, nargs, **kwargs):
-    """Drop tiles far taller than M (wasted MMA rows) and tiny tiles at large M (re-reads of W)."""
+    """Drop tiles far taller than M (wasted MMA rows), tiny tiles at large M (re-reads of W), and
+    tiles that do not fit the device (`gemm_config_fits`), before any is compiled or launched."""
     m = nargs["M"]
     cap = max(16, triton.next_power_of_2(m))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
-    return keep or configs[:1]
+    first = next(v for k, v in nargs.items() if k.endswith("_ptr") and hasattr(v, "element_size"))
+    args = (first.element_size(), kwargs.get("BLOCK_R", MAX_RANK), bool(kwargs.get("DROPOUT", False)), first.device,
+            "dx_ptr" in nargs)
+    return _fitting(keep or configs, *args) or _fitting(configs, *args)[-1:] or configs[-1:]
 
 
 def _heuristic_config(m: int) -> dict:
@@ -233,12 +287,15 @@ def _lora_fwd_kernel(
             acc = tl.dot(x, wt, acc)
         else:
             acc = tl.dot(x, wt, acc, input_precision=PREC)
-    offs_r = tl.arange(0, BLOCK_R)
-    t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
-                mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-    bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                 mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # (BLOCK_R, BLOCK_N)
-    acc = _dot_f32_lhs(t * scaling, bt, acc, LOWP, PREC)
+    # The expand in r-chunks of BLOCK_R (at most 32): a rank-128 adapter would otherwise hold a
+    # (BLOCK_M, 128) fp32 tile and its hi/lo halves next to the accumulator (spills on sm_90a).
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                     mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # (BLOCK_R, BLOCK_N)
+        acc = _dot_f32_lhs(t * scaling, bt, acc, LOWP, PREC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -316,7 +373,20 @@ def _lora_dx_kernel(
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)
     cols = offs_k.to(tl.int64)
+    # The LoRA term first, as the accumulator's starting value: with dropout its mask (Philox over
+    # the tile) and the masked product are done before the main loop, so the loop carries one
+    # fp32 tile, not two (two spilled at 128x256 and 256x128 tiles on sm_90a).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):  # r-chunks of at most 32, as in the forward
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        dt = tl.load(dt_ptr + rows[:, None] * stride_dtm + offs_r[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_R, BLOCK_N)
+        acc = _dot_f32_lhs(dt, a, acc, LOWP, PREC)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        acc = tl.where(_keep(seed, offs_m, offs_k, K, p), acc * inv_keep, 0.0)
     for n0 in range(0, N, BLOCK_K):
         offs_n = n0 + tl.arange(0, BLOCK_K)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
@@ -327,17 +397,6 @@ def _lora_dx_kernel(
             acc = tl.dot(dy, w, acc)
         else:
             acc = tl.dot(dy, w, acc, input_precision=PREC)
-    offs_r = tl.arange(0, BLOCK_R)
-    dt = tl.load(dt_ptr + rows[:, None] * stride_dtm + offs_r[None, :],
-                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
-                mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_R, BLOCK_N)
-    if DROPOUT:
-        lora = _dot_f32_lhs(dt, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), LOWP, PREC)
-        seed = tl.load(seed_ptr)
-        acc += tl.where(_keep(seed, offs_m, offs_k, K, p), lora * inv_keep, 0.0)
-    else:
-        acc = _dot_f32_lhs(dt, a, acc, LOWP, PREC)
     tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -489,7 +548,7 @@ def _lora_small_m_epilogue_kernel(
 
 
 def _tuned(kernel):
-    return triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K"],
+    return triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "DROPOUT", "BLOCK_R"],
                            prune_configs_by={"early_config_prune": _prune_gemm}, do_bench=tune_bench)(kernel)
 
 
@@ -506,6 +565,17 @@ def _launch_gemm(kernel, tuned, m, cols, args, meta):
         tuned[grid](*args, **meta)
     else:
         cfg = _heuristic_config(m)
+        if not INTERPRET:
+            blocks = {k: v for k, v in cfg.items() if k.isupper()}
+            c = triton.Config(blocks, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+            fit = (args[0].element_size(), meta["BLOCK_R"], bool(meta.get("DROPOUT", False)), args[0].device,
+                   kernel is _lora_dx_kernel)
+            if not _fitting([c], *fit):
+                # the largest autotune tile no taller than M that fits (the list runs large to small)
+                tall = max(16, triton.next_power_of_2(m))
+                ok = _fitting([c for c in _gemm_configs() if c.kwargs["BLOCK_M"] <= tall], *fit)
+                c = ok[0] if ok else _gemm_configs()[-1]
+                cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]),)](*args, **meta, **cfg)
 
 
@@ -533,6 +603,14 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+# The GEMM kernels walk the rank in chunks of at most this (their LoRA term is a short loop).
+GEMM_R_CHUNK = 32
+
+
+def _gemm_block_r(r: int) -> int:
+    return min(_block_r(r), GEMM_R_CHUNK)
+
+
 def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     lowp = dtype != torch.float32
     prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -547,15 +625,19 @@ def _shrink_blocks(m: int) -> tuple[int, int]:
     return (16, 128) if m <= 16 else (32, 128) if m <= 32 else (64, 64)
 
 
-def _dt_db_blocks(m: int, lowp: bool) -> tuple[int, int]:
+def _dt_db_blocks(m: int, lowp: bool, block_r: int = 16) -> tuple[int, int]:
     if INTERPRET:
         return 16, 32
+    if block_r >= 128 and m > 16:
+        return 64, 32  # rank 128: dT, the dB part and T at 128 rows spill on sm_80 (bench.static)
     return (16, 64) if m <= 16 else (64, 64) if m < 4096 or not lowp else (128, 64)
 
 
-def _da_blocks(lowp: bool) -> tuple[int, int]:
+def _da_blocks(lowp: bool, block_r: int = 16) -> tuple[int, int]:
     if INTERPRET:
         return 16, 32
+    if block_r >= 128:
+        return 64, 32  # a (128, BLOCK_K) fp32 dA tile next to the dropout mask spills above 32 (bench.static)
     return (64, 128) if lowp else (64, 64)
 
 
@@ -573,15 +655,17 @@ def _split(tiles: int, steps: int, sms: int) -> int:
 SMALL_M_MAX = int(os.environ.get("LOWRANK_SMALL_M", "16"))
 
 
-def _small_m_blocks(lowp: bool = True) -> tuple[int, int, int]:
+def _small_m_blocks(lowp: bool = True, block_r: int = 16) -> tuple[int, int, int]:
     if INTERPRET:
         return 16, 16, 32
+    if block_r >= 128:
+        return 16, 32, 32  # A's (128, BLOCK_K) tile spills at rank 128 above BLOCK_K 32 (bench.static)
     return 16, 32, 256 if lowp else 64
 
 
-def _small_m_split(m: int, n: int, k: int, sms: int, lowp: bool = True) -> int:
+def _small_m_split(m: int, n: int, k: int, sms: int, lowp: bool = True, block_r: int = 16) -> int:
     """Programs per output tile: ~2 waves over the SMs, each program >= 2 K steps."""
-    bm, bn, bk = _small_m_blocks(lowp)
+    bm, bn, bk = _small_m_blocks(lowp, block_r)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     return max(1, min(-(-2 * sms // tiles), triton.cdiv(k, bk) // 2))
 
@@ -592,7 +676,7 @@ def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y,
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     lowp, prec = _precision(x.dtype)
-    bm, bn, bk = _small_m_blocks(lowp)
+    bm, bn, bk = _small_m_blocks(lowp, _block_r(R))
     chunk = triton.cdiv(triton.cdiv(K, bk), split) * bk  # whole BLOCK_K steps per program
     split = triton.cdiv(K, chunk)  # no program without K work
     ws = _empty((split, M, N), torch.float32, x.device)
@@ -669,7 +753,8 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
     y = out if out is not None else _empty((M, N), x.dtype, x.device)
     sms = num_sms(x.device)
     if small_m is None:
-        small_m = _small_m_split(M, N, K, sms, x.dtype != torch.float32) if not INTERPRET and 0 < M <= SMALL_M_MAX and N > 0 else 0
+        small_m = (_small_m_split(M, N, K, sms, x.dtype != torch.float32, _block_r(lora_A.shape[0]))
+                   if not INTERPRET and 0 < M <= SMALL_M_MAX and N > 0 else 0)
     if small_m > 0 and M > 0 and N > 0 and K > 0:
         return _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, small_m)
     bm, bk = _shrink_blocks(M)
@@ -697,7 +782,7 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
         float(scaling),
-    ), dict(HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R)))
+    ), dict(HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_gemm_block_r(R)))
     return y, t
 
 
@@ -729,7 +814,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     br = _block_r(R)
 
     # dT and dB: one pass over dY.
-    bm, bn = _dt_db_blocks(M, lowp)
+    bm, bn = _dt_db_blocks(M, lowp, br)
     tiles_m = triton.cdiv(M, bm)
     det = torch.are_deterministic_algorithms_enabled()
     sn = 1 if det else split_n or _split(tiles_m, triton.cdiv(N, bn), sms)
@@ -756,7 +841,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
         db32 = db32[0] if db32.shape[0] == 1 else db32.sum(0)  # (N, R), in a fixed order
 
     # dA = dT.T @ dropout(x).
-    bm_a, bk_a = _da_blocks(lowp)
+    bm_a, bk_a = _da_blocks(lowp, br)
     tiles_k = triton.cdiv(K, bk_a)
     sm = 1 if det else split_m or _split(tiles_k, triton.cdiv(M, bm_a), sms)
     da32 = torch.zeros((R, K), dtype=torch.float32, device=dev) if sm > 1 else _empty((R, K), torch.float32, dev)
@@ -785,5 +870,5 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
                 lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
                 float(dropout), inv_keep,
-            ), dict(DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=br))
+            ), dict(DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=_gemm_block_r(R)))
     return dx, da32.to(dtype), db32.to(dtype)

@@ -153,21 +153,44 @@ def _nf4_lora_matmul_kernel(
 # set is compiled for sm_90 by the tests).
 _TUNE_CONFIGS = [
     triton.Config(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, GROUP_M=8), num_warps=nw, num_stages=ns)
-    for bm, bp, bq, nw, ns in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3),
-                               (128, 128, 32, 8, 4), (64, 64, 64, 4, 4)]
+    # Each compiles without register spills for sm_90a in both directions, aligned and gather
+    # (`python -m bench.static`); 128x128x64 (8 warps) and 4-warp 128x64 / 64x128 tiles spilled.
+    for bm, bp, bq, nw, ns in [(128, 128, 32, 8, 4), (128, 128, 32, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 8, 4),
+                               (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+]
+
+
+def _capability(nargs, kwargs) -> int:
+    """The launch's compute capability (major): CAP when given (bench.static), else the device's."""
+    if "CAP" in kwargs:
+        return kwargs["CAP"]
+    a = nargs.get("a_ptr")
+    return torch.cuda.get_device_capability(a.device)[0] if a is not None and a.is_cuda else 9
+
+
+# The IEEE fp32 candidates (see `_config`): spill-free on both targets, both directions.
+_IEEE_CONFIGS = [
+    triton.Config(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, GROUP_M=8), num_warps=nw, num_stages=2)
+    for bm, bp, bq, nw in [(128, 64, 16, 8), (64, 64, 32, 8), (64, 32, 32, 4)]
 ]
 
 
 def _prune_tuned(configs, nargs, **kwargs):
-    """The candidates for one launch, held to `_config`'s shared-memory rules: fp32 operands (IEEE)
-    at 2 stages; the unaligned gather tile at BLOCK_Q <= 64 and 2 stages."""
+    """The candidates for one launch, held to `_config`'s rules: fp32 operands (IEEE) take their own
+    tiles at 2 stages; the unaligned gather tile at BLOCK_Q <= 64 and 2 stages. On sm_80 the gather tile
+    and 4-warp tiles take BLOCK_Q 32: wider ones spill there (bench.static)."""
     out = []
+    cap = _capability(nargs, kwargs)
+    if kwargs.get("IEEE"):
+        configs = _IEEE_CONFIGS
     for c in configs:
         kw, stages = dict(c.kwargs), c.num_stages
         if kwargs.get("IEEE"):
             stages = 2
         if not kwargs.get("ALIGNED", True):
             kw["BLOCK_Q"], stages = min(kw["BLOCK_Q"], 64), 2
+        if cap < 9 and (not kwargs.get("ALIGNED", True) or c.num_warps < 8):
+            kw["BLOCK_Q"] = min(kw["BLOCK_Q"], 32)
         cfg = triton.Config(kw, num_warps=c.num_warps, num_stages=stages)
         if all(cfg.kwargs != o.kwargs or (cfg.num_warps, cfg.num_stages) != (o.num_warps, o.num_stages) for o in out):
             out.append(cfg)
@@ -194,10 +217,15 @@ def _split_for(tiles: int, q: int, block_q: int, device) -> int:
     return max(1, min(triton.cdiv(2 * num_sms(device), tiles), triton.cdiv(q, block_q)))
 
 
-def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligned: bool = True) -> dict:
-    """Tile sizes by M, chosen (before any GPU run) as the largest tiles for which sm_90 ptxas
-    reports no register spills in the forward, the heavier direction (it decodes through a 3-D
-    permute); 8 warps where 4 spilled."""
+# Shared memory per block of the H100/H200; devices with less (A100: 163 KB) get 2 stages at small M.
+HOPPER_SMEM = 232448
+
+
+def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligned: bool = True,
+            smem_limit: int = HOPPER_SMEM) -> dict:
+    """Tile sizes by M, chosen (before any GPU run) as the largest tiles for which sm_90a ptxas
+    reports no register spills in either direction, aligned or gather (`python -m bench.static`);
+    8 warps where 4 spilled."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1)
     if m <= 16:
@@ -206,16 +234,25 @@ def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligne
     elif m <= 64:
         cfg = dict(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3)
+        # 128x128x64 spilled 20 bytes in the forward (sm_90a); 128x128x32 at 4 stages does not.
+        cfg = dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=32, GROUP_M=8, num_warps=8, num_stages=4)
     if dtype == torch.float32:
-        # fp32 operands double the staged tiles: 3 stages of the small-M tile would fill the
-        # H200's 227 KB of shared memory.
-        cfg["num_stages"] = 2
+        # IEEE fp32 dots run on FMA units with thin K steps: these tiles compile without spills on
+        # sm_90a and sm_80 in both directions (bench.static; the 16-bit tiles spilled kilobytes, at
+        # -O3 ptxas gave them 32 registers). Two stages: fp32 operands double the staged bytes.
+        bm, bp, bq, nw = (16, 64, 16, 4) if m <= 16 else (64, 64, 32, 8) if m <= 64 else (128, 64, 16, 8)
+        cfg = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, GROUP_M=cfg["GROUP_M"], num_warps=nw, num_stages=2)
     if not aligned:
         # The per-element gather tile goes through shared memory for its layout change: the
         # aligned path's 16x64x256 tile would not fit in 227 KB.
-        cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], 64)
+        cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], 64 if m > 16 else 32)  # 16x64x64 spilled 8 bytes
         cfg["num_stages"] = 2
+    if smem_limit < HOPPER_SMEM:  # an A100-class device (sm_80)
+        if m <= 16:
+            # 3 stages of the small-M tile need 174 KB (bench.static): more than an A100 block has.
+            cfg["num_stages"] = 2
+        if not aligned:
+            cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], 32)  # the gather tile spills above 32 on sm_80
     return cfg
 
 
@@ -265,7 +302,9 @@ def nf4_lora_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transpo
             *args, out, m, p, q, k_w, float(lora_scale), q, m_bucket(m),
             a.stride(0), a.stride(1), *lora_strides, out.stride(0), out.stride(1), **consts, SPLIT_Q=1)
         return out
-    cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned))
+    smem = HOPPER_SMEM if INTERPRET else triton.runtime.driver.active.utils.get_device_properties(
+        a.device.index)["max_shared_mem"]
+    cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned, smem))
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"])
     split = cfg.pop("SPLIT_Q", None)
     if split is None:

@@ -241,41 +241,4 @@ def test_cuda_graph_capture():
     assert_close_rows(y, sgmv_f64(x, out, ids, As, Bs, scal), plain_same_dtype(x, out, ids, As, Bs, scal))
 
 
-_COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lowrank.kernels import sgmv as K
-
-target = GPUTarget("cuda", 90, 32)  # the H200
-tables = dict(order_ptr="*i64", seg_start_ptr="*i64", seg_len_ptr="*i64", rank_ptr="*i32", tile_seg_ptr="*i64",
-              tile_m0_ptr="*i64")
-for dtype in ("bf16", "fp16", "fp32"):
-    prec = "ieee" if dtype == "fp32" else "tf32"
-    shrink = dict(x_ptr=f"*{dtype}", wtab_ptr="*i64", t_ptr="*fp32", scale_ptr="*fp32", **tables, K="i32",
-                  n_segments="i32", stride_wtab="i32", stride_xm="i32", stride_xk="i32", stride_tm="i32")
-    ce = dict(SCALED=True, PRECISION=prec, BLOCK_M=64, BLOCK_R=64, BLOCK_K=64)
-    k = triton.compile(ASTSource(K._sgmv_shrink_kernel, {**shrink, **{c: "constexpr" for c in ce}}, ce), target=target)
-    assert k.asm["cubin"] and k.metadata.shared <= 232448, (dtype, k.metadata.shared)
-    expand = dict(t_ptr="*fp32", wtab_ptr="*i64", src_ptr=f"*{dtype}", y_ptr=f"*{dtype}", scale_ptr="*fp32", **tables,
-                  N="i32", n_segments="i32", stride_wtab="i32", stride_tm="i32", stride_sm="i32", stride_sn="i32",
-                  stride_ym="i32", stride_yn="i32")
-    ce = dict(SCALED=True, HAS_SRC=True, PRECISION=prec, BLOCK_M=64, BLOCK_R=16, BLOCK_N=128)
-    k = triton.compile(ASTSource(K._sgmv_expand_kernel, {**expand, **{c: "constexpr" for c in ce}}, ce), target=target)
-    assert k.asm["cubin"] and k.metadata.shared <= 232448, (dtype, k.metadata.shared)
-print("compiled ok")
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile and run in the tests above")
-def test_kernels_compile_for_sm90():
-    """The shrink and expand kernels, which read each adapter through an address table (an int64
-    turned into a pointer), compile for sm_90 without a GPU (Triton's bundled ptxas)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+# Compiling these kernels for sm_90a / sm_80 without a GPU: tests/test_static.py (bench.static).
