@@ -2,8 +2,8 @@
 
     python -m bench.run --only nf4_dequant [--quick]
 
-CPU: quantize and dequantize, lowrank vs bitsandbytes' CPU backend, and a copy of the dense weight
-as the memory ceiling. CUDA: the Triton dequant kernel vs bitsandbytes' dequantize_4bit and the
+CPU: quantize and dequantize, lowrank (the native decode; `lowrank-torch`: its torch twin) vs
+bitsandbytes' CPU backend, and a copy of the dense weight as the memory ceiling. CUDA: the Triton dequant kernel vs bitsandbytes' dequantize_4bit and the
 measured copy bandwidth.
 
 Bytes counted (minimum traffic): dequant = 4-bit codes + uint8 absmax + nested statistics read,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from lowrank import native
 from lowrank.nf4_format import quantize_nf4
 from lowrank.ops import nf4_dequantize
 
@@ -74,7 +75,11 @@ def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
             t = bench(lambda q: nf4_dequantize(q, dtype), sets, repeat=repeat, device=dev)
             out.append(nf4_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
                                frac_of_copy=(q4 + dense_bytes) / t / 1e9 / copy_gbs))
-        t = bench(lambda q: q.dequantize(dtype), sets, repeat=repeat, device=dev)
+        else:
+            t = bench(lambda q: q.dequantize(dtype), sets, repeat=repeat, device=dev)
+            out.append(nf4_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
+                                  path="native" if native.cpu(warn=False) else "torch (no native library)"))
+        t = bench(lambda q: q.dequantize_torch(dtype), sets, repeat=repeat, device=dev)
         out.append(nf4_record("nf4_dequantize", shape, dtype, "lowrank-torch", t, dev, nbytes=q4 + dense_bytes))
         if bf is not None:
             packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")

@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define LOWRANK_ABI_VERSION 2
+#define LOWRANK_ABI_VERSION 3
 
 enum lowrank_status {
   LOWRANK_OK = 0,
@@ -41,6 +41,17 @@ int lowrank_cuda_abi_version(void);
 const char *lowrank_cuda_build_info(void);
 /* Human-readable message for the last CUDA error seen by this library on this thread. */
 const char *lowrank_cuda_last_error(void);
+
+/* ---- NF4 dequantization (CPU) ----------------------------------------------------------------
+ * out[i] (dtype code; n elements, contiguous) = round(fp32(code[nibble i] * absmax of i's block)),
+ * bit-identical to lowrank's torch path and to bitsandbytes. packed: (n + 1) / 2 bytes, element
+ * 2j in the high nibble of byte j. double_quant != 0: absmax is uint8 (blocks,) decoded as
+ * fp32(fp32(nested_code[q] * nested_absmax[b / nested_blocksize]) + offset); else fp32 (blocks,).
+ * code: the 16 fp32 NF4 values. blocksize: a power of two >= 32. OpenMP over blocks. */
+int lowrank_cpu_nf4_dequantize(const uint8_t *packed, const void *absmax, int double_quant,
+                               const float *nested_absmax, const float *nested_code, float offset,
+                               const float *code, int64_t n, int64_t blocksize, int64_t nested_blocksize,
+                               void *out, int dtype);
 
 /* ---- merge / unmerge ------------------------------------------------------------------------
  * W (rows x cols, row-major, row stride ldw elements, dtype code) is updated in place:

@@ -20,7 +20,7 @@ import torch
 
 from .dtypes import check_dtype
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
 MANIFEST_NAME = "manifest.json"  # written by setup.py beside the libraries: {file: {size, sha256}}
 
@@ -108,20 +108,23 @@ def _load(kind: str):
         info.restype = ctypes.c_char_p
         if kind == "cuda":
             lib.lowrank_cuda_last_error.restype = ctypes.c_char_p
-        _declare_merge(lib, kind)
+        _declare(lib, kind)
     except AttributeError as exc:  # a valid library, but not this one: a symbol is missing
         return None, f"{path} lacks an entry point of the ABI ({exc}); rebuild it"
     return lib, None
 
 
-def _declare_merge(lib, kind: str) -> None:
-    """ctypes signatures of lowrank_{kind}_merge / _restore (csrc/lowrank.h)."""
+def _declare(lib, kind: str) -> None:
+    """ctypes signatures of the entry points (csrc/lowrank.h): merge, restore, and on the CPU nf4_dequantize."""
     p, i64, f32p = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
     merge = getattr(lib, f"lowrank_{kind}_merge")
     merge.restype = ctypes.c_int
     merge.argtypes = [p, i64, i64, i64, ctypes.c_int, f32p, f32p, i64, f32p, f32p, ctypes.c_float,
                       ctypes.c_double, p, p, i64, p] + ([p] if kind == "cuda" else [])
     if kind == "cpu":
+        lib.lowrank_cpu_nf4_dequantize.restype = ctypes.c_int
+        lib.lowrank_cpu_nf4_dequantize.argtypes = [p, p, ctypes.c_int, p, p, ctypes.c_float, p, i64, i64, i64, p,
+                                                   ctypes.c_int]
         lib.lowrank_cpu_merge_strided.restype = ctypes.c_int
         lib.lowrank_cpu_merge_strided.argtypes = [p, i64, i64, i64, ctypes.c_int, p, i64, i64, p, i64, i64,
                                                   ctypes.c_int, i64, ctypes.c_double, p, p, i64, p]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import native
 from .dtypes import check_dtype
 
 # bitsandbytes.functional.get_4bit_type("nf4"), written out: regenerating the quantiles with
@@ -207,7 +208,34 @@ class NF4Weight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight in `dtype` (default: the original dtype); each value is
-        fp32(NF4 * absmax) rounded once to dtype, bit-identical to bitsandbytes."""
+        fp32(NF4 * absmax) rounded once to dtype, bit-identical to bitsandbytes. On the CPU the
+        native library decodes it in one pass (`lowrank_cpu_nf4_dequantize`); without it, and on
+        other devices, `dequantize_torch`."""
+        dtype = dtype or self.dtype
+        check_dtype(dtype, "NF4Weight.dequantize")
+        if self.device.type == "cpu":
+            lib = native.for_device(self.device)
+            if lib is not None:
+                return self._dequantize_native(lib, dtype)
+        return self.dequantize_torch(dtype)
+
+    def _dequantize_native(self, lib, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=dtype)
+        packed, absmax = self.packed.contiguous(), self.absmax.contiguous()
+        code = nf4_code(self.device)
+        dq = self.double_quant
+        nested = self.nested_absmax.contiguous() if dq else None
+        nested_code = self.nested_code.contiguous().float() if dq else None
+        status = lib.lowrank_cpu_nf4_dequantize(
+            packed.data_ptr(), absmax.data_ptr(), int(dq), nested.data_ptr() if dq else None,
+            nested_code.data_ptr() if dq else None, float(self.offset) if dq else 0.0, code.data_ptr(), self.numel,
+            self.blocksize, self.nested_blocksize, out.data_ptr(), native.dtype_code(dtype))
+        native.check(status, "NF4Weight.dequantize")
+        return out
+
+    def dequantize_torch(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`dequantize` in torch operations only (any device; the CPU fallback and the native
+        decode's twin in the tests)."""
         dtype = dtype or self.dtype
         check_dtype(dtype, "NF4Weight.dequantize")
         n, bs = self.numel, self.blocksize

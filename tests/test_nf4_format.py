@@ -7,11 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lowrank import native
 from lowrank.nf4_format import BLOCKSIZES, NF4Weight, dynamic_code, nf4_code, nf4_nbytes, quantize_nf4
 
 from tests.bnb_oracle import (BF, bnb, bnb_cpu_dequant_is_right, bnb_dequantize_format, bnb_quantize,  # noqa: F401
                               bnb_without_compile, make_bnb_linear, needs_bnb)
-from tests.helpers import DTYPE_IDS, DTYPES
+from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal
 
 
 def assert_same_as_bnb(w, blocksize, double_quant):
@@ -282,3 +283,53 @@ def test_nf4_nbytes_counts_what_quantize_stores(shape, blocksize, double_quant):
     w = quantize_nf4(torch.randn(shape), blocksize=blocksize, double_quant=double_quant)
     stored = sum(t.numel() * t.element_size() for name, t in w.tensors().items() if name != "nested_code")
     assert nf4_nbytes(w.numel, blocksize, double_quant) == w.nbytes == stored
+
+
+# -- the native decode (csrc/nf4_cpu.cpp) against its torch twin ----------------------------------
+
+needs_native = pytest.mark.skipif(native.cpu(warn=False) is None, reason="native CPU library not built")
+
+
+@needs_native
+@settings(max_examples=60)
+@given(out_f=st.integers(1, 70), in_f=st.integers(1, 300), blocksize=st.sampled_from(BLOCKSIZES),
+       dtype=st.sampled_from(DTYPES), double_quant=st.booleans(),
+       kind=st.sampled_from(["normal", "tiny", "huge", "zero-blocks", "outliers"]), seed=st.integers(0, 2**16))
+def test_native_decode_is_the_torch_path_bit_for_bit(out_f, in_f, blocksize, dtype, double_quant, kind, seed):
+    """Every output dtype, whole and partial blocks, odd sizes: the native library's one-pass decode
+    (AVX-512 permutes for whole blocks of 64+ where the CPU has them, loops elsewhere) writes the
+    torch path's bits, into a buffer poisoned with NaN first."""
+    torch.manual_seed(seed)
+    w = quantize_nf4(weights((out_f, in_f), dtype, kind), blocksize=blocksize, double_quant=double_quant)
+    lib = native.cpu()
+    for out_dtype in DTYPES:
+        out = torch.full(w.shape, float("nan"), dtype=out_dtype)
+        nested = (w.nested_absmax.data_ptr(), w.nested_code.data_ptr(), float(w.offset)) if double_quant else (
+            None, None, 0.0)
+        status = lib.lowrank_cpu_nf4_dequantize(w.packed.data_ptr(), w.absmax.data_ptr(), int(double_quant), *nested,
+                                                nf4_code().data_ptr(), w.numel, blocksize, w.nested_blocksize,
+                                                out.data_ptr(), native.dtype_code(out_dtype))
+        assert status == native.OK
+        assert_bits_equal(out, w.dequantize_torch(out_dtype), f"native decode {out_dtype}")
+        assert_bits_equal(w.dequantize(out_dtype), out, "NF4Weight.dequantize")
+
+
+@needs_native
+def test_native_decode_refuses_bad_arguments():
+    w = quantize_nf4(torch.randn(8, 64))
+    lib, out = native.cpu(), torch.empty(8, 64)
+    args = [w.packed.data_ptr(), w.absmax.data_ptr(), 1, w.nested_absmax.data_ptr(), w.nested_code.data_ptr(),
+            float(w.offset), nf4_code().data_ptr(), w.numel, 64, 256, out.data_ptr(), native.dtype_code(out.dtype)]
+    assert lib.lowrank_cpu_nf4_dequantize(*args) == native.OK
+    for i, bad in [(8, 48), (8, 16), (7, -1), (11, 7), (3, None)]:
+        wrong = list(args)
+        wrong[i] = bad
+        assert lib.lowrank_cpu_nf4_dequantize(*wrong) != native.OK, (i, bad)
+
+
+def test_without_the_native_library_the_torch_path_decodes(monkeypatch):
+    w = quantize_nf4(torch.randn(16, 128))
+    expected = w.dequantize_torch(torch.bfloat16)
+    monkeypatch.setenv("LOWRANK_NO_NATIVE", "1")
+    monkeypatch.setattr(NF4Weight, "_dequantize_native", lambda *a: pytest.fail("native path taken"))
+    assert_bits_equal(w.dequantize(torch.bfloat16), expected)
