@@ -6,8 +6,9 @@
 
 CUDA: fused QLoRA forward+backward vs peft + bitsandbytes Linear4bit + LoRA and vs dense bf16 LoRA
 (`ops.lora_linear`) at the same shapes, autotuned and with the fixed tiles; M = 1 forward vs
-bitsandbytes' 4-bit inference path (matmul_4bit -> gemv). CPU: the reference path at small fp32
-shapes, for the record.
+bitsandbytes' 4-bit inference path (matmul_4bit -> gemv). CPU (fp32 compute): the native tiled
+decode + GEMM against peft + bitsandbytes, our dense LoRA and the frozen dense layer (forward +
+input gradient: the floor), and the native fused M = 1 pass at 4096^2 against `matmul_4bit`.
 
 Bytes counted (minimum traffic): M = 1 forward = the 4-bit weight bytes (x and y are negligible).
 """
@@ -36,7 +37,7 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
                                                       (4096, 11008, 4096), (16384, 4096, 4096)]
     else:
         dtype = torch.float32
-        shapes = [(256, 1024, 1024)] if quick else [(256, 1024, 1024), (512, 2048, 2048)]
+        shapes = [(256, 1024, 1024), (512, 2048, 2048)]
     out = []
     for m, k, n in shapes:
         shape = {"M": m, "K": k, "N": n, "r": r}
@@ -67,6 +68,9 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
                 K.AUTOTUNE = tuned
         t = bench(step_bf16, [()], device=dev)
         out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "dense_lora", t, dev, flops=flops))
+        if dev.type == "cpu":  # the floor: the frozen dense layer's forward and input gradient (two GEMMs)
+            t = bench(lambda: torch.nn.functional.linear(x, w).backward(dy), [()], device=dev)
+            out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "frozen_dense", t, dev, flops=flops))
         if bnb is not None:
             try:
                 from peft import LoraConfig, get_peft_model
@@ -88,16 +92,30 @@ def bench_qlora(quick: bool, device: str) -> list[Record]:
                 out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", t, dev, flops=flops))
             except Exception as exc:  # record why the baseline is missing rather than fail the run
                 out.append(nf4_record("qlora_fwd_bwd", shape, dtype, "peft+bnb", float("nan"), dev, error=repr(exc)))
-        # M = 1 (decode): the 4-bit weight is the traffic
-        x1 = torch.randn(1, k, device=dev, dtype=dtype)
-        s1 = {"M": 1, "K": k, "N": n}
-        with torch.no_grad():
-            t = bench(lambda: lowrank.ops.nf4_lora_linear(x1, nf4, a, b, 2.0), [()], device=dev)
-            out.append(nf4_record("nf4_gemv", s1, dtype, "lowrank", t, dev, nbytes=nf4_bytes(n, k)))
-            if bnb is not None:
-                qw, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-                t = bench(lambda: bnb.matmul_4bit(x1, qw.t(), quant_state=qs), [()], device=dev)
-                out.append(nf4_record("nf4_gemv", s1, dtype, "bitsandbytes", t, dev, nbytes=nf4_bytes(n, k)))
+        out += bench_gemv(k, n, dtype, dev, bnb, w=w, nf4=nf4, a=a, b=b)
+    if dev.type == "cpu":
+        out += bench_gemv(4096, 4096, torch.float32, dev, bnb)
+    return out
+
+
+def bench_gemv(k: int, n: int, dtype, dev, bnb, w=None, nf4=None, a=None, b=None, r: int = 16) -> list[Record]:
+    """M = 1 (decode), the QLoRA op with its adapter against bitsandbytes' 4-bit inference matmul
+    (`matmul_4bit`) without one: the 4-bit weight is the traffic."""
+    if w is None:
+        w = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
+        nf4 = quantize_nf4(w)
+        a = (torch.randn(r, k, device=dev) / k**0.5).to(dtype)
+        b = (torch.randn(n, r, device=dev) * 0.01).to(dtype)
+    x1 = torch.randn(1, k, device=dev, dtype=dtype)
+    s1 = {"M": 1, "K": k, "N": n}
+    out = []
+    with torch.no_grad():
+        t = bench(lambda: lowrank.ops.nf4_lora_linear(x1, nf4, a, b, 2.0), [()], device=dev)
+        out.append(nf4_record("nf4_gemv", s1, dtype, "lowrank", t, dev, nbytes=nf4_bytes(n, k)))
+        if bnb is not None:
+            qw, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            t = bench(lambda: bnb.matmul_4bit(x1, qw.t(), quant_state=qs), [()], device=dev)
+            out.append(nf4_record("nf4_gemv", s1, dtype, "bitsandbytes", t, dev, nbytes=nf4_bytes(n, k)))
     return out
 
 

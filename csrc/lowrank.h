@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define LOWRANK_ABI_VERSION 3
+#define LOWRANK_ABI_VERSION 4
 
 enum lowrank_status {
   LOWRANK_OK = 0,
@@ -52,6 +52,24 @@ int lowrank_cpu_nf4_dequantize(const uint8_t *packed, const void *absmax, int do
                                const float *nested_absmax, const float *nested_code, float offset,
                                const float *code, int64_t n, int64_t blocksize, int64_t nested_blocksize,
                                void *out, int dtype);
+
+/* Rows [r0, r1) x columns [c0, c1) of the NF4 weight (rows x k, stored as above) decoded into out
+ * (dtype code, row stride ldo elements), bit-identical to the same elements of
+ * lowrank_cpu_nf4_dequantize. Whole blocks only: k, c0 and c1 multiples of blocksize. */
+int lowrank_cpu_nf4_decode_tile(const uint8_t *packed, const void *absmax, int double_quant,
+                                const float *nested_absmax, const float *nested_code, float offset,
+                                const float *code, int64_t rows, int64_t k, int64_t blocksize,
+                                int64_t nested_blocksize, int64_t r0, int64_t r1, int64_t c0, int64_t c1, void *out,
+                                int64_t ldo, int dtype);
+
+/* y (m x n fp32, contiguous) = x (m x k, dtype code, contiguous) @ deq(W)^T for the NF4 weight W
+ * (n x k, stored as above), each weight value rounded to dtype as the dense weight would hold it,
+ * products accumulated in fp32: decode and multiply in one pass, the 4-bit weight read once (for
+ * small m: at most 8 rows of x per pass over a weight row). k: a multiple of blocksize. OpenMP
+ * over the rows of W. */
+int lowrank_cpu_nf4_matmul(const void *x, int64_t m, const uint8_t *packed, const void *absmax, int double_quant,
+                           const float *nested_absmax, const float *nested_code, float offset, const float *code,
+                           int64_t n, int64_t k, int64_t blocksize, int64_t nested_blocksize, float *y, int dtype);
 
 /* ---- merge / unmerge ------------------------------------------------------------------------
  * W (rows x cols, row-major, row stride ldw elements, dtype code) is updated in place:

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -73,6 +74,18 @@ __attribute__((target("avx512f,avx512bw"))) inline void interleave_store(__m512i
   }
 }
 
+// bf16 bits (in the low half of each 32-bit lane) of 16 floats: round to nearest even on the
+// bits, NaN -> 0x7fc0 (torch's conversion; the AVX512-BF16 instruction would flush subnormal inputs)
+__attribute__((target("avx512f,avx512bw"))) inline __m512i bf16_bits(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                  _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  r = _mm512_srli_epi32(r, 16);
+  __mmask16 nan = _mm512_cmp_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                        _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLE);
+  return _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+}
+
 // A whole block's outputs: the 16-entry table is the code vector times the block's scale (the
 // same fp32 products as the scalar path), rounded to the output dtype in one vector step, then
 // one permute per 32 nibbles. `bytes`: a multiple of 32 (16 for fp32).
@@ -92,17 +105,7 @@ __attribute__((target("avx512f,avx512bw"))) void block_avx512(const uint8_t *src
   } else {
     __m256i lut16;
     if constexpr (DTYPE == LOWRANK_DTYPE_BFLOAT16) {
-      // round to nearest even on the bits, NaN -> 0x7fc0 (torch's conversion; the AVX512-BF16
-      // instruction would flush subnormal inputs)
-      __m512i u = _mm512_castps_si512(lutf);
-      __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                      _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                       _mm512_set1_epi32(1))));
-      r = _mm512_srli_epi32(r, 16);
-      __mmask16 nan = _mm512_cmp_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLE);
-      r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-      lut16 = _mm512_cvtepi32_epi16(r);
+      lut16 = _mm512_cvtepi32_epi16(bf16_bits(lutf));
     } else {
       lut16 = _mm512_cvtps_ph(lutf, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     }
@@ -123,10 +126,58 @@ const bool kAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports
 const bool kAvx512 = false;
 #endif
 
+// The fp32 scale of block b: the stored absmax, or the double-quantized one decoded with two
+// roundings (as the torch path and bitsandbytes: no fused multiply-add).
+struct Scales {
+  const uint8_t *q;
+  const float *f;
+  const float *nested_absmax;
+  const float *nested_code;
+  float offset;
+  int64_t nested_blocksize;
+  inline float operator()(int64_t b) const {
+    if (q == nullptr) return f[b];
+    float t = nested_code[q[b]] * nested_absmax[b / nested_blocksize];  // rounded once
+    return t + offset;                                                  // rounded twice
+  }
+};
+
+template <int DTYPE>
+constexpr int64_t kElem = DTYPE == LOWRANK_DTYPE_FLOAT32 ? 4 : 2;
+
+// `count` outputs of one block (count even except for the whole weight's last element) through a
+// 16-entry table; loops built for x86-64-v3 (AVX2) and the baseline, chosen at run time.
 template <int DTYPE>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
+void block_portable(const uint8_t *src, int64_t count, float scale, const float *code, void *out) {
+  const int64_t pairs = count / 2;
+  float lut[16];
+  for (int j = 0; j < 16; ++j) lut[j] = code[j] * scale;
+  if constexpr (DTYPE == LOWRANK_DTYPE_FLOAT32) {
+    float *dst = static_cast<float *>(out);
+#pragma omp simd
+    for (int64_t j = 0; j < pairs; ++j) {
+      dst[2 * j] = lut[src[j] >> 4];
+      dst[2 * j + 1] = lut[src[j] & 15];
+    }
+  } else {
+    uint16_t *dst = static_cast<uint16_t *>(out);
+    uint16_t lut16[16];
+    for (int j = 0; j < 16; ++j) {
+      lut16[j] = DTYPE == LOWRANK_DTYPE_BFLOAT16 ? to_bf16(lut[j]) : to_fp16(lut[j]);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < pairs; ++j) {
+      dst[2 * j] = lut16[src[j] >> 4];
+      dst[2 * j + 1] = lut16[src[j] & 15];
+    }
+  }
+  if (count & 1) put<DTYPE>(out, count - 1, lut[src[pairs] >> 4]);  // the odd last element
+}
+
+template <int DTYPE>
 void decode(const uint8_t *packed, const uint8_t *absmax_q, const float *absmax_f, const float *nested_absmax,
             const float *nested_code, float offset, const float *code, int64_t n, int64_t blocksize,
             int64_t nested_blocksize, void *out) {
@@ -137,46 +188,17 @@ void decode(const uint8_t *packed, const uint8_t *absmax_q, const float *absmax_
   {
 #pragma omp for schedule(static) nowait
   for (int64_t b = 0; b < blocks; ++b) {
-    float scale;
-    if (absmax_q != nullptr) {
-      float t = nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize];  // rounded once
-      scale = t + offset;                                                        // rounded twice
-    } else {
-      scale = absmax_f[b];
-    }
+    const float scale = Scales{absmax_q, absmax_f, nested_absmax, nested_code, offset, nested_blocksize}(b);
     const int64_t start = b * blocksize;  // even: blocksize is a multiple of 32
     const int64_t count = (start + blocksize <= n) ? blocksize : n - start;
     const uint8_t *src = packed + start / 2;
-    const int64_t pairs = count / 2;
 #ifdef LOWRANK_X86
     if (kAvx512 && count == blocksize && blocksize % 64 == 0) {
-      char *dst = static_cast<char *>(out) + start * (DTYPE == LOWRANK_DTYPE_FLOAT32 ? 4 : 2);
-      block_avx512<DTYPE>(src, pairs, scale, code, dst, stream);
+      block_avx512<DTYPE>(src, count / 2, scale, code, static_cast<char *>(out) + start * kElem<DTYPE>, stream);
       continue;
     }
 #endif
-    float lut[16];
-    for (int j = 0; j < 16; ++j) lut[j] = code[j] * scale;
-    if constexpr (DTYPE == LOWRANK_DTYPE_FLOAT32) {
-      float *dst = static_cast<float *>(out) + start;
-#pragma omp simd
-      for (int64_t j = 0; j < pairs; ++j) {
-        dst[2 * j] = lut[src[j] >> 4];
-        dst[2 * j + 1] = lut[src[j] & 15];
-      }
-    } else {
-      uint16_t *dst = static_cast<uint16_t *>(out) + start;
-      uint16_t lut16[16];
-      for (int j = 0; j < 16; ++j) {
-        lut16[j] = DTYPE == LOWRANK_DTYPE_BFLOAT16 ? to_bf16(lut[j]) : to_fp16(lut[j]);
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < pairs; ++j) {
-        dst[2 * j] = lut16[src[j] >> 4];
-        dst[2 * j + 1] = lut16[src[j] & 15];
-      }
-    }
-    if (count & 1) put<DTYPE>(out, start + count - 1, lut[src[pairs] >> 4]);  // the odd last element
+    block_portable<DTYPE>(src, count, scale, code, static_cast<char *>(out) + start * kElem<DTYPE>);
   }
 #ifdef LOWRANK_X86
   if (stream) _mm_sfence();  // each thread drains its streaming stores before the region's barrier
@@ -184,7 +206,244 @@ void decode(const uint8_t *packed, const uint8_t *absmax_q, const float *absmax_
   }
 }
 
+// Rows [r0, r1) x columns [c0, c1) of the (rows x k) weight into out (row stride ldo elements):
+// whole blocks only (k, c0 and c1 multiples of blocksize), for the QLoRA op's cache-sized tiles.
+template <int DTYPE>
+void decode_tile(const uint8_t *packed, const Scales &scales, const float *code, int64_t k, int64_t blocksize,
+                 int64_t r0, int64_t r1, int64_t c0, int64_t c1, void *out, int64_t ldo) {
+  const int64_t per_row = (c1 - c0) / blocksize, blocks_per_row = k / blocksize;
+  const int64_t total = (r1 - r0) * per_row;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < total; ++t) {
+    const int64_t r = r0 + t / per_row, bb = t % per_row;
+    const int64_t col = c0 + bb * blocksize;
+    const float scale = scales(r * blocks_per_row + col / blocksize);
+    const uint8_t *src = packed + (r * k + col) / 2;
+    char *dst = static_cast<char *>(out) + ((r - r0) * ldo + bb * blocksize) * kElem<DTYPE>;
+#ifdef LOWRANK_X86
+    if (kAvx512 && blocksize % 64 == 0) {
+      block_avx512<DTYPE>(src, blocksize / 2, scale, code, dst, false);
+      continue;
+    }
+#endif
+    block_portable<DTYPE>(src, blocksize, scale, code, dst);
+  }
+}
+
+// ---- y = x @ deq(W)^T for a few rows of x (decode and multiply in one pass) --------------------
+// Each weight value enters the product as the dense weight in the compute dtype would hold it:
+// fp32(code * scale) rounded to DTYPE and widened back (exact), so the result is x @ deq(W)^T
+// accumulated in fp32. The 4-bit weight is read once; x (at most 16 rows, widened to fp32) stays in
+// the caches.
+inline float widen_bf16(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float widen_fp16(uint16_t v) {
+  _Float16 h;
+  std::memcpy(&h, &v, 2);
+  return static_cast<float>(h);
+}
+
+template <int DTYPE>
+inline float load_widened(const void *x, int64_t i) {
+  if constexpr (DTYPE == LOWRANK_DTYPE_FLOAT32) {
+    return static_cast<const float *>(x)[i];
+  } else if constexpr (DTYPE == LOWRANK_DTYPE_BFLOAT16) {
+    return widen_bf16(static_cast<const uint16_t *>(x)[i]);
+  } else {
+    return widen_fp16(static_cast<const uint16_t *>(x)[i]);
+  }
+}
+
+template <int DTYPE>
+inline float as_weight(float v) {  // the value the dense weight in DTYPE holds, widened to fp32
+  if constexpr (DTYPE == LOWRANK_DTYPE_FLOAT32) {
+    return v;
+  } else if constexpr (DTYPE == LOWRANK_DTYPE_BFLOAT16) {
+    return widen_bf16(to_bf16(v));
+  } else {
+    return widen_fp16(to_fp16(v));
+  }
+}
+
+constexpr int kMaxRowsPerPass = 8;  // rows of x per pass over a weight row (two accumulators each)
+
+#ifdef LOWRANK_X86
+template <int DTYPE>
+__attribute__((target("avx512f,avx512bw"))) inline __m512 as_weight_avx512(__m512 v) {
+  if constexpr (DTYPE == LOWRANK_DTYPE_FLOAT32) {
+    return v;
+  } else if constexpr (DTYPE == LOWRANK_DTYPE_BFLOAT16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// One weight row against MT rows of x. xp holds x in fp32 with every 32 consecutive elements
+// reordered as [the 16 even ones | the 16 odd ones], the order in which the high and low nibbles
+// of 16 packed bytes come out of the table permutes.
+template <int DTYPE, int MT>
+__attribute__((target("avx512f,avx512bw"))) void row_avx512(const uint8_t *src, int64_t k, int64_t blocksize,
+                                                            int64_t b0, const Scales &scales, const float *code,
+                                                            const float *xp, float *y, int64_t ldy) {
+  __m512 hi[MT], lo[MT];
+  for (int i = 0; i < MT; ++i) hi[i] = lo[i] = _mm512_setzero_ps();
+  const __m512 codev = _mm512_loadu_ps(code);
+  const __m512i fifteen = _mm512_set1_epi32(15);
+  const int64_t blocks = k / blocksize;
+  for (int64_t bb = 0; bb < blocks; ++bb) {
+    const __m512 lut = as_weight_avx512<DTYPE>(_mm512_mul_ps(codev, _mm512_set1_ps(scales(b0 + bb))));
+    const uint8_t *s = src + bb * (blocksize / 2);
+    const float *xb = xp + bb * blocksize;
+    for (int64_t j = 0; j < blocksize / 2; j += 16) {
+      __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(s + j)));
+      __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), lut);
+      __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(w, fifteen), lut);
+      for (int i = 0; i < MT; ++i) {
+        hi[i] = _mm512_fmadd_ps(vh, _mm512_loadu_ps(xb + i * k + 2 * j), hi[i]);
+        lo[i] = _mm512_fmadd_ps(vl, _mm512_loadu_ps(xb + i * k + 2 * j + 16), lo[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MT; ++i) y[i * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(hi[i], lo[i]));
+}
+
+template <int DTYPE>
+void rows_avx512(int mt, const uint8_t *src, int64_t k, int64_t blocksize, int64_t b0, const Scales &scales,
+                 const float *code, const float *xp, float *y, int64_t ldy) {
+  switch (mt) {
+#define LOWRANK_ROWS(MT) \
+  case MT:               \
+    return row_avx512<DTYPE, MT>(src, k, blocksize, b0, scales, code, xp, y, ldy);
+    LOWRANK_ROWS(1) LOWRANK_ROWS(2) LOWRANK_ROWS(3) LOWRANK_ROWS(4)
+    LOWRANK_ROWS(5) LOWRANK_ROWS(6) LOWRANK_ROWS(7) LOWRANK_ROWS(8)
+#undef LOWRANK_ROWS
+    default:
+      return;
+  }
+}
+#endif
+
+// Portable: one weight row against MT rows of x (natural order), one block's table at a time.
+template <int DTYPE>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+void row_portable(int mt, const uint8_t *src, int64_t k, int64_t blocksize, int64_t b0, const Scales &scales,
+                  const float *code, const float *xf, float *y, int64_t ldy) {
+  float acc[kMaxRowsPerPass] = {0};
+  float lut[16];
+  for (int64_t bb = 0; bb < k / blocksize; ++bb) {
+    const float scale = scales(b0 + bb);
+    for (int j = 0; j < 16; ++j) lut[j] = as_weight<DTYPE>(code[j] * scale);
+    const uint8_t *s = src + bb * (blocksize / 2);
+    for (int i = 0; i < mt; ++i) {
+      const float *xb = xf + i * k + bb * blocksize;
+      float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+      for (int64_t j = 0; j < blocksize / 2; ++j) a += lut[s[j] >> 4] * xb[2 * j] + lut[s[j] & 15] * xb[2 * j + 1];
+      acc[i] += a;
+    }
+  }
+  for (int i = 0; i < mt; ++i) y[i * ldy] = acc[i];
+}
+
+template <int DTYPE>
+void matmul(const void *x, int64_t m, const uint8_t *packed, const Scales &scales, const float *code, int64_t n,
+            int64_t k, int64_t blocksize, float *y) {
+#ifdef LOWRANK_X86
+  const bool vec = kAvx512;
+#else
+  const bool vec = false;
+#endif
+  std::vector<float> xf(static_cast<size_t>(m * k));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t pos = vec ? (j & ~int64_t(31)) + (j & 1) * 16 + ((j & 31) >> 1) : j;
+      xf[i * k + pos] = load_widened<DTYPE>(x, i * k + j);
+    }
+  }
+  const int64_t blocks_per_row = k / blocksize;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < n; ++row) {
+    const uint8_t *src = packed + row * (k / 2);
+    for (int64_t m0 = 0; m0 < m; m0 += kMaxRowsPerPass) {
+      const int mt = static_cast<int>(m - m0 < kMaxRowsPerPass ? m - m0 : kMaxRowsPerPass);
+#ifdef LOWRANK_X86
+      if (vec) {
+        rows_avx512<DTYPE>(mt, src, k, blocksize, row * blocks_per_row, scales, code, xf.data() + m0 * k,
+                           y + m0 * n + row, n);
+        continue;
+      }
+#endif
+      row_portable<DTYPE>(mt, src, k, blocksize, row * blocks_per_row, scales, code, xf.data() + m0 * k,
+                          y + m0 * n + row, n);
+    }
+  }
+}
+
 }  // namespace
+
+extern "C" int lowrank_cpu_nf4_matmul(const void *x, int64_t m, const uint8_t *packed, const void *absmax,
+                                      int double_quant, const float *nested_absmax, const float *nested_code,
+                                      float offset, const float *code, int64_t n, int64_t k, int64_t blocksize,
+                                      int64_t nested_blocksize, float *y, int dtype) {
+  if (x == nullptr || packed == nullptr || absmax == nullptr || code == nullptr || y == nullptr || m < 0 ||
+      n < 0 || k <= 0 || blocksize < 32 || (blocksize & (blocksize - 1)) != 0 || k % blocksize != 0 ||
+      (double_quant && (nested_absmax == nullptr || nested_code == nullptr || nested_blocksize < 1))) {
+    return LOWRANK_ERR_INVALID_ARGUMENT;
+  }
+  const Scales scales{double_quant ? static_cast<const uint8_t *>(absmax) : nullptr,
+                      double_quant ? nullptr : static_cast<const float *>(absmax), nested_absmax, nested_code,
+                      offset, nested_blocksize};
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32:
+      matmul<LOWRANK_DTYPE_FLOAT32>(x, m, packed, scales, code, n, k, blocksize, y);
+      return LOWRANK_OK;
+    case LOWRANK_DTYPE_BFLOAT16:
+      matmul<LOWRANK_DTYPE_BFLOAT16>(x, m, packed, scales, code, n, k, blocksize, y);
+      return LOWRANK_OK;
+    case LOWRANK_DTYPE_FLOAT16:
+      matmul<LOWRANK_DTYPE_FLOAT16>(x, m, packed, scales, code, n, k, blocksize, y);
+      return LOWRANK_OK;
+    default:
+      return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  }
+}
+
+extern "C" int lowrank_cpu_nf4_decode_tile(const uint8_t *packed, const void *absmax, int double_quant,
+                                           const float *nested_absmax, const float *nested_code, float offset,
+                                           const float *code, int64_t rows, int64_t k, int64_t blocksize,
+                                           int64_t nested_blocksize, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                                           void *out, int64_t ldo, int dtype) {
+  if (packed == nullptr || absmax == nullptr || code == nullptr || out == nullptr || k <= 0 || blocksize < 32 ||
+      (blocksize & (blocksize - 1)) != 0 || k % blocksize != 0 || r0 < 0 || r1 < r0 || r1 > rows || c0 < 0 ||
+      c1 < c0 || c1 > k || c0 % blocksize != 0 || c1 % blocksize != 0 || ldo < c1 - c0 ||
+      (double_quant && (nested_absmax == nullptr || nested_code == nullptr || nested_blocksize < 1))) {
+    return LOWRANK_ERR_INVALID_ARGUMENT;
+  }
+  const Scales scales{double_quant ? static_cast<const uint8_t *>(absmax) : nullptr,
+                      double_quant ? nullptr : static_cast<const float *>(absmax), nested_absmax, nested_code,
+                      offset, nested_blocksize};
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32:
+      decode_tile<LOWRANK_DTYPE_FLOAT32>(packed, scales, code, k, blocksize, r0, r1, c0, c1, out, ldo);
+      return LOWRANK_OK;
+    case LOWRANK_DTYPE_BFLOAT16:
+      decode_tile<LOWRANK_DTYPE_BFLOAT16>(packed, scales, code, k, blocksize, r0, r1, c0, c1, out, ldo);
+      return LOWRANK_OK;
+    case LOWRANK_DTYPE_FLOAT16:
+      decode_tile<LOWRANK_DTYPE_FLOAT16>(packed, scales, code, k, blocksize, r0, r1, c0, c1, out, ldo);
+      return LOWRANK_OK;
+    default:
+      return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  }
+}
 
 extern "C" int lowrank_cpu_nf4_dequantize(const uint8_t *packed, const void *absmax, int double_quant,
                                           const float *nested_absmax, const float *nested_code, float offset,

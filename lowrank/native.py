@@ -20,7 +20,7 @@ import torch
 
 from .dtypes import check_dtype
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
 MANIFEST_NAME = "manifest.json"  # written by setup.py beside the libraries: {file: {size, sha256}}
 
@@ -115,7 +115,8 @@ def _load(kind: str):
 
 
 def _declare(lib, kind: str) -> None:
-    """ctypes signatures of the entry points (csrc/lowrank.h): merge, restore, and on the CPU nf4_dequantize."""
+    """ctypes signatures of the entry points (csrc/lowrank.h): merge, restore, and on the CPU
+    nf4_dequantize, nf4_decode_tile and nf4_matmul."""
     p, i64, f32p = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
     merge = getattr(lib, f"lowrank_{kind}_merge")
     merge.restype = ctypes.c_int
@@ -125,6 +126,12 @@ def _declare(lib, kind: str) -> None:
         lib.lowrank_cpu_nf4_dequantize.restype = ctypes.c_int
         lib.lowrank_cpu_nf4_dequantize.argtypes = [p, p, ctypes.c_int, p, p, ctypes.c_float, p, i64, i64, i64, p,
                                                    ctypes.c_int]
+        lib.lowrank_cpu_nf4_decode_tile.restype = ctypes.c_int
+        lib.lowrank_cpu_nf4_decode_tile.argtypes = [p, p, ctypes.c_int, p, p, ctypes.c_float, p, i64, i64, i64, i64,
+                                                    i64, i64, i64, i64, p, i64, ctypes.c_int]
+        lib.lowrank_cpu_nf4_matmul.restype = ctypes.c_int
+        lib.lowrank_cpu_nf4_matmul.argtypes = [p, i64, p, p, ctypes.c_int, p, p, ctypes.c_float, p, i64, i64, i64,
+                                               i64, p, ctypes.c_int]
         lib.lowrank_cpu_merge_strided.restype = ctypes.c_int
         lib.lowrank_cpu_merge_strided.argtypes = [p, i64, i64, i64, ctypes.c_int, p, i64, i64, p, i64, i64,
                                                   ctypes.c_int, i64, ctypes.c_double, p, p, i64, p]

@@ -219,18 +219,83 @@ class NF4Weight:
                 return self._dequantize_native(lib, dtype)
         return self.dequantize_torch(dtype)
 
-    def _dequantize_native(self, lib, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=dtype)
+    def _native_args(self) -> tuple[list, tuple]:
+        """(the storage arguments of the native NF4 entry points, the tensors that must outlive the call)."""
         packed, absmax = self.packed.contiguous(), self.absmax.contiguous()
         code = nf4_code(self.device)
         dq = self.double_quant
         nested = self.nested_absmax.contiguous() if dq else None
         nested_code = self.nested_code.contiguous().float() if dq else None
-        status = lib.lowrank_cpu_nf4_dequantize(
-            packed.data_ptr(), absmax.data_ptr(), int(dq), nested.data_ptr() if dq else None,
-            nested_code.data_ptr() if dq else None, float(self.offset) if dq else 0.0, code.data_ptr(), self.numel,
-            self.blocksize, self.nested_blocksize, out.data_ptr(), native.dtype_code(dtype))
+        args = [packed.data_ptr(), absmax.data_ptr(), int(dq), nested.data_ptr() if dq else None,
+                nested_code.data_ptr() if dq else None, float(self.offset) if dq else 0.0, code.data_ptr()]
+        return args, (packed, absmax, code, nested, nested_code)
+
+    def _dequantize_native(self, lib, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=dtype)
+        args, _keep = self._native_args()
+        status = lib.lowrank_cpu_nf4_dequantize(*args, self.numel, self.blocksize, self.nested_blocksize,
+                                                out.data_ptr(), native.dtype_code(dtype))
         native.check(status, "NF4Weight.dequantize")
+        return out
+
+    def decode_tile_native(self, rows: tuple[int, int], cols: tuple[int, int], out: torch.Tensor) -> bool:
+        """Decode W[rows[0]:rows[1], cols[0]:cols[1]] into `out` (that shape, x dtype, unit column
+        stride; any row stride), bit-identical to the same elements of `dequantize(out.dtype)`, with
+        the native CPU library. False (nothing written) when that path does not apply: not on the
+        CPU, no native library (or LOWRANK_NO_NATIVE=1), or K or the column range not in whole
+        blocks. The QLoRA op decodes cache-sized tiles with it."""
+        n, k = self.shape
+        (r0, r1), (c0, c1) = rows, cols
+        bs = self.blocksize
+        if self.device.type != "cpu" or k % bs or c0 % bs or c1 % bs:
+            return False
+        lib = native.for_device(self.device)
+        if lib is None:
+            return False
+        if not (0 <= r0 <= r1 <= n and 0 <= c0 <= c1 <= k):
+            raise ValueError(f"NF4Weight.decode_tile_native: rows {rows} / cols {cols} outside the weight "
+                             f"{tuple(self.shape)}")
+        if (out.device.type != "cpu" or tuple(out.shape) != (r1 - r0, c1 - c0) or
+                (out.numel() and (out.stride(1) != 1 or out.stride(0) < c1 - c0))):
+            raise ValueError(f"NF4Weight.decode_tile_native: out must be a CPU ({r1 - r0}, {c1 - c0}) tensor with "
+                             f"unit column stride, got {tuple(out.shape)} strides {out.stride()} on {out.device}")
+        if out.numel() == 0:
+            return True
+        args, _keep = self._native_args()
+        status = lib.lowrank_cpu_nf4_decode_tile(*args, n, k, bs, self.nested_blocksize, r0, r1, c0, c1,
+                                                 out.data_ptr(), max(out.stride(0), 1), native.dtype_code(out.dtype))
+        native.check(status, "NF4Weight.decode_tile_native")
+        return True
+
+    def matmul_native(self, x2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """fp32 (M, N) = x2 (M, K) @ deq(W).T, the weight decoded and multiplied in one pass by the
+        native CPU library (`lowrank_cpu_nf4_matmul`: the 4-bit weight read once, each value rounded
+        to x2's dtype as `dequantize(x2.dtype)` would hold it, products summed in fp32). None when
+        that path does not apply: not on the CPU, no native library (or LOWRANK_NO_NATIVE=1), K not
+        a multiple of the blocksize. `out`: an optional fp32 (M, N) contiguous buffer to write."""
+        n, k = self.shape
+        if self.device.type != "cpu" or x2.device.type != "cpu" or k % self.blocksize != 0:
+            return None
+        lib = native.for_device(self.device)
+        if lib is None:
+            return None
+        check_dtype(x2.dtype, "NF4Weight.matmul_native", "x dtype")
+        if x2.dim() != 2 or x2.shape[1] != k:
+            raise ValueError(f"NF4Weight.matmul_native: x must be (M, {k}) for the NF4 weight {tuple(self.shape)}, "
+                             f"got {tuple(x2.shape)}")
+        x2 = x2.contiguous()
+        m = x2.shape[0]
+        if out is None:
+            out = torch.empty((m, n), dtype=torch.float32)
+        elif out.dtype != torch.float32 or tuple(out.shape) != (m, n) or not out.is_contiguous():
+            raise ValueError(f"NF4Weight.matmul_native: out must be a contiguous float32 ({m}, {n}) tensor, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        if out.numel() == 0 or k == 0:
+            return out.zero_()
+        args, _keep = self._native_args()
+        status = lib.lowrank_cpu_nf4_matmul(x2.data_ptr(), m, *args, n, k, self.blocksize, self.nested_blocksize,
+                                            out.data_ptr(), native.dtype_code(x2.dtype))
+        native.check(status, "NF4Weight.matmul_native")
         return out
 
     def dequantize_torch(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -333,3 +333,97 @@ def test_without_the_native_library_the_torch_path_decodes(monkeypatch):
     monkeypatch.setenv("LOWRANK_NO_NATIVE", "1")
     monkeypatch.setattr(NF4Weight, "_dequantize_native", lambda *a: pytest.fail("native path taken"))
     assert_bits_equal(w.dequantize(torch.bfloat16), expected)
+
+
+# -- the native tile decode and fused decode-and-multiply (the QLoRA op's CPU path) ------------------
+
+@needs_native
+@settings(max_examples=40)
+@given(out_f=st.integers(1, 40), blocks=st.integers(1, 5), blocksize=st.sampled_from(BLOCKSIZES),
+       dtype=st.sampled_from(DTYPES), double_quant=st.booleans(), data=st.data())
+def test_native_decode_tile_is_dequantize_bit_for_bit(out_f, blocks, blocksize, dtype, double_quant, data):
+    """Any rows x whole-block columns of the weight, into a strided window of a NaN-poisoned buffer:
+    the tile's bits are the same elements of the torch decode, and nothing outside it is touched."""
+    in_f = blocks * blocksize
+    w = quantize_nf4(weights((out_f, in_f), dtype, "normal"), blocksize=blocksize, double_quant=double_quant)
+    r0 = data.draw(st.integers(0, out_f))
+    r1 = data.draw(st.integers(r0, out_f))
+    b0 = data.draw(st.integers(0, blocks))
+    b1 = data.draw(st.integers(b0, blocks))
+    c0, c1 = b0 * blocksize, b1 * blocksize
+    for out_dtype in DTYPES:
+        buf = torch.full((r1 - r0 + 1, c1 - c0 + 3), float("nan"), dtype=out_dtype)
+        tile = buf[: r1 - r0, 1: 1 + c1 - c0]
+        assert w.decode_tile_native((r0, r1), (c0, c1), tile)
+        assert_bits_equal(tile, w.dequantize_torch(out_dtype)[r0:r1, c0:c1], f"tile {out_dtype}")
+        rest = buf.clone()
+        rest[: r1 - r0, 1: 1 + c1 - c0] = float("nan")
+        assert rest.isnan().all(), "the tile decode wrote outside its window"
+
+
+def _matmul_bound(x: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+    """The fp32 summation error bound of x @ wd.T (K terms, products exact in float64): K * u * |x| @ |wd|.T."""
+    k = x.shape[1]
+    return (k + 2) * 2.0**-24 * (x.double().abs() @ wd.double().abs().t()) + 1e-30
+
+
+@needs_native
+@settings(max_examples=40)
+@given(m=st.integers(1, 20), n=st.integers(1, 50), blocks=st.integers(1, 4), blocksize=st.sampled_from(BLOCKSIZES),
+       dtype=st.sampled_from(DTYPES), double_quant=st.booleans(),
+       kind=st.sampled_from(["normal", "tiny", "huge", "zero-blocks", "outliers"]), seed=st.integers(0, 2**16))
+def test_native_matmul_against_float64(m, n, blocks, blocksize, dtype, double_quant, kind, seed):
+    """y = x @ deq(W).T in one fused pass: within the fp32 summation bound of the float64 product
+    of x and the weight as `dequantize(x.dtype)` holds it (each value rounded to x's dtype), in
+    every compute dtype, with the output poisoned first."""
+    torch.manual_seed(seed)
+    k = blocks * blocksize
+    w = quantize_nf4(weights((n, k), dtype, kind), blocksize=blocksize, double_quant=double_quant)
+    for x_dtype in DTYPES:
+        x = torch.randn(m, k).to(x_dtype)
+        out = torch.full((m, n), float("nan"))
+        y = w.matmul_native(x, out=out)
+        assert y is out
+        wd = w.dequantize(x_dtype)
+        ref = x.double() @ wd.double().t()
+        bound = _matmul_bound(x, wd)
+        # where fp32 can represent every partial sum the bound holds; beyond it (weights near the
+        # dtype's limit, decoded to inf in fp16) the float64 product's NaNs must be NaN here too
+        fits = bound < torch.finfo(torch.float32).max * 2.0**-26
+        err = (y.double() - ref).abs()
+        assert not y[fits].isnan().any() and (err[fits] <= bound[fits]).all(), (x_dtype, err[fits].max())
+        assert y[ref.isnan()].isnan().all()
+        assert fits.any() or kind == "huge"
+
+
+@needs_native
+def test_native_matmul_and_tiles_refuse_or_decline():
+    w = quantize_nf4(torch.randn(8, 96), blocksize=64)  # K = 96: not whole blocks of 64
+    assert w.matmul_native(torch.randn(2, 96)) is None
+    assert not w.decode_tile_native((0, 8), (0, 64), torch.empty(8, 64))
+    w = quantize_nf4(torch.randn(8, 128))
+    assert not w.decode_tile_native((0, 8), (0, 96), torch.empty(8, 96))  # columns not in whole blocks
+    with pytest.raises(ValueError, match=r"rows \(0, 9\)"):
+        w.decode_tile_native((0, 9), (0, 64), torch.empty(9, 64))
+    with pytest.raises(ValueError, match="unit column stride"):
+        w.decode_tile_native((0, 8), (0, 64), torch.empty(64, 8).t())
+    with pytest.raises(ValueError, match=r"\(M, 128\)"):
+        w.matmul_native(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="float32"):
+        w.matmul_native(torch.randn(2, 128), out=torch.empty(2, 8, dtype=torch.float64))
+    lib = native.cpu()
+    x, y, code = torch.randn(2, 128), torch.empty(2, 8), nf4_code()  # held: the library writes y
+    args = [x.data_ptr(), 2, w.packed.data_ptr(), w.absmax.data_ptr(), 1, w.nested_absmax.data_ptr(),
+            w.nested_code.data_ptr(), float(w.offset), code.data_ptr(), 8, 128, 64, 256, y.data_ptr(), 0]
+    assert lib.lowrank_cpu_nf4_matmul(*args) == native.OK
+    for i, bad in [(10, 96), (11, 48), (10, 0), (0, None), (14, 9)]:
+        wrong = list(args)
+        wrong[i] = bad
+        assert lib.lowrank_cpu_nf4_matmul(*wrong) != native.OK, (i, bad)
+
+
+def test_without_the_native_library_no_fused_cpu_path(monkeypatch):
+    w = quantize_nf4(torch.randn(8, 128))
+    monkeypatch.setenv("LOWRANK_NO_NATIVE", "1")
+    assert w.matmul_native(torch.randn(2, 128)) is None
+    assert not w.decode_tile_native((0, 8), (0, 64), torch.empty(8, 64))

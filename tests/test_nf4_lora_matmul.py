@@ -328,3 +328,69 @@ def test_nf4_lora_linear_under_autocast(backend, monkeypatch):
 
 
 # Compiling these kernels for sm_90a / sm_80 without a GPU: tests/test_static.py (bench.static).
+
+
+# -- the CPU path: native fused decode-and-multiply (M <= 8), tiled decode + GEMM otherwise ----------
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m_shape", [(1,), (2, 4), (9,), (3, 14)], ids=["m1", "m8", "m9", "m42"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["", "dropout"])
+def test_nf4_lora_linear_cpu_paths(dtype, m_shape, dropout, monkeypatch):
+    """The reference backend on the CPU with K in whole blocks: M <= 8 rows take the native fused
+    pass, more rows the tiled decode (tiles forced small here: several row tiles and column tiles,
+    the last of each partial). Never a dense dequantized W; output and gradients within the plain
+    torch baseline's error against float64."""
+    from lowrank.nf4_format import NF4Weight
+    from lowrank.ops import nf4_lora_matmul as op
+
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
+    monkeypatch.setattr(op, "TILE_BYTES", 1)  # 16-row tiles, 2-block column tiles
+    w, x, a, b, bias_t, dy = op_case_grads(m_shape, 45, 320, 6, dtype, 1.5, dropout, device="cpu")
+    wd = w.dequantize(dtype)
+    monkeypatch.setattr(NF4Weight, "dequantize", lambda *a, **k: pytest.fail("a dense W was decoded"))
+    torch.manual_seed(123)
+    y = lowrank.ops.nf4_lora_linear(x, w, a, b, 1.5, bias_t, dropout)
+    y.backward(dy)
+    mask = None
+    if dropout:
+        torch.manual_seed(123)
+        mask = nf4_dropout_mask((x.shape[:-1].numel(), 320), dtype, dropout, "cpu").view(x.shape)
+    ref = lora_linear_f64(x.detach(), wd, a.detach(), b.detach(), 1.5, bias_t, mask)
+    dx, da, db = lora_linear_grads_f64(x.detach(), wd, a.detach(), b.detach(), 1.5, dy, mask)
+    xb, ab, bb = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    h = xb * mask.to(dtype) if mask is not None else xb
+    yb = torch.nn.functional.linear(xb, wd, bias_t) + 1.5 * (h @ ab.t()) @ bb.t()
+    yb.backward(dy)
+    assert_close(y, ref, yb, name="y")
+    assert_close(x.grad, dx, xb.grad, name="dx")
+    assert_close(a.grad, da, ab.grad, name="dA")
+    assert_close(b.grad, db, bb.grad, name="dB")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path")
+def test_nf4_lora_linear_cpu_tile_buffer_per_thread(monkeypatch):
+    """The reused tile buffer is per thread: two threads running different layers at once get each
+    its own result (a shared buffer would mix their tiles)."""
+    import threading
+
+    from lowrank.ops import nf4_lora_matmul as op
+
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
+    monkeypatch.setattr(op, "TILE_BYTES", 1)
+    cases = [fused_case(40, 48, 256, 4, torch.float32, device="cpu") for _ in range(2)]
+    expected = [lowrank.ops.nf4_lora_linear(x, w, a, b, 1.0, bias).detach() for w, x, a, b, bias in cases]
+    errors = []
+
+    def work(i):
+        w, x, a, b, bias = cases[i]
+        for _ in range(30):
+            if not torch.equal(lowrank.ops.nf4_lora_linear(x, w, a, b, 1.0, bias), expected[i]):
+                errors.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -4,8 +4,11 @@
 
 One pair of torch.library custom ops, `lowrank::nf4_lora_fwd` / `lowrank::nf4_lora_bwd`, for both
 backends (`lowrank.backend.backend_for(x)`): on the Triton path W is decoded tile by tile inside
-the GEMMs (`lowrank.kernels.nf4_lora_matmul`); on the reference path it is dequantized inside the
-forward and again inside the backward, never kept between. Why custom ops and not an
+the GEMMs (`lowrank.kernels.nf4_lora_matmul`); on the CPU the native library decodes cache-sized
+tiles that torch's GEMM consumes (forward: tiles of rows; backward's dX: tiles of whole-block
+columns), or for M <= 8 decodes and multiplies in one pass (`_cpu_forward`, `_cpu_input_grad`);
+without the native library W is dequantized inside the forward and again inside the backward.
+W is decoded again in backward, never kept from forward. Why custom ops and not an
 autograd.Function over `lora_linear_reference`:
 - memory: autograd around `F.linear(x, deq(W))` saves the dense W from forward to backward (for a
   4096 x 4096 bf16 layer that is 32 MiB held per layer, 8x the 4-bit storage it came from).
@@ -21,6 +24,7 @@ Level 2: imports torch and levels 0-2 (the kernels only on the Triton path: Trit
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -102,10 +106,98 @@ def nf4_lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ne
             y = _kernels().nf4_lora_matmul(x2, w, w.block_absmax(), True, t if has_lora else None,
                                            lora_B.t() if has_lora else None, scaling, bias)
         else:
-            y = F.linear(x2, w.dequantize(x.dtype), bias)  # the dense W dies with this call
-            if has_lora:
-                y.addmm_(t, lora_B.t(), alpha=scaling)
+            y = _cpu_forward(x2, w, bias, t if has_lora else None, lora_B, scaling)
+            if y is None:  # no native library, or K not in whole blocks
+                y = F.linear(x2, w.dequantize(x.dtype), bias)  # the dense W dies with this call
+                if has_lora:
+                    y.addmm_(t, lora_B.t(), alpha=scaling)
     return y.view(*x.shape[:-1], n), t
+
+
+# -- the CPU path: the native library decodes (csrc/nf4_cpu.cpp), torch's GEMM multiplies ------------
+SMALL_M = 8  # at most this many rows of x: decode and multiply in one pass (the 4-bit weight read once)
+TILE_BYTES = 4 << 20  # the decoded tile: sized for a core's L2 / a slice of L3, reused tile after tile
+KEEP_BYTES = 8 << 20  # the largest tile buffer kept between calls (one per thread and dtype)
+
+
+_scratch = threading.local()
+
+
+def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of `numel` elements for decoded tiles, one per thread and dtype, kept between
+    calls: a fresh buffer would cost page faults on every call, more than the decode itself. Only
+    buffers up to KEEP_BYTES are kept (a tile is larger than TILE_BYTES only when 16 rows or two
+    block columns of W are: e.g. a vocabulary-sized layer's dX tiles), so a thread holds at most
+    that per dtype."""
+    if numel * dtype.itemsize > KEEP_BYTES:
+        return torch.empty(numel, dtype=dtype)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def _cpu_forward(x2, w: NF4Weight, bias, t, lora_B, scaling: float):
+    """y = x2 @ deq(W).T + bias + scaling * t @ lora_B.T (t None: no LoRA term), or None when the
+    native path does not apply. M <= SMALL_M: one fused decode-and-multiply pass in fp32, bias and
+    LoRA added in fp32, rounded once to x's dtype (SMALL_M = 8: measured on two cores, the tiled
+    path is as fast from M = 16 in fp32 and faster in bf16). Otherwise W is decoded a tile of rows
+    at a time into one reused buffer of about TILE_BYTES, and each tile's output columns get the
+    GEMM, the bias and the LoRA term while they are in cache: no dense copy of W is allocated and
+    no fresh pages are touched per call (a full dequantize pays its page faults every time)."""
+    m = x2.shape[0]
+    n, k = w.shape
+    if m <= SMALL_M:
+        y = w.matmul_native(x2)
+        if y is None:
+            return None
+        if bias is not None:
+            y += bias
+        if t is not None:
+            y.addmm_(t.float(), lora_B.t().float(), alpha=scaling)
+        return y.to(x2.dtype)
+    rows = min(n, max(16, TILE_BYTES // (k * x2.element_size()) // 16 * 16))
+    buf = _tile_buffer(rows * k, x2.dtype).view(rows, k)
+    y = torch.empty((m, n), dtype=x2.dtype)
+    for n0 in range(0, n, rows):
+        n1 = min(n0 + rows, n)
+        tile = buf[: n1 - n0]
+        if not w.decode_tile_native((n0, n1), (0, k), tile):
+            return None
+        out = y[:, n0:n1]
+        if bias is None:
+            torch.mm(x2, tile.t(), out=out)
+        else:
+            torch.addmm(bias[n0:n1], x2, tile.t(), out=out)
+        if t is not None:
+            out.addmm_(t, lora_B[n0:n1].t(), alpha=scaling)
+    return y
+
+
+def _cpu_input_grad(dy2, w: NF4Weight, dt, lora_A):
+    """dX = dy2 @ deq(W) + dt @ lora_A (dt None: no LoRA term), or None when the native path does
+    not apply: W decoded a tile of whole-block columns at a time into one reused buffer, each tile's
+    dX columns written by the GEMM and given the LoRA term while in cache."""
+    n, k = w.shape
+    bs = w.blocksize
+    if k % bs:
+        return None
+    cols = min(k, max(2 * bs, TILE_BYTES // (n * dy2.element_size()) // bs * bs))
+    buf = _tile_buffer(n * cols, dy2.dtype).view(n, cols)
+    dx = torch.empty((dy2.shape[0], k), dtype=dy2.dtype)
+    for c0 in range(0, k, cols):
+        c1 = min(c0 + cols, k)
+        tile = buf[:, : c1 - c0]
+        if not w.decode_tile_native((0, n), (c0, c1), tile):
+            return None
+        out = dx[:, c0:c1]
+        torch.mm(dy2, tile, out=out)
+        if dt is not None:
+            out.addmm_(dt, lora_A[:, c0:c1])
+    return dx
 
 
 @nf4_lora_fwd.register_fake
@@ -143,9 +235,11 @@ def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax
             dx = _kernels().nf4_lora_matmul(dy2, w, w.block_absmax(), False, dt if fuse else None,
                                             lora_A if fuse else None, 1.0)
         else:
-            dx = dy2 @ w.dequantize(x.dtype)  # decoded again: nothing dense was kept from forward
-            if fuse:
-                dx.addmm_(dt, lora_A)
+            dx = _cpu_input_grad(dy2, w, dt if fuse else None, lora_A)
+            if dx is None:  # no native library, or K not in whole blocks
+                dx = dy2 @ w.dequantize(x.dtype)  # decoded again: nothing dense was kept from forward
+                if fuse:
+                    dx.addmm_(dt, lora_A)
         if keep is not None and lora_A.shape[0] > 0:
             dx = dx + (dt @ lora_A) * keep  # H = x * keep: dH flows back through the same multiplier
     return dx.view(x.shape), d_a, d_b
