@@ -14,7 +14,9 @@ At M <= 16 on CUDA, "lowrank-gemm" times the kernels with the small-M split-K pa
 (kernels/lora_matmul.py, Note on small M), so one run shows which of the two paths is faster.
 
 On the CPU the kernels are not timed (they would run in Triton's interpreter): the CPU path
-(`lowrank.ops.lora_matmul.lora_linear_reference`) runs against peft's layer at shapes scaled down 8x.
+(`lowrank.ops.lora_matmul.lora_linear_reference`) runs against peft's layer at shapes scaled down 8x
+(bf16, one thread), then a training step's layer, 1024 x 2048 x 2048 r=16 fp32 on all threads, whose
+"vs_floor" is the LoRA overhead over the frozen layer's forward + input gradient.
 "lowrank" is the `lowrank::lora_linear_fwd` custom op itself (the kernels, with autograd), without
 the argument checks of `lowrank.ops.lora_linear` in front of it.
 """
@@ -149,9 +151,38 @@ def run(quick: bool, device: str) -> list[Record]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(quick, dev)
+        records = _run(quick, dev)
     finally:
         torch.set_num_threads(threads)
+    return records + _cpu_training_layer(dev)
+
+
+def _cpu_training_layer(dev: torch.device, m: int = 1024, k: int = 2048, n: int = 2048, r: int = 16) -> list[Record]:
+    """A LoRA training step's layer on the CPU, fp32, all threads: forward + backward of the reference
+    path (`lora_linear_reference`: dX, dA, dB) and of peft's layer against the frozen layer's forward
+    + input gradient (F.linear; "vs_floor" is the LoRA overhead)."""
+    name, ver = device_name(dev), versions()
+    g = torch.Generator().manual_seed(0)
+    s = {"w": torch.randn(n, k, generator=g) * k ** -0.5,
+         "a": (torch.randn(r, k, generator=g) * k ** -0.5).requires_grad_(),
+         "b": (torch.randn(n, r, generator=g) * 0.01).requires_grad_(),
+         "alpha": 2 * r, "scaling": 2.0}
+    x = torch.randn(m, k, generator=g, requires_grad=True)
+    dy = torch.randn(m, n, generator=g)
+    shape = {"M": m, "K": k, "N": n, "r": r}
+    times, records = {}, []
+    for impl, build in _impls("cpu").items():
+        fn, params = build(s)
+        wrt = [x, *params]
+        t = bench(lambda: torch.autograd.grad(fn(x), wrt, dy), [()], warmup=3, repeat=20)
+        times[impl] = t
+        records.append(Record(op=f"{OP}.fwd+bwd", shape=shape, dtype="fp32", impl=impl, median_s=t,
+                              derived=derived(t, flops(m, k, n, r, True), min_bytes(m, k, n, r, True, 4)),
+                              device=name, versions=ver, extra={"threads": torch.get_num_threads()}))
+    for rec in records:
+        rec.extra["vs_floor"] = rec.median_s / times["F.linear"]
+        rec.extra["vs_peft"] = rec.median_s / times["peft"]
+    return records
 
 
 def _run(quick: bool, dev: torch.device) -> list[Record]:

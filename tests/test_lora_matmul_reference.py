@@ -164,3 +164,43 @@ def test_autocast_runs_the_op_in_the_autocast_dtype():
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     out.float().sum().backward()
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32 and b.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_backward_writes_dx_once(bias):
+    """The LoRA training case (no dropout, W and bias frozen): the backward allocates one (M, K)
+    buffer, dX, and adds dT @ A into it in place (autograd's graph for the same forward allocates
+    dT @ A apart and sums the two); the gradients are still the float64 oracle's."""
+    m, k, n, r = 64, 48, 16, 4  # M*K = 3072 dwarfs M*N, N*K, M*r, K*r
+    x = torch.randn(m, k, requires_grad=True)
+    w, a, b = torch.randn(n, k) / k**0.5, torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    bias_t = torch.randn(n) if bias else None
+    dy = torch.randn(m, n)
+    out = lowrank.ops.lora_linear(x, w, a, b, 2.0, bias_t)
+    with _AllocationLog() as log:
+        out.backward(dy)
+    x_ptr = x.untyped_storage().data_ptr()  # views of x (x.reshape for dA) allocate nothing
+    big = {ptr for _, numel, ptr in log.rows if numel >= m * k and ptr != x_ptr}
+    assert big == {x.grad.untyped_storage().data_ptr()}, log.rows
+    dx_ref, da_ref, db_ref = lora_linear_grads_f64(x, w, a, b, 2.0, dy, None)
+    xb, ab, bb = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    unfused(xb, w, ab, bb, 2.0, bias_t, None).backward(dy)
+    assert_close(x.grad, dx_ref, xb.grad, name="dX")
+    assert_close(a.grad, da_ref, ab.grad, name="dA")
+    assert_close(b.grad, db_ref, bb.grad, name="dB")
+
+
+def test_trainable_weight_and_bias_still_get_gradients():
+    """A weight or bias that needs a gradient takes autograd's path: its gradient is right too."""
+    m, k, n, r = 6, 10, 8, 3
+    x = torch.randn(m, k, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(n, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(r, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, r, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: lowrank.ops.lora_linear(*t[:4], 1.5, t[4]), (x, w, a, b, bias))
+    w.requires_grad_(False)
+    assert torch.autograd.gradcheck(lambda *t: lowrank.ops.lora_linear(t[0], w, t[1], t[2], 1.5, t[3]),
+                                    (x, a, b, bias))
+    bias.requires_grad_(False)
+    assert torch.autograd.gradcheck(lambda *t: lowrank.ops.lora_linear(t[0], w, t[1], t[2], 1.5, bias), (x, a, b))

@@ -8,8 +8,9 @@ Two implementations behind one entry, chosen by `lowrank.backend.backend_for(x)`
   `lowrank::lora_linear_fwd` / `lowrank::lora_linear_bwd` (with fake implementations and
   autograd), so torch.compile traces them without a graph break;
 - reference (CPU, float64, rank > 128, or a weight that needs a gradient): `lora_linear_reference`,
-  plain torch ops in the input dtype, differentiable through autograd, with no M x N temporary
-  beyond the output (the LoRA term is accumulated into the base GEMM's output with `addmm_`).
+  plain torch ops in the input dtype, with no M x N temporary beyond the output (the LoRA term is
+  accumulated into the base GEMM's output with `addmm_`) and, in the LoRA training case, a
+  backward written for the fewest passes over memory (`_LoRAReference`; autograd otherwise).
 
 Level 2: imports torch and levels 0-1 (the kernels only on the Triton path: Triton is optional).
 """
@@ -112,21 +113,69 @@ def supported(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, bias=
 
 
 def lora_linear_reference(x, weight, lora_A, lora_B, scaling: float, bias=None, dropout: float = 0.0):
-    """The reference path: plain torch in x's dtype, differentiable through autograd.
+    """The reference path: plain torch in x's dtype, differentiable.
 
     x: (..., K); weight: (N, K) (any strides); lora_A: (r, K); lora_B: (N, r); bias: (N,).
     Dropout (a fresh torch mask, p=dropout) applies to the LoRA branch only, as in peft.
+
+    Without dropout, with a frozen weight and bias (the LoRA training case) the backward is written
+    out (`_LoRAReference`) for the fewest passes over memory; otherwise autograd differentiates the
+    same forward. Passes over the M-row activations beyond the frozen layer's forward (read x and W,
+    write y) and input gradient (read dY and W, write dX): forward, read x for T = x @ A.T and
+    read+write y for y += s T @ B.T; backward, read dY twice (dT = s dY @ B, dB = s dY.T @ T), read x
+    once (dA = dT.T @ x) and read+write dX once (dX += dT @ A, in place): 8 passes over an (M, K) or
+    (M, N) activation, no (M, K) temporary. Autograd's own graph for the same forward allocates dT @ A
+    as a fresh (M, K) buffer and adds it to dY @ W: two passes and a page-faulting allocation more.
     """
-    out = F.linear(x, weight, bias)  # (..., N): the only M x N buffer
+    if (dropout == 0.0 and scaling != 0.0 and not weight.requires_grad
+            and (bias is None or not bias.requires_grad) and torch.is_grad_enabled()
+            and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):
+        return _LoRAReference.apply(x, weight, lora_A, lora_B, bias, scaling)
     if scaling == 0.0:
-        return out
+        return F.linear(x, weight, bias)
     h = F.dropout(x, dropout, training=True) if dropout > 0.0 else x
+    return _lora_forward_into(x, h, weight, lora_A, lora_B, bias, scaling)[0]
+
+
+def _lora_forward_into(x, h, weight, lora_A, lora_B, bias, scaling: float):
+    """(y, T): y = x @ W.T + bias + s T @ B.T with T = h @ A.T (h: x or dropout(x)), the LoRA term
+    added into y in place: y (..., N) is the only M x N buffer."""
+    out = F.linear(x, weight, bias)
     t = F.linear(h, lora_A)  # (..., r)
     if not out.is_contiguous():
         out = out.contiguous()
-    out2d = out.view(-1, out.shape[-1])  # (M, N), a view of out
-    out2d.addmm_(t.reshape(-1, t.shape[-1]), lora_B.t(), alpha=scaling)
-    return out
+    out.view(-1, out.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), lora_B.t(), alpha=scaling)
+    return out, t
+
+
+class _LoRAReference(torch.autograd.Function):
+    """`lora_linear_reference` without dropout, W and bias frozen: the backward in place (see there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling):
+        out, t = _lora_forward_into(x, x, weight, lora_A, lora_B, bias, scaling)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_bias, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        n, k = weight.shape
+        dy2 = dy.reshape(-1, n)
+        dt = torch.mm(dy2, lora_B).mul_(s)  # (M, r), rounded as autograd's addmm backward rounds it
+        d_a = torch.mm(dt.t(), x.reshape(-1, k)) if need_a else None
+        d_b = torch.mm(dy2.t(), t.reshape(-1, t.shape[-1])).mul_(s) if need_b else None
+        dx = None
+        if need_x:
+            dx = torch.mm(dy2, weight)
+            dx.addmm_(dt, lora_A)
+            dx = dx.view(x.shape)
+        d_bias = dy2.sum(0) if need_bias else None
+        return dx, None, d_a, d_b, d_bias, None
 
 
 # -- the custom ops over the kernels -----------------------------------------------------------------
