@@ -228,6 +228,51 @@ def test_capacity_overflow_leaves_weight_unchanged():
 
 @needs_cpu_lib
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mag", [0.02, 0.3, 3.0])
+def test_record_capacity_covers_a_large_delta_in_one_pass(dtype, mag, monkeypatch):
+    """merge_ sizes the record buffer from a sample of rows: one library call, however large the
+    delta (the old fixed guess, 1/8 of the elements, overflowed past ~30% of W's rms, and an
+    overflow costs an undo and a second merge), without touching torch's random state."""
+    from lowrank.ops import merge as merge_op
+
+    n, k, r = 256, 320, 16
+    gen = torch.Generator().manual_seed(5)
+    _, w = make_weight(n, k, dtype, gen=gen)
+    a, b = factors(n, k, r, dtype, mag=mag, gen=gen)
+    w0 = w.clone()
+    calls = []
+    real = merge_op._cpu_merge
+    monkeypatch.setattr(merge_op, "_cpu_merge", lambda *args: calls.append(1) or real(*args))
+    state = torch.get_rng_state()
+    rec = merge_(w, a, b, 2.0, True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(calls) == 1, f"{len(calls)} library calls for {rec[0].numel()} records of {w.numel()}"
+    unmerge_(w, a, b, 2.0, *rec)
+    assert_bits_equal(w, w0, "after unmerge")
+
+
+@needs_cpu_lib
+def test_record_capacity_short_estimate_retries(monkeypatch):
+    """An estimate that falls short costs a second call, never a wrong or partial merge."""
+    from lowrank.ops import merge as merge_op
+
+    n, k, r = 64, 96, 8
+    _, w = make_weight(n, k, torch.float16)
+    a, b = factors(n, k, r, torch.float16, mag=0.3)
+    ref = w.clone()
+    ref_rec = merge_(ref, a, b, 2.0, True)
+    assert ref_rec[0].numel() > 8
+    monkeypatch.setattr(merge_op, "_record_capacity", lambda *args: 4)
+    w0 = w.clone()
+    rec = merge_(w, a, b, 2.0, True)
+    assert_bits_equal(w, ref, "merged after a retry")
+    assert torch.equal(rec[0], ref_rec[0])
+    unmerge_(w, a, b, 2.0, *rec)
+    assert_bits_equal(w, w0, "after unmerge")
+
+
+@needs_cpu_lib
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_records_crowded_into_one_threads_rows(dtype):
     """Each OpenMP thread writes its records into its share of the caller's buffer (capacity x
     t / threads on) and spills what does not fit: with every record in the first rows and a
