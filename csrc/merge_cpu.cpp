@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <vector>
@@ -145,6 +146,61 @@ __attribute__((target("avx2,fma"), noinline)) void rank_rows4_avx2(const float *
     _mm256_storeu_ps(acc[3] + j + 8, c31);
   }
 }
+// The same loop with AVX-512: one zmm holds a whole 16-column panel row, two panels side by side
+// give 8 independent accumulators per k (2 loads, 4 broadcasts, 8 fmas): twice the columns per
+// instruction of the AVX2 kernel. Same fma sequence per element, so the same bits.
+__attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float *b0, int64_t r, const float *ap,
+                                                                   int nc, float (*acc)[JT]) {
+  int j = 0;
+  for (; j + 16 < nc; j += 32, ap += 32 * r) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+           c31 = c00;
+    const float *p0 = ap, *p1 = ap + 16 * r;
+    for (int64_t k = 0; k < r; ++k) {
+      const __m512 x0 = _mm512_loadu_ps(p0 + 16 * k), x1 = _mm512_loadu_ps(p1 + 16 * k);
+      __m512 c = _mm512_set1_ps(b0[k]);
+      c00 = _mm512_fmadd_ps(c, x0, c00);
+      c01 = _mm512_fmadd_ps(c, x1, c01);
+      c = _mm512_set1_ps(b0[r + k]);
+      c10 = _mm512_fmadd_ps(c, x0, c10);
+      c11 = _mm512_fmadd_ps(c, x1, c11);
+      c = _mm512_set1_ps(b0[2 * r + k]);
+      c20 = _mm512_fmadd_ps(c, x0, c20);
+      c21 = _mm512_fmadd_ps(c, x1, c21);
+      c = _mm512_set1_ps(b0[3 * r + k]);
+      c30 = _mm512_fmadd_ps(c, x0, c30);
+      c31 = _mm512_fmadd_ps(c, x1, c31);
+    }
+    _mm512_storeu_ps(acc[0] + j, c00);
+    _mm512_storeu_ps(acc[0] + j + 16, c01);
+    _mm512_storeu_ps(acc[1] + j, c10);
+    _mm512_storeu_ps(acc[1] + j + 16, c11);
+    _mm512_storeu_ps(acc[2] + j, c20);
+    _mm512_storeu_ps(acc[2] + j + 16, c21);
+    _mm512_storeu_ps(acc[3] + j, c30);
+    _mm512_storeu_ps(acc[3] + j + 16, c31);
+  }
+  if (j < nc) {  // one last panel (nc may end inside it: the padded columns land in acc's tail)
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    for (int64_t k = 0; k < r; ++k) {
+      const __m512 x = _mm512_loadu_ps(ap + 16 * k);
+      c0 = _mm512_fmadd_ps(_mm512_set1_ps(b0[k]), x, c0);
+      c1 = _mm512_fmadd_ps(_mm512_set1_ps(b0[r + k]), x, c1);
+      c2 = _mm512_fmadd_ps(_mm512_set1_ps(b0[2 * r + k]), x, c2);
+      c3 = _mm512_fmadd_ps(_mm512_set1_ps(b0[3 * r + k]), x, c3);
+    }
+    _mm512_storeu_ps(acc[0] + j, c0);
+    _mm512_storeu_ps(acc[1] + j, c1);
+    _mm512_storeu_ps(acc[2] + j, c2);
+    _mm512_storeu_ps(acc[3] + j, c3);
+  }
+}
+static bool detect_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && std::getenv("LOWRANK_NO_AVX512") == nullptr;
+}
+static const bool g_avx512 = detect_avx512();
+
 static bool detect_avx2_fma() {
   __builtin_cpu_init();  // needed before __builtin_cpu_supports in a static initializer
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -208,7 +264,10 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
     for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
   if (nr == RB && g.ap) {
 #ifdef LOWRANK_HAVE_AVX2_KERNEL
-    rank_rows4_avx2(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
+    if (g_avx512)
+      rank_rows4_avx512(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
+    else
+      rank_rows4_avx2(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
 #endif
   } else if (nr == RB) {
     const float *b0 = g.b + i0 * r;

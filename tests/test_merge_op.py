@@ -469,3 +469,36 @@ def test_a_merge_that_would_overflow_is_refused_before_writing(dtype, backend, m
     rec = merge_(w, a, b, 1.0, True)
     unmerge_(w, a, b, 1.0, *rec)
     assert_bits_equal(w, w0, "a sane scaling")
+
+
+@needs_cpu_lib
+def test_avx2_rank_loop_gives_the_avx512_bits(tmp_path):
+    """The rank loop has an AVX-512 kernel and an AVX2 one (LOWRANK_NO_AVX512=1, read at load, picks
+    the latter in a fresh process): both run the same fma sequence per element, so the merged bits
+    and records are the same, for every dtype and a column count that ends inside a panel."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "merge_bits.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from lowrank.ops.merge import merge_\n"
+        "out = {}\n"
+        "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"
+        "    g = torch.Generator().manual_seed(3)\n"
+        "    w = (torch.randn(37, 300, generator=g) * 0.02).to(dt)\n"
+        "    a = (torch.randn(24, 300, generator=g) * 0.05).to(dt)\n"
+        "    b = (torch.randn(37, 24, generator=g) * 0.05).to(dt)\n"
+        "    idx, val = merge_(w, a, b, 1.7, True)\n"
+        "    out[str(dt)] = (w, idx, val)\n"
+        "torch.save(out, sys.argv[1])\n")
+    results = []
+    for i, env in enumerate([{}, {"LOWRANK_NO_AVX512": "1"}]):
+        path = tmp_path / f"out{i}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env={**os.environ, **env})
+        results.append(torch.load(path))
+    for dt, (w, idx, val) in results[0].items():
+        w2, idx2, val2 = results[1][dt]
+        assert_bits_equal(w, w2, f"{dt} merged weight")
+        assert torch.equal(idx, idx2)
+        assert_bits_equal(val, val2, f"{dt} record")
