@@ -195,6 +195,42 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float 
     _mm512_storeu_ps(acc[3] + j, c3);
   }
 }
+// The rank loop in double for the f64 path (merge_tile_f64): 16 columns of A widened to two zmm
+// of doubles, 4 rows of B broadcast, 8 fmas per k. Products of floats are exact in double, so
+// fma(b, a, acc) is acc + b * a rounded once: the slow path's sum, +0 + p_0 + ... + p_{r-1} in
+// that order, bit for bit.
+__attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_f64(const float *b0, int64_t r, const float *ap,
+                                                                       int nc, double (*acc)[JT]) {
+  for (int j = 0; j < nc; j += 16, ap += 16 * r) {
+    __m512d c00 = _mm512_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+            c31 = c00;
+    for (int64_t k = 0; k < r; ++k) {
+      const __m512d x0 = _mm512_cvtps_pd(_mm256_loadu_ps(ap + 16 * k));
+      const __m512d x1 = _mm512_cvtps_pd(_mm256_loadu_ps(ap + 16 * k + 8));
+      __m512d c = _mm512_set1_pd((double)b0[k]);
+      c00 = _mm512_fmadd_pd(c, x0, c00);
+      c01 = _mm512_fmadd_pd(c, x1, c01);
+      c = _mm512_set1_pd((double)b0[r + k]);
+      c10 = _mm512_fmadd_pd(c, x0, c10);
+      c11 = _mm512_fmadd_pd(c, x1, c11);
+      c = _mm512_set1_pd((double)b0[2 * r + k]);
+      c20 = _mm512_fmadd_pd(c, x0, c20);
+      c21 = _mm512_fmadd_pd(c, x1, c21);
+      c = _mm512_set1_pd((double)b0[3 * r + k]);
+      c30 = _mm512_fmadd_pd(c, x0, c30);
+      c31 = _mm512_fmadd_pd(c, x1, c31);
+    }
+    _mm512_storeu_pd(acc[0] + j, c00);
+    _mm512_storeu_pd(acc[0] + j + 8, c01);
+    _mm512_storeu_pd(acc[1] + j, c10);
+    _mm512_storeu_pd(acc[1] + j + 8, c11);
+    _mm512_storeu_pd(acc[2] + j, c20);
+    _mm512_storeu_pd(acc[2] + j + 8, c21);
+    _mm512_storeu_pd(acc[3] + j, c30);
+    _mm512_storeu_pd(acc[3] + j + 8, c31);
+  }
+}
+
 static bool detect_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && std::getenv("LOWRANK_NO_AVX512") == nullptr;
@@ -221,6 +257,7 @@ __attribute__((target("avx2"), noinline)) void flag_masks_avx2(const int32_t *fl
 }
 #else
 static const bool g_avx2_fma = false;
+static const bool g_avx512 = false;
 #endif
 
 // Bit BIT of flag[0 .. nc) as masks (bits >= nc clear). Flags are rare (records ~8%, the double
@@ -373,6 +410,110 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
   }
 }
 
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+// The slow path's rounding for 8 elements at once (AVX-512): v = w + s * acc in double (two
+// roundings, as slow_element), round-to-odd to float (an inexact result with an even last bit
+// steps one ulp toward v: bits + 1 when |v| > |f|, else - 1; NaN passes), then nearest-even to
+// the 16-bit target with the conversion instructions, NaN made the canonical quiet NaN of
+// float_to_half_full / float_to_bf16_full. Returns the 8 results in the low 16 bits of each lane.
+template <int DT>
+__attribute__((target("arch=x86-64-v4"))) static inline __m256i round_slow8(__m512d w, double s, __m512d acc) {
+  const __m512d v = _mm512_add_pd(w, _mm512_mul_pd(_mm512_set1_pd(s), acc));
+  const __m256 f = _mm512_cvtpd_ps(v);
+  const __m512d back = _mm512_cvtps_pd(f);
+  const __mmask8 ordered = _mm512_cmp_pd_mask(v, v, _CMP_ORD_Q);
+  const __mmask8 inexact = _mm512_cmp_pd_mask(back, v, _CMP_NEQ_OQ) & ordered;
+  __m256i u = _mm256_castps_si256(f);
+  const __mmask8 even = _mm256_testn_epi32_mask(u, _mm256_set1_epi32(1));
+  const __m512d absmask = _mm512_castsi512_pd(_mm512_set1_epi64(0x7FFFFFFFFFFFFFFFll));
+  const __mmask8 up = _mm512_cmp_pd_mask(_mm512_and_pd(v, absmask), _mm512_and_pd(back, absmask), _CMP_GT_OQ);
+  const __mmask8 step = inexact & even;
+  u = _mm256_mask_add_epi32(u, step & up, u, _mm256_set1_epi32(1));
+  u = _mm256_mask_sub_epi32(u, step & (__mmask8)~up, u, _mm256_set1_epi32(1));
+  const __mmask8 nan = (__mmask8)~ordered;
+  if (DT == DT_F16) {
+    __m256i h = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(_mm256_castsi256_ps(u), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)),
+                                         _mm256_set1_epi32(0x7E00));
+    return _mm256_mask_mov_epi32(h, nan, qnan);
+  } else {
+    const __m256i hi = _mm256_srli_epi32(u, 16);
+    const __m256i rne = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
+    return _mm256_mask_mov_epi32(rne, nan, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)));
+  }
+}
+
+// 8 stored 16-bit values (low halves of the lanes) widened exactly to double.
+template <int DT>
+__attribute__((target("arch=x86-64-v4"))) static inline __m512d widen8(__m256i bits) {
+  if (DT == DT_F16) return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm256_cvtepi32_epi16(bits)));
+  return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)));
+}
+
+// The f64 path for 16-bit weights, one RB-row tile: every element takes the slow path's
+// arithmetic (the sum in double, w + s * sum, one correct rounding to the target), computed for
+// all of them with the double rank loop instead of element by element. No certification, so its
+// cost does not grow with the delta (at fp16 and r = 64 the fp32 fast path sends 5-10% of the
+// elements to the scalar slow path, twice in exact mode); the bits are the slow path's, which
+// are the fast path's wherever that one certifies (merge_math.h), and the pure-torch fallback's.
+template <int DT, bool RECORD>
+__attribute__((target("arch=x86-64-v4"), noinline)) void merge_tile_f64(const Args &g, int64_t i0, int64_t j0, int nc,
+                                                                        std::vector<Rec> *out) {
+  using T = typename Store<DT>::T;
+  alignas(64) double acc[RB][JT];
+  alignas(64) uint32_t wb[JT], yb[JT];
+  alignas(64) int32_t flag[JT];
+  for (int j = nc; j < JT; ++j) flag[j] = 0;
+  const int64_t r = g.rank;
+  rank_rows4_avx512_f64(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
+  const double s = g.scale, ns = -g.scale;
+  for (int q = 0; q < RB; ++q) {
+    const int64_t i = i0 + q;
+    T *wrow = (T *)g.w + i * g.ldw + j0;
+    const double *accq = acc[q];
+    for (int j = 0; j < nc; ++j) wb[j] = wrow[j];
+    int32_t any = 0;
+    int j = 0;
+    for (; j + 8 <= nc; j += 8) {
+      const __m256i wv = _mm256_load_si256((const __m256i *)(wb + j));
+      const __m512d a8 = _mm512_loadu_pd(accq + j);
+      const __m256i y = round_slow8<DT>(widen8<DT>(wv), s, a8);
+      _mm256_store_si256((__m256i *)(yb + j), y);
+      if (RECORD) {
+        const __m256i back = round_slow8<DT>(widen8<DT>(y), ns, a8);
+        const __m256i f = _mm256_srli_epi32(_mm256_xor_si256(_mm256_cmpeq_epi32(back, wv), _mm256_set1_epi32(-1)), 31);
+        _mm256_store_si256((__m256i *)(flag + j), f);
+        any |= _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32(f, 31)));
+      }
+    }
+    for (; j < nc; ++j) {  // the tail: the slow path's own scalar code, the same bits
+      const uint32_t y = slow_element<DT>(wb[j], s, accq[j]);
+      yb[j] = y;
+      if (RECORD) {
+        flag[j] = (int32_t)(slow_element<DT>(y, ns, accq[j]) != wb[j]);
+        any |= flag[j];
+      }
+    }
+    for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
+    if (RECORD && any) {
+      Rec tmp[JT];
+      const int32_t base = (int32_t)(i * g.cols + j0);
+      int cnt = 0;
+      uint64_t mk[JT / 64];
+      flag_masks<0>(flag, nc, mk);
+      for (int w = 0; w < JT / 64; ++w) {
+        for (uint64_t x = mk[w]; x; x &= x - 1) {
+          const int j = w * 64 + __builtin_ctzll(x);
+          tmp[cnt++] = Rec{base + j, wb[j]};
+        }
+      }
+      out[q].insert(out[q].end(), tmp, tmp + cnt);
+    }
+  }
+}
+#endif
+
 // a (rank x cols, row-major) -> 16-column panels for rank_rows4_avx2; empty when that kernel
 // is not used (no AVX2 + FMA, or fewer than RB rows).
 static std::vector<float> pack_panels(const Args &g) {
@@ -388,6 +529,19 @@ static std::vector<float> pack_panels(const Args &g) {
     }
   }
   return ap;
+}
+
+// Which path a 16-bit merge takes: the f64 one (merge_tile_f64) needs AVX-512 and the panels.
+// LOWRANK_MERGE_F64=1 / 0 forces it on / off (tests, benchmarks). Otherwise fp16 at rank >= 32:
+// measured on two cores (1024 x 4096, merge + exact unmerge), fp16 r = 64 takes 22.6 / 27.7 ms on
+// the f64 path against 28.0 / 59.7 ms on the fp32 fast path at a delta of 5% / 30% of W's rms; at
+// r = 16, and for bf16 (whose midpoints are 8x sparser: few elements leave the fast path), the
+// fast path is as fast or faster (fp16 r = 16: 10.8 vs 11.5 ms at 5%; bf16 r = 64: 16.3 vs 21.8).
+static bool use_f64_path(const Args &g, int dt) {
+  if (dt == DT_F32 || !g_avx512 || g.ap == nullptr) return false;
+  const char *env = std::getenv("LOWRANK_MERGE_F64");
+  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+  return dt == DT_F16 && g.rank >= 32;
 }
 
 template <int DT>
@@ -409,6 +563,7 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
   // does not fit its share goes to a heap spill), and the shares are then slid together. (The
   // first version appended to growing per-thread vectors and copied them out serially: with
   // their page faults that was half the time of an exact merge at 1024x4096.)
+  const bool f64 = use_f64_path(g, DT);
   const int64_t tasks = (g.rows + RB - 1) / RB;
   const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), tasks));
   std::vector<int64_t> lo(nthreads + 1), got(nthreads, 0);
@@ -428,6 +583,17 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
       try {
         for (int64_t j0 = 0; j0 < g.cols; j0 += JT) {
           const int nc = (int)std::min<int64_t>(JT, g.cols - j0);
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+          if constexpr (DT != DT_F32) {
+            if (f64 && nr == RB) {
+              if (g.record)
+                merge_tile_f64<DT, true>(g, i0, j0, nc, rows_out);
+              else
+                merge_tile_f64<DT, false>(g, i0, j0, nc, rows_out);
+              continue;
+            }
+          }
+#endif
           if (g.record)
             merge_tile<DT, true>(g, i0, nr, j0, nc, rows_out);
           else

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import contextlib
 import math
 import os
 import shutil
@@ -114,6 +115,45 @@ def test_merge_matches_float64_and_unmerge_is_exact(n, k, r, dtype, s, pad, spec
     run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag)
 
 
+@contextlib.contextmanager
+def merge_path(f64: bool):
+    """Force the library's f64 path (merge_tile_f64: the double rank loop for every element of a
+    16-bit weight, AVX-512) on or off for the calls inside; LOWRANK_MERGE_F64 is read per merge."""
+    old = os.environ.get("LOWRANK_MERGE_F64")
+    os.environ["LOWRANK_MERGE_F64"] = "1" if f64 else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LOWRANK_MERGE_F64"]
+        else:
+            os.environ["LOWRANK_MERGE_F64"] = old
+
+
+@needs_cpu_lib
+@settings(max_examples=40)
+@given(n=st.integers(4, 40), k=st.integers(1, 300), r=st.sampled_from([1, 3, 16, 32, 64, 256]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), s=st.sampled_from(SCALES),
+       pad=st.sampled_from([0, 3]), specials=st.booleans(), mag=st.sampled_from([0.05, 1.0]),
+       seed=st.integers(0, 2**16))
+def test_merge_f64_path_matches_float64_and_the_fast_path(n, k, r, dtype, s, pad, specials, mag, seed):
+    """Both paths of a 16-bit merge against the float64 oracle (rounded once, records exact), and
+    the same bits and records from each (NaN, Inf, subnormal and huge weights included; column
+    counts that end inside a panel and inside 8 lanes)."""
+    out = {}
+    for f64 in (False, True):
+        with merge_path(f64):
+            run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag)
+            gen = torch.Generator().manual_seed(seed)
+            _, w = make_weight(n, k, dtype, pad, specials, gen=gen)
+            a, b = factors(n, k, r, dtype, mag, gen)
+            rec = merge_(w, a, b, s, True)
+            out[f64] = (w, *rec)
+    assert_bits_equal(out[True][0], out[False][0], "f64 path vs fast path")
+    assert torch.equal(out[True][1], out[False][1])
+    assert_bits_equal(out[True][2], out[False][2], "records")
+
+
 @needs_cpu_lib
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(1, 1, 1), (97, 59, 256), (33, 1025, 17), (300, 7, 4)], ids=str)
@@ -122,7 +162,8 @@ def test_merge_odd_shapes_and_max_rank(shape, dtype):
     run_merge_unmerge(n, k, r, dtype, 2.0, 0, True, seed=n * k + r)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("library", marks=needs_cpu_lib), "fallback"])
+@pytest.mark.parametrize("backend", [pytest.param("library", marks=needs_cpu_lib),
+                                     pytest.param("library-f64", marks=needs_cpu_lib), "fallback"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_merge_near_rounding_midpoints(dtype, backend, monkeypatch):
     """Weights and deltas built so that W + s*delta lands exactly on, or a hair off, rounding
@@ -131,6 +172,7 @@ def test_merge_near_rounding_midpoints(dtype, backend, monkeypatch):
     at these magnitudes: rounding to float32 first would land on the tie and round it to even."""
     if backend == "fallback":
         monkeypatch.setenv("LOWRANK_NO_NATIVE", "1")
+    monkeypatch.setenv("LOWRANK_MERGE_F64", "1" if backend == "library-f64" else "0")
     n, k, r = 64, 128, 4
     gen = torch.Generator().manual_seed(1)
     w = (torch.randint(-64, 64, (n, k), generator=gen).float() / 32).to(dtype)  # coarse values
