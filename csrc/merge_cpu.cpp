@@ -106,6 +106,12 @@ struct Args {
   bool record;
 };
 
+// error_bound with the accumulation term given (ea >= |s| |acc - exact sum| + |s - s32| |acc|).
+static inline float tight_error_bound(float ea, float v, float abs_bound) {
+  const float e = ea + fabsf(v) * 6.0e-8f;             /* 6.0e-8 > 2^-24 (1 + 2^-23) */
+  return fmaf(e, 9.5367431640625e-07f, e) + abs_bound; /* e (1 + 2^-20): covers this line's roundings */
+}
+
 // The 4-row rank loop with its accumulators in registers (AVX2 + FMA): 16 columns x 4 rows = 8
 // ymm accumulators, each k costs 2 loads of A, 4 broadcasts of B and 8 fmas. A comes in panels
 // of 16 columns (ap: panel p holds a[k, 16p + c] at (p * r + k) * 16 + c, zero-padded), so a
@@ -195,6 +201,64 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float 
     _mm512_storeu_ps(acc[3] + j, c3);
   }
 }
+// rank_rows4_avx512 that also sums the magnitudes of the partial sums, sabs = sum_k |s_k| (s_k the
+// accumulator after step k), for the tight bound (tight_error_bound): each fma rounds once, with
+// an error of at most u |s_k| / (1 - u), so the sum's error is at most u sum_k |s_k| / (1 - u),
+// which for terms of random sign grows like r^1.5 rather than the worst case's r^2 (gamma_r times
+// the Cauchy-Schwarz product): about 15x tighter at r = 64, so that many fewer elements leave the
+// fast path. Same fma sequence, so the same acc bits.
+__attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_abs(const float *b0, int64_t r, const float *ap,
+                                                                       int nc, float (*acc)[JT], float (*sabs)[JT]) {
+  // two panels (32 columns) at a time: 8 independent fma chains, as rank_rows4_avx512
+  for (int j = 0; j < nc; j += 32, ap += 32 * r) {
+    const bool two = j + 16 < nc;
+    const float *p1 = two ? ap + 16 * r : ap;  // one panel left: compute it twice, store once
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, d0 = c0, d1 = c0, d2 = c0, d3 = c0;
+    __m512 s0 = c0, s1 = c0, s2 = c0, s3 = c0, t0 = c0, t1 = c0, t2 = c0, t3 = c0;
+    for (int64_t k = 0; k < r; ++k) {
+      const __m512 x = _mm512_loadu_ps(ap + 16 * k), y = _mm512_loadu_ps(p1 + 16 * k);
+      __m512 c = _mm512_set1_ps(b0[k]);
+      c0 = _mm512_fmadd_ps(c, x, c0);
+      d0 = _mm512_fmadd_ps(c, y, d0);
+      c = _mm512_set1_ps(b0[r + k]);
+      c1 = _mm512_fmadd_ps(c, x, c1);
+      d1 = _mm512_fmadd_ps(c, y, d1);
+      c = _mm512_set1_ps(b0[2 * r + k]);
+      c2 = _mm512_fmadd_ps(c, x, c2);
+      d2 = _mm512_fmadd_ps(c, y, d2);
+      c = _mm512_set1_ps(b0[3 * r + k]);
+      c3 = _mm512_fmadd_ps(c, x, c3);
+      d3 = _mm512_fmadd_ps(c, y, d3);
+      s0 = _mm512_add_ps(s0, _mm512_abs_ps(c0));
+      t0 = _mm512_add_ps(t0, _mm512_abs_ps(d0));
+      s1 = _mm512_add_ps(s1, _mm512_abs_ps(c1));
+      t1 = _mm512_add_ps(t1, _mm512_abs_ps(d1));
+      s2 = _mm512_add_ps(s2, _mm512_abs_ps(c2));
+      t2 = _mm512_add_ps(t2, _mm512_abs_ps(d2));
+      s3 = _mm512_add_ps(s3, _mm512_abs_ps(c3));
+      t3 = _mm512_add_ps(t3, _mm512_abs_ps(d3));
+    }
+    _mm512_storeu_ps(acc[0] + j, c0);
+    _mm512_storeu_ps(acc[1] + j, c1);
+    _mm512_storeu_ps(acc[2] + j, c2);
+    _mm512_storeu_ps(acc[3] + j, c3);
+    _mm512_storeu_ps(sabs[0] + j, s0);
+    _mm512_storeu_ps(sabs[1] + j, s1);
+    _mm512_storeu_ps(sabs[2] + j, s2);
+    _mm512_storeu_ps(sabs[3] + j, s3);
+    if (two) {
+      _mm512_storeu_ps(acc[0] + j + 16, d0);
+      _mm512_storeu_ps(acc[1] + j + 16, d1);
+      _mm512_storeu_ps(acc[2] + j + 16, d2);
+      _mm512_storeu_ps(acc[3] + j + 16, d3);
+      _mm512_storeu_ps(sabs[0] + j + 16, t0);
+      _mm512_storeu_ps(sabs[1] + j + 16, t1);
+      _mm512_storeu_ps(sabs[2] + j + 16, t2);
+      _mm512_storeu_ps(sabs[3] + j + 16, t3);
+    }
+  }
+}
+
 // The rank loop in double for the f64 path (merge_tile_f64): 16 columns of A widened to two zmm
 // of doubles, 4 rows of B broadcast, 8 fmas per k. Products of floats are exact in double, so
 // fma(b, a, acc) is acc + b * a rounded once: the slow path's sum, +0 + p_0 + ... + p_{r-1} in
@@ -292,6 +356,7 @@ LOWRANK_CLONES
 void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vector<Rec> *out) {
   using T = typename Store<DT>::T;
   alignas(64) float acc[RB][JT];
+  alignas(64) float sabs[RB][JT];  // with the tight bound: sum_k |s_k| per element
   alignas(64) uint32_t wb[JT], yb[JT];
   alignas(64) int32_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
   for (int j = nc; j < JT; ++j) flag[j] = 0;  // read (then masked off) by flag_masks
@@ -299,12 +364,17 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
   const int64_t r = g.rank;
   for (int q = 0; q < RB; ++q)
     for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
+  bool tight = false;
   if (nr == RB && g.ap) {
 #ifdef LOWRANK_HAVE_AVX2_KERNEL
-    if (g_avx512)
+    if (g_avx512 && DT != DT_F32) {
+      rank_rows4_avx512_abs(g.b + i0 * r, r, g.ap + j0 * r, nc, acc, sabs);
+      tight = true;
+    } else if (g_avx512) {
       rank_rows4_avx512(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
-    else
+    } else {
       rank_rows4_avx2(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
+    }
 #endif
   } else if (nr == RB) {
     const float *b0 = g.b + i0 * r;
@@ -342,6 +412,30 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
     const float abs_bound = g.abs_bound;
     for (int j = 0; j < nc; ++j) wb[j] = wrow[j];
     int32_t any = 0;
+    if (tight && DT != DT_F32) {
+      // The tight bound: |s32| u (1 + 1e-4) (|acc| + sabs) in place of rb * cb (the slack covers
+      // s32 != s, 1 / (1 - u), sabs's own r roundings (gamma_256 < 2e-5) and this line's).
+      const float ks = fabsf(s32) * 5.9611e-8f;
+      const float *sq = sabs[q];
+#pragma omp simd reduction(| : any)
+      for (int j = 0; j < nc; ++j) {
+        const float v = fmaf(s32, accq[j], to_float<DT>(wb[j]));
+        const uint32_t y = fast_round<DT>(v);
+        const float ea = ks * (fabsf(accq[j]) + sq[j]);
+        const int32_t ok1 = certified<DT>(v, tight_error_bound(ea, v, abs_bound));
+        int32_t f;
+        if (RECORD) {
+          const float v2 = fmaf(-s32, accq[j], to_float<DT>(y));
+          const int32_t ok2 = certified<DT>(v2, tight_error_bound(ea, v2, abs_bound));
+          f = (int32_t)(fast_round<DT>(v2) != wb[j]) | ((1 - (ok1 & ok2)) << 1);
+        } else {
+          f = (1 - ok1) << 1;
+        }
+        yb[j] = y;
+        flag[j] = f;
+        any |= f;
+      }
+    } else {
 #pragma omp simd reduction(| : any)
     for (int j = 0; j < nc; ++j) {
       const float v = fmaf(s32, accq[j], to_float<DT>(wb[j]));
@@ -362,6 +456,7 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
       yb[j] = y;
       flag[j] = f;
       any |= f;
+    }
     }
     if (any & 2) {
       // Redo in double: ~0.1% of elements for bf16 at r = 16, but ~4.5% for fp16 at r = 64 (the
