@@ -14,6 +14,8 @@ Data: W ~ N(0, 0.02) (Llama-like), A as peft initialises it (kaiming-uniform), B
 rms(s * B @ A) = DELTA_RATIO * rms(W) (a trained adapter's update, ~10% of the weight).
 Timing alternates merge (timed) with unmerge (not timed) so W stays the same, and alternates the
 implementations within each repeat, so that load on a shared machine hits them alike.
+On the CPU, "merge_roundtrip" records then time merge + unmerge at deltas of 5% and 30% of W's rms
+(fp16 and bf16, r 16 and 64; quick: 1024x4096; full: also q, gate and down), "vs_peft" in extra.
 """
 from __future__ import annotations
 
@@ -56,14 +58,14 @@ def _peft_layer(w, a, b, alpha):
     return model, layer
 
 
-def _inputs(n, k, r, dtype, device, gen):
+def _inputs(n, k, r, dtype, device, gen, delta_ratio=DELTA_RATIO):
     w = (torch.randn(n, k, generator=gen) * 0.02).to(dtype).to(device)
     bound = 1.0 / math.sqrt(k)  # kaiming_uniform(a=sqrt(5)) on (r, k)
     a = ((torch.rand(r, k, generator=gen) * 2 - 1) * bound).to(dtype).to(device)
     alpha = 2 * r
     s = alpha / r
     # rms(s * B @ A) = s * sigma_B * sqrt(r) * rms(A); rms(A) = bound / sqrt(3)
-    sigma_b = DELTA_RATIO * 0.02 / (s * math.sqrt(r) * bound / math.sqrt(3))
+    sigma_b = delta_ratio * 0.02 / (s * math.sqrt(r) * bound / math.sqrt(3))
     b = (torch.randn(n, r, generator=gen) * sigma_b).to(dtype).to(device)
     return w, a, b, alpha, s
 
@@ -166,6 +168,56 @@ def run(quick: bool, device: str) -> list[Record]:
                 print(f"{name} {n}x{k} r={r} {dtype}: {line}; record {stats['lowrank']['record_frac']:.3f} of W bytes",
                       flush=True)
                 del peft_model, layer, w, w0
+    if device.type == "cpu":
+        records += _round_trips(quick, device, dev, vers)
+    return records
+
+
+def _round_trips(quick: bool, device, dev: str, vers: dict) -> list[Record]:
+    """Merge + unmerge (a round trip: what switching adapters costs), exact (lowrank's default,
+    bit-exact unmerge) and not, against peft's merge + unmerge, at a delta of 5% and 30% of W's rms
+    (the exact path's cost used to grow with the delta). Implementations interleaved per repeat."""
+    from lowrank.ops.merge import merge_, unmerge_
+
+    shapes = [("1024x4096", 1024, 4096)] + ([] if quick else [(n_, o, i) for n_, o, i in LLAMA3_8B if n_ != "k_proj"])
+    gen = torch.Generator().manual_seed(1)
+    records = []
+    for name, n, k in shapes:
+        for dtype in (torch.float16, torch.bfloat16):
+            for r in (16, 64):
+                for ratio in (0.05, 0.3):
+                    w, a, b, alpha, s = _inputs(n, k, r, dtype, device, gen, ratio)
+                    w0 = w.clone()
+                    _, layer = _peft_layer(w0, a, b, alpha)
+                    times = {"lowrank": [], "lowrank-noexact": [], "peft": []}
+                    for _ in range(1 + (5 if quick else 9)):
+                        for impl, ts in times.items():
+                            t0 = time.perf_counter()
+                            if impl == "peft":
+                                layer.merge()
+                                layer.unmerge()
+                            else:
+                                out = merge_(w, a, b, s, impl == "lowrank")
+                                unmerge_(w, a, b, s, *out)
+                            ts.append(time.perf_counter() - t0)
+                            if impl == "peft":
+                                with torch.no_grad():
+                                    layer.base_layer.weight.copy_(w0)
+                            elif impl == "lowrank-noexact":
+                                w.copy_(w0)
+                    if not torch.equal(w.view(torch.int16), w0.view(torch.int16)):
+                        raise AssertionError(f"merge_roundtrip {name} {dtype} r={r}: exact unmerge did not restore W")
+                    med = {impl: statistics.median(ts[1:]) for impl, ts in times.items()}
+                    for impl, t in med.items():
+                        records.append(Record(
+                            op="merge_roundtrip", shape={"layer": name, "out": n, "in": k, "r": r},
+                            dtype=str(dtype).replace("torch.", ""), impl=impl, median_s=t,
+                            derived={"GB/s": 4 * w.numel() * w.element_size() / t / 1e9}, device=dev, versions=vers,
+                            extra={"delta_ratio": ratio, "vs_peft": t / med["peft"],
+                                   "threads": torch.get_num_threads()}))
+                    print(f"merge_roundtrip {name} {dtype} r={r} delta {ratio:.0%}: " + " ".join(
+                        f"{impl} {t * 1e3:.1f} ms (x{t / med['peft']:.2f})" for impl, t in med.items()), flush=True)
+                    del layer, w, w0
     return records
 
 

@@ -627,16 +627,17 @@ static std::vector<float> pack_panels(const Args &g) {
 }
 
 // Which path a 16-bit merge takes: the f64 one (merge_tile_f64) needs AVX-512 and the panels.
-// LOWRANK_MERGE_F64=1 / 0 forces it on / off (tests, benchmarks). Otherwise fp16 at rank >= 32:
-// measured on two cores (1024 x 4096, merge + exact unmerge), fp16 r = 64 takes 22.6 / 27.7 ms on
-// the f64 path against 28.0 / 59.7 ms on the fp32 fast path at a delta of 5% / 30% of W's rms; at
-// r = 16, and for bf16 (whose midpoints are 8x sparser: few elements leave the fast path), the
-// fast path is as fast or faster (fp16 r = 16: 10.8 vs 11.5 ms at 5%; bf16 r = 64: 16.3 vs 21.8).
+// LOWRANK_MERGE_F64=1 / 0 forces it on / off (tests, benchmarks). Otherwise an exact (recording)
+// merge of fp16 at rank >= 32: measured on two cores, 1024 x 4096, merge + exact unmerge, with the
+// fast path's tight bound, fp16 r = 64 took 31.8 / 35.8 ms on the f64 path against 31.1 / 39.9 ms
+// on the fast path at a delta of 5% / 30% of W's rms (its slow path still takes 0.7% / 2.0% of the
+// elements, twice: merge and round-trip check). At r = 16, for bf16 (8x sparser midpoints) and
+// without a record (one certification per element), the fast path is as fast or faster.
 static bool use_f64_path(const Args &g, int dt) {
   if (dt == DT_F32 || !g_avx512 || g.ap == nullptr) return false;
   const char *env = std::getenv("LOWRANK_MERGE_F64");
   if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  return dt == DT_F16 && g.rank >= 32;
+  return g.record && dt == DT_F16 && g.rank >= 32;
 }
 
 template <int DT>
