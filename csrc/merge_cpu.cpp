@@ -348,6 +348,22 @@ static inline void flag_masks(const int32_t *flag, int nc, uint64_t m[JT / 64]) 
   }
 }
 
+// The elements of a tile row flagged in bit 0 (their round trip fails), appended in column order
+// as (flat index, original bits).
+static void append_records(const int32_t *flag, int nc, const uint32_t *wb, int32_t base, std::vector<Rec> &out) {
+  Rec tmp[JT];
+  int cnt = 0;
+  uint64_t mk[JT / 64];
+  flag_masks<0>(flag, nc, mk);
+  for (int w = 0; w < JT / 64; ++w) {
+    for (uint64_t x = mk[w]; x; x &= x - 1) {
+      const int j = w * 64 + __builtin_ctzll(x);
+      tmp[cnt++] = Rec{base + j, wb[j]};
+    }
+  }
+  out.insert(out.end(), tmp, tmp + cnt);
+}
+
 // One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
 // The epilogue works on 32-bit arrays (widen W, compute, narrow back) under `omp simd`: with the
 // 16-bit loads and stores inside the same loop GCC 12 left it scalar (4x slower at 4096^2 bf16).
@@ -489,18 +505,7 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
     }
     for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
     if (RECORD && (any & 1)) {
-      Rec tmp[JT];
-      const int32_t base = (int32_t)(i * g.cols + j0);
-      int cnt = 0;
-      uint64_t mk[JT / 64];
-      flag_masks<0>(flag, nc, mk);
-      for (int w = 0; w < JT / 64; ++w) {
-        for (uint64_t x = mk[w]; x; x &= x - 1) {
-          const int j = w * 64 + __builtin_ctzll(x);
-          tmp[cnt++] = Rec{base + j, wb[j]};
-        }
-      }
-      out[q].insert(out[q].end(), tmp, tmp + cnt);
+      append_records(flag, nc, wb, (int32_t)(i * g.cols + j0), out[q]);
     }
   }
 }
@@ -592,18 +597,7 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void merge_tile_f64(const Ar
     }
     for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
     if (RECORD && any) {
-      Rec tmp[JT];
-      const int32_t base = (int32_t)(i * g.cols + j0);
-      int cnt = 0;
-      uint64_t mk[JT / 64];
-      flag_masks<0>(flag, nc, mk);
-      for (int w = 0; w < JT / 64; ++w) {
-        for (uint64_t x = mk[w]; x; x &= x - 1) {
-          const int j = w * 64 + __builtin_ctzll(x);
-          tmp[cnt++] = Rec{base + j, wb[j]};
-        }
-      }
-      out[q].insert(out[q].end(), tmp, tmp + cnt);
+      append_records(flag, nc, wb, (int32_t)(i * g.cols + j0), out[q]);
     }
   }
 }

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -178,9 +179,7 @@ void block_portable(const uint8_t *src, int64_t count, float scale, const float 
 }
 
 template <int DTYPE>
-void decode(const uint8_t *packed, const uint8_t *absmax_q, const float *absmax_f, const float *nested_absmax,
-            const float *nested_code, float offset, const float *code, int64_t n, int64_t blocksize,
-            int64_t nested_blocksize, void *out) {
+void decode(const uint8_t *packed, const Scales &scales, const float *code, int64_t n, int64_t blocksize, void *out) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   const int64_t out_bytes = n * (DTYPE == LOWRANK_DTYPE_FLOAT32 ? 4 : 2);
   const bool stream = out_bytes >= (8 << 20) && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
@@ -188,7 +187,7 @@ void decode(const uint8_t *packed, const uint8_t *absmax_q, const float *absmax_
   {
 #pragma omp for schedule(static) nowait
   for (int64_t b = 0; b < blocks; ++b) {
-    const float scale = Scales{absmax_q, absmax_f, nested_absmax, nested_code, offset, nested_blocksize}(b);
+    const float scale = scales(b);
     const int64_t start = b * blocksize;  // even: blocksize is a multiple of 32
     const int64_t count = (start + blocksize <= n) ? blocksize : n - start;
     const uint8_t *src = packed + start / 2;
@@ -387,6 +386,31 @@ void matmul(const void *x, int64_t m, const uint8_t *packed, const Scales &scale
   }
 }
 
+Scales make_scales(const void *absmax, int double_quant, const float *nested_absmax, const float *nested_code,
+                   float offset, int64_t nested_blocksize) {
+  return Scales{double_quant ? static_cast<const uint8_t *>(absmax) : nullptr,
+                double_quant ? nullptr : static_cast<const float *>(absmax), nested_absmax, nested_code, offset,
+                nested_blocksize};
+}
+
+// fn(std::integral_constant<int, DTYPE>{}) for the dtype code, LOWRANK_OK after it; unknown codes refused.
+template <class Fn>
+int by_dtype(int dtype, Fn &&fn) {
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32:
+      fn(std::integral_constant<int, LOWRANK_DTYPE_FLOAT32>{});
+      return LOWRANK_OK;
+    case LOWRANK_DTYPE_BFLOAT16:
+      fn(std::integral_constant<int, LOWRANK_DTYPE_BFLOAT16>{});
+      return LOWRANK_OK;
+    case LOWRANK_DTYPE_FLOAT16:
+      fn(std::integral_constant<int, LOWRANK_DTYPE_FLOAT16>{});
+      return LOWRANK_OK;
+    default:
+      return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  }
+}
+
 }  // namespace
 
 extern "C" int lowrank_cpu_nf4_matmul(const void *x, int64_t m, const uint8_t *packed, const void *absmax,
@@ -398,22 +422,8 @@ extern "C" int lowrank_cpu_nf4_matmul(const void *x, int64_t m, const uint8_t *p
       (double_quant && (nested_absmax == nullptr || nested_code == nullptr || nested_blocksize < 1))) {
     return LOWRANK_ERR_INVALID_ARGUMENT;
   }
-  const Scales scales{double_quant ? static_cast<const uint8_t *>(absmax) : nullptr,
-                      double_quant ? nullptr : static_cast<const float *>(absmax), nested_absmax, nested_code,
-                      offset, nested_blocksize};
-  switch (dtype) {
-    case LOWRANK_DTYPE_FLOAT32:
-      matmul<LOWRANK_DTYPE_FLOAT32>(x, m, packed, scales, code, n, k, blocksize, y);
-      return LOWRANK_OK;
-    case LOWRANK_DTYPE_BFLOAT16:
-      matmul<LOWRANK_DTYPE_BFLOAT16>(x, m, packed, scales, code, n, k, blocksize, y);
-      return LOWRANK_OK;
-    case LOWRANK_DTYPE_FLOAT16:
-      matmul<LOWRANK_DTYPE_FLOAT16>(x, m, packed, scales, code, n, k, blocksize, y);
-      return LOWRANK_OK;
-    default:
-      return LOWRANK_ERR_UNSUPPORTED_DTYPE;
-  }
+  const Scales scales = make_scales(absmax, double_quant, nested_absmax, nested_code, offset, nested_blocksize);
+  return by_dtype(dtype, [&](auto dt) { matmul<decltype(dt)::value>(x, m, packed, scales, code, n, k, blocksize, y); });
 }
 
 extern "C" int lowrank_cpu_nf4_decode_tile(const uint8_t *packed, const void *absmax, int double_quant,
@@ -427,22 +437,10 @@ extern "C" int lowrank_cpu_nf4_decode_tile(const uint8_t *packed, const void *ab
       (double_quant && (nested_absmax == nullptr || nested_code == nullptr || nested_blocksize < 1))) {
     return LOWRANK_ERR_INVALID_ARGUMENT;
   }
-  const Scales scales{double_quant ? static_cast<const uint8_t *>(absmax) : nullptr,
-                      double_quant ? nullptr : static_cast<const float *>(absmax), nested_absmax, nested_code,
-                      offset, nested_blocksize};
-  switch (dtype) {
-    case LOWRANK_DTYPE_FLOAT32:
-      decode_tile<LOWRANK_DTYPE_FLOAT32>(packed, scales, code, k, blocksize, r0, r1, c0, c1, out, ldo);
-      return LOWRANK_OK;
-    case LOWRANK_DTYPE_BFLOAT16:
-      decode_tile<LOWRANK_DTYPE_BFLOAT16>(packed, scales, code, k, blocksize, r0, r1, c0, c1, out, ldo);
-      return LOWRANK_OK;
-    case LOWRANK_DTYPE_FLOAT16:
-      decode_tile<LOWRANK_DTYPE_FLOAT16>(packed, scales, code, k, blocksize, r0, r1, c0, c1, out, ldo);
-      return LOWRANK_OK;
-    default:
-      return LOWRANK_ERR_UNSUPPORTED_DTYPE;
-  }
+  const Scales scales = make_scales(absmax, double_quant, nested_absmax, nested_code, offset, nested_blocksize);
+  return by_dtype(dtype, [&](auto dt) {
+    decode_tile<decltype(dt)::value>(packed, scales, code, k, blocksize, r0, r1, c0, c1, out, ldo);
+  });
 }
 
 extern "C" int lowrank_cpu_nf4_dequantize(const uint8_t *packed, const void *absmax, int double_quant,
@@ -465,22 +463,6 @@ extern "C" int lowrank_cpu_nf4_dequantize(const uint8_t *packed, const void *abs
     if (hi > lo) madvise(reinterpret_cast<void *>(lo), hi - lo, MADV_HUGEPAGE);
   }
 #endif
-  const uint8_t *q = double_quant ? static_cast<const uint8_t *>(absmax) : nullptr;
-  const float *f = double_quant ? nullptr : static_cast<const float *>(absmax);
-  switch (dtype) {
-    case LOWRANK_DTYPE_FLOAT32:
-      decode<LOWRANK_DTYPE_FLOAT32>(packed, q, f, nested_absmax, nested_code, offset, code, n, blocksize,
-                                    nested_blocksize, out);
-      return LOWRANK_OK;
-    case LOWRANK_DTYPE_BFLOAT16:
-      decode<LOWRANK_DTYPE_BFLOAT16>(packed, q, f, nested_absmax, nested_code, offset, code, n, blocksize,
-                                     nested_blocksize, out);
-      return LOWRANK_OK;
-    case LOWRANK_DTYPE_FLOAT16:
-      decode<LOWRANK_DTYPE_FLOAT16>(packed, q, f, nested_absmax, nested_code, offset, code, n, blocksize,
-                                    nested_blocksize, out);
-      return LOWRANK_OK;
-    default:
-      return LOWRANK_ERR_UNSUPPORTED_DTYPE;
-  }
+  const Scales scales = make_scales(absmax, double_quant, nested_absmax, nested_code, offset, nested_blocksize);
+  return by_dtype(dtype, [&](auto dt) { decode<decltype(dt)::value>(packed, scales, code, n, blocksize, out); });
 }

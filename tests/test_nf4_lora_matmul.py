@@ -186,6 +186,21 @@ def op_case_grads(m_shape, n, k, r, dtype, scaling, dropout, bias=True, device=D
     return w, x, a, b, bias_t, dy
 
 
+def check_op_grads(x, wd, a, b, bias_t, scaling, mask, dy, y):
+    """y and the gradients in x, a, b (after y.backward(dy)) against float64 on the dense weight wd,
+    each within twice plain torch's error in the same dtype with the same dropout mask."""
+    ref = lora_linear_f64(x.detach(), wd, a.detach(), b.detach(), scaling, bias_t, mask)
+    dx, da, db = lora_linear_grads_f64(x.detach(), wd, a.detach(), b.detach(), scaling, dy, mask)
+    xb, ab, bb = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    h = xb * mask.to(x.dtype) if mask is not None else xb
+    yb = torch.nn.functional.linear(xb, wd, bias_t) + scaling * (h @ ab.t()) @ bb.t()
+    yb.backward(dy)
+    assert_close(y, ref, yb, name="y")
+    assert_close(x.grad, dx, xb.grad, name="dx")
+    assert_close(a.grad, da, ab.grad, name="dA")
+    assert_close(b.grad, db, bb.grad, name="dB")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("backend,dropout", [("triton", 0.0), ("triton", 0.3), ("reference", 0.0)],
                          ids=["triton", "triton-dropout", "reference"])
@@ -200,17 +215,7 @@ def test_nf4_lora_linear_forward_backward(dtype, backend, dropout, monkeypatch):
         torch.manual_seed(123)
         mask = nf4_dropout_mask((39, 70), dtype, dropout, DEV).view(x.shape)
     wd = w.dequantize(dtype)
-    ref = lora_linear_f64(x.detach(), wd, a.detach(), b.detach(), 1.5, bias_t, mask)
-    dx, da, db = lora_linear_grads_f64(x.detach(), wd, a.detach(), b.detach(), 1.5, dy, mask)
-    # baseline: plain torch in the same dtype, with the same mask
-    xb, ab, bb = (t.detach().clone().requires_grad_() for t in (x, a, b))
-    h = xb * mask.to(dtype) if mask is not None else xb
-    yb = torch.nn.functional.linear(xb, wd, bias_t) + 1.5 * (h @ ab.t()) @ bb.t()
-    yb.backward(dy)
-    assert_close(y, ref, yb, name="y")
-    assert_close(x.grad, dx, xb.grad, name="dx")
-    assert_close(a.grad, da, ab.grad, name="dA")
-    assert_close(b.grad, db, bb.grad, name="dB")
+    check_op_grads(x, wd, a, b, bias_t, 1.5, mask, dy, y)
 
 
 def test_nf4_lora_linear_fp32_master_adapters(monkeypatch):
@@ -356,16 +361,7 @@ def test_nf4_lora_linear_cpu_paths(dtype, m_shape, dropout, monkeypatch):
     if dropout:
         torch.manual_seed(123)
         mask = nf4_dropout_mask((x.shape[:-1].numel(), 320), dtype, dropout, "cpu").view(x.shape)
-    ref = lora_linear_f64(x.detach(), wd, a.detach(), b.detach(), 1.5, bias_t, mask)
-    dx, da, db = lora_linear_grads_f64(x.detach(), wd, a.detach(), b.detach(), 1.5, dy, mask)
-    xb, ab, bb = (t.detach().clone().requires_grad_() for t in (x, a, b))
-    h = xb * mask.to(dtype) if mask is not None else xb
-    yb = torch.nn.functional.linear(xb, wd, bias_t) + 1.5 * (h @ ab.t()) @ bb.t()
-    yb.backward(dy)
-    assert_close(y, ref, yb, name="y")
-    assert_close(x.grad, dx, xb.grad, name="dx")
-    assert_close(a.grad, da, ab.grad, name="dA")
-    assert_close(b.grad, db, bb.grad, name="dB")
+    check_op_grads(x, wd, a, b, bias_t, 1.5, mask, dy, y)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU path")
