@@ -210,7 +210,7 @@ def _round_trips(quick: bool, device, dev: str, vers: dict) -> list[Record]:
                     med = {impl: statistics.median(ts[1:]) for impl, ts in times.items()}
                     for impl, t in med.items():
                         records.append(Record(
-                            op="merge_roundtrip", shape={"layer": name, "out": n, "in": k, "r": r},
+                            op="merge_roundtrip", shape={"layer": name, "r": r, "delta": ratio},
                             dtype=str(dtype).replace("torch.", ""), impl=impl, median_s=t,
                             derived={"GB/s": 4 * w.numel() * w.element_size() / t / 1e9}, device=dev, versions=vers,
                             extra={"delta_ratio": ratio, "vs_peft": t / med["peft"],

@@ -48,7 +48,7 @@ def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
     bnb, bf = bnb_modules()
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
-    shapes = [(2048, 2048)] if quick else [(2048, 2048), (4096, 4096), (4096, 11008)]
+    shapes = [(2048, 2048), (4096, 4096)] if quick else [(2048, 2048), (4096, 4096), (4096, 11008)]
     if on_gpu:
         shapes = [(4096, 4096)] if quick else [(4096, 4096), (4096, 11008), (8192, 28672)]
     dtype = torch.bfloat16
@@ -76,7 +76,7 @@ def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
             out.append(nf4_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
                                frac_of_copy=(q4 + dense_bytes) / t / 1e9 / copy_gbs))
         else:
-            t = bench(lambda q: q.dequantize(dtype), sets, repeat=repeat, device=dev)
+            t = bench(lambda q: q.dequantize(dtype), sets, repeat=3 * repeat, device=dev)
             out.append(nf4_record("nf4_dequantize", shape, dtype, "lowrank", t, dev, nbytes=q4 + dense_bytes,
                                   path="native" if native.cpu(warn=False) else "torch (no native library)"))
         t = bench(lambda q: q.dequantize_torch(dtype), sets, repeat=repeat, device=dev)
@@ -84,7 +84,8 @@ def bench_quant_dequant(quick: bool, device: str) -> list[Record]:
         if bf is not None:
             packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
             assert torch.equal(packed, ours.packed) or dev.type == "cuda"
-            t = bench(lambda: bf.dequantize_4bit(packed, state, quant_type="nf4"), [()], repeat=repeat, device=dev)
+            t = bench(lambda: bf.dequantize_4bit(packed, state, quant_type="nf4"), [()],
+                      repeat=repeat if on_gpu else 3 * repeat, device=dev)
             out.append(nf4_record("nf4_dequantize", shape, dtype, "bitsandbytes", t, dev, nbytes=q4 + dense_bytes))
     return out
 
