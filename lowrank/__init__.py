@@ -21,10 +21,12 @@ from .nf4_format import NF4Weight, quantize_nf4
 from .nf4_linear import NF4Linear
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
 from .qlora import prepare_for_qlora_training
+from .summary import ModelSummary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ModelSummary",
     "LoRAConfig",
     "LoRALinear",
     "NF4Linear",
@@ -43,6 +45,7 @@ __all__ = [
     "quantize_nf4",
     "save_adapter",
     "select_targets",
+    "summary",
     "set_adapter",
     "trainable_parameters",
     "unmerge",

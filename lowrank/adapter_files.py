@@ -40,7 +40,7 @@ import torch.nn as nn
 import safetensors.torch
 from safetensors import safe_open
 
-from .config import LoRAConfig
+from .config import LoRAConfig, peft_lora_kwargs
 from .dtypes import FLOAT_DTYPES
 from .layer_types import linear_dims
 from .lora_linear import LoRALinear
@@ -302,7 +302,7 @@ def _fsync_dir(directory) -> None:
 
 # -- load -------------------------------------------------------------------------------------------
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 allow_pickle: bool = False, set_active: bool = False) -> nn.Module:
+                 allow_pickle: bool = False, set_active: bool = False, is_trainable: bool = True) -> nn.Module:
     """Load a peft LoRA adapter from directory `path` into `model` as `adapter_name`; returns model.
 
     If no layer of `model` has `adapter_name` yet, the layers named in the file are patched (an
@@ -314,9 +314,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     that has adapters changes nothing that runs (the new adapter is inactive and frozen) unless
     set_active=True; the first adapter of a model becomes its active one.
 
+    is_trainable=False (peft's name; peft's default, not lowrank's) loads the adapter frozen, for
+    inference: its factors get no gradient whether or not it is active. With the default True an
+    adapter that becomes active is trainable, as one made by patch_linear (a frozen default would
+    make a training loop after load_adapter silently train nothing).
+
     Only `adapter_model.safetensors` is read. A pickled `adapter_model.bin` is refused unless
     allow_pickle=True, and even then is read with torch.load(weights_only=True).
     """
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"load_adapter: is_trainable must be True or False, got {is_trainable!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter expects a torch.nn.Module, got {type(model).__name__}")
     LoRAConfig(adapter_name=adapter_name)  # validates the name
@@ -411,6 +418,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             old = layer.configs[adapter_name]
             layer.configs[adapter_name] = dataclasses.replace(
                 old, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
+            if not is_trainable:
+                layer.lora_A[adapter_name].requires_grad_(False)
+                layer.lora_B[adapter_name].requires_grad_(False)
     return model
 
 
@@ -458,56 +468,9 @@ def _read_config(config_file: str) -> dict:
     return config
 
 
-# Fields whose JSON type must be exactly this (peft's LoraConfig takes them as given, and Python's
-# truthiness would turn "no" into True): name -> (accepted types, description).
-_FIELD_TYPES = {
-    "use_rslora": ((bool,), "true or false"),
-    "use_dora": ((bool,), "true or false"),
-    "fan_in_fan_out": ((bool,), "true or false"),
-    "lora_dropout": ((int, float), "a number in [0, 1)"),
-    "bias": ((str,), "a string"),
-    "target_modules": ((str, list, type(None)), "a regex string, a list of names, or null"),
-}
-
-
 def _lora_config_from_peft(config: dict, adapter_name: str, where: str) -> LoRAConfig:
-    problems = []
-    for key, (types, what) in _FIELD_TYPES.items():
-        if key in config and (not isinstance(config[key], types)
-                              or (bool not in types and isinstance(config[key], bool))):
-            problems.append(f"{key}={config[key]!r} must be {what}")
-    dropout = config.get("lora_dropout", 0.0)
-    if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and not 0.0 <= dropout < 1.0:
-        problems.append(f"lora_dropout={dropout!r} must be a number in [0, 1)")
-    targets = config.get("target_modules")
-    if isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets):
-        problems.append(f"target_modules={targets!r} must list non-empty module names")
-    if isinstance(targets, str) and targets != "all-linear":
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            problems.append(f"target_modules={targets!r} is not a valid regular expression ({exc})")
-    if problems:
-        raise ValueError(f"load_adapter: {where}: " + "; ".join(problems))
-    if config.get("peft_type") != "LORA":
-        problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
-    unsupported = {"use_dora": False, "bias": "none", "lora_bias": False}
-    for key, ok in unsupported.items():
-        if config.get(key, ok) != ok:
-            problems.append(f"{key}={config[key]!r} is not supported (only {ok!r})")
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform",
-                "layer_replication", "trainable_token_indices", "target_parameters"):
-        if config.get(key):
-            problems.append(f"{key}={config[key]!r} is not supported")
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        problems.append(f"r={r!r} must be an int >= 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        problems.append(f"lora_alpha={alpha!r} must be a number > 0")
-    if problems:
-        raise ValueError(f"load_adapter: {where}: " + "; ".join(problems))
-    return LoRAConfig(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                      rslora=config.get("use_rslora", False), adapter_name=adapter_name)
+    return LoRAConfig(**peft_lora_kwargs(config, f"load_adapter: {where}", for_new_weights=False),
+                      adapter_name=adapter_name)
 
 
 def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str | None]:

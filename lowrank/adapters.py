@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from .config import TargetSpec
 from .merge import merge, unmerge
-from .patch import active_adapter, lora_layers, patch_linear, refuse_inside_adapter_ids, set_active_adapter
+from .patch import (accepts_peft_names, active_adapter, lora_layers, patch_linear, refuse_inside_adapter_ids,
+                    set_active_adapter)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -46,6 +47,7 @@ def _check_name(model: nn.Module, name, where: str) -> list[str]:
     return names
 
 
+@accepts_peft_names
 def add_adapter(model: nn.Module, name: str, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                 targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
                 init: str = "kaiming", set_active: bool = False) -> nn.Module:

@@ -1,11 +1,13 @@
-"""LoRAConfig: the hyper-parameters of one adapter, validated in one place. Level 0."""
+"""LoRAConfig: the hyper-parameters of one adapter, validated in one place; and peft's names for
+them (`PEFT_NAMES`, `peft_lora_kwargs`: a peft LoraConfig or its dict read as lowrank's arguments).
+Level 0."""
 from __future__ import annotations
 
 import math
 import numbers
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch.nn as nn
 
@@ -107,3 +109,134 @@ def check_target_spec(spec: TargetSpec, what: str, allow_none: bool) -> None:
         f"{what} must be 'all-linear', a regex string, a list of module names or a callable "
         f"(name, module) -> bool; got {type(spec).__name__}"
     )
+
+
+# -- peft's names ---------------------------------------------------------------------------------
+
+# peft's argument / LoraConfig field -> lowrank's argument of the same meaning.
+PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+              "exclude_modules": "exclude", "use_rslora": "rslora"}
+
+# LoraConfig fields that do not change what lowrank computes: bookkeeping, and fan_in_fan_out
+# (lowrank knows each layer's weight layout: GPT-2's Conv1D is recognised, not declared).
+_PEFT_INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+               "inference_mode", "megatron_core", "qalora_group_size", "fan_in_fan_out", "peft_type",
+               "layers_pattern"}  # (layers_pattern only acts with layers_to_transform, which is refused)
+# How an adapter was initialised, for a file whose weights are given: irrelevant, unless the
+# method also rewrote the base weights (the adapter then belongs to that residual base, and on the
+# original base it would compute something else without a word).
+_PEFT_INIT_FIELDS = {"loftq_config", "eva_config", "corda_config", "lora_ga_config"}
+_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+
+# Fields whose JSON type must be exactly this (peft's LoraConfig takes them as given, and Python's
+# truthiness would turn "no" into True): name -> (accepted types, description).
+_PEFT_FIELD_TYPES = {
+    "use_rslora": ((bool,), "true or false"),
+    "use_dora": ((bool,), "true or false"),
+    "fan_in_fan_out": ((bool,), "true or false"),
+    "lora_dropout": ((int, float), "a number in [0, 1)"),
+    "bias": ((str,), "a string"),
+    "target_modules": ((str, list, tuple, set, frozenset, type(None)), "a regex string, a list of names, or null"),
+}
+
+
+def _empty(value) -> bool:
+    """None, False, 0-free containers: a field left at peft's 'off' default (nested dicts of such too)."""
+    if isinstance(value, Mapping):
+        return all(_empty(v) for v in value.values())
+    return value is None or value is False or (isinstance(value, (str, list, tuple, set, frozenset)) and not value)
+
+
+def peft_config_dict(config) -> dict:
+    """The fields of a peft LoraConfig (its to_dict()) or of a mapping of them, as a plain dict; peft
+    is not imported. TypeError for anything else."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict) and type(config).__name__ == "LoraConfig":
+        out = to_dict()
+        if isinstance(out, Mapping):
+            return dict(out)
+    raise TypeError(f"config must be a peft LoraConfig, a dict of its fields or a lowrank LoRAConfig, got "
+                    f"{type(config).__name__}")
+
+
+def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict:
+    """lowrank's LoRA arguments (rank, alpha, dropout, rslora; and with for_new_weights: targets,
+    exclude, init) from a peft LoraConfig's fields, every field checked: ValueError naming each
+    field that is malformed, or that asks for something lowrank does not do (DoRA, biases,
+    modules_to_save, per-layer rank / alpha patterns, other initialisations...). Fields at their
+    'off' default are accepted whatever they are, as are bookkeeping fields (`_PEFT_INERT`).
+
+    for_new_weights=False (reading an adapter file, whose weights are given): target_modules and
+    the initialisation are not read (the file's keys say which layers; its weights are the init)."""
+    problems = []
+    for key, (types, what) in _PEFT_FIELD_TYPES.items():
+        if key in config and (not isinstance(config[key], types)
+                              or (bool not in types and isinstance(config[key], bool))):
+            problems.append(f"{key}={config[key]!r} must be {what}")
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and not 0.0 <= dropout < 1.0:
+        problems.append(f"lora_dropout={dropout!r} must be a number in [0, 1)")
+    targets = config.get("target_modules")
+    if isinstance(targets, (list, tuple, set, frozenset)) and not all(isinstance(t, str) and t for t in targets):
+        problems.append(f"target_modules={targets!r} must list non-empty module names")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            problems.append(f"target_modules={targets!r} is not a valid regular expression ({exc})")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    peft_type = config.get("peft_type", "LORA" if for_new_weights else None)  # a hand-made dict may omit it
+    if str(getattr(peft_type, "value", peft_type)) != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} is not supported (only 'none')")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(f"r={r!r} must be an int >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        problems.append(f"lora_alpha={alpha!r} must be a number > 0")
+    read = {"r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "target_modules", "exclude_modules",
+            "init_lora_weights"}
+    kwargs = {}
+    if not for_new_weights:
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+            problems.append(f"init_lora_weights={init!r}: this initialisation rewrites the base weights, so the "
+                            f"adapter only fits its residual base model; convert it to a plain LoRA adapter "
+                            f"with peft first (save_pretrained(path_initial_model_for_weight_conversion=...))")
+        read |= _PEFT_INIT_FIELDS
+    else:
+        if targets is None:
+            problems.append("target_modules is null: peft picks a default per architecture; name the modules "
+                            "(or 'all-linear')")
+        init = config.get("init_lora_weights", True)
+        if init is True or init == "gaussian":
+            kwargs["init"] = "kaiming" if init is True else "gaussian"
+        else:
+            problems.append(f"init_lora_weights={init!r} is not supported (only true, i.e. kaiming-uniform A and "
+                            f"zero B, or 'gaussian')")
+        exclude = config.get("exclude_modules")
+        if exclude is not None and not isinstance(exclude, (str, list, tuple, set, frozenset)):
+            problems.append(f"exclude_modules={exclude!r} must be a regex string or a list of names")
+        if isinstance(targets, (set, frozenset)):
+            targets = sorted(targets)
+        if isinstance(exclude, (set, frozenset)):
+            exclude = sorted(exclude)
+        kwargs.update(targets=targets if not isinstance(targets, tuple) else list(targets),
+                      exclude=exclude if exclude else None)
+    for key, value in config.items():
+        if key not in read and key not in _PEFT_INERT and not _empty(value):
+            problems.append(f"{key}={value!r} is not supported")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    kwargs.update(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                  rslora=bool(config.get("use_rslora", False)))
+    return kwargs
+
+
+def lora_kwargs(config: LoRAConfig) -> dict:
+    """A lowrank LoRAConfig as patch_linear's arguments (adapter_name included)."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}

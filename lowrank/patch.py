@@ -4,13 +4,15 @@ Level 4: imports levels 0-4.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 
-from .config import LoRAConfig, TargetSpec
+from .config import PEFT_NAMES, LoRAConfig, TargetSpec, lora_kwargs, peft_config_dict, peft_lora_kwargs
 from .layer_types import module_references, replace_module
 from .lora_linear import LoRALinear, is_linear
 from .qlora import check_quantize_args, quantize_targets, quantized_layers
@@ -94,6 +96,50 @@ def _list_linear(found) -> str:
     return (f"the model's linear layers are named {names} ({len(found)} layers, e.g. {examples})")
 
 
+_CONFIG_ARGS = ("rank", "alpha", "dropout", "targets", "exclude", "rslora", "init")
+
+
+def accepts_peft_names(fn):
+    """fn also takes peft's names for its LoRA arguments (`PEFT_NAMES`: r, lora_alpha, lora_dropout,
+    target_modules, exclude_modules, use_rslora) and `config=`: a peft LoraConfig or a dict of its
+    fields (peft is not imported), or a lowrank LoRAConfig, read into those arguments. An argument
+    given twice (rank and r; alpha as an argument and in config) is a TypeError naming both."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, config=None, **kwargs):
+        where = fn.__name__
+        aliases = {k: kwargs.pop(k) for k in list(kwargs) if k in PEFT_NAMES}
+        explicit = set(sig.bind_partial(*args, **kwargs).arguments)  # TypeError for unknown names
+        for alias, value in aliases.items():
+            name = PEFT_NAMES[alias]
+            if name in explicit:
+                raise TypeError(f"{where}: got both {name}= and {alias}= (peft's name for it); pass one")
+            kwargs[name] = value
+            explicit.add(name)
+        if config is not None:
+            if isinstance(config, LoRAConfig):
+                from_config = {k: v for k, v in lora_kwargs(config).items() if k in _CONFIG_ARGS or
+                               (k == "adapter_name" and "adapter_name" in sig.parameters)}
+                source = "the LoRAConfig"
+            else:
+                from_config = peft_lora_kwargs(peft_config_dict(config), f"{where}(config=...)", for_new_weights=True)
+                source = "config"
+            both = sorted((explicit & set(from_config)) - ({"adapter_name"} if source == "the LoRAConfig" else set()))
+            if both:
+                raise TypeError(f"{where}: {', '.join(both)} given both as argument(s) and in {source}; pass each once")
+            for k, v in from_config.items():
+                if k not in explicit:
+                    kwargs[k] = v
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(),
+                                                    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
+                                                                      default=None)])
+    return wrapper
+
+
+@accepts_peft_names
 def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                  targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
                  init: str = "kaiming", adapter_name: str = "default", quantize: str | None = None,
@@ -120,6 +166,11 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     is given. Everything that could make quantizing fail (NaN/Inf, block maxima whose double
     quantization would overflow) is checked on every layer before the first swap; an error after
     it (out of memory) says which layers were converted.
+
+    peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
+    exclude_modules, use_rslora), and config= takes a peft LoraConfig (or its dict, or a lowrank
+    LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`. A config field that asks
+    for what lowrank does not do (DoRA, modules_to_save, rank_pattern, ...) is a ValueError naming it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")

@@ -459,3 +459,38 @@ def test_a_killed_save_leaves_the_old_or_the_new_adapter(tmp_path):
             assert torch.equal(sd[f"base_model.model.{p}.lora_B.default.weight"], b), p
         versions[attempt] = sorted(mine)
     assert not [n for n in os.listdir(tmp_path) if n != "adapter" and not n.endswith(".saving")]
+
+
+def test_is_trainable_false_loads_frozen(tmp_path):
+    """peft's is_trainable: False loads the adapter for inference (no factor needs a gradient, the
+    outputs are the trainable load's); the default keeps lowrank's rule (an active adapter trains)."""
+    base = small_llama()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4)
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path)
+    frozen = lowrank.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=False)
+    trained = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for _, l in lowrank.lora_layers(trained) for p in (*l.lora_A.values(), *l.lora_B.values()))
+    x = ids()
+    assert torch.equal(logits(frozen, x), logits(trained, x))
+    lowrank.load_adapter(trained, tmp_path, is_trainable=False)  # over an existing adapter: frozen too
+    assert not any(p.requires_grad for p in trained.parameters())
+    with pytest.raises(TypeError, match="is_trainable"):
+        lowrank.load_adapter(copy.deepcopy(base), tmp_path, is_trainable="no")
+
+
+def test_base_rewriting_initialisations_are_refused(tmp_path):
+    """An adapter saved with init_lora_weights='pissa' (or olora, loftq, corda) belongs to the
+    residual base peft rewrote; on the original base it would compute something else."""
+    base = small_llama()
+    lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
+    config = json.load(open(tmp_path / CONFIG_NAME))
+    for init, ok in (("pissa_niter_4", False), ("olora", False), ("gaussian", True), (True, True), ("eva", True)):
+        config["init_lora_weights"] = init
+        json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
+        if ok:
+            lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+        else:
+            with pytest.raises(ValueError, match="rewrites the base weights"):
+                lowrank.load_adapter(copy.deepcopy(base), tmp_path)

@@ -379,3 +379,102 @@ def test_running_out_of_memory_while_adding_an_adapter_changes_nothing(monkeypat
         lowrank.add_adapter(model, "second", rank=4)
     assert_same_snapshot(snap, snapshot(model))
     assert all(set(layer.configs) == {"default"} for _, layer in lowrank.lora_layers(model))
+
+
+# -- peft's names and configs ----------------------------------------------------------------------
+
+def _factors(model):
+    return {p: (m.lora_A["default"].detach().clone(), m.lora_B["default"].detach().clone(), m.configs["default"])
+            for p, m in lowrank.lora_layers(model)}
+
+
+def test_peft_argument_names_are_aliases():
+    """r, lora_alpha, lora_dropout, target_modules, exclude_modules, use_rslora do what rank, alpha,
+    dropout, targets, exclude, rslora do: same layers, same settings, same initial factors."""
+    out = []
+    for kwargs in (dict(rank=4, alpha=8, dropout=0.1, targets=["q_proj", "v_proj"], exclude=["layers.1.self_attn.q_proj"],
+                        rslora=True),
+                   dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
+                        exclude_modules=["layers.1.self_attn.q_proj"], use_rslora=True)):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        lowrank.patch_linear(model, **kwargs)
+        out.append(_factors(model))
+    assert out[0].keys() == out[1].keys() and len(out[0]) == 3
+    for p in out[0]:
+        assert torch.equal(out[0][p][0], out[1][p][0]) and out[0][p][2] == out[1][p][2]
+    model = tiny_llama()
+    lowrank.add_adapter(model, "second", r=2, target_modules=["k_proj"])
+    assert {m.configs["second"].rank for _, m in lowrank.lora_layers(model)} == {2}
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(rank=4, r=8), "both rank= and r="),
+    (dict(alpha=4, lora_alpha=8), "both alpha= and lora_alpha="),
+    (dict(targets=["q_proj"], target_modules=["v_proj"]), "both targets= and target_modules="),
+    (dict(rank_of_lora=4), "unexpected keyword"),
+])
+def test_peft_names_given_twice_or_unknown_are_refused(kwargs, words):
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=words):
+        lowrank.patch_linear(model, **kwargs)
+    assert_same_snapshot(snapshot(model), before)
+
+
+def test_config_from_peft_selects_what_peft_selects():
+    """patch_linear(config=LoraConfig(...)): the layers peft's get_peft_model adapts, at its rank,
+    alpha, dropout and scaling; the same from the config's dict, with peft not imported by lowrank."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=0.05, target_modules=["q_proj", "down_proj"],
+                          exclude_modules=["model.layers.0.mlp.down_proj"], use_rslora=True)
+    reference = peft.get_peft_model(tiny_llama(), cfg)
+    peft_layers = {n.removeprefix("base_model.model.") for n, m in reference.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for config in (cfg, cfg.to_dict(), {"r": 4, "lora_alpha": 12, "lora_dropout": 0.05, "use_rslora": True,
+                                        "target_modules": ["q_proj", "down_proj"],
+                                        "exclude_modules": ["model.layers.0.mlp.down_proj"]}):
+        model = tiny_llama()
+        lowrank.patch_linear(model, config=config)
+        layers = dict(lowrank.lora_layers(model))
+        assert set(layers) == peft_layers
+        for p, layer in layers.items():
+            c = layer.configs["default"]
+            assert (c.rank, c.alpha, c.dropout, c.rslora) == (4, 12, 0.05, True)
+            assert layer.scaling("default") == reference.get_submodule("base_model.model." + p).scaling["default"]
+
+
+def test_config_from_a_lowrank_config_and_conflicts():
+    model = tiny_llama()
+    lowrank.patch_linear(model, config=lowrank.LoRAConfig(rank=3, targets=["o_proj"], adapter_name="mine"))
+    assert {(p.rsplit(".", 1)[-1], tuple(m.configs)) for p, m in lowrank.lora_layers(model)} == {("o_proj", ("mine",))}
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="rank given both"):
+        lowrank.patch_linear(model, rank=8, config={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    with pytest.raises(TypeError, match="config must be a peft LoraConfig"):
+        lowrank.patch_linear(model, config=["q_proj"])
+    assert_same_snapshot(snapshot(model), before)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_dora", True), ("modules_to_save", ["lm_head"]), ("rank_pattern", {"q_proj": 8}),
+    ("alpha_pattern", {"q_proj": 8}), ("init_lora_weights", "pissa"), ("bias", "all"),
+    ("layers_to_transform", [0]), ("target_modules", None), ("peft_type", "LOHA"), ("lora_dropout", 1.5),
+    ("r", 0), ("some_future_field", {"enabled": True}),
+])
+def test_config_fields_lowrank_does_not_do_are_named(field, value):
+    """A config that asks for what lowrank does not do fails naming the field, model untouched;
+    fields left at peft's 'off' default (None, false, {}) pass, whatever they are."""
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": False, "loftq_config": {},
+              "megatron_config": None, "task_type": "CAUSAL_LM", "some_future_flag": False, field: value}
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=field):
+        lowrank.patch_linear(model, config=config)
+    assert_same_snapshot(snapshot(model), before)
+    del config[field]
+    config.setdefault("target_modules", ["q_proj"])
+    config.setdefault("r", 4)
+    lowrank.patch_linear(model, config=config)
+
