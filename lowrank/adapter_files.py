@@ -24,6 +24,7 @@ disagrees with them, naming the fields. peft ignores extra safetensors metadata.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -40,7 +41,7 @@ import torch.nn as nn
 import safetensors.torch
 from safetensors import safe_open
 
-from .config import LoRAConfig, peft_lora_kwargs
+from .config import LoRAConfig, pattern_value, peft_lora_kwargs
 from .dtypes import FLOAT_DTYPES
 from .layer_types import linear_dims
 from .lora_linear import LoRALinear
@@ -61,8 +62,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     task_type: "auto" writes "CAUSAL_LM" for a *ForCausalLM model and null otherwise (peft then
     loads it as a plain PeftModel); pass a peft TaskType string to choose.
     base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set.
-    Raises ValueError when the model has no such adapter, or when the layers' settings differ
-    (peft's per-layer rank_pattern / alpha_pattern are not written).
+    Layers whose rank or alpha differ from the most common ones are written in peft's rank_pattern /
+    alpha_pattern. Raises ValueError when the model has no such adapter, or when layers differ in
+    rslora or dropout (a peft file has one of each).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter expects a torch.nn.Module, got {type(model).__name__}")
@@ -70,12 +72,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not layers:
         names = sorted({n for _, m in lora_layers(model) for n in m.configs})
         raise ValueError(f"save_adapter: the model has no adapter {adapter_name!r} (adapters: {names})")
-    settings = {(m.configs[adapter_name].rank, float(m.configs[adapter_name].alpha),
-                 m.configs[adapter_name].rslora, m.configs[adapter_name].dropout) for _, m in layers}
+    settings = {(m.configs[adapter_name].rslora, m.configs[adapter_name].dropout) for _, m in layers}
     if len(settings) != 1:
-        raise ValueError(f"save_adapter: adapter {adapter_name!r} has different (rank, alpha, rslora, dropout) "
-                         f"on different layers {sorted(settings)}; a peft file needs one setting")
-    cfg = layers[0][1].configs[adapter_name]
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} has different (rslora, dropout) on different "
+                         f"layers {sorted(settings)}; a peft file has one setting of each")
+    cfg, rank_pattern, alpha_pattern = _patterns([(p, m.configs[adapter_name]) for p, m in layers])
     meta = [p for p, m in layers if m.lora_A[adapter_name].device.type == "meta"
             or m.lora_B[adapter_name].device.type == "meta"]
     if meta:
@@ -94,6 +95,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     config = _config_dict(cfg, _target_modules(model, [p for p, _ in layers]),
                           fan_in_fan_out=any(m.fan_in_fan_out for _, m in layers),
                           task_type=task_type, base=base_model_name_or_path)
+    if rank_pattern:
+        config["rank_pattern"] = rank_pattern
+    if alpha_pattern:
+        config["alpha_pattern"] = alpha_pattern
 
     metadata = {"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))}
     path = os.path.abspath(os.fspath(path))
@@ -232,8 +237,29 @@ SETTINGS_KEY = "lowrank_settings"
 
 
 def _settings(config: dict) -> dict:
-    """The config fields without which the weights would compute something else."""
-    return {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora")}
+    """The config fields without which the weights would compute something else (the patterns
+    only when there are some, so that files written before them still match)."""
+    out = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora")}
+    out.update({k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)})
+    return out
+
+
+def _patterns(layers: list[tuple[str, LoRAConfig]]) -> tuple[LoRAConfig, dict, dict]:
+    """(the config written as r / lora_alpha: the most common rank, then the most common alpha among
+    its layers; rank_pattern and alpha_pattern naming, by their escaped full paths, every layer that
+    differs). peft matches those keys at the end of the module path, so each names its one layer."""
+    ranks = collections.Counter(c.rank for _, c in layers)
+    rank = max(ranks, key=lambda r: (ranks[r], -r))
+    alphas = collections.Counter(float(c.alpha) for _, c in layers if c.rank == rank)
+    alpha = max(alphas, key=lambda a: (alphas[a], -a))
+    cfg = next(c for _, c in layers if c.rank == rank and float(c.alpha) == alpha)
+    rank_pattern = {re.escape(p): c.rank for p, c in layers if c.rank != rank}
+    alpha_pattern = {re.escape(p): _json_number(c.alpha) for p, c in layers if float(c.alpha) != alpha}
+    return cfg, rank_pattern, alpha_pattern
+
+
+def _json_number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
 
 
 def _config_dict(cfg: LoRAConfig, targets, fan_in_fan_out: bool, task_type, base) -> dict:
@@ -333,7 +359,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {path!r}")
     config = _read_config(config_file)
-    cfg = _lora_config_from_peft(config, adapter_name, config_file)
+    cfg, rank_pattern, alpha_pattern = _lora_config_from_peft(config, adapter_name, config_file)
+
+    def rank_at(p: str) -> int:  # peft's rule: the pattern's value where a key matches, else r / lora_alpha
+        r = pattern_value(rank_pattern, p)
+        return cfg.rank if r is None else int(r)
+
+    def alpha_at(p: str) -> float:
+        a = pattern_value(alpha_pattern, p)
+        return cfg.alpha if a is None else float(a)
+
     tensors, stamp = _read_weights(path, allow_pickle)
     if stamp is not None:
         try:
@@ -366,11 +401,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             problems.append(f"{p}: no nn.Linear / Conv1D layer at this path in the model")
             continue
         k, n = (mod.in_features, mod.out_features) if isinstance(mod, LoRALinear) else linear_dims(mod)
-        expect = {"lora_A": (cfg.rank, k), "lora_B": (n, cfg.rank)}
+        rank = rank_at(p)
+        expect = {"lora_A": (rank, k), "lora_B": (n, rank)}
         for which, t in ab.items():
             if tuple(t.shape) != expect[which]:
                 problems.append(f"{p}.{which}.weight: shape {tuple(t.shape)}, the layer needs {expect[which]} "
-                                f"(r={cfg.rank}, in={k}, out={n})")
+                                f"(r={rank}{' from rank_pattern' if rank != cfg.rank else ''}, in={k}, out={n})")
             if t.dtype not in FLOAT_DTYPES:
                 problems.append(f"{p}.{which}.weight: dtype {t.dtype}, expected a floating-point dtype")
                 continue
@@ -378,9 +414,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if existing and p not in existing:
             problems.append(f"{p}: the model's adapter {adapter_name!r} does not cover this layer "
                             f"(it is on {len(existing)} other layers)")
-        elif p in existing and existing[p].configs[adapter_name].rank != cfg.rank:
+        elif p in existing and existing[p].configs[adapter_name].rank != rank:
             problems.append(f"{p}: adapter {adapter_name!r} has rank {existing[p].configs[adapter_name].rank} "
-                            f"in the model, {cfg.rank} in the file")
+                            f"in the model, {rank} in the file")
     merged = sorted(p for p, mod in existing.items() if getattr(mod, "merged", None)
                     and mod.merged.adapter == adapter_name)
     if merged:  # new A / B under a merged weight: outputs would keep the old adapter, unmerge would fail
@@ -404,6 +440,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     wanted = set(pairs)
     if not existing:
         patch_linear(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
+                     rank_pattern={re.escape(p): rank_at(p) for p in wanted if rank_at(p) != cfg.rank},
+                     alpha_pattern={re.escape(p): alpha_at(p) for p in wanted if alpha_at(p) != cfg.alpha},
                      targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active)
     layers = dict(lora_layers(model))
     # The file's factors in each layer's dtype and device first (what can run out of memory), then
@@ -417,7 +455,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 store[adapter_name].copy_(staged[(p, which)])
             old = layer.configs[adapter_name]
             layer.configs[adapter_name] = dataclasses.replace(
-                old, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
+                old, alpha=alpha_at(p), dropout=cfg.dropout, rslora=cfg.rslora)
             if not is_trainable:
                 layer.lora_A[adapter_name].requires_grad_(False)
                 layer.lora_B[adapter_name].requires_grad_(False)
@@ -468,9 +506,12 @@ def _read_config(config_file: str) -> dict:
     return config
 
 
-def _lora_config_from_peft(config: dict, adapter_name: str, where: str) -> LoRAConfig:
-    return LoRAConfig(**peft_lora_kwargs(config, f"load_adapter: {where}", for_new_weights=False),
-                      adapter_name=adapter_name)
+def _lora_config_from_peft(config: dict, adapter_name: str, where: str) -> tuple[LoRAConfig, dict | None,
+                                                                                   dict | None]:
+    """(the file's settings, its rank_pattern, its alpha_pattern)."""
+    kwargs = peft_lora_kwargs(config, f"load_adapter: {where}", for_new_weights=False)
+    rank_pattern, alpha_pattern = kwargs.pop("rank_pattern"), kwargs.pop("alpha_pattern")
+    return LoRAConfig(**kwargs, adapter_name=adapter_name), rank_pattern, alpha_pattern
 
 
 def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str | None]:

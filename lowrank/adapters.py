@@ -50,12 +50,14 @@ def _check_name(model: nn.Module, name, where: str) -> list[str]:
 @accepts_peft_names
 def add_adapter(model: nn.Module, name: str, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                 targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
-                init: str = "kaiming", set_active: bool = False) -> nn.Module:
+                init: str = "kaiming", set_active: bool = False, rank_pattern: dict | None = None,
+                alpha_pattern: dict | None = None) -> nn.Module:
     """Add adapter `name` (same arguments as `patch_linear`). As in peft, nothing that runs changes:
     the model's active adapter stays active (the first adapter of a model becomes it), and the new
     one is frozen until `set_adapter` picks it, or set_active=True does so here. Returns model."""
     return patch_linear(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets, exclude=exclude,
-                        rslora=rslora, init=init, adapter_name=name, set_active=set_active)
+                        rslora=rslora, init=init, adapter_name=name, set_active=set_active,
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
 def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:

@@ -80,6 +80,39 @@ def scaling_for(rank: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def pattern_value(pattern: Mapping[str, Any] | None, path: str):
+    """peft's rule for rank_pattern / alpha_pattern: the value of the first key (in the mapping's
+    order) that, as a regex, matches the end of the module path at a name boundary
+    (re.match(rf"(.*\.)?({key})$", path)); None when no key does."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return None
+
+
+def check_pattern(pattern, what: str) -> dict | None:
+    """A rank_pattern (what="rank_pattern": values ints >= 1) or alpha_pattern (numbers > 0) as a
+    dict, None when empty; TypeError / ValueError naming the bad key or value."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, Mapping):
+        raise TypeError(f"{what} must be a dict of module-name regex -> value, got {type(pattern).__name__}")
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{what}: keys must be non-empty strings (module names or regexes), got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise ValueError(f"{what}: key {key!r} is not a valid regular expression ({exc})") from None
+        if what == "rank_pattern":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{what}[{key!r}] = {value!r}: a rank must be an int >= 1")
+        elif (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+              or value <= 0):
+            raise ValueError(f"{what}[{key!r}] = {value!r}: an alpha must be a finite number > 0")
+    return dict(pattern) or None
+
+
 def check_target_spec(spec: TargetSpec, what: str, allow_none: bool) -> None:
     """TypeError/ValueError for a targets/exclude value that is not one of the accepted forms."""
     if spec is None:
@@ -165,7 +198,8 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     """lowrank's LoRA arguments (rank, alpha, dropout, rslora; and with for_new_weights: targets,
     exclude, init) from a peft LoraConfig's fields, every field checked: ValueError naming each
     field that is malformed, or that asks for something lowrank does not do (DoRA, biases,
-    modules_to_save, per-layer rank / alpha patterns, other initialisations...). Fields at their
+    modules_to_save, other initialisations...). rank_pattern / alpha_pattern come back as such
+    (dicts, or None when empty). Fields at their
     'off' default are accepted whatever they are, as are bookkeeping fields (`_PEFT_INERT`).
 
     for_new_weights=False (reading an adapter file, whose weights are given): target_modules and
@@ -199,7 +233,13 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         problems.append(f"lora_alpha={alpha!r} must be a number > 0")
     read = {"r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "target_modules", "exclude_modules",
-            "init_lora_weights"}
+            "init_lora_weights", "rank_pattern", "alpha_pattern"}
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        try:
+            patterns[key] = check_pattern(config.get(key) or None, key)
+        except (TypeError, ValueError) as exc:
+            problems.append(str(exc))
     kwargs = {}
     if not for_new_weights:
         init = config.get("init_lora_weights", True)
@@ -233,7 +273,7 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
     kwargs.update(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                  rslora=bool(config.get("use_rslora", False)))
+                  rslora=bool(config.get("use_rslora", False)), **patterns)
     return kwargs
 
 

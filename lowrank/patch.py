@@ -4,6 +4,7 @@ Level 4: imports levels 0-4.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -12,7 +13,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .config import PEFT_NAMES, LoRAConfig, TargetSpec, lora_kwargs, peft_config_dict, peft_lora_kwargs
+from .config import (PEFT_NAMES, LoRAConfig, TargetSpec, check_pattern, lora_kwargs, pattern_value, peft_config_dict,
+                     peft_lora_kwargs)
 from .layer_types import module_references, replace_module
 from .lora_linear import LoRALinear, is_linear
 from .qlora import check_quantize_args, quantize_targets, quantized_layers
@@ -99,6 +101,18 @@ def _list_linear(found) -> str:
 _CONFIG_ARGS = ("rank", "alpha", "dropout", "targets", "exclude", "rslora", "init")
 
 
+def _layer_config(config: LoRAConfig, path: str, alpha, rank_pattern, alpha_pattern) -> LoRAConfig:
+    """The adapter's settings at `path`: rank and alpha from the patterns where a key matches."""
+    rank = pattern_value(rank_pattern, path)
+    layer_alpha = pattern_value(alpha_pattern, path)
+    if rank is None and layer_alpha is None:
+        return config
+    rank = config.rank if rank is None else int(rank)
+    if layer_alpha is None:
+        layer_alpha = 2 * rank if alpha is None else config.alpha
+    return dataclasses.replace(config, rank=rank, alpha=float(layer_alpha))
+
+
 def accepts_peft_names(fn):
     """fn also takes peft's names for its LoRA arguments (`PEFT_NAMES`: r, lora_alpha, lora_dropout,
     target_modules, exclude_modules, use_rslora) and `config=`: a peft LoraConfig or a dict of its
@@ -144,7 +158,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                  targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
                  init: str = "kaiming", adapter_name: str = "default", quantize: str | None = None,
                  compute_dtype: torch.dtype | None = None, blocksize: int = 64,
-                 double_quant: bool = True, set_active: bool = False) -> nn.Module:
+                 double_quant: bool = True, set_active: bool = False, rank_pattern: dict | None = None,
+                 alpha_pattern: dict | None = None) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
@@ -167,6 +182,11 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     quantization would overflow) is checked on every layer before the first swap; an error after
     it (out of memory) says which layers were converted.
 
+    rank_pattern / alpha_pattern (peft's): per-layer rank and alpha, {regex or module name: value};
+    a layer takes the value of the first key that matches the end of its path at a name boundary
+    (peft's rule, `lowrank.config.pattern_value`), else rank / alpha. With alpha=None a layer's
+    alpha is 2 * its own rank (scaling 2 everywhere), unless alpha_pattern names it.
+
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
     exclude_modules, use_rslora), and config= takes a peft LoraConfig (or its dict, or a lowrank
     LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`. A config field that asks
@@ -178,6 +198,9 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
                         targets=targets, exclude=exclude, adapter_name=adapter_name)
     chosen = select_targets(model, targets, exclude)
+    rank_pattern, alpha_pattern = check_pattern(rank_pattern, "rank_pattern"), check_pattern(alpha_pattern,
+                                                                                              "alpha_pattern")
+    layer_configs = {path: _layer_config(config, path, alpha, rank_pattern, alpha_pattern) for path, *_ in chosen}
     clash = [path for path, module, *_ in chosen
              if isinstance(module, LoRALinear) and adapter_name in module.configs]
     if clash:
@@ -189,11 +212,11 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
 
     # Build everything first; only then mutate the model. One wrapper per module, put in every
     # place the model holds it (a module under two paths must not get two sets of adapters).
-    wrappers: dict[int, tuple[nn.Module, LoRALinear, bool]] = {}
+    wrappers: dict[int, tuple[nn.Module, LoRALinear, bool, LoRAConfig]] = {}
     for path, module, parent, attr in chosen:
         if id(module) not in wrappers:
             new = not isinstance(module, LoRALinear)
-            wrappers[id(module)] = (module, LoRALinear(module) if new else module, new)
+            wrappers[id(module)] = (module, LoRALinear(module) if new else module, new, layer_configs[path])
     refs = module_references(model)
     state = getattr(model, _STATE_ATTR, None)
     fresh_state = state is None
@@ -201,10 +224,10 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         state = {"requires_grad": [(p, p.requires_grad) for p in model.parameters()]}
     activate = set_active or not any(layer.configs for _, layer in lora_layers(model))
     # Every new factor is allocated (what can run out of memory) before any layer gets one.
-    factors = [wrapper.new_factors(config) for _, wrapper, _ in wrappers.values()]
-    for (_, wrapper, _), (a, b) in zip(wrappers.values(), factors):
-        wrapper.attach_adapter(config, a, b, activate=activate)
-    for module, wrapper, new in wrappers.values():
+    factors = [wrapper.new_factors(cfg) for _, wrapper, _, cfg in wrappers.values()]
+    for (_, wrapper, _, cfg), (a, b) in zip(wrappers.values(), factors):
+        wrapper.attach_adapter(cfg, a, b, activate=activate)
+    for module, wrapper, new, _ in wrappers.values():
         if new:
             replace_module(refs, module, wrapper)
     lora_params = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
@@ -215,7 +238,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     if activate:  # the model-wide active adapter: this one, trainable; every other one frozen
         set_active_adapter(model, adapter_name, trainable=True)
     else:
-        for _, wrapper, _ in wrappers.values():
+        for _, wrapper, _, _ in wrappers.values():
             wrapper.lora_A[adapter_name].requires_grad_(False)
             wrapper.lora_B[adapter_name].requires_grad_(False)
     if fresh_state:

@@ -61,6 +61,10 @@ PEFT_CASES = {
     "llama-rslora-all": ("llama", dict(r=6, lora_alpha=5, use_rslora=True, target_modules="all-linear",
                                        task_type="CAUSAL_LM")),
     "gpt2": ("gpt2", dict(r=3, lora_alpha=7, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "llama-patterns": ("llama", dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                     rank_pattern={"v_proj": 8, r"layers\.1\.mlp\..*": 2}, alpha_pattern={"o_proj": 3})),
+    "gpt2-patterns": ("gpt2", dict(r=3, lora_alpha=7, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                   rank_pattern={"c_proj": 5}, alpha_pattern={r"h\.0\.attn\.c_attn": 2.5})),
 }
 
 
@@ -183,9 +187,9 @@ def test_unsupported_config_refused(tmp_path):
     base = small_llama()
     lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
     config = json.load(open(tmp_path / CONFIG_NAME))
-    config.update(use_dora=True, rank_pattern={"q_proj": 8})
+    config.update(use_dora=True, modules_to_save=["lm_head"])
     json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
-    with pytest.raises(ValueError, match="use_dora=True.*rank_pattern"):
+    with pytest.raises(ValueError, match="modules_to_save=.*use_dora=True"):
         lowrank.load_adapter(copy.deepcopy(base), tmp_path)
 
 
@@ -494,3 +498,62 @@ def test_base_rewriting_initialisations_are_refused(tmp_path):
         else:
             with pytest.raises(ValueError, match="rewrites the base weights"):
                 lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_layer_ranks_to_peft_and_back(tmp_path, arch):
+    """Per-layer ranks and alphas (patch_linear's rank_pattern / alpha_pattern) are written as peft's
+    rank_pattern / alpha_pattern: peft loads the file to the same outputs and factors, and lowrank
+    reads it back to the same per-layer settings."""
+    base = SMALL_MODELS[arch]()
+    patterns = (dict(rank_pattern={"v_proj": 8, r"layers\.1\..*": 2}, alpha_pattern={"o_proj": 3})
+                if arch == "llama" else dict(rank_pattern={"c_proj": 6}, alpha_pattern={r"h\.1\..*": 1.5}))
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=12, **patterns)
+    settings = {p: (m.configs["default"].rank, m.configs["default"].alpha) for p, m in lowrank.lora_layers(model)}
+    assert len(set(settings.values())) >= 3
+    randomize_B_(model)
+    x = ids()
+    ours = logits(model, x)
+    lowrank.save_adapter(model, tmp_path)
+    config = json.load(open(tmp_path / CONFIG_NAME))
+    assert config["rank_pattern"] and config["alpha_pattern"]  # r: the most common rank
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    check_same(logits(pm, x), model, x, ours)
+    sd = pm.state_dict()
+    for path, layer in lowrank.lora_layers(model):
+        assert torch.equal(layer.lora_B["default"], sd[f"base_model.model.{path}.lora_B.default.weight"])
+        peft_layer = pm.get_submodule(f"base_model.model.{path}")
+        assert peft_layer.r["default"] == settings[path][0]
+        assert peft_layer.scaling["default"] == layer.scaling("default")
+    back = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    assert {p: (m.configs["default"].rank, m.configs["default"].alpha) for p, m in lowrank.lora_layers(back)} == settings
+    assert torch.equal(logits(back, x), ours)
+
+
+def test_per_layer_ranks_merge_and_mixed_batches():
+    """Per-layer ranks change nothing for merge (bit-exact unmerge) or the mixed batch (each row
+    its adapter's output)."""
+    base = small_llama()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4, rank_pattern={"q_proj": 7, "down_proj": 2})
+    lowrank.add_adapter(model, "other", rank=3, rank_pattern={"v_proj": 5})
+    randomize_B_(model)
+    x = ids(rows=3)
+    outs = {}
+    for name in ("default", "other"):
+        lowrank.set_adapter(model, name)
+        outs[name] = logits(model, x)
+    with lowrank.disable_adapters(model):
+        outs[None] = logits(model, x)
+    with lowrank.adapter_ids(model, ["other", None, "default"]):
+        mixed = logits(model, x)
+    for row, name in enumerate(["other", None, "default"]):
+        assert torch.allclose(mixed[row], outs[name][row], rtol=1e-5, atol=1e-5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lowrank.set_adapter(model, "default")
+    lowrank.merge(model)
+    assert torch.allclose(logits(model, x), outs["default"], rtol=1e-4, atol=1e-4)
+    lowrank.unmerge(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n

@@ -458,8 +458,8 @@ def test_config_from_a_lowrank_config_and_conflicts():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True), ("modules_to_save", ["lm_head"]), ("rank_pattern", {"q_proj": 8}),
-    ("alpha_pattern", {"q_proj": 8}), ("init_lora_weights", "pissa"), ("bias", "all"),
+    ("use_dora", True), ("modules_to_save", ["lm_head"]), ("rank_pattern", {"q_proj": 0}),
+    ("alpha_pattern", {"(": 8}), ("init_lora_weights", "pissa"), ("bias", "all"),
     ("layers_to_transform", [0]), ("target_modules", None), ("peft_type", "LOHA"), ("lora_dropout", 1.5),
     ("r", 0), ("some_future_field", {"enabled": True}),
 ])
@@ -478,3 +478,31 @@ def test_config_fields_lowrank_does_not_do_are_named(field, value):
     config.setdefault("r", 4)
     lowrank.patch_linear(model, config=config)
 
+
+
+def test_rank_and_alpha_patterns_follow_pefts_matching_rule():
+    """rank_pattern / alpha_pattern: per layer the rank and scaling peft's get_peft_model gives for
+    the same config (first matching key in order, matched at the end of the path on a name boundary:
+    "proj" matches nothing), through config= and through the arguments."""
+    peft = pytest.importorskip("peft")
+    rank_pattern = {r"layers\.0\.self_attn\.q_proj": 2, "q_proj": 6, "proj": 99, r"mlp\..*": 3}
+    alpha_pattern = {"v_proj": 5, r"layers\.1\..*": 7}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern=rank_pattern,
+                          alpha_pattern=alpha_pattern)
+    reference = peft.get_peft_model(tiny_llama(), cfg)
+    expected = {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+                for n, m in reference.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for how in ("config", "arguments"):
+        model = tiny_llama()
+        if how == "config":
+            lowrank.patch_linear(model, config=cfg)
+        else:
+            lowrank.patch_linear(model, r=4, lora_alpha=8, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        got = {p: (m.configs["default"].rank, m.scaling("default")) for p, m in lowrank.lora_layers(model)}
+        assert got == expected
+        assert {r for r, _ in got.values()} == {2, 3, 4, 6}
+    model = tiny_llama()  # alpha left to lowrank's default: 2 * each layer's own rank
+    lowrank.patch_linear(model, rank=4, rank_pattern={"q_proj": 8})
+    assert {m.scaling("default") for _, m in lowrank.lora_layers(model)} == {2.0}
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] = 0"):
+        lowrank.patch_linear(tiny_llama(), rank_pattern={"q_proj": 0})
