@@ -1,4 +1,5 @@
-"""python -m bench [bench.run's arguments] [--no-static]: the microbenchmarks (`bench.run`), then
+"""python -m bench [bench.run's arguments] [--no-static]: the microbenchmarks (`bench.run`), their
+report (`bench.report`: every results folder's section of bench/REPORT.md, tables and plots), then
 the static analysis of every kernel variant (`bench.static`, which rewrites its section of
 bench/REPORT.md). The static part runs in its own interpreter without TRITON_INTERPRET: it compiles
 real kernels for sm_90a and sm_80, no GPU needed."""
@@ -8,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from . import run
+from . import report, run
 
 
 def main(argv=None) -> int:
@@ -16,6 +17,7 @@ def main(argv=None) -> int:
     static = "--no-static" not in argv
     argv = [a for a in argv if a != "--no-static"]
     rc = run.main(argv)
+    rc = report.main([]) or rc
     if static:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         report = os.path.join(os.path.dirname(os.path.abspath(__file__)), "REPORT.md")

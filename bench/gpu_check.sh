@@ -106,6 +106,9 @@ for name in $("$PY" -c "from bench.run import BENCHES; print(' '.join(BENCHES))"
     done
     step "bench_$name" "$limit" "$PY" -m bench.run --quick --only "$name" --out "$OUT/bench"
 done
+# The report of those results ($OUT/REPORT.md, plots in $OUT/bench/report/): to commit, copy
+# $OUT/bench to bench/results/<date>-<gpu>/ and run `python -m bench.report` here.
+step report 20 "$PY" -m bench.report "$OUT/bench" --report "$OUT/REPORT.md"
 
 # 4a. bench.static on the GPU machine: every sm_90a variant compiled there, with the driver's own
 # register and spill counts beside ptxas's (driver_registers / driver_spills), in $OUT/static/.

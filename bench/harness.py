@@ -128,6 +128,26 @@ def measure_copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30) ->
     return 2 * nbytes / t / 1e9
 
 
+GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def measure_gemm_rate(device: torch.device | str, dtype: torch.dtype, n: int | None = None) -> float:
+    """TFLOP/s of a square matmul of size n (4096 on a GPU, 2048 on the CPU) in `dtype`: the
+    compute ceiling the machine reaches with torch's own GEMM."""
+    device = torch.device(device)
+    n = n or (4096 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = bench(lambda: a @ b, [()], warmup=2, repeat=5 if device.type == "cpu" else 20, device=device)
+    return 2 * n**3 / t / 1e12
+
+
+def measure_ceilings(device: torch.device | str) -> dict:
+    """The machine's ceilings, measured now: {"copy_GB/s": ..., "gemm_TFLOP/s": {dtype name: ...}}."""
+    return {"copy_GB/s": measure_copy_bandwidth(device),
+            "gemm_TFLOP/s": {str(dt).replace("torch.", ""): measure_gemm_rate(device, dt) for dt in GEMM_DTYPES}}
+
+
 def write_json(records: Sequence[Record], path: str, meta: dict | None = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"meta": meta or {}, "records": [r.to_dict() for r in records]}

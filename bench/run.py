@@ -3,6 +3,8 @@
     python -m bench.run --quick                      # every benchmark, quick shapes
     python -m bench.run --only lora_matmul --out DIR
 
+The machine's ceilings (copy bandwidth; square-GEMM rate in fp32, bf16, fp16) are measured first and
+written to DIR/ceilings.json; `bench.report` gives each record's fraction of that roofline.
 Each benchmark is a module `bench/bench_<op>.py` with
     def run(quick: bool, device: str) -> list[bench.harness.Record]
 and is listed in BENCHES. Results go to DIR/bench_<op>.json (default bench/results/<date>-<device>/).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import os
 import re
 import sys
@@ -19,7 +22,7 @@ import traceback
 
 import torch
 
-from .harness import device_name, print_table, versions, write_json
+from .harness import device_name, measure_ceilings, print_table, versions, write_json
 
 BENCHES: list[str] = ["lora_matmul", "nf4_dequant", "nf4_lora_matmul", "merge", "sgmv"]
 
@@ -35,6 +38,10 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(
         os.path.dirname(__file__), "results",
         f"{datetime.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9]+', '-', dev).strip('-')}")
+    ceilings = measure_ceilings(args.device)
+    print("ceilings: copy {:.1f} GB/s; GEMM ".format(ceilings["copy_GB/s"])
+          + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in ceilings["gemm_TFLOP/s"].items()), flush=True)
+    write_ceilings(ceilings, os.path.join(out, "ceilings.json"), dev)
     failed = 0
     for name in BENCHES:
         if args.only and name not in args.only:
@@ -53,6 +60,16 @@ def main(argv=None) -> int:
                          "date": datetime.datetime.now().isoformat(timespec="seconds")})
     print(f"results in {out}")
     return 1 if failed else 0
+
+
+def write_ceilings(ceilings: dict, path: str, device: str) -> None:
+    """ceilings.json beside the results: what every record's "of roofline" fraction is taken against."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = {"device": device, "date": datetime.datetime.now().isoformat(timespec="seconds"), **ceilings}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

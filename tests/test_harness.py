@@ -39,3 +39,13 @@ def test_records_are_written_atomically_as_json(tmp_path):
     assert set(row) >= {"op", "shape", "dtype", "impl", "median_s", "derived", "device", "versions"}
     assert row["derived"]["TFLOP/s"] == 4e9 / 2e-3 / 1e12 and row["derived"]["GB/s"] == 2e6 / 2e-3 / 1e9
     assert row["versions"]["torch"] == torch.__version__
+
+
+def test_gemm_rate_is_the_flops_over_the_median_time(monkeypatch):
+    """measure_gemm_rate counts 2 n^3 FLOPs over bench's median; ceilings cover every GEMM dtype."""
+    monkeypatch.setattr(harness, "bench", lambda fn, inputs, **kw: (fn(), 0.002)[1])
+    assert harness.measure_gemm_rate("cpu", torch.float32, n=100) == 2 * 100**3 / 0.002 / 1e12
+    monkeypatch.setattr(harness, "measure_copy_bandwidth", lambda device: 12.5)
+    monkeypatch.setattr(harness, "measure_gemm_rate", lambda device, dt: {torch.float32: 1.0}.get(dt, 2.0))
+    c = harness.measure_ceilings("cpu")
+    assert c == {"copy_GB/s": 12.5, "gemm_TFLOP/s": {"float32": 1.0, "bfloat16": 2.0, "float16": 2.0}}
