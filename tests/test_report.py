@@ -100,3 +100,19 @@ def test_roofline_fraction_from_the_runs_ceilings(tmp_path):
     (folder / "ceilings.json").write_text("{}")
     with pytest.raises(ValueError, match="ceilings.json is not"):
         report.load(str(folder))
+
+
+def test_python_m_bench_renders_the_report_after_the_run(monkeypatch):
+    """`python -m bench`: bench.run, then bench.report over every results folder, then bench.static
+    (in its own interpreter) unless --no-static; a failing step's status is returned."""
+    import bench.__main__ as entry
+
+    calls = []
+    monkeypatch.setattr(entry.run, "main", lambda argv: calls.append(("run", argv)) or 0)
+    monkeypatch.setattr(entry.report, "main", lambda argv: calls.append(("report", argv)) or 0)
+    monkeypatch.setattr(entry.subprocess, "call", lambda cmd, env: calls.append(("static", cmd[2])) or 3)
+    assert entry.main(["--quick", "--no-static"]) == 0
+    assert calls == [("run", ["--quick"]), ("report", [])]
+    calls.clear()
+    assert entry.main(["--quick"]) == 3
+    assert calls == [("run", ["--quick"]), ("report", []), ("static", "bench.static")]
