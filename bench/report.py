@@ -163,6 +163,36 @@ def render_table(op: str, table: dict, ceilings: dict | None = None) -> list[str
     return lines
 
 
+# What a record may carry besides its time (bench_train_step): shown per implementation.
+EXTRAS = {"peak_bytes": "peak memory", "trainable": "trainable params", "optimizer_bytes": "optimizer state",
+          "checkpoint_bytes": "checkpoint"}
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_extras(op: str, records: list[dict]) -> list[str]:
+    """The memory / size figures of an op's records, one row per implementation and shape."""
+    rows = [r for r in records if r["op"] == op and not failed(r)
+            and any(k in (r.get("extra") or {}) for k in EXTRAS)]
+    if not rows:
+        return []
+    keys = [k for k in EXTRAS if any(k in r["extra"] for r in rows)]
+    lines = ["", "| impl | shape | " + " | ".join(EXTRAS[k] for k in keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for r in rows:
+        cells = [r["impl"], _shape_text(r["shape"])]
+        for k in keys:
+            v = r["extra"].get(k)
+            cells.append("" if v is None else f"{v:,d}" if k == "trainable" else _bytes(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(op: str, table: dict, path: str, title: str) -> bool:
     """A horizontal bar per (shape, peer): ours' time over the peer's, log scale, 1 marked. False
     when there is nothing to plot (no peer, or no shape where both ran)."""
@@ -234,6 +264,7 @@ def render_section(res: Results, report_dir: str) -> str:
                          f"bars left of 1 are shapes where lowrank is faster.")
             lines += ["", f"![{op}]({os.path.relpath(png, report_dir)})", ""]
         lines += render_table(op, table, res.ceilings)
+        lines += render_extras(op, res.records)
         bad = [f"{r['impl']} at {_shape_text(r['shape'])}" for r in res.records if r["op"] == op and failed(r)]
         if bad:
             lines += ["", f"Failed (not timed): {'; '.join(bad)}."]

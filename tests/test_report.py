@@ -116,3 +116,16 @@ def test_python_m_bench_renders_the_report_after_the_run(monkeypatch):
     calls.clear()
     assert entry.main(["--quick"]) == 3
     assert calls == [("run", ["--quick"]), ("report", []), ("static", "bench.static")]
+
+
+def test_extras_table_for_training_steps(tmp_path):
+    folder = tmp_path / "2026-01-04-cpu"
+    extra = {"peak_bytes": 3 * 2**20, "trainable": 1234567, "optimizer_bytes": 2048, "checkpoint_bytes": 10}
+    write_json([_rec("train_step.lora", {"tokens": 256}, "lowrank", 0.3, extra=extra),
+                _rec("train_step.lora", {"tokens": 256}, "peft", 0.4, extra=extra)],
+               str(folder / "bench_train_step.json"), meta={"device": "cpu", "date": "2026-01-04"})
+    out = tmp_path / "REPORT.md"
+    report.write_report([report.load(str(folder))], str(out))
+    text = out.read_text()
+    assert "| impl | shape | peak memory | trainable params | optimizer state | checkpoint |" in text
+    assert "| lowrank | tokens=256 | 3.0 MiB | 1,234,567 | 2.0 KiB | 10 B |" in text
