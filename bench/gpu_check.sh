@@ -99,7 +99,7 @@ unset LOWRANK_AUTOTUNE
 # 4096^3 QLoRA step (autotuned, + the fixed tiles) and the M=1 GEMV; merge 4 Llama shapes x 2
 # ranks; sgmv q_proj x 3 adapter counts; train_step a ~1.1B Llama, 5 (method, impl) steps (last: skipped
 # when the budget is spent).
-BENCH_LIMITS="lora_matmul=80 nf4_dequant=15 nf4_lora_matmul=35 merge=40 sgmv=30 train_step=45"
+BENCH_LIMITS="lora_matmul=80 nf4_dequant=15 nf4_lora_matmul=35 merge=40 sgmv=30 scaling=40 train_step=45"
 for name in $("$PY" -c "from bench.run import BENCHES; print(' '.join(BENCHES))"); do
     limit=30
     for kv in $BENCH_LIMITS; do

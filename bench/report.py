@@ -229,6 +229,48 @@ def plot(op: str, table: dict, path: str, title: str) -> bool:
     return True
 
 
+_SWEPT = {"M": "M", "r": "r", "hidden": "K"}  # a scaling sweep -> the shape key holding its value
+
+
+def plot_lines(op: str, table: dict, path: str, title: str) -> bool:
+    """A scaling sweep (`bench_scaling`): time against the swept variable, a line per implementation,
+    log-log. False when the records are not a sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    var = None
+    for shape, _, by_impl in table["rows"]:
+        var = shape.get("sweep")
+        if var not in _SWEPT:
+            return False
+        for impl, rec in by_impl.items():
+            if not failed(rec):
+                series.setdefault(impl, []).append((shape[_SWEPT[var]], rec["median_s"] * 1e3))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for impl in table["impls"]:
+        pts = sorted(series.get(impl, []))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl,
+                    linewidth=2.2 if impl == table["ours"] else 1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel({"M": "tokens M", "r": "rank r", "hidden": "hidden size K = N"}[var])
+    ax.set_ylabel("forward + backward time (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def begin_marker(name: str) -> str:
     return f"<!-- bench.report: {name} begin -->"
 
@@ -258,8 +300,12 @@ def render_section(res: Results, report_dir: str) -> str:
     for op, table in op_tables(res).items():
         lines += ["", f"### {op}", ""]
         png = os.path.join(res.folder, "report", f"{op}.png")
-        title = f"{op}: {table['ours']} time / each peer's, {device}, {date}"
-        if plot(op, table, png, title):
+        if op.startswith("scaling.") and plot_lines(op, table, png, f"{op}: time per implementation, {device}, {date}"):
+            lines.append(f"Forward + backward time of every implementation as `{op.split('.', 1)[1]}` grows, the "
+                         f"other sizes fixed, on {device} ({date}): where the lines part, one implementation "
+                         f"pays for work the others avoid.")
+            lines += ["", f"![{op}]({os.path.relpath(png, report_dir)})", ""]
+        elif plot(op, table, png, f"{op}: {table['ours']} time / each peer's, {device}, {date}"):
             lines.append(f"{table['ours']}'s time over each peer's at every shape of `{op}` on {device} ({date}); "
                          f"bars left of 1 are shapes where lowrank is faster.")
             lines += ["", f"![{op}]({os.path.relpath(png, report_dir)})", ""]

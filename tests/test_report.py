@@ -129,3 +129,17 @@ def test_extras_table_for_training_steps(tmp_path):
     text = out.read_text()
     assert "| impl | shape | peak memory | trainable params | optimizer state | checkpoint |" in text
     assert "| lowrank | tokens=256 | 3.0 MiB | 1,234,567 | 2.0 KiB | 10 B |" in text
+
+
+def test_scaling_sweeps_are_drawn_as_lines(tmp_path):
+    folder = tmp_path / "2026-01-05-cpu"
+    recs = [_rec("scaling.M", {"sweep": "M", "M": m, "K": 64, "N": 64, "r": 8}, impl, t * m)
+            for m in (16, 64, 256) for impl, t in (("reference", 1e-5), ("peft", 2e-5), ("F.linear", 5e-6))]
+    write_json(recs, str(folder / "bench_scaling.json"), meta={"device": "cpu", "date": "2026-01-05"})
+    out = tmp_path / "REPORT.md"
+    report.write_report([report.load(str(folder))], str(out))
+    text = out.read_text()
+    assert "Forward + backward time of every implementation as `M` grows" in text
+    png = folder / "report" / "scaling.M.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    assert "| K=64 M=64 N=64 r=8 sweep=M | bf16 | 0.640 | 1.280 | 0.320 | **0.50** | 2.00 |" in text
