@@ -113,6 +113,9 @@ def _impls(device: str, m: int = 0):
         "peft": lambda s: _peft_impl(s),
         "reference": lambda s: (lambda x: lora_linear_reference(x, s["w"], s["a"], s["b"], s["scaling"]),
                                 [s["a"], s["b"]]),
+        # plain torch, the LoRA branch as two more matmuls and an add (Unsloth's and most hand-written layers)
+        "unfused": lambda s: (lambda x: F.linear(x, s["w"]) + s["scaling"] * F.linear(F.linear(x, s["a"]), s["b"]),
+                              [s["a"], s["b"]]),
     }
     if device.startswith("cuda"):
         from lowrank.kernels import lora_matmul

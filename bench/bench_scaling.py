@@ -14,7 +14,6 @@ lowrank's fused kernels ("lowrank"). `bench.report` draws each sweep as lines (l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .bench_lora_matmul import _impls
 from .harness import Record, bench, derived, device_name, versions
@@ -32,10 +31,6 @@ def sweeps(device: torch.device, quick: bool) -> tuple[dict, dict]:
     if quick:
         grid = {k: v[:: 2] + ([v[-1]] if len(v) % 2 == 0 else []) for k, v in grid.items()}
     return base, grid
-
-
-def _unfused(s):
-    return (lambda x: F.linear(x, s["w"]) + s["scaling"] * F.linear(F.linear(x, s["a"]), s["b"]), [s["a"], s["b"]])
 
 
 def run(quick: bool, device: str) -> list[Record]:
@@ -62,7 +57,6 @@ def run(quick: bool, device: str) -> list[Record]:
             dy = torch.randn(m, n, generator=g).to(dev, dtype)
             impls = dict(_impls(device, m))
             impls.pop("lowrank-gemm", None)
-            impls["unfused"] = _unfused
             shape = {"sweep": var, "M": m, "K": k, "N": n, "r": r}
             flops = 2 * m * n * k * 2 + 2 * m * r * (k + n) * 3
             for impl, build in impls.items():

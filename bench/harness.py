@@ -148,7 +148,24 @@ def measure_ceilings(device: torch.device | str) -> dict:
             "gemm_TFLOP/s": {str(dt).replace("torch.", ""): measure_gemm_rate(device, dt) for dt in GEMM_DTYPES}}
 
 
+# The units a record's `derived` figures may carry (each key names its unit), and fractions.
+UNITS = ("TFLOP/s", "GB/s", "tokens/s")
+
+
+def check_units(records: Sequence[Record]) -> None:
+    """ValueError naming the record whose time is not in seconds or whose derived figure has no unit
+    (a key that is not one of UNITS nor a fraction `frac_*`)."""
+    for r in records:
+        if not isinstance(r.median_s, (int, float)):
+            raise ValueError(f"{r.op} {r.impl} {r.shape}: median_s must be seconds (a number), got {r.median_s!r}")
+        bad = [k for k in r.derived if k not in UNITS and not k.startswith("frac")]
+        if bad:
+            raise ValueError(f"{r.op} {r.impl} {r.shape}: derived figure(s) {bad} have no unit; use one of {UNITS} "
+                             f"or a frac_* fraction")
+
+
 def write_json(records: Sequence[Record], path: str, meta: dict | None = None) -> None:
+    check_units(records)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"meta": meta or {}, "records": [r.to_dict() for r in records]}
     tmp = path + ".tmp"

@@ -27,7 +27,7 @@ RESULTS = os.path.join(HERE, "results")
 REPORT = os.path.join(HERE, "REPORT.md")
 
 # The implementations lowrank's are compared with, in the order their columns appear.
-PEERS = ("peft", "peft+bnb", "bitsandbytes", "F.linear", "frozen_dense", "dense_lora", "copy")
+PEERS = ("peft", "peft+bnb", "bitsandbytes", "unfused", "F.linear", "frozen_dense", "dense_lora", "copy")
 # lowrank's own implementation of an op, the one compared with the peers (first present wins).
 OURS = ("lowrank", "reference")
 
@@ -271,6 +271,59 @@ def plot_lines(op: str, table: dict, path: str, title: str) -> bool:
     return True
 
 
+def _barh(labels: list[str], values: list[float], path: str, title: str, xlabel: str, fmt: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(labels) + 1.4))
+    ax.barh(range(len(labels)), values, color="tab:blue")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    for y, v in enumerate(values):
+        ax.text(v, y, " " + format(v, fmt), va="center", fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_plots(res: Results, report_dir: str, device: str, date: str) -> list[str]:
+    """Two plots over all ops: lowrank's fraction of the roofline per op and shape, and the peak
+    memory of every training-step method and implementation."""
+    lines = []
+    tables = op_tables(res)
+    bars = []
+    for op, table in tables.items():
+        for shape, dtype, by_impl in table["rows"]:
+            rec = by_impl.get(table["ours"]) if table["ours"] else None
+            f = roofline_fraction(rec, res.ceilings) if rec is not None and not failed(rec) else None
+            if f is not None:
+                bars.append((f"{op} {_shape_text(shape)} {dtype}", f))
+    if bars and res.ceilings:
+        png = os.path.join(res.folder, "report", "roofline.png")
+        _barh([b[0] for b in bars], [b[1] for b in bars], png, f"fraction of the roofline, {device}, {date}",
+              "lowrank's fraction of its roofline (1 = at the machine's measured ceiling)", ".2f")
+        lines += ["", "### Fraction of the roofline", "",
+                  f"How close lowrank's implementation of every op and shape came to the roofline drawn by this "
+                  f"run's measured ceilings on {device} ({date}): 1 is the ceiling, small fractions are overhead or "
+                  f"work the napkin model does not count.", "",
+                  f"![roofline]({os.path.relpath(png, report_dir)})"]
+    mem = [(f"{r['op'].split('.', 1)[-1]} {r['impl']}", r["extra"]["peak_bytes"] / 2**20) for r in res.records
+           if not failed(r) and "peak_bytes" in (r.get("extra") or {})]
+    if mem:
+        png = os.path.join(res.folder, "report", "memory.png")
+        _barh([m[0] for m in mem], [m[1] for m in mem], png, f"peak memory of one training step, {device}, {date}",
+              "peak tensor memory (MiB): parameters, gradients, optimizer state, activations", ".0f")
+        lines += ["", "### Memory per method", "",
+                  f"Peak memory of one training step per method and implementation on {device} ({date}).", "",
+                  f"![memory]({os.path.relpath(png, report_dir)})"]
+    return lines
+
+
 def begin_marker(name: str) -> str:
     return f"<!-- bench.report: {name} begin -->"
 
@@ -314,6 +367,7 @@ def render_section(res: Results, report_dir: str) -> str:
         bad = [f"{r['impl']} at {_shape_text(r['shape'])}" for r in res.records if r["op"] == op and failed(r)]
         if bad:
             lines += ["", f"Failed (not timed): {'; '.join(bad)}."]
+    lines += summary_plots(res, report_dir, device, date)
     lines += ["", end_marker(res.name)]
     return "\n".join(lines)
 

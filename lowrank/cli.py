@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -223,6 +225,23 @@ def run_compare(args) -> None:
         print(f"results: {args.out}/results.json, curves: {args.out}/curves.png")
 
 
+def bench_root() -> str | None:
+    """The source checkout whose bench/ goes with this lowrank (an editable install), or None."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return root if os.path.isfile(os.path.join(root, "bench", "__main__.py")) else None
+
+
+def run_bench(argv: list[str]) -> int:
+    """`lowrank bench ...` = `python -m bench ...` in the checkout (the benchmarks are not part of
+    the installed package: they need peft, bitsandbytes and the repository's results folder)."""
+    root = bench_root()
+    if root is None:
+        print("lowrank bench: error: the benchmarks live in the source checkout (bench/), which this installation "
+              "does not have; clone the repository and install it with `pip install -e .`", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench", *argv], cwd=root)
+
+
 def main(argv=None) -> int:
     parser = _Parser(prog="lowrank", description="LoRA / QLoRA kernel engine for PyTorch")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -236,6 +255,12 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", default="lowrank-demo-adapter", help="where to save the trained adapter")
     sub.add_parser("info", help="versions, native build and kernel backend")
+    # `lowrank bench ARGS` hands ARGS to `python -m bench` untouched (listed here for --help only)
+    sub.add_parser("bench", help="the benchmarks and their report: python -m bench's arguments (--quick, --only, "
+                                 "--out, --no-static); needs a source checkout")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return run_bench(argv[1:])
     args = parser.parse_args(argv)
     try:
         if args.cmd == "plan":

@@ -1,5 +1,6 @@
 """`make demo`'s job: LoRA training on the synthetic task lowers the loss."""
 import json
+import os
 
 import safetensors.torch
 import torch
@@ -21,3 +22,17 @@ def test_synthetic_task_is_learnable_structure():
     ids = cli.synthetic_batch(8, 12, 64, torch.Generator().manual_seed(0))
     diffs = (ids[:, 1:] - ids[:, :-1]) % 64
     assert ((diffs == diffs[:, :1]) & (diffs[:, :1] >= 1) & (diffs[:, :1] <= 3)).all()
+
+
+def test_lowrank_bench_runs_python_m_bench_in_the_checkout(monkeypatch, capsys):
+    from lowrank import cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
+    assert cli.main(["bench", "--quick", "--only", "merge", "--no-static"]) == 0
+    (cmd, cwd), = calls
+    assert cmd[1:] == ["-m", "bench", "--quick", "--only", "merge", "--no-static"]
+    assert os.path.isfile(os.path.join(cwd, "bench", "__main__.py"))
+    monkeypatch.setattr(cli, "bench_root", lambda: None)
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "source checkout" in capsys.readouterr().err

@@ -49,3 +49,15 @@ def test_gemm_rate_is_the_flops_over_the_median_time(monkeypatch):
     monkeypatch.setattr(harness, "measure_gemm_rate", lambda device, dt: {torch.float32: 1.0}.get(dt, 2.0))
     c = harness.measure_ceilings("cpu")
     assert c == {"copy_GB/s": 12.5, "gemm_TFLOP/s": {"float32": 1.0, "bfloat16": 2.0, "float16": 2.0}}
+
+
+def test_every_derived_figure_has_a_unit(tmp_path):
+    rec = harness.Record(op="x", shape={}, dtype="bf16", impl="lowrank", median_s=0.1, derived={"GB/s": 1.0,
+                         "frac_bw": 0.5, "TFLOP/s": 2.0, "tokens/s": 3.0}, device="cpu", versions={})
+    harness.write_json([rec], str(tmp_path / "ok.json"))
+    rec.derived["speed"] = 4.0
+    import pytest
+
+    with pytest.raises(ValueError, match=r"\['speed'\] have no unit"):
+        harness.write_json([rec], str(tmp_path / "bad.json"))
+    assert not (tmp_path / "bad.json").exists()

@@ -97,6 +97,7 @@ def test_roofline_fraction_from_the_runs_ceilings(tmp_path):
     assert "lowrank: of roofline" in text and "copy 40.0 GB/s" in text
     assert "| M=8 | bf16 | 2.000 | 4.000 | **0.50** | 0.75 |" in text     # memory-bound: 30 / 40
     assert "| M=512 | bf16 | 10.00 | 20.00 | **0.50** | 0.75 |" in text  # compute-bound: 1.5 / 2.0
+    assert "### Fraction of the roofline" in text and (folder / "report" / "roofline.png").stat().st_size > 2000
     (folder / "ceilings.json").write_text("{}")
     with pytest.raises(ValueError, match="ceilings.json is not"):
         report.load(str(folder))
@@ -129,6 +130,7 @@ def test_extras_table_for_training_steps(tmp_path):
     text = out.read_text()
     assert "| impl | shape | peak memory | trainable params | optimizer state | checkpoint |" in text
     assert "| lowrank | tokens=256 | 3.0 MiB | 1,234,567 | 2.0 KiB | 10 B |" in text
+    assert "### Memory per method" in text and (folder / "report" / "memory.png").stat().st_size > 2000
 
 
 def test_scaling_sweeps_are_drawn_as_lines(tmp_path):
