@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     rc = report.main([]) or rc
     if static:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        report_md = os.path.join(os.path.dirname(os.path.abspath(__file__)), "REPORT.md")
+        report_md = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "REPORT.md"))
         rc = rc or subprocess.call([sys.executable, "-m", "bench.static", "--report", report_md], env=env)
     return rc
 

@@ -1,6 +1,6 @@
 """Render benchmark results (the JSON of `bench.run`) into bench/REPORT.md, with PNG plots.
 
-    python -m bench.report                         # every results folder under bench/results/
+    python -m bench.report                         # every results folder under bench/results/ (and only those)
     python -m bench.report DIR [DIR ...] [--report PATH]
 
 Each results folder is one device on one date (`bench/results/<date>-<device>/bench_<op>.json`) and
@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -372,11 +373,18 @@ def render_section(res: Results, report_dir: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: list[Results], report: str = REPORT) -> None:
-    """Replace (or append) each results folder's section of `report`, keeping everything else;
-    written to a temporary file and renamed over the report."""
+def write_report(results: list[Results], report: str = REPORT, prune: bool = False) -> None:
+    """Replace (or append) each results folder's section of `report`, keeping everything else
+    (with prune=True, sections of folders not in `results` are dropped: rendering every folder
+    removes the sections of deleted ones); written to a temporary file and renamed over the report."""
     text = open(report).read() if os.path.exists(report) else "# Benchmark report\n"
     report_dir = os.path.dirname(os.path.abspath(report))
+    if prune:
+        keep = {r.name for r in results}
+        for name in re.findall(r"<!-- bench\.report: (.+?) begin -->", text):
+            b, e = begin_marker(name), end_marker(name)
+            if name not in keep and e in text:
+                text = text[:text.index(b)].rstrip("\n") + "\n" + text[text.index(e) + len(e):].lstrip("\n")
     for res in sorted(results, key=lambda r: r.name):
         body = render_section(res, report_dir)
         b, e = begin_marker(res.name), end_marker(res.name)
@@ -400,7 +408,7 @@ def main(argv=None) -> int:
     if not folders:
         print("bench.report: no results to render", file=sys.stderr)
         return 1
-    write_report([load(f) for f in folders], args.report)
+    write_report([load(f) for f in folders], args.report, prune=not args.folders)
     print(f"bench.report: {len(folders)} results folder(s) rendered into {args.report}")
     return 0
 

@@ -145,3 +145,22 @@ def test_scaling_sweeps_are_drawn_as_lines(tmp_path):
     png = folder / "report" / "scaling.M.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
     assert "| K=64 M=64 N=64 r=8 sweep=M | bf16 | 0.640 | 1.280 | 0.320 | **0.50** | 2.00 |" in text
+
+
+def test_rendering_every_folder_drops_the_sections_of_deleted_ones(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    a, b = results / "2026-01-06-a", results / "2026-01-06-b"
+    _fixture(str(a), device="cpu a")
+    _fixture(str(b), device="cpu b")
+    out = tmp_path / "REPORT.md"
+    out.write_text("# Benchmark report\n\n<!-- bench.static: begin -->\nstatic\n<!-- bench.static: end -->\n")
+    monkeypatch.setattr(report, "RESULTS", str(results))
+    assert report.main(["--report", str(out)]) == 0
+    assert "cpu a" in out.read_text() and "cpu b" in out.read_text()
+    import shutil
+
+    shutil.rmtree(b)
+    assert report.main(["--report", str(out)]) == 0
+    text = out.read_text()
+    assert "cpu a" in text and "cpu b" not in text and report.begin_marker(b.name) not in text
+    assert "<!-- bench.static: begin -->\nstatic\n<!-- bench.static: end -->" in text
