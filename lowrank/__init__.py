@@ -20,6 +20,7 @@ from .merge import merge, merge_and_unload, unmerge
 from .nf4_format import NF4Weight, quantize_nf4
 from .nf4_linear import NF4Linear
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
+from .hf import save_pretrained
 from .qlora import prepare_for_qlora_training
 from .summary import ModelSummary, summary
 
@@ -44,6 +45,7 @@ __all__ = [
     "prepare_for_qlora_training",
     "quantize_nf4",
     "save_adapter",
+    "save_pretrained",
     "select_targets",
     "summary",
     "set_adapter",

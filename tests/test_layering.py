@@ -28,7 +28,7 @@ LEVELS = {
     "lowrank.ops": 2,  # and every lowrank.ops.* module
     "lowrank.nf4_linear": 3, "lowrank.lora_linear": 3,
     "lowrank.patch": 4, "lowrank.qlora": 4, "lowrank.merge": 4, "lowrank.adapters": 4,
-    "lowrank.adapter_files": 4, "lowrank.summary": 4,
+    "lowrank.adapter_files": 4, "lowrank.summary": 4, "lowrank.hf": 4,
     "lowrank.plan": 5, "lowrank.compare": 5,
     "lowrank": 6, "lowrank.cli": 6,
 }
