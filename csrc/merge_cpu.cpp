@@ -106,8 +106,9 @@ struct Args {
   bool record;
 };
 
-// error_bound with the accumulation term given (ea >= |s| |acc - exact sum| + |s - s32| |acc|).
-static inline float tight_error_bound(float ea, float v, float abs_bound) {
+// merge_math.h's error_bound with the accumulation term given (ea >= |s| |acc - exact sum| +
+// |s - s32| |acc|): the tight bound's, or rb * cb.
+static inline float bound_from(float ea, float v, float abs_bound) {
   const float e = ea + fabsf(v) * 6.0e-8f;             /* 6.0e-8 > 2^-24 (1 + 2^-23) */
   return fmaf(e, 9.5367431640625e-07f, e) + abs_bound; /* e (1 + 2^-20): covers this line's roundings */
 }
@@ -202,7 +203,7 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float 
   }
 }
 // rank_rows4_avx512 that also sums the magnitudes of the partial sums, sabs = sum_k |s_k| (s_k the
-// accumulator after step k), for the tight bound (tight_error_bound): each fma rounds once, with
+// accumulator after step k), for the tight bound (merge_tile, bound_from): each fma rounds once, with
 // an error of at most u |s_k| / (1 - u), so the sum's error is at most u sum_k |s_k| / (1 - u),
 // which for terms of random sign grows like r^1.5 rather than the worst case's r^2 (gamma_r times
 // the Cauchy-Schwarz product): about 15x tighter at r = 64, so that many fewer elements leave the
@@ -364,6 +365,43 @@ static void append_records(const int32_t *flag, int nc, const uint32_t *wb, int3
   out.insert(out.end(), tmp, tmp + cnt);
 }
 
+// The fast path's epilogue for one tile row: v = W + s32 * acc rounded to the target (yb), and
+// per element flag bit 1 when v is not certified (TIGHT: the bound's accumulation term is |s32| u
+// (1 + 1e-4) (|acc| + sabs), the slack covering s32 != s, 1 / (1 - u), sabs's own r roundings
+// (gamma_256 < 2e-5) and this line's; else rb * cb, whose rounding the 2^-18 inflation of rb
+// covers), bit 0 (RECORD) when the round trip does not give W back. Returns the OR of the flags.
+// Inlined into each clone of merge_tile; TIGHT is a template argument so that each loop vectorizes.
+template <int DT, bool RECORD, bool TIGHT>
+__attribute__((always_inline)) inline int32_t certify_row(const float *accq, const float *sq, float s32, float rbi,
+                                                          const float *cbj, float abs_bound, const uint32_t *wb,
+                                                          uint32_t *yb, int32_t *flag, int nc) {
+  int32_t any = 0;
+  const float ks = fabsf(s32) * 5.9611e-8f;
+#pragma omp simd reduction(| : any)
+  for (int j = 0; j < nc; ++j) {
+    const float v = fmaf(s32, accq[j], to_float<DT>(wb[j]));
+    const uint32_t y = fast_round<DT>(v);
+    int32_t f = 0;
+    if (DT == DT_F32) {
+      if (RECORD) f = (int32_t)(f2u(fmaf(-s32, accq[j], v)) != wb[j]);
+    } else {
+      const float ea = TIGHT ? ks * (fabsf(accq[j]) + sq[j]) : rbi * cbj[j];
+      const int32_t ok1 = certified<DT>(v, bound_from(ea, v, abs_bound));
+      if (RECORD) {
+        const float v2 = fmaf(-s32, accq[j], to_float<DT>(y));
+        const int32_t ok2 = certified<DT>(v2, bound_from(ea, v2, abs_bound));
+        f = (int32_t)(fast_round<DT>(v2) != wb[j]) | ((1 - (ok1 & ok2)) << 1);
+      } else {
+        f = (1 - ok1) << 1;
+      }
+    }
+    yb[j] = y;
+    flag[j] = f;
+    any |= f;
+  }
+  return any;
+}
+
 // One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
 // The epilogue works on 32-bit arrays (widen W, compute, narrow back) under `omp simd`: with the
 // 16-bit loads and stores inside the same loop GCC 12 left it scalar (4x slower at 4096^2 bf16).
@@ -427,53 +465,8 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
     const float *accq = acc[q];
     const float abs_bound = g.abs_bound;
     for (int j = 0; j < nc; ++j) wb[j] = wrow[j];
-    int32_t any = 0;
-    if (tight && DT != DT_F32) {
-      // The tight bound: |s32| u (1 + 1e-4) (|acc| + sabs) in place of rb * cb (the slack covers
-      // s32 != s, 1 / (1 - u), sabs's own r roundings (gamma_256 < 2e-5) and this line's).
-      const float ks = fabsf(s32) * 5.9611e-8f;
-      const float *sq = sabs[q];
-#pragma omp simd reduction(| : any)
-      for (int j = 0; j < nc; ++j) {
-        const float v = fmaf(s32, accq[j], to_float<DT>(wb[j]));
-        const uint32_t y = fast_round<DT>(v);
-        const float ea = ks * (fabsf(accq[j]) + sq[j]);
-        const int32_t ok1 = certified<DT>(v, tight_error_bound(ea, v, abs_bound));
-        int32_t f;
-        if (RECORD) {
-          const float v2 = fmaf(-s32, accq[j], to_float<DT>(y));
-          const int32_t ok2 = certified<DT>(v2, tight_error_bound(ea, v2, abs_bound));
-          f = (int32_t)(fast_round<DT>(v2) != wb[j]) | ((1 - (ok1 & ok2)) << 1);
-        } else {
-          f = (1 - ok1) << 1;
-        }
-        yb[j] = y;
-        flag[j] = f;
-        any |= f;
-      }
-    } else {
-#pragma omp simd reduction(| : any)
-    for (int j = 0; j < nc; ++j) {
-      const float v = fmaf(s32, accq[j], to_float<DT>(wb[j]));
-      const uint32_t y = fast_round<DT>(v);
-      int32_t f = 0;
-      if (DT == DT_F32) {
-        if (RECORD) f = (int32_t)(f2u(fmaf(-s32, accq[j], v)) != wb[j]);
-      } else {
-        const int32_t ok1 = certified<DT>(v, error_bound(rbi, cbj[j], v, abs_bound));
-        if (RECORD) {
-          const float v2 = fmaf(-s32, accq[j], to_float<DT>(y));
-          const int32_t ok2 = certified<DT>(v2, error_bound(rbi, cbj[j], v2, abs_bound));
-          f = (int32_t)(fast_round<DT>(v2) != wb[j]) | ((1 - (ok1 & ok2)) << 1);
-        } else {
-          f = (1 - ok1) << 1;
-        }
-      }
-      yb[j] = y;
-      flag[j] = f;
-      any |= f;
-    }
-    }
+    int32_t any = tight ? certify_row<DT, RECORD, true>(accq, sabs[q], s32, rbi, cbj, abs_bound, wb, yb, flag, nc)
+                        : certify_row<DT, RECORD, false>(accq, nullptr, s32, rbi, cbj, abs_bound, wb, yb, flag, nc);
     if (any & 2) {
       // Redo in double: ~0.1% of elements for bf16 at r = 16, but ~4.5% for fp16 at r = 64 (the
       // bound grows with r; fp16 midpoints are 8x denser), doubled in exact mode by the round
