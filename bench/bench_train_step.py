@@ -27,6 +27,10 @@ import tempfile
 import torch
 import torch.nn as nn
 
+import lowrank
+from lowrank.nf4_format import quantize_nf4
+from lowrank.tensor_memory import TensorMemory
+
 from .harness import Record, bench, device_name, versions
 
 BASELINE = "peft"
@@ -69,8 +73,6 @@ def _bnb_quantize(model: nn.Module, device) -> nn.Module:
 
 
 def _prepare(method: str, impl: str, base: nn.Module, device) -> nn.Module:
-    import lowrank
-
     model = copy.deepcopy(base)
     if method == "full":
         for p in model.parameters():
@@ -88,12 +90,8 @@ def _prepare(method: str, impl: str, base: nn.Module, device) -> nn.Module:
 
 def _reference_loss(method: str, base: nn.Module, ids: torch.Tensor, device) -> float:
     """The base model's loss on the batch (for QLoRA: with every decoder weight through NF4)."""
-    import lowrank
-
     model = copy.deepcopy(base)
     if method == "qlora":
-        from lowrank.nf4_format import quantize_nf4
-
         with torch.no_grad():
             for path, module, *_ in lowrank.select_targets(model, "all-linear"):
                 module.weight.copy_(quantize_nf4(module.weight).dequantize(module.weight.dtype))
@@ -102,8 +100,6 @@ def _reference_loss(method: str, base: nn.Module, ids: torch.Tensor, device) -> 
 
 
 def _checkpoint_bytes(method: str, impl: str, model: nn.Module) -> int:
-    import lowrank
-
     with tempfile.TemporaryDirectory() as d:
         if method == "full":
             torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(d, "model.pt"))
@@ -120,8 +116,6 @@ def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def run(quick: bool, device: str) -> list[Record]:
-    from lowrank.tensor_memory import TensorMemory
-
     dev = torch.device(device)
     config, (batch, seq) = _config(dev)
     base = _base(config, dev)

@@ -292,11 +292,10 @@ def _barh(labels: list[str], values: list[float], path: str, title: str, xlabel:
     plt.close(fig)
 
 
-def summary_plots(res: Results, report_dir: str, device: str, date: str) -> list[str]:
-    """Two plots over all ops: lowrank's fraction of the roofline per op and shape, and the peak
-    memory of every training-step method and implementation."""
+def summary_plots(res: Results, tables: dict, report_dir: str, device: str, date: str) -> list[str]:
+    """Two plots over all ops (`tables`: `op_tables(res)`): lowrank's fraction of the roofline per
+    op and shape, and the peak memory of every training-step method and implementation."""
     lines = []
-    tables = op_tables(res)
     bars = []
     for op, table in tables.items():
         for shape, dtype, by_impl in table["rows"]:
@@ -351,7 +350,8 @@ def render_section(res: Results, report_dir: str) -> str:
                        "GB/s over the copy bandwidth (napkin FLOPs and minimum bytes).")
     else:
         lines.append("No ceilings were measured in this run; \"of ceiling\" is what the benchmark itself recorded.")
-    for op, table in op_tables(res).items():
+    tables = op_tables(res)
+    for op, table in tables.items():
         lines += ["", f"### {op}", ""]
         png = os.path.join(res.folder, "report", f"{op}.png")
         if op.startswith("scaling.") and plot_lines(op, table, png, f"{op}: time per implementation, {device}, {date}"):
@@ -368,7 +368,7 @@ def render_section(res: Results, report_dir: str) -> str:
         bad = [f"{r['impl']} at {_shape_text(r['shape'])}" for r in res.records if r["op"] == op and failed(r)]
         if bad:
             lines += ["", f"Failed (not timed): {'; '.join(bad)}."]
-    lines += summary_plots(res, report_dir, device, date)
+    lines += summary_plots(res, tables, report_dir, device, date)
     lines += ["", end_marker(res.name)]
     return "\n".join(lines)
 

@@ -4,11 +4,14 @@ merged=False writes the adapter in peft's format (`save_adapter`). merged=True w
 model with the adapter merged, through transformers' own `save_pretrained` (config, safetensors
 shards), under the original module names (no `base_layer` / `lora_A` keys), so that
 `AutoModel*.from_pretrained(path)` loads it with no missing or unexpected key; the model itself is
-left as it was (merged exactly, written, unmerged bit for bit).
+left as it was (merged exactly, written, unmerged bit for bit). The files are written into a
+staging directory beside `path` and renamed into it once complete.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import torch.nn as nn
 
@@ -60,7 +63,19 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, merged: bool = Fa
     except NotImplementedError as exc:
         raise ValueError(f"save_pretrained(merged=True): {exc}; merge_and_unload(model) on a copy gives dense "
                          f"merged layers to save") from None
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".lowrank-save-", dir=parent)
     try:
-        model.save_pretrained(os.fspath(path), state_dict=merged_state_dict(model), **kwargs)
+        try:
+            model.save_pretrained(stage, state_dict=merged_state_dict(model), **kwargs)
+        finally:
+            unmerge(model)
+        # Every file written complete beside the target first; then each renamed into place, so a
+        # failure while transformers writes leaves `path` as it was.
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(stage):
+            os.replace(os.path.join(stage, name), os.path.join(path, name))
     finally:
-        unmerge(model)
+        shutil.rmtree(stage, ignore_errors=True)

@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
 
 from bench import bench_train_step as B  # noqa: E402
 
@@ -27,7 +28,6 @@ def tiny(monkeypatch):
 
 def test_every_method_and_impl_with_its_figures(tiny):
     recs = {(r.op, r.impl): r for r in B.run(quick=True, device="cpu")}
-    bnb = pytest.importorskip("bitsandbytes")  # noqa: F841
     assert set(recs) == {("train_step.full", "torch"), ("train_step.lora", "lowrank"), ("train_step.lora", "peft"),
                          ("train_step.qlora", "lowrank"), ("train_step.qlora", "peft+bnb")}
     for (op, impl), r in recs.items():

@@ -52,3 +52,24 @@ def test_adapter_save_and_refusals(tmp_path):
         lowrank.save_pretrained(qmodel, tmp_path / "q", merged=True)
     assert all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
     assert not (tmp_path / "q").exists()
+
+
+def test_a_failed_merged_save_leaves_the_directory_and_model_as_they_were(tmp_path, monkeypatch):
+    model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=4)
+    randomize_B_(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    real = type(model).save_pretrained
+
+    def half_written(self, directory, **kw):
+        real(self, directory, **kw)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        lowrank.save_pretrained(model, target, merged=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
