@@ -17,6 +17,7 @@ from .adapters import (add_adapter, adapter_ids, adapter_names, delete_adapter, 
 from .config import LoRAConfig
 from .lora_linear import LoRALinear
 from .merge import merge, merge_and_unload, unmerge
+from .modules_to_save import ModulesToSave
 from .nf4_format import NF4Weight, quantize_nf4
 from .nf4_linear import NF4Linear
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelSummary",
+    "ModulesToSave",
     "LoRAConfig",
     "LoRALinear",
     "NF4Linear",

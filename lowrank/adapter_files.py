@@ -45,7 +45,9 @@ from .config import LoRAConfig, pattern_value, peft_lora_kwargs
 from .dtypes import FLOAT_DTYPES
 from .layer_types import linear_dims
 from .lora_linear import LoRALinear
-from .patch import iter_linear, lora_layers, patch_linear, refuse_inside_adapter_ids, select_targets
+from .modules_to_save import ModulesToSave
+from .patch import (base_module_paths, iter_linear, lora_layers, patch_linear, refuse_inside_adapter_ids, saved_modules,
+                    select_modules_to_save, select_targets)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,13 +56,21 @@ PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
 
 
+# transformers model class suffix -> peft task_type written by save_adapter(task_type="auto")
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"))
+
+
 # -- save -------------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  task_type: str | None = "auto", base_model_name_or_path: str | None = None) -> None:
     """Write `adapter_name` of a patched `model` as a peft LoRA adapter in directory `path`.
 
-    task_type: "auto" writes "CAUSAL_LM" for a *ForCausalLM model and null otherwise (peft then
-    loads it as a plain PeftModel); pass a peft TaskType string to choose.
+    task_type: "auto" writes "CAUSAL_LM", "SEQ_CLS" or "TOKEN_CLS" for a *ForCausalLM,
+    *ForSequenceClassification or *ForTokenClassification model and null otherwise (peft then loads
+    it as a plain PeftModel); pass a peft TaskType string to choose.
+    The adapter's modules_to_save copies are written as peft does (`<path>.<entry>` keys of each
+    copy's state dict, `modules_to_save` naming the modules by peft's rule).
     base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set.
     Layers whose rank or alpha differ from the most common ones are written in peft's rank_pattern /
     alpha_pattern. Raises ValueError when the model has no such adapter, or when layers differ in
@@ -79,6 +89,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     cfg, rank_pattern, alpha_pattern = _patterns([(p, m.configs[adapter_name]) for p, m in layers])
     meta = [p for p, m in layers if m.lora_A[adapter_name].device.type == "meta"
             or m.lora_B[adapter_name].device.type == "meta"]
+    saved = [(p, w.modules_to_save[adapter_name]) for p, w in saved_modules(model) if adapter_name in w.modules_to_save]
+    meta += [p for p, copy in saved if any(t.device.type == "meta" for t in copy.state_dict().values())]
     if meta:
         raise ValueError(f"save_adapter: adapter {adapter_name!r} of layer {meta[0]} (and {len(meta) - 1} more) is on "
                          f"the meta device (shapes without values): there is nothing to save")
@@ -87,18 +99,25 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         # clone: safetensors refuses tensors that share storage, and wants contiguous CPU data.
         tensors[f"{PREFIX}{p}.lora_A.weight"] = m.lora_A[adapter_name].detach().to("cpu").contiguous().clone()
         tensors[f"{PREFIX}{p}.lora_B.weight"] = m.lora_B[adapter_name].detach().to("cpu").contiguous().clone()
+    for p, copy in saved:  # peft's layout: the copy's own state dict under the module's path
+        for k, t in copy.state_dict().items():
+            tensors[f"{PREFIX}{p}.{k}"] = t.detach().to("cpu").contiguous().clone()
     if task_type == "auto":
-        task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+        kind = type(model).__name__
+        task_type = next((t for suffix, t in _TASK_TYPES if kind.endswith(suffix)), None)
     if base_model_name_or_path is None:
         base_model_name_or_path = (getattr(getattr(model, "config", None), "name_or_path", None)
                                    or getattr(model, "name_or_path", None)) or None
-    config = _config_dict(cfg, _target_modules(model, [p for p, _ in layers]),
+    saved_names = _saved_names(model, [p for p, _ in saved]) if saved else None
+    config = _config_dict(cfg, _target_modules(model, [p for p, _ in layers], saved_names),
                           fan_in_fan_out=any(m.fan_in_fan_out for _, m in layers),
                           task_type=task_type, base=base_model_name_or_path)
     if rank_pattern:
         config["rank_pattern"] = rank_pattern
     if alpha_pattern:
         config["alpha_pattern"] = alpha_pattern
+    if saved_names:
+        config["modules_to_save"] = saved_names
 
     metadata = {"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))}
     path = os.path.abspath(os.fspath(path))
@@ -240,7 +259,7 @@ def _settings(config: dict) -> dict:
     """The config fields without which the weights would compute something else (the patterns
     only when there are some, so that files written before them still match)."""
     out = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora")}
-    out.update({k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)})
+    out.update({k: config[k] for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)})
     return out
 
 
@@ -282,19 +301,45 @@ def _config_dict(cfg: LoRAConfig, targets, fan_in_fan_out: bool, task_type, base
     }
 
 
-def _target_modules(model: nn.Module, paths: list[str]):
+def _target_modules(model: nn.Module, paths: list[str], saved_names: list[str] | None = None):
     """peft's target_modules for exactly these module paths: the sorted list of their last names
     when that list selects exactly them (the common, readable case: ["q_proj", "v_proj"]), else a
     regex that peft full-matches against module paths."""
     wanted = set(paths)
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    # peft matches a list entry t against every module (any type): key == t or key.endswith("." + t).
-    selected = {name for name, _ in model.named_modules()
-                if name and any(name == t or name.endswith("." + t) for t in leaves)}
-    selected = {s for s in selected if not any(s.startswith(w + ".") for w in wanted)}  # inside a LoRALinear
+    # peft matches a list entry t against every module (any type): key == t or key.endswith("." + t),
+    # on the model as it was, less what modules_to_save takes.
+    selected = {name for name in base_module_paths(model) if any(name == t or name.endswith("." + t) for t in leaves)
+                and not in_saved_module(name, saved_names)}
     if selected == wanted:
         return leaves
     return "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+
+
+def in_saved_module(path: str, saved_names: list[str] | None) -> bool:
+    """peft's rule: a module that modules_to_save names, or one inside it, gets no LoRA (a name is
+    matched at a dot boundary; peft reads it as a regular expression)."""
+    for m in saved_names or ():
+        try:
+            if re.match(rf"(^|.*\.){m}($|\..*)", path):
+                return True
+        except re.error:
+            if re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path):
+                return True
+    return False
+
+
+def _saved_names(model: nn.Module, paths: list[str]) -> list[str]:
+    """peft's modules_to_save for exactly these module paths: their last names when peft's rule (a
+    path ending with a name) selects exactly them with those, else the full paths; ValueError if
+    neither does (a module whose path is the end of another's: peft could not tell them apart)."""
+    wanted = set(paths)
+    all_paths = list(base_module_paths(model))
+    for names in (sorted({p.rsplit(".", 1)[-1] for p in paths}), sorted(paths)):
+        if {p for p in all_paths if any(p.endswith(n) for n in names)} == wanted:
+            return names
+    raise ValueError(f"save_adapter: modules_to_save {sorted(paths)} cannot be named for peft: its rule (a module "
+                     f"path ending with a name) would also select other modules of this model")
 
 
 def _tmp_name(directory, final: str) -> str:
@@ -359,7 +404,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {path!r}")
     config = _read_config(config_file)
-    cfg, rank_pattern, alpha_pattern = _lora_config_from_peft(config, adapter_name, config_file)
+    cfg, rank_pattern, alpha_pattern, saved_names = _lora_config_from_peft(config, adapter_name, config_file)
 
     def rank_at(p: str) -> int:  # peft's rule: the pattern's value where a key matches, else r / lora_alpha
         r = pattern_value(rank_pattern, p)
@@ -382,12 +427,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                              f"two renames, or a hand-edited config); save the adapter again")
 
     problems = []
+    try:  # peft's rule, not strict: peft's classifier files name both "classifier" and "score"
+        to_save = dict(select_modules_to_save(model, saved_names, strict=False)) if saved_names else {}
+    except (TypeError, ValueError) as exc:
+        to_save = {}
+        problems.append(f"modules_to_save={saved_names!r} in {CONFIG_NAME}: {exc}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {p: {} for p in to_save}
+    by_length = sorted(to_save, key=len, reverse=True)
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
+        owner = next((p for p in by_length if key.startswith(f"{PREFIX}{p}.")), None)
+        if owner is not None:
+            states[owner][key[len(PREFIX) + len(owner) + 1:]] = t
+            continue
         if m is None:
-            problems.append(f"{key}: not a LoRA A/B weight (only base_model.model.<path>.lora_A/B.weight "
-                            f"keys are supported; DoRA, biases, embeddings and modules_to_save are not)")
+            problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight) nor a weight "
+                            f"of a module in modules_to_save ({saved_names}); DoRA, biases and embedding LoRA are "
+                            f"not supported")
             continue
         pairs.setdefault(m["path"], {})[m["which"]] = t
     linear = {p: mod for p, mod, *_ in iter_linear(model)}
@@ -425,7 +482,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if existing:
         for p in sorted(set(existing) - set(pairs)):
             problems.append(f"{p}: has adapter {adapter_name!r} in the model but no weights in the file")
-    selected = _peft_selection(model, config.get("target_modules"))
+    problems += _saved_problems(to_save, states, adapter_name, bool(existing))
+    selected = _peft_selection(model, config.get("target_modules"), saved_names)
     if selected is not None and pairs and selected != set(pairs):
         extra, missing = sorted(set(pairs) - selected), sorted(selected - set(pairs))
         problems.append(f"target_modules={config.get('target_modules')!r} in {CONFIG_NAME} selects other layers than "
@@ -442,13 +500,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         patch_linear(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
                      rank_pattern={re.escape(p): rank_at(p) for p in wanted if rank_at(p) != cfg.rank},
                      alpha_pattern={re.escape(p): alpha_at(p) for p in wanted if alpha_at(p) != cfg.alpha},
-                     targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active)
+                     targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active,
+                     modules_to_save=sorted(to_save) or None)
     layers = dict(lora_layers(model))
+    wrappers = dict(saved_modules(model))
     # The file's factors in each layer's dtype and device first (what can run out of memory), then
     # the copies, which cannot fail.
     staged = {(p, which): ab[which].to(getattr(layers[p], which)[adapter_name].dtype).to(
         getattr(layers[p], which)[adapter_name].device) for p, ab in pairs.items() for which in ("lora_A", "lora_B")}
+    staged_states = {}
+    for p, state in states.items():
+        own = wrappers[p].modules_to_save[adapter_name].state_dict()
+        staged_states[p] = {k: t.to(dtype=own[k].dtype, device=own[k].device) for k, t in state.items()}
     with torch.no_grad():
+        for p, state in staged_states.items():
+            copy = wrappers[p].modules_to_save[adapter_name]
+            own = copy.state_dict()
+            for k, t in state.items():
+                own[k].copy_(t)
+            if not is_trainable:
+                copy.requires_grad_(False)
         for p, ab in pairs.items():
             layer = layers[p]
             for which, store in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
@@ -479,16 +550,50 @@ def _value_problems(name: str, t: torch.Tensor, dtype: torch.dtype) -> list[str]
     return []
 
 
-def _peft_selection(model: nn.Module, targets) -> set[str] | None:
-    """The linear layers peft selects with `target_modules` (None: the config names none)."""
+def _peft_selection(model: nn.Module, targets, saved_names: list[str] | None = None) -> set[str] | None:
+    """The linear layers peft selects with `target_modules` (None: the config names none), less those
+    modules_to_save takes."""
     if targets is None:
         return None
     found = [p for p, *_ in iter_linear(model)]
     if targets == "all-linear":
-        return {p for p, *_ in select_targets(model, "all-linear")} if found else set()
-    if isinstance(targets, str):
-        return {p for p in found if re.fullmatch(targets, p)}
-    return {p for p in found if any(p == t or p.endswith("." + t) for t in targets)}
+        out = {p for p, *_ in select_targets(model, "all-linear")} if found else set()
+    elif isinstance(targets, str):
+        out = {p for p in found if re.fullmatch(targets, p)}
+    else:
+        out = {p for p in found if any(p == t or p.endswith("." + t) for t in targets)}
+    return {p for p in out if not in_saved_module(p, saved_names)}
+
+
+def _saved_problems(to_save: dict, states: dict, adapter_name: str, existing: bool) -> list[str]:
+    """What keeps the file's modules_to_save weights from loading into the model's modules: every
+    module the config selects must be in the file whole (each entry of its state dict, same shape,
+    finite), and the model's adapter, when it exists already, must have its copies exactly there."""
+    problems = []
+    for p, module in to_save.items():
+        wrapper = module if isinstance(module, ModulesToSave) else None
+        original = wrapper.original_module if wrapper is not None else module
+        state, own = states[p], original.state_dict()
+        if not state:
+            problems.append(f"{p}: modules_to_save selects it but the file holds no weights for it (saved from "
+                            f"another model?)")
+            continue
+        for k in sorted(set(own) - set(state)):
+            problems.append(f"{p}.{k}: missing from the file (modules_to_save holds the whole module)")
+        for k in sorted(set(state) - set(own)):
+            problems.append(f"{p}.{k}: in the file, but {p} ({type(original).__name__}) has no such entry")
+        for k in sorted(set(state) & set(own)):
+            t = state[k]
+            if tuple(t.shape) != tuple(own[k].shape):
+                problems.append(f"{p}.{k}: shape {tuple(t.shape)}, the module has {tuple(own[k].shape)}")
+            elif t.dtype.is_floating_point != own[k].dtype.is_floating_point:
+                problems.append(f"{p}.{k}: dtype {t.dtype}, the module has {own[k].dtype}")
+            elif t.dtype.is_floating_point:
+                problems += _value_problems(f"{p}.{k}", t, own[k].dtype)
+        if existing and (wrapper is None or adapter_name not in wrapper.modules_to_save):
+            problems.append(f"{p}: the model's adapter {adapter_name!r} has no modules_to_save copy here; load the "
+                            f"file as a new adapter")
+    return problems
 
 
 def _read_config(config_file: str) -> dict:
@@ -506,12 +611,12 @@ def _read_config(config_file: str) -> dict:
     return config
 
 
-def _lora_config_from_peft(config: dict, adapter_name: str, where: str) -> tuple[LoRAConfig, dict | None,
-                                                                                   dict | None]:
-    """(the file's settings, its rank_pattern, its alpha_pattern)."""
+def _lora_config_from_peft(config: dict, adapter_name: str, where: str):
+    """(the file's settings, its rank_pattern, its alpha_pattern, its modules_to_save)."""
     kwargs = peft_lora_kwargs(config, f"load_adapter: {where}", for_new_weights=False)
     rank_pattern, alpha_pattern = kwargs.pop("rank_pattern"), kwargs.pop("alpha_pattern")
-    return LoRAConfig(**kwargs, adapter_name=adapter_name), rank_pattern, alpha_pattern
+    saved = kwargs.pop("modules_to_save")
+    return LoRAConfig(**kwargs, adapter_name=adapter_name), rank_pattern, alpha_pattern, saved
 
 
 def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str | None]:

@@ -26,8 +26,9 @@ import torch.nn as nn
 
 from .config import TargetSpec
 from .merge import merge, unmerge
+from .layer_types import module_references, replace_module
 from .patch import (accepts_peft_names, active_adapter, lora_layers, patch_linear, refuse_inside_adapter_ids,
-                    set_active_adapter)
+                    saved_modules, set_active_adapter)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -51,13 +52,13 @@ def _check_name(model: nn.Module, name, where: str) -> list[str]:
 def add_adapter(model: nn.Module, name: str, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                 targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
                 init: str = "kaiming", set_active: bool = False, rank_pattern: dict | None = None,
-                alpha_pattern: dict | None = None) -> nn.Module:
+                alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None) -> nn.Module:
     """Add adapter `name` (same arguments as `patch_linear`). As in peft, nothing that runs changes:
     the model's active adapter stays active (the first adapter of a model becomes it), and the new
     one is frozen until `set_adapter` picks it, or set_active=True does so here. Returns model."""
     return patch_linear(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets, exclude=exclude,
                         rslora=rslora, init=init, adapter_name=name, set_active=set_active,
-                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=modules_to_save)
 
 
 def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
@@ -89,6 +90,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del layer.configs[name]
         # Positions in `configs` shifted: re-set the active adapter so its index buffer follows.
         layer.active_adapter = None if active == name else active
+    refs = module_references(model)
+    for _, wrapper in list(saved_modules(model)):
+        if name in wrapper.modules_to_save:
+            if wrapper.active_adapter == name:
+                wrapper.active_adapter = None
+            del wrapper.modules_to_save[name]
+            if not len(wrapper.modules_to_save):  # no copy left: the original module back in its place
+                replace_module(refs, wrapper, wrapper.original_module)
     if was_active:  # peft's choice: the first remaining name in sorted order
         rest = sorted(adapter_names(model))
         set_active_adapter(model, rest[0] if rest else None, trainable=True)
@@ -96,10 +105,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Inside: every LoRA layer runs its base layer only (outputs equal the unpatched model). On exit
+    """Inside: every LoRA layer runs its base layer only and every modules_to_save wrapper its original
+    module (outputs equal the unpatched model). On exit
     (also after an exception) each layer's previous active adapter returns. A merged layer is
     unmerged inside and merged again on exit."""
     saved = [(layer, layer.active_adapter, getattr(layer, "merged", None)) for _, layer in lora_layers(model)]
+    saved += [(wrapper, wrapper.active_adapter, None) for _, wrapper in saved_modules(model)]
     unmerged = []
     try:
         # Inside the try: if a layer refuses to unmerge (its weights changed since the merge), the
@@ -181,6 +192,7 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
     _refuse_merged(model, "adapter_ids")  # a merged weight holds one adapter for every row
     gids = _ids_tensor(model, ids, names)
     layers = [layer for _, layer in lora_layers(model)]
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]
     luts: dict[tuple, torch.Tensor] = {}
     per_layer = []
     for layer in layers:
@@ -201,7 +213,7 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
         per_layer.append(luts[key])
     me = threading.get_ident()
     with _ENTRY:  # check and claim the layers as one step: two threads cannot both enter
-        busy = [layer._adapter_ids_thread for layer in layers if layer._adapter_ids is not None]
+        busy = [layer._adapter_ids_thread for layer in [*layers, *wrappers] if layer._adapter_ids is not None]
         if busy:
             where = "this thread" if busy[0] == me else f"thread {busy[0]}"
             raise RuntimeError(f"adapter_ids: the model is already inside an adapter_ids block (entered in "
@@ -209,9 +221,13 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
         for layer, ids_l in zip(layers, per_layer):
             layer._adapter_ids_thread = me
             layer._adapter_ids = ids_l
+        for wrapper in wrappers:  # model-level ids: each wrapper picks its copies by name
+            wrapper._adapter_ids_thread = me
+            wrapper._adapter_names = names
+            wrapper._adapter_ids = gids
     try:
         yield
     finally:
-        for layer in layers:
+        for layer in [*layers, *wrappers]:
             layer._adapter_ids = None
             layer._adapter_ids_thread = None

@@ -198,8 +198,8 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     """lowrank's LoRA arguments (rank, alpha, dropout, rslora; and with for_new_weights: targets,
     exclude, init) from a peft LoraConfig's fields, every field checked: ValueError naming each
     field that is malformed, or that asks for something lowrank does not do (DoRA, biases,
-    modules_to_save, other initialisations...). rank_pattern / alpha_pattern come back as such
-    (dicts, or None when empty). Fields at their
+    trainable tokens, other initialisations...). rank_pattern / alpha_pattern come back as such
+    (dicts, or None when empty), modules_to_save as a list of names or None. Fields at their
     'off' default are accepted whatever they are, as are bookkeeping fields (`_PEFT_INERT`).
 
     for_new_weights=False (reading an adapter file, whose weights are given): target_modules and
@@ -233,7 +233,12 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         problems.append(f"lora_alpha={alpha!r} must be a number > 0")
     read = {"r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "target_modules", "exclude_modules",
-            "init_lora_weights", "rank_pattern", "alpha_pattern"}
+            "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save"}
+    saved = config.get("modules_to_save")
+    if isinstance(saved, (set, frozenset)):
+        saved = sorted(saved)
+    if saved is not None and (not isinstance(saved, (list, tuple)) or not all(isinstance(n, str) and n for n in saved)):
+        problems.append(f"modules_to_save={saved!r} must be a list of module names or null")
     patterns = {}
     for key in ("rank_pattern", "alpha_pattern"):
         try:
@@ -273,7 +278,8 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
     kwargs.update(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                  rslora=bool(config.get("use_rslora", False)), **patterns)
+                  rslora=bool(config.get("use_rslora", False)), modules_to_save=list(saved) if saved else None,
+                  **patterns)
     return kwargs
 
 

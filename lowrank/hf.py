@@ -17,15 +17,21 @@ import torch.nn as nn
 
 from .adapter_files import save_adapter
 from .merge import merge, unmerge
-from .patch import active_adapter, lora_layers
+from .patch import active_adapter, lora_layers, saved_modules
 
 _ADAPTER_KEYS = ("lora_A.", "lora_B.")
 
 
-def merged_state_dict(model: nn.Module) -> dict:
+def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict:
     """The state dict of a merged model under the original module names: each LoRA layer's
-    `base_layer.*` entries as the layer's own, its factors dropped."""
+    `base_layer.*` entries as the layer's own, its factors dropped; each modules_to_save wrapper's
+    copy for `adapter_name` (default: the active adapter) as the module's own entries, or its
+    original's where it has no such copy."""
+    name = adapter_name or active_adapter(model)
     paths = sorted((p for p, _ in lora_layers(model) if p), key=len, reverse=True)
+    wrapped = {p: (f"modules_to_save.{name}." if name in w.modules_to_save else "original_module.")
+               for p, w in saved_modules(model) if p}
+    paths += sorted(wrapped, key=len, reverse=True)
     out = {}
     for key, value in model.state_dict().items():
         prefix = next((p for p in paths if key.startswith(p + ".")), None)
@@ -33,7 +39,10 @@ def merged_state_dict(model: nn.Module) -> dict:
             out[key] = value
             continue
         rest = key[len(prefix) + 1:]
-        if rest.startswith("base_layer."):
+        if prefix in wrapped:
+            if rest.startswith(wrapped[prefix]):
+                out[f"{prefix}.{rest[len(wrapped[prefix]):]}"] = value
+        elif rest.startswith("base_layer."):
             out[f"{prefix}.{rest[len('base_layer.'):]}"] = value
         elif not rest.startswith(_ADAPTER_KEYS):
             out[key] = value
@@ -69,7 +78,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, merged: bool = Fa
     stage = tempfile.mkdtemp(prefix=".lowrank-save-", dir=parent)
     try:
         try:
-            model.save_pretrained(stage, state_dict=merged_state_dict(model), **kwargs)
+            model.save_pretrained(stage, state_dict=merged_state_dict(model, name), **kwargs)
         finally:
             unmerge(model)
         # Every file written complete beside the target first; then each renamed into place, so a

@@ -34,7 +34,7 @@ from .dtypes import KERNEL_DTYPES
 from .lora_linear import LoRALinear, is_linear
 from .nf4_linear import NF4Linear
 from .ops.merge import check_merge_args
-from .patch import refuse_inside_adapter_ids, unpatch
+from .patch import active_adapter, refuse_inside_adapter_ids, restore_modules
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
 
@@ -286,7 +286,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requantize: bool = False,
                      return_report: bool = False):
     """Merge (without a record) and put plain layers back: returns `model` with no LoRA module left
-    and the original requires_grad flags (as lowrank.unpatch).
+    and the original requires_grad flags (as lowrank.unpatch). A modules_to_save wrapper gives way to
+    the merged adapter's trained copy (as in peft), or to the original module where it has none.
 
     Dense layers get their merged nn.Linear / Conv1D back. NF4 (QLoRA) layers are dequantized to
     a dense dtype and merged there with one rounding (the recipe the QLoRA authors recommend:
@@ -335,7 +336,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
         layer.base_layer = base
     for path, layer, name in dense:
         layer.merged = None  # the wrapper is discarded next; its base layer keeps the merged weight
-    unpatch(model)
+    # modules_to_save: the merged adapter's trained copy takes the original's place (peft's choice)
+    restore_modules(model, layers, keep_copy=adapter_name or active_adapter(model))
     return (model, report) if return_report else model
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import warnings
 from typing import Iterator
 
 import torch
@@ -17,6 +18,7 @@ from .config import (PEFT_NAMES, LoRAConfig, TargetSpec, check_pattern, lora_kwa
                      peft_lora_kwargs)
 from .layer_types import module_references, replace_module
 from .lora_linear import LoRALinear, is_linear
+from .modules_to_save import ModulesToSave, check_copyable
 from .qlora import check_quantize_args, quantize_targets, quantized_layers
 
 # Attribute on the patched root module: what patching changed, so unpatch can undo it exactly.
@@ -26,9 +28,10 @@ _STATE_ATTR = "_lowrank_state"
 def iter_linear(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
     """Yield (path, module, parent, attribute) for every linear layer, under every path that holds
     it (a module held twice is yielded twice: `named_children` would report it once); a LoRALinear
-    counts as one layer (its base_layer is not visited again)."""
+    counts as one layer (its base_layer is not visited again); the inside of a ModulesToSave wrapper
+    (its original and copies: trained whole, not by LoRA) is not visited."""
     for attr, child in model._modules.items():
-        if child is None:
+        if child is None or isinstance(child, ModulesToSave):
             continue
         path = f"{prefix}.{attr}" if prefix else attr
         if isinstance(child, LoRALinear) or is_linear(child):
@@ -98,6 +101,78 @@ def _list_linear(found) -> str:
     return (f"the model's linear layers are named {names} ({len(found)} layers, e.g. {examples})")
 
 
+def check_module_names(names, what: str = "modules_to_save") -> list[str] | None:
+    """A list of non-empty module names from a name, a list of names or None (None or empty: None)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    if isinstance(names, (set, frozenset)):
+        names = sorted(names)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"{what} must be a module name or a list of module names, got {names!r}")
+    return list(names) or None
+
+
+def module_paths(model: nn.Module, prefix: str = ""):
+    """(path, module) for every module of `model` under every path that holds it, parents first,
+    not entering a LoRALinear or a ModulesToSave wrapper (their insides are lowrank's)."""
+    for attr, child in model._modules.items():
+        if child is None:
+            continue
+        path = f"{prefix}.{attr}" if prefix else attr
+        yield path, child
+        if not isinstance(child, (LoRALinear, ModulesToSave)):
+            yield from module_paths(child, path)
+
+
+def select_modules_to_save(model: nn.Module, names: list[str], strict: bool = True) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the modules that `names` selects for modules_to_save, by peft's rule: a
+    module whose path ends with one of the names, as a plain string suffix (so "classifier" also
+    selects DistilBERT's "pre_classifier", as peft does: a file then means the same in both).
+    ValueError when a name selects nothing (strict; peft's files list "classifier" and "score" for
+    any classifier, so reading them is not strict), when selected modules nest, or when one is (or
+    holds) a LoRA layer; TypeError when one cannot be copied for training (`check_copyable`)."""
+    found = [(p, m) for p, m in module_paths(model) if any(p.endswith(n) for n in names)]
+    missing = [n for n in names if not any(p.endswith(n) for p, _ in found)]
+    if missing and strict:
+        raise ValueError(f"modules_to_save={names!r}: {missing} match no module of the model (a name matches the end "
+                         f"of a module path, e.g. 'classifier' or 'score')")
+    paths = [p for p, _ in found]
+    for p, m in found:
+        inner = [q for q in paths if q.startswith(p + ".")]
+        if inner:
+            raise ValueError(f"modules_to_save={names!r} selects both {p!r} and {inner[0]!r}, inside it; name one")
+        lora = [q or "(itself)" for q, sub in m.named_modules() if isinstance(sub, LoRALinear)]
+        if lora:
+            raise ValueError(f"modules_to_save: {p!r} is (or holds) a LoRA layer ({lora[0]}); a module is either "
+                             f"trained whole or by LoRA, not both")
+        if not isinstance(m, ModulesToSave):
+            check_copyable(p, m)
+    return found
+
+
+def base_module_paths(model: nn.Module, prefix: str = "") -> Iterator[str]:
+    """Every module path of `model` as it was before patching (a ModulesToSave's original under the
+    wrapper's path), not entering LoRA layers: the paths peft's rules are applied to."""
+    for attr, child in model._modules.items():
+        if child is None:
+            continue
+        path = f"{prefix}.{attr}" if prefix else attr
+        yield path
+        if isinstance(child, ModulesToSave):
+            yield from base_module_paths(child.original_module, path)
+        elif not isinstance(child, LoRALinear):
+            yield from base_module_paths(child, path)
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """(path, wrapper) for every ModulesToSave in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
 _CONFIG_ARGS = ("rank", "alpha", "dropout", "targets", "exclude", "rslora", "init")
 
 
@@ -138,6 +213,8 @@ def accepts_peft_names(fn):
                 source = "the LoRAConfig"
             else:
                 from_config = peft_lora_kwargs(peft_config_dict(config), f"{where}(config=...)", for_new_weights=True)
+                # a field left empty in the config (None) leaves the argument free for the caller
+                from_config = {k: v for k, v in from_config.items() if v is not None}
                 source = "config"
             both = sorted((explicit & set(from_config)) - ({"adapter_name"} if source == "the LoRAConfig" else set()))
             if both:
@@ -159,7 +236,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                  init: str = "kaiming", adapter_name: str = "default", quantize: str | None = None,
                  compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                  double_quant: bool = True, set_active: bool = False, rank_pattern: dict | None = None,
-                 alpha_pattern: dict | None = None) -> nn.Module:
+                 alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
@@ -187,22 +264,35 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     (peft's rule, `lowrank.config.pattern_value`), else rank / alpha. With alpha=None a layer's
     alpha is 2 * its own rank (scaling 2 everywhere), unless alpha_pattern names it.
 
+    modules_to_save (peft's): names of modules trained whole for this adapter (a classifier head:
+    "classifier", "score"), selected by peft's rule (`select_modules_to_save`). Each is wrapped in a
+    `lowrank.ModulesToSave` holding the frozen original and a trainable copy per adapter, switched
+    with the active adapter, saved and loaded with it (peft's layout). As in peft, the linear layers
+    inside them get no LoRA whatever the targets select. Patching a
+    *ForSequenceClassification / *ForTokenClassification model without its head in modules_to_save
+    warns: the head would stay frozen at its random initialisation.
+
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
     exclude_modules, use_rslora), and config= takes a peft LoraConfig (or its dict, or a lowrank
     LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`. A config field that asks
-    for what lowrank does not do (DoRA, modules_to_save, rank_pattern, ...) is a ValueError naming it.
+    for what lowrank does not do (DoRA, trainable_token_indices, ...) is a ValueError naming it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
     refuse_inside_adapter_ids(model, "patch_linear")
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
                         targets=targets, exclude=exclude, adapter_name=adapter_name)
-    chosen = select_targets(model, targets, exclude)
+    mts_names = check_module_names(modules_to_save)
+    saved = select_modules_to_save(model, mts_names) if mts_names else []
+    chosen = _outside_saved(select_targets(model, targets, exclude), saved, targets)
+    if mts_names is None:
+        _warn_frozen_head(model)
     rank_pattern, alpha_pattern = check_pattern(rank_pattern, "rank_pattern"), check_pattern(alpha_pattern,
                                                                                               "alpha_pattern")
     layer_configs = {path: _layer_config(config, path, alpha, rank_pattern, alpha_pattern) for path, *_ in chosen}
     clash = [path for path, module, *_ in chosen
              if isinstance(module, LoRALinear) and adapter_name in module.configs]
+    clash += [path for path, module in saved if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save]
     if clash:
         raise ValueError(f"adapter {adapter_name!r} already exists on {len(clash)} layer(s) (e.g. {clash[0]}); "
                          f"use another adapter_name or lowrank.unpatch(model) first")
@@ -225,15 +315,22 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     activate = set_active or not any(layer.configs for _, layer in lora_layers(model))
     # Every new factor is allocated (what can run out of memory) before any layer gets one.
     factors = [wrapper.new_factors(cfg) for _, wrapper, _, cfg in wrappers.values()]
+    copies = _new_copies(saved)
     for (_, wrapper, _, cfg), (a, b) in zip(wrappers.values(), factors):
         wrapper.attach_adapter(cfg, a, b, activate=activate)
     for module, wrapper, new, _ in wrappers.values():
         if new:
             replace_module(refs, module, wrapper)
-    lora_params = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
-                   for p in list(m.lora_A.values()) + list(m.lora_B.values())}
+    for module, wrapper, copy in copies:
+        copy.requires_grad_(False)
+        wrapper.attach_copy(adapter_name, copy)
+        if wrapper is not module:
+            replace_module(refs, module, wrapper)
+    kept = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
+            for p in list(m.lora_A.values()) + list(m.lora_B.values())}
+    kept |= {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.modules_to_save.parameters()}
     for p in model.parameters():
-        if id(p) not in lora_params:
+        if id(p) not in kept:
             p.requires_grad_(False)
     if activate:  # the model-wide active adapter: this one, trainable; every other one frozen
         set_active_adapter(model, adapter_name, trainable=True)
@@ -244,6 +341,46 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     if fresh_state:
         object.__setattr__(model, _STATE_ATTR, state)
     return model
+
+
+def _outside_saved(chosen: list, saved: list, targets: TargetSpec) -> list:
+    """The LoRA targets without those inside (or equal to) modules_to_save modules: as peft does, a
+    module trained whole gets no LoRA, whatever the targets say."""
+    if not saved:
+        return chosen
+    rest = [c for c in chosen if not any(c[0] == p or c[0].startswith(p + ".") for p, _ in saved)]
+    if not rest:
+        raise ValueError(f"every linear layer the targets select is inside modules_to_save "
+                         f"({sorted(p for p, _ in saved)}): nothing is left for LoRA")
+    return rest
+
+
+_CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def _warn_frozen_head(model: nn.Module) -> None:
+    """Warn when a sequence / token classification model is patched with its new head frozen."""
+    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return
+    heads = [n for n in _CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)
+             and not isinstance(getattr(model, n), ModulesToSave)]
+    if heads:
+        warnings.warn(f"patch_linear: {type(model).__name__}.{heads[0]} (its task head, usually freshly initialised) "
+                      f"is frozen; pass modules_to_save={heads!r} to train it with the adapter (peft adds it for "
+                      f"SEQ_CLS / TOKEN_CLS)", stacklevel=3)
+
+
+def _new_copies(saved: list) -> list[tuple[nn.Module, ModulesToSave, nn.Module]]:
+    """(module, its wrapper (new, or itself when it is one), a new copy) for each module to save,
+    one per module however many paths hold it; nothing is attached yet."""
+    out, seen = [], set()
+    for _, module in saved:
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        out.append((module, wrapper, wrapper.new_copy()))
+    return out
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -262,6 +399,11 @@ def set_active_adapter(model: nn.Module, name: str | None, trainable: bool) -> N
             for n in layer.configs:
                 layer.lora_A[n].requires_grad_(n == name)
                 layer.lora_B[n].requires_grad_(n == name)
+    for _, wrapper in saved_modules(model):
+        wrapper.active_adapter = name if name in wrapper.modules_to_save else None
+        if trainable:
+            for n, copy in wrapper.modules_to_save.items():
+                copy.requires_grad_(n == name)
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -273,7 +415,7 @@ def refuse_inside_adapter_ids(model: nn.Module, where: str) -> None:
     """ValueError while `model` is inside a `lowrank.adapter_ids` block: adding, loading, deleting,
     merging or unpatching adapters there would send the batch's rows to other adapters than its
     ids say."""
-    busy = [p or type(m).__name__ for p, m in lora_layers(model) if m._adapter_ids is not None]
+    busy = [p or type(m).__name__ for p, m in [*lora_layers(model), *saved_modules(model)] if m._adapter_ids is not None]
     if busy:
         raise ValueError(f"{where}: the model is inside an adapter_ids block ({len(busy)} layers, e.g. {busy[0]}); "
                          f"changing its adapters or weights there would reroute the batch's rows: leave the "
@@ -291,14 +433,30 @@ def unpatch(model: nn.Module) -> nn.Module:
     for path, module in layers:
         if getattr(module, "merged", False):
             raise ValueError(f"layer {path} is merged; lowrank.unmerge(model) before unpatching")
+    restore_modules(model, layers, keep_copy=None)
+    return model
+
+
+def restore_modules(model: nn.Module, layers: list, keep_copy: str | None) -> None:
+    """Put the original modules back in place of every LoRA layer in `layers` and of every
+    ModulesToSave wrapper (or, with keep_copy, that adapter's copy where the wrapper has one: its
+    parameters get the original's requires_grad flags), and restore the flags patching changed."""
     refs = module_references(model)
     for _, module in layers:
         replace_module(refs, module, module.base_layer)  # under every path that holds it
+    copies = []
+    for _, wrapper in list(saved_modules(model)):
+        chosen = wrapper.modules_to_save[keep_copy] if keep_copy in wrapper.modules_to_save else None
+        replace_module(refs, wrapper, chosen if chosen is not None else wrapper.original_module)
+        if chosen is not None:
+            copies.append((wrapper.original_module, chosen))
     state = model.__dict__.pop(_STATE_ATTR, None)
     if state is not None:
         for p, flag in state["requires_grad"]:
             p.requires_grad_(flag)
-    return model
+    for original, chosen in copies:
+        for (_, p), (_, q) in zip(original.named_parameters(), chosen.named_parameters()):
+            q.requires_grad_(p.requires_grad)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .merge import MergeState
-from .patch import active_adapter, lora_layers, trainable_parameters
+from .patch import active_adapter, lora_layers, saved_modules, trainable_parameters
 from .qlora import quantized_layers
 
 
@@ -31,6 +31,8 @@ class AdapterSummary:
     active: bool
     trainable: bool
     merged_layers: int
+    saved_modules: list[str] = field(default_factory=list)  # paths of its modules_to_save copies
+    saved_params: int = 0  # their parameters (also counted in params and bytes)
 
 
 @dataclass
@@ -67,13 +69,18 @@ class ModelSummary:
         console.print(f"trainable {_size(self.trainable_bytes)}, frozen {_size(self.frozen_bytes)}")
         if self.adapters:
             t = Table(title="adapters", title_justify="left")
-            for col in ("adapter", "rank", "alpha", "scaling", "dropout", "layers", "params", "bytes", "state"):
+            saved = any(a.saved_modules for a in self.adapters)
+            cols = ("adapter", "rank", "alpha", "scaling", "dropout", "layers", *(("saved",) if saved else ()),
+                    "params", "bytes", "state")
+            for col in cols:
                 t.add_column(col, justify="left" if col in ("adapter", "state") else "right")
             for a in self.adapters:
                 state = ", ".join(s for s, on in (("active", a.active), ("trainable", a.trainable),
                                                   (f"merged in {a.merged_layers}", a.merged_layers)) if on)
+                extra = (f"{len(a.saved_modules)} ({a.saved_params:,d})",) if saved else ()
                 t.add_row(a.name, _values(a.ranks), _values(a.alphas), _values(a.scalings, ".4g"),
-                          f"{a.dropout:g}", str(a.layers), f"{a.params:,d}", _size(a.bytes), state or "frozen")
+                          f"{a.dropout:g}", str(a.layers), *extra, f"{a.params:,d}", _size(a.bytes),
+                          state or "frozen")
             console.print(t)
         if self.targets:
             t = Table(title="targets", title_justify="left")
@@ -105,7 +112,8 @@ def _values(vals, fmt: str = "g") -> str:
 def summary(model: nn.Module, print_summary: bool = True) -> ModelSummary:
     """Trainable and total parameters (peft's `print_trainable_parameters()` line: shared parameters
     once, NF4 weights as their element count), bytes, and a table per adapter (rank, alpha,
-    scaling, layers, parameters, bytes, active / trainable / merged) and per target kind (layers,
+    scaling, layers, modules_to_save copies, parameters (factors and copies), bytes, active /
+    trainable / merged) and per target kind (layers,
     base parameters and stored bytes, NF4 or not, LoRA parameters). Printed unless
     print_summary=False; returned as a `ModelSummary` either way (str() renders it)."""
     if not isinstance(model, nn.Module):
@@ -153,6 +161,17 @@ def summary(model: nn.Module, print_summary: bool = True) -> ModelSummary:
                     values.append(v)
             if isinstance(merged, MergeState) and merged.adapter == name:
                 s.merged_layers += 1
+    for path, wrapper in saved_modules(model):
+        for name, copy in wrapper.modules_to_save.items():
+            s = adapters.get(name)
+            if s is None:
+                continue
+            params = list(copy.parameters())
+            s.saved_modules.append(path)
+            s.saved_params += sum(p.numel() for p in params)
+            s.params += sum(p.numel() for p in params)
+            s.bytes += sum(p.numel() * p.element_size() for p in params)
+            s.trainable |= any(p.requires_grad for p in params)
     out = ModelSummary(trainable, total, trainable_bytes, frozen_bytes, list(adapters.values()),
                        sorted(targets.values(), key=lambda t: t.name))
     if print_summary:
