@@ -21,7 +21,7 @@ from .modules_to_save import ModulesToSave
 from .nf4_format import NF4Weight, quantize_nf4
 from .nf4_linear import NF4Linear
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
-from .hf import save_pretrained
+from .hf import Trainer, save_pretrained, trainer_class
 from .qlora import prepare_for_qlora_training
 from .summary import ModelSummary, summary
 
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelSummary",
+    "Trainer",
     "ModulesToSave",
     "LoRAConfig",
     "LoRALinear",
@@ -52,6 +53,7 @@ __all__ = [
     "summary",
     "set_adapter",
     "trainable_parameters",
+    "trainer_class",
     "unmerge",
     "unpatch",
     "__version__",

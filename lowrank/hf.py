@@ -1,4 +1,6 @@
-"""Hugging Face files: `lowrank.save_pretrained(model, path, merged=False|True)`. Level 4.
+"""Hugging Face files and training: `lowrank.save_pretrained(model, path, merged=False|True)` and
+`lowrank.hf.trainer_class()` / `lowrank.hf.Trainer(...)` (transformers' Trainer for patched models,
+see the Note below). Level 4.
 
 merged=False writes the adapter in peft's format (`save_adapter`). merged=True writes the whole
 model with the adapter merged, through transformers' own `save_pretrained` (config, safetensors
@@ -13,11 +15,13 @@ import os
 import shutil
 import tempfile
 
+import torch
 import torch.nn as nn
 
-from .adapter_files import save_adapter
+from .adapter_files import CONFIG_NAME, load_adapter, save_adapter
+from .adapters import adapter_names
 from .merge import merge, unmerge
-from .patch import active_adapter, lora_layers, saved_modules
+from .patch import active_adapter, lora_layers, saved_modules, set_active_adapter
 
 _ADAPTER_KEYS = ("lora_A.", "lora_B.")
 
@@ -88,3 +92,102 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, merged: bool = Fa
             os.replace(os.path.join(stage, name), os.path.join(path, name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+# -- transformers' Trainer ------------------------------------------------------------------------
+# Note: why a Trainer subclass
+# transformers' Trainer saves a model that is not a peft PeftModel whole (model.save_pretrained: the
+# patched state dict, base weights and all) and, for a model quantized by transformers, refuses to
+# train unless it believes adapters are attached (`_hf_peft_config_loaded`, read once in its
+# __init__). The subclass saves checkpoints as peft does (each adapter in peft's format: "default"
+# in the checkpoint folder, any other in a subfolder named after it), reads them back on resume and
+# for load_best_model_at_end, and tells the quantization check what is true: the model has
+# trainable adapters. Everything else (optimizer, scheduler, RNG state, data position) is the
+# Trainer's own checkpointing.
+_TRAINER_CLASSES: dict[type, type] = {}
+
+
+def trainer_class(base: type | None = None) -> type:
+    """A subclass of `base` (default `transformers.Trainer`; TRL's `SFTTrainer` and other Trainer
+    subclasses work the same) for models patched by lowrank: checkpoints hold the adapters (and
+    their modules_to_save copies) in peft's format instead of the full model, `resume_from_checkpoint`
+    and `load_best_model_at_end` load them back into the patched model, and a model loaded in 4-bit
+    by transformers trains. transformers is imported here (an optional dependency)."""
+    if base is None:
+        from transformers import Trainer as base  # optional: only Trainer users need transformers
+    if not isinstance(base, type) or not any(c.__name__ == "Trainer" for c in base.__mro__):
+        raise TypeError(f"trainer_class: base must be transformers.Trainer or a subclass of it, got {base!r}")
+    if base not in _TRAINER_CLASSES:
+        _TRAINER_CLASSES[base] = type(f"Lowrank{base.__name__}", (_TrainerMixin, base), {
+            "__doc__": f"{base.__name__} for lowrank-patched models (see lowrank.hf.trainer_class)."})
+    return _TRAINER_CLASSES[base]
+
+
+def Trainer(*args, **kwargs):  # noqa: N802 (reads as the class it builds)
+    """`lowrank.hf.trainer_class()(*args, **kwargs)`: a transformers Trainer for a patched model."""
+    return trainer_class()(*args, **kwargs)
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Every adapter of `model` in peft's layout for several adapters: "default" in `path`, each
+    other one in `path/<name>`; returns the names written."""
+    names = adapter_names(model)
+    for name in names:
+        save_adapter(model, path if name == "default" else os.path.join(path, name), adapter_name=name)
+    return names
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """The adapters `save_adapters` wrote, loaded into `model` (replacing the weights of adapters it
+    has, adding the others); the model's active adapter stays. Returns the names loaded;
+    ValueError (model unchanged for the adapter at fault) when `path` holds none."""
+    path = os.fspath(path)
+    found = []
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        found.append(("default", path))
+    if os.path.isdir(path):
+        for sub in sorted(os.listdir(path)):
+            if os.path.isfile(os.path.join(path, sub, CONFIG_NAME)):
+                found.append((sub, os.path.join(path, sub)))
+    if not found:
+        raise ValueError(f"{path!r} holds no adapter ({CONFIG_NAME} in it or in a subfolder)")
+    active = active_adapter(model)
+    for name, where in found:
+        load_adapter(model, where, adapter_name=name)
+    if active is not None:
+        set_active_adapter(model, active, trainable=True)
+    return [name for name, _ in found]
+
+
+class _TrainerMixin:
+    def __init__(self, model=None, *args, **kwargs):
+        if model is not None and not any(True for _ in lora_layers(model)):
+            raise ValueError(f"{type(self).__name__}: the model has no LoRA layer; patch it with "
+                             f"lowrank.patch_linear first (or use transformers.Trainer)")
+        # transformers refuses a 4-bit model it does not see adapters on: they are there (lowrank's).
+        flagged = model is not None and getattr(model, "is_quantized", False) and \
+            not getattr(model, "_hf_peft_config_loaded", False)
+        if flagged:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            if flagged:
+                model._hf_peft_config_loaded = False
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_adapters(model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapters(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_adapters(self.model, self.state.best_model_checkpoint)

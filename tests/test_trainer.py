@@ -1,0 +1,153 @@
+"""lowrank.hf.trainer_class / lowrank.Trainer: transformers' Trainer on patched models (dense, NF4
+by lowrank, 4-bit by transformers + bitsandbytes, a classifier with modules_to_save): adapter-only
+checkpoints in peft's format, and a resume that continues bit for bit."""
+import os
+import warnings
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from tests.models import tiny_llama
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+
+def lm_data(n=16, seq=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 97, (n, seq), generator=g)
+    return [{"input_ids": r, "labels": r} for r in x]
+
+
+def args(out, steps, save_steps=2, **kw):
+    return transformers.TrainingArguments(str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                                          save_steps=save_steps, save_strategy="steps", report_to=[], use_cpu=True,
+                                          seed=0, disable_tqdm=True, logging_steps=100, **kw)
+
+
+def lora_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+
+
+def patched_llama():
+    return lowrank.patch_linear(tiny_llama(), r=4, target_modules=["q_proj", "v_proj"])
+
+
+def test_checkpoints_hold_the_adapter_and_resume_continues_bit_for_bit(tmp_path):
+    a = patched_llama()
+    start = lora_state(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowrank.Trainer(model=a, args=args(tmp_path / "a", 4), train_dataset=lm_data()).train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    files = set(os.listdir(ckpt))
+    assert {CONFIG_NAME, WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+    assert not {"model.safetensors", "pytorch_model.bin"} & files  # the adapter, not the full model
+    end = lora_state(a)
+    assert any(not torch.equal(start[k], end[k]) for k in start)  # it trained
+
+    b = patched_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowrank.Trainer(model=b, args=args(tmp_path / "b", 4), train_dataset=lm_data()).train(
+            resume_from_checkpoint=str(ckpt))
+    resumed = lora_state(b)
+    for k in end:
+        assert torch.equal(resumed[k], end[k]), k
+
+    # peft reads the checkpoint as its own adapter
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), ckpt)
+    c = patched_llama()
+    lowrank.load_adapter(c, ckpt)
+    x = lm_data(2)[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(c(input_ids=x).logits, pm(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_head_in_modules_to_save_trains_and_is_checkpointed(tmp_path):
+    cfg = transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=2)
+
+    def bert():
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(cfg)
+
+    model = bert()
+    lowrank.patch_linear(model, r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    head = model.classifier.modules_to_save["default"].weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 61, (16, 6), generator=g)
+    data = [{"input_ids": r, "labels": int(r[0] % 2)} for r in x]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowrank.Trainer(model=model, args=args(tmp_path, 3, save_steps=3), train_dataset=data).train()
+    assert not torch.equal(model.classifier.modules_to_save["default"].weight, head)
+    assert torch.equal(model.classifier.original_module.weight, head)
+    back = peft.PeftModel.from_pretrained(bert(), tmp_path / "checkpoint-3")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_by_lowrank_trains(tmp_path):
+    model = lowrank.patch_linear(tiny_llama(), r=4, target_modules=["q_proj", "v_proj"], quantize="nf4",
+                                 compute_dtype=torch.float32)
+    start = lora_state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowrank.Trainer(model=model, args=args(tmp_path, 2, save_steps=2), train_dataset=lm_data()).train()
+    end = lora_state(model)
+    assert all(torch.isfinite(v).all() for v in end.values())
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert os.path.isfile(tmp_path / "checkpoint-2" / WEIGHTS_NAME)
+
+
+def test_4bit_by_transformers_trains_where_plain_trainer_refuses(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q,
+                                                                  device_map="cpu")
+    lowrank.patch_linear(model, r=4, target_modules=["q_proj", "v_proj"])
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, lowrank.NF4Linear)
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=args(tmp_path / "plain", 2), train_dataset=lm_data())
+    start = lora_state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowrank.Trainer(model=model, args=args(tmp_path / "ours", 2), train_dataset=lm_data()).train()
+    assert not getattr(model, "_hf_peft_config_loaded", False)  # only while the Trainer checks
+    end = lora_state(model)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert os.path.isfile(tmp_path / "ours" / "checkpoint-2" / WEIGHTS_NAME)
+
+
+def test_several_adapters_save_and_load_as_peft_lays_them_out(tmp_path):
+    model = patched_llama()
+    lowrank.add_adapter(model, "fr", r=2, target_modules=["k_proj"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    assert lowrank.hf.save_adapters(model, tmp_path) == ["default", "fr"]
+    assert os.path.isfile(tmp_path / CONFIG_NAME) and os.path.isfile(tmp_path / "fr" / CONFIG_NAME)
+    fresh = tiny_llama()
+    assert lowrank.hf.load_adapters(fresh, tmp_path) == ["default", "fr"]
+    ours, theirs = lora_state(model), lora_state(fresh)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert lowrank.patch.active_adapter(fresh) == "default"
+
+
+def test_refusals():
+    with pytest.raises(TypeError, match="base must be transformers.Trainer"):
+        lowrank.trainer_class(dict)
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        lowrank.Trainer(model=tiny_llama(), args=args("/tmp/unused-lowrank-trainer", 1))
+    with pytest.raises(ValueError, match="holds no adapter"):
+        lowrank.hf.load_adapters(patched_llama(), "/nonexistent-dir")
