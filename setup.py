@@ -142,6 +142,8 @@ setup(
             "peft==0.21.2",
             "transformers>=5,<6",
             "matplotlib>=3.7",
+            # lowrank.trainer_class(trl.SFTTrainer) is tested with TRL (and the datasets it needs)
+            "trl>=1.0",
         ],
         # lowrank plan / compare read transformers configs and models; compare draws its curves
         "jobs": ["transformers>=5,<6", "matplotlib>=3.7"],

@@ -151,3 +151,33 @@ def test_refusals():
         lowrank.Trainer(model=tiny_llama(), args=args("/tmp/unused-lowrank-trainer", 1))
     with pytest.raises(ValueError, match="holds no adapter"):
         lowrank.hf.load_adapters(patched_llama(), "/nonexistent-dir")
+
+
+def test_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "the", "cat", "dog", "sat", "ran", "on", "mat"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(words), max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = lowrank.patch_linear(transformers.LlamaForCausalLM(cfg), r=4, target_modules=["q_proj", "v_proj"])
+    start = lora_state(model)
+    data = datasets.Dataset.from_list([{"text": "the cat sat on the mat"}, {"text": "the dog ran"}] * 8)
+    config = trl.SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, save_steps=2, report_to=[],
+                           use_cpu=True, disable_tqdm=True, max_length=16, learning_rate=1e-2)
+    trainer = lowrank.trainer_class(trl.SFTTrainer)
+    assert issubclass(trainer, trl.SFTTrainer) and lowrank.trainer_class(trl.SFTTrainer) is trainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(model=model, args=config, train_dataset=data, processing_class=fast).train()
+    end = lora_state(model)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    files = set(os.listdir(tmp_path / "checkpoint-2"))
+    assert {CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"} <= files and "model.safetensors" not in files
