@@ -43,7 +43,7 @@ from safetensors import safe_open
 
 from .config import LoRAConfig, pattern_value, peft_lora_kwargs
 from .dtypes import FLOAT_DTYPES
-from .layer_types import linear_dims
+from .layer_types import is_embedding, linear_dims
 from .lora_linear import LoRALinear
 from .modules_to_save import ModulesToSave
 from .patch import (base_module_paths, iter_linear, lora_layers, patch_linear, refuse_inside_adapter_ids, saved_modules,
@@ -53,7 +53,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?:(?P<which>lora_A|lora_B)\.weight|"
+                     r"lora_embedding_(?P<emb>A|B))$")
+# peft writes an embedding layer's base weight into the adapter file too (save_embedding_layers)
+_EMBEDDING_BASE_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.base_layer\.weight$")
 
 
 # transformers model class suffix -> peft task_type written by save_adapter(task_type="auto")
@@ -97,8 +100,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     tensors = {}
     for p, m in layers:
         # clone: safetensors refuses tensors that share storage, and wants contiguous CPU data.
-        tensors[f"{PREFIX}{p}.lora_A.weight"] = m.lora_A[adapter_name].detach().to("cpu").contiguous().clone()
-        tensors[f"{PREFIX}{p}.lora_B.weight"] = m.lora_B[adapter_name].detach().to("cpu").contiguous().clone()
+        key_a, key_b = (("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight"))
+        tensors[f"{PREFIX}{p}.{key_a}"] = m.lora_A[adapter_name].detach().to("cpu").contiguous().clone()
+        tensors[f"{PREFIX}{p}.{key_b}"] = m.lora_B[adapter_name].detach().to("cpu").contiguous().clone()
     for p, copy in saved:  # peft's layout: the copy's own state dict under the module's path
         for k, t in copy.state_dict().items():
             tensors[f"{PREFIX}{p}.{k}"] = t.detach().to("cpu").contiguous().clone()
@@ -110,7 +114,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                    or getattr(model, "name_or_path", None)) or None
     saved_names = _saved_names(model, [p for p, _ in saved]) if saved else None
     config = _config_dict(cfg, _target_modules(model, [p for p, _ in layers], saved_names),
-                          fan_in_fan_out=any(m.fan_in_fan_out for _, m in layers),
+                          fan_in_fan_out=any(m.fan_in_fan_out and not m.embedding for _, m in layers),
                           task_type=task_type, base=base_model_name_or_path)
     if rank_pattern:
         config["rank_pattern"] = rank_pattern
@@ -435,28 +439,40 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     states: dict[str, dict[str, torch.Tensor]] = {p: {} for p in to_save}
     by_length = sorted(to_save, key=len, reverse=True)
+    embedding_bases: dict[str, torch.Tensor] = {}
+    key_kinds: dict[str, set] = {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
         owner = next((p for p in by_length if key.startswith(f"{PREFIX}{p}.")), None)
         if owner is not None:
             states[owner][key[len(PREFIX) + len(owner) + 1:]] = t
             continue
-        if m is None:
-            problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight) nor a weight "
-                            f"of a module in modules_to_save ({saved_names}); DoRA, biases and embedding LoRA are "
-                            f"not supported")
+        if m is None and _EMBEDDING_BASE_RE.match(key):
+            embedding_bases[_EMBEDDING_BASE_RE.match(key)["path"]] = t
             continue
-        pairs.setdefault(m["path"], {})[m["which"]] = t
+        if m is None:
+            problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight or "
+                            f".lora_embedding_A/B) nor a weight of a module in modules_to_save ({saved_names}); "
+                            f"DoRA and biases are not supported")
+            continue
+        which = m["which"] or f"lora_{m['emb']}"
+        key_kinds.setdefault(m["path"], set()).add("embedding" if m["emb"] else "linear")
+        pairs.setdefault(m["path"], {})[which] = t
     linear = {p: mod for p, mod, *_ in iter_linear(model)}
     existing = {p: mod for p, mod in lora_layers(model) if adapter_name in mod.configs}
     for p, ab in sorted(pairs.items()):
         for which in ("lora_A", "lora_B"):
             if which not in ab:
-                problems.append(f"{p}: {which}.weight missing")
+                key = f"lora_embedding_{which[-1]}" if key_kinds.get(p) == {"embedding"} else f"{which}.weight"
+                problems.append(f"{p}: {key} missing")
         mod = linear.get(p)
         if mod is None:
-            problems.append(f"{p}: no nn.Linear / Conv1D layer at this path in the model")
+            problems.append(f"{p}: no nn.Linear / Conv1D / nn.Embedding layer at this path in the model")
             continue
+        embedding = is_embedding(mod.base_layer if isinstance(mod, LoRALinear) else mod)
+        if key_kinds.get(p) != {"embedding" if embedding else "linear"}:
+            problems.append(f"{p}: the file's keys are {sorted(key_kinds.get(p, ()))} LoRA keys, but the layer is "
+                            f"{'an embedding' if embedding else 'linear'} (lora_embedding_A/B are for nn.Embedding)")
         k, n = (mod.in_features, mod.out_features) if isinstance(mod, LoRALinear) else linear_dims(mod)
         rank = rank_at(p)
         expect = {"lora_A": (rank, k), "lora_B": (n, rank)}
@@ -483,6 +499,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         for p in sorted(set(existing) - set(pairs)):
             problems.append(f"{p}: has adapter {adapter_name!r} in the model but no weights in the file")
     problems += _saved_problems(to_save, states, adapter_name, bool(existing))
+    problems += _embedding_base_problems(embedding_bases, linear)
     selected = _peft_selection(model, config.get("target_modules"), saved_names)
     if selected is not None and pairs and selected != set(pairs):
         extra, missing = sorted(set(pairs) - selected), sorted(selected - set(pairs))
@@ -563,6 +580,28 @@ def _peft_selection(model: nn.Module, targets, saved_names: list[str] | None = N
     else:
         out = {p for p in found if any(p == t or p.endswith("." + t) for t in targets)}
     return {p for p in out if not in_saved_module(p, saved_names)}
+
+
+def _embedding_base_problems(bases: dict[str, torch.Tensor], layers: dict) -> list[str]:
+    """peft writes the base weight of an embedding layer with LoRA into the adapter file. Loading
+    never replaces base weights: such a weight is accepted when it is bit for bit the model's own
+    (the usual case), and refused otherwise (a resized or retrained vocabulary: the adapter was
+    trained on another base)."""
+    problems = []
+    for p, t in sorted(bases.items()):
+        mod = layers.get(p)
+        base = mod.base_layer if isinstance(mod, LoRALinear) else mod
+        if base is None or not is_embedding(base):
+            problems.append(f"{p}.base_layer.weight: the file holds a base weight for {p}, which is not an "
+                            f"nn.Embedding of the model")
+        elif tuple(t.shape) != tuple(base.weight.shape):
+            problems.append(f"{p}.base_layer.weight: shape {tuple(t.shape)} in the file, the model's embedding is "
+                            f"{tuple(base.weight.shape)} (a resized vocabulary?): the adapter belongs to another base")
+        elif base.weight.device.type == "meta" or not torch.equal(t.to(base.weight.dtype), base.weight.detach().cpu()):
+            problems.append(f"{p}.base_layer.weight: the file's embedding weight differs from the model's; lowrank "
+                            f"does not replace base weights when loading an adapter (the adapter was trained on "
+                            f"another base, or with new token rows)")
+    return problems
 
 
 def _saved_problems(to_save: dict, states: dict, adapter_name: str, existing: bool) -> list[str]:

@@ -24,10 +24,18 @@ def is_dense_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def is_embedding(module: nn.Module) -> bool:
+    """nn.Embedding or a subclass (transformers' scaled word embeddings): LoRA-able as peft does it."""
+    return isinstance(module, nn.Embedding)
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear or Conv1D."""
+    """(in_features, out_features) of an nn.Linear or Conv1D; for an nn.Embedding (num_embeddings,
+    embedding_dim): its LoRA factors are A (r, num_embeddings) and B (embedding_dim, r), as peft's."""
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
+    if is_embedding(module):
+        return module.num_embeddings, module.embedding_dim
     return module.in_features, module.out_features
 
 

@@ -13,15 +13,20 @@ import torch.nn as nn
 
 from .backend import backend_for
 from .config import LoRAConfig
-from .layer_types import is_conv1d, is_dense_linear, linear_dims
+from .layer_types import is_conv1d, is_dense_linear, is_embedding, linear_dims
 from .nf4_linear import NF4Linear
 from .ops.lora_matmul import lora_linear
 from .ops.sgmv import metadata_for, sgmv
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A layer LoRALinear can wrap: nn.Linear, GPT-2's Conv1D or lowrank's NF4Linear."""
+    """A linear layer LoRALinear can wrap: nn.Linear, GPT-2's Conv1D or lowrank's NF4Linear."""
     return is_dense_linear(module) or isinstance(module, NF4Linear)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer LoRALinear can wrap: a linear one (`is_linear`) or an nn.Embedding."""
+    return is_linear(module) or is_embedding(module)
 
 
 class LoRALinear(nn.Module):
@@ -31,15 +36,22 @@ class LoRALinear(nn.Module):
     very same module back). Adapters live in `lora_A[name]` (rank, in_features) and
     `lora_B[name]` (out_features, rank), in the base weight's dtype and device, so a GPT-2 Conv1D
     adapter has the same shapes as an nn.Linear one (peft's `fan_in_fan_out`).
+
+    An nn.Embedding (num_embeddings V, embedding_dim D) is adapted as peft does it: in_features = V,
+    out_features = D, A (r, V) starts at zero and B (D, r) normal (peft's lora_embedding_A / _B),
+    and the output is base(x) + scaling * A.T[x] @ B.T (times the layer's `embed_scale` where it
+    has one, as transformers' scaled embeddings do; no dropout, as in peft). Its weight is stored
+    (V, D), i.e. (in, out): `fan_in_fan_out` is true, and merging is Conv1D's.
     """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        if not is_linear(base_layer):
-            raise TypeError(f"LoRALinear wraps nn.Linear, transformers Conv1D or lowrank.NF4Linear, got "
+        if not is_adaptable(base_layer):
+            raise TypeError(f"LoRALinear wraps nn.Linear, transformers Conv1D, lowrank.NF4Linear or nn.Embedding, got "
                             f"{type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.embedding = is_embedding(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer) or self.embedding
         self.in_features, self.out_features = linear_dims(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -96,7 +108,13 @@ class LoRALinear(nn.Module):
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         a = torch.empty(config.rank, self.in_features, device=w.device, dtype=dtype)
         b = torch.zeros(self.out_features, config.rank, device=w.device, dtype=dtype)
-        init_lora_A_(a, config)
+        if self.embedding:  # peft's embedding init: A = 0, B ~ N(0, 1) (drawn in float32)
+            a.zero_()
+            if b.device.type != "meta":
+                with torch.no_grad():
+                    b.copy_(torch.randn(b.shape, device=b.device))
+        else:
+            init_lora_A_(a, config)
         return a, b
 
     def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor,
@@ -123,6 +141,8 @@ class LoRALinear(nn.Module):
         if name is None or self.merged:
             return self.base_layer(x)
         cfg = self.configs[name]
+        if self.embedding:
+            return self.base_layer(x) + _embedding_delta(self, x, name)
         if isinstance(self.base_layer, NF4Linear):  # the fused QLoRA op
             return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
                                                 cfg.dropout if self.training else 0.0)
@@ -135,6 +155,19 @@ class LoRALinear(nn.Module):
         ranks = {n: c.rank for n, c in self.configs.items()}
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}, "
                 f"active={self.active_adapter!r}, fan_in_fan_out={self.fan_in_fan_out}")
+
+
+def _embedding_delta(layer: LoRALinear, x: torch.Tensor, name: str) -> torch.Tensor:
+    """scaling * A.T[x] @ B.T for an embedding layer (peft's lookup: the base layer's padding_idx,
+    max_norm and the rest apply to A's columns too), times the layer's embed_scale if any."""
+    base = layer.base_layer
+    t = nn.functional.embedding(x, layer.lora_A[name].t(), base.padding_idx, base.max_norm, base.norm_type,
+                                base.scale_grad_by_freq, base.sparse)  # (..., r)
+    delta = (t @ layer.lora_B[name].t()) * layer.configs[name].scaling
+    scale = getattr(base, "embed_scale", None)
+    if scale is not None:
+        delta = delta * (scale.to(delta.dtype) if isinstance(scale, torch.Tensor) else scale)
+    return delta
 
 
 def init_lora_A_(a: torch.Tensor, config: LoRAConfig) -> None:
@@ -174,6 +207,8 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
         return out
     if getattr(layer, "merged", False):
         raise ValueError("a merged LoRALinear cannot run mixed-adapter batches; unmerge it first")
+    if layer.embedding:
+        return out + _mixed_embedding_delta(layer, x, names)
     k, n = layer.in_features, layer.out_features
     x2 = x.reshape(-1, k)  # (M, K)
     m = x2.shape[0]
@@ -202,6 +237,27 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     dt = As[0].dtype
     y = sgmv(h.to(dt), out.reshape(-1, n).to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta)
     return y.view(out.shape).to(out.dtype)
+
+
+def _mixed_embedding_delta(layer, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The LoRA term of an embedding layer for a mixed batch (or the active adapter under
+    torch.compile): each adapter's lookup on every token, kept where the token's id picks it."""
+    ids = layer._adapter_ids
+    if ids is None:
+        tok = layer._active_index.expand(x.shape[:1] if x.dim() else ())
+    else:
+        rows = 1 if x.dim() <= 1 else x.shape[0]
+        if ids.shape[0] != rows:
+            raise ValueError(f"adapter_ids has {ids.shape[0]} entries but an embedding LoRALinear input has {rows} "
+                             f"rows (shape {tuple(x.shape)}): give one adapter per row (sequence)")
+        tok = ids.to(x.device)
+    tok = tok.reshape(tok.shape + (1,) * (x.dim() - tok.dim() + 1))  # (rows, 1, ..., 1): broadcast over tokens
+    total = None
+    for i, name in enumerate(names):
+        delta = _embedding_delta(layer, x, name)
+        term = delta * (tok == i).to(delta.dtype)
+        total = term if total is None else total + term
+    return total
 
 
 def _tokens_and_meta(ids, m: int, n_adapters: int, x):

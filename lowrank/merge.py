@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .dtypes import KERNEL_DTYPES
-from .lora_linear import LoRALinear, is_linear
+from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.merge import check_merge_args
 from .patch import active_adapter, refuse_inside_adapter_ids, restore_modules
@@ -98,7 +98,7 @@ def _merge_operands(layer: LoRALinear, name: str):
 def _check_layer(path: str, layer: LoRALinear, name: str | None):
     base = layer.base_layer
     w = getattr(base, "weight", None)
-    if type(layer) is not LoRALinear or not is_linear(base) or not isinstance(w, torch.Tensor) \
+    if type(layer) is not LoRALinear or not is_adaptable(base) or not isinstance(w, torch.Tensor) \
             or w.dtype not in KERNEL_DTYPES:
         raise NotImplementedError(
             f"layer {path}: merging into a {type(layer).__name__} over {type(base).__name__} with weight "

@@ -17,7 +17,8 @@ import torch.nn as nn
 from .config import (PEFT_NAMES, LoRAConfig, TargetSpec, check_pattern, lora_kwargs, pattern_value, peft_config_dict,
                      peft_lora_kwargs)
 from .layer_types import module_references, replace_module
-from .lora_linear import LoRALinear, is_linear
+from .layer_types import is_embedding
+from .lora_linear import LoRALinear, is_adaptable
 from .modules_to_save import ModulesToSave, check_copyable
 from .qlora import check_quantize_args, quantize_targets, quantized_layers
 
@@ -34,7 +35,7 @@ def iter_linear(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Mo
         if child is None or isinstance(child, ModulesToSave):
             continue
         path = f"{prefix}.{attr}" if prefix else attr
-        if isinstance(child, LoRALinear) or is_linear(child):
+        if isinstance(child, LoRALinear) or is_adaptable(child):
             yield path, child, model, attr
         else:
             yield from iter_linear(child, path)
@@ -68,7 +69,8 @@ def select_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = 
     """The (path, module, parent, attr) of the linear layers `targets` selects and `exclude` does not.
 
     targets: "all-linear" (every linear layer but the output head: the module returned by
-    `get_output_embeddings()`, or any layer named `lm_head`); a list of names matched against the
+    `get_output_embeddings()`, or any layer named `lm_head`; nn.Embedding layers only when named, as
+    in peft, e.g. ["embed_tokens", "q_proj"]); a list of names matched against the
     end of the module path ("q_proj", "self_attn.q_proj"); a regex string matched against the full
     path (re.fullmatch); or a callable (path, module) -> bool. exclude takes the same forms.
     Raises ValueError, listing the model's linear layers, when nothing is selected.
@@ -76,7 +78,8 @@ def select_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = 
     found = list(iter_linear(model))
     if targets == "all-linear":
         heads = _output_heads(model)
-        chosen = [f for f in found if id(f[1]) not in heads and f[0].rsplit(".", 1)[-1] != "lm_head"]
+        chosen = [f for f in found if id(f[1]) not in heads and f[0].rsplit(".", 1)[-1] != "lm_head"
+                  and not _is_embedding_layer(f[1])]
     else:
         chosen = [f for f in found if _matches(targets, f[0], f[1])]
     if exclude is not None:
@@ -85,6 +88,10 @@ def select_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = 
         raise ValueError(f"targets={_describe(targets)} (exclude={_describe(exclude)}) matched no linear layer; "
                          f"{_list_linear(found)}")
     return chosen
+
+
+def _is_embedding_layer(module: nn.Module) -> bool:
+    return is_embedding(module.base_layer if isinstance(module, LoRALinear) else module)
 
 
 def _describe(spec) -> str:

@@ -145,7 +145,7 @@ def test_validation_lists_every_problem_and_leaves_model_unchanged(tmp_path):
     t["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = torch.zeros(4, 32)  # no such layer
     t["base_model.model.model.layers.0.self_attn.nope.lora_B.weight"] = torch.zeros(32, 4)
     t["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"] = torch.zeros(16, 4, dtype=torch.int32)
-    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 61)  # unsupported kind
+    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 61)  # half an embedding adapter
     save_file(t, tmp_path / WEIGHTS_NAME)
 
     for target in (copy.deepcopy(base), lowrank.patch_linear(copy.deepcopy(base), rank=3)):
@@ -154,7 +154,7 @@ def test_validation_lists_every_problem_and_leaves_model_unchanged(tmp_path):
             lowrank.load_adapter(target, tmp_path)
         msg = str(err.value)
         for needle in ("(5, 32)", "k_proj: lora_B.weight missing", "self_attn.nope: no nn.Linear",
-                       "torch.int32", "lora_embedding_A"):
+                       "torch.int32", "embed_tokens: lora_embedding_B missing"):
             assert needle in msg, f"{needle!r} not in:\n{msg}"
         after, kinds_after = _state(target)
         assert kinds == kinds_after and before.keys() == after.keys()
