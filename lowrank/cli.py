@@ -13,6 +13,9 @@
                                            per layer: singular values of s*B@A, effective rank, energy,
                                            condition number, norm relative to the base; rank collapse
                                            and a suggested rank
+    lowrank merge BASE ADAPTER OUT [--dtype auto] [--requantize] [--force]
+                                           the adapter merged into the model's safetensors shards (one
+                                           shard in memory at a time), loadable by from_pretrained
     lowrank info                           versions, native library build, kernel backend
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from . import __version__, native
 from . import compare as compare_job
 from . import inspect_adapter as inspect_job
+from . import merge_files as merge_files_job
 from . import plan as plan_job
 from .adapter_files import save_adapter
 from .backend import backend_for
@@ -208,6 +212,27 @@ def run_inspect(args) -> None:
             print(f"heat map: {args.plot}")
 
 
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA adapter into a transformers model's files, one shard at a time")
+    p.add_argument("base", help="the base transformers causal-LM directory (config.json, safetensors; NF4 "
+                                "bitsandbytes 4-bit checkpoints too)")
+    p.add_argument("adapter", help="a peft LoRA adapter directory")
+    p.add_argument("out", help="the merged model's directory (written complete, then renamed into place)")
+    p.add_argument("--dtype", default="auto", choices=tuple(merge_files_job.DTYPES),
+                   help="auto keeps each tensor's stored dtype")
+    p.add_argument("--requantize", action="store_true",
+                   help="NF4 base: quantize the merged layers back to NF4 (default: a dense model)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
+
+
+def run_merge(args) -> None:
+    stats = merge_files_job.merge_files(args.base, args.adapter, args.out, requantize=args.requantize,
+                                        dtype=args.dtype, force=args.force, progress=True)
+    print(f"merged {stats.layers} layer(s) into {stats.shards} shard(s): {stats.out} (largest set of tensors held at "
+          f"once {stats.largest_held_bytes / 2**20:.1f} MiB; largest base shard {stats.largest_shard_bytes / 2**20:.1f} "
+          f"MiB, model {stats.total_bytes / 2**20:.1f} MiB)")
+
+
 def _lrs(text):
     if text is None:
         return None
@@ -280,6 +305,7 @@ def main(argv=None) -> int:
     _add_plan(sub)
     _add_compare(sub)
     _add_inspect(sub)
+    _add_merge(sub)
     p = sub.add_parser("demo", help="train a small Llama with LoRA on a synthetic task")
     p.add_argument("--steps", type=_positive_int, default=60)
     p.add_argument("--rank", type=_positive_int, default=8)
@@ -299,6 +325,8 @@ def main(argv=None) -> int:
             run_plan(args)
         elif args.cmd == "compare":
             run_compare(args)
+        elif args.cmd == "merge":
+            run_merge(args)
         elif args.cmd == "inspect":
             run_inspect(args)
         elif args.cmd == "demo":

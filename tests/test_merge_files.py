@@ -1,0 +1,219 @@
+"""lowrank/merge_files.py and `lowrank merge BASE ADAPTER OUT`: the merged model transformers loads
+with no missing or unexpected key, bit-equal to load_adapter + merge_and_unload in memory; shards
+streamed one at a time; OUT replaced only by a complete directory."""
+import copy
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+import lowrank
+from lowrank import cli
+from lowrank.merge_files import merge_files
+from tests.helpers import run_python
+from tests.models import input_ids, logits, randomize_lora_, tiny_bert, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TOKENIZER_FILES = {"tokenizer.json": '{"fake": 1}\n', "tokenizer_config.json": '{"model_max_length": 64}\n',
+                   "special_tokens_map.json": "{}\n"}
+
+
+def _base_dir(tmp_path, model, shard="60KB"):
+    d = tmp_path / "base"
+    model.save_pretrained(str(d), max_shard_size=shard)
+    for name, text in TOKENIZER_FILES.items():
+        (d / name).write_text(text)
+    return d
+
+
+def _peft_adapter(tmp_path, base, **kw):
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    return tmp_path / "adapter"
+
+
+def _lowrank_adapter(tmp_path, base, rank=4, **kw):
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=rank, **kw)
+    randomize_lora_(model, std=0.2)
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _in_memory(base_dir, adapter, dtype=None):
+    """The oracle: the base loaded by transformers, the adapter by load_adapter, merge_and_unload."""
+    kw = {} if dtype is None else {"dtype": dtype}
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), **kw).eval()
+    lowrank.load_adapter(model, adapter)
+    return lowrank.merge_and_unload(model)
+
+
+def _assert_same_model(out_dir, ref, base_dir):
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir), output_loading_info=True)
+    loaded.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    a, b = ref.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8) if a[k].is_floating_point() else a[k],
+                                                        b[k].view(torch.uint8) if b[k].is_floating_point() else b[k]), k
+    x = input_ids(vocab=ref.config.vocab_size)
+    assert torch.equal(logits(loaded, x), logits(ref, x))
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=loaded.dtype).eval()
+    assert not torch.equal(logits(plain, x), logits(loaded, x)), "the adapter must change the model"
+    for name, text in TOKENIZER_FILES.items():
+        assert (out_dir / name).read_text() == text
+    return loaded
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_llama_peft_adapter_several_shards(tmp_path, dtype, capsys):
+    """A tiny Llama saved in several shards, a peft 0.21.2 adapter (q, v, down): `lowrank merge`
+    writes what from_pretrained loads with no missing / unexpected key, bit-equal to the in-memory
+    merge (bf16: the base cast first, as from_pretrained(dtype=bfloat16) does)."""
+    base = tiny_llama()
+    base_dir = _base_dir(tmp_path, base)
+    n_shards = len(json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(set(json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 3
+    adapter = _peft_adapter(tmp_path, base, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    out = tmp_path / "out"
+    argv = ["merge", str(base_dir), str(adapter), str(out)] + ([] if dtype == "auto" else ["--dtype", dtype])
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert "merged 6 layer(s)" in capsys.readouterr().out
+    ref = _in_memory(base_dir, adapter, None if dtype == "auto" else getattr(torch, dtype))
+    loaded = _assert_same_model(out, ref, base_dir)
+    assert loaded.dtype == (torch.float32 if dtype == "auto" else torch.bfloat16)
+    assert n_shards > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "out"]  # no staging
+
+
+def test_gpt2_conv1d_lowrank_adapter(tmp_path):
+    """GPT-2: Conv1D weights stored (in, out), including the square c_proj (768x768 in the real
+    model; 48x48 here) where the shape cannot tell the layout; an adapter written by lowrank with a
+    per-layer rank and alpha."""
+    base = tiny_gpt2()
+    base_dir = _base_dir(tmp_path, base)
+    adapter = _lowrank_adapter(tmp_path, base, rank=4, rank_pattern={r"h\.1\.attn\.c_attn": 2},
+                               alpha_pattern={r"h\.0\.mlp\.c_fc": 3.0})
+    stats = merge_files(base_dir, adapter, tmp_path / "out")
+    assert stats.layers == 8
+    ref = _in_memory(base_dir, adapter)
+    _assert_same_model(tmp_path / "out", ref, base_dir)
+
+
+def test_prefix_differs_between_adapter_and_checkpoint(tmp_path):
+    """An adapter made on the bare LlamaModel (paths `layers.0...`) merged into the LlamaForCausalLM
+    checkpoint (keys `model.layers.0...`): same result as loading it into model.model."""
+    base = tiny_llama()
+    base_dir = _base_dir(tmp_path, base)
+    adapter = _lowrank_adapter(tmp_path, base.model)
+    merge_files(base_dir, adapter, tmp_path / "out")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()
+    lowrank.load_adapter(ref.model, adapter)
+    lowrank.merge_and_unload(ref.model)
+    _assert_same_model(tmp_path / "out", ref, base_dir)
+
+
+def test_streaming_holds_about_one_shard(tmp_path):
+    """A 20 MB model in 1 MB shards: merge_files reports holding at most one shard's tensors at once,
+    and the merging process's peak RSS (measured in a fresh interpreter, the peak reset after the
+    imports through /proc/self/clear_refs) grows by far less than the model's size."""
+    base = tiny_llama(hidden=256, intermediate=1024, vocab=2048, layers=4)
+    base_dir = _base_dir(tmp_path, base, shard="1MB")
+    adapter = _lowrank_adapter(tmp_path, base, rank=8)
+    files = [f for f in os.listdir(base_dir) if f.endswith(".safetensors")]
+    total = sum(os.path.getsize(base_dir / f) for f in files)
+    largest = max(os.path.getsize(base_dir / f) for f in files)
+    assert len(files) >= 10 and total > 15 * 2**20
+    code = (
+        "import json, sys, lowrank.merge_files as m\n"
+        "def kb(field):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))\n"
+        "import torch\n"
+        "m._architecture(sys.argv[1], 'warm-up')  # transformers' modules imported before the measurement\n"
+        "torch.ops.lowrank.merge_(torch.zeros(2, 2), torch.ones(1, 2), torch.ones(2, 1), 1.0, False)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = kb('VmRSS:')\n"
+        "s = m.merge_files(sys.argv[1], sys.argv[2], sys.argv[3])\n"
+        "print(json.dumps({'held': s.largest_held_bytes, 'peak_growth': (kb('VmHWM:') - before) * 1024}))\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    res = run_python(code, str(base_dir), str(adapter), str(tmp_path / "out"), env=env)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0 < got["held"] <= largest, (got, largest)
+    assert got["peak_growth"] < 0.5 * total, (got, total)
+    ref = _in_memory(base_dir, adapter)
+    _assert_same_model(tmp_path / "out", ref, base_dir)
+
+
+def test_refusals_leave_everything_as_it_was(tmp_path, capsys, monkeypatch):
+    base = tiny_llama()
+    base_dir = _base_dir(tmp_path, base)
+    adapter = _lowrank_adapter(tmp_path, base)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    other = tmp_path / "other"
+    tiny_llama(hidden=32, intermediate=64).save_pretrained(str(other))
+    bert = tmp_path / "bert"
+    tiny_bert().save_pretrained(str(bert))
+    capsys.readouterr()
+    cases = [
+        (["merge", str(base_dir), str(adapter), str(out)], "not empty; pass --force"),
+        (["merge", str(other), str(adapter), str(tmp_path / "o2")], "does not fit this model"),
+        (["merge", str(bert), str(adapter), str(tmp_path / "o2")], "no weight for adapter layer"),
+        (["merge", str(tmp_path / "nope"), str(adapter), str(tmp_path / "o2")], "not a directory"),
+        (["merge", str(base_dir), str(tmp_path / "nope"), str(tmp_path / "o2")], "not a directory"),
+        (["merge", str(base_dir), str(adapter), str(base_dir), "--force"], "is or holds the base"),
+        (["merge", str(base_dir), str(adapter), str(tmp_path / "o2"), "--requantize"], "applies to an NF4"),
+    ]
+    for argv, words in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and err.startswith("lowrank merge: error:"), (argv, err)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "o2").exists()
+    # a failure while writing the third shard: OUT untouched, no staging directory left
+    real = safetensors.torch.save_file
+    calls = []
+
+    def fail_third(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_third)
+    assert cli.main(["merge", str(base_dir), str(adapter), str(out), "--force"]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "bert", "other", "out"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert cli.main(["merge", str(base_dir), str(adapter), str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists()
+    _assert_same_model(out, _in_memory(base_dir, adapter), base_dir)
+
+
+def test_tied_lm_head_refused(tmp_path):
+    """GPT-2 ties lm_head to the token embedding: its weight is not stored, and merging into it
+    would change the embedding too. Refused with nothing written."""
+    base = tiny_gpt2()
+    base_dir = _base_dir(tmp_path, base)
+    adapter = _lowrank_adapter(tmp_path, base, targets=["lm_head", "c_attn"])
+    with pytest.raises(ValueError, match="lm_head"):
+        merge_files(base_dir, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--help"])
+    out = capsys.readouterr().out
+    assert "--requantize" in out and "(default: auto)" in out
