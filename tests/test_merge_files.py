@@ -217,3 +217,125 @@ def test_merge_help_shows_defaults(capsys):
         cli.main(["merge", "--help"])
     out = capsys.readouterr().out
     assert "--requantize" in out and "(default: auto)" in out
+
+
+def _bnb_base(tmp_path):
+    """A tiny Llama (fp32, in/out features multiples of 64) quantized to NF4 with double
+    quantization by transformers + bitsandbytes on the CPU and saved in several shards."""
+    bnb = pytest.importorskip("bitsandbytes")
+    dense = tiny_llama(hidden=64, intermediate=128)
+    dense.save_pretrained(str(tmp_path / "dense"))
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    q = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"), quantization_config=cfg,
+                                                          device_map="cpu")
+    q.save_pretrained(str(tmp_path / "q"), max_shard_size="12KB")
+    for name, text in TOKENIZER_FILES.items():
+        (tmp_path / "q" / name).write_text(text)
+    return dense, tmp_path / "q", bnb
+
+
+def _bnb_model(qdir):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(qdir), device_map="cpu").eval()
+
+
+def test_nf4_bitsandbytes_base_merged_dense(tmp_path):
+    """A bitsandbytes NF4 checkpoint: every 4-bit weight dequantized (bit-identical to
+    bitsandbytes' dequantize_4bit), the adapter's layers merged there with one rounding
+    (bit-equal to load_adapter + merge_and_unload on the bitsandbytes model in memory); the output
+    is a dense model from_pretrained loads with no missing / unexpected key."""
+    dense, qdir, bnb = _bnb_base(tmp_path)
+    adapter = _lowrank_adapter(tmp_path, dense, rank=4, targets=["q_proj", "down_proj"])
+    stats = merge_files(qdir, adapter, tmp_path / "out")
+    assert stats.layers == 4
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    got = loaded.state_dict()
+    quantized = _bnb_model(qdir)
+    layers4 = {p: m for p, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    deq = {p + ".weight": bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state) for p, m in layers4.items()}
+    ref = lowrank.merge_and_unload(lowrank.load_adapter(_bnb_model(qdir), adapter)).state_dict()
+    merged_keys = {k for k in got if any(t in k for t in ("q_proj", "down_proj"))}
+    assert len(merged_keys) == 4 and set(deq) >= merged_keys
+    for k, t in got.items():
+        if k in merged_keys:
+            assert t.dtype == torch.float32 and torch.equal(t, ref[k]), k
+            assert not torch.equal(t, deq[k]), f"{k}: the adapter must change the weight"
+        elif k in deq:
+            assert torch.equal(t, deq[k]), k  # dequantized as bitsandbytes does
+        else:
+            assert torch.equal(t, ref[k]), k
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == TOKENIZER_FILES["tokenizer.json"]
+    # The same checkpoint with each merged layer's statistics in another shard than its codes.
+    moved = tmp_path / "q_moved"
+    moved.mkdir()
+    raw = {}
+    for f in os.listdir(qdir):
+        if f.endswith(".safetensors"):
+            raw.update(safetensors.torch.load_file(str(qdir / f)))
+        elif not f.endswith(".index.json"):
+            (moved / f).write_bytes((qdir / f).read_bytes())
+    stats_keys = {k for k in raw if any(t in k for t in ("q_proj", "down_proj")) and not k.endswith(".weight")}
+    parts = {"a.safetensors": {k: v for k, v in raw.items() if k not in stats_keys},
+             "b.safetensors": {k: raw[k] for k in stats_keys}}
+    for name, sd in parts.items():
+        safetensors.torch.save_file(sd, str(moved / name), metadata={"format": "pt"})
+    (moved / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, sd in parts.items() for k in sd}}))
+    merge_files(moved, adapter, tmp_path / "out_moved")
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out_moved")).state_dict()
+    assert again.keys() == got.keys() and all(torch.equal(again[k], got[k]) for k in got)
+
+
+def test_nf4_bitsandbytes_base_requantized(tmp_path):
+    """--requantize: the adapter's layers quantized back (bit-equal to merge_and_unload(requantize=
+    True)'s NF4 storage), every other 4-bit weight written as it was; transformers + bitsandbytes
+    load it as a 4-bit model with no missing / unexpected key."""
+    dense, qdir, bnb = _bnb_base(tmp_path)
+    adapter = _lowrank_adapter(tmp_path, dense, rank=4, targets=["v_proj", "up_proj"])
+    assert cli.main(["merge", str(qdir), str(adapter), str(tmp_path / "out"), "--requantize"]) == 0
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), device_map="cpu",
+                                                                      output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ref = lowrank.merge_and_unload(lowrank.load_adapter(_bnb_model(qdir), adapter), requantize=True)
+    written = {}
+    for f in os.listdir(tmp_path / "out"):
+        if f.endswith(".safetensors"):
+            written.update(safetensors.torch.load_file(str(tmp_path / "out" / f)))
+    base_raw = {}
+    for f in os.listdir(qdir):
+        if f.endswith(".safetensors"):
+            base_raw.update(safetensors.torch.load_file(str(qdir / f)))
+    assert written.keys() == base_raw.keys()
+    requantized = [(p, m) for p, m in ref.named_modules() if isinstance(m, lowrank.NF4Linear)]
+    assert len(requantized) == 4
+    for path, module in requantized:  # the merged, requantized layers
+        assert any(t in path for t in ("v_proj", "up_proj"))
+        for k, v in module.nf4.to_bnb_state_dict(path + ".").items():
+            assert torch.equal(written[k], v.reshape(written[k].shape)), k
+        assert not torch.equal(written[path + ".weight"], base_raw[path + ".weight"])
+    for k, v in base_raw.items():
+        if not any(t in k for t in ("v_proj", "up_proj")):
+            assert torch.equal(written[k], v), k
+    lin = loaded.model.layers[0].mlp.up_proj
+    assert isinstance(lin, bnb.nn.Linear4bit)
+    ours = dict(ref.named_modules())["model.layers.0.mlp.up_proj"].nf4.dequantize(torch.float32)
+    assert torch.equal(bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state), ours)
+
+
+def test_other_quantizations_refused(tmp_path):
+    """FP4 and 8-bit bitsandbytes checkpoints, and --dtype with an NF4 base: refused, nothing written."""
+    dense, qdir, _ = _bnb_base(tmp_path)
+    adapter = _lowrank_adapter(tmp_path, dense, rank=4, targets=["q_proj"])
+    config = json.loads((qdir / "config.json").read_text())
+    for change, words in (({"bnb_4bit_quant_type": "fp4"}, "only nf4"),
+                          ({"load_in_4bit": False, "load_in_8bit": True}, "(8-bit)")):
+        (qdir / "config.json").write_text(json.dumps({**config, "quantization_config": {
+            **config["quantization_config"], **change}}))
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            merge_files(qdir, adapter, tmp_path / "out")
+    (qdir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="leave --dtype at auto"):
+        merge_files(qdir, adapter, tmp_path / "out", dtype="bfloat16")
+    assert not (tmp_path / "out").exists()
