@@ -16,9 +16,13 @@ import os
 import torch
 from safetensors import safe_open
 
+from .nf4_format import NF4Weight
+
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+# The keys bitsandbytes stores beside a 4-bit `<path>.weight` (transformers' save_pretrained).
+NF4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
 # safetensors' dtype names (the header's) -> torch dtypes.
 SAFETENSORS_DTYPES = {
@@ -101,6 +105,23 @@ class Checkpoint:
         """One tensor, read from its file (the others stay on disk)."""
         with safe_open(os.path.join(self.directory, self.key_file[key]), framework="pt", device="cpu") as f:
             return f.get_tensor(key)
+
+    def is_nf4(self, key: str) -> bool:
+        """Whether `key` (a `.weight`) is a bitsandbytes 4-bit weight (its quant_state key exists)."""
+        return key + ".quant_state.bitsandbytes__nf4" in self.key_file
+
+    def nf4_weight(self, key: str, loaded: dict | None = None) -> NF4Weight:
+        """The bitsandbytes NF4 weight stored under `key` and its statistics keys, taken from `loaded`
+        (a shard already in memory) where there, else read from their files (they may lie in
+        another shard). ValueError for fp4 or malformed statistics (`NF4Weight.from_bnb`)."""
+        sd = {}
+        for suffix in ("",) + NF4_SUFFIXES:
+            k = key + suffix
+            if loaded is not None and k in loaded:
+                sd[k] = loaded[k]
+            elif k in self.key_file:
+                sd[k] = self.tensor(k)
+        return NF4Weight.from_bnb(sd, key[: -len("weight")])
 
     def resolve(self, paths: list[str], where: str = "checkpoint") -> dict[str, str]:
         """{module path: the checkpoint key of its `.weight`} for module paths as an adapter names

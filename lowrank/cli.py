@@ -221,7 +221,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=tuple(merge_files_job.DTYPES),
                    help="auto keeps each tensor's stored dtype")
     p.add_argument("--requantize", action="store_true",
-                   help="NF4 base: quantize the merged layers back to NF4 (default: a dense model)")
+                   help="NF4 base: quantize the merged layers back to NF4 instead of writing a dense model")
     p.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
 
 

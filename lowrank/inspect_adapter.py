@@ -18,7 +18,8 @@ With sigma_1 >= ... >= sigma_r (zeros where min(N, K) < r):
 - effective rank (Roy & Vetterli, 2007): exp(-sum_i p_i ln p_i) with p_i = sigma_i / sum_j sigma_j,
   between 1 (one direction) and r (all equal).
 - condition number sigma_1 / sigma_r (inf when sigma_r is 0).
-- with the base model: |s B A|_F / |W|_F (Frobenius norms; the base tensor read from its file alone).
+- with the base model: |s B A|_F / |W|_F (Frobenius norms; the base tensor read from its file alone;
+  a bitsandbytes NF4 weight is decoded first).
 
 # Note: rank collapse and the suggested rank
 A layer is flagged `collapsed` when its rank99 <= r / 4 (at r >= 4): three quarters of its rank
@@ -151,11 +152,17 @@ def inspect_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None =
         keys = ckpt.resolve([layer.path for layer in found.layers], "inspect --base")
         for layer in found.layers:
             key, (n, k) = keys[layer.path], layer.shape
+            if ckpt.is_nf4(key):  # a bitsandbytes 4-bit weight: the norm of what it decodes to
+                nf4 = ckpt.nf4_weight(key)
+                if tuple(nf4.shape) != (n, k):
+                    raise ValueError(f"inspect --base: the NF4 weight {key} in {base!r} is {tuple(nf4.shape)}; the "
+                                     f"adapter's layer {layer.path} needs ({n}, {k})")
+                base_norms[layer.path] = float(torch.linalg.vector_norm(nf4.dequantize(torch.float32).double()))
+                continue
             if ckpt.shape(key) not in ((n, k), (k, n)) or ckpt.dtype(key) is None \
                     or not ckpt.dtype(key).is_floating_point:
                 raise ValueError(f"inspect --base: {key} in {base!r} is {ckpt.dtype(key)} {ckpt.shape(key)}; the "
-                                 f"adapter's layer {layer.path} needs a dense ({n}, {k}) weight (NF4 bases are not "
-                                 f"read here)")
+                                 f"adapter's layer {layer.path} needs a dense ({n}, {k}) weight")
             base_norms[layer.path] = float(torch.linalg.vector_norm(ckpt.tensor(key).double()))
     layers = [_layer_report(layer, top_k, base_norms.get(layer.path)) for layer in found.layers]
     rule = ("smallest power of two >= the largest rank99 (values holding 99% of the energy) over non-zero layers, "

@@ -52,14 +52,13 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .adapter_files import AdapterLayer, read_adapter
-from .checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint
+from .checkpoint import CONFIG_NAME, INDEX_NAME, NF4_SUFFIXES, SINGLE_NAME, Checkpoint
 from .dtypes import KERNEL_DTYPES
 from .layer_types import is_conv1d
-from .nf4_format import NF4Weight, quantize_nf4
+from .nf4_format import quantize_nf4
 from .ops.merge import check_merge_args
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_NF4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 _WEIGHT_FILE_ENDINGS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
 
 
@@ -121,8 +120,7 @@ def _architecture(base: str, where: str):
     return model
 
 
-def _module_for(model, path: str, key: str):
-    modules = dict(model.named_modules())
+def _module_for(model, modules: dict, path: str, key: str):
     for name in (path, key[: -len(".weight")]):
         if name in modules:
             return name, modules[name]
@@ -138,13 +136,14 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
     architecture before anything is read or written."""
     keys = ckpt.resolve([layer.path for layer in found.layers], where)
     model = _architecture(ckpt.directory, where)
+    modules = dict(model.named_modules())
     shared: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(name)
     plans, problems = [], []
     for layer in found.layers:
         key, (n, k) = keys[layer.path], layer.shape
-        mod_name, module = _module_for(model, layer.path, key)
+        mod_name, module = _module_for(model, modules, layer.path, key)
         if module is None:
             problems.append(f"{layer.path}: no module {layer.path} in the {type(model).__name__} built from "
                             f"{CONFIG_NAME}")
@@ -158,7 +157,7 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
         if not transposed and not isinstance(module, torch.nn.Linear):
             problems.append(f"{layer.path}: a {type(module).__name__}, not an nn.Linear or Conv1D")
             continue
-        is_nf4 = nf4_config is not None and key + ".quant_state.bitsandbytes__nf4" in ckpt.key_file
+        is_nf4 = nf4_config is not None and ckpt.is_nf4(key)
         if is_nf4:
             meta = json.loads(bytes(ckpt.tensor(key + ".quant_state.bitsandbytes__nf4").tolist()).decode("utf-8"))
             shape, wdtype = tuple(meta.get("shape", ())), getattr(torch, str(meta.get("dtype")), None)
@@ -205,18 +204,6 @@ def _check_out(out: str, base: str, adapter: str, force: bool, where: str) -> No
             raise ValueError(f"{where}: OUT {out!r} is not empty; pass --force (force=True) to replace it")
 
 
-def _nf4_weight(ckpt: Checkpoint, key: str, shard: dict) -> NF4Weight:
-    """A bitsandbytes NF4 weight from its keys (those in other shards read from there)."""
-    sd = {}
-    for s in ("",) + _NF4_SUFFIXES:
-        k = key + s
-        if k in shard:
-            sd[k] = shard[k]
-        elif k in ckpt.key_file:
-            sd[k] = ckpt.tensor(k)
-    return NF4Weight.from_bnb(sd, key[: -len("weight")])
-
-
 def _merge_weight(w: torch.Tensor, plan: _Plan, factor_dtype: torch.dtype) -> None:
     layer = plan.layer
     a, b = layer.lora_A.to(factor_dtype), layer.lora_B.to(factor_dtype)
@@ -256,7 +243,7 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     by_key = {p.key: p for p in plans}
     nf4_keys = {k[: -len(".quant_state.bitsandbytes__nf4")] for k in ckpt.key_file
                 if k.endswith(".quant_state.bitsandbytes__nf4")} if nf4_config is not None else set()
-    nf4_parts = {k + s: k for k in nf4_keys for s in _NF4_SUFFIXES}
+    nf4_parts = {k + s: k for k in nf4_keys for s in NF4_SUFFIXES}
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -283,7 +270,7 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
                     if requantize and plan is None:
                         out_tensors[key] = t
                         continue
-                    nf4 = _nf4_weight(ckpt, key, tensors)
+                    nf4 = ckpt.nf4_weight(key, tensors)
                     w = nf4.dequantize(nf4.dtype if nf4.dtype in KERNEL_DTYPES else torch.bfloat16).contiguous()
                     if plan is not None:
                         _merge_weight(w, plan, torch.float32)  # fp32 factors: load_adapter's for an NF4 layer

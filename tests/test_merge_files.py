@@ -4,6 +4,7 @@ streamed one at a time; OUT replaced only by a complete directory."""
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import safetensors.torch
@@ -11,6 +12,7 @@ import torch
 
 import lowrank
 from lowrank import cli
+from lowrank.inspect_adapter import inspect_adapter
 from lowrank.merge_files import merge_files
 from tests.helpers import run_python
 from tests.models import input_ids, logits, randomize_lora_, tiny_bert, tiny_gpt2, tiny_llama
@@ -180,6 +182,15 @@ def test_refusals_leave_everything_as_it_was(tmp_path, capsys, monkeypatch):
         assert words in err and err.count("\n") == 1 and err.startswith("lowrank merge: error:"), (argv, err)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not (tmp_path / "o2").exists()
+    # the Llama's weights under a config.json of another kind of model (T5: no causal-LM class)
+    shutil.copytree(base_dir, tmp_path / "o3")
+    config = json.loads((base_dir / "config.json").read_text())
+    (tmp_path / "o3" / "config.json").write_text(json.dumps({**config, "model_type": "t5",
+                                                             "architectures": ["T5Model"]}))
+    assert cli.main(["merge", str(tmp_path / "o3"), str(adapter), str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "not a causal language model" in err and err.count("\n") == 1, err
+    shutil.rmtree(tmp_path / "o3")
     # a failure while writing the third shard: OUT untouched, no staging directory left
     real = safetensors.torch.save_file
     calls = []
@@ -267,6 +278,11 @@ def test_nf4_bitsandbytes_base_merged_dense(tmp_path):
         else:
             assert torch.equal(t, ref[k]), k
     assert (tmp_path / "out" / "tokenizer.json").read_text() == TOKENIZER_FILES["tokenizer.json"]
+    # `lowrank inspect --base` on the NF4 checkpoint: norms relative to the decoded weights
+    report = inspect_adapter(adapter, base=qdir)
+    assert len(report.layers) == 4
+    for lr in report.layers:
+        assert lr.relative_norm == pytest.approx(lr.norm / float(deq[lr.path + ".weight"].double().norm()), rel=1e-12)
     # The same checkpoint with each merged layer's statistics in another shard than its codes.
     moved = tmp_path / "q_moved"
     moved.mkdir()
