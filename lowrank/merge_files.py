@@ -249,7 +249,7 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     os.makedirs(parent, exist_ok=True)
     stage = os.path.join(parent, f".{os.path.basename(out)}.{os.getpid()}.{secrets.token_hex(6)}.merging")
     os.mkdir(stage)
-    held_max, weight_map, total = 0, {}, 0
+    held_max, weight_map, total, parameters = 0, {}, 0, 0
     try:
         shards = ckpt.files
         if progress:
@@ -296,9 +296,13 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
                 for key, t in out_tensors.items():
                     weight_map[key] = name
                     total += t.numel() * t.element_size()
+                    parameters += t.numel()
             del out_tensors
         if ckpt.index is not None:
-            index = {"metadata": {**ckpt.index.get("metadata", {}), "total_size": total},
+            metadata = {**(ckpt.index.get("metadata") or {}), "total_size": total}
+            if "total_parameters" in metadata:
+                metadata["total_parameters"] = parameters
+            index = {"metadata": metadata,
                      "weight_map": dict(sorted(weight_map.items()))}
             with open(os.path.join(stage, INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)

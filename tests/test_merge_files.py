@@ -101,11 +101,13 @@ def test_gpt2_conv1d_lowrank_adapter(tmp_path):
     model; 48x48 here) where the shape cannot tell the layout; an adapter written by lowrank with a
     per-layer rank and alpha."""
     base = tiny_gpt2()
-    base_dir = _base_dir(tmp_path, base)
+    base_dir = _base_dir(tmp_path, base, shard="10GB")  # one model.safetensors, no index
+    assert not (base_dir / "model.safetensors.index.json").exists()
     adapter = _lowrank_adapter(tmp_path, base, rank=4, rank_pattern={r"h\.1\.attn\.c_attn": 2},
                                alpha_pattern={r"h\.0\.mlp\.c_fc": 3.0})
     stats = merge_files(base_dir, adapter, tmp_path / "out")
-    assert stats.layers == 8
+    assert stats.layers == 8 and stats.shards == 1
+    assert sorted(f for f in os.listdir(tmp_path / "out") if "safetensors" in f) == ["model.safetensors"]
     ref = _in_memory(base_dir, adapter)
     _assert_same_model(tmp_path / "out", ref, base_dir)
 
@@ -216,9 +218,15 @@ def test_tied_lm_head_refused(tmp_path):
     """GPT-2 ties lm_head to the token embedding: its weight is not stored, and merging into it
     would change the embedding too. Refused with nothing written."""
     base = tiny_gpt2()
-    base_dir = _base_dir(tmp_path, base)
+    base_dir = _base_dir(tmp_path, base, shard="10GB")
     adapter = _lowrank_adapter(tmp_path, base, targets=["lm_head", "c_attn"])
-    with pytest.raises(ValueError, match="lm_head"):
+    with pytest.raises(ValueError, match="no weight for adapter layer lm_head .* tied"):
+        merge_files(base_dir, adapter, tmp_path / "out")
+    # the same with lm_head.weight stored anyway: transformers ties it to the embedding on load
+    sd = safetensors.torch.load_file(str(base_dir / "model.safetensors"))
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+    safetensors.torch.save_file(sd, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head: its weight is tied to transformer.wte.weight"):
         merge_files(base_dir, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
