@@ -153,15 +153,16 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
             problems.append(f"{layer.path}: its weight is tied to {[x for x in names if x != mod_name + '.weight'][0]}; "
                             f"merging would change both (keep the adapter unmerged for this layer)")
             continue
-        transposed = is_conv1d(module)
-        if not transposed and not isinstance(module, torch.nn.Linear):
+        if not is_conv1d(module) and not isinstance(module, torch.nn.Linear):
             problems.append(f"{layer.path}: a {type(module).__name__}, not an nn.Linear or Conv1D")
             continue
         is_nf4 = nf4_config is not None and ckpt.is_nf4(key)
+        transposed = is_conv1d(module) and not is_nf4  # a 4-bit weight is stored (out, in) whatever the layer was
         if is_nf4:
-            meta = json.loads(bytes(ckpt.tensor(key + ".quant_state.bitsandbytes__nf4").tolist()).decode("utf-8"))
-            shape, wdtype = tuple(meta.get("shape", ())), getattr(torch, str(meta.get("dtype")), None)
-            want = (n, k)  # bitsandbytes stores (out, in) for Linear4bit
+            nf4 = ckpt.nf4_weight(key)  # one layer's codes and statistics, checked (NF4Weight.validate)
+            shape, wdtype = tuple(nf4.shape), nf4.dtype
+            want = (n, k)
+            del nf4
         else:
             shape, wdtype = ckpt.shape(key), ckpt.dtype(key)
             want = (k, n) if transposed else (n, k)
