@@ -65,7 +65,8 @@ class Checkpoint:
         elif os.path.isfile(os.path.join(d, SINGLE_NAME)):
             self.files = [SINGLE_NAME]
         else:
-            pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.isfile(os.path.join(d, n))]
+            pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+                       if os.path.isfile(os.path.join(d, n))]
             extra = (f" (it has {pickled[0]}: pickle files can run code when loaded; convert the model to "
                      f"safetensors first, e.g. save_pretrained(..., safe_serialization=True))") if pickled else ""
             raise FileNotFoundError(f"{where}: no {SINGLE_NAME} or {INDEX_NAME} in {d!r}{extra}")

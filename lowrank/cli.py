@@ -228,9 +228,10 @@ def _add_merge(sub) -> None:
 def run_merge(args) -> None:
     stats = merge_files_job.merge_files(args.base, args.adapter, args.out, requantize=args.requantize,
                                         dtype=args.dtype, force=args.force, progress=True)
+    mib = 2.0 ** 20
     print(f"merged {stats.layers} layer(s) into {stats.shards} shard(s): {stats.out} (largest set of tensors held at "
-          f"once {stats.largest_held_bytes / 2**20:.1f} MiB; largest base shard {stats.largest_shard_bytes / 2**20:.1f} "
-          f"MiB, model {stats.total_bytes / 2**20:.1f} MiB)")
+          f"once {stats.largest_held_bytes / mib:.1f} MiB; largest base shard {stats.largest_shard_bytes / mib:.1f} "
+          f"MiB, model {stats.total_bytes / mib:.1f} MiB)")
 
 
 def _lrs(text):

@@ -150,8 +150,9 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
             continue
         names = shared.get(id(getattr(module, "weight", None)), [])
         if len(names) > 1:
-            problems.append(f"{layer.path}: its weight is tied to {[x for x in names if x != mod_name + '.weight'][0]}; "
-                            f"merging would change both (keep the adapter unmerged for this layer)")
+            other = next(x for x in names if x != mod_name + ".weight")
+            problems.append(f"{layer.path}: its weight is tied to {other}; merging would change both (keep the "
+                            f"adapter unmerged for this layer)")
             continue
         if not is_conv1d(module) and not isinstance(module, torch.nn.Linear):
             problems.append(f"{layer.path}: a {type(module).__name__}, not an nn.Linear or Conv1D")
@@ -169,8 +170,9 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
             if dtype is not None and wdtype is not None and wdtype.is_floating_point:
                 wdtype = dtype
         if shape != want:
-            problems.append(f"{layer.path}: the base weight {key} is {shape}, the adapter (A {tuple(layer.lora_A.shape)}, "
-                            f"B {tuple(layer.lora_B.shape)}) needs {want}: the adapter does not fit this model")
+            problems.append(f"{layer.path}: the base weight {key} is {shape}, the adapter (A "
+                            f"{tuple(layer.lora_A.shape)}, B {tuple(layer.lora_B.shape)}) needs {want}: the adapter "
+                            f"does not fit this model")
             continue
         if wdtype not in KERNEL_DTYPES:
             problems.append(f"{layer.path}: the base weight {key} is {wdtype}; merging needs float32, float16 or "

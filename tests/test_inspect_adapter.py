@@ -170,8 +170,8 @@ def test_base_with_another_prefix_is_resolved(tmp_path):
     weights = {k: v.detach() for k, v in full.named_parameters()}
     for lr in report.layers:
         assert lr.path.startswith("layers.")
-        assert lr.relative_norm == pytest.approx(lr.norm / float(weights["model." + lr.path + ".weight"].double().norm()),
-                                                 rel=1e-10)
+        w = weights["model." + lr.path + ".weight"]
+        assert lr.relative_norm == pytest.approx(lr.norm / float(w.double().norm()), rel=1e-10)
 
 
 def test_errors_are_one_line_and_exit_nonzero(tmp_path, capsys):

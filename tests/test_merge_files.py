@@ -273,7 +273,8 @@ def test_nf4_bitsandbytes_base_merged_dense(tmp_path):
     got = loaded.state_dict()
     quantized = _bnb_model(qdir)
     layers4 = {p: m for p, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    deq = {p + ".weight": bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state) for p, m in layers4.items()}
+    deq = {p + ".weight": bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+           for p, m in layers4.items()}
     ref = lowrank.merge_and_unload(lowrank.load_adapter(_bnb_model(qdir), adapter)).state_dict()
     merged_keys = {k for k in got if any(t in k for t in ("q_proj", "down_proj"))}
     assert len(merged_keys) == 4 and set(deq) >= merged_keys
