@@ -51,7 +51,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .adapter_files import AdapterLayer, read_adapter
+from .adapter_files import AdapterLayer, _exchange, _exchange_supported, read_adapter
 from .checkpoint import CONFIG_NAME, INDEX_NAME, NF4_SUFFIXES, SINGLE_NAME, Checkpoint
 from .dtypes import KERNEL_DTYPES
 from .layer_types import is_conv1d
@@ -250,6 +250,11 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale(out)
+    need, free = _output_bytes(ckpt, nf4_keys, requantize, target), shutil.disk_usage(parent).free
+    if need > free:
+        raise ValueError(f"{where}: the merged model needs about {need / 2**30:.2f} GiB and {parent!r} has "
+                         f"{free / 2**30:.2f} GiB free; nothing written")
     stage = os.path.join(parent, f".{os.path.basename(out)}.{os.getpid()}.{secrets.token_hex(6)}.merging")
     os.mkdir(stage)
     held_max, weight_map, total, parameters = 0, {}, 0, 0
@@ -348,11 +353,51 @@ def _distinct_bytes(tensors: list) -> int:
     return sum(seen.values())
 
 
+def _output_bytes(ckpt: Checkpoint, nf4_keys: set, requantize: bool, target: torch.dtype | None) -> int:
+    """About the bytes the output's shards take (from the headers): each tensor in its output dtype,
+    a dequantized NF4 weight dense."""
+    total = 0
+    for key in ckpt.key_file:
+        shape, dtype = ckpt.shape(key), ckpt.dtype(key)
+        numel = 1
+        for d in shape:
+            numel *= d
+        size = dtype.itemsize if dtype is not None else 8
+        if target is not None and dtype is not None and dtype.is_floating_point:
+            size = target.itemsize
+        if key in nf4_keys and not requantize:
+            meta = json.loads(bytes(ckpt.tensor(key + ".quant_state.bitsandbytes__nf4").tolist()).decode("utf-8"))
+            numel, size = 2 * numel, getattr(torch, str(meta.get("dtype")), torch.float32).itemsize
+        total += numel * size
+    return total
+
+
+def _remove_stale(out: str) -> None:
+    """Staging directories an interrupted merge into `out` left beside it (their process is gone)."""
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    for name in os.listdir(parent):
+        if not (name.startswith(f".{base}.") and (name.endswith(".merging") or name.endswith(".merging.old"))):
+            continue
+        try:
+            pid = int(name[len(base) + 2:].split(".")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
 def _replace(stage: str, out: str) -> None:
-    """The complete staging directory renamed to `out`; an existing `out` (empty, or replaced with
-    force) is moved aside first and removed after."""
+    """The complete staging directory renamed to `out`. An existing `out` (empty, or replaced with
+    force) is swapped with it in one step where the platform can (renameat2 RENAME_EXCHANGE: a
+    reader sees the old model or the new one), else moved aside first; the old one is removed after."""
     if not os.path.exists(out):
         os.rename(stage, out)
+        return
+    if _exchange_supported(os.path.dirname(out)):
+        _exchange(stage, out)  # `stage` now holds the old model
+        with contextlib.suppress(OSError):
+            shutil.rmtree(stage)
         return
     trash = f"{stage}.old"
     os.rename(out, trash)

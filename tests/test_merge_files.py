@@ -13,6 +13,8 @@ import torch
 import lowrank
 from lowrank import cli
 from lowrank.inspect_adapter import inspect_adapter
+from lowrank import merge_files as merge_files_module
+from lowrank.checkpoint import Checkpoint
 from lowrank.merge_files import merge_files
 from tests.helpers import run_python
 from tests.models import input_ids, logits, randomize_lora_, tiny_bert, tiny_gpt2, tiny_llama
@@ -207,10 +209,24 @@ def test_refusals_leave_everything_as_it_was(tmp_path, capsys, monkeypatch):
     assert cli.main(["merge", str(base_dir), str(adapter), str(out), "--force"]) == 2
     assert "disk full" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "bert", "other", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "bert", "other", "out"]  # no staging
     monkeypatch.setattr(safetensors.torch, "save_file", real)
+    # too little disk space: refused before anything is written
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    assert cli.main(["merge", str(base_dir), str(adapter), str(out), "--force"]) == 2
+    assert "GiB free; nothing written" in capsys.readouterr().err
+    monkeypatch.undo()
+    # what a killed merge left beside OUT (its process gone) is removed by the next one
+    stale = tmp_path / ".out.999999999.0123456789ab.merging"
+    stale.mkdir()
+    (stale / "model-00001-of-00004.safetensors").write_bytes(b"partial")
     assert cli.main(["merge", str(base_dir), str(adapter), str(out), "--force"]) == 0
+    assert not stale.exists()
     assert not (out / "keep.txt").exists()
+    written = sum(os.path.getsize(out / f) for f in os.listdir(out) if f.endswith(".safetensors"))
+    estimate = merge_files_module._output_bytes(Checkpoint(base_dir), set(), False, None)
+    assert estimate <= written <= estimate * 1.02 + 2**16, (estimate, written)  # headers on top
     _assert_same_model(out, _in_memory(base_dir, adapter), base_dir)
 
 
