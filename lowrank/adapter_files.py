@@ -41,7 +41,7 @@ import torch.nn as nn
 import safetensors.torch
 from safetensors import safe_open
 
-from .config import LoRAConfig, pattern_value, peft_lora_kwargs
+from .config import LoRAConfig, pattern_value, peft_lora_kwargs, scaling_for
 from .dtypes import FLOAT_DTYPES
 from .layer_types import is_embedding, linear_dims
 from .lora_linear import LoRALinear
@@ -419,16 +419,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         return cfg.alpha if a is None else float(a)
 
     tensors, stamp = _read_weights(path, allow_pickle)
-    if stamp is not None:
-        try:
-            saved = json.loads(stamp)
-        except ValueError:
-            saved = None
-        now = _settings({**config, "use_rslora": bool(config.get("use_rslora", False))})
-        if not isinstance(saved, dict) or saved != now:
-            raise ValueError(f"load_adapter: {path!r}: {WEIGHTS_NAME} was saved with {saved} but {CONFIG_NAME} "
-                             f"says {now}: the files do not belong together (a save interrupted between its "
-                             f"two renames, or a hand-edited config); save the adapter again")
+    _check_stamp(path, config, stamp)
 
     problems = []
     try:  # peft's rule, not strict: peft's classifier files name both "classifier" and "score"
@@ -548,6 +539,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 layer.lora_A[adapter_name].requires_grad_(False)
                 layer.lora_B[adapter_name].requires_grad_(False)
     return model
+
+
+def _check_stamp(path: str, config: dict, stamp: str | None) -> None:
+    """ValueError when the weights file's `lowrank_settings` stamp disagrees with the config (see the Note)."""
+    if stamp is None:
+        return
+    try:
+        saved = json.loads(stamp)
+    except ValueError:
+        saved = None
+    now = _settings({**config, "use_rslora": bool(config.get("use_rslora", False))})
+    if not isinstance(saved, dict) or saved != now:
+        raise ValueError(f"load_adapter: {path!r}: {WEIGHTS_NAME} was saved with {saved} but {CONFIG_NAME} "
+                         f"says {now}: the files do not belong together (a save interrupted between its "
+                         f"two renames, or a hand-edited config); save the adapter again")
 
 
 def _adapter_dtype(mod: nn.Module, layer: LoRALinear | None, adapter_name: str) -> torch.dtype:
@@ -676,3 +682,92 @@ def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
             raise ValueError(f"load_adapter: {pkl!r} is not a dict of tensors")
         return state, None
     raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {path!r}")
+
+
+# -- read without a model ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class AdapterLayer:
+    """One layer of an adapter file: the factors as stored (A (r, in), B (out, r)), and its scaling."""
+    path: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    rank: int
+    alpha: float
+    scaling: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features) of the layer's delta s * B @ A."""
+        return self.lora_B.shape[0], self.lora_A.shape[1]
+
+
+@dataclasses.dataclass
+class AdapterFile:
+    """A peft LoRA adapter directory read and checked without a model (`read_adapter`)."""
+    path: str
+    config: dict
+    settings: LoRAConfig  # r, lora_alpha, lora_dropout, use_rslora of the config
+    fan_in_fan_out: bool
+    layers: list[AdapterLayer]  # sorted by path
+
+
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterFile:
+    """Read the peft LoRA adapter in directory `path` without a model: the config through the checks
+    `load_adapter` applies (unsupported fields, the lowrank_settings stamp), and every layer's
+    factors checked for what the file alone can tell: both of lora_A / lora_B present, shapes
+    (r, in) / (out, r) with the rank the config (or its rank_pattern) gives the layer, a
+    floating-point dtype, finite values. One ValueError lists every problem; FileNotFoundError for
+    missing files. What needs the model (does a layer exist, do in / out fit) is the caller's."""
+    path = os.fspath(path)
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"read_adapter: {path!r} is not a directory")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"read_adapter: no {CONFIG_NAME} in {path!r}")
+    config = _read_config(config_file)
+    cfg, rank_pattern, alpha_pattern = _lora_config_from_peft(config, "default", config_file)
+    tensors, stamp = _read_weights(path, allow_pickle)
+    _check_stamp(path, config, stamp)
+    problems, pairs = [], {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            problems.append(f"{key}: not a LoRA A/B weight (only base_model.model.<path>.lora_A/B.weight "
+                            f"keys are supported; DoRA, biases, embeddings and modules_to_save are not)")
+            continue
+        pairs.setdefault(m["path"], {})[m["which"]] = t
+    layers = []
+    for p, ab in sorted(pairs.items()):
+        bad = False
+        for which in ("lora_A", "lora_B"):
+            if which not in ab:
+                problems.append(f"{p}: {which}.weight missing")
+                bad = True
+                continue
+            t = ab[which]
+            if t.dtype not in FLOAT_DTYPES:
+                problems.append(f"{p}.{which}.weight: dtype {t.dtype}, expected a floating-point dtype")
+                bad = True
+            elif t.dim() != 2:
+                problems.append(f"{p}.{which}.weight: shape {tuple(t.shape)} is not 2-D")
+                bad = True
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{p}.{which}.weight: holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
+                bad = True
+        if bad:
+            continue
+        r = pattern_value(rank_pattern, p)
+        rank = cfg.rank if r is None else int(r)
+        a = pattern_value(alpha_pattern, p)
+        alpha = cfg.alpha if a is None else float(a)
+        A, B = ab["lora_A"], ab["lora_B"]
+        if A.shape[0] != rank or B.shape[1] != rank:
+            problems.append(f"{p}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not both have rank "
+                            f"{rank}{' (from rank_pattern)' if rank != cfg.rank else ''}")
+            continue
+        layers.append(AdapterLayer(p, A, B, rank, alpha, scaling_for(rank, alpha, cfg.rslora)))
+    if not pairs and not problems:
+        problems.append("the file holds no LoRA weights")
+    if problems:
+        raise ValueError(f"read_adapter({path!r}): {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return AdapterFile(path, config, cfg, bool(config.get("fan_in_fan_out", False)), layers)

@@ -9,6 +9,13 @@
                                            train a small Llama (from a config, random init) with LoRA
                                            on a built-in synthetic task and show the loss going down,
                                            then save the adapter (peft format) and merge it
+    lowrank inspect ADAPTER [--base DIR] [--plot FILE] [--json] [--top-k 4]
+                                           per layer: singular values of s*B@A, effective rank, energy,
+                                           condition number, norm relative to the base; rank collapse
+                                           and a suggested rank
+    lowrank merge BASE ADAPTER OUT [--dtype auto] [--requantize] [--force]
+                                           the adapter merged into the model's safetensors shards (one
+                                           shard in memory at a time), loadable by from_pretrained
     lowrank info                           versions, native library build, kernel backend
 """
 from __future__ import annotations
@@ -26,6 +33,8 @@ import torch
 
 from . import __version__, native
 from . import compare as compare_job
+from . import inspect_adapter as inspect_job
+from . import merge_files as merge_files_job
 from . import plan as plan_job
 from .adapter_files import save_adapter
 from .backend import backend_for
@@ -110,7 +119,11 @@ def info() -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr and exit status 2, no usage dump."""
+    """Bad arguments: one line on stderr and exit status 2, no usage dump; --help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -175,6 +188,50 @@ def _add_compare(sub) -> None:
     p.add_argument("--seq", type=_positive_int, default=256, help="with --model: tokens per sequence")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="the spectrum of each layer of a LoRA adapter: effective rank, rank "
+                                       "collapse, a rank for the next run")
+    p.add_argument("adapter", help="a peft LoRA adapter directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--base", default=None, help="the base transformers model directory: adds |s*B@A|_F / |W|_F")
+    p.add_argument("--plot", default=None, help="write a PNG heat map (layers x singular values) here")
+    p.add_argument("--top-k", type=_positive_int, default=4, help="report the energy share of the top k values")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_inspect(args) -> None:
+    report = inspect_job.inspect_adapter(args.adapter, base=args.base, top_k=args.top_k)
+    if args.plot:
+        inspect_job.plot(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        inspect_job.render(report)
+        if args.plot:
+            print(f"heat map: {args.plot}")
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA adapter into a transformers model's files, one shard at a time")
+    p.add_argument("base", help="the base transformers causal-LM directory (config.json, safetensors; NF4 "
+                                "bitsandbytes 4-bit checkpoints too)")
+    p.add_argument("adapter", help="a peft LoRA adapter directory")
+    p.add_argument("out", help="the merged model's directory (written complete, then renamed into place)")
+    p.add_argument("--dtype", default="auto", choices=tuple(merge_files_job.DTYPES),
+                   help="auto keeps each tensor's stored dtype")
+    p.add_argument("--requantize", action="store_true",
+                   help="NF4 base: quantize the merged layers back to NF4 instead of writing a dense model")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
+
+
+def run_merge(args) -> None:
+    stats = merge_files_job.merge_files(args.base, args.adapter, args.out, requantize=args.requantize,
+                                        dtype=args.dtype, force=args.force, progress=True)
+    mib = 2.0 ** 20
+    print(f"merged {stats.layers} layer(s) into {stats.shards} shard(s): {stats.out} (largest set of tensors held at "
+          f"once {stats.largest_held_bytes / mib:.1f} MiB; largest base shard {stats.largest_shard_bytes / mib:.1f} "
+          f"MiB, model {stats.total_bytes / mib:.1f} MiB)")
 
 
 def _lrs(text):
@@ -248,6 +305,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     _add_plan(sub)
     _add_compare(sub)
+    _add_inspect(sub)
+    _add_merge(sub)
     p = sub.add_parser("demo", help="train a small Llama with LoRA on a synthetic task")
     p.add_argument("--steps", type=_positive_int, default=60)
     p.add_argument("--rank", type=_positive_int, default=8)
@@ -267,6 +326,10 @@ def main(argv=None) -> int:
             run_plan(args)
         elif args.cmd == "compare":
             run_compare(args)
+        elif args.cmd == "merge":
+            run_merge(args)
+        elif args.cmd == "inspect":
+            run_inspect(args)
         elif args.cmd == "demo":
             demo(args.steps, args.rank, args.seed, args.lr, out_dir=args.out)
         elif args.cmd == "info":
@@ -274,7 +337,8 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as e:
         if args.debug:
             traceback.print_exc()
-        print(f"lowrank {args.cmd}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))  # one line: a multi-line problem list joined
+        print(f"lowrank {args.cmd}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

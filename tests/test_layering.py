@@ -4,12 +4,12 @@ and no module plays `__getattr__` tricks. An AST check, so that the structure st
 
 | level | modules |
 | --- | --- |
-| 0 base | dtypes, backend, config, native, nf4_format, layer_types, tensor_memory |
+| 0 base | dtypes, backend, config, native, nf4_format, layer_types, tensor_memory, checkpoint |
 | 1 kernels | kernels/*.py (installed as lowrank.kernels) |
 | 2 ops | lowrank/ops/*.py |
 | 3 modules | nf4_linear, lora_linear, modules_to_save |
 | 4 model | patch, qlora, merge, adapters, adapter_files |
-| 5 jobs | plan, compare |
+| 5 jobs | plan, compare, inspect_adapter, merge_files |
 | 6 entry | lowrank/__init__.py, cli |
 """
 from __future__ import annotations
@@ -23,13 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LEVELS = {
     "lowrank.dtypes": 0, "lowrank.backend": 0, "lowrank.config": 0, "lowrank.native": 0,
-    "lowrank.nf4_format": 0, "lowrank.layer_types": 0, "lowrank.tensor_memory": 0,
+    "lowrank.nf4_format": 0, "lowrank.layer_types": 0, "lowrank.tensor_memory": 0, "lowrank.checkpoint": 0,
     "lowrank.kernels": 1,  # and every lowrank.kernels.* module
     "lowrank.ops": 2,  # and every lowrank.ops.* module
     "lowrank.nf4_linear": 3, "lowrank.lora_linear": 3, "lowrank.modules_to_save": 3,
     "lowrank.patch": 4, "lowrank.qlora": 4, "lowrank.merge": 4, "lowrank.adapters": 4,
     "lowrank.adapter_files": 4, "lowrank.summary": 4, "lowrank.hf": 4,
-    "lowrank.plan": 5, "lowrank.compare": 5,
+    "lowrank.plan": 5, "lowrank.compare": 5, "lowrank.inspect_adapter": 5, "lowrank.merge_files": 5,
     "lowrank": 6, "lowrank.cli": 6,
 }
 LEVEL_NAMES = ["base", "kernels", "ops", "modules", "model", "jobs", "entry"]
