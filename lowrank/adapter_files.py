@@ -694,6 +694,7 @@ class AdapterLayer:
     rank: int
     alpha: float
     scaling: float
+    embedding: bool = False  # lora_embedding_A / _B: an nn.Embedding, its weight stored (in, out) = (V, D)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -709,6 +710,10 @@ class AdapterFile:
     settings: LoRAConfig  # r, lora_alpha, lora_dropout, use_rslora of the config
     fan_in_fan_out: bool
     layers: list[AdapterLayer]  # sorted by path
+    # modules_to_save: {module path: {state-dict entry: tensor}}, the trained copies the file holds
+    saved: dict = dataclasses.field(default_factory=dict)
+    # peft's copies of embedding base weights ({layer path: weight}); never applied, only compared
+    embedding_bases: dict = dataclasses.field(default_factory=dict)
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterFile:
@@ -725,23 +730,36 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"read_adapter: no {CONFIG_NAME} in {path!r}")
     config = _read_config(config_file)
-    cfg, rank_pattern, alpha_pattern = _lora_config_from_peft(config, "default", config_file)
+    cfg, rank_pattern, alpha_pattern, saved_names = _lora_config_from_peft(config, "default", config_file)
     tensors, stamp = _read_weights(path, allow_pickle)
     _check_stamp(path, config, stamp)
-    problems, pairs = [], {}
+    problems, pairs, kinds, saved, bases = [], {}, {}, {}, {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
-        if m is None:
-            problems.append(f"{key}: not a LoRA A/B weight (only base_model.model.<path>.lora_A/B.weight "
-                            f"keys are supported; DoRA, biases, embeddings and modules_to_save are not)")
+        owner = _saved_owner(key, saved_names) if m is None else None
+        if owner is not None:
+            saved.setdefault(owner, {})[key[len(PREFIX) + len(owner) + 1:]] = t
             continue
-        pairs.setdefault(m["path"], {})[m["which"]] = t
+        if m is None and _EMBEDDING_BASE_RE.match(key):
+            bases[_EMBEDDING_BASE_RE.match(key)["path"]] = t
+            continue
+        if m is None:
+            problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight or "
+                            f".lora_embedding_A/B) nor a weight of a module in modules_to_save ({saved_names}); "
+                            f"DoRA and biases are not supported")
+            continue
+        kinds.setdefault(m["path"], set()).add(bool(m["emb"]))
+        pairs.setdefault(m["path"], {})[m["which"] or f"lora_{m['emb']}"] = t
     layers = []
     for p, ab in sorted(pairs.items()):
         bad = False
+        embedding = kinds[p] == {True}
+        if len(kinds[p]) > 1:
+            problems.append(f"{p}: both lora_A/B.weight and lora_embedding_A/B keys")
+            continue
         for which in ("lora_A", "lora_B"):
             if which not in ab:
-                problems.append(f"{p}: {which}.weight missing")
+                problems.append(f"{p}: {f'lora_embedding_{which[-1]}' if embedding else which + '.weight'} missing")
                 bad = True
                 continue
             t = ab[which]
@@ -765,9 +783,27 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
             problems.append(f"{p}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not both have rank "
                             f"{rank}{' (from rank_pattern)' if rank != cfg.rank else ''}")
             continue
-        layers.append(AdapterLayer(p, A, B, rank, alpha, scaling_for(rank, alpha, cfg.rslora)))
+        layers.append(AdapterLayer(p, A, B, rank, alpha, scaling_for(rank, alpha, cfg.rslora), embedding))
+    for p, state in sorted(saved.items()):
+        for k, t in sorted(state.items()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                problems.append(f"{p}.{k}: holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
     if not pairs and not problems:
         problems.append("the file holds no LoRA weights")
     if problems:
         raise ValueError(f"read_adapter({path!r}): {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    return AdapterFile(path, config, cfg, bool(config.get("fan_in_fan_out", False)), layers)
+    return AdapterFile(path, config, cfg, bool(config.get("fan_in_fan_out", False)), layers, saved, bases)
+
+
+def _saved_owner(key: str, saved_names: list[str] | None) -> str | None:
+    """The module path a non-LoRA key of a file belongs to under modules_to_save, without a model:
+    the shortest dotted prefix of its path that ends with one of the names (peft's rule; selected
+    modules never nest)."""
+    if not saved_names or not key.startswith(PREFIX):
+        return None
+    parts = key[len(PREFIX):].split(".")
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        if any(path.endswith(n) for n in saved_names):
+            return path
+    return None

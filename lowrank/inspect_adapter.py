@@ -87,10 +87,11 @@ class InspectReport:
     layers: list[LayerReport]
     suggested_rank: int | None  # None when every layer is zero
     rule: str
+    saved_modules: dict = dataclasses.field(default_factory=dict)  # modules_to_save path -> parameters held
 
     def to_json(self) -> dict:
         return {"adapter": self.adapter, "base": self.base, "top_k": self.top_k,
-                "suggested_rank": self.suggested_rank, "rule": self.rule,
+                "suggested_rank": self.suggested_rank, "rule": self.rule, "modules_to_save": self.saved_modules,
                 "collapsed": [lr.path for lr in self.layers if "collapsed" in lr.flags],
                 "zero": [lr.path for lr in self.layers if "zero" in lr.flags],
                 "layers": [lr.to_json() for lr in self.layers]}
@@ -167,8 +168,9 @@ def inspect_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None =
     layers = [_layer_report(layer, top_k, base_norms.get(layer.path)) for layer in found.layers]
     rule = ("smallest power of two >= the largest rank99 (values holding 99% of the energy) over non-zero layers, "
             "at most r; collapsed: rank99 <= r/4")
+    saved = {p: sum(t.numel() for t in state.values()) for p, state in sorted(found.saved.items())}
     return InspectReport(os.fspath(adapter), None if base is None else os.fspath(base), top_k, layers,
-                         suggest_rank(layers), rule)
+                         suggest_rank(layers), rule, saved)
 
 
 def render(report: InspectReport, out=None) -> None:
@@ -176,6 +178,9 @@ def render(report: InspectReport, out=None) -> None:
     say = (lambda s: print(s, file=out))
     k = report.top_k
     say(f"adapter {report.adapter}: {len(report.layers)} layer(s)")
+    if report.saved_modules:
+        say("modules_to_save (trained whole, not low-rank): " + ", ".join(
+            f"{p} ({n:,d} parameters)" for p, n in report.saved_modules.items()))
     head = f"{'layer':<44} {'shape':>11} {'r':>4} {'eff.rank':>8} {'r90':>4} {'r99':>4} {f'top{k}':>7} {'cond':>9}"
     head += f" {'|dW|/|W|':>9}" if report.base else ""
     say(head + "  flags")

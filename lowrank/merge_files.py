@@ -54,7 +54,7 @@ from tqdm import tqdm
 from .adapter_files import AdapterLayer, _exchange, _exchange_supported, read_adapter
 from .checkpoint import CONFIG_NAME, INDEX_NAME, NF4_SUFFIXES, SINGLE_NAME, Checkpoint
 from .dtypes import KERNEL_DTYPES
-from .layer_types import is_conv1d
+from .layer_types import is_conv1d, is_embedding
 from .nf4_format import quantize_nf4
 from .ops.merge import check_merge_args
 
@@ -154,11 +154,17 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
             problems.append(f"{layer.path}: its weight is tied to {other}; merging would change both (keep the "
                             f"adapter unmerged for this layer)")
             continue
-        if not is_conv1d(module) and not isinstance(module, torch.nn.Linear):
-            problems.append(f"{layer.path}: a {type(module).__name__}, not an nn.Linear or Conv1D")
+        embedding = is_embedding(module)
+        if not is_conv1d(module) and not isinstance(module, torch.nn.Linear) and not embedding:
+            problems.append(f"{layer.path}: a {type(module).__name__}, not an nn.Linear, Conv1D or nn.Embedding")
+            continue
+        if embedding != layer.embedding:
+            problems.append(f"{layer.path}: the adapter holds {'embedding' if layer.embedding else 'linear'} LoRA "
+                            f"keys for a {type(module).__name__}")
             continue
         is_nf4 = nf4_config is not None and ckpt.is_nf4(key)
-        transposed = is_conv1d(module) and not is_nf4  # a 4-bit weight is stored (out, in) whatever the layer was
+        # Conv1D and nn.Embedding store (in, out); a 4-bit weight is stored (out, in) whatever the layer was
+        transposed = (is_conv1d(module) or embedding) and not is_nf4
         if is_nf4:
             nf4 = ckpt.nf4_weight(key)  # one layer's codes and statistics, checked (NF4Weight.validate)
             shape, wdtype = tuple(nf4.shape), nf4.dtype
@@ -189,9 +195,50 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
             check_merge_args(w, wa.to("meta"), wb.to("meta"), layer.scaling, f"merge: layer {layer.path}",
                              values=False)
         plans.append(_Plan(layer, key, transposed, is_nf4))
+    for path, t in sorted(found.embedding_bases.items()):  # peft's copy of an embedding's base weight
+        key = keys.get(path)
+        if key is None or ckpt.shape(key) != tuple(t.shape) or not torch.equal(ckpt.tensor(key), t.to(ckpt.dtype(key))):
+            problems.append(f"{path}: the adapter file's copy of the embedding's base weight differs from {key or path} "
+                            f"in the base: the adapter belongs to another base (or retrained token rows)")
     if problems:
         raise ValueError(f"{where}: {len(problems)} problem(s), nothing written: " + "; ".join(problems))
     return plans
+
+
+def _plan_saved(ckpt: Checkpoint, found, nf4_keys: set, where: str) -> dict[str, torch.Tensor]:
+    """{base key: the adapter's tensor} for the modules_to_save copies the adapter holds: each copy's
+    entries replace the base module's (a trained head); every entry must exist in the base with the
+    same shape, and the module's weight must not be tied to another (it would be re-tied on load)."""
+    if not found.saved:
+        return {}
+    problems, out = [], {}
+    try:
+        weight_keys = ckpt.resolve(sorted(found.saved), where)
+    except ValueError as exc:
+        raise ValueError(f"{where}: modules_to_save: {exc}") from None
+    model = _architecture(ckpt.directory, where)
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    tied_names = {n for names in tied.values() if len(names) > 1 for n in names}
+    for path, state in sorted(found.saved.items()):
+        prefix = weight_keys[path][: -len("weight")]
+        for entry, t in sorted(state.items()):
+            key = prefix + entry
+            if key not in ckpt.key_file:
+                problems.append(f"{path}.{entry}: the base stores no {key}")
+            elif key in nf4_keys:
+                problems.append(f"{path}.{entry}: {key} is 4-bit in the base; a trained copy cannot replace it")
+            elif ckpt.shape(key) != tuple(t.shape):
+                problems.append(f"{path}.{entry}: shape {tuple(t.shape)} in the adapter, {ckpt.shape(key)} in the base")
+            elif any(key.endswith(n) or n.endswith(key) for n in tied_names):
+                problems.append(f"{path}.{entry}: {key} is tied to another weight in this architecture; "
+                                f"from_pretrained would tie it back and lose the trained copy")
+            else:
+                out[key] = t
+    if problems:
+        raise ValueError(f"{where}: {len(problems)} problem(s), nothing written: " + "; ".join(problems))
+    return out
 
 
 def _check_out(out: str, base: str, adapter: str, force: bool, where: str) -> None:
@@ -247,6 +294,7 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     nf4_keys = {k[: -len(".quant_state.bitsandbytes__nf4")] for k in ckpt.key_file
                 if k.endswith(".quant_state.bitsandbytes__nf4")} if nf4_config is not None else set()
     nf4_parts = {k + s: k for k in nf4_keys for s in NF4_SUFFIXES}
+    saved = _plan_saved(ckpt, found, nf4_keys, where)
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -289,6 +337,8 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
                             continue
                     out_tensors[key] = w
                     continue
+                if key in saved:  # a modules_to_save copy replaces the base module's entry
+                    t = saved[key].to(t.dtype)
                 if target is not None and t.is_floating_point():
                     t = t.to(target)
                 plan = by_key.get(key)

@@ -203,3 +203,22 @@ def test_help_shows_defaults(capsys):
         cli.main(["inspect", "--help"])
     out = capsys.readouterr().out
     assert "--top-k" in out and "(default: 4)" in out
+
+
+def test_modules_to_save_and_embedding_layers_are_reported(tmp_path):
+    from lowrank.inspect_adapter import inspect_adapter
+    from tests.models import tiny_llama
+    model = lowrank.patch_linear(tiny_llama(), r=4, target_modules=["embed_tokens", "q_proj"],
+                                 modules_to_save=["lm_head"])
+    with torch.no_grad():
+        for _, layer in lowrank.lora_layers(model):
+            layer.lora_A["default"].normal_()
+            layer.lora_B["default"].normal_()
+    lowrank.save_adapter(model, tmp_path)
+    report = inspect_adapter(tmp_path)
+    emb = next(lr for lr in report.layers if lr.path == "model.embed_tokens")
+    layer = model.model.embed_tokens
+    dense = layer.scaling() * layer.lora_B["default"].double() @ layer.lora_A["default"].double()
+    torch.testing.assert_close(torch.tensor(emb.singular_values, dtype=torch.float64)[:4],
+                               torch.linalg.svdvals(dense)[:4], rtol=1e-9, atol=1e-9)
+    assert report.to_json()["modules_to_save"] == {"lm_head": model.lm_head.original_module.weight.numel()}

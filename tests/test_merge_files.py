@@ -380,3 +380,36 @@ def test_other_quantizations_refused(tmp_path):
     with pytest.raises(ValueError, match="leave --dtype at auto"):
         merge_files(qdir, adapter, tmp_path / "out", dtype="bfloat16")
     assert not (tmp_path / "out").exists()
+
+
+def test_embedding_lora_and_a_trained_head_are_merged(tmp_path):
+    """An adapter with LoRA on the input embedding and lm_head in modules_to_save (peft's way to train
+    the head whole): the merged model is the in-memory merge_and_unload, with the trained head."""
+    base = tiny_llama()
+    base_dir = _base_dir(tmp_path, base)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                                  modules_to_save=["lm_head"],
+                                                                  init_lora_weights=False))
+    with torch.no_grad():
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.mul_(-1.5)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ref = _in_memory(base_dir, tmp_path / "adapter")
+    assert isinstance(ref.lm_head, torch.nn.Linear) and type(ref.model.embed_tokens) is torch.nn.Embedding
+    merge_files(base_dir, tmp_path / "adapter", tmp_path / "out")
+    loaded = _assert_same_model(tmp_path / "out", ref, base_dir)
+    x = input_ids(vocab=base.config.vocab_size)
+    torch.testing.assert_close(logits(loaded, x), logits(pm.merge_and_unload().eval(), x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_trained_copy_of_a_tied_head_is_refused(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=44, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=61, tie_word_embeddings=True)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(str(base_dir))
+    model = lowrank.patch_linear(copy.deepcopy(base), r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    lowrank.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="lm_head"):
+        merge_files(base_dir, tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
