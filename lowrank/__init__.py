@@ -18,6 +18,7 @@ from .config import LoRAConfig
 from .lora_linear import LoRALinear
 from .merge import merge, merge_and_unload, unmerge
 from .modules_to_save import ModulesToSave
+from .trainable_tokens import TrainableTokens
 from .nf4_format import NF4Weight, quantize_nf4
 from .nf4_linear import NF4Linear
 from .patch import lora_layers, patch_linear, select_targets, trainable_parameters, unpatch
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ModelSummary",
     "Trainer",
+    "TrainableTokens",
     "ModulesToSave",
     "LoRAConfig",
     "LoRALinear",

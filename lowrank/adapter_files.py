@@ -46,8 +46,10 @@ from .dtypes import FLOAT_DTYPES
 from .layer_types import is_embedding, linear_dims
 from .lora_linear import LoRALinear
 from .modules_to_save import ModulesToSave
-from .patch import (base_module_paths, iter_linear, lora_layers, patch_linear, refuse_inside_adapter_ids, saved_modules,
-                    select_modules_to_save, select_targets)
+from .trainable_tokens import TrainableTokens
+from .patch import (base_module_paths, input_embedding_path, iter_linear, lora_layers, patch_linear,
+                    refuse_inside_adapter_ids, saved_modules, select_modules_to_save, select_targets, select_token_layers,
+                    token_layers)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,6 +57,9 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?:(?P<which>lora_A|lora_B)\.weight|"
                      r"lora_embedding_(?P<emb>A|B))$")
+# trainable_token_indices: the new values of an embedding's trained rows, (len(ids), embedding_dim)
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"
+_TOKENS_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.token_adapter\.trainable_tokens_delta$")
 # peft writes an embedding layer's base weight into the adapter file too (save_embedding_layers)
 _EMBEDDING_BASE_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.base_layer\.weight$")
 
@@ -106,6 +111,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     for p, copy in saved:  # peft's layout: the copy's own state dict under the module's path
         for k, t in copy.state_dict().items():
             tensors[f"{PREFIX}{p}.{k}"] = t.detach().to("cpu").contiguous().clone()
+    tokens = [(p, layer) for p, layer in token_layers(model) if adapter_name in layer.token_indices
+              and layer.tied_to is None]  # a tied head follows its embedding: not written apart
+    for p, layer in tokens:
+        tensors[f"{PREFIX}{p}.{TOKENS_KEY}"] = \
+            layer.trainable_tokens_delta[adapter_name].detach().to("cpu").contiguous().clone()
     if task_type == "auto":
         kind = type(model).__name__
         task_type = next((t for suffix, t in _TASK_TYPES if kind.endswith(suffix)), None)
@@ -122,6 +132,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         config["alpha_pattern"] = alpha_pattern
     if saved_names:
         config["modules_to_save"] = saved_names
+    if tokens:
+        config["trainable_token_indices"] = _token_config(model, tokens, adapter_name)
 
     metadata = {"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))}
     path = os.path.abspath(os.fspath(path))
@@ -333,6 +345,18 @@ def in_saved_module(path: str, saved_names: list[str] | None) -> bool:
     return False
 
 
+def _token_config(model: nn.Module, tokens: list, adapter_name: str):
+    """peft's trainable_token_indices: a list when only the input embedding has tokens, else
+    {module path: ids}."""
+    if len(tokens) == 1:
+        try:
+            if input_embedding_path(model) == tokens[0][0]:
+                return list(tokens[0][1].token_indices[adapter_name])
+        except ValueError:
+            pass
+    return {p: list(layer.token_indices[adapter_name]) for p, layer in tokens}
+
+
 def _saved_names(model: nn.Module, paths: list[str]) -> list[str]:
     """peft's modules_to_save for exactly these module paths: their last names when peft's rule (a
     path ending with a name) selects exactly them with those, else the full paths; ValueError if
@@ -432,7 +456,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     by_length = sorted(to_save, key=len, reverse=True)
     embedding_bases: dict[str, torch.Tensor] = {}
     key_kinds: dict[str, set] = {}
+    token_rows: dict[str, torch.Tensor] = {}
+    token_spec = _token_spec(config)
+    try:
+        token_targets = {p: (mod, ids) for p, mod, ids in select_token_layers(model, token_spec)} if token_spec else {}
+    except (TypeError, ValueError) as exc:
+        token_targets = {}
+        problems.append(f"trainable_token_indices in {CONFIG_NAME}: {exc}")
     for key, t in tensors.items():
+        if _TOKENS_RE.match(key):
+            token_rows[_TOKENS_RE.match(key)["path"]] = t
+            continue
         m = _KEY_RE.match(key)
         owner = next((p for p in by_length if key.startswith(f"{PREFIX}{p}.")), None)
         if owner is not None:
@@ -491,6 +525,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             problems.append(f"{p}: has adapter {adapter_name!r} in the model but no weights in the file")
     problems += _saved_problems(to_save, states, adapter_name, bool(existing))
     problems += _embedding_base_problems(embedding_bases, linear)
+    problems += _token_problems(token_targets, token_rows, adapter_name, bool(existing))
     selected = _peft_selection(model, config.get("target_modules"), saved_names)
     if selected is not None and pairs and selected != set(pairs):
         extra, missing = sorted(set(pairs) - selected), sorted(selected - set(pairs))
@@ -509,7 +544,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                      rank_pattern={re.escape(p): rank_at(p) for p in wanted if rank_at(p) != cfg.rank},
                      alpha_pattern={re.escape(p): alpha_at(p) for p in wanted if alpha_at(p) != cfg.alpha},
                      targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active,
-                     modules_to_save=sorted(to_save) or None)
+                     modules_to_save=sorted(to_save) or None,
+                     trainable_token_indices={p: ids for p, (_, ids) in token_targets.items()} or None)
     layers = dict(lora_layers(model))
     wrappers = dict(saved_modules(model))
     # The file's factors in each layer's dtype and device first (what can run out of memory), then
@@ -520,7 +556,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     for p, state in states.items():
         own = wrappers[p].modules_to_save[adapter_name].state_dict()
         staged_states[p] = {k: t.to(dtype=own[k].dtype, device=own[k].device) for k, t in state.items()}
+    token_layer = dict(token_layers(model))
+    staged_rows = {p: t.to(token_layer[p].trainable_tokens_delta[adapter_name]) for p, t in token_rows.items()}
     with torch.no_grad():
+        for p, rows in staged_rows.items():
+            token_layer[p].trainable_tokens_delta[adapter_name].copy_(rows)
+            if not is_trainable:
+                token_layer[p].trainable_tokens_delta[adapter_name].requires_grad_(False)
         for p, state in staged_states.items():
             copy = wrappers[p].modules_to_save[adapter_name]
             own = copy.state_dict()
@@ -586,6 +628,33 @@ def _peft_selection(model: nn.Module, targets, saved_names: list[str] | None = N
     else:
         out = {p for p in found if any(p == t or p.endswith("." + t) for t in targets)}
     return {p for p in out if not in_saved_module(p, saved_names)}
+
+
+def _token_problems(targets: dict, rows: dict, adapter_name: str, existing: bool) -> list[str]:
+    """What keeps the file's trainable tokens from loading: each embedding the config names needs
+    its rows in the file ((len(ids), dim), finite), and no rows may be left without a config entry."""
+    problems = []
+    for p in sorted(set(rows) - set(targets)):
+        problems.append(f"{p}.{TOKENS_KEY}: trainable token rows, but trainable_token_indices in {CONFIG_NAME} does "
+                        f"not name {p}")
+    for p, (mod, ids) in sorted(targets.items()):
+        base = mod.base_layer if isinstance(mod, TrainableTokens) else mod
+        t = rows.get(p)
+        if t is None:
+            problems.append(f"{p}: trainable_token_indices names it but the file holds no {TOKENS_KEY}")
+            continue
+        want = (len(ids), base.embedding_dim)
+        if tuple(t.shape) != want:
+            problems.append(f"{p}.{TOKENS_KEY}: shape {tuple(t.shape)}, {len(ids)} token(s) of {p} need {want}")
+        elif t.dtype not in FLOAT_DTYPES:
+            problems.append(f"{p}.{TOKENS_KEY}: dtype {t.dtype}, expected a floating-point dtype")
+        else:
+            problems += _value_problems(f"{p}.{TOKENS_KEY}", t, base.weight.dtype)
+        has = isinstance(mod, TrainableTokens) and mod.token_indices.get(adapter_name)
+        if existing and has != ids:
+            problems.append(f"{p}: the model's adapter {adapter_name!r} trains tokens {has or 'none'} here, the file "
+                            f"{ids}; load the file as a new adapter")
+    return problems
 
 
 def _embedding_base_problems(bases: dict[str, torch.Tensor], layers: dict) -> list[str]:
@@ -657,11 +726,18 @@ def _read_config(config_file: str) -> dict:
 
 
 def _lora_config_from_peft(config: dict, adapter_name: str, where: str):
-    """(the file's settings, its rank_pattern, its alpha_pattern, its modules_to_save)."""
+    """(the file's settings, its rank_pattern, its alpha_pattern, its modules_to_save); its
+    trainable_token_indices: `_token_spec(config)`."""
     kwargs = peft_lora_kwargs(config, f"load_adapter: {where}", for_new_weights=False)
     rank_pattern, alpha_pattern = kwargs.pop("rank_pattern"), kwargs.pop("alpha_pattern")
     saved = kwargs.pop("modules_to_save")
+    kwargs.pop("trainable_token_indices")
     return LoRAConfig(**kwargs, adapter_name=adapter_name), rank_pattern, alpha_pattern, saved
+
+
+def _token_spec(config: dict):
+    """The file's trainable_token_indices (checked by peft_lora_kwargs), or None."""
+    return config.get("trainable_token_indices") or None
 
 
 def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -714,6 +790,8 @@ class AdapterFile:
     saved: dict = dataclasses.field(default_factory=dict)
     # peft's copies of embedding base weights ({layer path: weight}); never applied, only compared
     embedding_bases: dict = dataclasses.field(default_factory=dict)
+    # trainable_token_indices: {embedding path: (token ids, their rows' new values)}
+    tokens: dict = dataclasses.field(default_factory=dict)
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterFile:
@@ -733,8 +811,11 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     cfg, rank_pattern, alpha_pattern, saved_names = _lora_config_from_peft(config, "default", config_file)
     tensors, stamp = _read_weights(path, allow_pickle)
     _check_stamp(path, config, stamp)
-    problems, pairs, kinds, saved, bases = [], {}, {}, {}, {}
+    problems, pairs, kinds, saved, bases, token_rows = [], {}, {}, {}, {}, {}
     for key, t in tensors.items():
+        if _TOKENS_RE.match(key):
+            token_rows[_TOKENS_RE.match(key)["path"]] = t
+            continue
         m = _KEY_RE.match(key)
         owner = _saved_owner(key, saved_names) if m is None else None
         if owner is not None:
@@ -788,11 +869,26 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
         for k, t in sorted(state.items()):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 problems.append(f"{p}.{k}: holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
+    spec, tokens = _token_spec(config), {}
+    for p, rows in sorted(token_rows.items()):
+        names = [n for n in spec if p.endswith(n)] if isinstance(spec, dict) else []
+        ids = spec if isinstance(spec, list) and len(token_rows) == 1 else (spec[names[0]] if len(names) == 1 else None)
+        if ids is None:
+            problems.append(f"{p}.{TOKENS_KEY}: trainable token rows that trainable_token_indices={spec!r} does not "
+                            f"name (exactly once)")
+        elif rows.dim() != 2 or rows.shape[0] != len(ids) or not rows.is_floating_point() \
+                or not bool(torch.isfinite(rows).all()):
+            problems.append(f"{p}.{TOKENS_KEY}: {rows.dtype} {tuple(rows.shape)} is not {len(ids)} finite "
+                            f"floating-point rows")
+        else:
+            tokens[p] = (list(ids), rows)
+    if spec and not token_rows:
+        problems.append(f"trainable_token_indices={spec!r} but the file holds no {TOKENS_KEY}")
     if not pairs and not problems:
         problems.append("the file holds no LoRA weights")
     if problems:
         raise ValueError(f"read_adapter({path!r}): {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    return AdapterFile(path, config, cfg, bool(config.get("fan_in_fan_out", False)), layers, saved, bases)
+    return AdapterFile(path, config, cfg, bool(config.get("fan_in_fan_out", False)), layers, saved, bases, tokens)
 
 
 def _saved_owner(key: str, saved_names: list[str] | None) -> str | None:

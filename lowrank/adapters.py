@@ -28,7 +28,7 @@ from .config import TargetSpec
 from .merge import merge, unmerge
 from .layer_types import module_references, replace_module
 from .patch import (accepts_peft_names, active_adapter, lora_layers, patch_linear, refuse_inside_adapter_ids,
-                    saved_modules, set_active_adapter)
+                    saved_modules, set_active_adapter, token_layers)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -52,13 +52,15 @@ def _check_name(model: nn.Module, name, where: str) -> list[str]:
 def add_adapter(model: nn.Module, name: str, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                 targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
                 init: str = "kaiming", set_active: bool = False, rank_pattern: dict | None = None,
-                alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None) -> nn.Module:
+                alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None,
+                trainable_token_indices: list[int] | dict[str, list[int]] | None = None) -> nn.Module:
     """Add adapter `name` (same arguments as `patch_linear`). As in peft, nothing that runs changes:
     the model's active adapter stays active (the first adapter of a model becomes it), and the new
     one is frozen until `set_adapter` picks it, or set_active=True does so here. Returns model."""
     return patch_linear(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets, exclude=exclude,
                         rslora=rslora, init=init, adapter_name=name, set_active=set_active,
-                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=modules_to_save)
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=modules_to_save,
+                        trainable_token_indices=trainable_token_indices)
 
 
 def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
@@ -98,6 +100,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del wrapper.modules_to_save[name]
             if not len(wrapper.modules_to_save):  # no copy left: the original module back in its place
                 replace_module(refs, wrapper, wrapper.original_module)
+    for _, layer in list(token_layers(model)):
+        if name in layer.token_indices:
+            layer.detach_adapter(name)
+            if not layer.token_indices:
+                replace_module(refs, layer, layer.base_layer)
     if was_active:  # peft's choice: the first remaining name in sorted order
         rest = sorted(adapter_names(model))
         set_active_adapter(model, rest[0] if rest else None, trainable=True)
@@ -110,7 +117,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     (also after an exception) each layer's previous active adapter returns. A merged layer is
     unmerged inside and merged again on exit."""
     saved = [(layer, layer.active_adapter, getattr(layer, "merged", None)) for _, layer in lora_layers(model)]
-    saved += [(wrapper, wrapper.active_adapter, None) for _, wrapper in saved_modules(model)]
+    saved += [(wrapper, wrapper.active_adapter, None) for _, wrapper in [*saved_modules(model), *token_layers(model)]]
     unmerged = []
     try:
         # Inside the try: if a layer refuses to unmerge (its weights changed since the merge), the
@@ -192,7 +199,7 @@ def adapter_ids(model: nn.Module, ids) -> Iterator[None]:
     _refuse_merged(model, "adapter_ids")  # a merged weight holds one adapter for every row
     gids = _ids_tensor(model, ids, names)
     layers = [layer for _, layer in lora_layers(model)]
-    wrappers = [wrapper for _, wrapper in saved_modules(model)]
+    wrappers = [wrapper for _, wrapper in [*saved_modules(model), *token_layers(model)]]
     luts: dict[tuple, torch.Tensor] = {}
     per_layer = []
     for layer in layers:

@@ -198,8 +198,9 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     """lowrank's LoRA arguments (rank, alpha, dropout, rslora; and with for_new_weights: targets,
     exclude, init) from a peft LoraConfig's fields, every field checked: ValueError naming each
     field that is malformed, or that asks for something lowrank does not do (DoRA, biases,
-    trainable tokens, other initialisations...). rank_pattern / alpha_pattern come back as such
-    (dicts, or None when empty), modules_to_save as a list of names or None. Fields at their
+    other initialisations...). rank_pattern / alpha_pattern come back as such
+    (dicts, or None when empty), modules_to_save as a list of names or None, trainable_token_indices
+    as given (a list or a dict) or None. Fields at their
     'off' default are accepted whatever they are, as are bookkeeping fields (`_PEFT_INERT`).
 
     for_new_weights=False (reading an adapter file, whose weights are given): target_modules and
@@ -233,7 +234,13 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         problems.append(f"lora_alpha={alpha!r} must be a number > 0")
     read = {"r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "target_modules", "exclude_modules",
-            "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save"}
+            "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices"}
+    tokens = config.get("trainable_token_indices")
+    if tokens is not None and not (isinstance(tokens, (list, tuple)) or (
+            isinstance(tokens, Mapping) and all(isinstance(k, str) and isinstance(v, (list, tuple))
+                                                for k, v in tokens.items()))):
+        problems.append(f"trainable_token_indices={tokens!r} must be a list of token ids, a dict {{module name: "
+                        f"ids}} or null")
     saved = config.get("modules_to_save")
     if isinstance(saved, (set, frozenset)):
         saved = sorted(saved)
@@ -279,7 +286,8 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
         raise ValueError(f"{where}: " + "; ".join(problems))
     kwargs.update(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   rslora=bool(config.get("use_rslora", False)), modules_to_save=list(saved) if saved else None,
-                  **patterns)
+                  trainable_token_indices=(dict(tokens) if isinstance(tokens, Mapping) else list(tokens))
+                  if tokens else None, **patterns)
     return kwargs
 
 

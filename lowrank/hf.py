@@ -21,7 +21,7 @@ import torch.nn as nn
 from .adapter_files import CONFIG_NAME, load_adapter, save_adapter
 from .adapters import adapter_names
 from .merge import merge, unmerge
-from .patch import active_adapter, lora_layers, saved_modules, set_active_adapter
+from .patch import active_adapter, lora_layers, saved_modules, set_active_adapter, token_layers
 
 _ADAPTER_KEYS = ("lora_A.", "lora_B.")
 
@@ -30,9 +30,12 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
     """The state dict of a merged model under the original module names: each LoRA layer's
     `base_layer.*` entries as the layer's own, its factors dropped; each modules_to_save wrapper's
     copy for `adapter_name` (default: the active adapter) as the module's own entries, or its
-    original's where it has no such copy."""
+    original's where it has no such copy; each TrainableTokens layer's weight with that adapter's
+    rows in place."""
     name = adapter_name or active_adapter(model)
+    tokens = {p: layer for p, layer in token_layers(model) if p}
     paths = sorted((p for p, _ in lora_layers(model) if p), key=len, reverse=True)
+    paths += sorted(tokens, key=len, reverse=True)
     wrapped = {p: (f"modules_to_save.{name}." if name in w.modules_to_save else "original_module.")
                for p, w in saved_modules(model) if p}
     paths += sorted(wrapped, key=len, reverse=True)
@@ -43,7 +46,13 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
             out[key] = value
             continue
         rest = key[len(prefix) + 1:]
-        if prefix in wrapped:
+        if prefix in tokens:  # trainable tokens: the weight with the adapter's rows in place
+            layer = tokens[prefix]
+            if rest == "base_layer.weight" and name in layer.token_indices:
+                value = layer.weight_for(name).detach()
+            if rest.startswith("base_layer."):
+                out[f"{prefix}.{rest[len('base_layer.'):]}"] = value
+        elif prefix in wrapped:
             if rest.startswith(wrapped[prefix]):
                 out[f"{prefix}.{rest[len(wrapped[prefix]):]}"] = value
         elif rest.startswith("base_layer."):

@@ -205,13 +205,26 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
     return plans
 
 
-def _plan_saved(ckpt: Checkpoint, found, nf4_keys: set, where: str) -> dict[str, torch.Tensor]:
+def _plan_saved(ckpt: Checkpoint, found, nf4_keys: set, where: str) -> dict:
     """{base key: the adapter's tensor} for the modules_to_save copies the adapter holds: each copy's
     entries replace the base module's (a trained head); every entry must exist in the base with the
-    same shape, and the module's weight must not be tied to another (it would be re-tied on load)."""
-    if not found.saved:
-        return {}
+    same shape, and the module's weight must not be tied to another (it would be re-tied on load).
+    Trainable tokens: {embedding key: ("rows", ids, rows)}, the rows replaced in the weight."""
     problems, out = [], {}
+    if found.tokens:  # trainable tokens: their rows written into the embedding (a tie carries them to the head)
+        keys = ckpt.resolve(sorted(found.tokens), where)
+        for path, (ids, rows) in sorted(found.tokens.items()):
+            key = keys[path]
+            shape = ckpt.shape(key)
+            if key in nf4_keys or len(shape) != 2 or shape[1] != rows.shape[1] or max(ids) >= shape[0]:
+                problems.append(f"{path}: {len(ids)} trainable token row(s) of width {rows.shape[1]} (ids up to "
+                                f"{max(ids)}) do not fit {key} {shape} in the base")
+            else:
+                out[key] = ("rows", ids, rows)
+    if not found.saved:
+        if problems:
+            raise ValueError(f"{where}: {len(problems)} problem(s), nothing written: " + "; ".join(problems))
+        return out
     try:
         weight_keys = ckpt.resolve(sorted(found.saved), where)
     except ValueError as exc:
@@ -337,7 +350,10 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
                             continue
                     out_tensors[key] = w
                     continue
-                if key in saved:  # a modules_to_save copy replaces the base module's entry
+                if key in saved and isinstance(saved[key], tuple):  # trainable tokens: the rows replaced
+                    _, ids, rows = saved[key]
+                    t = t.index_copy(0, torch.tensor(ids), rows.to(t.dtype))
+                elif key in saved:  # a modules_to_save copy replaces the base module's entry
                     t = saved[key].to(t.dtype)
                 if target is not None and t.is_floating_point():
                     t = t.to(target)

@@ -20,6 +20,7 @@ from .layer_types import module_references, replace_module
 from .layer_types import is_embedding
 from .lora_linear import LoRALinear, is_adaptable
 from .modules_to_save import ModulesToSave, check_copyable
+from .trainable_tokens import TrainableTokens, check_token_indices
 from .qlora import check_quantize_args, quantize_targets, quantized_layers
 
 # Attribute on the patched root module: what patching changed, so unpatch can undo it exactly.
@@ -32,7 +33,7 @@ def iter_linear(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Mo
     counts as one layer (its base_layer is not visited again); the inside of a ModulesToSave wrapper
     (its original and copies: trained whole, not by LoRA) is not visited."""
     for attr, child in model._modules.items():
-        if child is None or isinstance(child, ModulesToSave):
+        if child is None or isinstance(child, (ModulesToSave, TrainableTokens)):
             continue
         path = f"{prefix}.{attr}" if prefix else attr
         if isinstance(child, LoRALinear) or is_adaptable(child):
@@ -129,7 +130,7 @@ def module_paths(model: nn.Module, prefix: str = ""):
             continue
         path = f"{prefix}.{attr}" if prefix else attr
         yield path, child
-        if not isinstance(child, (LoRALinear, ModulesToSave)):
+        if not isinstance(child, (LoRALinear, ModulesToSave, TrainableTokens)):
             yield from module_paths(child, path)
 
 
@@ -169,8 +170,72 @@ def base_module_paths(model: nn.Module, prefix: str = "") -> Iterator[str]:
         yield path
         if isinstance(child, ModulesToSave):
             yield from base_module_paths(child.original_module, path)
+        elif isinstance(child, TrainableTokens):
+            yield from base_module_paths(child.base_layer, path)
         elif not isinstance(child, LoRALinear):
             yield from base_module_paths(child, path)
+
+
+def token_layers(model: nn.Module) -> Iterator[tuple[str, TrainableTokens]]:
+    """(path, layer) for every TrainableTokens in `model` (tied heads included)."""
+    for name, module in model.named_modules():
+        if isinstance(module, TrainableTokens):
+            yield name, module
+
+
+def input_embedding_path(model: nn.Module) -> str:
+    """The path of `model.get_input_embeddings()`; ValueError when the model does not say."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = None
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    path = next((p for p, m in module_paths(model) if emb is not None and m is emb), None)
+    if path is None:
+        raise ValueError(f"trainable_token_indices as a list needs the model's input embedding "
+                         f"(get_input_embeddings()), which {type(model).__name__} does not give; pass a dict "
+                         f"{{module name: token ids}}")
+    return path
+
+
+def select_token_layers(model: nn.Module, spec) -> list[tuple[str, nn.Module, list[int]]]:
+    """(path, module, ids) for peft's trainable_token_indices: a list of ids for the input
+    embedding, or {module name: ids} with each name matched by peft's rule (a path ending with it).
+    TypeError / ValueError naming the module for anything that cannot be trained that way."""
+    if isinstance(spec, dict):
+        targets = spec
+    elif isinstance(spec, (list, tuple)):
+        targets = {input_embedding_path(model): list(spec)}
+    else:
+        raise TypeError(f"trainable_token_indices must be a list of token ids or a dict {{module name: ids}}, got "
+                        f"{type(spec).__name__}")
+    out = []
+    for name, ids in targets.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"trainable_token_indices: module names must be non-empty strings, got {name!r}")
+        found = [(p, m) for p, m in module_paths(model) if p.endswith(name)]
+        if not found:
+            raise ValueError(f"trainable_token_indices: {name!r} matches no module of the model")
+        for p, m in found:
+            if isinstance(m, (LoRALinear, ModulesToSave)):
+                raise ValueError(f"trainable_token_indices: {p!r} is already adapted "
+                                 f"({'LoRA' if isinstance(m, LoRALinear) else 'modules_to_save'}); a layer is "
+                                 f"trained one way at a time")
+            base = m.base_layer if isinstance(m, TrainableTokens) else m
+            if isinstance(m, TrainableTokens) and m.tied_to is not None:
+                raise ValueError(f"trainable_token_indices: {p!r} is tied to {type(m.tied_to.base_layer).__name__} "
+                                 f"whose trainable tokens it follows; name the embedding instead")
+            out.append((p, m, check_token_indices(p, base, ids)))
+    return out
+
+
+def _tied_heads(model: nn.Module, embedding: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules other than `embedding` whose weight is the embedding's weight (a tied output head)."""
+    w = embedding.weight
+    return [(p, m) for p, m in module_paths(model)
+            if m is not embedding and not isinstance(m, TrainableTokens) and getattr(m, "weight", None) is w]
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
@@ -243,7 +308,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                  init: str = "kaiming", adapter_name: str = "default", quantize: str | None = None,
                  compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                  double_quant: bool = True, set_active: bool = False, rank_pattern: dict | None = None,
-                 alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None) -> nn.Module:
+                 alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None,
+                 trainable_token_indices: list[int] | dict[str, list[int]] | None = None) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
@@ -279,6 +345,10 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     *ForSequenceClassification / *ForTokenClassification model without its head in modules_to_save
     warns: the head would stay frozen at its random initialisation.
 
+    trainable_token_indices (peft's): token rows of an embedding trained for this adapter while the
+    rest stays frozen (new or retrained tokens): a list of ids for the input embedding, or
+    {module name: ids}; see `lowrank.TrainableTokens`. A head tied to that embedding follows it.
+
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
     exclude_modules, use_rslora), and config= takes a peft LoraConfig (or its dict, or a lowrank
     LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`. A config field that asks
@@ -294,12 +364,25 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     chosen = _outside_saved(select_targets(model, targets, exclude), saved, targets)
     if mts_names is None:
         _warn_frozen_head(model)
+    tokens = select_token_layers(model, trainable_token_indices) if trainable_token_indices is not None else []
+    token_paths = {p for p, _, _ in tokens}
+    clash = [c[0] for c in chosen if c[0] in token_paths] + [p for p, _ in saved if p in token_paths]
+    if clash:
+        raise ValueError(f"{clash[0]!r} is chosen both for trainable_token_indices and for LoRA or modules_to_save; "
+                         f"a layer is trained one way at a time")
+    tied = {p: _tied_heads(model, m.base_layer if isinstance(m, TrainableTokens) else m) for p, m, _ in tokens}
+    lora_paths = {c[0] for c in chosen}
+    bad_tie = [(p, q) for p, heads in tied.items() for q, head in heads if q in lora_paths or isinstance(head, LoRALinear)]
+    if bad_tie:
+        raise ValueError(f"trainable tokens of {bad_tie[0][0]!r}: its tied head {bad_tie[0][1]!r} is a LoRA layer; "
+                         f"the two could not follow one another")
     rank_pattern, alpha_pattern = check_pattern(rank_pattern, "rank_pattern"), check_pattern(alpha_pattern,
                                                                                               "alpha_pattern")
     layer_configs = {path: _layer_config(config, path, alpha, rank_pattern, alpha_pattern) for path, *_ in chosen}
     clash = [path for path, module, *_ in chosen
              if isinstance(module, LoRALinear) and adapter_name in module.configs]
     clash += [path for path, module in saved if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save]
+    clash += [path for path, module, _ in tokens if isinstance(module, TrainableTokens) and adapter_name in module.token_indices]
     if clash:
         raise ValueError(f"adapter {adapter_name!r} already exists on {len(clash)} layer(s) (e.g. {clash[0]}); "
                          f"use another adapter_name or lowrank.unpatch(model) first")
@@ -323,6 +406,9 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     # Every new factor is allocated (what can run out of memory) before any layer gets one.
     factors = [wrapper.new_factors(cfg) for _, wrapper, _, cfg in wrappers.values()]
     copies = _new_copies(saved)
+    rows = [(p, module, ids, (module if isinstance(module, TrainableTokens) else TrainableTokens(module)))
+            for p, module, ids in tokens]
+    rows = [(p, module, ids, layer, layer.new_rows(ids)) for p, module, ids, layer in rows]
     for (_, wrapper, _, cfg), (a, b) in zip(wrappers.values(), factors):
         wrapper.attach_adapter(cfg, a, b, activate=activate)
     for module, wrapper, new, _ in wrappers.values():
@@ -333,9 +419,21 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         wrapper.attach_copy(adapter_name, copy)
         if wrapper is not module:
             replace_module(refs, module, wrapper)
+    for p, module, ids, layer, new in rows:
+        layer.attach(adapter_name, ids, new)
+        param = layer.trainable_tokens_delta[adapter_name]
+        param.requires_grad_(False)
+        for _, head in tied[p]:  # a head tied to the embedding: the same rows, the same parameter
+            follower = head if isinstance(head, TrainableTokens) else TrainableTokens(head, tied_to=layer)
+            follower.attach(adapter_name, ids, param)
+            if follower is not head:
+                replace_module(refs, head, follower)
+        if layer is not module:
+            replace_module(refs, module, layer)
     kept = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
             for p in list(m.lora_A.values()) + list(m.lora_B.values())}
     kept |= {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.modules_to_save.parameters()}
+    kept |= {id(p) for m in model.modules() if isinstance(m, TrainableTokens) for p in m.trainable_tokens_delta.values()}
     for p in model.parameters():
         if id(p) not in kept:
             p.requires_grad_(False)
@@ -411,6 +509,11 @@ def set_active_adapter(model: nn.Module, name: str | None, trainable: bool) -> N
         if trainable:
             for n, copy in wrapper.modules_to_save.items():
                 copy.requires_grad_(n == name)
+    for _, layer in token_layers(model):
+        layer.active_adapter = name if name in layer.token_indices else None
+        if trainable:
+            for n, rows in layer.trainable_tokens_delta.items():
+                rows.requires_grad_(n == name)
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -422,7 +525,8 @@ def refuse_inside_adapter_ids(model: nn.Module, where: str) -> None:
     """ValueError while `model` is inside a `lowrank.adapter_ids` block: adding, loading, deleting,
     merging or unpatching adapters there would send the batch's rows to other adapters than its
     ids say."""
-    busy = [p or type(m).__name__ for p, m in [*lora_layers(model), *saved_modules(model)] if m._adapter_ids is not None]
+    busy = [p or type(m).__name__ for p, m in [*lora_layers(model), *saved_modules(model), *token_layers(model)]
+            if m._adapter_ids is not None]
     if busy:
         raise ValueError(f"{where}: the model is inside an adapter_ids block ({len(busy)} layers, e.g. {busy[0]}); "
                          f"changing its adapters or weights there would reroute the batch's rows: leave the "
@@ -445,9 +549,11 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def restore_modules(model: nn.Module, layers: list, keep_copy: str | None) -> None:
-    """Put the original modules back in place of every LoRA layer in `layers` and of every
+    """Put the original modules back in place of every LoRA layer in `layers`, of every
     ModulesToSave wrapper (or, with keep_copy, that adapter's copy where the wrapper has one: its
-    parameters get the original's requires_grad flags), and restore the flags patching changed."""
+    parameters get the original's requires_grad flags) and of every TrainableTokens layer (with
+    keep_copy, that adapter's rows written into the embedding's weight first), and restore the
+    flags patching changed."""
     refs = module_references(model)
     for _, module in layers:
         replace_module(refs, module, module.base_layer)  # under every path that holds it
@@ -457,6 +563,11 @@ def restore_modules(model: nn.Module, layers: list, keep_copy: str | None) -> No
         replace_module(refs, wrapper, chosen if chosen is not None else wrapper.original_module)
         if chosen is not None:
             copies.append((wrapper.original_module, chosen))
+    for _, layer in list(token_layers(model)):
+        if keep_copy in layer.token_indices and layer.tied_to is None:  # the rows written into the weight
+            with torch.no_grad():
+                layer.base_layer.weight.copy_(layer.weight_for(keep_copy))
+        replace_module(refs, layer, layer.base_layer)
     state = model.__dict__.pop(_STATE_ATTR, None)
     if state is not None:
         for p, flag in state["requires_grad"]:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .merge import MergeState
-from .patch import active_adapter, lora_layers, saved_modules, trainable_parameters
+from .patch import active_adapter, lora_layers, saved_modules, token_layers, trainable_parameters
 from .qlora import quantized_layers
 
 
@@ -33,6 +33,7 @@ class AdapterSummary:
     merged_layers: int
     saved_modules: list[str] = field(default_factory=list)  # paths of its modules_to_save copies
     saved_params: int = 0  # their parameters (also counted in params and bytes)
+    tokens: int = 0  # embedding rows trained by trainable_token_indices (their values counted in params)
 
 
 @dataclass
@@ -70,14 +71,16 @@ class ModelSummary:
         if self.adapters:
             t = Table(title="adapters", title_justify="left")
             saved = any(a.saved_modules for a in self.adapters)
+            tokens = any(a.tokens for a in self.adapters)
             cols = ("adapter", "rank", "alpha", "scaling", "dropout", "layers", *(("saved",) if saved else ()),
-                    "params", "bytes", "state")
+                    *(("tokens",) if tokens else ()), "params", "bytes", "state")
             for col in cols:
                 t.add_column(col, justify="left" if col in ("adapter", "state") else "right")
             for a in self.adapters:
                 state = ", ".join(s for s, on in (("active", a.active), ("trainable", a.trainable),
                                                   (f"merged in {a.merged_layers}", a.merged_layers)) if on)
                 extra = (f"{len(a.saved_modules)} ({a.saved_params:,d})",) if saved else ()
+                extra += (str(a.tokens),) if tokens else ()
                 t.add_row(a.name, _values(a.ranks), _values(a.alphas), _values(a.scalings, ".4g"),
                           f"{a.dropout:g}", str(a.layers), *extra, f"{a.params:,d}", _size(a.bytes),
                           state or "frozen")
@@ -161,6 +164,15 @@ def summary(model: nn.Module, print_summary: bool = True) -> ModelSummary:
                     values.append(v)
             if isinstance(merged, MergeState) and merged.adapter == name:
                 s.merged_layers += 1
+    for path, layer in token_layers(model):
+        for name, rows in layer.trainable_tokens_delta.items():
+            s = adapters.get(name)
+            if s is None or layer.tied_to is not None:
+                continue
+            s.tokens += len(layer.token_indices[name])
+            s.params += rows.numel()
+            s.bytes += rows.numel() * rows.element_size()
+            s.trainable |= rows.requires_grad
     for path, wrapper in saved_modules(model):
         for name, copy in wrapper.modules_to_save.items():
             s = adapters.get(name)

@@ -7,7 +7,7 @@ and no module plays `__getattr__` tricks. An AST check, so that the structure st
 | 0 base | dtypes, backend, config, native, nf4_format, layer_types, tensor_memory, checkpoint |
 | 1 kernels | kernels/*.py (installed as lowrank.kernels) |
 | 2 ops | lowrank/ops/*.py |
-| 3 modules | nf4_linear, lora_linear, modules_to_save |
+| 3 modules | nf4_linear, lora_linear, modules_to_save, trainable_tokens |
 | 4 model | patch, qlora, merge, adapters, adapter_files |
 | 5 jobs | plan, compare, inspect_adapter, merge_files |
 | 6 entry | lowrank/__init__.py, cli |
@@ -27,6 +27,7 @@ LEVELS = {
     "lowrank.kernels": 1,  # and every lowrank.kernels.* module
     "lowrank.ops": 2,  # and every lowrank.ops.* module
     "lowrank.nf4_linear": 3, "lowrank.lora_linear": 3, "lowrank.modules_to_save": 3,
+    "lowrank.trainable_tokens": 3,
     "lowrank.patch": 4, "lowrank.qlora": 4, "lowrank.merge": 4, "lowrank.adapters": 4,
     "lowrank.adapter_files": 4, "lowrank.summary": 4, "lowrank.hf": 4,
     "lowrank.plan": 5, "lowrank.compare": 5, "lowrank.inspect_adapter": 5, "lowrank.merge_files": 5,
