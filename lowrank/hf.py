@@ -20,18 +20,21 @@ import torch.nn as nn
 
 from .adapter_files import CONFIG_NAME, load_adapter, save_adapter
 from .adapters import adapter_names
-from .merge import merge, unmerge
+from .merge import merge, merged_weight, unmerge
+from .nf4_linear import NF4Linear
 from .patch import active_adapter, lora_layers, saved_modules, set_active_adapter, token_layers
 
 _ADAPTER_KEYS = ("lora_A.", "lora_B.")
 
 
-def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict:
+def merged_state_dict(model: nn.Module, adapter_name: str | None = None, weights: dict | None = None) -> dict:
     """The state dict of a merged model under the original module names: each LoRA layer's
     `base_layer.*` entries as the layer's own, its factors dropped; each modules_to_save wrapper's
     copy for `adapter_name` (default: the active adapter) as the module's own entries, or its
     original's where it has no such copy; each TrainableTokens layer's weight with that adapter's
-    rows in place."""
+    rows in place. weights: {LoRA layer path: merged weight} written as `<path>.weight` in place of
+    whatever its base layer holds (an NF4 base's codes and statistics), with the base's bias."""
+    weights = weights or {}
     name = adapter_name or active_adapter(model)
     tokens = {p: layer for p, layer in token_layers(model) if p}
     paths = sorted((p for p, _ in lora_layers(model) if p), key=len, reverse=True)
@@ -55,10 +58,17 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict
         elif prefix in wrapped:
             if rest.startswith(wrapped[prefix]):
                 out[f"{prefix}.{rest[len(wrapped[prefix]):]}"] = value
+        elif prefix in weights:
+            if rest == "base_layer.bias":
+                out[f"{prefix}.bias"] = value.to(weights[prefix].dtype)
+            elif not rest.startswith(("base_layer.", *_ADAPTER_KEYS)):
+                out[key] = value
         elif rest.startswith("base_layer."):
             out[f"{prefix}.{rest[len('base_layer.'):]}"] = value
         elif not rest.startswith(_ADAPTER_KEYS):
             out[key] = value
+    for prefix, w in weights.items():
+        out[f"{prefix}.weight"] = w
     return out
 
 
@@ -67,8 +77,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, merged: bool = Fa
     """merged=False: `save_adapter(model, path, adapter_name)` (default: the active adapter).
     merged=True: the model with that adapter merged, written by the model's own `save_pretrained`
     (a transformers model; `kwargs` go to it, e.g. max_shard_size), loadable by
-    `AutoModel*.from_pretrained(path)` as a plain model; the model is unchanged afterwards. NF4
-    bases cannot be merged in place: ValueError (use `merge_and_unload(model)` on a copy)."""
+    `AutoModel*.from_pretrained(path)` as a plain model; the model is unchanged afterwards. Dense
+    layers are merged in place exactly and unmerged bit for bit after writing; NF4 layers quantized
+    by lowrank are decoded and merged out of place with one rounding (dense weights in the dtype
+    that was quantized; with any NF4 layer every LoRA layer is merged out of place, so the merged
+    weights of the targets are held together while transformers writes). A model quantized by
+    transformers (bitsandbytes) is refused: `lowrank merge BASE ADAPTER OUT` merges its checkpoint."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_pretrained expects a torch.nn.Module, got {type(model).__name__}")
     name = adapter_name or active_adapter(model) or "default"
@@ -80,20 +94,37 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, merged: bool = Fa
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"save_pretrained(merged=True) needs a transformers model (with save_pretrained), got "
                         f"{type(model).__name__}; merge_and_unload(model) and save its state_dict instead")
-    try:
-        merge(model, name, exact=True)
-    except NotImplementedError as exc:
-        raise ValueError(f"save_pretrained(merged=True): {exc}; merge_and_unload(model) on a copy gives dense "
-                         f"merged layers to save") from None
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("save_pretrained(merged=True): the model was quantized by transformers (bitsandbytes), "
+                         "whose save writes quantized weights; save the adapter (merged=False) and run `lowrank merge "
+                         "BASE_DIR ADAPTER_DIR OUT`, which merges the 4-bit checkpoint layer by layer")
+    layers = list(lora_layers(model))
+    out_of_place = any(isinstance(layer.base_layer, NF4Linear) for _, layer in layers)
+    weights = {}
+    if out_of_place:
+        missing = [p for p, layer in layers if name not in layer.configs]
+        if missing:
+            raise ValueError(f"save_pretrained(merged=True): layer {missing[0]} has no adapter {name!r}")
+        weights = {p: merged_weight(layer, name) for p, layer in layers}
+        # an NF4 base stores (out, in); the architecture written for a GPT-2 Conv1D wants (in, out)
+        weights = {p: (w.t().contiguous() if getattr(layer.base_layer, "from_conv1d", False) else w)
+                   for (p, layer), w in zip(layers, weights.values())}
+    else:
+        try:
+            merge(model, name, exact=True)
+        except NotImplementedError as exc:
+            raise ValueError(f"save_pretrained(merged=True): {exc}; merge_and_unload(model) on a copy gives dense "
+                             f"merged layers to save") from None
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=".lowrank-save-", dir=parent)
     try:
         try:
-            model.save_pretrained(stage, state_dict=merged_state_dict(model, name), **kwargs)
+            model.save_pretrained(stage, state_dict=merged_state_dict(model, name, weights), **kwargs)
         finally:
-            unmerge(model)
+            if not out_of_place:
+                unmerge(model)
         # Every file written complete beside the target first; then each renamed into place, so a
         # failure while transformers writes leaves `path` as it was.
         os.makedirs(path, exist_ok=True)

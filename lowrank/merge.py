@@ -342,6 +342,22 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
 
 
 @torch.no_grad()
+def merged_weight(layer: LoRALinear, name: str | None = None) -> torch.Tensor:
+    """The layer's weight with adapter `name` (default: its active one) merged, out of place, with
+    one rounding, in the layout the base stores it (an NF4 base: decoded to the dtype that was
+    quantized, (out, in)). The layer is not changed."""
+    name = name or layer.active_adapter
+    if name not in layer.configs:
+        raise ValueError(f"merged_weight: no adapter {name!r} on the layer (has {sorted(layer.configs)})")
+    if isinstance(layer.base_layer, NF4Linear):
+        return _merged_nf4(layer, name, requantize=False)[0].weight.detach()
+    w, a, b = _merge_operands(layer, name)
+    out = w.clone()
+    torch.ops.lowrank.merge_(out, a, b, layer.scaling(name), False)
+    return out
+
+
+@torch.no_grad()
 def _merged_nf4(layer: LoRALinear, name: str, requantize: bool):
     """(new base layer, requantization error or None) for an NF4 LoRA layer."""
     base: NF4Linear = layer.base_layer

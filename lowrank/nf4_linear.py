@@ -39,6 +39,9 @@ class NF4Linear(nn.Module):
             bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
             bias.requires_grad_(False)
         self.bias = bias
+        # Whether the dense layer this came from stored its weight (in, out) (GPT-2's Conv1D): a
+        # dense weight written back for that architecture (a merged save) must be transposed again.
+        self.from_conv1d = False
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -49,7 +52,9 @@ class NF4Linear(nn.Module):
         if is_conv1d(linear):
             w = w.t()
         nf4 = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
-        return cls(nf4, linear.bias, compute_dtype)
+        layer = cls(nf4, linear.bias, compute_dtype)
+        layer.from_conv1d = is_conv1d(linear)
+        return layer
 
     @classmethod
     def from_bnb(cls, layer: nn.Module, compute_dtype: torch.dtype | None = None) -> "NF4Linear":

@@ -46,12 +46,42 @@ def test_adapter_save_and_refusals(tmp_path):
     plain = lowrank.patch_linear(torch.nn.Sequential(torch.nn.Linear(8, 8)), rank=2)
     with pytest.raises(TypeError, match="needs a transformers model"):
         lowrank.save_pretrained(plain, tmp_path / "p", merged=True)
-    qmodel = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=4, quantize="nf4", compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_save_of_an_nf4_model_is_the_dense_merge(tmp_path, arch):
+    """NF4 layers quantized by lowrank: decoded and merged out of place with one rounding, written
+    dense in the architecture's layout (Conv1D transposed back); the model is left bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    qmodel = lowrank.patch_linear(SMALL_MODELS[arch](), rank=4, quantize="nf4", compute_dtype=torch.float32)
+    randomize_B_(qmodel, std=0.2)
     before = {k: v.clone() for k, v in qmodel.state_dict().items()}
-    with pytest.raises(ValueError, match="merge_and_unload"):
-        lowrank.save_pretrained(qmodel, tmp_path / "q", merged=True)
+    x = ids()
+    ref = logits(qmodel, x)
+    lowrank.save_pretrained(qmodel, tmp_path / "q", merged=True)
     assert all(torch.equal(before[k], v) for k, v in qmodel.state_dict().items())
-    assert not (tmp_path / "q").exists()
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    torch.testing.assert_close(logits(loaded.eval(), x), ref, rtol=1e-4, atol=1e-4)
+    merged = lowrank.merge_and_unload(qmodel)  # the in-memory merge: the same weights, bit for bit
+    for path, module in merged.named_modules():
+        if isinstance(module, torch.nn.Linear) and path != "lm_head":
+            w = loaded.get_submodule(path).weight
+            assert torch.equal(module.weight, w.t() if arch == "gpt2" else w), path
+
+
+def test_merged_save_of_a_model_quantized_by_transformers_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    SMALL_MODELS["llama"]().save_pretrained(tmp_path / "base")
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q,
+                                                              device_map="cpu")
+    lowrank.patch_linear(model, rank=4, targets=["q_proj"])
+    with pytest.raises(ValueError, match="lowrank merge"):
+        lowrank.save_pretrained(model, tmp_path / "out", merged=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_merged_save_leaves_the_directory_and_model_as_they_were(tmp_path, monkeypatch):
