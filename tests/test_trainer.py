@@ -181,3 +181,60 @@ def test_trl_sft_trainer(tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start)
     files = set(os.listdir(tmp_path / "checkpoint-2"))
     assert {CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"} <= files and "model.safetensors" not in files
+
+
+def _llama_cls_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   num_labels=2, pad_token_id=0)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def _cls_model(base_dir, kind):
+    """A Llama classifier, patched with LoRA and its score head in modules_to_save, on a dense base,
+    an NF4 base quantized by lowrank, or a 4-bit base loaded by transformers + bitsandbytes."""
+    kw = {}
+    if kind == "bnb":
+        kw = dict(quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=["score"]), device_map="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForSequenceClassification.from_pretrained(base_dir, **kw)
+    quantize = {"nf4": dict(quantize="nf4", compute_dtype=torch.float32)}.get(kind, {})
+    return lowrank.patch_linear(model, r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"],
+                                **quantize)
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4", "bnb"])
+def test_five_steps_on_each_kind_of_base_train_the_head_checkpoint_and_resume(tmp_path, kind):
+    if kind == "bnb":
+        pytest.importorskip("bitsandbytes")
+    base_dir = _llama_cls_dir(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(1, 61, (20, 6), generator=g)
+    data = [{"input_ids": r, "labels": int(r[0] % 2)} for r in x]
+
+    def run(out, resume=None):
+        model = _cls_model(base_dir, kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lowrank.Trainer(model=model, args=args(out, 5, save_steps=2), train_dataset=data).train(
+                resume_from_checkpoint=resume)
+        return model
+
+    first = run(tmp_path / "a")
+    head = first.score.modules_to_save["default"].weight
+    assert not torch.equal(head, first.score.original_module.weight)  # the head trained
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    files = set(os.listdir(ckpt))
+    assert {CONFIG_NAME, WEIGHTS_NAME} <= files and "model.safetensors" not in files
+    from safetensors.torch import load_file
+    assert "base_model.model.score.weight" in load_file(ckpt / WEIGHTS_NAME)
+    resumed = run(tmp_path / "b", resume=str(ckpt))
+    a, b = lora_state(first), lora_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
