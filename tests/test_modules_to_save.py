@@ -350,3 +350,37 @@ def test_wrapper_reads_attributes_of_the_module_that_runs():
     with pytest.raises(AttributeError):
         w.no_such_attribute  # noqa: B018
     assert isinstance(w.original_module, nn.Linear)
+
+
+@pytest.mark.parametrize("features", ["patterns+embedding", "tokens"])
+def test_bert_classifier_with_every_file_feature_both_ways(tmp_path, features):
+    """A BERT-style classifier with its head in modules_to_save and, in one file, per-layer ranks and
+    alphas plus LoRA on the word embeddings, or trainable token rows: peft -> lowrank -> peft, the
+    outputs equal and the files bit for bit."""
+    if features == "tokens":
+        config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"],
+                                 trainable_token_indices=[5, 9], init_lora_weights=False)
+    else:
+        config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                 target_modules=["query", "value", "word_embeddings"],
+                                 rank_pattern={r"layer\.1\.attention\.self\.query": 2, "value": 6},
+                                 alpha_pattern={"word_embeddings": 3}, init_lora_weights=False)
+    pm = peft.get_peft_model(bert_cls(), config)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    pm.save_pretrained(tmp_path / "peft")
+    x = tokens()
+    x[0, 1], x[1, 2] = 5, 9
+    ref = out(pm, x)
+    model = bert_cls()
+    lowrank.load_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(out(model, x), ref, rtol=1e-5, atol=1e-5)
+    lowrank.save_adapter(model, tmp_path / "ours")
+    a, b = load_file(tmp_path / "peft" / WEIGHTS_NAME), load_file(tmp_path / "ours" / WEIGHTS_NAME)
+    a = {k: v for k, v in a.items() if not k.endswith("word_embeddings.base_layer.weight")}  # peft's base copy
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    back = peft.PeftModel.from_pretrained(bert_cls(), tmp_path / "ours")
+    torch.testing.assert_close(out(back, x), ref, rtol=1e-5, atol=1e-5)
