@@ -28,8 +28,9 @@ _STATE_ATTR = "_lowrank_state"
 
 
 def iter_linear(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module, str]]:
-    """Yield (path, module, parent, attribute) for every linear layer, under every path that holds
-    it (a module held twice is yielded twice: `named_children` would report it once); a LoRALinear
+    """Yield (path, module, parent, attribute) for every layer LoRA can adapt (linear layers, and
+    nn.Embedding: `lora_linear.is_adaptable`), under every path that holds it (a module held twice
+    is yielded twice: `named_children` would report it once); a LoRALinear
     counts as one layer (its base_layer is not visited again); the inside of a ModulesToSave wrapper
     (its original and copies: trained whole, not by LoRA) is not visited."""
     for attr, child in model._modules.items():

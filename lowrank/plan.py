@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .nf4_format import nf4_nbytes
+from .layer_types import is_embedding
 from .patch import iter_linear, lora_layers, patch_linear, select_targets
 
 GiB = 1 << 30
@@ -214,7 +215,7 @@ def count(config, arch: Arch, rank: int, targets, blocksize: int = 64) -> Counts
     head_w = head.weight if head is not None else None
     lm_head = head_w.numel() if head_w is not None and head_w is not emb else 0
     heads = {id(head)} if head is not None else set()
-    dense = [(path, m) for path, m, _, _ in iter_linear(model) if id(m) not in heads]
+    dense = [(path, m) for path, m, _, _ in iter_linear(model) if id(m) not in heads and not is_embedding(m)]
     linear = sum(m.weight.numel() for _, m in dense)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and p.dim() == 3)
     other = total - emb.numel() - lm_head - linear - experts
