@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from .adapter_files import load_adapter, save_adapter
 from .layer_types import linear_dims
 from .patch import patch_linear, select_targets, trainable_parameters
-from .plan import load_config
+from .plan import load_config, meta_model
 from .qlora import prepare_for_qlora_training
 
 METHODS = ("full", "lora", "qlora")
@@ -322,20 +322,28 @@ def _has_weights(path: str) -> bool:
                for f in os.listdir(path))
 
 
+def model_config(spec: str):
+    """The transformers config of a model directory, preset or config.json; ValueError unless it is
+    a causal language model's."""
+    try:
+        config = load_config(spec)
+    except OSError as e:
+        raise ValueError(f"--model {spec}: {str(e).splitlines()[0]}") from None
+    _check_causal(config, spec)
+    return config
+
+
 def load_model(spec: str, dtype: torch.dtype, seed: int) -> nn.Module:
     """A transformers causal LM: a local model directory with weights (loaded offline), or a preset
     name / config.json / directory without weights (randomly initialised from `seed`)."""
     from transformers import AutoModelForCausalLM  # optional: lowrank train runs transformers models
 
-    try:
-        if os.path.isdir(spec) and _has_weights(spec):
-            config = load_config(spec)
-            _check_causal(config, spec)
+    config = model_config(spec)
+    if os.path.isdir(spec) and _has_weights(spec):
+        try:
             return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True)
-        config = load_config(spec)
-    except OSError as e:
-        raise ValueError(f"--model {spec}: {str(e).splitlines()[0]}") from None
-    _check_causal(config, spec)
+        except OSError as e:
+            raise ValueError(f"--model {spec}: {str(e).splitlines()[0]}") from None
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
@@ -397,10 +405,12 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                                        gradient_checkpointing_kwargs=gc_kwargs)
             return model
     if cfg.checkpointing():
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(enable):
+        if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+        elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        else:
             raise ValueError(f"--gradient-checkpointing: {type(model).__name__} has no gradient_checkpointing_enable")
-        enable(gradient_checkpointing_kwargs=gc_kwargs)
     return model
 
 
@@ -658,9 +668,13 @@ class _Job:
                                  f"it: " + ", ".join(f"{k} {saved['settings'].get(k)!r} -> {mine[k]!r}"
                                                      for k in diff))
             state = torch.load(os.path.join(self.resume_from.path, STATE_NAME), weights_only=True)
+        config = model_config(cfg.model)  # before any weight is read: not a causal LM, a rank no layer can take
+        if cfg.method != "full":
+            check_rank(meta_model(config), cfg.targets, cfg.rank)
         dtype = DTYPES[cfg.dtype]
         source = self.resume_from.path if (state is not None and cfg.method == "full") else cfg.model
         model = load_model(source, dtype, cfg.seed)
+        torch.manual_seed(cfg.seed)  # the LoRA factors' initial values: the same on every process and every run
         prepare_model(model, cfg)
         if state is not None and cfg.method != "full":
             load_adapter(model, self.resume_from.path)
