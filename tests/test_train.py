@@ -293,19 +293,28 @@ def test_two_processes_equal_one(files, tmp_path, fsdp):
     adapter after a few steps equals one process's on the same global batches."""
     kw = dict(steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0)
     one = T.train(cfg(files, tmp_path / "one", **kw))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "lowrank.cli", "train", "--model", str(files / "model"), "--data", str(files / "data.jsonl"),
            "--out", str(tmp_path / "two"), "--rank", "4", "--lr", "1e-2", "--steps", "3", "--batch-size", "4",
            "--grad-accum", "2", "--eval-every", "0", "--save-every", "0", "--keep-best", "0", "--no-progress",
            *(["--fsdp"] if fsdp else [])]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        raise
+    assert proc.returncode == 0, err[-3000:]
     two = weights(str(tmp_path / "two" / "checkpoint-3"))
     ref = weights(one.last_checkpoint)
     assert two.keys() == ref.keys()
     moved = 0
     for k in ref:
-        torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+        # Adam divides by sqrt(v): an element whose gradient is ~1e-9 moves by ~lr * sign(g), so summation
+        # order shows at ~1e-6 there (measured up to 2.8e-6 on entries of size 2e-2); everywhere it is ~1e-8.
+        torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert (two[k] - ref[k]).norm() <= 1e-4 * ref[k].norm(), k
         moved += int(not torch.equal(ref[k], torch.zeros_like(ref[k])))
     assert moved == len(ref)  # B moved from 0 too: a real update was compared
