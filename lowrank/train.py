@@ -32,6 +32,7 @@ Level 5 (jobs): imports levels 0-4.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from tqdm.auto import tqdm
 
 from .adapter_files import load_adapter, save_adapter
 from .layer_types import linear_dims
+from .nf4_linear import NF4Linear
 from .patch import patch_linear, select_targets, trainable_parameters
 from .plan import load_config, meta_model
 from .qlora import prepare_for_qlora_training
@@ -811,6 +813,14 @@ class _Job:
         log = open(os.path.join(cfg.out, "log.jsonl"), "a", encoding="utf-8") if d.main else None
         loss, tokens_done, seconds, interrupted = None, 0, 0.0, False
         last_saved = self.resume_from.step if self.resume_from is not None else None
+        held, whole = nf4_resident_bytes(self.model)
+        if whole:  # QLoRA: each process's resident NF4 bytes, for the log (sharded under FSDP2)
+            per_rank = [held]
+            if d.world > 1:
+                per_rank = [None] * d.world
+                dist.all_gather_object(per_rank, held)
+            if log:
+                log.write(json.dumps({"nf4_resident_bytes_per_rank": per_rank, "nf4_bytes": whole}) + "\n")
         self._optimizer_phase = False
         self.wrapped.train()
         try:
@@ -871,14 +881,86 @@ class _Job:
                            tokens_per_s=tokens_done / max(seconds, 1e-9))
 
 
+# Note: NF4 under FSDP2
+# FSDP2 shards what a module registers as parameters; an NF4Linear keeps its 4-bit storage in an
+# NF4Weight, which FSDP would leave whole on every process. `expose_nf4_storage` registers the
+# storage's large tensors (codes, block statistics, nested statistics) as frozen uint8 / fp32
+# parameters of their NF4Linear, so `fully_shard` cuts them along dim 0 like any weight (they stay
+# 4-bit: an all-gather moves the packed bytes, never a dense copy), and a forward pre-hook points
+# the NF4Weight at the gathered tensors FSDP2 puts in their place for the forward. The QLoRA op
+# saves those tensors for backward, and FSDP2 gathers into the same storage again before backward.
+# The tiny shared tables (nested code, offset) stay whole on each process. FSDP2 requires one dtype
+# among a group's *trainable* parameters only, so frozen uint8 / bf16 storage beside fp32 adapters
+# is fine.
+NF4_EXPOSED = ("packed", "absmax", "nested_absmax")
+
+
+def expose_nf4_storage(model: nn.Module) -> int:
+    """Register every NF4Linear's 4-bit storage as frozen parameters (see the Note); returns how many
+    layers were changed. Only for a model about to be sharded by FSDP2 for training."""
+    layers = []
+    for module in model.modules():
+        if isinstance(module, NF4Linear) and not hasattr(module, "nf4_packed"):
+            for name in NF4_EXPOSED:
+                t = getattr(module.nf4, name)
+                if t is not None:
+                    module.register_parameter(f"nf4_{name}", nn.Parameter(t, requires_grad=False))
+            layers.append(module)
+    # The hook goes on the NF4Linear and on its parent: a LoRALinear calls its base layer's
+    # lora_forward directly, which runs no hook of the NF4Linear's.
+    exposed = {id(m) for m in layers}
+    for module in model.modules():
+        children = [c for c in ([module] if id(module) in exposed else []) + list(module.children())
+                    if id(c) in exposed]
+        if children:
+            module.register_forward_pre_hook(lambda _m, _args, children=children: [_point_nf4_at_parameters(c)
+                                                                                   for c in children] and None)
+    return len(layers)
+
+
+def _point_nf4_at_parameters(module: nn.Module) -> None:
+    module.nf4 = dataclasses.replace(module.nf4, **{name: getattr(module, f"nf4_{name}") for name in NF4_EXPOSED
+                                                   if getattr(module.nf4, name) is not None})
+
+
+def nf4_resident_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of NF4 storage this process holds, bytes of the whole NF4 storage) over the model's
+    NF4Linear layers — codes, block statistics and nested statistics; the per-layer constant tables
+    (256-entry nested code, offset: 1028 bytes a layer) are left out. The first counts every storage
+    the layers refer to for those (their parameters' local shards, the NF4Weight's tensors, gathered
+    copies not yet freed), each once, by its allocation."""
+    held, whole = {}, 0
+    for module in model.modules():
+        if not isinstance(module, NF4Linear):
+            continue
+        tensors = [getattr(module, f"nf4_{n}", None) for n in NF4_EXPOSED] + [getattr(module.nf4, n) for n in NF4_EXPOSED]
+        for t in tensors:
+            if t is None:
+                continue
+            local = t.to_local() if hasattr(t, "to_local") else t
+            storage = local.untyped_storage()
+            held[storage.data_ptr()] = max(held.get(storage.data_ptr(), 0), storage.nbytes())
+        for n in NF4_EXPOSED:
+            t = getattr(module.nf4, n)
+            if t is not None:
+                whole += t.numel() * t.element_size()
+    return sum(held.values()), whole
+
+
 def shard_fsdp2(model: nn.Module) -> nn.Module:
     """FSDP2: `fully_shard` on each decoder layer (the classes the model lists in
-    `_no_split_modules`), then on the whole model."""
+    `_no_split_modules`), then on the whole model; NF4 storage sharded too (see the Note)."""
+    expose_nf4_storage(model)
     names = set(getattr(model, "_no_split_modules", None) or ())
     for m in list(model.modules()):
         if type(m).__name__ in names:
             fully_shard(m)
     fully_shard(model)
+    # The NF4Weights still hold the whole tensors the shards were cut from: point them at the
+    # shards, so that only the shards stay resident (the pre-hook swaps in gathered ones).
+    for m in model.modules():
+        if isinstance(m, NF4Linear) and hasattr(m, "nf4_packed"):
+            _point_nf4_at_parameters(m)
     return model
 
 

@@ -287,15 +287,17 @@ def test_user_errors_are_one_line_without_traceback(files, tmp_path, capsys):
 
 # -- several processes -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_equal_one(files, tmp_path, fsdp):
+@pytest.mark.parametrize("method, fsdp", [("lora", False), ("lora", True), ("qlora", True)],
+                         ids=["lora-ddp", "lora-fsdp2", "qlora-fsdp2"])
+def test_two_processes_equal_one(files, tmp_path, method, fsdp):
     """torchrun --nproc-per-node 2 (gloo on the CPU), each process half of every micro-batch: the
-    adapter after a few steps equals one process's on the same global batches."""
-    kw = dict(steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0)
+    adapter after a few steps equals one process's on the same global batches. QLoRA under FSDP2:
+    each process holds about half of the NF4 storage, still 4-bit (its log's resident bytes)."""
+    kw = dict(method=method, steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0)
     one = T.train(cfg(files, tmp_path / "one", **kw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "lowrank.cli", "train", "--model", str(files / "model"), "--data", str(files / "data.jsonl"),
-           "--out", str(tmp_path / "two"), "--rank", "4", "--lr", "1e-2", "--steps", "3", "--batch-size", "4",
+           "--out", str(tmp_path / "two"), "--method", method, "--rank", "4", "--lr", "1e-2", "--steps", "3", "--batch-size", "4",
            "--grad-accum", "2", "--eval-every", "0", "--save-every", "0", "--keep-best", "0", "--no-progress",
            *(["--fsdp"] if fsdp else [])]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -318,3 +320,19 @@ def test_two_processes_equal_one(files, tmp_path, fsdp):
         assert (two[k] - ref[k]).norm() <= 1e-4 * ref[k].norm(), k
         moved += int(not torch.equal(ref[k], torch.zeros_like(ref[k])))
     assert moved == len(ref)  # B moved from 0 too: a real update was compared
+    if method == "qlora":
+        (info,) = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()
+                   if "nf4_bytes" in line]
+        _, whole = T.nf4_resident_bytes(_qlora_model(files))
+        assert info["nf4_bytes"] == whole
+        held = info["nf4_resident_bytes_per_rank"]
+        # dim-0 shards, each padded to the larger half: no process holds more than half plus padding
+        assert len(held) == 2 and all(whole / 2 <= h <= whole / 2 + 256 for h in held), (held, whole)
+
+
+def _qlora_model(files):
+    import lowrank
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(files / "model"))
+    return lowrank.patch_linear(model, rank=4, quantize="nf4", compute_dtype=torch.float32)
