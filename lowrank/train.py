@@ -969,7 +969,16 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     optimizer step (and its eval and checkpoint). Raises ValueError for a bad setting, file or model
     before anything is written. Under torchrun, every process calls it; rank 0 writes."""
     cfg.check()
+    owned = not dist.is_initialized()
     d = setup_distributed()
+    try:
+        return _train(cfg, d, on_step)
+    finally:
+        if owned and dist.is_initialized():  # the group this call made: gone before the interpreter exits
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: Dist, on_step) -> TrainResult:
     if cfg.batch_size % d.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is the global micro-batch and must divide evenly over "
                          f"{d.world} processes")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,19 +288,11 @@ def test_user_errors_are_one_line_without_traceback(files, tmp_path, capsys):
 
 # -- several processes -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, fsdp", [("lora", False), ("lora", True), ("qlora", True)],
-                         ids=["lora-ddp", "lora-fsdp2", "qlora-fsdp2"])
-def test_two_processes_equal_one(files, tmp_path, method, fsdp):
-    """torchrun --nproc-per-node 2 (gloo on the CPU), each process half of every micro-batch: the
-    adapter after a few steps equals one process's on the same global batches. QLoRA under FSDP2:
-    each process holds about half of the NF4 storage, still 4-bit (its log's resident bytes)."""
-    kw = dict(method=method, steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0)
-    one = T.train(cfg(files, tmp_path / "one", **kw))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lowrank.cli", "train", "--model", str(files / "model"), "--data", str(files / "data.jsonl"),
-           "--out", str(tmp_path / "two"), "--method", method, "--rank", "4", "--lr", "1e-2", "--steps", "3", "--batch-size", "4",
-           "--grad-accum", "2", "--eval-every", "0", "--save-every", "0", "--keep-best", "0", "--no-progress",
-           *(["--fsdp"] if fsdp else [])]
+def torchrun(files, out, *args):
+    """`torchrun --standalone --nproc-per-node 2 -m lowrank.cli train` on the tiny model (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "lowrank.cli", "train", "--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--out",
+           str(out), "--rank", "4", "--no-progress", *args]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -309,6 +302,19 @@ def test_two_processes_equal_one(files, tmp_path, method, fsdp):
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
         raise
     assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("method, fsdp", [("lora", False), ("lora", True), ("qlora", True)],
+                         ids=["lora-ddp", "lora-fsdp2", "qlora-fsdp2"])
+def test_two_processes_equal_one(files, tmp_path, method, fsdp):
+    """torchrun --nproc-per-node 2 (gloo on the CPU), each process half of every micro-batch: the
+    adapter after a few steps equals one process's on the same global batches. QLoRA under FSDP2:
+    each process holds about half of the NF4 storage, still 4-bit (its log's resident bytes)."""
+    kw = dict(method=method, steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0)
+    one = T.train(cfg(files, tmp_path / "one", **kw))
+    torchrun(files, tmp_path / "two", "--method", method, "--lr", "1e-2", "--steps", "3", "--batch-size", "4",
+             "--grad-accum", "2", "--eval-every", "0", "--save-every", "0", "--keep-best", "0",
+             *(["--fsdp"] if fsdp else []))
     two = weights(str(tmp_path / "two" / "checkpoint-3"))
     ref = weights(one.last_checkpoint)
     assert two.keys() == ref.keys()
@@ -336,3 +342,16 @@ def _qlora_model(files):
 
     model = AutoModelForCausalLM.from_pretrained(str(files / "model"))
     return lowrank.patch_linear(model, rank=4, quantize="nf4", compute_dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_fsdp2_qlora_resumes_bit_for_bit(files, tmp_path):
+    """Under FSDP2 (2 processes), the checkpoint gathers the sharded adapter and optimizer state on
+    rank 0; deleting the last checkpoint and resuming from the one before writes it again, bit for bit."""
+    args = ("--method", "qlora", "--steps", "4", "--batch-size", "4", "--dropout", "0.1", "--eval-every", "2",
+            "--save-every", "2", "--keep-last", "2", "--keep-best", "0", "--fsdp")
+    torchrun(files, tmp_path, *args)
+    first = weights(str(tmp_path / "checkpoint-4"))
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    torchrun(files, tmp_path, *args, "--resume")
+    assert_bit_equal(first, weights(str(tmp_path / "checkpoint-4")))
