@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -589,26 +589,29 @@ class TrainResult:
 
 
 class _Stop:
-    """SIGINT handling while training: the first Ctrl-C asks the loop to stop after the current
-    optimizer step; a second one raises KeyboardInterrupt at once. Only in the main thread."""
+    """Signals while training: SIGINT (Ctrl-C) and SIGTERM (what torchrun sends its workers when it
+    is interrupted, and what schedulers send before preempting) ask the loop to stop after the
+    current optimizer step and write a checkpoint; a second SIGINT raises KeyboardInterrupt at once.
+    Only in the main thread (Python delivers signals there)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old = {}
 
     def __enter__(self):
-        if sys.platform != "win32" and _main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+        if _main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
         return False
 
 
@@ -636,6 +639,9 @@ class _Job:
             eval_r, train_r = [records[i] for i in order[:n_eval]], [records[i] for i in order[n_eval:]]
         else:
             train_r, eval_r = records, []
+        if not train_r:
+            raise ValueError(f"--eval-split {cfg.eval_split} leaves no training record of the {len(records)} in "
+                             f"{cfg.data}")
         self.pad = pad_id(self.tokenizer)
         self.train_rows = tokenize_rows(train_r, self.tokenizer, cfg.max_length, cfg.packing)
         self.eval_rows = tokenize_rows(eval_r, self.tokenizer, cfg.max_length, False)
@@ -657,6 +663,9 @@ class _Job:
     def build(self) -> None:
         cfg, d = self.cfg, self.d
         self.resume_from = self.manager.latest() if cfg.resume else None
+        if not cfg.resume and self.manager.latest() is not None:
+            raise ValueError(f"--out {cfg.out} already holds checkpoints ({os.path.basename(self.manager.latest().path)}): "
+                             f"pass --resume to continue that run, or choose another --out")
         if cfg.resume and self.resume_from is None:
             raise ValueError(f"--resume: no checkpoint in {cfg.out} (checkpoint-<step>/ with {TRAINER_STATE_NAME})")
         state = None
@@ -749,8 +758,12 @@ class _Job:
         """A checkpoint of the state after self.step steps (all processes call it; rank 0 writes)."""
         cfg, d = self.cfg, self.d
         optim_state = self._optimizer_state()
+        full_state = None
+        if cfg.fsdp and cfg.method == "full":  # whole tensors gathered to rank 0's CPU (a collective)
+            full_state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
         path = None
-        with self._gathered():
+        with contextlib.nullcontext() if full_state is not None else self._gathered():
             if d.main:
                 state = {"optimizer": optim_state, "scheduler": self.sched.state_dict(), "rng": rng_state(),
                          "step": self.step, "sequences_seen": self.step * cfg.grad_accum * cfg.batch_size,
@@ -761,7 +774,7 @@ class _Job:
 
                 def fill(stage: str) -> None:
                     if cfg.method == "full":
-                        self.model.save_pretrained(stage)
+                        self.model.save_pretrained(stage, state_dict=full_state)
                         if hasattr(self.tokenizer, "save_pretrained"):
                             self.tokenizer.save_pretrained(stage)
                     else:
@@ -776,6 +789,11 @@ class _Job:
 
     def _optimizer_state(self) -> dict:
         if self.cfg.fsdp:
+            # The root keeps its parameters gathered after a forward (an eval just ran): reshard, so
+            # that the model's parameters are the sharded ones the optimizer holds.
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
             return get_optimizer_state_dict(self.model, self.opt,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.opt.state_dict()

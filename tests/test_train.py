@@ -229,6 +229,9 @@ def test_resume_refuses_other_settings(files, tmp_path):
         T.train(cfg(files, tmp_path, steps=3, rank=8, resume=True))
     with pytest.raises(ValueError, match="no checkpoint"):
         T.train(cfg(files, tmp_path / "empty", resume=True))
+    with pytest.raises(ValueError, match="already holds checkpoints .checkpoint-3.: pass --resume"):
+        T.train(cfg(files, tmp_path, steps=3))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "log.jsonl"]
 
 
 def test_sigint_writes_a_checkpoint_and_exits(files, tmp_path):
@@ -304,8 +307,8 @@ def torchrun(files, out, *args):
     assert proc.returncode == 0, err[-3000:]
 
 
-@pytest.mark.parametrize("method, fsdp", [("lora", False), ("lora", True), ("qlora", True)],
-                         ids=["lora-ddp", "lora-fsdp2", "qlora-fsdp2"])
+@pytest.mark.parametrize("method, fsdp", [("lora", False), ("lora", True), ("qlora", True), ("full", True)],
+                         ids=["lora-ddp", "lora-fsdp2", "qlora-fsdp2", "full-fsdp2"])
 def test_two_processes_equal_one(files, tmp_path, method, fsdp):
     """torchrun --nproc-per-node 2 (gloo on the CPU), each process half of every micro-batch: the
     adapter after a few steps equals one process's on the same global batches. QLoRA under FSDP2:
