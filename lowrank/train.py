@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from .adapter_files import load_adapter, save_adapter
 from .layer_types import linear_dims
 from .nf4_linear import NF4Linear
-from .patch import patch_linear, select_targets, trainable_parameters
+from .patch import patch_linear, select_targets
 from .plan import load_config, meta_model
 from .qlora import prepare_for_qlora_training
 
@@ -684,15 +684,13 @@ class _Job:
             check_rank(meta_model(config), cfg.targets, cfg.rank)
         dtype = DTYPES[cfg.dtype]
         source = self.resume_from.path if (state is not None and cfg.method == "full") else cfg.model
-        model = load_model(source, dtype, cfg.seed)
+        model = load_model(source, dtype, cfg.seed).to(d.device)  # quantized (qlora) on the device it trains on
         torch.manual_seed(cfg.seed)  # the LoRA factors' initial values: the same on every process and every run
         prepare_model(model, cfg)
         if state is not None and cfg.method != "full":
             load_adapter(model, self.resume_from.path)
-        model.to(d.device)
         self.model = model
-        self.trainable, _ = trainable_parameters(model) if cfg.method != "full" else (
-            sum(p.numel() for p in model.parameters()), 0)
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.wrapped = self._wrap(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
@@ -993,6 +991,8 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         return _train(cfg, d, on_step)
     finally:
         if owned and dist.is_initialized():  # the group this call made: gone before the interpreter exits
+            with contextlib.suppress(RuntimeError):  # a peer that already failed
+                dist.barrier()  # no process tears down gloo's connections while another still uses them
             dist.destroy_process_group()
 
 

@@ -307,16 +307,23 @@ def torchrun(files, out, *args):
     assert proc.returncode == 0, err[-3000:]
 
 
-@pytest.mark.parametrize("method, fsdp", [("lora", False), ("lora", True), ("qlora", True), ("full", True)],
-                         ids=["lora-ddp", "lora-fsdp2", "qlora-fsdp2", "full-fsdp2"])
-def test_two_processes_equal_one(files, tmp_path, method, fsdp):
+@pytest.mark.parametrize("method, fsdp, dtype", [("lora", False, "fp32"), ("lora", True, "fp32"),
+                                                 ("qlora", True, "fp32"), ("qlora", True, "bf16"),
+                                                 ("full", True, "fp32")],
+                         ids=["lora-ddp", "lora-fsdp2", "qlora-fsdp2", "qlora-bf16-fsdp2", "full-fsdp2"])
+def test_two_processes_equal_one(files, tmp_path, method, fsdp, dtype):
     """torchrun --nproc-per-node 2 (gloo on the CPU), each process half of every micro-batch: the
     adapter after a few steps equals one process's on the same global batches. QLoRA under FSDP2:
-    each process holds about half of the NF4 storage, still 4-bit (its log's resident bytes)."""
-    kw = dict(method=method, steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0)
+    each process holds about half of the NF4 storage, still 4-bit (its log's resident bytes); with
+    bf16 compute and fp32 adapters too. In bf16 the rounding of a matmul depends on its row count,
+    so there the one process runs the same sequences in the same per-pass shape (2 rows, 4 passes)."""
+    kw = dict(method=method, steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0,
+              dtype=dtype)
+    if dtype == "bf16":
+        kw.update(batch_size=2, grad_accum=4)
     one = T.train(cfg(files, tmp_path / "one", **kw))
     torchrun(files, tmp_path / "two", "--method", method, "--lr", "1e-2", "--steps", "3", "--batch-size", "4",
-             "--grad-accum", "2", "--eval-every", "0", "--save-every", "0", "--keep-best", "0",
+             "--grad-accum", "2", "--eval-every", "0", "--save-every", "0", "--keep-best", "0", "--dtype", dtype,
              *(["--fsdp"] if fsdp else []))
     two = weights(str(tmp_path / "two" / "checkpoint-3"))
     ref = weights(one.last_checkpoint)
@@ -330,6 +337,7 @@ def test_two_processes_equal_one(files, tmp_path, method, fsdp):
         moved += int(not torch.equal(ref[k], torch.zeros_like(ref[k])))
     assert moved == len(ref)  # B moved from 0 too: a real update was compared
     if method == "qlora":
+        assert all(v.dtype == torch.float32 for v in two.values())  # fp32 adapters beside bf16 compute
         (info,) = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()
                    if "nf4_bytes" in line]
         _, whole = T.nf4_resident_bytes(_qlora_model(files))
