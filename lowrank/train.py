@@ -649,8 +649,10 @@ class _Job:
             raise ValueError(f"--data {cfg.data}: no labelled token within --max-length {cfg.max_length} (every "
                              f"completion cut off?)")
         self.batches = Batches(self.train_rows, cfg.seed, cfg.batch_size, self.pad)
-        per_epoch = math.ceil(len(self.train_rows) / (cfg.batch_size * cfg.grad_accum))
-        self.total = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
+        # Batches run on across epoch boundaries (see Batches): E epochs are E * rows sequences.
+        per_step = cfg.batch_size * cfg.grad_accum
+        self.total = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) *
+                                                                             len(self.train_rows) / per_step))
         self.train_records, self.eval_records = len(train_r), len(eval_r)
 
     def shared_settings(self) -> dict:

@@ -91,6 +91,18 @@ def test_plain_text_file_and_byte_tokenizer_on_a_bare_config(tmp_path):
     assert T.ByteTokenizer()("hé")["input_ids"] == [1, ord("h") + 3, 0xC3 + 3, 0xA9 + 3]
 
 
+def test_epochs_with_packing_count_the_blocks(files, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(files / "model"))
+    res = T.train(cfg(files, tmp_path, steps=None, epochs=2.0, packing=True, max_length=16, batch_size=2,
+                      grad_accum=2, eval_split=0.1, eval_every=0, save_every=0, keep_best=0))
+    records = T.read_records(str(files / "data.jsonl"), "--data")
+    blocks = T.tokenize_rows(records[:36], tok, 16, packing=True)  # 36 of 40 records train (same token count)
+    assert res.total_steps == math.ceil(2.0 * len(blocks) / 4) and res.steps == res.total_steps
+    assert math.isfinite(res.train_loss)
+
+
 # -- the loss and the schedule ---------------------------------------------------------------------
 
 def test_first_step_loss_is_transformers_loss_and_accumulation_does_not_change_the_step(files, tmp_path):
