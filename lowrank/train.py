@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from .adapter_files import load_adapter, save_adapter
 from .layer_types import linear_dims
 from .nf4_linear import NF4Linear
-from .patch import patch_linear, select_targets
+from .patch import lora_layers, patch_linear, select_targets
 from .plan import load_config, meta_model
 from .qlora import prepare_for_qlora_training
 
@@ -758,32 +758,40 @@ class _Job:
         """A checkpoint of the state after self.step steps (all processes call it; rank 0 writes)."""
         cfg, d = self.cfg, self.d
         optim_state = self._optimizer_state()
-        full_state = None
+        full_state = adapter_state = None
         if cfg.fsdp and cfg.method == "full":  # whole tensors gathered to rank 0's CPU (a collective)
             full_state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                                    cpu_offload=True))
+        elif cfg.fsdp:  # only the adapter's factors, one at a time: never the (sharded) base model whole
+            adapter_state = {}
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+                    if d.main:
+                        adapter_state[name] = whole.detach().cpu()
         path = None
-        with contextlib.nullcontext() if full_state is not None else self._gathered():
-            if d.main:
-                state = {"optimizer": optim_state, "scheduler": self.sched.state_dict(), "rng": rng_state(),
-                         "step": self.step, "sequences_seen": self.step * cfg.grad_accum * cfg.batch_size,
-                         "world_size": d.world}
-                info = {"format": FORMAT, "step": self.step, "eval_loss": eval_loss, "train_loss": train_loss,
-                        "total_steps": self.total, "sequences_seen": state["sequences_seen"],
-                        "epoch": state["sequences_seen"] / len(self.train_rows), "settings": self.shared_settings()}
+        if d.main:
+            state = {"optimizer": optim_state, "scheduler": self.sched.state_dict(), "rng": rng_state(),
+                     "step": self.step, "sequences_seen": self.step * cfg.grad_accum * cfg.batch_size,
+                     "world_size": d.world}
+            info = {"format": FORMAT, "step": self.step, "eval_loss": eval_loss, "train_loss": train_loss,
+                    "total_steps": self.total, "sequences_seen": state["sequences_seen"],
+                    "epoch": state["sequences_seen"] / len(self.train_rows), "settings": self.shared_settings()}
 
-                def fill(stage: str) -> None:
-                    if cfg.method == "full":
-                        self.model.save_pretrained(stage, state_dict=full_state)
-                        if hasattr(self.tokenizer, "save_pretrained"):
-                            self.tokenizer.save_pretrained(stage)
-                    else:
-                        save_adapter(self.model, stage)
-                    torch.save(state, os.path.join(stage, STATE_NAME))
-                    with open(os.path.join(stage, TRAINER_STATE_NAME), "w", encoding="utf-8") as f:
-                        json.dump(info, f, indent=1)
+            def fill(stage: str) -> None:
+                if cfg.method == "full":
+                    self.model.save_pretrained(stage, state_dict=full_state)
+                    if hasattr(self.tokenizer, "save_pretrained"):
+                        self.tokenizer.save_pretrained(stage)
+                elif adapter_state is not None:
+                    save_adapter(adapter_skeleton(self.model.config, cfg, adapter_state), stage)
+                else:
+                    save_adapter(self.model, stage)
+                torch.save(state, os.path.join(stage, STATE_NAME))
+                with open(os.path.join(stage, TRAINER_STATE_NAME), "w", encoding="utf-8") as f:
+                    json.dump(info, f, indent=1)
 
-                path = self.manager.write(self.step, fill)
+            path = self.manager.write(self.step, fill)
         _barrier(d)
         return path
 
@@ -797,22 +805,6 @@ class _Job:
             return get_optimizer_state_dict(self.model, self.opt,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.opt.state_dict()
-
-    @contextlib.contextmanager
-    def _gathered(self):
-        """Under FSDP2: every sharded module unsharded (its parameters whole on each process) for the
-        duration, so the files are written from whole tensors."""
-        if not self.cfg.fsdp:
-            yield
-            return
-        mods = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for m in mods:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in mods:
-                m.reshard()
 
     # the loop ------------------------------------------------------------------------------------
     def eval_loss(self) -> float | None:
@@ -963,6 +955,23 @@ def nf4_resident_bytes(model: nn.Module) -> tuple[int, int]:
             if t is not None:
                 whole += t.numel() * t.element_size()
     return sum(held.values()), whole
+
+
+def adapter_skeleton(config, cfg: TrainConfig, factors: dict) -> nn.Module:
+    """The model of `config` on the meta device (no memory), patched as `cfg` patches, holding the
+    whole adapter `factors` ({parameter name: tensor}, gathered from the shards): what
+    `save_adapter` writes under FSDP2 without gathering the base model."""
+    skeleton = meta_model(config)
+    patch_linear(skeleton, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
+    for path, layer in lora_layers(skeleton):
+        for which in ("lora_A", "lora_B"):
+            table = getattr(layer, which)
+            for name in list(table):
+                key = f"{path}.{which}.{name}"
+                if key not in factors:
+                    raise ValueError(f"adapter_skeleton: no gathered tensor for {key}")
+                table[name] = nn.Parameter(factors[key], requires_grad=False)
+    return skeleton
 
 
 def shard_fsdp2(model: nn.Module) -> nn.Module:
