@@ -163,6 +163,22 @@ def test_manager_keeps_best_k_by_eval_loss_and_last_n(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_run_keeps_the_best_by_its_eval_losses_and_the_last(files, tmp_path):
+    """A real run saving and evaluating every step: what is left on disk is the two lowest eval
+    losses its log recorded plus the last step."""
+    res = T.train(cfg(files, tmp_path, steps=6, lr=3e-2, eval_every=1, save_every=1, keep_best=2, keep_last=1))
+    evals = {e["step"]: e["eval_loss"] for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())
+             if "eval_loss" in e}
+    assert sorted(evals) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in evals.values())
+    want = set(sorted(evals, key=lambda s: (evals[s], -s))[:2]) | {6}
+    left = {int(p.name.split("-")[1]) for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")}
+    assert left == want
+    assert res.best_checkpoint.endswith(f"checkpoint-{min(evals, key=lambda s: (evals[s], -s))}")
+    for step in left:
+        saved = json.loads((tmp_path / f"checkpoint-{step}" / T.TRAINER_STATE_NAME).read_text())
+        assert saved["eval_loss"] == evals[step]
+
+
 def test_a_crash_while_saving_leaves_the_earlier_checkpoints(tmp_path):
     m = _fake_checkpoints(tmp_path, {10: 1.0, 20: 2.0})
     before = {p.name: sorted(os.listdir(p)) for p in tmp_path.iterdir()}
