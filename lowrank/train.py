@@ -351,9 +351,9 @@ def load_model(spec: str, dtype: torch.dtype, seed: int) -> nn.Module:
 
 
 def _check_causal(config, spec: str) -> None:
-    from transformers import AutoModelForCausalLM  # optional: lowrank train runs transformers models
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING  # optional: lowrank train runs transformers models
 
-    if type(config) not in AutoModelForCausalLM._model_mapping:
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"--model {spec}: {type(config).__name__} ({config.model_type}) is not a causal language "
                          f"model (transformers has no AutoModelForCausalLM for it)")
 
@@ -681,9 +681,14 @@ class _Job:
                                  f"it: " + ", ".join(f"{k} {saved['settings'].get(k)!r} -> {mine[k]!r}"
                                                      for k in diff))
             state = torch.load(os.path.join(self.resume_from.path, STATE_NAME), weights_only=True)
-        config = model_config(cfg.model)  # before any weight is read: not a causal LM, a rank no layer can take
+        # Before any weight is read: not a causal LM, a rank no layer can take, tokens it has no embedding for.
+        config = model_config(cfg.model)
         if cfg.method != "full":
             check_rank(meta_model(config), cfg.targets, cfg.rank)
+        top = max(max(ids, default=0) for ids, _ in self.train_rows + self.eval_rows)
+        if top >= config.vocab_size:
+            raise ValueError(f"the tokenizer gives token id {top}, but --model {cfg.model} has a vocabulary of "
+                             f"{config.vocab_size}; pass the model's own tokenizer (--tokenizer DIR)")
         dtype = DTYPES[cfg.dtype]
         source = self.resume_from.path if (state is not None and cfg.method == "full") else cfg.model
         model = load_model(source, dtype, cfg.seed).to(d.device)  # quantized (qlora) on the device it trains on
@@ -754,8 +759,9 @@ class _Job:
         return float(_all_sum(d, total)) / n_tok, tokens, lr
 
     # checkpoints ---------------------------------------------------------------------------------
-    def save(self, eval_loss: float | None, train_loss: float | None) -> str | None:
-        """A checkpoint of the state after self.step steps (all processes call it; rank 0 writes)."""
+    def save(self, eval_loss: float | None, train_loss: float | None, rng: dict | None = None) -> str | None:
+        """A checkpoint of the state after self.step steps (all processes call it; rank 0 writes);
+        `rng`: the RNG states to record (default: the current ones)."""
         cfg, d = self.cfg, self.d
         optim_state = self._optimizer_state()
         full_state = adapter_state = None
@@ -771,7 +777,7 @@ class _Job:
                         adapter_state[name] = whole.detach().cpu()
         path = None
         if d.main:
-            state = {"optimizer": optim_state, "scheduler": self.sched.state_dict(), "rng": rng_state(),
+            state = {"optimizer": optim_state, "scheduler": self.sched.state_dict(), "rng": rng or rng_state(),
                      "step": self.step, "sequences_seen": self.step * cfg.grad_accum * cfg.batch_size,
                      "world_size": d.world}
             info = {"format": FORMAT, "step": self.step, "eval_loss": eval_loss, "train_loss": train_loss,
@@ -831,13 +837,16 @@ class _Job:
                 dist.all_gather_object(per_rank, held)
             if log:
                 log.write(json.dumps({"nf4_resident_bytes_per_rank": per_rank, "nf4_bytes": whole}) + "\n")
-        self._optimizer_phase = False
+        self._optimizer_phase = self._in_step = False
         self.wrapped.train()
         try:
             with _Stop() as stop:
                 while self.step < self.total:
                     t0 = time.perf_counter()
+                    self._step_start_rng = rng_state()  # what a checkpoint of a step cut short records
+                    self._in_step = True
                     loss, tokens, lr = self.train_step()
+                    self._in_step = False
                     seconds += time.perf_counter() - t0
                     tokens_done += tokens
                     bar.update(1)
@@ -880,7 +889,7 @@ class _Job:
                 log.close()
         if interrupted and last_saved != self.step:
             self.opt.zero_grad(set_to_none=True)  # a step cut short leaves gradients behind
-            self.save(None, loss)
+            self.save(None, loss, rng=self._step_start_rng if self._in_step else None)
             if d.main:
                 print(f"lowrank train: interrupted; checkpoint at step {self.step} in "
                       f"{os.path.join(cfg.out, f'checkpoint-{self.step}')} (--resume continues)", file=sys.stderr)

@@ -200,25 +200,39 @@ def test_a_crash_while_saving_leaves_the_earlier_checkpoints(tmp_path):
 
 
 class _Interrupt:
-    def __init__(self, at):
-        self.at = at
+    """on_step hook: a KeyboardInterrupt after optimizer step `at`, or (mid_step) inside the next
+    step, in the forward of its second micro-batch (after the first one's backward and dropout)."""
+
+    def __init__(self, at, mid_step=False):
+        self.at, self.mid_step, self.armed, self.handle = at, mid_step, 0, None
 
     def __call__(self, step):
-        if step == self.at:
+        if step == self.at and not self.mid_step:
             raise KeyboardInterrupt
+        if step == self.at:
+            self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._forward)
+
+    def _forward(self, module, args):
+        if type(module).__name__ == "LlamaForCausalLM" and module.training:
+            self.armed += 1
+            if self.armed == 2:
+                self.handle.remove()
+                raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("lora", dict(dropout=0.1, grad_accum=2)),
-    ("qlora", dict()),
-    ("full", dict(lr=1e-3)),
-], ids=["lora-dropout-accum", "qlora", "full-gradient-checkpointing"])
-def test_resume_is_bit_for_bit(files, tmp_path, method, extra):
+@pytest.mark.parametrize("method, extra, mid_step", [
+    ("lora", dict(dropout=0.1, grad_accum=2), False),
+    ("lora", dict(dropout=0.1, grad_accum=2), True),
+    ("qlora", dict(), False),
+    ("full", dict(lr=1e-3), False),
+], ids=["lora-dropout-accum", "lora-cut-mid-step", "qlora", "full-gradient-checkpointing"])
+def test_resume_is_bit_for_bit(files, tmp_path, method, extra, mid_step):
     """2N steps in one run == N steps, Ctrl-C (a KeyboardInterrupt after step N, which is not a
-    save step), then --resume for the other N: the same weights bit for bit, and the same eval loss."""
+    save step, or inside step N+1 after some of its dropout and gradients), then --resume for the
+    rest: the same weights bit for bit, and the same eval loss."""
     kw = dict(method=method, steps=8, warmup=2, save_every=3, eval_every=2, **extra)
     straight = T.train(cfg(files, tmp_path / "straight", **kw))
-    first = T.train(cfg(files, tmp_path / "resumed", **kw), on_step=_Interrupt(5))
+    first = T.train(cfg(files, tmp_path / "resumed", **kw), on_step=_Interrupt(5, mid_step))
     assert first.interrupted and first.steps == 5
     assert os.path.isdir(tmp_path / "resumed" / "checkpoint-5")
     second = T.train(cfg(files, tmp_path / "resumed", resume=True, **kw))
