@@ -314,6 +314,9 @@ def test_user_errors_are_one_line_without_traceback(files, tmp_path, capsys):
     t5.mkdir()
     (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32, "num_layers": 1,
                                                 "num_heads": 2, "d_kv": 8, "d_ff": 32, "vocab_size": 50}))
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 100}))
     common = ["--out", str(tmp_path / "o"), "--steps", "1", "--no-progress"]
     cases = [
         (["--model", str(files / "model"), "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
@@ -323,6 +326,9 @@ def test_user_errors_are_one_line_without_traceback(files, tmp_path, capsys):
          "--rank 40 is larger than layer model.layers.0.self_attn.q_proj (32 -> 32)"),
         (["--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--batch-size", "3", "--resume"],
          "--resume: no checkpoint"),
+        (["--model", str(small), "--data", str(files / "data.jsonl")], "has a vocabulary of 100"),  # bytes up to 258
+        (["--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--steps", "2", "--epochs", "1"],
+         "--steps or --epochs"),
     ]
     for args, needle in cases:
         assert cli.main(["train", *args, *common]) == 2
