@@ -191,9 +191,19 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, unless the help already says it or there is none (None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a local model (or a preset) on a JSONL / text file: full, LoRA, QLoRA",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_DefaultsFormatter,
                        description="Fine-tune with full fine-tuning, LoRA or QLoRA; checkpoints under "
                                    "OUT/checkpoint-<step>/ (peft adapter, or the whole model for full). Runs "
                                    "unchanged under torchrun --nproc-per-node K (DDP, or --fsdp for FSDP2).")
@@ -208,12 +218,11 @@ def _add_train(sub) -> None:
     p.add_argument("--targets", type=_targets, default="all-linear",
                    help="all-linear, or comma-separated module names (q_proj,v_proj)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in train_job.DEFAULT_LR.items())
-                        + ")")
+    lrs = ", ".join(f"{k} {v:g}" for k, v in train_job.DEFAULT_LR.items())
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {lrs})")
     p.add_argument("--warmup", type=_nonneg_int, default=0, help="linear warm-up steps, then cosine decay to 0")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: from --epochs)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs over the training split (default 1)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs over the training split (default: 1)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
                    help="global micro-batch, in sequences, split over the processes")
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")

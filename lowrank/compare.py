@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,13 +34,12 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from .adapter_files import save_adapter
 from .patch import patch_linear, trainable_parameters
 from .plan import Setup, arch_of, count, flops_per_token, memory
 from .tensor_memory import TensorMemory
-from .train import encode, read_records
+from .train import encode, progress_bar, read_records
 
 METHODS = ("full", "lora", "qlora")
 
@@ -150,11 +148,6 @@ def evaluate(model: nn.Module, batches: list) -> tuple[float, float]:
     return total / n, right / n
 
 
-def _bar(**kw):
-    """A tqdm bar; redrawn every 10 s instead of 10 times a second when stderr is not a terminal."""
-    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 10.0, **kw)
-
-
 def _train_step(model, opt, ids, labels) -> float:
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
@@ -213,7 +206,7 @@ def pretrained_builtin(steps: int = 400, batch: int = 32, lr: float = 3e-3, seed
                                               (1 + math.cos(math.pi * min(i, steps) / steps)))
     g = torch.Generator().manual_seed(seed + 1)
     model.train()
-    bar = _bar(iterable=range(steps), desc="pretraining the built-in model on its general corpus (cached after "
+    bar = progress_bar(iterable=range(steps), desc="pretraining the built-in model on its general corpus (cached after "
                "this run)", disable=not progress, leave=False)
     for _ in bar:
         loss = _train_step(model, opt, *general_batch(batch, g))
@@ -377,7 +370,7 @@ def run_method(method: str, work: Workload, *, rank: int, batch: int, budget_flo
                                            foreach=device == "cuda"), False).peak
     resettable = _rss_peak_reset()
     done, t_train, curve, next_eval = 2, 0.0, {}, 1
-    bar = _bar(total=steps, desc=f"{method:>5}", disable=not progress, leave=True, unit="step")
+    bar = progress_bar(total=steps, desc=f"{method:>5}", disable=not progress, leave=True, unit="step")
     bar.update(2)
     while (done < steps) if steps is not None else (t_train < budget_seconds):
         b = _to(work.batches(batch, g), device)

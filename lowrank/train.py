@@ -72,6 +72,11 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FORMAT = 1
 
 
+def progress_bar(**kw):
+    """A tqdm bar; redrawn every 10 s instead of 10 times a second when stderr is not a terminal."""
+    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 10.0, **kw)
+
+
 # -- data ----------------------------------------------------------------------------------------
 
 def read_records(path: str, what: str) -> list[dict]:
@@ -666,8 +671,9 @@ class _Job:
         cfg, d = self.cfg, self.d
         self.resume_from = self.manager.latest() if cfg.resume else None
         if not cfg.resume and self.manager.latest() is not None:
-            raise ValueError(f"--out {cfg.out} already holds checkpoints ({os.path.basename(self.manager.latest().path)}): "
-                             f"pass --resume to continue that run, or choose another --out")
+            held = os.path.basename(self.manager.latest().path)
+            raise ValueError(f"--out {cfg.out} already holds checkpoints ({held}): pass --resume to continue that run, "
+                             f"or choose another --out")
         if cfg.resume and self.resume_from is None:
             raise ValueError(f"--resume: no checkpoint in {cfg.out} (checkpoint-<step>/ with {TRAINER_STATE_NAME})")
         state = None
@@ -677,8 +683,8 @@ class _Job:
             mine = self.shared_settings()
             diff = [k for k in mine if saved.get("settings", {}).get(k) != mine[k]]
             if diff:
-                raise ValueError(f"--resume from {self.resume_from.path}: these settings differ from the run that wrote "
-                                 f"it: " + ", ".join(f"{k} {saved['settings'].get(k)!r} -> {mine[k]!r}"
+                raise ValueError(f"--resume from {self.resume_from.path}: these settings differ from the run that "
+                                 f"wrote it: " + ", ".join(f"{k} {saved['settings'].get(k)!r} -> {mine[k]!r}"
                                                      for k in diff))
             state = torch.load(os.path.join(self.resume_from.path, STATE_NAME), weights_only=True)
         # Before any weight is read: not a causal LM, a rank no layer can take, tokens it has no embedding for.
@@ -823,9 +829,8 @@ class _Job:
         cfg, d = self.cfg, self.d
         if d.main:
             self.manager.clean_stale()
-        bar = tqdm(total=self.total, initial=self.step, desc=f"lowrank train ({cfg.method})", unit="step",
-                   disable=not (cfg.progress and d.main), dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        bar = progress_bar(total=self.total, initial=self.step, desc=f"lowrank train ({cfg.method})", unit="step",
+                           disable=not (cfg.progress and d.main), dynamic_ncols=True)
         log = open(os.path.join(cfg.out, "log.jsonl"), "a", encoding="utf-8") if d.main else None
         loss, tokens_done, seconds, interrupted = None, 0, 0.0, False
         last_saved = self.resume_from.step if self.resume_from is not None else None
@@ -850,7 +855,8 @@ class _Job:
                     seconds += time.perf_counter() - t0
                     tokens_done += tokens
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_done / max(seconds, 1e-9):,.0f}")
+                    rate = tokens_done / max(seconds, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
                     if log:
                         log.write(json.dumps({"step": self.step, "loss": loss, "lr": lr}) + "\n")
                     done = self.step == self.total
@@ -952,7 +958,8 @@ def nf4_resident_bytes(model: nn.Module) -> tuple[int, int]:
     for module in model.modules():
         if not isinstance(module, NF4Linear):
             continue
-        tensors = [getattr(module, f"nf4_{n}", None) for n in NF4_EXPOSED] + [getattr(module.nf4, n) for n in NF4_EXPOSED]
+        tensors = [getattr(module, f"nf4_{n}", None) for n in NF4_EXPOSED]
+        tensors += [getattr(module.nf4, n) for n in NF4_EXPOSED]
         for t in tensors:
             if t is None:
                 continue
