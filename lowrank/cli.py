@@ -226,7 +226,7 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8,
                    help="global micro-batch, in sequences, split over the processes")
     p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--eval-every", type=_nonneg_int, default=100, help="eval loss every N steps (0: never)")
+    p.add_argument("--eval-every", type=_nonneg_int, default=100, help="eval loss every N steps (0: only at checkpoints, to rank them for --keep-best)")
     p.add_argument("--save-every", type=_nonneg_int, default=500,
                    help="checkpoint every N steps (0: only at the end and on Ctrl-C)")
     p.add_argument("--keep-best", type=_nonneg_int, default=1, help="keep the K checkpoints with the lowest eval loss")

@@ -355,10 +355,13 @@ def torchrun(files, out, *args):
     assert proc.returncode == 0, err[-3000:]
 
 
-@pytest.mark.parametrize("method, fsdp, dtype", [("lora", False, "fp32"), ("lora", True, "fp32"),
-                                                 ("qlora", True, "fp32"), ("qlora", True, "bf16"),
-                                                 ("full", True, "fp32")],
-                         ids=["lora-ddp", "lora-fsdp2", "qlora-fsdp2", "qlora-bf16-fsdp2", "full-fsdp2"])
+@pytest.mark.parametrize("method, fsdp, dtype", [
+    pytest.param("lora", False, "fp32", id="lora-ddp"),
+    pytest.param("lora", True, "fp32", id="lora-fsdp2", marks=pytest.mark.slow),
+    pytest.param("qlora", True, "fp32", id="qlora-fsdp2"),
+    pytest.param("qlora", True, "bf16", id="qlora-bf16-fsdp2", marks=pytest.mark.slow),
+    pytest.param("full", True, "fp32", id="full-fsdp2", marks=pytest.mark.slow),
+])
 def test_two_processes_equal_one(files, tmp_path, method, fsdp, dtype):
     """torchrun --nproc-per-node 2 (gloo on the CPU), each process half of every micro-batch: the
     adapter after a few steps equals one process's on the same global batches. QLoRA under FSDP2:
