@@ -420,3 +420,31 @@ def test_fsdp2_qlora_resumes_bit_for_bit(files, tmp_path):
     shutil.rmtree(tmp_path / "checkpoint-4")
     torchrun(files, tmp_path, *args, "--resume")
     assert_bit_equal(first, weights(str(tmp_path / "checkpoint-4")))
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_writes_a_checkpoint(files, tmp_path):
+    """Ctrl-C in a terminal signals torchrun and both workers (SIGINT), then torchrun sends the
+    workers SIGTERM: they agree on a step, rank 0 writes its checkpoint, and all exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "lowrank.cli", "train", "--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--out",
+           str(tmp_path), "--rank", "4", "--steps", "100000", "--batch-size", "4", "--eval-every", "0",
+           "--save-every", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    log = tmp_path / "log.jsonl"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # the whole foreground group, as a terminal's Ctrl-C
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "interrupted; checkpoint at step" in err, err[-3000:]
+    (ckpt,) = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")]
+    steps_logged = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"step"' in line]
+    assert json.loads((ckpt / T.TRAINER_STATE_NAME).read_text())["step"] == steps_logged[-1] >= 3
+    assert weights(str(ckpt))
