@@ -5,6 +5,9 @@
                                            time, and a recommendation (`lowrank plan -h`)
     lowrank compare [--methods full,lora,qlora] [--budget flops|time] [--model DIR --data FILE]
                                            the methods trained on one budget and measured (`make demo`)
+    lowrank train --model DIR|PRESET --data FILE [--method full|lora|qlora] [--steps N] --out DIR ...
+                                           fine-tune: progress bar, eval, checkpoints kept by eval
+                                           loss, Ctrl-C and --resume, torchrun (DDP / --fsdp)
     lowrank demo [--steps 60] [--rank 8] [--out DIR]
                                            train a small Llama (from a config, random init) with LoRA
                                            on a built-in synthetic task and show the loss going down,
@@ -36,6 +39,7 @@ from . import compare as compare_job
 from . import inspect_adapter as inspect_job
 from . import merge_files as merge_files_job
 from . import plan as plan_job
+from . import train as train_job
 from .adapter_files import save_adapter
 from .backend import backend_for
 from .merge import merge_and_unload
@@ -118,11 +122,21 @@ def info() -> None:
     print(f"device {dev}: backend {backend_for(torch.empty(0, device=dev))}")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, unless the help already says it or there is none (None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments: one line on stderr and exit status 2, no usage dump; --help shows defaults."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -232,6 +246,89 @@ def run_merge(args) -> None:
     print(f"merged {stats.layers} layer(s) into {stats.shards} shard(s): {stats.out} (largest set of tensors held at "
           f"once {stats.largest_held_bytes / mib:.1f} MiB; largest base shard {stats.largest_shard_bytes / mib:.1f} "
           f"MiB, model {stats.total_bytes / mib:.1f} MiB)")
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a local model (or a preset) on a JSONL / text file: full, LoRA, QLoRA",
+                       description="Fine-tune with full fine-tuning, LoRA or QLoRA; checkpoints under "
+                                   "OUT/checkpoint-<step>/ (peft adapter, or the whole model for full). Runs "
+                                   "unchanged under torchrun --nproc-per-node K (DDP, or --fsdp for FSDP2).")
+    p.add_argument("--model", required=True,
+                   help="a local transformers model directory, or a preset / config.json (random weights)")
+    p.add_argument("--data", required=True,
+                   help="JSONL of {text} or {prompt, completion} (loss on the completion only), or a .txt file")
+    p.add_argument("--out", required=True, help="the output directory (checkpoints, log.jsonl)")
+    p.add_argument("--method", default="lora", choices=train_job.METHODS, help="what is trained")
+    p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
+    p.add_argument("--targets", type=_targets, default="all-linear",
+                   help="all-linear, or comma-separated module names (q_proj,v_proj)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    lrs = ", ".join(f"{k} {v:g}" for k, v in train_job.DEFAULT_LR.items())
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {lrs})")
+    p.add_argument("--warmup", type=_nonneg_int, default=0, help="linear warm-up steps, then cosine decay to 0")
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: from --epochs)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs over the training split (default: 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="global micro-batch, in sequences, split over the processes")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--eval-every", type=_nonneg_int, default=100, help="eval loss every N steps (0: only at checkpoints, to rank them for --keep-best)")
+    p.add_argument("--save-every", type=_nonneg_int, default=500,
+                   help="checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    p.add_argument("--keep-best", type=_nonneg_int, default=1, help="keep the K checkpoints with the lowest eval loss")
+    p.add_argument("--keep-last", type=_positive_int, default=1, help="and the N latest checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="data order, eval split, initial weights, dropout")
+    p.add_argument("--dtype", default="fp32", choices=tuple(train_job.DTYPES),
+                   help="the model's weights (qlora: the compute dtype; LoRA factors take the base layer's)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (default: on for full, off for lora / qlora)")
+    p.add_argument("--max-length", type=_positive_int, default=512, help="tokens per sequence (longer are cut)")
+    p.add_argument("--packing", action="store_true", help="pack the training records into --max-length blocks")
+    p.add_argument("--eval-data", default=None, help="held-out records (default: --eval-split of --data)")
+    p.add_argument("--eval-split", type=float, default=0.05, help="fraction of --data held out for eval")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer directory (default: --model's; a preset gets a byte tokenizer)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    p.add_argument("--modules-to-save", type=_names, default=None,
+                   help="comma-separated modules trained whole beside the adapter (peft's modules_to_save, e.g. "
+                        "lm_head), saved in its checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args) -> int:
+    cfg = train_job.TrainConfig(
+        model=args.model, data=args.data, out=args.out, method=args.method, rank=args.rank, alpha=args.alpha,
+        targets=args.targets, dropout=args.dropout, lr=args.lr, warmup=args.warmup, steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
+        save_every=args.save_every, keep_best=args.keep_best, keep_last=args.keep_last, resume=args.resume,
+        seed=args.seed, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+        max_length=args.max_length, packing=args.packing, eval_data=args.eval_data, eval_split=args.eval_split,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, tokenizer=args.tokenizer, fsdp=args.fsdp,
+        progress=not args.no_progress, modules_to_save=args.modules_to_save)
+    result = train_job.train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ev = "n/a" if result.eval_loss is None else f"{result.eval_loss:.4f}"
+        print(f"{'stopped' if result.interrupted else 'done'} at step {result.steps}/{result.total_steps}; eval loss "
+              f"{ev}; last checkpoint {result.last_checkpoint}; best {result.best_checkpoint}")
+    return 130 if result.interrupted else 0
+
+
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+    return names
 
 
 def _lrs(text):
@@ -307,6 +404,7 @@ def main(argv=None) -> int:
     _add_compare(sub)
     _add_inspect(sub)
     _add_merge(sub)
+    _add_train(sub)
     p = sub.add_parser("demo", help="train a small Llama with LoRA on a synthetic task")
     p.add_argument("--steps", type=_positive_int, default=60)
     p.add_argument("--rank", type=_positive_int, default=8)
@@ -330,6 +428,8 @@ def main(argv=None) -> int:
             run_merge(args)
         elif args.cmd == "inspect":
             run_inspect(args)
+        elif args.cmd == "train":
+            return run_train(args)
         elif args.cmd == "demo":
             demo(args.steps, args.rank, args.seed, args.lr, out_dir=args.out)
         elif args.cmd == "info":
@@ -340,6 +440,11 @@ def main(argv=None) -> int:
         message = " ".join(str(e).split("\n"))  # one line: a multi-line problem list joined
         print(f"lowrank {args.cmd}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lowrank {args.cmd}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

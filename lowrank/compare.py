@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from .adapter_files import save_adapter
 from .patch import patch_linear, trainable_parameters
 from .plan import Setup, arch_of, count, flops_per_token, memory
 from .tensor_memory import TensorMemory
+from .train import encode, progress_bar, read_records
 
 METHODS = ("full", "lora", "qlora")
 
@@ -149,11 +148,6 @@ def evaluate(model: nn.Module, batches: list) -> tuple[float, float]:
     return total / n, right / n
 
 
-def _bar(**kw):
-    """A tqdm bar; redrawn every 10 s instead of 10 times a second when stderr is not a terminal."""
-    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 10.0, **kw)
-
-
 def _train_step(model, opt, ids, labels) -> float:
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
@@ -212,7 +206,7 @@ def pretrained_builtin(steps: int = 400, batch: int = 32, lr: float = 3e-3, seed
                                               (1 + math.cos(math.pi * min(i, steps) / steps)))
     g = torch.Generator().manual_seed(seed + 1)
     model.train()
-    bar = _bar(iterable=range(steps), desc="pretraining the built-in model on its general corpus (cached after "
+    bar = progress_bar(iterable=range(steps), desc="pretraining the built-in model on its general corpus (cached after "
                "this run)", disable=not progress, leave=False)
     for _ in bar:
         loss = _train_step(model, opt, *general_batch(batch, g))
@@ -260,51 +254,6 @@ def builtin_workload(pretrain_steps: int = 400, seed: int = 0, progress: bool = 
                     start={k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
-def _read_records(path: str, what: str) -> list[dict]:
-    """JSONL records ({"text"} or {"prompt", "completion"}), or plain text lines for a .txt file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{what} {path}: no such file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.endswith(".txt"):
-                out.append({"text": line})
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{what} {path}, line {i}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not ({"text"} <= rec.keys() or {"prompt", "completion"} <= rec.keys()):
-                raise ValueError(f"{what} {path}, line {i}: each record needs a 'text' field, or 'prompt' and "
-                                 f"'completion'")
-            out.append(rec)
-    if len(out) < 2:
-        raise ValueError(f"{what} {path}: needs at least 2 records, found {len(out)}")
-    return out
-
-
-def _encode(records: list[dict], tokenizer, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and labels (-100 on prompts and padding); causal attention makes a mask needless."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(records), seq), pad, dtype=torch.long)
-    labels = torch.full((len(records), seq), -100, dtype=torch.long)
-    for i, rec in enumerate(records):
-        if "text" in rec:
-            prompt, answer = [], tokenizer(str(rec["text"]))["input_ids"]
-        else:
-            prompt = tokenizer(str(rec["prompt"]))["input_ids"]
-            answer = tokenizer(str(rec["completion"]), add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                answer = answer + [tokenizer.eos_token_id]
-        row = (prompt + answer)[:seq]
-        ids[i, : len(row)] = torch.tensor(row)
-        labels[i, len(prompt): len(row)] = torch.tensor(row[len(prompt):], dtype=torch.long)
-    return ids, labels
-
-
 def file_workload(model_dir: str, data: str, general: str | None = None, seq: int = 256, seed: int = 0,
                   eval_examples: int = 64, generations: int = 32, progress: bool = True) -> Workload:
     """A local transformers model and the user's data; the general corpus is `general` or, without
@@ -315,16 +264,16 @@ def file_workload(model_dir: str, data: str, general: str | None = None, seq: in
         raise ValueError(f"--model {model_dir}: not a local transformers model directory (no config.json)")
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    records = _read_records(data, "--data")
+    records = read_records(data, "--data")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(records), generator=g).tolist()
     n_eval = max(1, min(eval_examples, len(records) // 10))
     evals_r, train_r = [records[i] for i in order[:n_eval]], [records[i] for i in order[n_eval:]]
-    train_ids, train_labels = _encode(train_r, tokenizer, seq)
-    eval_ids, eval_labels = _encode(evals_r, tokenizer, seq)
+    train_ids, train_labels = encode(train_r, tokenizer, seq)
+    eval_ids, eval_labels = encode(evals_r, tokenizer, seq)
     if general is not None:
-        gen = _read_records(general, "--general")[:eval_examples]
-        gen_ids, gen_labels = _encode([{"text": r.get("text", f"{r.get('prompt', '')}{r.get('completion', '')}")}
+        gen = read_records(general, "--general")[:eval_examples]
+        gen_ids, gen_labels = encode([{"text": r.get("text", f"{r.get('prompt', '')}{r.get('completion', '')}")}
                                        for r in gen], tokenizer, seq)
         general_desc = f"general corpus {general}"
     else:
@@ -421,7 +370,7 @@ def run_method(method: str, work: Workload, *, rank: int, batch: int, budget_flo
                                            foreach=device == "cuda"), False).peak
     resettable = _rss_peak_reset()
     done, t_train, curve, next_eval = 2, 0.0, {}, 1
-    bar = _bar(total=steps, desc=f"{method:>5}", disable=not progress, leave=True, unit="step")
+    bar = progress_bar(total=steps, desc=f"{method:>5}", disable=not progress, leave=True, unit="step")
     bar.update(2)
     while (done < steps) if steps is not None else (t_train < budget_seconds):
         b = _to(work.batches(batch, g), device)

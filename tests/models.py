@@ -2,6 +2,8 @@
 downloads), and what tests do with them (inputs, logits, non-zero adapters, snapshots)."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 import lowrank
@@ -114,3 +116,35 @@ def assert_same_snapshot(a: dict, b: dict) -> None:
     for n, t in a["buffers"].items():
         assert torch.equal(t, b["buffers"][n]), f"buffer {n} changed"
     assert a["attrs"] == b["attrs"]
+
+
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "rug", "red", "blue", "big", "small", "a", "saw", "and"]
+
+
+def save_tiny_causal_lm(path, seed: int = 0, hidden: int = 32, intermediate: int = 64, layers: int = 2) -> None:
+    """A random Llama and a word-level tokenizer over WORDS saved as a local transformers model
+    directory (config, safetensors, tokenizer files), offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab),
+                         max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def write_prompt_completion_jsonl(path, n: int = 40, seed: int = 0) -> None:
+    """n {prompt, completion} records over WORDS with a learnable rule (the completion repeats a
+    prompt word)."""
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = (WORDS[i] for i in torch.randint(0, len(WORDS), (2,), generator=g).tolist())
+            f.write(json.dumps({"prompt": f"the {a} saw", "completion": f" a {b} and the {a}"}) + "\n")

@@ -9,7 +9,7 @@ and no module plays `__getattr__` tricks. An AST check, so that the structure st
 | 2 ops | lowrank/ops/*.py |
 | 3 modules | nf4_linear, lora_linear, modules_to_save, trainable_tokens |
 | 4 model | patch, qlora, merge, adapters, adapter_files |
-| 5 jobs | plan, compare, inspect_adapter, merge_files |
+| 5 jobs | plan, compare, inspect_adapter, merge_files, train |
 | 6 entry | lowrank/__init__.py, cli |
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ LEVELS = {
     "lowrank.patch": 4, "lowrank.qlora": 4, "lowrank.merge": 4, "lowrank.adapters": 4,
     "lowrank.adapter_files": 4, "lowrank.summary": 4, "lowrank.hf": 4,
     "lowrank.plan": 5, "lowrank.compare": 5, "lowrank.inspect_adapter": 5, "lowrank.merge_files": 5,
+    "lowrank.train": 5,
     "lowrank": 6, "lowrank.cli": 6,
 }
 LEVEL_NAMES = ["base", "kernels", "ops", "modules", "model", "jobs", "entry"]
