@@ -99,13 +99,15 @@ class LoRALinear(nn.Module):
         none (None). Model-level code (`lowrank.patch_linear`) decides for the whole model."""
         self.attach_adapter(config, *self.new_factors(config), activate=activate)
 
-    def new_factors(self, config: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) for `config` on this layer, allocated and initialised; the layer is not touched
-        (the allocation is what can fail: out of memory)."""
+    def new_factors(self, config: LoRAConfig, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) for `config` on this layer, allocated and initialised, in `dtype` (default: the
+        base weight's; float32 over an NF4 base); the layer is not touched (the allocation is what
+        can fail: out of memory)."""
         if config.adapter_name in self.configs:
             raise ValueError(f"adapter {config.adapter_name!r} already exists on this layer")
         w = self.base_layer.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        if dtype is None:
+            dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         a = torch.empty(config.rank, self.in_features, device=w.device, dtype=dtype)
         b = torch.zeros(self.out_features, config.rank, device=w.device, dtype=dtype)
         if self.embedding:  # peft's embedding init: A = 0, B ~ N(0, 1) (drawn in float32)
@@ -142,14 +144,18 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         cfg = self.configs[name]
         if self.embedding:
-            return self.base_layer(x) + _embedding_delta(self, x, name)
+            out = self.base_layer(x)
+            return out + _embedding_delta(self, x, name).to(out.dtype)
         if isinstance(self.base_layer, NF4Linear):  # the fused QLoRA op
             return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
                                                 cfg.dropout if self.training else 0.0)
-        return lora_linear(
-            x, self.base_weight_nk(), self.lora_A[name], self.lora_B[name], cfg.scaling,
-            bias=self.base_layer.bias, dropout=cfg.dropout if self.training else 0.0,
-        )
+        w = self.base_weight_nk()
+        a, b = self.lora_A[name], self.lora_B[name]
+        if a.dtype != w.dtype:  # master adapters in another dtype (fp32 over a bf16 base): cast for the
+            a, b = a.to(w.dtype), b.to(w.dtype)  # fused op, differentiably (their gradients in their own dtype)
+        return lora_linear(x.to(w.dtype) if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)
+                           else x, w, a, b, cfg.scaling, bias=self.base_layer.bias,
+                           dropout=cfg.dropout if self.training else 0.0)
 
     def extra_repr(self) -> str:
         ranks = {n: c.rank for n, c in self.configs.items()}
@@ -208,7 +214,7 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if getattr(layer, "merged", False):
         raise ValueError("a merged LoRALinear cannot run mixed-adapter batches; unmerge it first")
     if layer.embedding:
-        return out + _mixed_embedding_delta(layer, x, names)
+        return out + _mixed_embedding_delta(layer, x, names).to(out.dtype)
     k, n = layer.in_features, layer.out_features
     x2 = x.reshape(-1, k)  # (M, K)
     m = x2.shape[0]

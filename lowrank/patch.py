@@ -17,6 +17,7 @@ import torch.nn as nn
 from .config import (PEFT_NAMES, LoRAConfig, TargetSpec, check_pattern, lora_kwargs, pattern_value, peft_config_dict,
                      peft_lora_kwargs)
 from .layer_types import module_references, replace_module
+from .dtypes import check_dtype
 from .layer_types import is_embedding
 from .lora_linear import LoRALinear, is_adaptable
 from .modules_to_save import ModulesToSave, check_copyable
@@ -310,7 +311,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                  compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                  double_quant: bool = True, set_active: bool = False, rank_pattern: dict | None = None,
                  alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None,
-                 trainable_token_indices: list[int] | dict[str, list[int]] | None = None) -> nn.Module:
+                 trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
+                 adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
@@ -349,6 +351,11 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     trainable_token_indices (peft's): token rows of an embedding trained for this adapter while the
     rest stays frozen (new or retrained tokens): a list of ids for the input embedding, or
     {module name: ids}; see `lowrank.TrainableTokens`. A head tied to that embedding follows it.
+
+    adapter_dtype: the dtype of the new factors (default: the base weight's; float32 over NF4).
+    float32 adapters over a bfloat16 / float16 model are the usual mixed precision (peft's
+    autocast_adapter_dtype): the optimizer updates fp32 factors, the forward casts them to the
+    base's dtype for the fused op (differentiably).
 
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
     exclude_modules, use_rslora), and config= takes a peft LoraConfig (or its dict, or a lowrank
@@ -389,6 +396,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                          f"use another adapter_name or lowrank.unpatch(model) first")
 
     check_quantize_args(quantize, compute_dtype, blocksize, double_quant)
+    if adapter_dtype is not None:
+        check_dtype(adapter_dtype, "patch_linear", "adapter_dtype")
     chosen = quantize_targets(model, chosen, quantize, compute_dtype, blocksize, double_quant)
 
     # Build everything first; only then mutate the model. One wrapper per module, put in every
@@ -405,7 +414,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         state = {"requires_grad": [(p, p.requires_grad) for p in model.parameters()]}
     activate = set_active or not any(layer.configs for _, layer in lora_layers(model))
     # Every new factor is allocated (what can run out of memory) before any layer gets one.
-    factors = [wrapper.new_factors(cfg) for _, wrapper, _, cfg in wrappers.values()]
+    factors = [wrapper.new_factors(cfg, adapter_dtype) for _, wrapper, _, cfg in wrappers.values()]
     copies = _new_copies(saved)
     rows = [(p, module, ids, (module if isinstance(module, TrainableTokens) else TrainableTokens(module)))
             for p, module, ids in tokens]

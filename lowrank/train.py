@@ -410,7 +410,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
             p.requires_grad_(True)
     else:
         check_rank(model, cfg.targets, cfg.rank)
+        # fp32 adapters whatever the base's dtype (mixed precision: a bf16 base, fp32 master factors)
         patch_linear(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                     adapter_dtype=torch.float32,
                      modules_to_save=cfg.modules_to_save, quantize="nf4" if cfg.method == "qlora" else None,
                      compute_dtype=DTYPES[cfg.dtype] if cfg.method == "qlora" else None)
         if cfg.method == "qlora":

@@ -368,11 +368,11 @@ def test_running_out_of_memory_while_adding_an_adapter_changes_nothing(monkeypat
     snap = snapshot(model)
     real, calls = LoRALinear.new_factors, []
 
-    def flaky(self, config):
+    def flaky(self, config, *args, **kwargs):
         if len(calls) == 3:
             raise MemoryError("simulated out of memory")
         calls.append(1)
-        return real(self, config)
+        return real(self, config, *args, **kwargs)
 
     monkeypatch.setattr(LoRALinear, "new_factors", flaky)
     with pytest.raises(MemoryError):
@@ -506,3 +506,37 @@ def test_rank_and_alpha_patterns_follow_pefts_matching_rule():
     assert {m.scaling("default") for _, m in lowrank.lora_layers(model)} == {2.0}
     with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] = 0"):
         lowrank.patch_linear(tiny_llama(), rank_pattern={"q_proj": 0})
+
+
+def test_fp32_adapters_over_a_bf16_model():
+    """adapter_dtype=float32 over a bfloat16 model (mixed precision, as peft's autocast_adapter_dtype):
+    fp32 factors and gradients, outputs in bf16 and as close to a float64 reference as plain bf16
+    LoRA, merge and merge_and_unload work."""
+    from tests.helpers import assert_close
+
+    model = lowrank.patch_linear(tiny_llama(dtype=torch.bfloat16), r=4, targets=["q_proj", "embed_tokens"],
+                                 adapter_dtype=torch.float32)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        layer.lora_B["default"].normal_(0, 0.1)
+    x = torch.randn(3, 48, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    a, b, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling()
+    ref = x.double() @ layer.base_layer.weight.double().t() + s * x.double() @ a.double().t() @ b.double().t()
+    plain = x @ layer.base_layer.weight.t() + s * (x @ a.to(torch.bfloat16).t()) @ b.to(torch.bfloat16).t()
+    assert_close(y.detach(), ref, plain)
+    y.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
+    emb = model.model.embed_tokens
+    assert emb(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    lowrank.merge(model)
+    lowrank.unmerge(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    with pytest.raises(TypeError, match="adapter_dtype"):
+        lowrank.patch_linear(tiny_llama(), r=2, adapter_dtype=torch.int8)
