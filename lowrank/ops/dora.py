@@ -1,0 +1,212 @@
+"""The DoRA linear op without the dense matrix: y = m / ||W + s B A|| (.) (x W^T + s dropout(x) A^T B^T) + bias.
+
+    lowrank.ops.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, dropout=0.0)
+    lowrank.ops.dora.dora_row_norms(weight, lora_A, lora_B, scaling)    # ||W_i + s (B A)_i||, float64
+
+DoRA (weight-decomposed LoRA) rescales each output row of the LoRA layer by m_i / ||W_i + s (BA)_i||.
+Every implementation in use forms the N x K matrix W + s B A to take those norms; this one never
+forms an N x K tensor (tested with a dispatch-mode probe on every allocation): by the expansion
+
+    ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s sum_j B_ij (W A^T)_ij + s^2 sum_j (B (A A^T))_ij B_ij
+
+the norms need W A^T (N x r, one pass over W), the r x r Gram matrix A A^T, and ||W_i||^2.
+
+# Note: accuracy of the row norms
+All terms are accumulated in float64: W is read in blocks of rows (at most `_CHUNK_ELEMENTS`
+elements each) converted to float64, giving ||W_i||^2 and (W A^T)_i in the same pass (W is frozen, but
+recomputing ||W_i||^2 there costs 2 flops an element beside the 2r of W A^T, and no cache can go
+stale: an edit through `.data` changes no version counter). The float64 evaluation of the expansion
+has an error of at most about 3 (K + r + 1) 2^-53 M_i with M_i = (||W_i|| + |s| sum_j |B_ij| ||A_j||)^2,
+a bound on every term's magnitude. Where the terms cancel (the row of W + s B A much smaller than W's),
+that is large relative to the result: every row whose computed square norm is below 2^26 times
+that bound (so that its relative error could exceed 2^-26, i.e. the norm's 2^-27, under half an fp32
+ulp) is recomputed directly, W_i + s B_i A formed in float64 for those rows only (again in blocks
+of at most `_CHUNK_ELEMENTS`). With trained adapters such rows are rare; a row that is exactly
+zero in W and B (M_i = 0) is exactly zero and needs none.
+
+# Note: zero norms
+peft 0.21.2 divides m by the norm as is: a zero row (Llama-3.1-8B's o_proj has 511 of them, where
+m is initialised to ||W_i|| = 0) gives 0 / 0 = NaN at step 0. Here the scale is m_i / n_i where
+n_i > 0 and 0 where n_i = 0 (1/n taken as 0: the row outputs its bias, and neither m_i nor the
+adapter get a gradient through it -- the row's direction is undefined), computed in float64 and
+clamped to the largest finite value of the compute dtype, then rounded once. Outputs and
+gradients stay finite wherever x, W, A, B and m are.
+
+# Note: what matches peft
+The norm is detached, as in peft's default and the DoRA paper's section 4.3: it gets no gradient,
+so the gradients of x, A, B and m are peft's. Without dropout y = scale (.) (x W^T + s x A^T B^T) + bias
+(`_DoRALinear`: one GEMM over W forward, one backward, as LoRA; the pre-scale output v is saved
+for m's gradient when m needs one: an (M, N) activation). With dropout peft's own formula, which
+is not the same function: y = x W^T + bias + (scale - 1) (.) (h W^T) + scale (.) s h A^T B^T with h =
+dropout(x), a second GEMM over W, differentiated by autograd.
+
+Level 2: imports torch and level 0 (and lora_matmul, level 2, for the shared argument checks).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .lora_matmul import autocast_inputs, check_dropout, check_lora_args
+
+_CHUNK_ELEMENTS = 1 << 18  # elements of W converted to float64 at a time (2 MiB)
+_U64 = 2.0 ** -53
+_RECOMPUTE_FACTOR = 2.0 ** 26  # recompute a row whose square norm's error bound exceeds 2^-26 of it
+
+
+def _row_blocks(n: int, k: int):
+    step = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+@torch.no_grad()
+def weight_row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||W_i||^2 for each row of weight (N, K), float64 (N,), accumulated in float64 in blocks of rows."""
+    n, k = weight.shape
+    out = torch.empty(n, dtype=torch.float64, device=weight.device)
+    for i, j in _row_blocks(n, k):
+        wc = weight[i:j].to(torch.float64)
+        out[i:j] = (wc * wc).sum(1)
+    return out
+
+
+@torch.no_grad()
+def dora_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                   return_recomputed: bool = False):
+    """||W_i + scaling * (B A)_i|| for every row i, float64 (N,), without an N x K tensor (see the Note
+    on accuracy: float64 throughout; rows where the expansion's terms cancel are recomputed directly).
+
+    weight: (N, K), any strides (a Conv1D weight's transpose); lora_A: (r, K); lora_B: (N, r).
+    return_recomputed=True returns (norms, the int64 indices of the rows recomputed directly)."""
+    n, k = weight.shape
+    s = float(scaling)
+    a64 = lora_A.detach().to(torch.float64)  # (r, K)
+    b64 = lora_B.detach().to(torch.float64)  # (N, r)
+    w2 = torch.empty(n, dtype=torch.float64, device=weight.device)
+    p = torch.empty(n, a64.shape[0], dtype=torch.float64, device=weight.device)  # W A^T (N, r)
+    for i, j in _row_blocks(n, k):
+        wc = weight[i:j].detach().to(torch.float64)  # (rows, K)
+        w2[i:j] = (wc * wc).sum(1)
+        torch.mm(wc, a64.t(), out=p[i:j])
+    gram = a64 @ a64.t()  # (r, r)
+    cross = (b64 * p).sum(1)
+    quad = ((b64 @ gram) * b64).sum(1)
+    n2 = w2 + (2.0 * s) * cross + (s * s) * quad
+    # Bound on every term's magnitude, and the evaluation's error bound (Note: accuracy).
+    mag = (w2.sqrt() + abs(s) * (b64.abs() @ a64.norm(dim=1))).square()
+    bound = 3.0 * (k + a64.shape[0] + 1) * _U64 * mag
+    bad = torch.nonzero(n2 < _RECOMPUTE_FACTOR * bound).flatten()
+    norms = n2.clamp_min(0.0).sqrt()
+    if bad.numel():
+        rows_per = max(1, _CHUNK_ELEMENTS // max(k, 1))
+        for c in range(0, bad.numel(), rows_per):
+            idx = bad[c:c + rows_per]
+            rows = weight.detach()[idx].to(torch.float64)  # (rows, K)
+            rows.addmm_(b64[idx], a64, alpha=s)
+            norms[idx] = rows.norm(dim=1)
+    return (norms, bad) if return_recomputed else norms
+
+
+def dora_scale(magnitude: torch.Tensor, norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """m / n per row, detached, in `dtype` (see the Note on zero norms): float64 m / n where n > 0,
+    0 where n == 0, clamped to dtype's finite range, rounded once. Differentiable in m (the gradient
+    of m is the upstream gradient times 1 / n, 0 where n == 0)."""
+    inv = _inverse(norms)  # (N,) float64
+    big = torch.finfo(dtype).max
+    return (magnitude.to(torch.float64) * inv).clamp(-big, big).to(dtype)
+
+
+def check_magnitude(magnitude, weight, where: str) -> None:
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"{where}: magnitude must be a torch.Tensor, got {type(magnitude).__name__}")
+    if tuple(magnitude.shape) != (weight.shape[0],):
+        raise ValueError(f"{where}: magnitude must be ({weight.shape[0]},) for weight {tuple(weight.shape)}, got "
+                         f"{tuple(magnitude.shape)}")
+    if magnitude.dtype != weight.dtype or magnitude.device != weight.device:
+        raise TypeError(f"{where}: magnitude ({magnitude.dtype}, {magnitude.device}) must share the weight's dtype "
+                        f"and device ({weight.dtype}, {weight.device})")
+
+
+def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None, dropout: float = 0.0):
+    """y = (m / ||W + s B A||) (.) (x W^T + s dropout(x) A^T B^T) + bias as peft's DoRA computes it,
+    differentiable in x, lora_A, lora_B, magnitude (and bias, weight if they require grad), the
+    norm detached. With dropout > 0, peft's formula (see the module's Note: what matches peft).
+
+    x: (..., K); weight: (N, K), any strides; lora_A: (r, K); lora_B: (N, r); magnitude: (N,);
+    bias: (N,) or None; all one dtype and device. Pass dropout=0.0 in eval mode. No N x K tensor
+    is created in forward or backward."""
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, lora_A, lora_B, bias, magnitude = autocast_inputs(x, weight, lora_A, lora_B, bias, magnitude)
+        with torch.autocast(x.device.type, enabled=False):
+            return dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout)
+    check_lora_args(x, weight, lora_A, lora_B, bias, where="dora_linear")
+    check_magnitude(magnitude, weight, "dora_linear")
+    check_dropout(dropout, "dora_linear")
+    s = float(scaling)
+    if not math.isfinite(s):
+        raise ValueError(f"dora_linear: scaling must be finite, got {scaling!r}")
+    norms = dora_row_norms(weight, lora_A, lora_B, s)
+    if dropout == 0.0 and not weight.requires_grad and torch.is_grad_enabled():
+        return _DoRALinear.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
+    scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
+    if dropout == 0.0:  # grad disabled, or a weight that needs a gradient: plain ops
+        v = F.linear(x, weight) + s * F.linear(F.linear(x, lora_A), lora_B)
+        y = v * scale
+        return y if bias is None else y + bias
+    h = F.dropout(x, dropout, training=True)
+    return (F.linear(x, weight, bias) + (scale - 1) * F.linear(h, weight)
+            + scale * (s * F.linear(F.linear(h, lora_A), lora_B)))
+
+
+def _inverse(norms: torch.Tensor) -> torch.Tensor:
+    """1 / n, float64, 0 where n == 0 (the Note on zero norms)."""
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+
+class _DoRALinear(torch.autograd.Function):
+    """`dora_linear` without dropout, W frozen: y = scale (.) v + bias, v = x W^T + s (x A^T) B^T.
+    Backward with g = dy (.) scale: dT = s g B, dA = dT^T x, dB = s g^T T, dx = g W + dT A,
+    dm = (sum over rows of dy (.) v) / n (0 where n == 0), dbias = sum over rows of dy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, norms):
+        n = weight.shape[0]
+        inv = _inverse(norms)  # (N,) float64
+        big = torch.finfo(x.dtype).max
+        scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(x.dtype)  # (N,)
+        v = F.linear(x, weight)
+        if not v.is_contiguous():
+            v = v.contiguous()
+        t = F.linear(x, lora_A)  # (..., r)
+        v.view(-1, n).addmm_(t.reshape(-1, t.shape[-1]), lora_B.t(), alpha=scaling)
+        need_m = ctx.needs_input_grad[4]
+        y = v * scale if need_m else v.mul_(scale)
+        if bias is not None:
+            y.add_(bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, scale, inv.to(x.dtype) if need_m else None,
+                              v if need_m else None)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, scale, inv, v = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_m, need_bias, _, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        n, k = weight.shape
+        dy2 = dy.reshape(-1, n)
+        g = dy2 * scale  # (M, N)
+        dt = torch.mm(g, lora_B).mul_(s)  # (M, r)
+        d_a = torch.mm(dt.t(), x.reshape(-1, k)) if need_a else None
+        d_b = torch.mm(g.t(), t.reshape(-1, t.shape[-1])).mul_(s) if need_b else None
+        dx = None
+        if need_x:
+            dx = torch.mm(g, weight)
+            dx.addmm_(dt, lora_A)
+            dx = dx.view(x.shape)
+        d_m = (dy2 * v.reshape(-1, n)).sum(0).mul_(inv) if need_m else None
+        d_bias = dy2.sum(0) if need_bias else None
+        return dx, None, d_a, d_b, d_m, d_bias, None, None
