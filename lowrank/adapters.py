@@ -51,13 +51,13 @@ def _check_name(model: nn.Module, name, where: str) -> list[str]:
 def add_adapter(model: nn.Module, name: str, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                 targets: TargetSpec = "all-linear", exclude: TargetSpec = None, rslora: bool = False,
                 init: str = "kaiming", set_active: bool = False, rank_pattern: dict | None = None,
-                alpha_pattern: dict | None = None) -> nn.Module:
+                alpha_pattern: dict | None = None, dora: bool = False) -> nn.Module:
     """Add adapter `name` (same arguments as `patch_linear`). As in peft, nothing that runs changes:
     the model's active adapter stays active (the first adapter of a model becomes it), and the new
     one is frozen until `set_adapter` picks it, or set_active=True does so here. Returns model."""
     return patch_linear(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets, exclude=exclude,
                         rslora=rslora, init=init, adapter_name=name, set_active=set_active,
-                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, dora=dora)
 
 
 def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
@@ -86,6 +86,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         active = layer.active_adapter
         del layer.lora_A[name]
         del layer.lora_B[name]
+        if name in layer.lora_magnitude_vector:
+            del layer.lora_magnitude_vector[name]
         del layer.configs[name]
         # Positions in `configs` shifted: re-set the active adapter so its index buffer follows.
         layer.active_adapter = None if active == name else active

@@ -19,7 +19,7 @@ from .adapter_files import save_adapter
 from .merge import merge, unmerge
 from .patch import active_adapter, lora_layers
 
-_ADAPTER_KEYS = ("lora_A.", "lora_B.")
+_ADAPTER_KEYS = ("lora_A.", "lora_B.", "lora_magnitude_vector.")
 
 
 def merged_state_dict(model: nn.Module) -> dict:

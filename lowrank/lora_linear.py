@@ -15,6 +15,7 @@ from .backend import backend_for
 from .config import LoRAConfig
 from .layer_types import is_conv1d, is_dense_linear, linear_dims
 from .nf4_linear import NF4Linear
+from .ops.dora import dora_linear, weight_row_sq_norms
 from .ops.lora_matmul import lora_linear
 from .ops.sgmv import metadata_for, sgmv
 
@@ -30,7 +31,9 @@ class LoRALinear(nn.Module):
     The wrapped layer is kept as `base_layer` (its weight is not copied; `lowrank.unpatch` puts the
     very same module back). Adapters live in `lora_A[name]` (rank, in_features) and
     `lora_B[name]` (out_features, rank), in the base weight's dtype and device, so a GPT-2 Conv1D
-    adapter has the same shapes as an nn.Linear one (peft's `fan_in_fan_out`).
+    adapter has the same shapes as an nn.Linear one (peft's `fan_in_fan_out`). A DoRA adapter
+    (config.dora) also has `lora_magnitude_vector[name]` (out_features,), initialised to the base
+    weight's row norms ||W_i||, and runs `lowrank.ops.dora_linear` (peft's DoRA, norm detached).
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -43,6 +46,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = linear_dims(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (peft's name)
         self.configs: dict[str, LoRAConfig] = {}
         # Multi-adapter state (lowrank.adapters): the active adapter's position in `configs` as a
         # device tensor (-1: none), kept in step with `active_adapter` by its setter, and the
@@ -87,9 +91,10 @@ class LoRALinear(nn.Module):
         none (None). Model-level code (`lowrank.patch_linear`) decides for the whole model."""
         self.attach_adapter(config, *self.new_factors(config), activate=activate)
 
-    def new_factors(self, config: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) for `config` on this layer, allocated and initialised; the layer is not touched
-        (the allocation is what can fail: out of memory)."""
+    def new_factors(self, config: LoRAConfig) -> tuple[torch.Tensor, ...]:
+        """(A, B) for `config` on this layer, allocated and initialised, and for a DoRA adapter the
+        magnitude m = ||W_i|| too: (A, B, m); the layer is not touched (the allocation is what can
+        fail: out of memory)."""
         if config.adapter_name in self.configs:
             raise ValueError(f"adapter {config.adapter_name!r} already exists on this layer")
         w = self.base_layer.weight
@@ -97,19 +102,39 @@ class LoRALinear(nn.Module):
         a = torch.empty(config.rank, self.in_features, device=w.device, dtype=dtype)
         b = torch.zeros(self.out_features, config.rank, device=w.device, dtype=dtype)
         init_lora_A_(a, config)
-        return a, b
+        if not config.dora:
+            return a, b
+        if isinstance(self.base_layer, NF4Linear):
+            raise NotImplementedError("DoRA on an NF4 (QLoRA) base layer is not implemented yet")
+        m = torch.empty(self.out_features, device=w.device, dtype=dtype)
+        if w.device.type != "meta":
+            m.copy_(weight_row_sq_norms(self.base_weight_nk()).sqrt())  # ||W_i|| in float64, rounded once
+        return a, b, m
 
-    def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor,
+    def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None = None,
                        activate: bool | None = None) -> None:
-        """Register factors from `new_factors` as adapter `config.adapter_name`."""
+        """Register factors from `new_factors` as adapter `config.adapter_name` (magnitude: a DoRA
+        adapter's m, required exactly when config.dora)."""
         name = config.adapter_name
         if name in self.configs:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if (magnitude is not None) != config.dora:
+            raise ValueError(f"adapter {name!r}: a magnitude vector is needed exactly for a DoRA adapter "
+                             f"(dora={config.dora}, magnitude {'given' if magnitude is not None else 'missing'})")
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
+        if magnitude is not None:
+            self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
         self.configs[name] = config
         if activate or (activate is None and self.active_adapter is None):
             self.active_adapter = name
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name`: lora_A, lora_B (and a DoRA adapter's magnitude)."""
+        params = [self.lora_A[name], self.lora_B[name]]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
 
     def base_weight_nk(self) -> torch.Tensor:
         """The base weight as (out_features, in_features): a view for Conv1D, no copy."""
@@ -123,6 +148,10 @@ class LoRALinear(nn.Module):
         if name is None or self.merged:
             return self.base_layer(x)
         cfg = self.configs[name]
+        if name in self.lora_magnitude_vector:
+            return dora_linear(x, self.base_weight_nk(), self.lora_A[name], self.lora_B[name],
+                               self.lora_magnitude_vector[name], cfg.scaling, bias=self.base_layer.bias,
+                               dropout=cfg.dropout if self.training else 0.0)
         if isinstance(self.base_layer, NF4Linear):  # the fused QLoRA op
             return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
                                                 cfg.dropout if self.training else 0.0)
@@ -133,7 +162,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {n: c.rank for n, c in self.configs.items()}
-        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}, "
+        dora = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}{dora}, "
                 f"active={self.active_adapter!r}, fan_in_fan_out={self.fan_in_fan_out}")
 
 
@@ -156,12 +186,13 @@ def _takes_mixed_forward(layer) -> bool:
     """Whether LoRALinear.forward goes through `_mixed_forward`: inside `lowrank.adapter_ids` in the
     thread that entered it (another thread's forward of the same model runs its active adapter as
     if there were no block), or under torch.compile for an unmerged layer with two or more adapters
-    (switching among them then changes a buffer, not a guarded attribute). Under torch.compile the
+    and no DoRA adapter (switching among them then changes a buffer, not a guarded attribute). Under torch.compile the
     thread is not checked: dynamo guards on the ids attribute, not on the calling thread."""
     if layer._adapter_ids is not None and (torch.compiler.is_compiling()
                                            or layer._adapter_ids_thread == threading.get_ident()):
         return True
-    return len(layer.configs) > 1 and not getattr(layer, "merged", False) and torch.compiler.is_compiling()
+    return (len(layer.configs) > 1 and not getattr(layer, "merged", False) and not len(layer.lora_magnitude_vector)
+            and torch.compiler.is_compiling())
 
 
 def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +205,9 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
         return out
     if getattr(layer, "merged", False):
         raise ValueError("a merged LoRALinear cannot run mixed-adapter batches; unmerge it first")
+    if len(layer.lora_magnitude_vector):
+        raise NotImplementedError(f"mixed-adapter batches with DoRA adapters ({list(layer.lora_magnitude_vector)}) "
+                                  f"are not implemented yet")
     k, n = layer.in_features, layer.out_features
     x2 = x.reshape(-1, k)  # (M, K)
     m = x2.shape[0]

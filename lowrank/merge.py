@@ -107,6 +107,8 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None):
     name = name or layer.active_adapter
     if name is None or name not in layer.configs:
         raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")
+    if name in layer.lora_magnitude_vector:
+        raise NotImplementedError(f"layer {path}: merging DoRA adapter {name!r} is not implemented yet")
     _refuse_meta(path, layer, name)
     w_, a, b = _merge_operands(layer, name)
     check_merge_args(w_, a, b, layer.scaling(name), f"merge: layer {path}")

@@ -98,7 +98,7 @@ def _list_linear(found) -> str:
     return (f"the model's linear layers are named {names} ({len(found)} layers, e.g. {examples})")
 
 
-_CONFIG_ARGS = ("rank", "alpha", "dropout", "targets", "exclude", "rslora", "init")
+_CONFIG_ARGS = ("rank", "alpha", "dropout", "targets", "exclude", "rslora", "init", "dora")
 
 
 def _layer_config(config: LoRAConfig, path: str, alpha, rank_pattern, alpha_pattern) -> LoRAConfig:
@@ -159,7 +159,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                  init: str = "kaiming", adapter_name: str = "default", quantize: str | None = None,
                  compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                  double_quant: bool = True, set_active: bool = False, rank_pattern: dict | None = None,
-                 alpha_pattern: dict | None = None) -> nn.Module:
+                 alpha_pattern: dict | None = None, dora: bool = False) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
@@ -187,8 +187,12 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     (peft's rule, `lowrank.config.pattern_value`), else rank / alpha. With alpha=None a layer's
     alpha is 2 * its own rank (scaling 2 everywhere), unless alpha_pattern names it.
 
+    dora=True (peft's use_dora): a DoRA adapter, each layer's output rows scaled by
+    m / ||W + s B A|| with a trainable magnitude m initialised to W's row norms (`lowrank.ops.dora`;
+    dense nn.Linear / Conv1D bases only: NF4 bases are refused, for now).
+
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
-    exclude_modules, use_rslora), and config= takes a peft LoraConfig (or its dict, or a lowrank
+    exclude_modules, use_rslora, use_dora), and config= takes a peft LoraConfig (or its dict, or a lowrank
     LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`. A config field that asks
     for what lowrank does not do (DoRA, modules_to_save, rank_pattern, ...) is a ValueError naming it.
     """
@@ -196,8 +200,14 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
     refuse_inside_adapter_ids(model, "patch_linear")
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
-                        targets=targets, exclude=exclude, adapter_name=adapter_name)
+                        targets=targets, exclude=exclude, adapter_name=adapter_name, dora=dora)
     chosen = select_targets(model, targets, exclude)
+    if dora:
+        nf4 = [path for path, module, *_ in chosen
+               if type(getattr(module, "base_layer", module)).__name__ in ("NF4Linear", "Linear4bit")]
+        if quantize is not None or nf4:
+            raise NotImplementedError(f"patch_linear: dora=True on NF4 (QLoRA) layers is not implemented yet "
+                                      f"({f'quantize={quantize!r}' if quantize is not None else nf4[0]})")
     rank_pattern, alpha_pattern = check_pattern(rank_pattern, "rank_pattern"), check_pattern(alpha_pattern,
                                                                                               "alpha_pattern")
     layer_configs = {path: _layer_config(config, path, alpha, rank_pattern, alpha_pattern) for path, *_ in chosen}
@@ -225,13 +235,13 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     activate = set_active or not any(layer.configs for _, layer in lora_layers(model))
     # Every new factor is allocated (what can run out of memory) before any layer gets one.
     factors = [wrapper.new_factors(cfg) for _, wrapper, _, cfg in wrappers.values()]
-    for (_, wrapper, _, cfg), (a, b) in zip(wrappers.values(), factors):
-        wrapper.attach_adapter(cfg, a, b, activate=activate)
+    for (_, wrapper, _, cfg), tensors in zip(wrappers.values(), factors):
+        wrapper.attach_adapter(cfg, *tensors, activate=activate)
     for module, wrapper, new, _ in wrappers.values():
         if new:
             replace_module(refs, module, wrapper)
     lora_params = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
-                   for p in list(m.lora_A.values()) + list(m.lora_B.values())}
+                   for n in m.configs for p in m.adapter_parameters(n)}
     for p in model.parameters():
         if id(p) not in lora_params:
             p.requires_grad_(False)
@@ -239,8 +249,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         set_active_adapter(model, adapter_name, trainable=True)
     else:
         for _, wrapper, _, _ in wrappers.values():
-            wrapper.lora_A[adapter_name].requires_grad_(False)
-            wrapper.lora_B[adapter_name].requires_grad_(False)
+            for p in wrapper.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
     if fresh_state:
         object.__setattr__(model, _STATE_ATTR, state)
     return model
@@ -260,8 +270,8 @@ def set_active_adapter(model: nn.Module, name: str | None, trainable: bool) -> N
         layer.active_adapter = name if name in layer.configs else None
         if trainable:
             for n in layer.configs:
-                layer.lora_A[n].requires_grad_(n == name)
-                layer.lora_B[n].requires_grad_(n == name)
+                for p in layer.adapter_parameters(n):
+                    p.requires_grad_(n == name)
 
 
 def active_adapter(model: nn.Module) -> str | None:

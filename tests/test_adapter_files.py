@@ -187,9 +187,9 @@ def test_unsupported_config_refused(tmp_path):
     base = small_llama()
     lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
     config = json.load(open(tmp_path / CONFIG_NAME))
-    config.update(use_dora=True, modules_to_save=["lm_head"])
+    config.update(layers_to_transform=[0], modules_to_save=["lm_head"])
     json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
-    with pytest.raises(ValueError, match="modules_to_save=.*use_dora=True"):
+    with pytest.raises(ValueError, match=r"modules_to_save=.*layers_to_transform=\[0\]"):
         lowrank.load_adapter(copy.deepcopy(base), tmp_path)
 
 

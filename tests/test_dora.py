@@ -1,0 +1,188 @@
+"""DoRA at the model level: patch_linear(dora=True) / use_dora against peft 0.21.2's DoRA on the same
+weights (Llama, GPT-2 Conv1D), outputs and gradients; the adapter's state and its checks."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.lora_linear import LoRALinear
+from tests.helpers import assert_close
+from tests.models import SMALL_MODELS, ids
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def peft_dora(base, arch, r=4, alpha=8, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, use_dora=True, target_modules=TARGETS[arch],
+                              fan_in_fan_out=arch == "gpt2", **kwargs)
+        return peft.get_peft_model(copy.deepcopy(base), cfg)
+
+
+def trained_like_(pm, seed=1):
+    """Move peft's DoRA adapter off its initial point (B = 0, m = ||W||): B random, m perturbed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def copy_from_peft_(model, pm, adapter="default"):
+    """peft's A, B and m into lowrank's layers (same paths, peft's in-memory names)."""
+    sd = pm.state_dict()
+    with torch.no_grad():
+        for path, layer in lowrank.lora_layers(model):
+            key = f"base_model.model.{path}"
+            layer.lora_A[adapter].copy_(sd[f"{key}.lora_A.{adapter}.weight"])
+            layer.lora_B[adapter].copy_(sd[f"{key}.lora_B.{adapter}.weight"])
+            layer.lora_magnitude_vector[adapter].copy_(sd[f"{key}.lora_magnitude_vector.{adapter}.weight"])
+
+
+def grads_by_path(model, prefix=""):
+    """{(layer path, 'A'|'B'|'m'): grad} for lowrank's model or a peft one."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        name = name.removeprefix("base_model.model.")
+        for tag, short in ((".lora_A.", "A"), (".lora_B.", "B"), (".lora_magnitude_vector.", "m")):
+            if tag in name:
+                out[(name.split(tag)[0], short)] = p.grad
+    return out
+
+
+def loss_of(model, x):
+    return model(input_ids=x).logits.float().square().mean()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_outputs_and_gradients_equal_peft_dora(arch):
+    """Same weights in peft's DoRA (fp32 and float64) and in lowrank's: lowrank's logits and the
+    gradients of every A, B and m are within twice peft-fp32's distance of peft in float64."""
+    base = SMALL_MODELS[arch]()
+    pm = peft_dora(base, arch)
+    trained_like_(pm)
+    pm64 = copy.deepcopy(pm).double()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=8, targets=TARGETS[arch], dora=True)
+    copy_from_peft_(model, pm)
+    x = ids()
+    for m in (pm, pm64, model):
+        m.train()  # dropout is 0: train mode only enables gradients' paths as in training
+        loss_of(m, x).backward()
+    with torch.no_grad():
+        ours, theirs, ref = (m(input_ids=x).logits for m in (model, pm, pm64))
+    assert not torch.allclose(ours, base(input_ids=x).logits, atol=1e-3), "the adapter must change the output"
+    assert_close(ours, ref, theirs)
+    g_ours, g_theirs, g_ref = grads_by_path(model), grads_by_path(pm), grads_by_path(pm64)
+    assert set(g_ours) == set(g_theirs) == set(g_ref) and len(g_ours) == 3 * len(list(lowrank.lora_layers(model)))
+    for key in g_ours:
+        assert_close(g_ours[key], g_ref[key], g_theirs[key], factor=4.0, name=str(key))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_initial_magnitude_is_peft_s(arch):
+    """A new DoRA adapter: m = ||W_i|| (the base output unchanged, B = 0), as peft initialises it:
+    ours is the float64 norm rounded once, peft's an fp32 norm (within a few ulps of it)."""
+    base = SMALL_MODELS[arch]()
+    pm = peft_dora(base, arch)
+    model = lowrank.patch_linear(copy.deepcopy(base), r=4, lora_alpha=8, target_modules=TARGETS[arch],
+                                 use_dora=True)
+    sd = pm.state_dict()
+    for path, layer in lowrank.lora_layers(model):
+        m = layer.lora_magnitude_vector["default"]
+        theirs = sd[f"base_model.model.{path}.lora_magnitude_vector.default.weight"]
+        assert m.shape == (layer.out_features,) and m.requires_grad
+        assert torch.equal(m, layer.base_weight_nk().double().norm(dim=1).float())
+        torch.testing.assert_close(m, theirs, rtol=1e-6, atol=0)
+    x = ids()
+    with torch.no_grad():
+        assert_close(model(input_ids=x).logits, base.double()(input_ids=x).logits, base.float()(input_ids=x).logits)
+
+
+def test_peft_config_and_dict_give_a_dora_adapter():
+    base = SMALL_MODELS["llama"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    for config in (cfg, cfg.to_dict()):
+        model = lowrank.patch_linear(copy.deepcopy(base), config=config)
+        layers = list(lowrank.lora_layers(model))
+        assert layers and all(layer.configs["default"].dora and "default" in layer.lora_magnitude_vector
+                              for _, layer in layers)
+    with pytest.raises(TypeError, match="dora"):
+        lowrank.patch_linear(copy.deepcopy(base), dora=True, use_dora=True)
+
+
+def test_trainable_flags_follow_the_active_adapter():
+    """The magnitude is trainable with its adapter and frozen with it (set_adapter, add_adapter)."""
+    model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=2, targets=["q_proj"], dora=True)
+    lowrank.add_adapter(model, "plain", rank=2, targets=["q_proj"])
+    lowrank.add_adapter(model, "other", rank=2, targets=["q_proj"], dora=True)
+    layer = next(layer for _, layer in lowrank.lora_layers(model))
+    assert layer.lora_magnitude_vector["default"].requires_grad
+    assert not layer.lora_magnitude_vector["other"].requires_grad
+    lowrank.set_adapter(model, "other")
+    assert layer.lora_magnitude_vector["other"].requires_grad
+    assert not layer.lora_magnitude_vector["default"].requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".other" in n for n in trainable) and any("lora_magnitude_vector" in n for n in trainable)
+    lowrank.delete_adapter(model, "other")
+    assert set(layer.lora_magnitude_vector) == {"default"}
+    assert "dora=['default']" in repr(layer)
+
+
+def test_dora_on_nf4_and_mixed_batches_are_refused_cleanly():
+    base = SMALL_MODELS["llama"]()
+    before = copy.deepcopy(base.state_dict())
+    with pytest.raises(NotImplementedError, match="NF4"):
+        lowrank.patch_linear(base, rank=2, targets=["q_proj"], dora=True, quantize="nf4")
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert not list(lowrank.lora_layers(base))
+    model = lowrank.patch_linear(base, rank=2, targets=["q_proj"], dora=True)
+    lowrank.add_adapter(model, "b", rank=2, targets=["q_proj"])
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        with lowrank.adapter_ids(model, ["default", "b"]):
+            model(input_ids=ids())
+
+
+def test_lora_config_validates_dora():
+    with pytest.raises(TypeError, match="dora"):
+        lowrank.LoRAConfig(dora="yes")
+    assert lowrank.LoRAConfig(dora=True).dora
+
+
+def test_summary_counts_the_magnitude():
+    model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=2, targets=["q_proj"], dora=True)
+    s = lowrank.summary(model, print_summary=False)
+    layers = [layer for _, layer in lowrank.lora_layers(model)]
+    expect = sum(sum(p.numel() for p in layer.adapter_parameters("default")) for layer in layers)
+    assert s.adapters[0].params == expect == lowrank.trainable_parameters(model)[0]
+
+
+def test_layer_forward_runs_the_dora_op():
+    """LoRALinear over nn.Linear with dropout in train mode: peft's dropout formula (same mask)."""
+    lin = torch.nn.Linear(20, 12)
+    layer = LoRALinear(lin)
+    layer.add_adapter(lowrank.LoRAConfig(rank=3, alpha=6, dropout=0.3, dora=True))
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(4, 20)
+    torch.manual_seed(5)
+    got = layer.train()(x)
+    torch.manual_seed(5)
+    h = torch.nn.functional.dropout(x, 0.3, training=True)
+    w64, a64, b64 = lin.weight.double(), layer.lora_A["default"].double(), layer.lora_B["default"].double()
+    m64 = layer.lora_magnitude_vector["default"].double()
+    scale = m64 / (w64 + 2 * b64 @ a64).norm(dim=1)
+    ref = x.double() @ w64.t() + lin.bias.double() + (scale - 1) * (h.double() @ w64.t()) \
+        + scale * 2 * (h.double() @ a64.t() @ b64.t())
+    assert_close(got.detach(), ref)
