@@ -4,7 +4,8 @@ The on-disk format is peft's LoRA checkpoint:
 - `adapter_config.json` with the standard LoraConfig fields only (see `_config_dict`): fields
   that only recent peft versions know would make older versions' `LoraConfig(**fields)` fail.
 - `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` (r, in)
-  and `.lora_B.weight` (out, r), the adapter name stripped, metadata {"format": "pt"}.
+  and `.lora_B.weight` (out, r), the adapter name stripped, metadata {"format": "pt"}; a DoRA
+  adapter (`use_dora: true`) also `.lora_magnitude_vector` (out,), as peft 0.21.2 writes it.
   A GPT-2 Conv1D layer stores (in, out) weights, but its adapter has the same (r, in) / (out, r)
   shapes as an nn.Linear one; the config then says `fan_in_fan_out: true`.
 
@@ -51,7 +52,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?:(?P<which>lora_A|lora_B)\.weight|"
+                     r"(?P<magnitude>lora_magnitude_vector))$")
+_MAGNITUDE = "lora_magnitude_vector"
 
 
 # -- save -------------------------------------------------------------------------------------------
@@ -63,8 +66,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     loads it as a plain PeftModel); pass a peft TaskType string to choose.
     base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set.
     Layers whose rank or alpha differ from the most common ones are written in peft's rank_pattern /
-    alpha_pattern. Raises ValueError when the model has no such adapter, or when layers differ in
-    rslora or dropout (a peft file has one of each).
+    alpha_pattern. A DoRA adapter is written with `use_dora: true` and its magnitude vectors.
+    Raises ValueError when the model has no such adapter, or when layers differ in rslora, dropout
+    or DoRA (a peft file has one of each).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter expects a torch.nn.Module, got {type(model).__name__}")
@@ -72,13 +76,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not layers:
         names = sorted({n for _, m in lora_layers(model) for n in m.configs})
         raise ValueError(f"save_adapter: the model has no adapter {adapter_name!r} (adapters: {names})")
-    settings = {(m.configs[adapter_name].rslora, m.configs[adapter_name].dropout) for _, m in layers}
+    settings = {(m.configs[adapter_name].rslora, m.configs[adapter_name].dropout, m.configs[adapter_name].dora)
+                for _, m in layers}
     if len(settings) != 1:
-        raise ValueError(f"save_adapter: adapter {adapter_name!r} has different (rslora, dropout) on different "
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} has different (rslora, dropout, dora) on different "
                          f"layers {sorted(settings)}; a peft file has one setting of each")
     cfg, rank_pattern, alpha_pattern = _patterns([(p, m.configs[adapter_name]) for p, m in layers])
-    meta = [p for p, m in layers if m.lora_A[adapter_name].device.type == "meta"
-            or m.lora_B[adapter_name].device.type == "meta"]
+    meta = [p for p, m in layers if any(t.device.type == "meta" for t in m.adapter_parameters(adapter_name))]
     if meta:
         raise ValueError(f"save_adapter: adapter {adapter_name!r} of layer {meta[0]} (and {len(meta) - 1} more) is on "
                          f"the meta device (shapes without values): there is nothing to save")
@@ -87,6 +91,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         # clone: safetensors refuses tensors that share storage, and wants contiguous CPU data.
         tensors[f"{PREFIX}{p}.lora_A.weight"] = m.lora_A[adapter_name].detach().to("cpu").contiguous().clone()
         tensors[f"{PREFIX}{p}.lora_B.weight"] = m.lora_B[adapter_name].detach().to("cpu").contiguous().clone()
+        if adapter_name in m.lora_magnitude_vector:
+            tensors[f"{PREFIX}{p}.{_MAGNITUDE}"] = m.lora_magnitude_vector[adapter_name].detach().to("cpu").clone()
     if task_type == "auto":
         task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
     if base_model_name_or_path is None:
@@ -238,8 +244,10 @@ SETTINGS_KEY = "lowrank_settings"
 
 def _settings(config: dict) -> dict:
     """The config fields without which the weights would compute something else (the patterns
-    only when there are some, so that files written before them still match)."""
+    only when there are some, use_dora only when true, so that files written before them still match)."""
     out = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora")}
+    if config.get("use_dora") is True:
+        out["use_dora"] = True
     out.update({k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)})
     return out
 
@@ -274,7 +282,7 @@ def _config_dict(cfg: LoRAConfig, targets, fan_in_fan_out: bool, task_type, base
         "lora_dropout": cfg.dropout,
         "bias": "none",
         "use_rslora": cfg.rslora,
-        "use_dora": False,
+        "use_dora": cfg.dora,
         "fan_in_fan_out": fan_in_fan_out,
         "task_type": task_type,
         "base_model_name_or_path": base,
@@ -340,6 +348,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     that has adapters changes nothing that runs (the new adapter is inactive and frozen) unless
     set_active=True; the first adapter of a model becomes its active one.
 
+    A DoRA file (`use_dora: true`) needs a `lora_magnitude_vector` (out_features,) for every layer and
+    loads as a DoRA adapter; over an existing adapter, both must be DoRA or both not.
+
     is_trainable=False (peft's name; peft's default, not lowrank's) loads the adapter frozen, for
     inference: its factors get no gradient whether or not it is active. With the default True an
     adapter that becomes active is trainable, as one made by patch_linear (a frozen default would
@@ -386,37 +397,47 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:
-            problems.append(f"{key}: not a LoRA A/B weight (only base_model.model.<path>.lora_A/B.weight "
-                            f"keys are supported; DoRA, biases, embeddings and modules_to_save are not)")
+            problems.append(f"{key}: not a LoRA A/B weight or DoRA magnitude (only base_model.model.<path>."
+                            f"lora_A/B.weight and .lora_magnitude_vector keys are supported; biases, embeddings "
+                            f"and modules_to_save are not)")
             continue
-        pairs.setdefault(m["path"], {})[m["which"]] = t
+        if m["magnitude"] and not cfg.dora:
+            problems.append(f"{key}: a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
+            continue
+        pairs.setdefault(m["path"], {})[m["which"] or _MAGNITUDE] = t
     linear = {p: mod for p, mod, *_ in iter_linear(model)}
     existing = {p: mod for p, mod in lora_layers(model) if adapter_name in mod.configs}
+    wanted_keys = ("lora_A", "lora_B", _MAGNITUDE) if cfg.dora else ("lora_A", "lora_B")
     for p, ab in sorted(pairs.items()):
-        for which in ("lora_A", "lora_B"):
+        for which in wanted_keys:
             if which not in ab:
-                problems.append(f"{p}: {which}.weight missing")
+                problems.append(f"{p}: {which}{'' if which == _MAGNITUDE else '.weight'} missing"
+                                f"{' (use_dora is true)' if which == _MAGNITUDE else ''}")
         mod = linear.get(p)
         if mod is None:
             problems.append(f"{p}: no nn.Linear / Conv1D layer at this path in the model")
             continue
         k, n = (mod.in_features, mod.out_features) if isinstance(mod, LoRALinear) else linear_dims(mod)
         rank = rank_at(p)
-        expect = {"lora_A": (rank, k), "lora_B": (n, rank)}
+        expect = {"lora_A": (rank, k), "lora_B": (n, rank), _MAGNITUDE: (n,)}
         for which, t in ab.items():
+            key = f"{p}.{which}" if which == _MAGNITUDE else f"{p}.{which}.weight"
             if tuple(t.shape) != expect[which]:
-                problems.append(f"{p}.{which}.weight: shape {tuple(t.shape)}, the layer needs {expect[which]} "
+                problems.append(f"{key}: shape {tuple(t.shape)}, the layer needs {expect[which]} "
                                 f"(r={rank}{' from rank_pattern' if rank != cfg.rank else ''}, in={k}, out={n})")
             if t.dtype not in FLOAT_DTYPES:
-                problems.append(f"{p}.{which}.weight: dtype {t.dtype}, expected a floating-point dtype")
+                problems.append(f"{key}: dtype {t.dtype}, expected a floating-point dtype")
                 continue
-            problems += _value_problems(f"{p}.{which}.weight", t, _adapter_dtype(mod, existing.get(p), adapter_name))
+            problems += _value_problems(key, t, _adapter_dtype(mod, existing.get(p), adapter_name))
         if existing and p not in existing:
             problems.append(f"{p}: the model's adapter {adapter_name!r} does not cover this layer "
                             f"(it is on {len(existing)} other layers)")
         elif p in existing and existing[p].configs[adapter_name].rank != rank:
             problems.append(f"{p}: adapter {adapter_name!r} has rank {existing[p].configs[adapter_name].rank} "
                             f"in the model, {rank} in the file")
+        elif p in existing and existing[p].configs[adapter_name].dora != cfg.dora:
+            problems.append(f"{p}: adapter {adapter_name!r} is {'a DoRA' if cfg.dora else 'a plain LoRA'} adapter in "
+                            f"the file but not in the model")
     merged = sorted(p for p, mod in existing.items() if getattr(mod, "merged", None)
                     and mod.merged.adapter == adapter_name)
     if merged:  # new A / B under a merged weight: outputs would keep the old adapter, unmerge would fail
@@ -442,23 +463,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         patch_linear(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora,
                      rank_pattern={re.escape(p): rank_at(p) for p in wanted if rank_at(p) != cfg.rank},
                      alpha_pattern={re.escape(p): alpha_at(p) for p in wanted if alpha_at(p) != cfg.alpha},
-                     targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active)
+                     targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active,
+                     dora=cfg.dora)
     layers = dict(lora_layers(model))
     # The file's factors in each layer's dtype and device first (what can run out of memory), then
     # the copies, which cannot fail.
     staged = {(p, which): ab[which].to(getattr(layers[p], which)[adapter_name].dtype).to(
-        getattr(layers[p], which)[adapter_name].device) for p, ab in pairs.items() for which in ("lora_A", "lora_B")}
+        getattr(layers[p], which)[adapter_name].device) for p, ab in pairs.items() for which in wanted_keys}
     with torch.no_grad():
         for p, ab in pairs.items():
             layer = layers[p]
-            for which, store in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                store[adapter_name].copy_(staged[(p, which)])
+            for which in wanted_keys:
+                getattr(layer, which)[adapter_name].copy_(staged[(p, which)])
             old = layer.configs[adapter_name]
             layer.configs[adapter_name] = dataclasses.replace(
                 old, alpha=alpha_at(p), dropout=cfg.dropout, rslora=cfg.rslora)
             if not is_trainable:
-                layer.lora_A[adapter_name].requires_grad_(False)
-                layer.lora_B[adapter_name].requires_grad_(False)
+                for param in layer.adapter_parameters(adapter_name):
+                    param.requires_grad_(False)
     return model
 
 

@@ -1,18 +1,21 @@
 """DoRA at the model level: patch_linear(dora=True) / use_dora against peft 0.21.2's DoRA on the same
 weights (Llama, GPT-2 Conv1D), outputs and gradients; the adapter's state and its checks."""
 import copy
+import json
 import warnings
 
 import pytest
 import torch
 
 import lowrank
+from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from lowrank.lora_linear import LoRALinear
 from tests.helpers import assert_close
 from tests.models import SMALL_MODELS, ids
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
 
@@ -186,3 +189,108 @@ def test_layer_forward_runs_the_dora_op():
     ref = x.double() @ w64.t() + lin.bias.double() + (scale - 1) * (h.double() @ w64.t()) \
         + scale * 2 * (h.double() @ a64.t() @ b64.t())
     assert_close(got.detach(), ref)
+
+
+# -- files: peft's DoRA format both ways -------------------------------------------------------------
+def load_peft(base, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_file_lowrank_to_peft(tmp_path, arch):
+    """save_adapter writes use_dora: true and `<path>.lora_magnitude_vector` keys (as peft does): peft
+    loads the file to the same A, B, m and the same logits (float64 peft as the oracle)."""
+    base = SMALL_MODELS[arch]()
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4, alpha=8, targets=TARGETS[arch], dora=True)
+    trained_like_(model)
+    lowrank.save_adapter(model, tmp_path)
+    config = json.load(open(tmp_path / CONFIG_NAME))
+    assert config["use_dora"] is True and config["fan_in_fan_out"] == (arch == "gpt2")
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    expect = {f"base_model.model.{p}.{k}" for p, _ in lowrank.lora_layers(model)
+              for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
+    assert set(tensors) == expect
+    pm = load_peft(base, tmp_path)
+    sd = pm.state_dict()
+    for path, layer in lowrank.lora_layers(model):
+        key = f"base_model.model.{path}"
+        assert torch.equal(sd[f"{key}.lora_magnitude_vector.default.weight"], layer.lora_magnitude_vector["default"])
+        assert torch.equal(sd[f"{key}.lora_B.default.weight"], layer.lora_B["default"])
+    x = ids()
+    with torch.no_grad():
+        ours, theirs, ref = model(input_ids=x).logits, pm(input_ids=x).logits, copy.deepcopy(pm).double()(
+            input_ids=x).logits
+    assert not torch.allclose(ours, base(input_ids=x).logits, atol=1e-3)
+    assert_close(ours, ref, theirs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_file_peft_to_lowrank(tmp_path, arch):
+    """A DoRA adapter saved by peft 0.21.2 loads as a DoRA adapter: the same A, B, m bit for bit, the
+    same logits as peft; saved again by lowrank, the file holds the same tensors under the same keys."""
+    base = SMALL_MODELS[arch]()
+    pm = peft_dora(base, arch)
+    trained_like_(pm)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    model = lowrank.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    sd = pm.state_dict()
+    for path, layer in lowrank.lora_layers(model):
+        key = f"base_model.model.{path}"
+        assert layer.configs["default"].dora
+        assert torch.equal(layer.lora_magnitude_vector["default"], sd[f"{key}.lora_magnitude_vector.default.weight"])
+        assert torch.equal(layer.lora_A["default"], sd[f"{key}.lora_A.default.weight"])
+    x = ids()
+    with torch.no_grad():
+        ours, theirs, ref = (m(input_ids=x).logits for m in (model, pm.eval(), copy.deepcopy(pm).double()))
+    assert_close(ours, ref, theirs)
+    lowrank.save_adapter(model, tmp_path / "ours")
+    a, b = load_file(tmp_path / "peft" / WEIGHTS_NAME), load_file(tmp_path / "ours" / WEIGHTS_NAME)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _dora_file(tmp_path, base):
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4, targets=["q_proj"], dora=True)
+    lowrank.save_adapter(model, tmp_path)
+    return json.load(open(tmp_path / CONFIG_NAME)), load_file(tmp_path / WEIGHTS_NAME)
+
+
+@pytest.mark.parametrize("case", ["magnitude-missing", "magnitude-without-use_dora", "magnitude-shape",
+                                  "magnitude-nan", "dora-over-lora"])
+def test_bad_dora_files_are_refused_and_change_nothing(tmp_path, case):
+    base = SMALL_MODELS["llama"]()
+    config, tensors = _dora_file(tmp_path, base)
+    mag = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    target = copy.deepcopy(base)
+    if case == "magnitude-missing":
+        del tensors[mag]
+        words = "lora_magnitude_vector missing"
+    elif case == "magnitude-without-use_dora":
+        config["use_dora"] = False
+        words = "use_dora false"
+    elif case == "magnitude-shape":
+        tensors[mag] = tensors[mag][:-1].clone()
+        words = "lora_magnitude_vector: shape"
+    elif case == "magnitude-nan":
+        tensors[mag][0] = float("nan")
+        words = "NaN"
+    else:
+        target = lowrank.patch_linear(target, rank=4, targets=["q_proj"])
+        words = "DoRA adapter in the file but not in the model"
+    config.pop("lowrank_settings", None)
+    json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
+    save_file(tensors, tmp_path / WEIGHTS_NAME)  # without lowrank's stamp: a hand-made file
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=words):
+        lowrank.load_adapter(target, tmp_path)
+    after = target.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_refuses_mixed_dora_and_lora_layers(tmp_path):
+    """One adapter name, DoRA on some layers and plain LoRA on others: a peft file cannot say so."""
+    model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=2, targets=["q_proj"], dora=True)
+    lowrank.patch_linear(model, rank=2, targets=["v_proj"])
+    with pytest.raises(ValueError, match="dora"):
+        lowrank.save_adapter(model, tmp_path / "x")
