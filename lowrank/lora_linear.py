@@ -136,6 +136,23 @@ class LoRALinear(nn.Module):
             params.append(self.lora_magnitude_vector[name])
         return params
 
+    def weight_sq_norms(self) -> torch.Tensor:
+        """||W_i||^2 of the base weight's rows, float64 (out_features,), for DoRA's norms: computed
+        once and cached while the weight keeps its storage, version counter, shape, strides, dtype
+        and device (an in-place update, a `.data =` swap, `.to()` all recompute it). An edit through
+        `weight.data` in place bumps no counter: call `clear_weight_cache()` after one."""
+        w = self.base_layer.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
+        cached = self.__dict__.get("_weight_sq")
+        if cached is None or cached[0] != key:
+            cached = (key, weight_row_sq_norms(self.base_weight_nk()))
+            self.__dict__["_weight_sq"] = cached
+        return cached[1]
+
+    def clear_weight_cache(self) -> None:
+        """Forget the cached ||W_i||^2 (see `weight_sq_norms`)."""
+        self.__dict__.pop("_weight_sq", None)
+
     def base_weight_nk(self) -> torch.Tensor:
         """The base weight as (out_features, in_features): a view for Conv1D, no copy."""
         w = self.base_layer.weight
@@ -151,7 +168,7 @@ class LoRALinear(nn.Module):
         if name in self.lora_magnitude_vector:
             return dora_linear(x, self.base_weight_nk(), self.lora_A[name], self.lora_B[name],
                                self.lora_magnitude_vector[name], cfg.scaling, bias=self.base_layer.bias,
-                               dropout=cfg.dropout if self.training else 0.0)
+                               dropout=cfg.dropout if self.training else 0.0, weight_sq=self.weight_sq_norms())
         if isinstance(self.base_layer, NF4Linear):  # the fused QLoRA op
             return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
                                                 cfg.dropout if self.training else 0.0)

@@ -294,3 +294,30 @@ def test_save_refuses_mixed_dora_and_lora_layers(tmp_path):
     lowrank.patch_linear(model, rank=2, targets=["v_proj"])
     with pytest.raises(ValueError, match="dora"):
         lowrank.save_adapter(model, tmp_path / "x")
+
+
+def test_cached_weight_norms_follow_the_weight():
+    """||W_i||^2 is cached per layer; an in-place update (version counter), a `.data =` swap and
+    clear_weight_cache() after an edit through `.data` each give the new weight's norms."""
+    lin = torch.nn.Linear(16, 8)
+    layer = LoRALinear(lin)
+    layer.add_adapter(lowrank.LoRAConfig(rank=2, dora=True))
+    x = torch.randn(3, 16)
+
+    def expect():
+        return lin.weight.double().square().sum(1)
+
+    first = layer.weight_sq_norms()
+    assert torch.equal(first, expect()) and layer.weight_sq_norms() is first  # cached
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+    assert torch.equal(layer.weight_sq_norms(), expect())
+    lin.weight.data = torch.randn(8, 16)
+    assert torch.equal(layer.weight_sq_norms(), expect())
+    lin.weight.data.add_(1.0)  # no version counter sees this one
+    layer.clear_weight_cache()
+    assert torch.equal(layer.weight_sq_norms(), expect())
+    m = layer.lora_magnitude_vector["default"]
+    ref = (m.double() / lin.weight.double().norm(dim=1))[None] * (x.double() @ lin.weight.double().t()) \
+        + lin.bias.double()
+    assert_close(layer(x).detach(), ref)

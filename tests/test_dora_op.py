@@ -58,6 +58,8 @@ def check(out, ref64, baseline, factor=2.0, name="output"):
         tol = 1e-9 * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
         assert (out - ref64).abs().max().item() <= tol if out.numel() else True, name
         return
+    if baseline is not None:  # peft's own formula NaNs where a 16-bit norm rounds to 0: no baseline there
+        baseline = torch.where(torch.isfinite(baseline), baseline, ref64.to(baseline.dtype))
     assert_close(out, ref64, baseline, factor, name)
 
 
@@ -88,8 +90,28 @@ def test_row_norms_match_the_dense_float64_norms(p):
     ref_err = 4 * (p["k"] + p["r"]) * 2.0 ** -53 * mag
     err = (got - ref).abs()
     assert (err <= 2.0 ** -27 * ref + ref_err).all(), err.max()  # the stated guarantee
-    tight = ref > 1e-3 * mag  # no cancellation: as good as float64 gets
-    assert (err[tight] <= 1e-12 * ref[tight]).all(), err[tight].max()
+    # Elsewhere float64's own error, amplified by any cancellation (M_i / n_i^2).
+    tight = ref > 0
+    bound = (p["k"] + p["r"] + 1) * 2.0 ** -50 * mag[tight].square() / ref[tight]
+    assert (err[tight] <= bound).all(), (err[tight] / bound).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("delta", [0.01, 0.1, 1.0])
+def test_row_norms_on_a_layer_sized_problem(dtype, delta):
+    """A 1024 x 1024 layer, r = 16, s B A of `delta` times W's rms: every norm within 1e-12 of the
+    dense float64 one, and no row needs the direct recompute."""
+    g = torch.Generator().manual_seed(7)
+    n = k = 1024
+    r = 16
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    a = (torch.randn(r, k, generator=g) / k ** 0.5).to(dtype)
+    b = (delta / (2.0 * r ** 0.5) * torch.randn(n, r, generator=g)).to(dtype)  # rms(2 B A) ~ delta rms(W)
+    got, recomputed = dora_row_norms(w, a, b, 2.0, return_recomputed=True)
+    ref = dense_norms_f64(w, a, b, 2.0)
+    rel = ((got - ref).abs() / ref).max().item()
+    assert rel < 1e-12, rel
+    assert recomputed.numel() == 0, recomputed.numel()
 
 
 @given(problems())
@@ -120,9 +142,32 @@ def test_gradients_match_float64(p, dropout):
     ref.backward(dy.double())
     low = [t.detach().clone().requires_grad_() for t in (x, a, b, m)]
     dora_same_dtype(low[0], w, low[1], low[2], low[3], s, bias, mask).backward(dy)
-    for name, got, leaf, base in zip(("dX", "dA", "dB", "dm"), (x, a, b, m), leaves, low):
+    sizes = abs_grads(x, w, a, b, m, s, mask, dy)
+    for name, got, leaf, base, size in zip(("dX", "dA", "dB", "dm"), (x, a, b, m), leaves, low, sizes):
         assert torch.isfinite(got.grad).all(), name
-        check(got.grad, leaf.grad, base.grad, factor=4.0, name=name)
+        if p["dtype"] == torch.float64:
+            check(got.grad, leaf.grad, base.grad, name=name)
+            continue
+        # Tolerance: 4x the error of peft's formula in the same dtype, plus 16 u times the size of the
+        # terms each gradient element sums (where W_i + s (BA)_i nearly cancels, every low-precision
+        # evaluation, peft's too, is off by about that), plus the usual floor.
+        err = (got.grad.double() - leaf.grad).abs()
+        base_err = (base.grad.double() - leaf.grad).abs().nan_to_num(0.0, posinf=0.0).max()
+        floor = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[p["dtype"]]
+        floor *= max(leaf.grad.abs().max().item() if leaf.grad.numel() else 0.0, 1.0)
+        tol = 4 * base_err + floor + 16 * torch.finfo(p["dtype"]).eps * size
+        assert (err <= tol).all(), f"{name}: max err/tol {(err / tol).max().item():.3g}"
+
+
+def abs_grads(x, w, a, b, m, s, mask, dy):
+    """The gradients of the same computation on absolute values (the true norms kept): for each
+    gradient element, the size of the terms it sums -- the scale of any rounding error there."""
+    n = dense_norms_f64(w, a.detach(), b.detach(), s)
+    xa, aa, ba, ma = (t.detach().double().abs().requires_grad_() for t in (x, a, b, m))
+    wa = w.double().abs()
+    h = xa if mask is None else xa * mask.double()
+    y = (ma / n) * (h @ wa.t() + abs(s) * (h @ aa.t()) @ ba.t()) + xa @ wa.t() + h @ wa.t()
+    return torch.autograd.grad(y, (xa, aa, ba, ma), dy.double().abs())
 
 
 def test_gradcheck_x_m_bias():
@@ -149,9 +194,9 @@ def _cancelling_rows(n=40, k=300, r=4, s=2.0, eps=1e-7, rows=(3, 17, 31), dtype=
 
 
 def test_cancelling_rows_are_recomputed_and_accurate():
-    """Rows where ||W_i + s (BA)_i|| is ~1e-7 of ||W_i||: the expansion alone loses every digit there
-    (checked: its error is above 1% on such rows); the op's fallback recomputes exactly those rows
-    and matches the dense float64 norms to 1e-9 relative."""
+    """Rows where ||W_i + s (BA)_i|| is ~1e-7 of ||W_i||: the expansion alone loses every digit there,
+    even in float64 (checked: its error is above 1% on such rows); the op's fallback recomputes those
+    rows (and no well-conditioned one) and matches the dense float64 norms to 1e-9 relative."""
     w, a, b, s, idx = _cancelling_rows()
     ref = dense_norms_f64(w, a, b, s)
     got, recomputed = dora_row_norms(w, a, b, s, return_recomputed=True)

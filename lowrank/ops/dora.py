@@ -12,17 +12,19 @@ forms an N x K tensor (tested with a dispatch-mode probe on every allocation): b
 the norms need W A^T (N x r, one pass over W), the r x r Gram matrix A A^T, and ||W_i||^2.
 
 # Note: accuracy of the row norms
-All terms are accumulated in float64: W is read in blocks of rows (at most `_CHUNK_ELEMENTS`
-elements each) converted to float64, giving ||W_i||^2 and (W A^T)_i in the same pass (W is frozen, but
-recomputing ||W_i||^2 there costs 2 flops an element beside the 2r of W A^T, and no cache can go
-stale: an edit through `.data` changes no version counter). The float64 evaluation of the expansion
-has an error of at most about 3 (K + r + 1) 2^-53 M_i with M_i = (||W_i|| + |s| sum_j |B_ij| ||A_j||)^2,
-a bound on every term's magnitude. Where the terms cancel (the row of W + s B A much smaller than W's),
-that is large relative to the result: every row whose computed square norm is below 2^26 times
-that bound (so that its relative error could exceed 2^-26, i.e. the norm's 2^-27, under half an fp32
-ulp) is recomputed directly, W_i + s B_i A formed in float64 for those rows only (again in blocks
-of at most `_CHUNK_ELEMENTS`). With trained adapters such rows are rare; a row that is exactly
-zero in W and B (M_i = 0) is exactly zero and needs none.
+All terms are accumulated in float64. W A^T: W is read in blocks of rows (at most `_CHUNK_ELEMENTS`
+elements each) converted to float64; ||W_i||^2 likewise, once (W is frozen: `LoRALinear` caches it
+while the weight's storage and version counter stay the same; `weight_row_sq_norms`). On one CPU
+thread at 4096 x 4096, r = 16 this costs ~17 ms against ~7 ms for an fp32 W A^T (a sgemm and the
+float64 tail), ~1% of a 1024-token forward + backward; and an fp32 W A^T would leave each norm
+~sqrt(K) 2^-24 off (~4e-6 at K = 4096), several times peft's dense fp32 norm's error. The float64
+evaluation of the expansion has an error of at most about 3 (K + r + 1) 2^-53 M_i with
+M_i = (||W_i|| + |s| sum_j |B_ij| ||A_j||)^2, a bound on every term's magnitude. Where the terms
+cancel (the row of W + s B A much smaller than W's), that is large relative to the result: every row
+whose computed square norm is below 2^26 times that bound (so that its relative error could exceed
+2^-26, i.e. the norm's 2^-27, under half an fp32 ulp) is recomputed directly, W_i + s B_i A formed in
+float64 for those rows only (again in blocks of at most `_CHUNK_ELEMENTS`). With trained adapters
+such rows are rare; a row that is exactly zero in W and B (M_i = 0) is exactly zero and needs none.
 
 # Note: zero norms
 peft 0.21.2 divides m by the norm as is: a zero row (Llama-3.1-8B's o_proj has 511 of them, where
@@ -74,36 +76,41 @@ def weight_row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def dora_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                   return_recomputed: bool = False):
-    """||W_i + scaling * (B A)_i|| for every row i, float64 (N,), without an N x K tensor (see the Note
-    on accuracy: float64 throughout; rows where the expansion's terms cancel are recomputed directly).
+                   weight_sq: torch.Tensor | None = None, return_recomputed: bool = False):
+    """||W_i + scaling * (B A)_i|| for every row i, float64 (N,), without an N x K tensor, each within
+    2^-27 relative (see the Note on accuracy: float64 throughout; rows where the terms cancel are
+    recomputed directly).
 
     weight: (N, K), any strides (a Conv1D weight's transpose); lora_A: (r, K); lora_B: (N, r).
+    weight_sq: ||W_i||^2 as float64 (N,) (`weight_row_sq_norms`), when the caller caches it.
     return_recomputed=True returns (norms, the int64 indices of the rows recomputed directly)."""
     n, k = weight.shape
+    r = lora_A.shape[0]
     s = float(scaling)
+    weight = weight.detach()
     a64 = lora_A.detach().to(torch.float64)  # (r, K)
     b64 = lora_B.detach().to(torch.float64)  # (N, r)
-    w2 = torch.empty(n, dtype=torch.float64, device=weight.device)
-    p = torch.empty(n, a64.shape[0], dtype=torch.float64, device=weight.device)  # W A^T (N, r)
-    for i, j in _row_blocks(n, k):
-        wc = weight[i:j].detach().to(torch.float64)  # (rows, K)
-        w2[i:j] = (wc * wc).sum(1)
-        torch.mm(wc, a64.t(), out=p[i:j])
+    w2 = weight_row_sq_norms(weight) if weight_sq is None else weight_sq
+    if weight.dtype == torch.float64:
+        p = weight @ a64.t()  # W A^T (N, r)
+    else:
+        p = torch.empty(n, r, dtype=torch.float64, device=weight.device)
+        for i, j in _row_blocks(n, k):
+            torch.mm(weight[i:j].to(torch.float64), a64.t(), out=p[i:j])
     gram = a64 @ a64.t()  # (r, r)
     cross = (b64 * p).sum(1)
     quad = ((b64 @ gram) * b64).sum(1)
     n2 = w2 + (2.0 * s) * cross + (s * s) * quad
     # Bound on every term's magnitude, and the evaluation's error bound (Note: accuracy).
     mag = (w2.sqrt() + abs(s) * (b64.abs() @ a64.norm(dim=1))).square()
-    bound = 3.0 * (k + a64.shape[0] + 1) * _U64 * mag
+    bound = 3.0 * (k + r + 1) * _U64 * mag
     bad = torch.nonzero(n2 < _RECOMPUTE_FACTOR * bound).flatten()
     norms = n2.clamp_min(0.0).sqrt()
     if bad.numel():
         rows_per = max(1, _CHUNK_ELEMENTS // max(k, 1))
         for c in range(0, bad.numel(), rows_per):
             idx = bad[c:c + rows_per]
-            rows = weight.detach()[idx].to(torch.float64)  # (rows, K)
+            rows = weight[idx].to(torch.float64)  # (rows, K)
             rows.addmm_(b64[idx], a64, alpha=s)
             norms[idx] = rows.norm(dim=1)
     return (norms, bad) if return_recomputed else norms
@@ -129,25 +136,30 @@ def check_magnitude(magnitude, weight, where: str) -> None:
                         f"and device ({weight.dtype}, {weight.device})")
 
 
-def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None, dropout: float = 0.0):
+def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None, dropout: float = 0.0,
+                weight_sq=None):
     """y = (m / ||W + s B A||) (.) (x W^T + s dropout(x) A^T B^T) + bias as peft's DoRA computes it,
     differentiable in x, lora_A, lora_B, magnitude (and bias, weight if they require grad), the
     norm detached. With dropout > 0, peft's formula (see the module's Note: what matches peft).
 
     x: (..., K); weight: (N, K), any strides; lora_A: (r, K); lora_B: (N, r); magnitude: (N,);
-    bias: (N,) or None; all one dtype and device. Pass dropout=0.0 in eval mode. No N x K tensor
-    is created in forward or backward."""
+    bias: (N,) or None; all one dtype and device. Pass dropout=0.0 in eval mode. weight_sq: the
+    weight's ||W_i||^2, float64 (N,), when the caller caches it (`weight_row_sq_norms`; computed here
+    when None). No N x K tensor is created in forward or backward."""
     if torch.is_autocast_enabled(x.device.type):
         x, weight, lora_A, lora_B, bias, magnitude = autocast_inputs(x, weight, lora_A, lora_B, bias, magnitude)
         with torch.autocast(x.device.type, enabled=False):
-            return dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout)
+            return dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout, weight_sq)
     check_lora_args(x, weight, lora_A, lora_B, bias, where="dora_linear")
     check_magnitude(magnitude, weight, "dora_linear")
     check_dropout(dropout, "dora_linear")
     s = float(scaling)
     if not math.isfinite(s):
         raise ValueError(f"dora_linear: scaling must be finite, got {scaling!r}")
-    norms = dora_row_norms(weight, lora_A, lora_B, s)
+    if weight_sq is not None and (tuple(weight_sq.shape) != (weight.shape[0],) or weight_sq.dtype != torch.float64):
+        raise ValueError(f"dora_linear: weight_sq must be float64 ({weight.shape[0]},), got {weight_sq.dtype} "
+                         f"{tuple(weight_sq.shape)}")
+    norms = dora_row_norms(weight, lora_A, lora_B, s, weight_sq=weight_sq)
     if dropout == 0.0 and not weight.requires_grad and torch.is_grad_enabled():
         return _DoRALinear.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
     scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
@@ -155,9 +167,12 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
         v = F.linear(x, weight) + s * F.linear(F.linear(x, lora_A), lora_B)
         y = v * scale
         return y if bias is None else y + bias
+    # peft's formula, arranged so that m's gradient reads one pre-scale tensor v (as without dropout):
+    # x W^T + bias + (scale - 1) h W^T + scale s h A^T B^T = x W^T + bias + scale v - h W^T.
     h = F.dropout(x, dropout, training=True)
-    return (F.linear(x, weight, bias) + (scale - 1) * F.linear(h, weight)
-            + scale * (s * F.linear(F.linear(h, lora_A), lora_B)))
+    hw = F.linear(h, weight)
+    v = hw + s * F.linear(F.linear(h, lora_A), lora_B)
+    return F.linear(x, weight, bias) + scale * v - hw
 
 
 def _inverse(norms: torch.Tensor) -> torch.Tensor:
