@@ -111,8 +111,8 @@ class LoRALinear(nn.Module):
             m.copy_(weight_row_sq_norms(self.base_weight_nk()).sqrt())  # ||W_i|| in float64, rounded once
         return a, b, m
 
-    def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None = None,
-                       activate: bool | None = None) -> None:
+    def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor,
+                       magnitude: torch.Tensor | None = None, activate: bool | None = None) -> None:
         """Register factors from `new_factors` as adapter `config.adapter_name` (magnitude: a DoRA
         adapter's m, required exactly when config.dora)."""
         name = config.adapter_name

@@ -180,6 +180,21 @@ def _inverse(norms: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
 
 
+def _scaled_grad_and_dm(dy2: torch.Tensor, scale: torch.Tensor, v2: torch.Tensor | None):
+    """(g = dy (.) scale (M, N), sum over rows of dy (.) v (N,) float64, or None without v) in one pass
+    over dy and v, a block of rows at a time: the products for the sum stay in cache (a plain
+    (dy * v).sum(0) writes and reads an (M, N) temporary: two more passes over memory)."""
+    g = torch.empty_like(dy2)
+    acc = None if v2 is None else torch.zeros(dy2.shape[1], dtype=torch.float64, device=dy2.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(dy2.shape[1], 1))
+    for i in range(0, dy2.shape[0], rows):
+        blk = dy2[i:i + rows]
+        torch.mul(blk, scale, out=g[i:i + rows])
+        if acc is not None:
+            acc += (blk * v2[i:i + rows]).sum(0, dtype=torch.float64)
+    return g, acc
+
+
 class _DoRALinear(torch.autograd.Function):
     """`dora_linear` without dropout, W frozen: y = scale (.) v + bias, v = x W^T + s (x A^T) B^T.
     Backward with g = dy (.) scale: dT = s g B, dA = dT^T x, dB = s g^T T, dx = g W + dT A,
@@ -197,10 +212,11 @@ class _DoRALinear(torch.autograd.Function):
         t = F.linear(x, lora_A)  # (..., r)
         v.view(-1, n).addmm_(t.reshape(-1, t.shape[-1]), lora_B.t(), alpha=scaling)
         need_m = ctx.needs_input_grad[4]
-        y = v * scale if need_m else v.mul_(scale)
-        if bias is not None:
-            y.add_(bias)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, t, scale, inv.to(x.dtype) if need_m else None,
+        if need_m:  # v is kept for m's gradient: y in a new buffer, one pass
+            y = v * scale if bias is None else torch.addcmul(bias, v, scale)
+        else:
+            y = v.mul_(scale) if bias is None else v.mul_(scale).add_(bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, scale, inv if need_m else None,
                               v if need_m else None)
         ctx.scaling = scaling
         return y
@@ -213,7 +229,7 @@ class _DoRALinear(torch.autograd.Function):
         s = ctx.scaling
         n, k = weight.shape
         dy2 = dy.reshape(-1, n)
-        g = dy2 * scale  # (M, N)
+        g, d_m = _scaled_grad_and_dm(dy2, scale, v.reshape(-1, n) if need_m else None)
         dt = torch.mm(g, lora_B).mul_(s)  # (M, r)
         d_a = torch.mm(dt.t(), x.reshape(-1, k)) if need_a else None
         d_b = torch.mm(g.t(), t.reshape(-1, t.shape[-1])).mul_(s) if need_b else None
@@ -222,6 +238,7 @@ class _DoRALinear(torch.autograd.Function):
             dx = torch.mm(g, weight)
             dx.addmm_(dt, lora_A)
             dx = dx.view(x.shape)
-        d_m = (dy2 * v.reshape(-1, n)).sum(0).mul_(inv) if need_m else None
+        if need_m:
+            d_m = d_m.mul_(inv).to(dy.dtype)
         d_bias = dy2.sum(0) if need_bias else None
         return dx, None, d_a, d_b, d_m, d_bias, None, None

@@ -113,7 +113,8 @@ def _merged_block(w, b64, a64, s, scale):
 
 @torch.no_grad()
 def dora_unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                  scale: torch.Tensor, rec_idx: torch.Tensor | None = None, rec_val: torch.Tensor | None = None) -> None:
+                  scale: torch.Tensor, rec_idx: torch.Tensor | None = None,
+                  rec_val: torch.Tensor | None = None) -> None:
     """Undo `dora_merge_` in place: round(weight / scale - s B A), then the record's elements written
     back (bit-exact with the record of an exact merge; without one, rows of scale 0 become -s B A)."""
     n, k = weight.shape
