@@ -10,13 +10,15 @@ import threading
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .backend import backend_for
 from .config import LoRAConfig
 from .layer_types import is_conv1d, is_dense_linear, linear_dims
 from .nf4_linear import NF4Linear
-from .ops.dora import dora_linear, weight_row_sq_norms
+from .ops.dora import dora_linear, dora_row_norms, dora_scale, weight_row_sq_norms
 from .ops.lora_matmul import lora_linear
+from .ops.nf4_lora_matmul import nf4_lora_linear
 from .ops.sgmv import metadata_for, sgmv
 
 
@@ -33,7 +35,8 @@ class LoRALinear(nn.Module):
     `lora_B[name]` (out_features, rank), in the base weight's dtype and device, so a GPT-2 Conv1D
     adapter has the same shapes as an nn.Linear one (peft's `fan_in_fan_out`). A DoRA adapter
     (config.dora) also has `lora_magnitude_vector[name]` (out_features,), initialised to the base
-    weight's row norms ||W_i||, and runs `lowrank.ops.dora_linear` (peft's DoRA, norm detached).
+    weight's row norms ||W_i|| (an NF4 base: of its dequantized weight in the compute dtype), and
+    runs `lowrank.ops.dora_linear` / `nf4_dora_linear` (peft's DoRA, norm detached).
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -104,11 +107,9 @@ class LoRALinear(nn.Module):
         init_lora_A_(a, config)
         if not config.dora:
             return a, b
-        if isinstance(self.base_layer, NF4Linear):
-            raise NotImplementedError("DoRA on an NF4 (QLoRA) base layer is not implemented yet")
         m = torch.empty(self.out_features, device=w.device, dtype=dtype)
         if w.device.type != "meta":
-            m.copy_(weight_row_sq_norms(self.base_weight_nk()).sqrt())  # ||W_i|| in float64, rounded once
+            m.copy_(self.weight_sq_norms().sqrt())  # ||W_i|| in float64, rounded once
         return a, b, m
 
     def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor,
@@ -141,11 +142,14 @@ class LoRALinear(nn.Module):
         once and cached while the weight keeps its storage, version counter, shape, strides, dtype
         and device (an in-place update, a `.data =` swap, `.to()` all recompute it). An edit through
         `weight.data` in place bumps no counter: call `clear_weight_cache()` after one."""
-        w = self.base_layer.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.dtype, w.device)
+        w = self.base_layer.weight  # an NF4 base: its packed 4-bit codes
+        nf4 = isinstance(self.base_layer, NF4Linear)
+        key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.dtype, w.device,
+               self.base_layer.compute_dtype if nf4 else None)
         cached = self.__dict__.get("_weight_sq")
         if cached is None or cached[0] != key:
-            cached = (key, weight_row_sq_norms(self.base_weight_nk()))
+            source = self.base_layer.nf4 if nf4 else self.base_weight_nk()
+            cached = (key, weight_row_sq_norms(source, self.base_layer.compute_dtype if nf4 else None))
             self.__dict__["_weight_sq"] = cached
         return cached[1]
 
@@ -165,6 +169,10 @@ class LoRALinear(nn.Module):
         if name is None or self.merged:
             return self.base_layer(x)
         cfg = self.configs[name]
+        if name in self.lora_magnitude_vector and isinstance(self.base_layer, NF4Linear):
+            return self.base_layer.dora_forward(x, self.lora_A[name], self.lora_B[name],
+                                                self.lora_magnitude_vector[name], cfg.scaling,
+                                                cfg.dropout if self.training else 0.0, self.weight_sq_norms())
         if name in self.lora_magnitude_vector:
             return dora_linear(x, self.base_weight_nk(), self.lora_A[name], self.lora_B[name],
                                self.lora_magnitude_vector[name], cfg.scaling, bias=self.base_layer.bias,
@@ -217,14 +225,12 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     for the active adapter under torch.compile (`layer._active_index`, a buffer, so switching
     adapters changes data, not a guard). Every adapter of the layer goes into one `lowrank::sgmv`."""
     names = list(layer.configs)
-    out = layer.base_layer(x)
+    dora = len(layer.lora_magnitude_vector) > 0
+    out = None if dora and names else layer.base_layer(x)  # DoRA: the base GEMM without its bias, below
     if not names:
         return out
     if getattr(layer, "merged", False):
         raise ValueError("a merged LoRALinear cannot run mixed-adapter batches; unmerge it first")
-    if len(layer.lora_magnitude_vector):
-        raise NotImplementedError(f"mixed-adapter batches with DoRA adapters ({list(layer.lora_magnitude_vector)}) "
-                                  f"are not implemented yet")
     k, n = layer.in_features, layer.out_features
     x2 = x.reshape(-1, k)  # (M, K)
     m = x2.shape[0]
@@ -246,6 +252,8 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
         p_tok = p[torch.where(valid, ids_tok + 1, 0)][:, None]  # (M, 1)
         keep = torch.rand(x2.shape, device=x.device) >= p_tok
         h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
+    if dora:
+        return _mixed_dora(layer, x, h, ids_tok, meta)
     As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
     # The adapters' dtype can differ from the activations': an NF4 base keeps fp32 adapters in a
     # bf16 model, and autocast makes the base output bf16 beside fp32 x. As peft does, the LoRA
@@ -253,6 +261,54 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     dt = As[0].dtype
     y = sgmv(h.to(dt), out.reshape(-1, n).to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta)
     return y.view(out.shape).to(out.dtype)
+
+
+def _mixed_dora(layer, x: torch.Tensor, h: torch.Tensor, ids_tok: torch.Tensor, meta) -> torch.Tensor:
+    """`_mixed_forward` for a layer with DoRA adapters: each token on its own adapter, LoRA or DoRA (or
+    the base layer), as if run alone, through one `lowrank::sgmv`; differentiable (m included).
+    With S the per-adapter row scales (m / ||W + s B A|| for a DoRA adapter, 1 for a LoRA adapter and
+    for base tokens) and L(h) the tokens' LoRA terms (sgmv):
+        y = x W^T + bias + (S - 1) (.) h W^T + S (.) L(h) = (x W^T - h W^T) + bias + S (.) (h W^T + L(h)),
+    peft's DoRA (and LoRA where S = 1); without dropout h = x and y = S (.) (x W^T + L(x)) + bias."""
+    names = list(layer.configs)
+    cfgs = [layer.configs[a] for a in names]
+    k, n = layer.in_features, layer.out_features
+    x2 = x.reshape(-1, k)  # (M, K)
+    As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
+    dt = As[0].dtype  # the adapters' dtype, as in _mixed_forward
+    xw = _base_without_bias(layer, x2)  # (M, N)
+    hw = xw if h is x2 else _base_without_bias(layer, h)
+    v = sgmv(h.to(dt), hw.to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta)  # h W^T + L(h)
+    nf4 = isinstance(layer.base_layer, NF4Linear)
+    source = layer.base_layer.nf4 if nf4 else layer.base_weight_nk()
+    ones = torch.ones(n, dtype=dt, device=x.device)
+    scales = [ones]
+    for a, cfg in zip(names, cfgs):
+        if a not in layer.lora_magnitude_vector:
+            scales.append(ones)
+            continue
+        norms = dora_row_norms(source, layer.lora_A[a], layer.lora_B[a], cfg.scaling,
+                               weight_sq=layer.weight_sq_norms(), dtype=layer.base_layer.compute_dtype if nf4 else None)
+        scales.append(dora_scale(layer.lora_magnitude_vector[a], norms, dt))
+    valid = (ids_tok >= 0) & (ids_tok < len(names))
+    s_tok = torch.stack(scales)[torch.where(valid, ids_tok + 1, 0)]  # (M, N): each token's adapter's scale
+    y = s_tok * v
+    if h is not x2:
+        y = y + (xw - hw).to(dt)
+    bias = layer.base_layer.bias
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.view(*x.shape[:-1], n).to(xw.dtype)
+
+
+def _base_without_bias(layer, x2: torch.Tensor) -> torch.Tensor:
+    """x2 @ W^T for the layer's base weight (dense, or NF4 through the QLoRA op in its compute dtype)."""
+    base = layer.base_layer
+    if isinstance(base, NF4Linear):
+        xc = x2.to(base.compute_dtype)
+        return nf4_lora_linear(xc, base.nf4, xc.new_empty((0, layer.in_features)),
+                               xc.new_empty((layer.out_features, 0)), 0.0).to(x2.dtype)
+    return F.linear(x2, layer.base_weight_nk())
 
 
 def _tokens_and_meta(ids, m: int, n_adapters: int, x):

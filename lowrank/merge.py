@@ -337,8 +337,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
             a, b = layer.lora_A[name], layer.lora_B[name]
             if a.device.type == "meta" or b.device.type == "meta" or layer.base_layer.nf4.device.type == "meta":
                 raise ValueError(f"merge_and_unload: layer {path} is on the meta device (shapes without values)")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B contain NaN or Inf")
+            if not all(bool(torch.isfinite(t).all()) for t in layer.adapter_parameters(name)):
+                raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B / magnitude contain NaN or Inf")
             quantized.append((path, layer, name))
         else:
             dense.append((path, layer, _check_layer(path, layer, adapter_name)))
@@ -370,7 +370,10 @@ def _merged_nf4(layer: LoRALinear, name: str, requantize: bool):
     dtype = base.nf4.dtype if base.nf4.dtype in KERNEL_DTYPES else base.compute_dtype
     w = base.dequantize(dtype).contiguous()  # (out, in)
     a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-    torch.ops.lowrank.merge_(w, a, b, layer.scaling(name), False)  # factors in their own dtype (fp32)
+    if name in layer.lora_magnitude_vector:  # DoRA: the norms of this dequantized weight, one rounding
+        dora_merge_(w, a, b, layer.lora_magnitude_vector[name].detach(), layer.scaling(name), exact=False)
+    else:
+        torch.ops.lowrank.merge_(w, a, b, layer.scaling(name), False)  # factors in their own dtype (fp32)
     linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
     linear.weight = nn.Parameter(w, requires_grad=False)
     if base.bias is not None:

@@ -189,7 +189,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
 
     dora=True (peft's use_dora): a DoRA adapter, each layer's output rows scaled by
     m / ||W + s B A|| with a trainable magnitude m initialised to W's row norms (`lowrank.ops.dora`;
-    dense nn.Linear / Conv1D bases only: NF4 bases are refused, for now).
+    on NF4 bases the norms come from the 4-bit storage, a block of rows at a time).
 
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
     exclude_modules, use_rslora, use_dora), and config= takes a peft LoraConfig (or its dict, or a lowrank
@@ -202,12 +202,6 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
                         targets=targets, exclude=exclude, adapter_name=adapter_name, dora=dora)
     chosen = select_targets(model, targets, exclude)
-    if dora:
-        nf4 = [path for path, module, *_ in chosen
-               if type(getattr(module, "base_layer", module)).__name__ in ("NF4Linear", "Linear4bit")]
-        if quantize is not None or nf4:
-            raise NotImplementedError(f"patch_linear: dora=True on NF4 (QLoRA) layers is not implemented yet "
-                                      f"({f'quantize={quantize!r}' if quantize is not None else nf4[0]})")
     rank_pattern, alpha_pattern = check_pattern(rank_pattern, "rank_pattern"), check_pattern(alpha_pattern,
                                                                                               "alpha_pattern")
     layer_configs = {path: _layer_config(config, path, alpha, rank_pattern, alpha_pattern) for path, *_ in chosen}

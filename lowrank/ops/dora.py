@@ -51,7 +51,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lowrank.nf4_format import NF4Weight, nf4_code
+
 from .lora_matmul import autocast_inputs, check_dropout, check_lora_args
+from .nf4_lora_matmul import nf4_lora_linear
 
 _CHUNK_ELEMENTS = 1 << 18  # elements of W converted to float64 at a time (2 MiB)
 _U64 = 2.0 ** -53
@@ -63,40 +66,84 @@ def _row_blocks(n: int, k: int):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+class _Rows:
+    """Rows of a weight as float64 blocks: a dense (N, K) tensor (any strides), or an NF4Weight decoded
+    from its 4-bit storage a block of rows at a time (each value as `dequantize(dtype)` holds it: the
+    fp32 product code * absmax rounded once to `dtype`, the compute dtype), never the whole matrix."""
+
+    def __init__(self, weight, dtype: torch.dtype | None = None):
+        self.weight = weight
+        self.nf4 = isinstance(weight, NF4Weight)
+        self.shape = tuple(weight.shape)
+        self.device = weight.device
+        self.dtype = (dtype or weight.dtype) if self.nf4 else weight.dtype
+        self._absmax = weight.block_absmax() if self.nf4 else None  # fp32 (blocks,): 1/16 of W's bytes in fp32
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        """Rows i:j as float64 (j - i, K)."""
+        if not self.nf4:
+            return self.weight[i:j].detach().to(torch.float64)
+        return self._nf4_rows(i, j).to(torch.float64)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rows listed in idx as float64 (len(idx), K)."""
+        if not self.nf4:
+            return self.weight.detach()[idx].to(torch.float64)
+        return torch.cat([self._nf4_rows(i, i + 1) for i in idx.tolist()]).to(torch.float64)
+
+    def _nf4_rows(self, i: int, j: int) -> torch.Tensor:
+        w, (n, k) = self.weight, self.shape
+        out = torch.empty(j - i, k, dtype=self.dtype, device=self.device)
+        if w.decode_tile_native((i, j), (0, k), out):  # the CPU library: whole blocks per row
+            return out
+        start, stop = i * k, j * k  # rows are a contiguous range of the flat, blocked storage
+        flat = w.packed.reshape(-1)[start // 2:(stop + 1) // 2]
+        nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[start % 2:start % 2 + stop - start]
+        blocks = torch.arange(start, stop, device=self.device) // w.blocksize
+        vals = nf4_code(self.device)[nibbles.long()] * self._absmax[blocks]  # fp32, rounded once
+        return out.copy_(vals.view(j - i, k))  # the one rounding to the compute dtype
+
+
 @torch.no_grad()
-def weight_row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
-    """||W_i||^2 for each row of weight (N, K), float64 (N,), accumulated in float64 in blocks of rows."""
-    n, k = weight.shape
-    out = torch.empty(n, dtype=torch.float64, device=weight.device)
+def weight_row_sq_norms(weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """||W_i||^2 for each row of weight (N, K), float64 (N,), accumulated in float64 in blocks of rows.
+    weight: a dense tensor, or an NF4Weight whose rows are decoded to `dtype` (default its own dtype)
+    a block at a time."""
+    rows = _Rows(weight, dtype)
+    n, k = rows.shape
+    out = torch.empty(n, dtype=torch.float64, device=rows.device)
     for i, j in _row_blocks(n, k):
-        wc = weight[i:j].to(torch.float64)
+        wc = rows.block(i, j)
         out[i:j] = (wc * wc).sum(1)
     return out
 
 
 @torch.no_grad()
-def dora_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                   weight_sq: torch.Tensor | None = None, return_recomputed: bool = False):
+def dora_row_norms(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                   weight_sq: torch.Tensor | None = None, return_recomputed: bool = False,
+                   dtype: torch.dtype | None = None):
     """||W_i + scaling * (B A)_i|| for every row i, float64 (N,), without an N x K tensor, each within
     2^-27 relative (see the Note on accuracy: float64 throughout; rows where the terms cancel are
     recomputed directly).
 
-    weight: (N, K), any strides (a Conv1D weight's transpose); lora_A: (r, K); lora_B: (N, r).
-    weight_sq: ||W_i||^2 as float64 (N,) (`weight_row_sq_norms`), when the caller caches it.
-    return_recomputed=True returns (norms, the int64 indices of the rows recomputed directly)."""
-    n, k = weight.shape
+    weight: (N, K), any strides (a Conv1D weight's transpose), or an NF4Weight, its rows decoded to
+    `dtype` (the compute dtype; default its own) a block at a time from the 4-bit storage;
+    lora_A: (r, K); lora_B: (N, r). weight_sq: ||W_i||^2 as float64 (N,) (`weight_row_sq_norms`),
+    when the caller caches it. return_recomputed=True returns (norms, the int64 indices of the rows
+    recomputed directly)."""
+    rows = _Rows(weight, dtype)
+    n, k = rows.shape
     r = lora_A.shape[0]
     s = float(scaling)
-    weight = weight.detach()
     a64 = lora_A.detach().to(torch.float64)  # (r, K)
     b64 = lora_B.detach().to(torch.float64)  # (N, r)
-    w2 = weight_row_sq_norms(weight) if weight_sq is None else weight_sq
-    if weight.dtype == torch.float64:
-        p = weight @ a64.t()  # W A^T (N, r)
+    w2 = weight_row_sq_norms(weight, dtype) if weight_sq is None else weight_sq
+    if rows.dtype == torch.float64 and not rows.nf4:
+        p = weight.detach() @ a64.t()  # W A^T (N, r)
     else:
-        p = torch.empty(n, r, dtype=torch.float64, device=weight.device)
+        p = torch.empty(n, r, dtype=torch.float64, device=rows.device)
         for i, j in _row_blocks(n, k):
-            torch.mm(weight[i:j].to(torch.float64), a64.t(), out=p[i:j])
+            torch.mm(rows.block(i, j), a64.t(), out=p[i:j])
     gram = a64 @ a64.t()  # (r, r)
     cross = (b64 * p).sum(1)
     quad = ((b64 @ gram) * b64).sum(1)
@@ -110,9 +157,9 @@ def dora_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
         rows_per = max(1, _CHUNK_ELEMENTS // max(k, 1))
         for c in range(0, bad.numel(), rows_per):
             idx = bad[c:c + rows_per]
-            rows = weight[idx].to(torch.float64)  # (rows, K)
-            rows.addmm_(b64[idx], a64, alpha=s)
-            norms[idx] = rows.norm(dim=1)
+            direct = rows.take(idx)  # (rows, K) float64
+            direct.addmm_(b64[idx], a64, alpha=s)
+            norms[idx] = direct.norm(dim=1)
     return (norms, bad) if return_recomputed else norms
 
 
@@ -173,6 +220,39 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
     hw = F.linear(h, weight)
     v = hw + s * F.linear(F.linear(h, lora_A), lora_B)
     return F.linear(x, weight, bias) + scale * v - hw
+
+
+def nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling: float, bias=None, dropout: float = 0.0,
+                    weight_sq=None):
+    """DoRA over an NF4 (QLoRA) weight: `dora_linear` with W = deq(nf4_weight) in x's dtype, the
+    matmuls through `nf4_lora_linear` (tile-by-tile decode, never a dense W) and the row norms from
+    the 4-bit storage a block of rows at a time (`dora_row_norms`). x: (..., K) in the compute dtype;
+    lora_A, lora_B, magnitude (N,) are used in x's dtype, their gradients come back in their own
+    (fp32 master weights); bias: (N,) or None, frozen; weight_sq: the cached ||W_i||^2 (float64).
+    Differentiable by autograd around the QLoRA op: y = scale (.) v + bias with v = x W^T + s x A^T B^T
+    (mul keeps v for m's gradient); with dropout, peft's formula (see the module's Note)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x, lora_A, lora_B, bias, magnitude = autocast_inputs(x, lora_A, lora_B, bias, magnitude)
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling, bias, dropout, weight_sq)
+    if not isinstance(nf4_weight, NF4Weight):
+        raise TypeError(f"nf4_dora_linear: nf4_weight must be a lowrank.NF4Weight, got {type(nf4_weight).__name__}")
+    n, k = nf4_weight.shape
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (n,):
+        raise ValueError(f"nf4_dora_linear: magnitude must be a ({n},) tensor for the NF4 weight {(n, k)}, got "
+                         f"{tuple(getattr(magnitude, 'shape', ()))}")
+    check_dropout(dropout, "nf4_dora_linear")
+    s = float(scaling)
+    norms = dora_row_norms(nf4_weight, lora_A, lora_B, s, weight_sq=weight_sq, dtype=x.dtype)
+    scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
+    if dropout == 0.0:
+        v = nf4_lora_linear(x, nf4_weight, lora_A, lora_B, s)
+        return v * scale if bias is None else torch.addcmul(bias.to(x.dtype), v, scale)
+    h = F.dropout(x, dropout, training=True)
+    no_a, no_b = x.new_empty((0, k)), x.new_empty((n, 0))
+    v = nf4_lora_linear(h, nf4_weight, lora_A, lora_B, s)
+    hw = nf4_lora_linear(h, nf4_weight, no_a, no_b, 0.0)
+    return nf4_lora_linear(x, nf4_weight, no_a, no_b, 0.0, bias) + scale * v - hw
 
 
 def _inverse(norms: torch.Tensor) -> torch.Tensor:
