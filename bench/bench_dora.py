@@ -11,6 +11,7 @@ floor: (x,) only). The impls are timed interleaved, one call each per round, and
 median over the rounds: on a shared machine a slow spell then hits every impl alike. `extra` holds
 the ratios ("vs_lora": to lowrank's LoRA, "vs_peft_dora", "vs_floor") and the bytes autograd keeps
 from forward to backward beyond x and the weights ("saved_MiB", counted by saved_tensors_hooks).
+"dora.norms" times the row norms alone against the fp32 GEMM W A^T (what float64 accuracy costs).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.harness import Record, derived, device_name, print_table, versions, write_json
-from lowrank.ops.dora import dora_linear, weight_row_sq_norms
+from lowrank.ops.dora import dora_linear, dora_row_norms, weight_row_sq_norms
 from lowrank.ops.lora_matmul import lora_linear
 
 BASELINE = "lowrank-lora"
@@ -121,7 +122,7 @@ def run(quick: bool, device: str, repeat: int | None = None, m: int = 1024, k: i
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     shape, name, ver = {"M": m, "K": k, "N": n, "r": r}, device_name(dev), versions()
-    records = []
+    records = _norm_records(s, repeat, dev, {"K": k, "N": n, "r": r}, name, ver)
     for impl, t in med.items():
         records.append(Record(op=f"{OP}.fwd+bwd", shape=shape, dtype="fp32", impl=impl, median_s=t,
                               derived=derived(t, flops(m, k, n, r)), device=name, versions=ver,
@@ -129,6 +130,30 @@ def run(quick: bool, device: str, repeat: int | None = None, m: int = 1024, k: i
                                      "vs_floor": t / med["F.linear"], "saved_MiB": saved[impl] / 2 ** 20,
                                      "repeat": repeat, "threads": torch.get_num_threads()}))
     return records
+
+
+def _norm_records(s: dict, repeat: int, dev: torch.device, shape: dict, name: str, ver: dict) -> list[Record]:
+    """The row norms alone ("dora.norms": `dora_row_norms` with ||W||^2 cached, float64 W A^T) beside
+    the fp32 GEMM W A^T they replace in a cheaper, less exact design ("fp32 W@A^T"), medians of
+    `repeat` interleaved rounds: what the norms' accuracy costs."""
+    w, a, b, w2 = s["w"], s["a"].detach(), s["b"].detach(), weight_row_sq_norms(s["w"])
+    calls = {"lowrank-norms": lambda: dora_row_norms(w, a, b, s["scaling"], weight_sq=w2),
+             "fp32 W@A^T": lambda: w @ a.t()}
+    times = {impl: [] for impl in calls}
+    for call in calls.values():
+        call()
+    for _ in range(max(repeat, 5)):
+        for impl, call in calls.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            call()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times[impl].append(time.perf_counter() - t0)
+    return [Record(op=f"{OP}.norms", shape=shape, dtype="fp32", impl=impl, median_s=statistics.median(ts),
+                   derived={}, device=name, versions=ver, extra={"threads": torch.get_num_threads()})
+            for impl, ts in times.items()]
 
 
 def main(argv=None) -> None:
@@ -149,6 +174,9 @@ def main(argv=None) -> None:
     print_table(records, BASELINE)
     for rec in records:
         e = rec.extra
+        if rec.op != f"{OP}.fwd+bwd":
+            print(f"{rec.impl:<14} {rec.median_s * 1e3:9.1f} ms  ({rec.op})")
+            continue
         print(f"{rec.impl:<14} {rec.median_s * 1e3:9.1f} ms  x{e['vs_lora']:.3f} our LoRA  x{e['vs_peft_dora']:.3f} "
               f"peft DoRA  x{e['vs_floor']:.3f} frozen layer  saved {e['saved_MiB']:.1f} MiB")
 

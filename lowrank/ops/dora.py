@@ -2,6 +2,7 @@
 
     lowrank.ops.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, dropout=0.0)
     lowrank.ops.dora.dora_row_norms(weight, lora_A, lora_B, scaling)    # ||W_i + s (B A)_i||, float64
+    lowrank.ops.dora.nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling, bias=None, dropout=0.0)
 
 DoRA (weight-decomposed LoRA) rescales each output row of the LoRA layer by m_i / ||W_i + s (BA)_i||.
 Every implementation in use forms the N x K matrix W + s B A to take those norms; this one never
@@ -42,7 +43,10 @@ for m's gradient when m needs one: an (M, N) activation). With dropout peft's ow
 is not the same function: y = x W^T + bias + (scale - 1) (.) (h W^T) + scale (.) s h A^T B^T with h =
 dropout(x), a second GEMM over W, differentiated by autograd.
 
-Level 2: imports torch and level 0 (and lora_matmul, level 2, for the shared argument checks).
+NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
+at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
+
+Level 2: imports torch, level 0 (nf4_format) and level 2 (lora_matmul's argument checks, the QLoRA op).
 """
 from __future__ import annotations
 
