@@ -153,8 +153,7 @@ def check_target_spec(spec: TargetSpec, what: str, allow_none: bool) -> None:
 
 # peft's argument / LoraConfig field -> lowrank's argument of the same meaning.
 PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-              "exclude_modules": "exclude", "use_rslora": "rslora",
-              "use_dora": "dora"}
+              "exclude_modules": "exclude", "use_rslora": "rslora", "use_dora": "dora"}
 
 # LoraConfig fields that do not change what lowrank computes: bookkeeping, and fan_in_fan_out
 # (lowrank knows each layer's weight layout: GPT-2's Conv1D is recognised, not declared).

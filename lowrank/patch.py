@@ -115,7 +115,7 @@ def _layer_config(config: LoRAConfig, path: str, alpha, rank_pattern, alpha_patt
 
 def accepts_peft_names(fn):
     """fn also takes peft's names for its LoRA arguments (`PEFT_NAMES`: r, lora_alpha, lora_dropout,
-    target_modules, exclude_modules, use_rslora) and `config=`: a peft LoraConfig or a dict of its
+    target_modules, exclude_modules, use_rslora, use_dora) and `config=`: a peft LoraConfig or a dict of its
     fields (peft is not imported), or a lowrank LoRAConfig, read into those arguments. An argument
     given twice (rank and r; alpha as an argument and in config) is a TypeError naming both."""
     sig = inspect.signature(fn)
@@ -194,7 +194,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
     exclude_modules, use_rslora, use_dora), and config= takes a peft LoraConfig (or its dict, or a lowrank
     LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`. A config field that asks
-    for what lowrank does not do (DoRA, modules_to_save, rank_pattern, ...) is a ValueError naming it.
+    for what lowrank does not do (modules_to_save, PiSSA init, ...) is a ValueError naming it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
