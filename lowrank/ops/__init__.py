@@ -4,7 +4,8 @@ autograd, reference (CPU) path and device dispatch.
 | op | module | entry |
 | --- | --- | --- |
 | LoRA linear | `lora_matmul.py` | `lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout)` |
-| DoRA linear | `dora.py` (+ `dora_merge.py`) | `dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, ...)` |
+| DoRA linear | `dora.py` | `dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, ...)` |
+| DoRA merge / unmerge | `dora_merge.py` | `dora_merge_(weight, lora_A, lora_B, magnitude, scaling, exact)`, `dora_unmerge_(...)` |
 | QLoRA linear | `nf4_lora_matmul.py` | `nf4_lora_linear(x, nf4_weight, lora_A, lora_B, scaling, bias, dropout)` |
 | NF4 dequantize | `nf4_dequant.py` | `nf4_dequantize(nf4_weight, dtype)` |
 | mixed-adapter LoRA | `sgmv.py` | `sgmv.sgmv(x, out, ids, As, Bs, scalings)` (the module keeps the name) |
