@@ -398,3 +398,24 @@ def test_cached_weight_norms_follow_the_weight():
     ref = (m.double() / lin.weight.double().norm(dim=1))[None] * (x.double() @ lin.weight.double().t()) \
         + lin.bias.double()
     assert_close(layer(x).detach(), ref)
+
+
+def test_autocast_norms_are_of_the_weight_the_gemm_sees():
+    """Under torch.autocast(bf16) an fp32 layer's GEMMs see W in bf16: the norms are taken of that
+    W, and a ||W||^2 given for the fp32 weight (the layer's cache) is not used -- here a wrong one,
+    which would show. Equal to the op on bf16-cast inputs, and the layer's forward too."""
+    lin = torch.nn.Linear(40, 24).requires_grad_(False)  # frozen, as patch_linear leaves it
+    layer = LoRALinear(lin)
+    layer.add_adapter(lowrank.LoRAConfig(rank=3, dora=True))
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(5, 40)
+    a, b, m = layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]
+    bf = [t.detach().bfloat16() for t in (x, lin.weight, a, b, m, lin.bias)]
+    bf[4].requires_grad_()  # as the layer's m: the same code path (y kept apart from v)
+    expect = lowrank.ops.dora_linear(bf[0], bf[1], bf[2], bf[3], bf[4], layer.scaling(), bf[5])
+    wrong = 4.0 * layer.weight_sq_norms()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lowrank.ops.dora_linear(x, lin.weight, a, b, m, layer.scaling(), lin.bias, weight_sq=wrong)
+        from_layer = layer(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expect) and torch.equal(from_layer, expect)

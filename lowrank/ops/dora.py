@@ -198,7 +198,10 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
     weight's ||W_i||^2, float64 (N,), when the caller caches it (`weight_row_sq_norms`; computed here
     when None). No N x K tensor is created in forward or backward."""
     if torch.is_autocast_enabled(x.device.type):
+        dtype = weight.dtype
         x, weight, lora_A, lora_B, bias, magnitude = autocast_inputs(x, weight, lora_A, lora_B, bias, magnitude)
+        if weight.dtype != dtype:  # the cached ||W||^2 is of the uncast weight: the GEMMs see the cast one
+            weight_sq = None
         with torch.autocast(x.device.type, enabled=False):
             return dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout, weight_sq)
     check_lora_args(x, weight, lora_A, lora_B, bias, where="dora_linear")
@@ -236,7 +239,10 @@ def nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling: float, bi
     Differentiable by autograd around the QLoRA op: y = scale (.) v + bias with v = x W^T + s x A^T B^T
     (mul keeps v for m's gradient); with dropout, peft's formula (see the module's Note)."""
     if torch.is_autocast_enabled(x.device.type):
+        dtype = x.dtype
         x, lora_A, lora_B, bias, magnitude = autocast_inputs(x, lora_A, lora_B, bias, magnitude)
+        if x.dtype != dtype:  # W is decoded to the new dtype: a cached ||W||^2 was of the other one
+            weight_sq = None
         with torch.autocast(x.device.type, enabled=False):
             return nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling, bias, dropout, weight_sq)
     if not isinstance(nf4_weight, NF4Weight):
