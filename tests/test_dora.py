@@ -419,3 +419,26 @@ def test_autocast_norms_are_of_the_weight_the_gemm_sees():
         got = lowrank.ops.dora_linear(x, lin.weight, a, b, m, layer.scaling(), lin.bias, weight_sq=wrong)
         from_layer = layer(x)
     assert got.dtype == torch.bfloat16 and torch.equal(got, expect) and torch.equal(from_layer, expect)
+
+
+def test_a_zero_weight_row_gives_nan_in_peft_and_the_bias_here():
+    """peft 0.21.2 divides m = ||W_i|| = 0 by the norm 0 on an all-zero weight row: NaN at step 0.
+    Here that row outputs its bias (scale 0, the stated rule), the other rows are peft's, and every
+    gradient is finite."""
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        holder.proj.weight[2] = 0
+    ours = lowrank.patch_linear(copy.deepcopy(holder), rank=2, alpha=4, targets=["proj"], dora=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], use_dora=True),
+                                     holder)
+    x = torch.randn(3, 8)
+    theirs, mine = holder.proj(x), ours.proj(x)
+    assert torch.isnan(theirs[:, 2]).all() and not torch.isnan(theirs[:, [0, 1, 3, 4, 5]]).any()
+    assert torch.equal(mine[:, 2], ours.proj.bias[2].expand(3))
+    keep = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(mine[:, keep], theirs[:, keep], rtol=1e-6, atol=1e-6)
+    mine.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.proj.adapter_parameters("default"))
