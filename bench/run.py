@@ -24,7 +24,8 @@ import torch
 
 from .harness import device_name, measure_ceilings, print_table, versions, write_json
 
-BENCHES: list[str] = ["lora_matmul", "nf4_dequant", "nf4_lora_matmul", "merge", "sgmv", "scaling", "train_step"]
+BENCHES: list[str] = ["lora_matmul", "dora", "nf4_dequant", "nf4_lora_matmul", "merge", "sgmv", "scaling",
+                      "train_step"]
 
 
 def main(argv=None) -> int:

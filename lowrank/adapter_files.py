@@ -4,7 +4,8 @@ The on-disk format is peft's LoRA checkpoint:
 - `adapter_config.json` with the standard LoraConfig fields only (see `_config_dict`): fields
   that only recent peft versions know would make older versions' `LoraConfig(**fields)` fail.
 - `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` (r, in)
-  and `.lora_B.weight` (out, r), the adapter name stripped, metadata {"format": "pt"}.
+  and `.lora_B.weight` (out, r), the adapter name stripped, metadata {"format": "pt"}; a DoRA
+  adapter (`use_dora: true`) also `.lora_magnitude_vector` (out,), as peft 0.21.2 writes it.
   A GPT-2 Conv1D layer stores (in, out) weights, but its adapter has the same (r, in) / (out, r)
   shapes as an nn.Linear one; the config then says `fan_in_fan_out: true`.
 
@@ -56,7 +57,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?:(?P<which>lora_A|lora_B)\.weight|"
-                     r"lora_embedding_(?P<emb>A|B))$")
+                     r"lora_embedding_(?P<emb>A|B)|(?P<magnitude>lora_magnitude_vector))$")
+_MAGNITUDE = "lora_magnitude_vector"
 # trainable_token_indices: the new values of an embedding's trained rows, (len(ids), embedding_dim)
 TOKENS_KEY = "token_adapter.trainable_tokens_delta"
 _TOKENS_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.token_adapter\.trainable_tokens_delta$")
@@ -81,8 +83,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     copy's state dict, `modules_to_save` naming the modules by peft's rule).
     base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set.
     Layers whose rank or alpha differ from the most common ones are written in peft's rank_pattern /
-    alpha_pattern. Raises ValueError when the model has no such adapter, or when layers differ in
-    rslora or dropout (a peft file has one of each).
+    alpha_pattern. A DoRA adapter is written with `use_dora: true` and its magnitude vectors.
+    Raises ValueError when the model has no such adapter, or when layers differ in rslora, dropout
+    or DoRA (a peft file has one of each).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter expects a torch.nn.Module, got {type(model).__name__}")
@@ -90,13 +93,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not layers:
         names = sorted({n for _, m in lora_layers(model) for n in m.configs})
         raise ValueError(f"save_adapter: the model has no adapter {adapter_name!r} (adapters: {names})")
-    settings = {(m.configs[adapter_name].rslora, m.configs[adapter_name].dropout) for _, m in layers}
+    settings = {(m.configs[adapter_name].rslora, m.configs[adapter_name].dropout, m.configs[adapter_name].dora)
+                for _, m in layers}
     if len(settings) != 1:
-        raise ValueError(f"save_adapter: adapter {adapter_name!r} has different (rslora, dropout) on different "
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} has different (rslora, dropout, dora) on different "
                          f"layers {sorted(settings)}; a peft file has one setting of each")
     cfg, rank_pattern, alpha_pattern = _patterns([(p, m.configs[adapter_name]) for p, m in layers])
-    meta = [p for p, m in layers if m.lora_A[adapter_name].device.type == "meta"
-            or m.lora_B[adapter_name].device.type == "meta"]
+    meta = [p for p, m in layers if any(t.device.type == "meta" for t in m.adapter_parameters(adapter_name))]
     saved = [(p, w.modules_to_save[adapter_name]) for p, w in saved_modules(model) if adapter_name in w.modules_to_save]
     meta += [p for p, copy in saved if any(t.device.type == "meta" for t in copy.state_dict().values())]
     if meta:
@@ -108,6 +111,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         key_a, key_b = (("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight"))
         tensors[f"{PREFIX}{p}.{key_a}"] = m.lora_A[adapter_name].detach().to("cpu").contiguous().clone()
         tensors[f"{PREFIX}{p}.{key_b}"] = m.lora_B[adapter_name].detach().to("cpu").contiguous().clone()
+        if adapter_name in m.lora_magnitude_vector:
+            tensors[f"{PREFIX}{p}.{_MAGNITUDE}"] = m.lora_magnitude_vector[adapter_name].detach().to("cpu").clone()
     for p, copy in saved:  # peft's layout: the copy's own state dict under the module's path
         for k, t in copy.state_dict().items():
             tensors[f"{PREFIX}{p}.{k}"] = t.detach().to("cpu").contiguous().clone()
@@ -273,8 +278,10 @@ SETTINGS_KEY = "lowrank_settings"
 
 def _settings(config: dict) -> dict:
     """The config fields without which the weights would compute something else (the patterns
-    only when there are some, so that files written before them still match)."""
+    only when there are some, use_dora only when true, so that files written before them still match)."""
     out = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora")}
+    if config.get("use_dora") is True:
+        out["use_dora"] = True
     out.update({k: config[k] for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)})
     return out
 
@@ -309,7 +316,7 @@ def _config_dict(cfg: LoRAConfig, targets, fan_in_fan_out: bool, task_type, base
         "lora_dropout": cfg.dropout,
         "bias": "none",
         "use_rslora": cfg.rslora,
-        "use_dora": False,
+        "use_dora": cfg.dora,
         "fan_in_fan_out": fan_in_fan_out,
         "task_type": task_type,
         "base_model_name_or_path": base,
@@ -413,6 +420,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     that has adapters changes nothing that runs (the new adapter is inactive and frozen) unless
     set_active=True; the first adapter of a model becomes its active one.
 
+    A DoRA file (`use_dora: true`) needs a `lora_magnitude_vector` (out_features,) for every layer and
+    loads as a DoRA adapter; over an existing adapter, both must be DoRA or both not.
+
     is_trainable=False (peft's name; peft's default, not lowrank's) loads the adapter frozen, for
     inference: its factors get no gradient whether or not it is active. With the default True an
     adapter that becomes active is trainable, as one made by patch_linear (a frozen default would
@@ -477,17 +487,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             continue
         if m is None:
             problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight or "
-                            f".lora_embedding_A/B) nor a weight of a module in modules_to_save ({saved_names}); "
-                            f"DoRA and biases are not supported")
+                            f".lora_embedding_A/B), a DoRA magnitude (.lora_magnitude_vector) nor a weight of a "
+                            f"module in modules_to_save ({saved_names}); biases are not supported")
+            continue
+        if m["magnitude"] and not cfg.dora:
+            problems.append(f"{key}: a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
+            continue
+        if m["magnitude"]:
+            pairs.setdefault(m["path"], {})[_MAGNITUDE] = t
             continue
         which = m["which"] or f"lora_{m['emb']}"
         key_kinds.setdefault(m["path"], set()).add("embedding" if m["emb"] else "linear")
         pairs.setdefault(m["path"], {})[which] = t
     linear = {p: mod for p, mod, *_ in iter_linear(model)}
     existing = {p: mod for p, mod in lora_layers(model) if adapter_name in mod.configs}
+    wanted_keys = ("lora_A", "lora_B", _MAGNITUDE) if cfg.dora else ("lora_A", "lora_B")
     for p, ab in sorted(pairs.items()):
-        for which in ("lora_A", "lora_B"):
+        for which in wanted_keys:
             if which not in ab:
+                if which == _MAGNITUDE:
+                    problems.append(f"{p}: {_MAGNITUDE} missing (use_dora is true)")
+                    continue
                 key = f"lora_embedding_{which[-1]}" if key_kinds.get(p) == {"embedding"} else f"{which}.weight"
                 problems.append(f"{p}: {key} missing")
         mod = linear.get(p)
@@ -500,21 +520,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                             f"{'an embedding' if embedding else 'linear'} (lora_embedding_A/B are for nn.Embedding)")
         k, n = (mod.in_features, mod.out_features) if isinstance(mod, LoRALinear) else linear_dims(mod)
         rank = rank_at(p)
-        expect = {"lora_A": (rank, k), "lora_B": (n, rank)}
+        expect = {"lora_A": (rank, k), "lora_B": (n, rank), _MAGNITUDE: (n,)}
         for which, t in ab.items():
+            key = f"{p}.{which}" if which == _MAGNITUDE else f"{p}.{which}.weight"
             if tuple(t.shape) != expect[which]:
-                problems.append(f"{p}.{which}.weight: shape {tuple(t.shape)}, the layer needs {expect[which]} "
+                problems.append(f"{key}: shape {tuple(t.shape)}, the layer needs {expect[which]} "
                                 f"(r={rank}{' from rank_pattern' if rank != cfg.rank else ''}, in={k}, out={n})")
             if t.dtype not in FLOAT_DTYPES:
-                problems.append(f"{p}.{which}.weight: dtype {t.dtype}, expected a floating-point dtype")
+                problems.append(f"{key}: dtype {t.dtype}, expected a floating-point dtype")
                 continue
-            problems += _value_problems(f"{p}.{which}.weight", t, _adapter_dtype(mod, existing.get(p), adapter_name))
+            problems += _value_problems(key, t, _adapter_dtype(mod, existing.get(p), adapter_name))
         if existing and p not in existing:
             problems.append(f"{p}: the model's adapter {adapter_name!r} does not cover this layer "
                             f"(it is on {len(existing)} other layers)")
         elif p in existing and existing[p].configs[adapter_name].rank != rank:
             problems.append(f"{p}: adapter {adapter_name!r} has rank {existing[p].configs[adapter_name].rank} "
                             f"in the model, {rank} in the file")
+        elif p in existing and existing[p].configs[adapter_name].dora != cfg.dora:
+            problems.append(f"{p}: adapter {adapter_name!r} is {'a DoRA' if cfg.dora else 'a plain LoRA'} adapter in "
+                            f"the file but not in the model")
     merged = sorted(p for p, mod in existing.items() if getattr(mod, "merged", None)
                     and mod.merged.adapter == adapter_name)
     if merged:  # new A / B under a merged weight: outputs would keep the old adapter, unmerge would fail
@@ -544,14 +568,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                      rank_pattern={re.escape(p): rank_at(p) for p in wanted if rank_at(p) != cfg.rank},
                      alpha_pattern={re.escape(p): alpha_at(p) for p in wanted if alpha_at(p) != cfg.alpha},
                      targets=lambda p, _m: p in wanted, adapter_name=adapter_name, set_active=set_active,
-                     modules_to_save=sorted(to_save) or None,
+                     modules_to_save=sorted(to_save) or None, dora=cfg.dora,
                      trainable_token_indices={p: ids for p, (_, ids) in token_targets.items()} or None)
     layers = dict(lora_layers(model))
     wrappers = dict(saved_modules(model))
     # The file's factors in each layer's dtype and device first (what can run out of memory), then
     # the copies, which cannot fail.
     staged = {(p, which): ab[which].to(getattr(layers[p], which)[adapter_name].dtype).to(
-        getattr(layers[p], which)[adapter_name].device) for p, ab in pairs.items() for which in ("lora_A", "lora_B")}
+        getattr(layers[p], which)[adapter_name].device) for p, ab in pairs.items() for which in wanted_keys}
     staged_states = {}
     for p, state in states.items():
         own = wrappers[p].modules_to_save[adapter_name].state_dict()
@@ -572,14 +596,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 copy.requires_grad_(False)
         for p, ab in pairs.items():
             layer = layers[p]
-            for which, store in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                store[adapter_name].copy_(staged[(p, which)])
+            for which in wanted_keys:
+                getattr(layer, which)[adapter_name].copy_(staged[(p, which)])
             old = layer.configs[adapter_name]
             layer.configs[adapter_name] = dataclasses.replace(
                 old, alpha=alpha_at(p), dropout=cfg.dropout, rslora=cfg.rslora)
             if not is_trainable:
-                layer.lora_A[adapter_name].requires_grad_(False)
-                layer.lora_B[adapter_name].requires_grad_(False)
+                for param in layer.adapter_parameters(adapter_name):
+                    param.requires_grad_(False)
     return model
 
 
@@ -771,6 +795,7 @@ class AdapterLayer:
     alpha: float
     scaling: float
     embedding: bool = False  # lora_embedding_A / _B: an nn.Embedding, its weight stored (in, out) = (V, D)
+    magnitude: torch.Tensor | None = None  # a DoRA adapter's lora_magnitude_vector (out,)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -811,7 +836,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     cfg, rank_pattern, alpha_pattern, saved_names = _lora_config_from_peft(config, "default", config_file)
     tensors, stamp = _read_weights(path, allow_pickle)
     _check_stamp(path, config, stamp)
-    problems, pairs, kinds, saved, bases, token_rows = [], {}, {}, {}, {}, {}
+    problems, pairs, kinds, saved, bases, token_rows, magnitudes = [], {}, {}, {}, {}, {}, {}
     for key, t in tensors.items():
         if _TOKENS_RE.match(key):
             token_rows[_TOKENS_RE.match(key)["path"]] = t
@@ -828,6 +853,9 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
             problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight or "
                             f".lora_embedding_A/B) nor a weight of a module in modules_to_save ({saved_names}); "
                             f"DoRA and biases are not supported")
+            continue
+        if m["magnitude"]:
+            magnitudes[m["path"]] = t
             continue
         kinds.setdefault(m["path"], set()).add(bool(m["emb"]))
         pairs.setdefault(m["path"], {})[m["which"] or f"lora_{m['emb']}"] = t
@@ -864,7 +892,15 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
             problems.append(f"{p}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not both have rank "
                             f"{rank}{' (from rank_pattern)' if rank != cfg.rank else ''}")
             continue
-        layers.append(AdapterLayer(p, A, B, rank, alpha, scaling_for(rank, alpha, cfg.rslora), embedding))
+        mag = magnitudes.get(p)
+        if cfg.dora and (mag is None or tuple(mag.shape) != (B.shape[0],) or not mag.is_floating_point()):
+            problems.append(f"{p}: a DoRA adapter needs a floating-point {_MAGNITUDE} of shape ({B.shape[0]},), "
+                            f"the file has {None if mag is None else (mag.dtype, tuple(mag.shape))}")
+            continue
+        if mag is not None and not cfg.dora:
+            problems.append(f"{p}.{_MAGNITUDE}: a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
+            continue
+        layers.append(AdapterLayer(p, A, B, rank, alpha, scaling_for(rank, alpha, cfg.rslora), embedding, mag))
     for p, state in sorted(saved.items()):
         for k, t in sorted(state.items()):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -54,14 +54,14 @@ def add_adapter(model: nn.Module, name: str, rank: int = 16, alpha: float | None
                 init: str = "kaiming", set_active: bool = False, rank_pattern: dict | None = None,
                 alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None,
                 trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
-                adapter_dtype: torch.dtype | None = None) -> nn.Module:
+                adapter_dtype: torch.dtype | None = None, dora: bool = False) -> nn.Module:
     """Add adapter `name` (same arguments as `patch_linear`). As in peft, nothing that runs changes:
     the model's active adapter stays active (the first adapter of a model becomes it), and the new
     one is frozen until `set_adapter` picks it, or set_active=True does so here. Returns model."""
     return patch_linear(model, rank=rank, alpha=alpha, dropout=dropout, targets=targets, exclude=exclude,
                         rslora=rslora, init=init, adapter_name=name, set_active=set_active,
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=modules_to_save,
-                        trainable_token_indices=trainable_token_indices, adapter_dtype=adapter_dtype)
+                        trainable_token_indices=trainable_token_indices, adapter_dtype=adapter_dtype, dora=dora)
 
 
 def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
@@ -90,6 +90,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         active = layer.active_adapter
         del layer.lora_A[name]
         del layer.lora_B[name]
+        if name in layer.lora_magnitude_vector:
+            del layer.lora_magnitude_vector[name]
         del layer.configs[name]
         # Positions in `configs` shifted: re-set the active adapter so its index buffer follows.
         layer.active_adapter = None if active == name else active

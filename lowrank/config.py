@@ -26,6 +26,8 @@ class LoRAConfig:
     rslora:   scaling = alpha / sqrt(rank) (rank-stabilized LoRA) instead of alpha / rank.
     init:     "kaiming" (A ~ kaiming-uniform(a=sqrt(5)), B = 0, as peft) or "gaussian"
               (A ~ N(0, std=1/rank), B = 0, as peft's init_lora_weights="gaussian").
+    dora:     DoRA (weight-decomposed LoRA, peft's use_dora): each output row scaled by
+              m_i / ||W_i + s (BA)_i||, m a trainable vector initialised to ||W_i||.
     targets / exclude: which linear layers; see `lowrank.patch.select_targets`.
     """
 
@@ -37,6 +39,7 @@ class LoRAConfig:
     targets: TargetSpec = "all-linear"
     exclude: TargetSpec = None
     adapter_name: str = "default"
+    dora: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -65,6 +68,8 @@ class LoRAConfig:
         self.dropout = float(self.dropout)
         if not isinstance(self.rslora, bool):
             raise TypeError(f"rslora must be a bool, got {type(self.rslora).__name__}")
+        if not isinstance(self.dora, bool):
+            raise TypeError(f"dora must be a bool, got {type(self.dora).__name__}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
@@ -148,7 +153,7 @@ def check_target_spec(spec: TargetSpec, what: str, allow_none: bool) -> None:
 
 # peft's argument / LoraConfig field -> lowrank's argument of the same meaning.
 PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-              "exclude_modules": "exclude", "use_rslora": "rslora"}
+              "exclude_modules": "exclude", "use_rslora": "rslora", "use_dora": "dora"}
 
 # LoraConfig fields that do not change what lowrank computes: bookkeeping, and fan_in_fan_out
 # (lowrank knows each layer's weight layout: GPT-2's Conv1D is recognised, not declared).
@@ -195,12 +200,12 @@ def peft_config_dict(config) -> dict:
 
 
 def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict:
-    """lowrank's LoRA arguments (rank, alpha, dropout, rslora; and with for_new_weights: targets,
+    """lowrank's LoRA arguments (rank, alpha, dropout, rslora, dora; and with for_new_weights: targets,
     exclude, init) from a peft LoraConfig's fields, every field checked: ValueError naming each
-    field that is malformed, or that asks for something lowrank does not do (DoRA, biases,
-    other initialisations...). rank_pattern / alpha_pattern come back as such
-    (dicts, or None when empty), modules_to_save as a list of names or None, trainable_token_indices
-    as given (a list or a dict) or None. Fields at their
+    field that is malformed, or that asks for something lowrank does not do (biases, other
+    initialisations...). rank_pattern / alpha_pattern come back as such (dicts, or None when empty),
+    modules_to_save as a list of names or None, trainable_token_indices as given (a list or a dict)
+    or None. Fields at their
     'off' default are accepted whatever they are, as are bookkeeping fields (`_PEFT_INERT`).
 
     for_new_weights=False (reading an adapter file, whose weights are given): target_modules and
@@ -233,7 +238,7 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
         problems.append(f"r={r!r} must be an int >= 1")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         problems.append(f"lora_alpha={alpha!r} must be a number > 0")
-    read = {"r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "target_modules", "exclude_modules",
+    read = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "target_modules", "exclude_modules",
             "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices"}
     tokens = config.get("trainable_token_indices")
     if tokens is not None and not (isinstance(tokens, (list, tuple)) or (
@@ -285,7 +290,8 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
     kwargs.update(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                  rslora=bool(config.get("use_rslora", False)), modules_to_save=list(saved) if saved else None,
+                  rslora=bool(config.get("use_rslora", False)), dora=bool(config.get("use_dora", False)),
+                  modules_to_save=list(saved) if saved else None,
                   trainable_token_indices=(dict(tokens) if isinstance(tokens, Mapping) else list(tokens))
                   if tokens else None, **patterns)
     return kwargs

@@ -24,7 +24,7 @@ from .merge import merge, merged_weight, unmerge
 from .nf4_linear import NF4Linear
 from .patch import active_adapter, lora_layers, saved_modules, set_active_adapter, token_layers
 
-_ADAPTER_KEYS = ("lora_A.", "lora_B.")
+_ADAPTER_KEYS = ("lora_A.", "lora_B.", "lora_magnitude_vector.")
 
 
 def merged_state_dict(model: nn.Module, adapter_name: str | None = None, weights: dict | None = None) -> dict:

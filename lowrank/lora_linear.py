@@ -10,12 +10,15 @@ import threading
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .backend import backend_for
 from .config import LoRAConfig
 from .layer_types import is_conv1d, is_dense_linear, is_embedding, linear_dims
 from .nf4_linear import NF4Linear
+from .ops.dora import dora_linear, dora_row_norms, dora_scale, weight_row_sq_norms
 from .ops.lora_matmul import lora_linear
+from .ops.nf4_lora_matmul import nf4_lora_linear
 from .ops.sgmv import metadata_for, sgmv
 
 
@@ -35,7 +38,11 @@ class LoRALinear(nn.Module):
     The wrapped layer is kept as `base_layer` (its weight is not copied; `lowrank.unpatch` puts the
     very same module back). Adapters live in `lora_A[name]` (rank, in_features) and
     `lora_B[name]` (out_features, rank), in the base weight's dtype and device, so a GPT-2 Conv1D
-    adapter has the same shapes as an nn.Linear one (peft's `fan_in_fan_out`).
+    adapter has the same shapes as an nn.Linear one (peft's `fan_in_fan_out`). A DoRA adapter
+    (config.dora) also has `lora_magnitude_vector[name]` (out_features,), initialised to the base
+    weight's row norms ||W_i|| (an NF4 base: of its dequantized weight in the compute dtype), and
+    runs `lowrank.ops.dora_linear` / `nf4_dora_linear` (peft's DoRA, norm detached).
+
 
     An nn.Embedding (num_embeddings V, embedding_dim D) is adapted as peft does it: in_features = V,
     out_features = D, A (r, V) starts at zero and B (D, r) normal (peft's lora_embedding_A / _B),
@@ -55,6 +62,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = linear_dims(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (peft's name)
         self.configs: dict[str, LoRAConfig] = {}
         # Multi-adapter state (lowrank.adapters): the active adapter's position in `configs` as a
         # device tensor (-1: none), kept in step with `active_adapter` by its setter, and the
@@ -99,12 +107,15 @@ class LoRALinear(nn.Module):
         none (None). Model-level code (`lowrank.patch_linear`) decides for the whole model."""
         self.attach_adapter(config, *self.new_factors(config), activate=activate)
 
-    def new_factors(self, config: LoRAConfig, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def new_factors(self, config: LoRAConfig, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
         """(A, B) for `config` on this layer, allocated and initialised, in `dtype` (default: the
-        base weight's; float32 over an NF4 base); the layer is not touched (the allocation is what
-        can fail: out of memory)."""
+        base weight's; float32 over an NF4 base), and for a DoRA adapter the magnitude m = ||W_i||
+        too: (A, B, m); the layer is not touched (the allocation is what can fail: out of memory)."""
         if config.adapter_name in self.configs:
             raise ValueError(f"adapter {config.adapter_name!r} already exists on this layer")
+        if config.dora and self.embedding:
+            raise ValueError(f"adapter {config.adapter_name!r}: DoRA on an nn.Embedding is not supported (only "
+                             f"linear layers); leave the embedding out of the targets or use plain LoRA")
         w = self.base_layer.weight
         if dtype is None:
             dtype = w.dtype if w.dtype.is_floating_point else torch.float32
@@ -117,19 +128,57 @@ class LoRALinear(nn.Module):
                     b.copy_(torch.randn(b.shape, device=b.device))
         else:
             init_lora_A_(a, config)
-        return a, b
+        if not config.dora:
+            return a, b
+        m = torch.empty(self.out_features, device=w.device, dtype=dtype)
+        if w.device.type != "meta":
+            m.copy_(self.weight_sq_norms().sqrt())  # ||W_i|| in float64, rounded once
+        return a, b, m
 
     def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor,
-                       activate: bool | None = None) -> None:
-        """Register factors from `new_factors` as adapter `config.adapter_name`."""
+                       magnitude: torch.Tensor | None = None, activate: bool | None = None) -> None:
+        """Register factors from `new_factors` as adapter `config.adapter_name` (magnitude: a DoRA
+        adapter's m, required exactly when config.dora)."""
         name = config.adapter_name
         if name in self.configs:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        if (magnitude is not None) != config.dora:
+            raise ValueError(f"adapter {name!r}: a magnitude vector is needed exactly for a DoRA adapter "
+                             f"(dora={config.dora}, magnitude {'given' if magnitude is not None else 'missing'})")
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
+        if magnitude is not None:
+            self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
         self.configs[name] = config
         if activate or (activate is None and self.active_adapter is None):
             self.active_adapter = name
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name`: lora_A, lora_B (and a DoRA adapter's magnitude)."""
+        params = [self.lora_A[name], self.lora_B[name]]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name])
+        return params
+
+    def weight_sq_norms(self) -> torch.Tensor:
+        """||W_i||^2 of the base weight's rows, float64 (out_features,), for DoRA's norms: computed
+        once and cached while the weight keeps its storage, version counter, shape, strides, dtype
+        and device (an in-place update, a `.data =` swap, `.to()` all recompute it). An edit through
+        `weight.data` in place bumps no counter: call `clear_weight_cache()` after one."""
+        w = self.base_layer.weight  # an NF4 base: its packed 4-bit codes
+        nf4 = isinstance(self.base_layer, NF4Linear)
+        key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.dtype, w.device,
+               self.base_layer.compute_dtype if nf4 else None)
+        cached = self.__dict__.get("_weight_sq")
+        if cached is None or cached[0] != key:
+            source = self.base_layer.nf4 if nf4 else self.base_weight_nk()
+            cached = (key, weight_row_sq_norms(source, self.base_layer.compute_dtype if nf4 else None))
+            self.__dict__["_weight_sq"] = cached
+        return cached[1]
+
+    def clear_weight_cache(self) -> None:
+        """Forget the cached ||W_i||^2 (see `weight_sq_norms`)."""
+        self.__dict__.pop("_weight_sq", None)
 
     def base_weight_nk(self) -> torch.Tensor:
         """The base weight as (out_features, in_features): a view for Conv1D, no copy."""
@@ -146,6 +195,17 @@ class LoRALinear(nn.Module):
         if self.embedding:
             out = self.base_layer(x)
             return out + _embedding_delta(self, x, name).to(out.dtype)
+        if name in self.lora_magnitude_vector and isinstance(self.base_layer, NF4Linear):
+            return self.base_layer.dora_forward(x, self.lora_A[name], self.lora_B[name],
+                                                self.lora_magnitude_vector[name], cfg.scaling,
+                                                cfg.dropout if self.training else 0.0, self.weight_sq_norms())
+        if name in self.lora_magnitude_vector:
+            w = self.base_weight_nk()
+            a, b, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
+            if a.dtype != w.dtype:  # fp32 master adapters over a 16-bit base, as for LoRA below
+                a, b, m = a.to(w.dtype), b.to(w.dtype), m.to(w.dtype)
+            return dora_linear(x, w, a, b, m, cfg.scaling, bias=self.base_layer.bias,
+                               dropout=cfg.dropout if self.training else 0.0, weight_sq=self.weight_sq_norms())
         if isinstance(self.base_layer, NF4Linear):  # the fused QLoRA op
             return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
                                                 cfg.dropout if self.training else 0.0)
@@ -159,7 +219,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {n: c.rank for n, c in self.configs.items()}
-        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}, "
+        dora = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}{dora}, "
                 f"active={self.active_adapter!r}, fan_in_fan_out={self.fan_in_fan_out}")
 
 
@@ -195,12 +256,13 @@ def _takes_mixed_forward(layer) -> bool:
     """Whether LoRALinear.forward goes through `_mixed_forward`: inside `lowrank.adapter_ids` in the
     thread that entered it (another thread's forward of the same model runs its active adapter as
     if there were no block), or under torch.compile for an unmerged layer with two or more adapters
-    (switching among them then changes a buffer, not a guarded attribute). Under torch.compile the
+    and no DoRA adapter (switching among them then changes a buffer, not a guarded attribute). Under torch.compile the
     thread is not checked: dynamo guards on the ids attribute, not on the calling thread."""
     if layer._adapter_ids is not None and (torch.compiler.is_compiling()
                                            or layer._adapter_ids_thread == threading.get_ident()):
         return True
-    return len(layer.configs) > 1 and not getattr(layer, "merged", False) and torch.compiler.is_compiling()
+    return (len(layer.configs) > 1 and not getattr(layer, "merged", False) and not len(layer.lora_magnitude_vector)
+            and torch.compiler.is_compiling())
 
 
 def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +270,8 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     for the active adapter under torch.compile (`layer._active_index`, a buffer, so switching
     adapters changes data, not a guard). Every adapter of the layer goes into one `lowrank::sgmv`."""
     names = list(layer.configs)
-    out = layer.base_layer(x)
+    dora = len(layer.lora_magnitude_vector) > 0
+    out = None if dora and names else layer.base_layer(x)  # DoRA: the base GEMM without its bias, below
     if not names:
         return out
     if getattr(layer, "merged", False):
@@ -236,6 +299,8 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
         p_tok = p[torch.where(valid, ids_tok + 1, 0)][:, None]  # (M, 1)
         keep = torch.rand(x2.shape, device=x.device) >= p_tok
         h = x2 * (keep / (1.0 - p_tok)).to(x2.dtype)
+    if dora:
+        return _mixed_dora(layer, x, h, ids_tok, meta)
     As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
     # The adapters' dtype can differ from the activations': an NF4 base keeps fp32 adapters in a
     # bf16 model, and autocast makes the base output bf16 beside fp32 x. As peft does, the LoRA
@@ -264,6 +329,54 @@ def _mixed_embedding_delta(layer, x: torch.Tensor, names: list[str]) -> torch.Te
         term = delta * (tok == i).to(delta.dtype)
         total = term if total is None else total + term
     return total
+
+
+def _mixed_dora(layer, x: torch.Tensor, h: torch.Tensor, ids_tok: torch.Tensor, meta) -> torch.Tensor:
+    """`_mixed_forward` for a layer with DoRA adapters: each token on its own adapter, LoRA or DoRA (or
+    the base layer), as if run alone, through one `lowrank::sgmv`; differentiable (m included).
+    With S the per-adapter row scales (m / ||W + s B A|| for a DoRA adapter, 1 for a LoRA adapter and
+    for base tokens) and L(h) the tokens' LoRA terms (sgmv):
+        y = x W^T + bias + (S - 1) (.) h W^T + S (.) L(h) = (x W^T - h W^T) + bias + S (.) (h W^T + L(h)),
+    peft's DoRA (and LoRA where S = 1); without dropout h = x and y = S (.) (x W^T + L(x)) + bias."""
+    names = list(layer.configs)
+    cfgs = [layer.configs[a] for a in names]
+    k, n = layer.in_features, layer.out_features
+    x2 = x.reshape(-1, k)  # (M, K)
+    As, Bs = [layer.lora_A[a] for a in names], [layer.lora_B[a] for a in names]
+    dt = As[0].dtype  # the adapters' dtype, as in _mixed_forward
+    xw = _base_without_bias(layer, x2)  # (M, N)
+    hw = xw if h is x2 else _base_without_bias(layer, h)
+    v = sgmv(h.to(dt), hw.to(dt), ids_tok, As, Bs, [c.scaling for c in cfgs], meta)  # h W^T + L(h)
+    nf4 = isinstance(layer.base_layer, NF4Linear)
+    source = layer.base_layer.nf4 if nf4 else layer.base_weight_nk()
+    ones = torch.ones(n, dtype=dt, device=x.device)
+    scales = [ones]
+    for a, cfg in zip(names, cfgs):
+        if a not in layer.lora_magnitude_vector:
+            scales.append(ones)
+            continue
+        norms = dora_row_norms(source, layer.lora_A[a], layer.lora_B[a], cfg.scaling,
+                               weight_sq=layer.weight_sq_norms(), dtype=layer.base_layer.compute_dtype if nf4 else None)
+        scales.append(dora_scale(layer.lora_magnitude_vector[a], norms, dt))
+    valid = (ids_tok >= 0) & (ids_tok < len(names))
+    s_tok = torch.stack(scales)[torch.where(valid, ids_tok + 1, 0)]  # (M, N): each token's adapter's scale
+    y = s_tok * v
+    if h is not x2:
+        y = y + (xw - hw).to(dt)
+    bias = layer.base_layer.bias
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.view(*x.shape[:-1], n).to(xw.dtype)
+
+
+def _base_without_bias(layer, x2: torch.Tensor) -> torch.Tensor:
+    """x2 @ W^T for the layer's base weight (dense, or NF4 through the QLoRA op in its compute dtype)."""
+    base = layer.base_layer
+    if isinstance(base, NF4Linear):
+        xc = x2.to(base.compute_dtype)
+        return nf4_lora_linear(xc, base.nf4, xc.new_empty((0, layer.in_features)),
+                               xc.new_empty((layer.out_features, 0)), 0.0).to(x2.dtype)
+    return F.linear(x2, layer.base_weight_nk())
 
 
 def _tokens_and_meta(ids, m: int, n_adapters: int, x):

@@ -10,6 +10,10 @@ pure-torch fallback). A merged layer keeps the exact-unmerge record packed in it
 `record_fraction` reports that size relative to W's bytes (about 15% when the delta's rms is 10%
 of W's, 32% at 30%).
 
+DoRA adapters merge as W <- round(m / ||W + s B A|| (.) (W + s B A)), one rounding, with their own
+exact-unmerge record (`lowrank.ops.dora_merge`: the pure-torch float64 path, CPU or GPU; no native
+kernel yet); the row scale is kept in the `MergeState` (8 bytes per row).
+
 NF4 (QLoRA) layers: `merge_and_unload` dequantizes them and merges there with one rounding
 (optionally quantizing the result back). It dequantizes to the dtype of the weight that was
 quantized (`NF4Weight.dtype`), not to the compute dtype: the two agree in the usual bf16 QLoRA
@@ -33,6 +37,7 @@ import torch.nn as nn
 from .dtypes import KERNEL_DTYPES
 from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
+from .ops.dora_merge import dora_merge_, dora_unmerge_
 from .ops.merge import check_merge_args
 from .patch import active_adapter, refuse_inside_adapter_ids, restore_modules
 
@@ -53,8 +58,9 @@ class MergeState:
     block_counts: torch.Tensor  # int32 (ceil(numel / 2^16),)
     low_bits: torch.Tensor      # int16 (n,): flat index & 0xFFFF
     values: torch.Tensor        # weight.dtype (n,): original bits
-    versions: tuple  # (weight, lora_A, lora_B) version counters right after the merge
-    fingerprints: tuple = ()  # (weight, lora_A, lora_B) `fingerprint`s right after the merge
+    versions: tuple  # (weight, lora_A, lora_B[, magnitude]) version counters right after the merge
+    fingerprints: tuple = ()  # (weight, lora_A, lora_B[, magnitude]) `fingerprint`s right after the merge
+    dora_scale: torch.Tensor | None = None  # a DoRA merge: m / ||W + s B A|| per row, float64 (N,)
 
     @classmethod
     def pack(cls, adapter, scaling, exact, rec_idx, rec_val, numel, versions, fingerprints=()):
@@ -72,7 +78,8 @@ class MergeState:
         return idx.to(torch.int32), self.values
 
     def record_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.block_counts, self.low_bits, self.values))
+        extra = () if self.dora_scale is None else (self.dora_scale,)
+        return sum(t.numel() * t.element_size() for t in (self.block_counts, self.low_bits, self.values, *extra))
 
 
 def record_fraction(layer: LoRALinear) -> float:
@@ -115,6 +122,8 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None):
 
 def _refuse_meta(path: str, layer: LoRALinear, name: str) -> None:
     tensors = {"weight": layer.base_layer.weight, "lora_A": layer.lora_A[name], "lora_B": layer.lora_B[name]}
+    if name in layer.lora_magnitude_vector:
+        tensors["lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
     meta = [k for k, t in tensors.items() if t.device.type == "meta"]
     if meta:
         raise ValueError(f"layer {path}: {', '.join(meta)} on the meta device (shapes without values): load real "
@@ -197,17 +206,27 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _fingerprints(layer: LoRALinear, name: str, w: torch.Tensor) -> tuple:
-    return fingerprint(w), fingerprint(layer.lora_A[name]), fingerprint(layer.lora_B[name])
+    return (fingerprint(w), *(fingerprint(p) for p in layer.adapter_parameters(name)))
+
+
+def _versions(layer: LoRALinear, name: str, w: torch.Tensor) -> tuple:
+    return (w._version, *(p._version for p in layer.adapter_parameters(name)))
 
 
 @torch.no_grad()
 def _merge_layer(layer: LoRALinear, name: str, exact: bool) -> None:
     w, a, b = _merge_operands(layer, name)
     scaling = layer.scaling(name)
-    rec_idx, rec_val = torch.ops.lowrank.merge_(w, a, b, scaling, exact)
-    versions = (w._version, layer.lora_A[name]._version, layer.lora_B[name]._version)
-    layer.merged = MergeState.pack(name, scaling, exact, rec_idx, rec_val, w.numel(), versions,
-                                   _fingerprints(layer, name, w))
+    dora_scale = None
+    if name in layer.lora_magnitude_vector:  # W <- round(m / ||W + s B A|| (W + s B A)), lowrank.ops.dora_merge
+        dora_scale, rec_idx, rec_val = dora_merge_(layer.base_weight_nk(), layer.lora_A[name], layer.lora_B[name],
+                                                   layer.lora_magnitude_vector[name], scaling, exact)
+    else:
+        rec_idx, rec_val = torch.ops.lowrank.merge_(w, a, b, scaling, exact)
+    state = MergeState.pack(name, scaling, exact, rec_idx, rec_val, w.numel(), _versions(layer, name, w),
+                            _fingerprints(layer, name, w))
+    state.dora_scale = dora_scale
+    layer.merged = state
 
 
 def _check_unmergeable(path: str, layer: LoRALinear) -> None:
@@ -216,11 +235,12 @@ def _check_unmergeable(path: str, layer: LoRALinear) -> None:
     alone, and unmerging over it would give back neither the original weight nor the edit."""
     state: MergeState = layer.merged
     w, _, _ = _merge_operands(layer, state.adapter)
-    now = (w._version, layer.lora_A[state.adapter]._version, layer.lora_B[state.adapter]._version)
+    now = _versions(layer, state.adapter, w)
     if (now != state.versions or layer.scaling(state.adapter) != state.scaling
             or _fingerprints(layer, state.adapter, w) != state.fingerprints):
-        raise ValueError(f"layer {path}: the weight, lora_A, lora_B or scaling of adapter {state.adapter!r} "
-                         f"changed since it was merged; unmerging would not give the original weight back")
+        raise ValueError(f"layer {path}: the weight, lora_A, lora_B, magnitude or scaling of adapter "
+                         f"{state.adapter!r} changed since it was merged; unmerging would not give the original "
+                         f"weight back")
 
 
 @torch.no_grad()
@@ -229,7 +249,11 @@ def _unmerge_layer(path: str, layer: LoRALinear, checked: bool = False) -> None:
     if not checked:
         _check_unmergeable(path, layer)
     w, a, b = _merge_operands(layer, state.adapter)
-    if state.exact:
+    if state.dora_scale is not None:
+        rec = state.unpack() if state.exact else (None, None)
+        dora_unmerge_(layer.base_weight_nk(), layer.lora_A[state.adapter], layer.lora_B[state.adapter],
+                      state.scaling, state.dora_scale, *rec)
+    elif state.exact:
         # The record is plain attributes, not buffers: a merged layer moved with .to() / .cuda()
         # leaves it behind. It follows the weight here (the version check above has already
         # refused a .to(dtype), which rewrites the weight).
@@ -314,8 +338,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
             a, b = layer.lora_A[name], layer.lora_B[name]
             if a.device.type == "meta" or b.device.type == "meta" or layer.base_layer.nf4.device.type == "meta":
                 raise ValueError(f"merge_and_unload: layer {path} is on the meta device (shapes without values)")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B contain NaN or Inf")
+            if not all(bool(torch.isfinite(t).all()) for t in layer.adapter_parameters(name)):
+                raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B / magnitude contain NaN or Inf")
             quantized.append((path, layer, name))
         else:
             dense.append((path, layer, _check_layer(path, layer, adapter_name)))
@@ -364,7 +388,10 @@ def _merged_nf4(layer: LoRALinear, name: str, requantize: bool):
     dtype = base.nf4.dtype if base.nf4.dtype in KERNEL_DTYPES else base.compute_dtype
     w = base.dequantize(dtype).contiguous()  # (out, in)
     a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-    torch.ops.lowrank.merge_(w, a, b, layer.scaling(name), False)  # factors in their own dtype (fp32)
+    if name in layer.lora_magnitude_vector:  # DoRA: the norms of this dequantized weight, one rounding
+        dora_merge_(w, a, b, layer.lora_magnitude_vector[name].detach(), layer.scaling(name), exact=False)
+    else:
+        torch.ops.lowrank.merge_(w, a, b, layer.scaling(name), False)  # factors in their own dtype (fp32)
     linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
     linear.weight = nn.Parameter(w, requires_grad=False)
     if base.bias is not None:

@@ -143,6 +143,10 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
     plans, problems = [], []
     for layer in found.layers:
         key, (n, k) = keys[layer.path], layer.shape
+        if layer.magnitude is not None:
+            problems.append(f"{layer.path}: a DoRA adapter; lowrank merge does not merge DoRA files yet (load it "
+                            f"and use lowrank.merge_and_unload, or save_pretrained(merged=True))")
+            continue
         mod_name, module = _module_for(model, modules, layer.path, key)
         if module is None:
             problems.append(f"{layer.path}: no module {layer.path} in the {type(model).__name__} built from "

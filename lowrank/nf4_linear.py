@@ -11,6 +11,7 @@ from .dtypes import check_dtype
 from .layer_types import is_conv1d
 from .nf4_format import NF4Weight, quantize_nf4
 from .ops.nf4_dequant import nf4_dequantize
+from .ops.dora import nf4_dora_linear
 from .ops.nf4_lora_matmul import nf4_lora_linear
 
 
@@ -83,6 +84,13 @@ class NF4Linear(nn.Module):
     def lora_forward(self, x: torch.Tensor, lora_A, lora_B, scaling: float, dropout: float) -> torch.Tensor:
         """The fused QLoRA path LoRALinear takes (`lowrank.ops.nf4_lora_linear`), in compute_dtype."""
         y = nf4_lora_linear(x.to(self.compute_dtype), self.nf4, lora_A, lora_B, scaling, self.bias, dropout)
+        return y.to(x.dtype)
+
+    def dora_forward(self, x: torch.Tensor, lora_A, lora_B, magnitude, scaling: float, dropout: float,
+                     weight_sq: torch.Tensor | None = None) -> torch.Tensor:
+        """DoRA over this 4-bit weight (`lowrank.ops.dora.nf4_dora_linear`), in compute_dtype."""
+        y = nf4_dora_linear(x.to(self.compute_dtype), self.nf4, lora_A, lora_B, magnitude, scaling, self.bias,
+                            dropout, weight_sq)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

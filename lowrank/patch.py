@@ -247,7 +247,7 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
             yield name, module
 
 
-_CONFIG_ARGS = ("rank", "alpha", "dropout", "targets", "exclude", "rslora", "init")
+_CONFIG_ARGS = ("rank", "alpha", "dropout", "targets", "exclude", "rslora", "init", "dora")
 
 
 def _layer_config(config: LoRAConfig, path: str, alpha, rank_pattern, alpha_pattern) -> LoRAConfig:
@@ -264,7 +264,7 @@ def _layer_config(config: LoRAConfig, path: str, alpha, rank_pattern, alpha_patt
 
 def accepts_peft_names(fn):
     """fn also takes peft's names for its LoRA arguments (`PEFT_NAMES`: r, lora_alpha, lora_dropout,
-    target_modules, exclude_modules, use_rslora) and `config=`: a peft LoraConfig or a dict of its
+    target_modules, exclude_modules, use_rslora, use_dora) and `config=`: a peft LoraConfig or a dict of its
     fields (peft is not imported), or a lowrank LoRAConfig, read into those arguments. An argument
     given twice (rank and r; alpha as an argument and in config) is a TypeError naming both."""
     sig = inspect.signature(fn)
@@ -312,7 +312,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                  double_quant: bool = True, set_active: bool = False, rank_pattern: dict | None = None,
                  alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None,
                  trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
-                 adapter_dtype: torch.dtype | None = None) -> nn.Module:
+                 adapter_dtype: torch.dtype | None = None, dora: bool = False) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
@@ -357,16 +357,20 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     autocast_adapter_dtype): the optimizer updates fp32 factors, the forward casts them to the
     base's dtype for the fused op (differentiably).
 
+    dora=True (peft's use_dora): a DoRA adapter, each layer's output rows scaled by
+    m / ||W + s B A|| with a trainable magnitude m initialised to W's row norms (`lowrank.ops.dora`;
+    on NF4 bases the norms come from the 4-bit storage, a block of rows at a time).
+
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
-    exclude_modules, use_rslora), and config= takes a peft LoraConfig (or its dict, or a lowrank
+    exclude_modules, use_rslora, use_dora), and config= takes a peft LoraConfig (or its dict, or a lowrank
     LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`. A config field that asks
-    for what lowrank does not do (DoRA, trainable_token_indices, ...) is a ValueError naming it.
+    for what lowrank does not do (PiSSA init, layers_to_transform, ...) is a ValueError naming it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
     refuse_inside_adapter_ids(model, "patch_linear")
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
-                        targets=targets, exclude=exclude, adapter_name=adapter_name)
+                        targets=targets, exclude=exclude, adapter_name=adapter_name, dora=dora)
     mts_names = check_module_names(modules_to_save)
     saved = select_modules_to_save(model, mts_names) if mts_names else []
     chosen = _outside_saved(select_targets(model, targets, exclude), saved, targets)
@@ -419,8 +423,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     rows = [(p, module, ids, (module if isinstance(module, TrainableTokens) else TrainableTokens(module)))
             for p, module, ids in tokens]
     rows = [(p, module, ids, layer, layer.new_rows(ids)) for p, module, ids, layer in rows]
-    for (_, wrapper, _, cfg), (a, b) in zip(wrappers.values(), factors):
-        wrapper.attach_adapter(cfg, a, b, activate=activate)
+    for (_, wrapper, _, cfg), tensors in zip(wrappers.values(), factors):
+        wrapper.attach_adapter(cfg, *tensors, activate=activate)
     for module, wrapper, new, _ in wrappers.values():
         if new:
             replace_module(refs, module, wrapper)
@@ -441,7 +445,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         if layer is not module:
             replace_module(refs, module, layer)
     kept = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
-            for p in list(m.lora_A.values()) + list(m.lora_B.values())}
+            for n in m.configs for p in m.adapter_parameters(n)}
     kept |= {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.modules_to_save.parameters()}
     kept |= {id(p) for m in model.modules() if isinstance(m, TrainableTokens) for p in m.trainable_tokens_delta.values()}
     for p in model.parameters():
@@ -451,8 +455,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         set_active_adapter(model, adapter_name, trainable=True)
     else:
         for _, wrapper, _, _ in wrappers.values():
-            wrapper.lora_A[adapter_name].requires_grad_(False)
-            wrapper.lora_B[adapter_name].requires_grad_(False)
+            for p in wrapper.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
     if fresh_state:
         object.__setattr__(model, _STATE_ATTR, state)
     return model
@@ -512,8 +516,8 @@ def set_active_adapter(model: nn.Module, name: str | None, trainable: bool) -> N
         layer.active_adapter = name if name in layer.configs else None
         if trainable:
             for n in layer.configs:
-                layer.lora_A[n].requires_grad_(n == name)
-                layer.lora_B[n].requires_grad_(n == name)
+                for p in layer.adapter_parameters(n):
+                    p.requires_grad_(n == name)
     for _, wrapper in saved_modules(model):
         wrapper.active_adapter = name if name in wrapper.modules_to_save else None
         if trainable:

@@ -162,7 +162,7 @@ def prepare_for_qlora_training(model: nn.Module, gradient_checkpointing: bool = 
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_for_qlora_training expects a torch.nn.Module, got {type(model).__name__}")
     lora = {id(p) for m in model.modules() if isinstance(m, LoRALinear)
-            for p in list(m.lora_A.values()) + list(m.lora_B.values())}
+            for n in m.configs for p in m.adapter_parameters(n)}
     for p in model.parameters():
         if id(p) not in lora:
             p.requires_grad_(False)

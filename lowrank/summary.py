@@ -151,13 +151,14 @@ def summary(model: nn.Module, print_summary: bool = True) -> ModelSummary:
         merged = layer.merged
         for name, cfg in layer.configs.items():
             a, b = layer.lora_A[name], layer.lora_B[name]
-            params = a.numel() + b.numel()
+            mag = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else a.new_empty(0)
+            params = a.numel() + b.numel() + mag.numel()
             g.lora_params += params
             s = adapters.setdefault(name, AdapterSummary(name, [], [], [], cfg.dropout, cfg.rslora, 0, 0, 0,
                                                          name == active, False, 0))
             s.layers += 1
             s.params += params
-            s.bytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+            s.bytes += sum(t.numel() * t.element_size() for t in (a, b, mag))
             s.trainable |= a.requires_grad or b.requires_grad
             for values, v in ((s.ranks, cfg.rank), (s.alphas, cfg.alpha), (s.scalings, cfg.scaling)):
                 if v not in values:

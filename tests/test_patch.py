@@ -458,7 +458,8 @@ def test_config_from_a_lowrank_config_and_conflicts():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True), ("modules_to_save", "lm_head"), ("target_parameters", ["mlp.experts.gate_up_proj"]), ("rank_pattern", {"q_proj": 0}),
+    ("use_dora", "yes"), ("modules_to_save", "lm_head"), ("target_parameters", ["mlp.experts.gate_up_proj"]),
+    ("rank_pattern", {"q_proj": 0}),
     ("alpha_pattern", {"(": 8}), ("init_lora_weights", "pissa"), ("bias", "all"),
     ("layers_to_transform", [0]), ("target_modules", None), ("peft_type", "LOHA"), ("lora_dropout", 1.5),
     ("r", 0), ("some_future_field", {"enabled": True}),

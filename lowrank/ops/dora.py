@@ -1,0 +1,339 @@
+"""The DoRA linear op without the dense matrix: y = m / ||W + s B A|| (.) (x W^T + s dropout(x) A^T B^T) + bias.
+
+    lowrank.ops.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, dropout=0.0)
+    lowrank.ops.dora.dora_row_norms(weight, lora_A, lora_B, scaling)    # ||W_i + s (B A)_i||, float64
+    lowrank.ops.dora.nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling, bias=None, dropout=0.0)
+
+DoRA (weight-decomposed LoRA) rescales each output row of the LoRA layer by m_i / ||W_i + s (BA)_i||.
+Every implementation in use forms the N x K matrix W + s B A to take those norms; this one never
+forms an N x K tensor (tested with a dispatch-mode probe on every allocation): by the expansion
+
+    ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s sum_j B_ij (W A^T)_ij + s^2 sum_j (B (A A^T))_ij B_ij
+
+the norms need W A^T (N x r, one pass over W), the r x r Gram matrix A A^T, and ||W_i||^2.
+
+# Note: accuracy of the row norms
+All terms are accumulated in float64. W A^T: W is read in blocks of rows (at most `_CHUNK_ELEMENTS`
+elements each) converted to float64; ||W_i||^2 likewise, once (W is frozen: `LoRALinear` caches it
+while the weight's storage and version counter stay the same; `weight_row_sq_norms`). On one CPU
+thread at 4096 x 4096, r = 16 this costs ~17 ms against ~7 ms for an fp32 W A^T (a sgemm and the
+float64 tail), ~1% of a 1024-token forward + backward; and an fp32 W A^T would leave each norm
+~sqrt(K) 2^-24 off (~4e-6 at K = 4096), several times peft's dense fp32 norm's error. The float64
+evaluation of the expansion has an error of at most about 3 (K + r + 1) 2^-53 M_i with
+M_i = (||W_i|| + |s| sum_j |B_ij| ||A_j||)^2, a bound on every term's magnitude. Where the terms
+cancel (the row of W + s B A much smaller than W's), that is large relative to the result: every row
+whose computed square norm is below 2^26 times that bound (so that its relative error could exceed
+2^-26, i.e. the norm's 2^-27, under half an fp32 ulp) is recomputed directly, W_i + s B_i A formed in
+float64 for those rows only (again in blocks of at most `_CHUNK_ELEMENTS`). With trained adapters
+such rows are rare; a row that is exactly zero in W and B (M_i = 0) is exactly zero and needs none.
+
+# Note: zero norms
+peft 0.21.2 divides m by the norm as is: a zero row (Llama-3.1-8B's o_proj has 511 of them, where
+m is initialised to ||W_i|| = 0) gives 0 / 0 = NaN at step 0. Here the scale is m_i / n_i where
+n_i > 0 and 0 where n_i = 0 (1/n taken as 0: the row outputs its bias, and neither m_i nor the
+adapter get a gradient through it -- the row's direction is undefined), computed in float64 and
+clamped to the largest finite value of the compute dtype, then rounded once. Outputs and
+gradients stay finite wherever x, W, A, B and m are.
+
+# Note: what matches peft
+The norm is detached, as in peft's default and the DoRA paper's section 4.3: it gets no gradient,
+so the gradients of x, A, B and m are peft's. Without dropout y = scale (.) (x W^T + s x A^T B^T) + bias
+(`_DoRALinear`: one GEMM over W forward, one backward, as LoRA; the pre-scale output v is saved
+for m's gradient when m needs one: an (M, N) activation). With dropout peft's own formula, which
+is not the same function: y = x W^T + bias + (scale - 1) (.) (h W^T) + scale (.) s h A^T B^T with h =
+dropout(x), a second GEMM over W, differentiated by autograd.
+
+NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
+at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
+
+Level 2: imports torch, level 0 (nf4_format) and level 2 (lora_matmul's argument checks, the QLoRA op).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lowrank.nf4_format import NF4Weight, nf4_code
+
+from .lora_matmul import autocast_inputs, check_dropout, check_lora_args
+from .nf4_lora_matmul import nf4_lora_linear
+
+_CHUNK_ELEMENTS = 1 << 18  # elements of W converted to float64 at a time (2 MiB)
+_U64 = 2.0 ** -53
+_RECOMPUTE_FACTOR = 2.0 ** 26  # recompute a row whose square norm's error bound exceeds 2^-26 of it
+
+
+def _row_blocks(n: int, k: int):
+    step = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+class _Rows:
+    """Rows of a weight as float64 blocks: a dense (N, K) tensor (any strides), or an NF4Weight decoded
+    from its 4-bit storage a block of rows at a time (each value as `dequantize(dtype)` holds it: the
+    fp32 product code * absmax rounded once to `dtype`, the compute dtype), never the whole matrix."""
+
+    def __init__(self, weight, dtype: torch.dtype | None = None):
+        self.weight = weight
+        self.nf4 = isinstance(weight, NF4Weight)
+        self.shape = tuple(weight.shape)
+        self.device = weight.device
+        self.dtype = (dtype or weight.dtype) if self.nf4 else weight.dtype
+        self._absmax = weight.block_absmax() if self.nf4 else None  # fp32 (blocks,): 1/16 of W's bytes in fp32
+        self._buf = None
+
+    def block(self, i: int, j: int) -> torch.Tensor:
+        """Rows i:j as float64 (j - i, K), in a buffer reused by the next call (a fresh block each time
+        costs its allocation: ~15% of the norms' time at 4096 x 4096)."""
+        if self.nf4:
+            return self._nf4_rows(i, j).to(torch.float64)
+        if self._buf is None or self._buf.shape[0] < j - i:
+            self._buf = torch.empty(j - i, self.shape[1], dtype=torch.float64, device=self.device)
+        return self._buf[:j - i].copy_(self.weight[i:j].detach())
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rows listed in idx as float64 (len(idx), K)."""
+        if not self.nf4:
+            return self.weight.detach()[idx].to(torch.float64)
+        return torch.cat([self._nf4_rows(i, i + 1) for i in idx.tolist()]).to(torch.float64)
+
+    def _nf4_rows(self, i: int, j: int) -> torch.Tensor:
+        w, (n, k) = self.weight, self.shape
+        out = torch.empty(j - i, k, dtype=self.dtype, device=self.device)
+        if w.decode_tile_native((i, j), (0, k), out):  # the CPU library: whole blocks per row
+            return out
+        start, stop = i * k, j * k  # rows are a contiguous range of the flat, blocked storage
+        flat = w.packed.reshape(-1)[start // 2:(stop + 1) // 2]
+        nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[start % 2:start % 2 + stop - start]
+        blocks = torch.arange(start, stop, device=self.device) // w.blocksize
+        vals = nf4_code(self.device)[nibbles.long()] * self._absmax[blocks]  # fp32, rounded once
+        return out.copy_(vals.view(j - i, k))  # the one rounding to the compute dtype
+
+
+@torch.no_grad()
+def weight_row_sq_norms(weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """||W_i||^2 for each row of weight (N, K), float64 (N,), accumulated in float64 in blocks of rows.
+    weight: a dense tensor, or an NF4Weight whose rows are decoded to `dtype` (default its own dtype)
+    a block at a time."""
+    rows = _Rows(weight, dtype)
+    n, k = rows.shape
+    out = torch.empty(n, dtype=torch.float64, device=rows.device)
+    for i, j in _row_blocks(n, k):
+        wc = rows.block(i, j)
+        out[i:j] = (wc * wc).sum(1)
+    return out
+
+
+@torch.no_grad()
+def dora_row_norms(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                   weight_sq: torch.Tensor | None = None, return_recomputed: bool = False,
+                   dtype: torch.dtype | None = None):
+    """||W_i + scaling * (B A)_i|| for every row i, float64 (N,), without an N x K tensor, each within
+    2^-27 relative (see the Note on accuracy: float64 throughout; rows where the terms cancel are
+    recomputed directly).
+
+    weight: (N, K), any strides (a Conv1D weight's transpose), or an NF4Weight, its rows decoded to
+    `dtype` (the compute dtype; default its own) a block at a time from the 4-bit storage;
+    lora_A: (r, K); lora_B: (N, r). weight_sq: ||W_i||^2 as float64 (N,) (`weight_row_sq_norms`),
+    when the caller caches it. return_recomputed=True returns (norms, the int64 indices of the rows
+    recomputed directly)."""
+    rows = _Rows(weight, dtype)
+    n, k = rows.shape
+    r = lora_A.shape[0]
+    s = float(scaling)
+    a64 = lora_A.detach().to(torch.float64)  # (r, K)
+    b64 = lora_B.detach().to(torch.float64)  # (N, r)
+    w2 = weight_row_sq_norms(weight, dtype) if weight_sq is None else weight_sq
+    if rows.dtype == torch.float64 and not rows.nf4:
+        p = weight.detach() @ a64.t()  # W A^T (N, r)
+    else:
+        p = torch.empty(n, r, dtype=torch.float64, device=rows.device)
+        a64t = a64.t().contiguous()  # (K, r): the GEMM reads it faster than a transposed view
+        for i, j in _row_blocks(n, k):
+            torch.mm(rows.block(i, j), a64t, out=p[i:j])
+    gram = a64 @ a64.t()  # (r, r)
+    cross = (b64 * p).sum(1)
+    quad = ((b64 @ gram) * b64).sum(1)
+    n2 = w2 + (2.0 * s) * cross + (s * s) * quad
+    # Bound on every term's magnitude, and the evaluation's error bound (Note: accuracy).
+    mag = (w2.sqrt() + abs(s) * (b64.abs() @ a64.norm(dim=1))).square()
+    bound = 3.0 * (k + r + 1) * _U64 * mag
+    bad = torch.nonzero(n2 < _RECOMPUTE_FACTOR * bound).flatten()
+    norms = n2.clamp_min(0.0).sqrt()
+    if bad.numel():
+        rows_per = max(1, _CHUNK_ELEMENTS // max(k, 1))
+        for c in range(0, bad.numel(), rows_per):
+            idx = bad[c:c + rows_per]
+            direct = rows.take(idx)  # (rows, K) float64
+            direct.addmm_(b64[idx], a64, alpha=s)
+            norms[idx] = direct.norm(dim=1)
+    return (norms, bad) if return_recomputed else norms
+
+
+def dora_scale(magnitude: torch.Tensor, norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """m / n per row, detached, in `dtype` (see the Note on zero norms): float64 m / n where n > 0,
+    0 where n == 0, clamped to dtype's finite range, rounded once. Differentiable in m (the gradient
+    of m is the upstream gradient times 1 / n, 0 where n == 0)."""
+    inv = _inverse(norms)  # (N,) float64
+    big = torch.finfo(dtype).max
+    return (magnitude.to(torch.float64) * inv).clamp(-big, big).to(dtype)
+
+
+def check_magnitude(magnitude, weight, where: str) -> None:
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"{where}: magnitude must be a torch.Tensor, got {type(magnitude).__name__}")
+    if tuple(magnitude.shape) != (weight.shape[0],):
+        raise ValueError(f"{where}: magnitude must be ({weight.shape[0]},) for weight {tuple(weight.shape)}, got "
+                         f"{tuple(magnitude.shape)}")
+    if magnitude.dtype != weight.dtype or magnitude.device != weight.device:
+        raise TypeError(f"{where}: magnitude ({magnitude.dtype}, {magnitude.device}) must share the weight's dtype "
+                        f"and device ({weight.dtype}, {weight.device})")
+
+
+def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None, dropout: float = 0.0,
+                weight_sq=None):
+    """y = (m / ||W + s B A||) (.) (x W^T + s dropout(x) A^T B^T) + bias as peft's DoRA computes it,
+    differentiable in x, lora_A, lora_B, magnitude (and bias, weight if they require grad), the
+    norm detached. With dropout > 0, peft's formula (see the module's Note: what matches peft).
+
+    x: (..., K); weight: (N, K), any strides; lora_A: (r, K); lora_B: (N, r); magnitude: (N,);
+    bias: (N,) or None; all one dtype and device. Pass dropout=0.0 in eval mode. weight_sq: the
+    weight's ||W_i||^2, float64 (N,), when the caller caches it (`weight_row_sq_norms`; computed here
+    when None). No N x K tensor is created in forward or backward."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = weight.dtype
+        x, weight, lora_A, lora_B, bias, magnitude = autocast_inputs(x, weight, lora_A, lora_B, bias, magnitude)
+        if weight.dtype != dtype:  # the cached ||W||^2 is of the uncast weight: the GEMMs see the cast one
+            weight_sq = None
+        with torch.autocast(x.device.type, enabled=False):
+            return dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout, weight_sq)
+    check_lora_args(x, weight, lora_A, lora_B, bias, where="dora_linear")
+    check_magnitude(magnitude, weight, "dora_linear")
+    check_dropout(dropout, "dora_linear")
+    s = float(scaling)
+    if not math.isfinite(s):
+        raise ValueError(f"dora_linear: scaling must be finite, got {scaling!r}")
+    if weight_sq is not None and (tuple(weight_sq.shape) != (weight.shape[0],) or weight_sq.dtype != torch.float64):
+        raise ValueError(f"dora_linear: weight_sq must be float64 ({weight.shape[0]},), got {weight_sq.dtype} "
+                         f"{tuple(weight_sq.shape)}")
+    norms = dora_row_norms(weight, lora_A, lora_B, s, weight_sq=weight_sq)
+    if dropout == 0.0 and not weight.requires_grad and torch.is_grad_enabled():
+        return _DoRALinear.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
+    scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
+    if dropout == 0.0:  # grad disabled, or a weight that needs a gradient: plain ops
+        v = F.linear(x, weight) + s * F.linear(F.linear(x, lora_A), lora_B)
+        y = v * scale
+        return y if bias is None else y + bias
+    # peft's formula, arranged so that m's gradient reads one pre-scale tensor v (as without dropout):
+    # x W^T + bias + (scale - 1) h W^T + scale s h A^T B^T = x W^T + bias + scale v - h W^T.
+    h = F.dropout(x, dropout, training=True)
+    hw = F.linear(h, weight)
+    v = hw + s * F.linear(F.linear(h, lora_A), lora_B)
+    return F.linear(x, weight, bias) + scale * v - hw
+
+
+def nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling: float, bias=None, dropout: float = 0.0,
+                    weight_sq=None):
+    """DoRA over an NF4 (QLoRA) weight: `dora_linear` with W = deq(nf4_weight) in x's dtype, the
+    matmuls through `nf4_lora_linear` (tile-by-tile decode, never a dense W) and the row norms from
+    the 4-bit storage a block of rows at a time (`dora_row_norms`). x: (..., K) in the compute dtype;
+    lora_A, lora_B, magnitude (N,) are used in x's dtype, their gradients come back in their own
+    (fp32 master weights); bias: (N,) or None, frozen; weight_sq: the cached ||W_i||^2 (float64).
+    Differentiable by autograd around the QLoRA op: y = scale (.) v + bias with v = x W^T + s x A^T B^T
+    (mul keeps v for m's gradient); with dropout, peft's formula (see the module's Note)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = x.dtype
+        x, lora_A, lora_B, bias, magnitude = autocast_inputs(x, lora_A, lora_B, bias, magnitude)
+        if x.dtype != dtype:  # W is decoded to the new dtype: a cached ||W||^2 was of the other one
+            weight_sq = None
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling, bias, dropout, weight_sq)
+    if not isinstance(nf4_weight, NF4Weight):
+        raise TypeError(f"nf4_dora_linear: nf4_weight must be a lowrank.NF4Weight, got {type(nf4_weight).__name__}")
+    n, k = nf4_weight.shape
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (n,):
+        raise ValueError(f"nf4_dora_linear: magnitude must be a ({n},) tensor for the NF4 weight {(n, k)}, got "
+                         f"{tuple(getattr(magnitude, 'shape', ()))}")
+    check_dropout(dropout, "nf4_dora_linear")
+    s = float(scaling)
+    norms = dora_row_norms(nf4_weight, lora_A, lora_B, s, weight_sq=weight_sq, dtype=x.dtype)
+    scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
+    if dropout == 0.0:
+        v = nf4_lora_linear(x, nf4_weight, lora_A, lora_B, s)
+        return v * scale if bias is None else torch.addcmul(bias.to(x.dtype), v, scale)
+    h = F.dropout(x, dropout, training=True)
+    no_a, no_b = x.new_empty((0, k)), x.new_empty((n, 0))
+    v = nf4_lora_linear(h, nf4_weight, lora_A, lora_B, s)
+    hw = nf4_lora_linear(h, nf4_weight, no_a, no_b, 0.0)
+    return nf4_lora_linear(x, nf4_weight, no_a, no_b, 0.0, bias) + scale * v - hw
+
+
+def _inverse(norms: torch.Tensor) -> torch.Tensor:
+    """1 / n, float64, 0 where n == 0 (the Note on zero norms)."""
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+
+
+def _scaled_grad_and_dm(dy2: torch.Tensor, scale: torch.Tensor, v2: torch.Tensor | None):
+    """(g = dy (.) scale (M, N), sum over rows of dy (.) v (N,) float64, or None without v) in one pass
+    over dy and v, a block of rows at a time: the products for the sum stay in cache (a plain
+    (dy * v).sum(0) writes and reads an (M, N) temporary: two more passes over memory)."""
+    g = torch.empty_like(dy2)
+    acc = None if v2 is None else torch.zeros(dy2.shape[1], dtype=torch.float64, device=dy2.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(dy2.shape[1], 1))
+    for i in range(0, dy2.shape[0], rows):
+        blk = dy2[i:i + rows]
+        torch.mul(blk, scale, out=g[i:i + rows])
+        if acc is not None:
+            acc += (blk * v2[i:i + rows]).sum(0)  # a block's sum in dy's dtype, the blocks' in float64
+    return g, acc
+
+
+class _DoRALinear(torch.autograd.Function):
+    """`dora_linear` without dropout, W frozen: y = scale (.) v + bias, v = x W^T + s (x A^T) B^T.
+    Backward with g = dy (.) scale: dT = s g B, dA = dT^T x, dB = s g^T T, dx = g W + dT A,
+    dm = (sum over rows of dy (.) v) / n (0 where n == 0), dbias = sum over rows of dy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, norms):
+        n = weight.shape[0]
+        inv = _inverse(norms)  # (N,) float64
+        big = torch.finfo(x.dtype).max
+        scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(x.dtype)  # (N,)
+        v = F.linear(x, weight)
+        if not v.is_contiguous():
+            v = v.contiguous()
+        t = F.linear(x, lora_A)  # (..., r)
+        v.view(-1, n).addmm_(t.reshape(-1, t.shape[-1]), lora_B.t(), alpha=scaling)
+        need_m = ctx.needs_input_grad[4]
+        if need_m:  # v is kept for m's gradient: y in a new buffer, one pass
+            y = v * scale if bias is None else torch.addcmul(bias, v, scale)
+        else:
+            y = v.mul_(scale) if bias is None else v.mul_(scale).add_(bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, scale, inv if need_m else None,
+                              v if need_m else None)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, scale, inv, v = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_m, need_bias, _, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        n, k = weight.shape
+        dy2 = dy.reshape(-1, n)
+        g, d_m = _scaled_grad_and_dm(dy2, scale, v.reshape(-1, n) if need_m else None)
+        dt = torch.mm(g, lora_B).mul_(s)  # (M, r)
+        d_a = torch.mm(dt.t(), x.reshape(-1, k)) if need_a else None
+        d_b = torch.mm(g.t(), t.reshape(-1, t.shape[-1])).mul_(s) if need_b else None
+        dx = None
+        if need_x:
+            dx = torch.mm(g, weight)
+            dx.addmm_(dt, lora_A)
+            dx = dx.view(x.shape)
+        if need_m:
+            d_m = d_m.mul_(inv).to(dy.dtype)
+        d_bias = dy2.sum(0) if need_bias else None
+        return dx, None, d_a, d_b, d_m, d_bias, None, None
