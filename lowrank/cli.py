@@ -303,6 +303,7 @@ def _add_train(sub) -> None:
     p.add_argument("--modules-to-save", type=_names, default=None,
                    help="comma-separated modules trained whole beside the adapter (peft's modules_to_save, e.g. "
                         "lm_head), saved in its checkpoints")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters (weight-decomposed LoRA) for lora / qlora")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -315,7 +316,7 @@ def run_train(args) -> int:
         seed=args.seed, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         max_length=args.max_length, packing=args.packing, eval_data=args.eval_data, eval_split=args.eval_split,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, tokenizer=args.tokenizer, fsdp=args.fsdp,
-        progress=not args.no_progress, modules_to_save=args.modules_to_save)
+        progress=not args.no_progress, modules_to_save=args.modules_to_save, dora=args.dora)
     result = train_job.train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = "n/a" if result.eval_loss is None else f"{result.eval_loss:.4f}"

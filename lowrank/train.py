@@ -239,6 +239,7 @@ class TrainConfig:
     fsdp: bool = False
     progress: bool = True
     modules_to_save: list[str] | None = None  # modules trained whole beside the adapter (a new head)
+    dora: bool = False  # DoRA adapters (lora / qlora)
 
     def check(self) -> None:
         """ValueError naming the first bad field."""
@@ -268,6 +269,8 @@ class TrainConfig:
             raise ValueError(f"--eval-split must be in [0, 1), got {self.eval_split!r}")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError("--max-grad-norm and --weight-decay must be >= 0")
+        if self.dora and self.method == "full":
+            raise ValueError("--dora is for lora / qlora (full fine-tuning has no adapter)")
         if self.modules_to_save and self.method == "full":
             raise ValueError("--modules-to-save is for lora / qlora (full fine-tuning trains every module)")
         if self.modules_to_save and self.fsdp:
@@ -285,7 +288,7 @@ class TrainConfig:
 # eval/save cadence, checkpoints kept, progress bar, FSDP or DDP — may change).
 SHARED = ("model", "data", "method", "rank", "alpha", "targets", "dropout", "lr", "warmup", "batch_size",
           "grad_accum", "seed", "dtype", "max_length", "packing", "eval_data", "eval_split", "weight_decay",
-          "max_grad_norm", "tokenizer", "modules_to_save")
+          "max_grad_norm", "tokenizer", "modules_to_save", "dora")
 
 
 # -- the process group ----------------------------------------------------------------------------
@@ -412,7 +415,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         check_rank(model, cfg.targets, cfg.rank)
         # fp32 adapters whatever the base's dtype (mixed precision: a bf16 base, fp32 master factors)
         patch_linear(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
-                     adapter_dtype=torch.float32,
+                     adapter_dtype=torch.float32, dora=cfg.dora,
                      modules_to_save=cfg.modules_to_save, quantize="nf4" if cfg.method == "qlora" else None,
                      compute_dtype=DTYPES[cfg.dtype] if cfg.method == "qlora" else None)
         if cfg.method == "qlora":
@@ -986,9 +989,10 @@ def adapter_skeleton(config, cfg: TrainConfig, factors: dict) -> nn.Module:
     whole adapter `factors` ({parameter name: tensor}, gathered from the shards): what
     `save_adapter` writes under FSDP2 without gathering the base model."""
     skeleton = meta_model(config)
-    patch_linear(skeleton, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
+    patch_linear(skeleton, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, dora=cfg.dora,
+                 adapter_dtype=torch.float32)
     for path, layer in lora_layers(skeleton):
-        for which in ("lora_A", "lora_B"):
+        for which in ("lora_A", "lora_B", "lora_magnitude_vector") if cfg.dora else ("lora_A", "lora_B"):
             table = getattr(layer, which)
             for name in list(table):
                 key = f"{path}.{which}.{name}"

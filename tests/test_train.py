@@ -293,6 +293,39 @@ def test_modules_to_save_trains_the_head_is_checkpointed_and_resumes(files, tmp_
         T.train(cfg(files, tmp_path / "full", method="full", modules_to_save=["lm_head"]))
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dora_trains_checkpoints_in_pefts_format_and_resumes(files, tmp_path, method):
+    """--dora: the magnitudes train and land in the checkpoint (use_dora, lora_magnitude_vector, as
+    peft writes them; peft's logits equal ours for LoRA), and an interrupted run resumes to the
+    same bits."""
+    import lowrank
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(method=method, steps=6, save_every=3, eval_every=3, dora=True)
+    straight = T.train(cfg(files, tmp_path / "straight", **kw))
+    saved = weights(straight.last_checkpoint)
+    mags = [k for k in saved if k.endswith("lora_magnitude_vector")]
+    assert mags and json.loads(open(os.path.join(straight.last_checkpoint, "adapter_config.json")).read())["use_dora"]
+    first = T.train(cfg(files, tmp_path / "resumed", **kw), on_step=_Interrupt(4))
+    assert first.interrupted
+    second = T.train(cfg(files, tmp_path / "resumed", resume=True, **kw))
+    assert_bit_equal(saved, weights(second.last_checkpoint))
+    fresh = lowrank.patch_linear(AutoModelForCausalLM.from_pretrained(str(files / "model")), r=4, dora=True)
+    start = {n: p.detach().clone() for n, p in fresh.named_parameters() if "magnitude" in n}
+    assert any(not torch.allclose(saved[k].float(), start[k.removeprefix("base_model.model.") + ".default"].float())
+               for k in mags)  # the magnitudes moved
+    if method == "lora":
+        from peft import PeftModel
+
+        ours = lowrank.load_adapter(AutoModelForCausalLM.from_pretrained(str(files / "model")).eval(),
+                                    straight.last_checkpoint)
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(files / "model")).eval(),
+                                           straight.last_checkpoint).eval()
+        ids = torch.tensor([[1, 4, 5, 6, 7, 8]])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
 def test_resume_refuses_other_settings(files, tmp_path):
     T.train(cfg(files, tmp_path, steps=3))
     with pytest.raises(ValueError, match=r"rank 4 -> 8"):
@@ -389,6 +422,7 @@ def torchrun(files, out, *args):
     pytest.param("qlora", True, "fp32", id="qlora-fsdp2"),
     pytest.param("qlora", True, "bf16", id="qlora-bf16-fsdp2", marks=pytest.mark.slow),
     pytest.param("full", True, "fp32", id="full-fsdp2", marks=pytest.mark.slow),
+    pytest.param("dora", True, "fp32", id="dora-fsdp2", marks=pytest.mark.slow),
 ])
 def test_two_processes_equal_one(files, tmp_path, method, fsdp, dtype):
     """torchrun --nproc-per-node 2 (gloo on the CPU), each process half of every micro-batch: the
@@ -396,14 +430,16 @@ def test_two_processes_equal_one(files, tmp_path, method, fsdp, dtype):
     each process holds about half of the NF4 storage, still 4-bit (its log's resident bytes); with
     bf16 compute and fp32 adapters too. In bf16 the rounding of a matmul depends on its row count,
     so there the one process runs the same sequences in the same per-pass shape (2 rows, 4 passes)."""
+    dora = method == "dora"  # LoRA with DoRA adapters: the magnitudes gathered into the checkpoint too
+    method = "lora" if dora else method
     kw = dict(method=method, steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0,
-              dtype=dtype)
+              dtype=dtype, dora=dora)
     if dtype == "bf16":
         kw.update(batch_size=2, grad_accum=4)
     one = T.train(cfg(files, tmp_path / "one", **kw))
     torchrun(files, tmp_path / "two", "--method", method, "--lr", "1e-2", "--steps", "3", "--batch-size", "4",
              "--grad-accum", "2", "--eval-every", "0", "--save-every", "0", "--keep-best", "0", "--dtype", dtype,
-             *(["--fsdp"] if fsdp else []))
+             *(["--fsdp"] if fsdp else []), *(["--dora"] if dora else []))
     two = weights(str(tmp_path / "two" / "checkpoint-3"))
     ref = weights(one.last_checkpoint)
     assert two.keys() == ref.keys()
