@@ -461,44 +461,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     except (TypeError, ValueError) as exc:
         to_save = {}
         problems.append(f"modules_to_save={saved_names!r} in {CONFIG_NAME}: {exc}")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    states: dict[str, dict[str, torch.Tensor]] = {p: {} for p in to_save}
     by_length = sorted(to_save, key=len, reverse=True)
-    embedding_bases: dict[str, torch.Tensor] = {}
-    key_kinds: dict[str, set] = {}
-    token_rows: dict[str, torch.Tensor] = {}
     token_spec = _token_spec(config)
     try:
         token_targets = {p: (mod, ids) for p, mod, ids in select_token_layers(model, token_spec)} if token_spec else {}
     except (TypeError, ValueError) as exc:
         token_targets = {}
         problems.append(f"trainable_token_indices in {CONFIG_NAME}: {exc}")
-    for key, t in tensors.items():
-        if _TOKENS_RE.match(key):
-            token_rows[_TOKENS_RE.match(key)["path"]] = t
-            continue
-        m = _KEY_RE.match(key)
-        owner = next((p for p in by_length if key.startswith(f"{PREFIX}{p}.")), None)
-        if owner is not None:
-            states[owner][key[len(PREFIX) + len(owner) + 1:]] = t
-            continue
-        if m is None and _EMBEDDING_BASE_RE.match(key):
-            embedding_bases[_EMBEDDING_BASE_RE.match(key)["path"]] = t
-            continue
-        if m is None:
-            problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight or "
-                            f".lora_embedding_A/B), a DoRA magnitude (.lora_magnitude_vector) nor a weight of a "
-                            f"module in modules_to_save ({saved_names}); biases are not supported")
-            continue
-        if m["magnitude"] and not cfg.dora:
-            problems.append(f"{key}: a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
-            continue
-        if m["magnitude"]:
-            pairs.setdefault(m["path"], {})[_MAGNITUDE] = t
-            continue
-        which = m["which"] or f"lora_{m['emb']}"
-        key_kinds.setdefault(m["path"], set()).add("embedding" if m["emb"] else "linear")
-        pairs.setdefault(m["path"], {})[which] = t
+    keys = _sort_keys(tensors, lambda key: next((p for p in by_length if key.startswith(f"{PREFIX}{p}.")), None),
+                      saved_names, cfg.dora)
+    problems += keys.problems
+    pairs, key_kinds, embedding_bases, token_rows = keys.pairs, keys.kinds, keys.bases, keys.token_rows
+    states = {p: keys.saved.get(p, {}) for p in to_save}  # a selected module the file lacks: {} (a problem)
     linear = {p: mod for p, mod, *_ in iter_linear(model)}
     existing = {p: mod for p, mod in lora_layers(model) if adapter_name in mod.configs}
     wanted_keys = ("lora_A", "lora_B", _MAGNITUDE) if cfg.dora else ("lora_A", "lora_B")
@@ -836,34 +810,14 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     cfg, rank_pattern, alpha_pattern, saved_names = _lora_config_from_peft(config, "default", config_file)
     tensors, stamp = _read_weights(path, allow_pickle)
     _check_stamp(path, config, stamp)
-    problems, pairs, kinds, saved, bases, token_rows, magnitudes = [], {}, {}, {}, {}, {}, {}
-    for key, t in tensors.items():
-        if _TOKENS_RE.match(key):
-            token_rows[_TOKENS_RE.match(key)["path"]] = t
-            continue
-        m = _KEY_RE.match(key)
-        owner = _saved_owner(key, saved_names) if m is None else None
-        if owner is not None:
-            saved.setdefault(owner, {})[key[len(PREFIX) + len(owner) + 1:]] = t
-            continue
-        if m is None and _EMBEDDING_BASE_RE.match(key):
-            bases[_EMBEDDING_BASE_RE.match(key)["path"]] = t
-            continue
-        if m is None:
-            problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight or "
-                            f".lora_embedding_A/B) nor a weight of a module in modules_to_save ({saved_names}); "
-                            f"DoRA and biases are not supported")
-            continue
-        if m["magnitude"]:
-            magnitudes[m["path"]] = t
-            continue
-        kinds.setdefault(m["path"], set()).add(bool(m["emb"]))
-        pairs.setdefault(m["path"], {})[m["which"] or f"lora_{m['emb']}"] = t
+    keys = _sort_keys(tensors, lambda key: _saved_owner(key, saved_names), saved_names, cfg.dora)
+    problems, pairs, kinds, saved, bases, token_rows = (keys.problems, keys.pairs, keys.kinds, keys.saved, keys.bases,
+                                                        keys.token_rows)
     layers = []
     for p, ab in sorted(pairs.items()):
         bad = False
-        embedding = kinds[p] == {True}
-        if len(kinds[p]) > 1:
+        embedding = kinds.get(p) == {"embedding"}
+        if len(kinds.get(p, ())) > 1:
             problems.append(f"{p}: both lora_A/B.weight and lora_embedding_A/B keys")
             continue
         for which in ("lora_A", "lora_B"):
@@ -892,13 +846,10 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
             problems.append(f"{p}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not both have rank "
                             f"{rank}{' (from rank_pattern)' if rank != cfg.rank else ''}")
             continue
-        mag = magnitudes.get(p)
+        mag = ab.get(_MAGNITUDE)
         if cfg.dora and (mag is None or tuple(mag.shape) != (B.shape[0],) or not mag.is_floating_point()):
             problems.append(f"{p}: a DoRA adapter needs a floating-point {_MAGNITUDE} of shape ({B.shape[0]},), "
                             f"the file has {None if mag is None else (mag.dtype, tuple(mag.shape))}")
-            continue
-        if mag is not None and not cfg.dora:
-            problems.append(f"{p}.{_MAGNITUDE}: a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
             continue
         layers.append(AdapterLayer(p, A, B, rank, alpha, scaling_for(rank, alpha, cfg.rslora), embedding, mag))
     for p, state in sorted(saved.items()):
@@ -925,6 +876,47 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     if problems:
         raise ValueError(f"read_adapter({path!r}): {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return AdapterFile(path, config, cfg, bool(config.get("fan_in_fan_out", False)), layers, saved, bases, tokens)
+
+
+@dataclasses.dataclass
+class _FileKeys:
+    """An adapter file's tensors sorted by what they are (`_sort_keys`)."""
+    pairs: dict  # layer path -> {"lora_A", "lora_B" (and a DoRA file's lora_magnitude_vector): tensor}
+    kinds: dict  # layer path -> {"linear"} or {"embedding"} (both: a file that mixes them at one path)
+    saved: dict  # modules_to_save path -> {state-dict entry: tensor}
+    bases: dict  # layer path -> peft's copy of an embedding's base weight
+    token_rows: dict  # embedding path -> trainable token rows
+    problems: list
+
+
+def _sort_keys(tensors: dict, owner_of, saved_names, dora: bool) -> _FileKeys:
+    """Sort a peft file's keys: LoRA factors (lora_A/B.weight, lora_embedding_A/B), DoRA magnitudes,
+    trainable token rows, peft's embedding base weights, and the entries of modules_to_save modules
+    (`owner_of(key)`: the module path a non-LoRA key belongs to, or None); every other key, and a
+    magnitude in a file whose config says use_dora false, is a problem naming it."""
+    out = _FileKeys({}, {}, {}, {}, {}, [])
+    for key, t in tensors.items():
+        if _TOKENS_RE.match(key):
+            out.token_rows[_TOKENS_RE.match(key)["path"]] = t
+            continue
+        m = _KEY_RE.match(key)
+        owner = owner_of(key) if m is None else None
+        if owner is not None:
+            out.saved.setdefault(owner, {})[key[len(PREFIX) + len(owner) + 1:]] = t
+        elif m is None and _EMBEDDING_BASE_RE.match(key):
+            out.bases[_EMBEDDING_BASE_RE.match(key)["path"]] = t
+        elif m is None:
+            out.problems.append(f"{key}: neither a LoRA A/B weight (base_model.model.<path>.lora_A/B.weight or "
+                                f".lora_embedding_A/B), a DoRA magnitude (.lora_magnitude_vector) nor a weight of a "
+                                f"module in modules_to_save ({saved_names}); biases are not supported")
+        elif m["magnitude"] and not dora:
+            out.problems.append(f"{key}: a DoRA magnitude, but {CONFIG_NAME} has use_dora false")
+        elif m["magnitude"]:
+            out.pairs.setdefault(m["path"], {})[_MAGNITUDE] = t
+        else:
+            out.kinds.setdefault(m["path"], set()).add("embedding" if m["emb"] else "linear")
+            out.pairs.setdefault(m["path"], {})[m["which"] or f"lora_{m['emb']}"] = t
+    return out
 
 
 def _saved_owner(key: str, saved_names: list[str] | None) -> str | None:
