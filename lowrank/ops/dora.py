@@ -43,6 +43,18 @@ for m's gradient when m needs one: an (M, N) activation). With dropout peft's ow
 is not the same function: y = x W^T + bias + (scale - 1) (.) (h W^T) + scale (.) s h A^T B^T with h =
 dropout(x), a second GEMM over W, differentiated by autograd.
 
+# Note: the Triton path
+Where `backend_for(x)` is "triton" (CUDA tensors, or LOWRANK_BACKEND=triton) and the LoRA kernels
+take the arguments (`lora_matmul.supported`: not float64, rank <= 128, W and bias frozen), without
+dropout, `dora_linear` runs `_DoRATriton`: the norms as above (torch, float64), then ONE fused LoRA
+forward launch whose epilogue multiplies the fp32 accumulator by the fp32 scale before the bias
+(`lora_forward(..., scale=, v_out=)`) and, when m needs a gradient, also writes the pre-scale v from
+the same accumulator; the backward kernels read dY (.) scale wherever they read dY (g is never
+written), and m's gradient is sum over rows of dY (.) v, times 1 / n, in torch. The scale stays fp32
+there (clamped to the compute dtype's finite range as above, but not rounded to a 16-bit dtype:
+one rounding less than the torch path), y = round(scale (.) v32 + bias) with v32 the fp32
+accumulator. With dropout, the torch path runs (peft's formula needs a second GEMM over W).
+
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
 at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
 
@@ -55,9 +67,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lowrank.backend import backend_for
 from lowrank.nf4_format import NF4Weight, nf4_code
 
-from .lora_matmul import autocast_inputs, check_dropout, check_lora_args
+from .lora_matmul import _flat, _kernels, autocast_inputs, check_dropout, check_lora_args, supported
 from .nf4_lora_matmul import nf4_lora_linear
 
 _CHUNK_ELEMENTS = 1 << 18  # elements of W converted to float64 at a time (2 MiB)
@@ -219,6 +232,10 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
         raise ValueError(f"dora_linear: weight_sq must be float64 ({weight.shape[0]},), got {weight_sq.dtype} "
                          f"{tuple(weight_sq.shape)}")
     norms = dora_row_norms(weight, lora_A, lora_B, s, weight_sq=weight_sq)
+    if dropout == 0.0 and backend_for(x) == "triton" and supported(x, weight, lora_A, bias):
+        if torch.is_grad_enabled():
+            return _DoRATriton.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
+        return _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, s, norms, need_v=False)[0]
     if dropout == 0.0 and not weight.requires_grad and torch.is_grad_enabled():
         return _DoRALinear.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
     scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
@@ -337,3 +354,54 @@ class _DoRALinear(torch.autograd.Function):
             d_m = d_m.mul_(inv).to(dy.dtype)
         d_bias = dy2.sum(0) if need_bias else None
         return dx, None, d_a, d_b, d_m, d_bias, None, None
+
+
+def _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, norms, need_v: bool):
+    """(y (..., N), T (M, r) fp32, scale (N,) fp32, 1 / n (N,) float64, v (M, N) or None): one fused
+    LoRA forward launch with the DoRA epilogue (the module's Note: the Triton path)."""
+    n = weight.shape[0]
+    inv = _inverse(norms)  # (N,) float64
+    big = torch.finfo(x.dtype).max
+    scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32)  # (N,)
+    lm = _kernels()
+    x2 = _flat(x)  # (M, K)
+    v = lm._empty((x2.shape[0], n), x.dtype, x.device) if need_v else None
+    y, t = lm.lora_forward(x2, weight, lora_A, lora_B, scaling, bias, scale=scale, v_out=v)
+    return y.view(*x.shape[:-1], n), t, scale, inv, v
+
+
+def _dm_sum(dy2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+    """sum over rows of dy (.) v, float64 (N,), a block of rows at a time (as `_scaled_grad_and_dm`)."""
+    acc = torch.zeros(dy2.shape[1], dtype=torch.float64, device=dy2.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(dy2.shape[1], 1))
+    for i in range(0, dy2.shape[0], rows):
+        acc += (dy2[i:i + rows] * v2[i:i + rows]).sum(0)
+    return acc
+
+
+class _DoRATriton(torch.autograd.Function):
+    """`dora_linear` on the LoRA kernels (the module's Note: the Triton path), W and bias frozen,
+    no dropout. Backward: `lora_backward(..., scale=scale)` gives dX, dA, dB from dY (.) scale;
+    dm = (sum over rows of dY (.) v) / n (0 where n == 0)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, norms):
+        need_m = ctx.needs_input_grad[4]
+        y, t, scale, inv, v = _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, norms,
+                                                   need_v=need_m)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, scale, inv if need_m else None, v)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, scale, inv, v = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_m, need_bias, _, _ = ctx.needs_input_grad
+        dy2 = _flat(dy)  # (M, N)
+        dx, d_a, d_b = _kernels().lora_backward(dy2, _flat(x), weight, lora_A, lora_B, t, ctx.scaling,
+                                                need_dx=need_x, scale=scale)
+        d_m = _dm_sum(dy2, v).mul_(inv).to(dy.dtype) if need_m else None
+        d_bias = dy2.sum(0) if need_bias else None
+        return (dx.view(x.shape) if need_x else None, None, d_a if need_a else None, d_b if need_b else None, d_m,
+                d_bias, None, None)
