@@ -13,11 +13,13 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowrank.kernels import lora_matmul as lm
 from lowrank.ops.dora import dora_linear
 from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal, assert_close, poison_
-from tests.test_dora_op import dense_norms_f64, dora_f64
+from tests.test_dora_op import _tensors, dense_norms_f64, dora_f64, problems
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 RANKS = [4, 16]
@@ -220,3 +222,31 @@ def test_what_stays_on_the_torch_path(triton_dora):
     assert triton_dora == []
     dora_linear(x, w, a, b, m, 1.0, bias)
     assert len(triton_dora) == 1
+
+
+@settings(max_examples=2 * settings.default.max_examples)
+@given(problems().filter(lambda p: p["dtype"] != torch.float64), st.booleans())
+def test_dora_linear_on_the_kernels_property(p, frozen_m):
+    """Drawn shapes (K, N in 1..123, rank 1..24, 0-2 leading dims), dtypes and scalings: the op on
+    the kernels against float64, within 2x the torch path's error in the same dtype."""
+    x, w, a, b, m, bias = (t if t is None else t.to(DEV) for t in _tensors(p))
+    s = p["scaling"]
+    dy = torch.randn(*p["lead"], p["n"], generator=torch.Generator().manual_seed(p["seed"] + 1)).to(p["dtype"]).to(DEV)
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, b, m)]
+    ref = dora_f64(leaves[0], w, leaves[1], leaves[2], leaves[3], s, bias)
+    ref.backward(dy.double())
+    out = {}
+    for backend in ("triton", "reference"):
+        with mock.patch.dict("os.environ", {"LOWRANK_BACKEND": backend}), \
+                mock.patch.object(lm, "_empty", _nan_empty):
+            xs, as_, bs, ms = (t.detach().clone().requires_grad_(not (frozen_m and t is m)) for t in (x, a, b, m))
+            y = dora_linear(xs, w, as_, bs, ms, s, bias)
+            y.backward(dy)
+            out[backend] = (y.detach(), xs.grad, as_.grad, bs.grad, ms.grad)
+    kern, base = out["triton"], out["reference"]
+    assert_close(kern[0], ref.detach(), base[0], name="y")
+    for name, got, leaf, bg in zip(("dX", "dA", "dB", "dm"), kern[1:], leaves, base[1:]):
+        if name == "dm" and frozen_m:
+            assert got is None
+            continue
+        assert_close(got, leaf.grad, bg, name=name)
