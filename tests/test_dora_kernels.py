@@ -250,3 +250,35 @@ def test_dora_linear_on_the_kernels_property(p, frozen_m):
             assert got is None
             continue
         assert_close(got, leaf.grad, bg, name=name)
+
+
+@pytest.mark.parametrize("need", [True, False], ids=["v-dx", "no-v-dx"])
+def test_opcheck(need):
+    x, w, a, b, bias, dy, scale = _case(5, 16, 8, 3, torch.float32)
+    x3 = x.view(5, 1, 16)
+    torch.library.opcheck(torch.ops.lowrank.dora_linear_fwd.default, (x3, w, a, b, bias, scale, 0.5, need),
+                          test_utils=("test_schema", "test_faketensor"))
+    t = lm.lora_forward(x, w, a, b, 0.5, bias)[1]
+    torch.library.opcheck(torch.ops.lowrank.dora_linear_bwd.default,
+                          (dy.view(5, 1, 8), x3, w, a, b, t, scale, 0.5, need),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_matches_eager(triton_dora):
+    """torch.compile sees the kernels as the custom ops lowrank::dora_linear_fwd / _bwd (a Triton
+    launch traced by dynamo fails: the interpreter's numpy, or a graph break on a GPU); the norms'
+    data-dependent recompute check is a graph break (no fullgraph), as on the torch path."""
+    x, w, a, b, m, bias, dy = _dora_case((6,), 16, 10, 3, torch.float32, 0.5)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b, m)]
+
+    def f(x, a, b, m):
+        return dora_linear(x, w, a, b, m, 0.5, bias).sin()
+
+    out = torch.compile(f, backend="aot_eager")(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy)
+    eager = f(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves, dy)
+    assert len(triton_dora) == 2
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)

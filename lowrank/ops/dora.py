@@ -63,6 +63,7 @@ Level 2: imports torch, level 0 (nf4_format) and level 2 (lora_matmul's argument
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -356,18 +357,52 @@ class _DoRALinear(torch.autograd.Function):
         return dx, None, d_a, d_b, d_m, d_bias, None, None
 
 
-def _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, norms, need_v: bool):
-    """(y (..., N), T (M, r) fp32, scale (N,) fp32, 1 / n (N,) float64, v (M, N) or None): one fused
-    LoRA forward launch with the DoRA epilogue (the module's Note: the Triton path)."""
-    n = weight.shape[0]
-    inv = _inverse(norms)  # (N,) float64
-    big = torch.finfo(x.dtype).max
-    scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32)  # (N,)
+# -- the Triton path: custom ops over the kernels (torch.compile sees ops, not Triton launches) ------
+@torch.library.custom_op("lowrank::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    bias: Optional[torch.Tensor], scale: torch.Tensor, scaling: float,
+                    need_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (..., N), T (M, r) fp32, v (M, N) in x's dtype, or an empty (0,) tensor when need_v is False):
+    one fused LoRA forward launch with the DoRA epilogue, scale (N,) fp32."""
     lm = _kernels()
+    n = weight.shape[0]
     x2 = _flat(x)  # (M, K)
     v = lm._empty((x2.shape[0], n), x.dtype, x.device) if need_v else None
     y, t = lm.lora_forward(x2, weight, lora_A, lora_B, scaling, bias, scale=scale, v_out=v)
-    return y.view(*x.shape[:-1], n), t, scale, inv, v
+    return y.view(*x.shape[:-1], n), t, (v if need_v else x.new_empty((0,)))
+
+
+@dora_linear_fwd.register_fake
+def _(x, weight, lora_A, lora_B, bias, scale, scaling, need_v):
+    m, n = math.prod(x.shape[:-1]), weight.shape[0]
+    return (x.new_empty((*x.shape[:-1], n)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((m, n) if need_v else (0,)))
+
+
+@torch.library.custom_op("lowrank::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, scaling: float,
+                    need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX shaped like x, or an empty (0,) tensor when need_dx is False; dA; dB) from dY (.) scale."""
+    dx, da, db = _kernels().lora_backward(_flat(dy), _flat(x), weight, lora_A, lora_B, t, scaling,
+                                          need_dx=need_dx, scale=scale)
+    return (dx.view(x.shape) if need_dx else x.new_empty((0,))), da, db
+
+
+@dora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, t, scale, scaling, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, norms, need_v: bool):
+    """(y (..., N), T (M, r) fp32, scale (N,) fp32, 1 / n (N,) float64, v (M, N) or None): one fused
+    LoRA forward launch with the DoRA epilogue (the module's Note: the Triton path)."""
+    inv = _inverse(norms)  # (N,) float64
+    big = torch.finfo(x.dtype).max
+    scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32)  # (N,)
+    y, t, v = torch.ops.lowrank.dora_linear_fwd(x, weight, lora_A, lora_B, bias, scale, scaling, need_v)
+    return y, t, scale, inv, (v if need_v else None)
 
 
 def _dm_sum(dy2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
@@ -398,10 +433,10 @@ class _DoRATriton(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, t, scale, inv, v = ctx.saved_tensors
         need_x, _, need_a, need_b, need_m, need_bias, _, _ = ctx.needs_input_grad
+        dx, d_a, d_b = torch.ops.lowrank.dora_linear_bwd(dy, x, weight, lora_A, lora_B, t, scale, ctx.scaling,
+                                                         need_x)
         dy2 = _flat(dy)  # (M, N)
-        dx, d_a, d_b = _kernels().lora_backward(dy2, _flat(x), weight, lora_A, lora_B, t, ctx.scaling,
-                                                need_dx=need_x, scale=scale)
         d_m = _dm_sum(dy2, v).mul_(inv).to(dy.dtype) if need_m else None
         d_bias = dy2.sum(0) if need_bias else None
-        return (dx.view(x.shape) if need_x else None, None, d_a if need_a else None, d_b if need_b else None, d_m,
+        return (dx if need_x else None, None, d_a if need_a else None, d_b if need_b else None, d_m,
                 d_bias, None, None)
