@@ -144,7 +144,7 @@ def lora_matmul_variants(dtype: str, target: str) -> list[Variant]:
                     consts = dict(kw, BLOCK_R=block_r, **flag, **prec)
                     why = lm.gemm_config_fits(kw, warps, stages, ELEM[dtype], block_r, t["smem_block"],
                                               dropout=flag.get("DROPOUT", False), cap_major=t["cap"] // 10,
-                                              dx=kernel is lm._lora_dx_kernel)
+                                              dx=kernel is lm._lora_dx_kernel, scale=flag["HAS_SCALE"])
                     out.append(_variant(kernel, "lora_matmul", dtype, target, consts, warps, stages, choice, f32,
                                         gemm=True, pruned="" if why is True else why))
     for m in (16, 8192):

@@ -109,14 +109,20 @@ def acc_limit(cap_major: int, num_warps: int, dx: bool, dropout: bool) -> int:
 
 
 def gemm_config_fits(blocks: dict, num_warps: int, num_stages: int, itemsize: int, block_r: int,
-                     smem_limit: int, dropout: bool = False, cap_major: int = 9, dx: bool = False):
+                     smem_limit: int, dropout: bool = False, cap_major: int = 9, dx: bool = False,
+                     scale: bool = False):
     """True if a GEMM tile (`_lora_fwd_kernel`, or `_lora_dx_kernel` with dx=True) fits the target,
     else why not.
 
     Shared memory, an upper bound of what Triton allocates: the pipelined operand tiles,
     stages x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N), plus the LoRA term's operands: the r x BLOCK_N
     factor and the BLOCK_M x r fp32 tile as its two 16-bit halves.
-    Registers: `acc_limit` accumulator elements per thread; on sm_80 no tile above 128x128."""
+    Registers: `acc_limit` accumulator elements per thread; on sm_80 no tile above 128x128.
+    DoRA's scale (HAS_SCALE) on sm_80, 16-bit (`python -m bench.static --families lora_matmul`: the
+    two tiles below spilled 4-16 bytes, none on sm_90a): the forward at most 64 accumulator elements
+    per thread (128x128x32 on 4 warps spilled at r32); the dX kernel, whose scaled dY tile goes
+    through fp32 in registers, at most 128 operand elements (dY and W tiles) per thread (16x64x256 on
+    4 warps, 160, spilled)."""
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
     smem = (num_stages * (bm * bk + bk * bn) + block_r * (bn + 2 * bm)) * itemsize
     if smem > smem_limit:
@@ -129,6 +135,12 @@ def gemm_config_fits(blocks: dict, num_warps: int, num_stages: int, itemsize: in
         return f"{per_thread} accumulator elements per thread (> {limit}{' with dropout' if dropout else ''}) spill"
     if cap_major < 9 and bm * bn > 128 * 128:
         return "Hopper tile: spills on sm_80"
+    if scale and cap_major < 9 and itemsize == 2:
+        if not dx and per_thread > 64:
+            return f"{per_thread} accumulator elements per thread (> 64 with the DoRA scale on sm_80) spill"
+        operands = (bm * bk + bk * bn) // (32 * num_warps)
+        if dx and operands > 128:
+            return f"{operands} operand elements per thread (> 128 with the DoRA scale on sm_80) spill"
     return True
 
 
@@ -138,10 +150,10 @@ def _device_limits(device) -> tuple[int, int]:
     return props["max_shared_mem"], torch.cuda.get_device_capability(device)[0]
 
 
-def _fitting(configs, itemsize, block_r, dropout, device, dx):
+def _fitting(configs, itemsize, block_r, dropout, device, dx, scale=False):
     limit, major = _device_limits(device)
     return [c for c in configs if gemm_config_fits(c.kwargs, c.num_warps, c.num_stages, itemsize, block_r, limit,
-                                                   dropout, major, dx) is True]
+                                                   dropout, major, dx, scale) is True]
 
 
 def _prune_gemm(configs, nargs, **kwargs):
@@ -152,7 +164,7 @@ def _prune_gemm(configs, nargs, **kwargs):
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
     first = next(v for k, v in nargs.items() if k.endswith("_ptr") and hasattr(v, "element_size"))
     args = (first.element_size(), kwargs.get("BLOCK_R", MAX_RANK), bool(kwargs.get("DROPOUT", False)), first.device,
-            "dx_ptr" in nargs)
+            "dx_ptr" in nargs, bool(kwargs.get("HAS_SCALE", False)))
     return _fitting(keep or configs, *args) or _fitting(configs, *args)[-1:] or configs[-1:]
 
 
@@ -609,7 +621,7 @@ def _launch_gemm(kernel, tuned, m, cols, args, meta):
             blocks = {k: v for k, v in cfg.items() if k.isupper()}
             c = triton.Config(blocks, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
             fit = (args[0].element_size(), meta["BLOCK_R"], bool(meta.get("DROPOUT", False)), args[0].device,
-                   kernel is _lora_dx_kernel)
+                   kernel is _lora_dx_kernel, bool(meta.get("HAS_SCALE", False)))
             if not _fitting([c], *fit):
                 # the largest autotune tile no taller than M that fits (the list runs large to small)
                 tall = max(16, triton.next_power_of_2(m))

@@ -282,3 +282,15 @@ def test_torch_compile_matches_eager(triton_dora):
     torch.testing.assert_close(out, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+def test_dora_tiles_that_spill_on_sm80_are_pruned():
+    """The two 16-bit tiles bench.static measured spilling with the DoRA scale on sm_80 are refused
+    there with it (and kept without it, and on sm_90a); the launcher then picks the next tile."""
+    fwd = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)
+    dx = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8)
+    for blocks, warps, stages, is_dx in ((fwd, 4, 4, False), (dx, 4, 3, True)):
+        args = (blocks, warps, stages, 2, 32, 163 * 1024)
+        assert lm.gemm_config_fits(*args, cap_major=8, dx=is_dx) is True
+        assert lm.gemm_config_fits(*args, cap_major=9, dx=is_dx, scale=True) is True
+        assert "DoRA scale on sm_80" in lm.gemm_config_fits(*args, cap_major=8, dx=is_dx, scale=True)
