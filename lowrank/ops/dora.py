@@ -53,12 +53,15 @@ the same accumulator; the backward kernels read dY (.) scale wherever they read 
 written), and m's gradient is sum over rows of dY (.) v, times 1 / n, in torch. The scale stays fp32
 there (clamped to the compute dtype's finite range as above, but not rounded to a 16-bit dtype:
 one rounding less than the torch path), y = round(scale (.) v32 + bias) with v32 the fp32
-accumulator. With dropout, the torch path runs (peft's formula needs a second GEMM over W).
+accumulator. The launches are the custom ops `lowrank::dora_linear_fwd` / `_bwd` (fake
+implementations registered), so torch.compile traces ops, not Triton launches. With dropout, the
+torch path runs (peft's formula needs a second GEMM over W); NF4 bases stay on `nf4_dora_linear`.
 
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
 at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
 
-Level 2: imports torch, level 0 (nf4_format) and level 2 (lora_matmul's argument checks, the QLoRA op).
+Level 2: imports torch, level 0 (nf4_format, backend) and level 2 (lora_matmul's argument checks and kernel
+loader, the QLoRA op); level 1 (the LoRA kernels) only on the Triton path.
 """
 from __future__ import annotations
 
