@@ -70,7 +70,7 @@ class Variant:
     def label(self) -> str:
         blocks = "x".join(str(v) for k, v in self.consts.items() if k.startswith("BLOCK_") and k != "BLOCK_R")
         extra = [f"r{self.consts['BLOCK_R']}"] if "BLOCK_R" in self.consts else []
-        extra += [k.lower() for k in ("DROPOUT", "HAS_BIAS", "W_TRANSPOSED") if self.consts.get(k)]
+        extra += [k.lower() for k in ("DROPOUT", "HAS_BIAS", "W_TRANSPOSED", "HAS_SCALE") if self.consts.get(k)]
         if "ALIGNED" in self.consts and not self.consts["ALIGNED"]:
             extra.append("gather")
         if self.consts.get("SPLIT_Q", 1) > 1:
@@ -125,7 +125,7 @@ def lora_matmul_variants(dtype: str, target: str) -> list[Variant]:
     t = TARGETS[target]
     lowp = dtype != "fp32"
     prec = dict(LOWP=lowp, PREC="ieee" if lowp else "tf32")
-    f32 = {n: "*fp32" for n in ("t_ptr", "dt_ptr", "db_ptr", "da_ptr", "ws_ptr", "wst_ptr")}
+    f32 = {n: "*fp32" for n in ("t_ptr", "dt_ptr", "db_ptr", "da_ptr", "ws_ptr", "wst_ptr", "scale_ptr")}
     f32["seed_ptr"] = "*i64"
     out = []
     gemms = [(c.kwargs, c.num_warps, c.num_stages, "autotune") for c in lm._gemm_configs()]
@@ -134,13 +134,17 @@ def lora_matmul_variants(dtype: str, target: str) -> list[Variant]:
         gemms.append(({k: v for k, v in h.items() if k.isupper()}, h["num_warps"], h.get("num_stages", 3), name))
     for kw, warps, stages, choice in gemms:
         for block_r in sorted({lm._gemm_block_r(16), lm._gemm_block_r(lm.MAX_RANK)}):
-            for kernel, flags in ((lm._lora_fwd_kernel, [dict(HAS_BIAS=True)]),
-                                  (lm._lora_dx_kernel, [dict(DROPOUT=False), dict(DROPOUT=True)])):
+            # DoRA (ops.dora's Triton path) runs the same tiles with the scale epilogue / scaled dY.
+            for kernel, flags in ((lm._lora_fwd_kernel, [dict(HAS_BIAS=True, HAS_SCALE=False, STORE_V=False),
+                                                         dict(HAS_BIAS=True, HAS_SCALE=True, STORE_V=True)]),
+                                  (lm._lora_dx_kernel, [dict(DROPOUT=False, HAS_SCALE=False),
+                                                        dict(DROPOUT=True, HAS_SCALE=False),
+                                                        dict(DROPOUT=False, HAS_SCALE=True)])):
                 for flag in flags:
                     consts = dict(kw, BLOCK_R=block_r, **flag, **prec)
                     why = lm.gemm_config_fits(kw, warps, stages, ELEM[dtype], block_r, t["smem_block"],
                                               dropout=flag.get("DROPOUT", False), cap_major=t["cap"] // 10,
-                                              dx=kernel is lm._lora_dx_kernel)
+                                              dx=kernel is lm._lora_dx_kernel, scale=flag["HAS_SCALE"])
                     out.append(_variant(kernel, "lora_matmul", dtype, target, consts, warps, stages, choice, f32,
                                         gemm=True, pruned="" if why is True else why))
     for m in (16, 8192):
@@ -151,9 +155,10 @@ def lora_matmul_variants(dtype: str, target: str) -> list[Variant]:
                 _variant(lm._lora_shrink_kernel, "lora_matmul", dtype, target,
                          dict(BLOCK_M=bm_s, BLOCK_K=bk_s, BLOCK_R=block_r, ATOMIC=True, DROPOUT=True, **prec), 4, 3,
                          f"launcher M={m}", f32),
-                _variant(lm._lora_dt_db_kernel, "lora_matmul", dtype, target,
-                         dict(BLOCK_M=bm_d, BLOCK_N=bn_d, BLOCK_R=block_r, ATOMIC_DT=True, ATOMIC_DB=True, **prec),
-                         8 if bm_d == 128 else 4, 3, f"launcher M={m}", f32),
+                *[_variant(lm._lora_dt_db_kernel, "lora_matmul", dtype, target,
+                           dict(BLOCK_M=bm_d, BLOCK_N=bn_d, BLOCK_R=block_r, ATOMIC_DT=True, ATOMIC_DB=True,
+                                HAS_SCALE=scaled, **prec),
+                           8 if bm_d == 128 else 4, 3, f"launcher M={m}", f32) for scaled in (False, True)],
                 _variant(lm._lora_da_kernel, "lora_matmul", dtype, target,
                          dict(BLOCK_M=bm_a, BLOCK_K=bk_a, BLOCK_R=block_r, ATOMIC=True, DROPOUT=True, **prec), 4, 3,
                          f"launcher M={m}", f32, tile_m=block_r),
@@ -164,9 +169,10 @@ def lora_matmul_variants(dtype: str, target: str) -> list[Variant]:
             _variant(lm._lora_small_m_partial_kernel, "lora_matmul", dtype, target,
                      dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_K=bk_p, BLOCK_R=block_r, DROPOUT=True, **prec), 4, 4,
                      "launcher M<=16", f32),
-            _variant(lm._lora_small_m_epilogue_kernel, "lora_matmul", dtype, target,
-                     dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_R=block_r, HAS_BIAS=True, **prec), 4, 2,
-                     "launcher M<=16", f32),
+            *[_variant(lm._lora_small_m_epilogue_kernel, "lora_matmul", dtype, target,
+                       dict(BLOCK_M=bm_p, BLOCK_N=bn_p, BLOCK_R=block_r, HAS_BIAS=True, HAS_SCALE=scaled,
+                            STORE_V=scaled, **prec), 4, 2,
+                       "launcher M<=16", f32) for scaled in (False, True)],
         ]
     return _dedupe(out)
 

@@ -109,14 +109,20 @@ def acc_limit(cap_major: int, num_warps: int, dx: bool, dropout: bool) -> int:
 
 
 def gemm_config_fits(blocks: dict, num_warps: int, num_stages: int, itemsize: int, block_r: int,
-                     smem_limit: int, dropout: bool = False, cap_major: int = 9, dx: bool = False):
+                     smem_limit: int, dropout: bool = False, cap_major: int = 9, dx: bool = False,
+                     scale: bool = False):
     """True if a GEMM tile (`_lora_fwd_kernel`, or `_lora_dx_kernel` with dx=True) fits the target,
     else why not.
 
     Shared memory, an upper bound of what Triton allocates: the pipelined operand tiles,
     stages x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N), plus the LoRA term's operands: the r x BLOCK_N
     factor and the BLOCK_M x r fp32 tile as its two 16-bit halves.
-    Registers: `acc_limit` accumulator elements per thread; on sm_80 no tile above 128x128."""
+    Registers: `acc_limit` accumulator elements per thread; on sm_80 no tile above 128x128.
+    DoRA's scale (HAS_SCALE) on sm_80, 16-bit (`python -m bench.static --families lora_matmul`: the
+    two tiles below spilled 4-16 bytes, none on sm_90a): the forward at most 64 accumulator elements
+    per thread (128x128x32 on 4 warps spilled at r32); the dX kernel, whose scaled dY tile goes
+    through fp32 in registers, at most 128 operand elements (dY and W tiles) per thread (16x64x256 on
+    4 warps, 160, spilled)."""
     bm, bn, bk = blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"]
     smem = (num_stages * (bm * bk + bk * bn) + block_r * (bn + 2 * bm)) * itemsize
     if smem > smem_limit:
@@ -129,6 +135,12 @@ def gemm_config_fits(blocks: dict, num_warps: int, num_stages: int, itemsize: in
         return f"{per_thread} accumulator elements per thread (> {limit}{' with dropout' if dropout else ''}) spill"
     if cap_major < 9 and bm * bn > 128 * 128:
         return "Hopper tile: spills on sm_80"
+    if scale and cap_major < 9 and itemsize == 2:
+        if not dx and per_thread > 64:
+            return f"{per_thread} accumulator elements per thread (> 64 with the DoRA scale on sm_80) spill"
+        operands = (bm * bk + bk * bn) // (32 * num_warps)
+        if dx and operands > 128:
+            return f"{operands} operand elements per thread (> 128 with the DoRA scale on sm_80) spill"
     return True
 
 
@@ -138,10 +150,10 @@ def _device_limits(device) -> tuple[int, int]:
     return props["max_shared_mem"], torch.cuda.get_device_capability(device)[0]
 
 
-def _fitting(configs, itemsize, block_r, dropout, device, dx):
+def _fitting(configs, itemsize, block_r, dropout, device, dx, scale=False):
     limit, major = _device_limits(device)
     return [c for c in configs if gemm_config_fits(c.kwargs, c.num_warps, c.num_stages, itemsize, block_r, limit,
-                                                   dropout, major, dx) is True]
+                                                   dropout, major, dx, scale) is True]
 
 
 def _prune_gemm(configs, nargs, **kwargs):
@@ -152,7 +164,7 @@ def _prune_gemm(configs, nargs, **kwargs):
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m <= 256 or c.kwargs["BLOCK_M"] >= 64)]
     first = next(v for k, v in nargs.items() if k.endswith("_ptr") and hasattr(v, "element_size"))
     args = (first.element_size(), kwargs.get("BLOCK_R", MAX_RANK), bool(kwargs.get("DROPOUT", False)), first.device,
-            "dx_ptr" in nargs)
+            "dx_ptr" in nargs, bool(kwargs.get("HAS_SCALE", False)))
     return _fitting(keep or configs, *args) or _fitting(configs, *args)[-1:] or configs[-1:]
 
 
@@ -207,6 +219,30 @@ def _dot_f32_rhs(a, t, acc, LOWP: tl.constexpr, PREC: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _dora_epilogue(acc, scale_ptr, v_ptr, rows, cols, offs_m, offs_n, M, N, stride_vm, stride_vn,
+                   HAS_SCALE: tl.constexpr, STORE_V: tl.constexpr):
+    """The DoRA epilogue on an fp32 (BLOCK_M, BLOCK_N) tile before the bias: v written (STORE_V, in
+    v's dtype) and the tile scaled per column by the fp32 scale (HAS_SCALE); the tile as is without."""
+    if STORE_V:
+        tl.store(v_ptr + rows[:, None] * stride_vm + cols[None, :] * stride_vn, acc.to(v_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + cols, mask=offs_n < N, other=0.0)
+        acc = acc * sc[None, :]
+    return acc
+
+
+@triton.jit
+def _scaled_dy(dy, scale_ptr, offs_n, N, HAS_SCALE: tl.constexpr):
+    """dY (.) scale per column, rounded back to dY's dtype (what the torch path's g = dy * scale holds:
+    the products are exact in fp32 and rounded once); dY as is without HAS_SCALE."""
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        dy = (dy.to(tl.float32) * sc[None, :]).to(dy.dtype)
+    return dy
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -258,14 +294,18 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_fwd_kernel(
-    x_ptr, w_ptr, t_ptr, b_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, t_ptr, b_ptr, bias_ptr, y_ptr, scale_ptr, v_ptr,
     M, N, K, R, m_bucket,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
+    stride_vm, stride_vn,
     scaling,
     HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_SCALE: tl.constexpr = False, STORE_V: tl.constexpr = False,
 ):
-    """y[M, N] = x @ W.T + (s * T) @ B.T + bias, accumulated in fp32 and rounded once.
+    """y[M, N] = x @ W.T + (s * T) @ B.T + bias, accumulated in fp32 and rounded once; with
+    HAS_SCALE, y = scale (.) (x @ W.T + (s * T) @ B.T) + bias (scale: fp32 (N,), DoRA's m / ||.||),
+    and with STORE_V the pre-scale v = x @ W.T + (s * T) @ B.T is written to v as well (rounded once).
 
     FLOPs 2*M*N*K + 2*M*N*r (+ 4*M*N*r of split MMA work for 16-bit dtypes); minimum bytes
     (M*K + N*K + N*r + M*N + N) * itemsize + 4*M*r. The LoRA expand is one more r-deep block
@@ -296,6 +336,8 @@ def _lora_fwd_kernel(
         bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
                      mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # (BLOCK_R, BLOCK_N)
         acc = _dot_f32_lhs(t * scaling, bt, acc, LOWP, PREC)
+    acc = _dora_epilogue(acc, scale_ptr, v_ptr, rows, cols, offs_m, offs_n, M, N, stride_vm, stride_vn,
+                         HAS_SCALE, STORE_V)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -305,15 +347,16 @@ def _lora_fwd_kernel(
 
 @triton.jit
 def _lora_dt_db_kernel(
-    dy_ptr, b_ptr, t_ptr, dt_ptr, db_ptr,
+    dy_ptr, b_ptr, t_ptr, dt_ptr, db_ptr, scale_ptr,
     M, N, R, split_n,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_tm, stride_dtm, stride_dbm, stride_dbn,
     scaling,
     LOWP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    ATOMIC_DT: tl.constexpr, ATOMIC_DB: tl.constexpr,
+    ATOMIC_DT: tl.constexpr, ATOMIC_DB: tl.constexpr, HAS_SCALE: tl.constexpr = False,
 ):
-    """dT[M, r] = s * dY @ B and dB[N, r] = s * dY.T @ T (both fp32) in one pass over dY.
+    """dT[M, r] = s * dY @ B and dB[N, r] = s * dY.T @ T (both fp32) in one pass over dY; with
+    HAS_SCALE, dY (.) scale (per column, `_scaled_dy`) in place of dY.
 
     FLOPs 4*M*N*r (+ 2*M*N*r split work for 16-bit); minimum bytes (M*N + N*r) * itemsize +
     4*(2*M*r + N*r). Grid (cdiv(M, BLOCK_M), split_n); see the Note on atomics. Without ATOMIC_DB
@@ -334,6 +377,7 @@ def _lora_dt_db_kernel(
         n_ok = offs_n < N
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n.to(tl.int64)[None, :] * stride_dyn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        dy = _scaled_dy(dy, scale_ptr, offs_n, N, HAS_SCALE)
         b = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
         if LOWP:
@@ -355,14 +399,16 @@ def _lora_dt_db_kernel(
 
 @triton.jit
 def _lora_dx_kernel(
-    dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, seed_ptr,
+    dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr, seed_ptr, scale_ptr,
     M, N, K, R, m_bucket,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dtm, stride_ar, stride_ak, stride_dxm, stride_dxk,
     p, inv_keep,
     DROPOUT: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_SCALE: tl.constexpr = False,
 ):
-    """dX[M, K] = dY @ W + mask * (dT @ A), fp32 accumulation, one rounding.
+    """dX[M, K] = dY @ W + mask * (dT @ A), fp32 accumulation, one rounding; with HAS_SCALE,
+    (dY (.) scale) @ W (`_scaled_dy`, as the dT kernel scales it).
 
     The output tile is (BLOCK_M, BLOCK_N) over (M, K) and the reduction runs over N in BLOCK_K
     steps (names follow the GEMM roles, not the LoRA ones). FLOPs 2*M*N*K + 2*M*K*r; minimum
@@ -391,6 +437,7 @@ def _lora_dx_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_K)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        dy = _scaled_dy(dy, scale_ptr, offs_n, N, HAS_SCALE)
         w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)  # (BLOCK_K, BLOCK_N)
         if LOWP:
@@ -508,15 +555,18 @@ def _lora_small_m_partial_kernel(
 
 @triton.jit
 def _lora_small_m_epilogue_kernel(
-    ws_ptr, wst_ptr, b_ptr, bias_ptr, t_ptr, y_ptr,
+    ws_ptr, wst_ptr, b_ptr, bias_ptr, t_ptr, y_ptr, scale_ptr, v_ptr,
     M, N, R, split,
     stride_wss, stride_wsts, stride_bn, stride_br, stride_tm, stride_ym, stride_yn, stride_bias,
+    stride_vm, stride_vn,
     scaling,
     HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SCALE: tl.constexpr = False, STORE_V: tl.constexpr = False,
 ):
     """Small-M forward, part 2: y = sum_s ws[s] + (s * T) @ B.T + bias with T = sum_s wst[s], the
     split sums taken in a fixed order (bitwise reproducible); the first N tile also writes T.
+    HAS_SCALE / STORE_V: the DoRA epilogue, as in `_lora_fwd_kernel`.
 
     FLOPs 2*M*N*r; minimum bytes (N*r + M*N + N) * itemsize + 4*split*M*(N + r) + 4*M*r.
     """
@@ -540,6 +590,8 @@ def _lora_small_m_epilogue_kernel(
     bt = tl.load(b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)  # (BLOCK_R, BLOCK_N)
     acc = _dot_f32_lhs(t * scaling, bt, acc, LOWP, PREC)
+    acc = _dora_epilogue(acc, scale_ptr, v_ptr, rows, cols, offs_m, offs_n, M, N, stride_vm, stride_vn,
+                         HAS_SCALE, STORE_V)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -569,7 +621,7 @@ def _launch_gemm(kernel, tuned, m, cols, args, meta):
             blocks = {k: v for k, v in cfg.items() if k.isupper()}
             c = triton.Config(blocks, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
             fit = (args[0].element_size(), meta["BLOCK_R"], bool(meta.get("DROPOUT", False)), args[0].device,
-                   kernel is _lora_dx_kernel)
+                   kernel is _lora_dx_kernel, bool(meta.get("HAS_SCALE", False)))
             if not _fitting([c], *fit):
                 # the largest autotune tile no taller than M that fits (the list runs large to small)
                 tall = max(16, triton.next_power_of_2(m))
@@ -670,7 +722,7 @@ def _small_m_split(m: int, n: int, k: int, sms: int, lowp: bool = True, block_r:
     return max(1, min(-(-2 * sms // tiles), triton.cdiv(k, bk) // 2))
 
 
-def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, split):
+def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, split, scale=None, v=None):
     """Two launches: partial sums over K ranges into fp32 workspaces, then their fixed-order sum
     with the LoRA expand and bias (`_lora_small_m_partial_kernel`, `_lora_small_m_epilogue_kernel`)."""
     M, K = x.shape
@@ -694,12 +746,15 @@ def _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y,
         num_warps=4, num_stages=4,
     )
     _lora_small_m_epilogue_kernel[(tiles,)](
-        ws, wst, lora_B, bias if bias is not None else y, t, y,
+        ws, wst, lora_B, bias if bias is not None else y, t, y, scale if scale is not None else y,
+        v if v is not None else y,
         M, N, R, split,
         ws.stride(0), wst.stride(0), lora_B.stride(0), lora_B.stride(1), t.stride(0), y.stride(0), y.stride(1),
         bias.stride(0) if bias is not None else 0,
+        v.stride(0) if v is not None else 0, v.stride(1) if v is not None else 0,
         float(scaling),
         HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_block_r(R), BLOCK_M=bm, BLOCK_N=bn,
+        HAS_SCALE=scale is not None, STORE_V=v is not None,
         num_warps=4, num_stages=2,
     )
     return y, t
@@ -711,6 +766,17 @@ def _check_seed(seed, dropout, device):
     if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != device:
         raise ValueError(f"lora_matmul: dropout={dropout} needs a 1-element int64 seed tensor on {device}, "
                          f"got {None if seed is None else (tuple(seed.shape), seed.dtype, seed.device)}")
+
+
+def _check_scale(scale, n, device, where):
+    """DoRA's per-column scale: a contiguous fp32 (N,) tensor on the inputs' device, or None."""
+    if scale is None:
+        return
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{where}: scale must be a torch.Tensor or None, got {type(scale).__name__}")
+    if tuple(scale.shape) != (n,) or scale.dtype != torch.float32 or scale.device != device or scale.stride(0) != 1:
+        raise ValueError(f"{where}: scale must be a contiguous ({n},) float32 tensor on {device}, got "
+                         f"{tuple(scale.shape)} {scale.dtype} on {scale.device} (stride {tuple(scale.stride())})")
 
 
 def draw_seed(device) -> torch.Tensor:
@@ -730,8 +796,16 @@ def dropout_mask(seed: torch.Tensor, m: int, k: int, dropout: float) -> torch.Te
 def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                  scaling: float, bias: Optional[torch.Tensor] = None, dropout: float = 0.0,
                  seed: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                 split_k: Optional[int] = None, small_m: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 split_k: Optional[int] = None, small_m: Optional[int] = None,
+                 scale: Optional[torch.Tensor] = None, v_out: Optional[torch.Tensor] = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, T) for a 2-D x (M, K), any strides; weight (N, K) any strides (e.g. a Conv1D weight.t()).
+
+    DoRA (`lowrank.ops.dora`): scale, a contiguous fp32 (N,) tensor, multiplies the fp32 accumulator
+    column by column before the bias: y = scale (.) (x W^T + s T B^T) + bias, rounded once, in the
+    same launch (no extra pass over y). v_out, an (M, N) tensor in x's dtype (any strides), receives
+    the pre-scale v = x W^T + s T B^T from the same epilogue (m's gradient needs it). Both None:
+    the plain LoRA kernel (the epilogue code is compiled out).
 
     y (M, N) in x's dtype (written into `out` when given); T = dropout(x) @ A.T (M, r) fp32, what
     the backward needs. FLOPs 2*M*K*r + 2*M*N*K + 2*M*N*r; minimum bytes
@@ -750,13 +824,17 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
     if out is not None and (tuple(out.shape) != (M, N) or out.dtype != x.dtype or out.device != x.device):
         raise ValueError(f"lora_forward: out must be ({M}, {N}) {x.dtype} on {x.device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    _check_scale(scale, N, x.device, "lora_forward")
+    if v_out is not None and (tuple(v_out.shape) != (M, N) or v_out.dtype != x.dtype or v_out.device != x.device):
+        raise ValueError(f"lora_forward: v_out must be ({M}, {N}) {x.dtype} on {x.device}, "
+                         f"got {tuple(v_out.shape)} {v_out.dtype} on {v_out.device}")
     y = out if out is not None else _empty((M, N), x.dtype, x.device)
     sms = num_sms(x.device)
     if small_m is None:
         small_m = (_small_m_split(M, N, K, sms, x.dtype != torch.float32, _block_r(lora_A.shape[0]))
                    if not INTERPRET and 0 < M <= SMALL_M_MAX and N > 0 else 0)
     if small_m > 0 and M > 0 and N > 0 and K > 0:
-        return _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, small_m)
+        return _small_m_forward(x, weight, lora_A, lora_B, scaling, bias, dropout, seed, y, small_m, scale, v_out)
     bm, bk = _shrink_blocks(M)
     tiles, steps = triton.cdiv(M, bm), triton.cdiv(K, bk)
     sk = 1 if torch.are_deterministic_algorithms_enabled() else split_k or _split(tiles, steps, sms)
@@ -777,12 +855,15 @@ def lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lo
     if N == 0:
         return y, t
     _launch_gemm(_lora_fwd_kernel, _lora_fwd_kernel_tuned, M, N, (
-        x, weight, t, lora_B, bias if bias is not None else y, y,
+        x, weight, t, lora_B, bias if bias is not None else y, y, scale if scale is not None else y,
+        v_out if v_out is not None else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), t.stride(0),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0,
+        v_out.stride(0) if v_out is not None else 0, v_out.stride(1) if v_out is not None else 0,
         float(scaling),
-    ), dict(HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_gemm_block_r(R)))
+    ), dict(HAS_BIAS=bias is not None, LOWP=lowp, PREC=prec, BLOCK_R=_gemm_block_r(R),
+            HAS_SCALE=scale is not None, STORE_V=v_out is not None))
     return y, t
 
 
@@ -790,8 +871,12 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
                   lora_B: torch.Tensor, t: torch.Tensor, scaling: float, dropout: float = 0.0,
                   seed: Optional[torch.Tensor] = None, need_dx: bool = True,
                   dx_out: Optional[torch.Tensor] = None, split_n: Optional[int] = None,
-                  split_m: Optional[int] = None) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+                  split_m: Optional[int] = None, scale: Optional[torch.Tensor] = None,
+                  ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(dX or None, dA, dB) for 2-D dy (M, N) and x (M, K), T from `lora_forward`, W frozen.
+
+    scale (DoRA, as in `lora_forward`): the kernels read dY (.) scale (per column, rounded to dY's
+    dtype as it is loaded) wherever they read dY, so g = dY (.) scale is never written.
 
     FLOPs 4*M*N*r (dT, dB) + 2*M*K*r (dA) [+ 2*M*N*K + 2*M*K*r (dX)]; minimum bytes
     (M*N + M*K + r*K + N*r [+ N*K + M*K]) * itemsize + 4*M*r.
@@ -806,6 +891,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
     if dy.dtype != x.dtype:
         raise TypeError(f"lora_backward: dy dtype {dy.dtype} != x dtype {x.dtype}")
     _check_seed(seed, dropout, x.device)
+    _check_scale(scale, N, x.device, "lora_backward")
     dev, dtype = x.device, x.dtype
     sms = num_sms(dev)
     lowp, prec = _precision(dtype)
@@ -826,11 +912,12 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
         db32 = _empty((max(tiles_m, 1), N, R), torch.float32, dev)
     if M and N:
         _lora_dt_db_kernel[(tiles_m, sn)](
-            dy, lora_B, t, dt, db32, M, N, R, sn,
+            dy, lora_B, t, dt, db32, scale if scale is not None else dt, M, N, R, sn,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), t.stride(0), dt.stride(0),
             0 if atomic_db else db32.stride(0), db32.stride(-2),
             float(scaling),
             LOWP=lowp, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, ATOMIC_DT=sn > 1, ATOMIC_DB=atomic_db,
+            HAS_SCALE=scale is not None,
             num_warps=8 if bm == 128 else 4, num_stages=3,
         )
     elif M == 0:
@@ -865,10 +952,10 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
         dx = dx_out if dx_out is not None else _empty((M, K), dtype, dev)
         if M and K:
             _launch_gemm(_lora_dx_kernel, _lora_dx_kernel_tuned, M, K, (
-                dy, weight, dt, lora_A, dx, seed_arg,
+                dy, weight, dt, lora_A, dx, seed_arg, scale if scale is not None else dt,
                 M, N, K, R, m_bucket(M),
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dt.stride(0),
                 lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),
                 float(dropout), inv_keep,
-            ), dict(DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=_gemm_block_r(R)))
+            ), dict(DROPOUT=drop, LOWP=lowp, PREC=prec, BLOCK_R=_gemm_block_r(R), HAS_SCALE=scale is not None))
     return dx, da32.to(dtype), db32.to(dtype)

@@ -43,21 +43,38 @@ for m's gradient when m needs one: an (M, N) activation). With dropout peft's ow
 is not the same function: y = x W^T + bias + (scale - 1) (.) (h W^T) + scale (.) s h A^T B^T with h =
 dropout(x), a second GEMM over W, differentiated by autograd.
 
+# Note: the Triton path
+Where `backend_for(x)` is "triton" (CUDA tensors, or LOWRANK_BACKEND=triton) and the LoRA kernels
+take the arguments (`lora_matmul.supported`: not float64, rank <= 128, W and bias frozen), without
+dropout, `dora_linear` runs `_DoRATriton`: the norms as above (torch, float64), then ONE fused LoRA
+forward launch whose epilogue multiplies the fp32 accumulator by the fp32 scale before the bias
+(`lora_forward(..., scale=, v_out=)`) and, when m needs a gradient, also writes the pre-scale v from
+the same accumulator; the backward kernels read dY (.) scale wherever they read dY (g is never
+written), and m's gradient is sum over rows of dY (.) v, times 1 / n, in torch. The scale stays fp32
+there (clamped to the compute dtype's finite range as above, but not rounded to a 16-bit dtype:
+one rounding less than the torch path), y = round(scale (.) v32 + bias) with v32 the fp32
+accumulator. The launches are the custom ops `lowrank::dora_linear_fwd` / `_bwd` (fake
+implementations registered), so torch.compile traces ops, not Triton launches. With dropout, the
+torch path runs (peft's formula needs a second GEMM over W); NF4 bases stay on `nf4_dora_linear`.
+
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
 at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
 
-Level 2: imports torch, level 0 (nf4_format) and level 2 (lora_matmul's argument checks, the QLoRA op).
+Level 2: imports torch, level 0 (nf4_format, backend) and level 2 (lora_matmul's argument checks and kernel
+loader, the QLoRA op); level 1 (the LoRA kernels) only on the Triton path.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from lowrank.backend import backend_for
 from lowrank.nf4_format import NF4Weight, nf4_code
 
-from .lora_matmul import autocast_inputs, check_dropout, check_lora_args
+from .lora_matmul import _flat, _kernels, autocast_inputs, check_dropout, check_lora_args, supported
 from .nf4_lora_matmul import nf4_lora_linear
 
 _CHUNK_ELEMENTS = 1 << 18  # elements of W converted to float64 at a time (2 MiB)
@@ -219,6 +236,10 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
         raise ValueError(f"dora_linear: weight_sq must be float64 ({weight.shape[0]},), got {weight_sq.dtype} "
                          f"{tuple(weight_sq.shape)}")
     norms = dora_row_norms(weight, lora_A, lora_B, s, weight_sq=weight_sq)
+    if dropout == 0.0 and backend_for(x) == "triton" and supported(x, weight, lora_A, bias):
+        if torch.is_grad_enabled():
+            return _DoRATriton.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
+        return _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, s, norms, need_v=False)[0]
     if dropout == 0.0 and not weight.requires_grad and torch.is_grad_enabled():
         return _DoRALinear.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
     scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
@@ -337,3 +358,88 @@ class _DoRALinear(torch.autograd.Function):
             d_m = d_m.mul_(inv).to(dy.dtype)
         d_bias = dy2.sum(0) if need_bias else None
         return dx, None, d_a, d_b, d_m, d_bias, None, None
+
+
+# -- the Triton path: custom ops over the kernels (torch.compile sees ops, not Triton launches) ------
+@torch.library.custom_op("lowrank::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    bias: Optional[torch.Tensor], scale: torch.Tensor, scaling: float,
+                    need_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (..., N), T (M, r) fp32, v (M, N) in x's dtype, or an empty (0,) tensor when need_v is False):
+    one fused LoRA forward launch with the DoRA epilogue, scale (N,) fp32."""
+    lm = _kernels()
+    n = weight.shape[0]
+    x2 = _flat(x)  # (M, K)
+    v = lm._empty((x2.shape[0], n), x.dtype, x.device) if need_v else None
+    y, t = lm.lora_forward(x2, weight, lora_A, lora_B, scaling, bias, scale=scale, v_out=v)
+    return y.view(*x.shape[:-1], n), t, (v if need_v else x.new_empty((0,)))
+
+
+@dora_linear_fwd.register_fake
+def _(x, weight, lora_A, lora_B, bias, scale, scaling, need_v):
+    m, n = math.prod(x.shape[:-1]), weight.shape[0]
+    return (x.new_empty((*x.shape[:-1], n)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((m, n) if need_v else (0,)))
+
+
+@torch.library.custom_op("lowrank::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, scaling: float,
+                    need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX shaped like x, or an empty (0,) tensor when need_dx is False; dA; dB) from dY (.) scale."""
+    dx, da, db = _kernels().lora_backward(_flat(dy), _flat(x), weight, lora_A, lora_B, t, scaling,
+                                          need_dx=need_dx, scale=scale)
+    return (dx.view(x.shape) if need_dx else x.new_empty((0,))), da, db
+
+
+@dora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, t, scale, scaling, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, norms, need_v: bool):
+    """(y (..., N), T (M, r) fp32, scale (N,) fp32, 1 / n (N,) float64, v (M, N) or None): one fused
+    LoRA forward launch with the DoRA epilogue (the module's Note: the Triton path)."""
+    inv = _inverse(norms)  # (N,) float64
+    big = torch.finfo(x.dtype).max
+    scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32)  # (N,)
+    y, t, v = torch.ops.lowrank.dora_linear_fwd(x, weight, lora_A, lora_B, bias, scale, scaling, need_v)
+    return y, t, scale, inv, (v if need_v else None)
+
+
+def _dm_sum(dy2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+    """sum over rows of dy (.) v, float64 (N,), a block of rows at a time (as `_scaled_grad_and_dm`)."""
+    acc = torch.zeros(dy2.shape[1], dtype=torch.float64, device=dy2.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(dy2.shape[1], 1))
+    for i in range(0, dy2.shape[0], rows):
+        acc += (dy2[i:i + rows] * v2[i:i + rows]).sum(0)
+    return acc
+
+
+class _DoRATriton(torch.autograd.Function):
+    """`dora_linear` on the LoRA kernels (the module's Note: the Triton path), W and bias frozen,
+    no dropout. Backward: `lora_backward(..., scale=scale)` gives dX, dA, dB from dY (.) scale;
+    dm = (sum over rows of dY (.) v) / n (0 where n == 0)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, norms):
+        need_m = ctx.needs_input_grad[4]
+        y, t, scale, inv, v = _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, norms,
+                                                   need_v=need_m)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, t, scale, inv if need_m else None, v)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, t, scale, inv, v = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_m, need_bias, _, _ = ctx.needs_input_grad
+        dx, d_a, d_b = torch.ops.lowrank.dora_linear_bwd(dy, x, weight, lora_A, lora_B, t, scale, ctx.scaling,
+                                                         need_x)
+        dy2 = _flat(dy)  # (M, N)
+        d_m = _dm_sum(dy2, v).mul_(inv).to(dy.dtype) if need_m else None
+        d_bias = dy2.sum(0) if need_bias else None
+        return (dx if need_x else None, None, d_a if need_a else None, d_b if need_b else None, d_m,
+                d_bias, None, None)
