@@ -70,11 +70,17 @@ def sgmv(x, out, ids, As, Bs, scalings, meta: list | None = None):
                                   list(meta or []))
 
 
+def _on_kernels(x: torch.Tensor) -> bool:
+    """The Triton kernels take x: the Triton backend, and not float64 (the kernels' tl.dot has no
+    float64 accumulator; float64 runs the reference path, as ops.lora_linear does)."""
+    return backend_for(x) == "triton" and x.dtype != torch.float64
+
+
 # -- the custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("lowrank::sgmv", mutates_args=())
 def _sgmv_op(x: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
              Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor]) -> torch.Tensor:
-    if backend_for(x) == "triton":
+    if _on_kernels(x):
         return _triton_forward(x, out, ids, As, Bs, scalings, meta)
     return reference_forward(x, out, ids, As, Bs, scalings)
 
@@ -87,7 +93,7 @@ def _(x, out, ids, As, Bs, scalings, meta):
 @torch.library.custom_op("lowrank::sgmv_backward", mutates_args=())
 def _sgmv_backward_op(dy: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, As: list[torch.Tensor],
                       Bs: list[torch.Tensor], scalings: list[float], meta: list[torch.Tensor]) -> list[torch.Tensor]:
-    if backend_for(x) == "triton":
+    if _on_kernels(x):
         dx, das, dbs = _triton_backward(dy, x, ids, As, Bs, scalings, meta)
     else:
         dx, das, dbs = reference_backward(dy, x, ids, As, Bs, scalings)
