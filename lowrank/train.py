@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from .adapter_files import load_adapter, save_adapter
 from .layer_types import linear_dims
 from .nf4_linear import NF4Linear
+from .modules_to_save import ModulesToSave
 from .patch import lora_layers, patch_linear, select_targets
 from .plan import load_config, meta_model
 from .qlora import prepare_for_qlora_training
@@ -273,9 +274,6 @@ class TrainConfig:
             raise ValueError("--dora is for lora / qlora (full fine-tuning has no adapter)")
         if self.modules_to_save and self.method == "full":
             raise ValueError("--modules-to-save is for lora / qlora (full fine-tuning trains every module)")
-        if self.modules_to_save and self.fsdp:
-            raise ValueError("--modules-to-save with --fsdp is not supported yet (the copies would need gathering "
-                             "for checkpoints); use DDP (leave out --fsdp)")
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
@@ -989,8 +987,28 @@ def adapter_skeleton(config, cfg: TrainConfig, factors: dict) -> nn.Module:
     whole adapter `factors` ({parameter name: tensor}, gathered from the shards): what
     `save_adapter` writes under FSDP2 without gathering the base model."""
     skeleton = meta_model(config)
+    # modules_to_save copies: gathered as `<path>.modules_to_save.default.<param>`; their paths get no
+    # LoRA (as on the trained model), and their wrappers are built here around meta originals (a
+    # meta module cannot be copied for training, so patch_linear's modules_to_save is not used).
+    saved = sorted({k.split(".modules_to_save.", 1)[0] for k in factors if ".modules_to_save." in k})
+    inside = (lambda p, _m: any(p == q or p.startswith(q + ".") for q in saved)) if saved else None
     patch_linear(skeleton, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, dora=cfg.dora,
-                 adapter_dtype=torch.float32)
+                 adapter_dtype=torch.float32, exclude=inside)
+    for path in saved:
+        original = skeleton.get_submodule(path)
+        wrapper = ModulesToSave(original)
+        copy = wrapper.new_copy()
+        for pname, _ in list(copy.named_parameters()):
+            key = f"{path}.modules_to_save.default.{pname}"
+            if key not in factors:
+                raise ValueError(f"adapter_skeleton: no gathered tensor for {key}")
+            owner, _, leaf = pname.rpartition(".")
+            (copy.get_submodule(owner) if owner else copy)._parameters[leaf] = nn.Parameter(factors[key],
+                                                                                           requires_grad=False)
+        wrapper.attach_copy("default", copy)
+        wrapper.active_adapter = "default"
+        parent, _, attr = path.rpartition(".")
+        setattr(skeleton.get_submodule(parent) if parent else skeleton, attr, wrapper)
     for path, layer in lora_layers(skeleton):
         for which in ("lora_A", "lora_B", "lora_magnitude_vector") if cfg.dora else ("lora_A", "lora_B"):
             table = getattr(layer, which)

@@ -423,6 +423,7 @@ def torchrun(files, out, *args):
     pytest.param("qlora", True, "bf16", id="qlora-bf16-fsdp2", marks=pytest.mark.slow),
     pytest.param("full", True, "fp32", id="full-fsdp2", marks=pytest.mark.slow),
     pytest.param("dora", True, "fp32", id="dora-fsdp2", marks=pytest.mark.slow),
+    pytest.param("lora+head", True, "fp32", id="lora-modules_to_save-fsdp2", marks=pytest.mark.slow),
 ])
 def test_two_processes_equal_one(files, tmp_path, method, fsdp, dtype):
     """torchrun --nproc-per-node 2 (gloo on the CPU), each process half of every micro-batch: the
@@ -431,15 +432,17 @@ def test_two_processes_equal_one(files, tmp_path, method, fsdp, dtype):
     bf16 compute and fp32 adapters too. In bf16 the rounding of a matmul depends on its row count,
     so there the one process runs the same sequences in the same per-pass shape (2 rows, 4 passes)."""
     dora = method == "dora"  # LoRA with DoRA adapters: the magnitudes gathered into the checkpoint too
-    method = "lora" if dora else method
+    head = method == "lora+head"  # LoRA with lm_head in modules_to_save: its copy gathered too
+    method = "lora" if dora or head else method
     kw = dict(method=method, steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, keep_best=0,
-              dtype=dtype, dora=dora)
+              dtype=dtype, dora=dora, modules_to_save=["lm_head"] if head else None)
     if dtype == "bf16":
         kw.update(batch_size=2, grad_accum=4)
     one = T.train(cfg(files, tmp_path / "one", **kw))
     torchrun(files, tmp_path / "two", "--method", method, "--lr", "1e-2", "--steps", "3", "--batch-size", "4",
              "--grad-accum", "2", "--eval-every", "0", "--save-every", "0", "--keep-best", "0", "--dtype", dtype,
-             *(["--fsdp"] if fsdp else []), *(["--dora"] if dora else []))
+             *(["--fsdp"] if fsdp else []), *(["--dora"] if dora else []),
+             *(["--modules-to-save", "lm_head"] if head else []))
     two = weights(str(tmp_path / "two" / "checkpoint-3"))
     ref = weights(one.last_checkpoint)
     assert two.keys() == ref.keys()
