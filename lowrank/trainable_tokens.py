@@ -3,9 +3,9 @@
 
 Per adapter the layer holds `token_indices[name]` (row ids) and a trainable
 `trainable_tokens_delta[name]` (len(ids), embedding_dim) that starts as a copy of those rows: as in
-peft the parameter holds the rows' new values (not a difference), and the forward looks tokens up
-in the base weight with those rows replaced (`Tensor.index_copy`, differentiable in the new rows;
-the base weight itself is never written). A head whose weight is tied to the embedding (GPT-2's
+peft the parameter holds the rows' new values (not a difference), and the forward gives what a
+lookup in the base weight with those rows replaced gives (the trained tokens' outputs swapped in,
+differentiable in the new rows; neither the base weight written nor a copy of it made). A head whose weight is tied to the embedding (GPT-2's
 lm_head) is wrapped too, sharing the same parameters, so a token's new row is both what it embeds
 to and what scores it, as the tie means.
 """
@@ -84,17 +84,19 @@ class TrainableTokens(nn.Module):
             raise ValueError(f"adapter {name!r} already has trainable tokens here")
         self.trainable_tokens_delta[name] = rows if isinstance(rows, nn.Parameter) else nn.Parameter(rows)
         self.token_indices[name] = list(indices)
+        self.__dict__.pop("_index_cache", None)
 
     def detach_adapter(self, name: str) -> None:
         if self.active_adapter == name:
             self.active_adapter = None
         del self.trainable_tokens_delta[name]
         del self.token_indices[name]
+        self.__dict__.pop("_index_cache", None)
 
     def weight_for(self, name: str) -> torch.Tensor:
         """The base weight with adapter `name`'s rows in place (a new tensor; the base is untouched)."""
         w = self.base_layer.weight
-        idx = torch.tensor(self.token_indices[name], device=w.device)
+        idx, _ = self._indices(name, w.device)
         return w.index_copy(0, idx, self.trainable_tokens_delta[name].to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,12 +121,39 @@ class TrainableTokens(nn.Module):
                 out = torch.where(pick, self._forward_with(x, name), out)
         return out
 
+    def _indices(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the adapter's token ids, a (V,) table of each token's row in the delta, -1 for the rest) on
+        `device`, built once per adapter and device (attach / detach_adapter drop them)."""
+        cache = self.__dict__.setdefault("_index_cache", {})
+        key = (name, str(device))
+        if key not in cache:
+            idx = torch.tensor(self.token_indices[name], device=device)
+            table = torch.full((self.base_layer.weight.shape[0],), -1, dtype=torch.long, device=device)
+            table[idx] = torch.arange(idx.numel(), device=device)
+            cache[key] = (idx, table)
+        return cache[key]
+
     def _forward_with(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        w = self.weight_for(name)
+        """The base layer's output with adapter `name`'s rows: only the outputs those rows touch are
+        replaced (the looked-up tokens, or the head's logit columns), never a copy of the (V, D)
+        weight. max_norm (which renormalises the looked-up rows in place) and a trained padding row
+        (whose gradient nn.Embedding zeroes) take the whole-weight lookup instead."""
         base = self.base_layer
-        if isinstance(base, nn.Linear):
-            return F.linear(x, w, base.bias)
-        out = F.embedding(x, w, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        w = base.weight
+        rows = self.trainable_tokens_delta[name].to(w.dtype)
+        idx, table = self._indices(name, w.device)
+        if isinstance(base, nn.Linear):  # a tied head: the trained tokens' logit columns recomputed
+            bias = None if base.bias is None else base.bias.index_select(0, idx)
+            out = F.linear(x, w, base.bias)
+            return out.index_copy(out.dim() - 1, idx, F.linear(x, rows, bias))
+        if base.max_norm is not None or (base.padding_idx is not None and base.padding_idx in self.token_indices[name]):
+            w = self.weight_for(name)
+            out = F.embedding(x, w, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                              base.sparse)
+        else:
+            out = F.embedding(x, w, base.padding_idx, None, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            pos = table[x]  # each token's row in the delta, -1 for the untrained ones
+            out = torch.where((pos >= 0).unsqueeze(-1), rows[pos.clamp_min(0)], out)
         scale = getattr(base, "embed_scale", None)  # transformers' scaled embeddings scale in forward
         if scale is not None:
             out = out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
