@@ -143,14 +143,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        v = None
+    if v is None or v < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return v
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _nonneg_int(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def _targets(text: str):
@@ -246,14 +254,6 @@ def run_merge(args) -> None:
     print(f"merged {stats.layers} layer(s) into {stats.shards} shard(s): {stats.out} (largest set of tensors held at "
           f"once {stats.largest_held_bytes / mib:.1f} MiB; largest base shard {stats.largest_shard_bytes / mib:.1f} "
           f"MiB, model {stats.total_bytes / mib:.1f} MiB)")
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
 
 
 def _add_train(sub) -> None:

@@ -74,7 +74,8 @@ import torch.nn.functional as F
 from lowrank.backend import backend_for
 from lowrank.nf4_format import NF4Weight, nf4_code
 
-from .lora_matmul import _flat, _kernels, autocast_inputs, check_dropout, check_lora_args, supported
+from .lora_matmul import (_flat, _kernels, autocast_inputs, check_dropout, check_lora_args, lora_input_grads,
+                          supported)
 from .nf4_lora_matmul import nf4_lora_linear
 
 _CHUNK_ELEMENTS = 1 << 18  # elements of W converted to float64 at a time (2 MiB)
@@ -342,18 +343,10 @@ class _DoRALinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, t, scale, inv, v = ctx.saved_tensors
         need_x, _, need_a, need_b, need_m, need_bias, _, _ = ctx.needs_input_grad
-        s = ctx.scaling
-        n, k = weight.shape
+        n = weight.shape[0]
         dy2 = dy.reshape(-1, n)
         g, d_m = _scaled_grad_and_dm(dy2, scale, v.reshape(-1, n) if need_m else None)
-        dt = torch.mm(g, lora_B).mul_(s)  # (M, r)
-        d_a = torch.mm(dt.t(), x.reshape(-1, k)) if need_a else None
-        d_b = torch.mm(g.t(), t.reshape(-1, t.shape[-1])).mul_(s) if need_b else None
-        dx = None
-        if need_x:
-            dx = torch.mm(g, weight)
-            dx.addmm_(dt, lora_A)
-            dx = dx.view(x.shape)
+        dx, d_a, d_b = lora_input_grads(g, x, weight, lora_A, lora_B, t, ctx.scaling, need_x, need_a, need_b)
         if need_m:
             d_m = d_m.mul_(inv).to(dy.dtype)
         d_bias = dy2.sum(0) if need_bias else None

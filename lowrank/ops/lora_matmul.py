@@ -163,19 +163,26 @@ class _LoRAReference(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, t = ctx.saved_tensors
         need_x, _, need_a, need_b, need_bias, _ = ctx.needs_input_grad
-        s = ctx.scaling
-        n, k = weight.shape
-        dy2 = dy.reshape(-1, n)
-        dt = torch.mm(dy2, lora_B).mul_(s)  # (M, r), rounded as autograd's addmm backward rounds it
-        d_a = torch.mm(dt.t(), x.reshape(-1, k)) if need_a else None
-        d_b = torch.mm(dy2.t(), t.reshape(-1, t.shape[-1])).mul_(s) if need_b else None
-        dx = None
-        if need_x:
-            dx = torch.mm(dy2, weight)
-            dx.addmm_(dt, lora_A)
-            dx = dx.view(x.shape)
+        dy2 = dy.reshape(-1, weight.shape[0])
+        dx, d_a, d_b = lora_input_grads(dy2, x, weight, lora_A, lora_B, t, ctx.scaling, need_x, need_a, need_b)
         d_bias = dy2.sum(0) if need_bias else None
         return dx, None, d_a, d_b, d_bias, None
+
+
+def lora_input_grads(g, x, weight, lora_A, lora_B, t, scaling: float, need_x: bool, need_a: bool, need_b: bool):
+    """(dX, dA, dB) of y = x W^T + s (x A^T) B^T for the output gradient g (M, N), W frozen, t = x A^T
+    saved from forward: dT = s g B, dA = dT^T x, dB = s g^T t, dX = g W then += dT A in place (no
+    (M, K) temporary beyond dX). None where not needed. DoRA's backward calls it with g = dY (.) scale."""
+    n, k = weight.shape
+    dt = torch.mm(g, lora_B).mul_(scaling)  # (M, r), rounded as autograd's addmm backward rounds it
+    d_a = torch.mm(dt.t(), x.reshape(-1, k)) if need_a else None
+    d_b = torch.mm(g.t(), t.reshape(-1, t.shape[-1])).mul_(scaling) if need_b else None
+    dx = None
+    if need_x:
+        dx = torch.mm(g, weight)
+        dx.addmm_(dt, lora_A)
+        dx = dx.view(x.shape)
+    return dx, d_a, d_b
 
 
 # -- the custom ops over the kernels -----------------------------------------------------------------
