@@ -148,6 +148,6 @@ setup(
         # lowrank plan / compare read transformers configs and models; compare draws its curves
         "jobs": ["transformers>=5,<6", "matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["lowrank=lowrank.cli:main"]},
+    entry_points={"console_scripts": ["lowrank=lowrank.cli:entry"]},
     cmdclass={"build_py": BuildPyWithNative},
 )

@@ -24,7 +24,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -449,5 +451,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit with `code`. A worker under torchrun (WORLD_SIZE > 1) whose job has finished, its process
+    group destroyed and its files written, leaves with os._exit after flushing its streams: the
+    interpreter's finalization would tear down gloo's C++ state in an unspecified order, which
+    aborted a worker now and then ("terminate called without an active exception", SIGABRT) after
+    a run that had succeeded, failing the whole torchrun job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry() -> None:
+    """The `lowrank` console script."""
+    _exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
