@@ -189,6 +189,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--variants", type=_positive_int, default=1, help="fine-tuned variants to train and store")
     p.add_argument("--mfu", type=float, default=None, help="assumed utilisation, 0-1 (default: per GPU kind)")
+    p.add_argument("--dora", action="store_true", help="LoRA and QLoRA with DoRA adapters")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -354,7 +355,7 @@ def run_plan(args) -> None:
         model=args.model, method=args.method, rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq,
         gpu=args.gpu, gpu_mem=args.gpu_mem, gpus=args.gpus, optimizer=args.optimizer, grad_ckpt=args.grad_ckpt,
         objective=args.objective, examples=args.examples, tokens_per_example=args.tokens_per_example,
-        epochs=args.epochs, variants=args.variants, precision=args.precision, mfu=args.mfu)
+        epochs=args.epochs, variants=args.variants, precision=args.precision, mfu=args.mfu, dora=args.dora)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
     else:
