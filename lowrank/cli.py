@@ -195,7 +195,8 @@ def _add_plan(sub) -> None:
 
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="full fine-tuning, LoRA and QLoRA trained on one budget and measured")
-    p.add_argument("--methods", default="full,lora,qlora", help="comma-separated: full, lora, qlora")
+    p.add_argument("--methods", default="full,lora,qlora",
+                   help="comma-separated: full, lora, qlora, dora (LoRA with DoRA adapters), qdora (QLoRA with DoRA)")
     p.add_argument("--rank", type=_positive_int, default=4)
     p.add_argument("--batch", type=_positive_int, default=16)
     p.add_argument("--steps", type=_positive_int, default=120,
@@ -342,7 +343,7 @@ def _lrs(text):
     for item in text.split(","):
         name, _, value = item.partition("=")
         if name.strip() not in compare_job.METHODS:
-            raise ValueError(f"--lr: unknown method {name.strip()!r} (full, lora, qlora)")
+            raise ValueError(f"--lr: unknown method {name.strip()!r} ({', '.join(compare_job.METHODS)})")
         try:
             out[name.strip()] = float(value)
         except ValueError:
