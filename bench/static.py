@@ -196,13 +196,17 @@ def nf4_lora_matmul_variants(dtype: str, target: str) -> list[Variant]:
     out = []
     for transposed, aligned, m, cfg, choice in jobs:
         split = 3 if m <= 16 else 1
-        consts = dict(W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=64, HAS_LORA=True, R_PAD=16,
-                      HAS_BIAS=True, IEEE=dtype == "fp32", INTERPRETED=False, SPLIT_Q=split,
-                      **{k: v for k, v in cfg.items() if k.isupper()})
-        ptrs = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
-                "out_ptr": "*fp32" if split > 1 else f"*{dtype}"}
-        out.append(_variant(K._nf4_lora_matmul_kernel, "nf4_lora_matmul", dtype, target, consts, cfg["num_warps"],
-                            cfg["num_stages"], choice, ptrs, gemm=True, unit_strides=()))
+        # DoRA (ops.dora's NF4 Triton path): the forward's scale epilogue and v store, the dX
+        # direction's scaled dY.
+        for scaled in (False, True):
+            consts = dict(W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=64, HAS_LORA=True, R_PAD=16,
+                          HAS_BIAS=True, IEEE=dtype == "fp32", INTERPRETED=False, SPLIT_Q=split,
+                          HAS_SCALE=scaled, STORE_V=scaled and transposed,
+                          **{k: v for k, v in cfg.items() if k.isupper()})
+            ptrs = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "scale_ptr": "*fp32",
+                    "out_ptr": "*fp32" if split > 1 else f"*{dtype}", "v_ptr": "*fp32" if split > 1 else f"*{dtype}"}
+            out.append(_variant(K._nf4_lora_matmul_kernel, "nf4_lora_matmul", dtype, target, consts,
+                                cfg["num_warps"], cfg["num_stages"], choice, ptrs, gemm=True, unit_strides=()))
     return _dedupe(out)
 
 

@@ -102,9 +102,10 @@ def _nf4_lora_matmul_kernel(
     partial sum into out (an fp32 workspace); split 0 alone adds the LoRA term and the bias.
     DoRA (HAS_SCALE, scale: fp32 (N,)): forward, out = scale (.) (a @ W.T + lora) + bias, the fp32
     accumulator scaled per column before the bias, and with STORE_V the pre-scale value written to v
-    too (SPLIT_Q == 1 only: the launcher does a split sum's epilogue); backward, a = dY is read as
-    dY (.) scale per column, rounded to its dtype as loaded (the torch path's g = dy * scale), never
-    written. Without them the code is compiled out.
+    too (SPLIT_Q > 1: each split's partial sum scaled before its atomic add, and its pre-scale
+    partial added into v, an fp32 workspace); backward, a = dY is read as dY (.) scale per column,
+    rounded to its dtype as loaded (the torch path's g = dy * scale), never written. Without them
+    the code is compiled out.
     """
     pid_m, pid_p = grouped_pid(M, P, BLOCK_M, BLOCK_P, GROUP_M)
     pid_s = tl.program_id(1)
@@ -148,8 +149,11 @@ def _nf4_lora_matmul_kernel(
             lora = tl.dot(ll, rr)
         acc += lora_scale * lora
     if STORE_V and W_TRANSPOSED:
-        tl.store(v_ptr + offs_m[:, None] * stride_vm + offs_p[None, :] * stride_vp,
-                 round_to(acc, v_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
+        v_ptrs = v_ptr + offs_m[:, None] * stride_vm + offs_p[None, :] * stride_vp
+        if SPLIT_Q > 1:
+            tl.atomic_add(v_ptrs, acc, mask=m_ok[:, None] & p_ok[None, :])
+        else:
+            tl.store(v_ptrs, round_to(acc, v_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
     if HAS_SCALE and W_TRANSPOSED:
         acc = acc * tl.load(scale_ptr + offs_p, mask=p_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -352,20 +356,17 @@ def nf4_lora_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transpo
     q_per_split = triton.cdiv(triton.cdiv(q, split), cfg["BLOCK_Q"]) * cfg["BLOCK_Q"]
     split = triton.cdiv(q, q_per_split)
     target = out if split == 1 else torch.zeros(m, p, dtype=torch.float32, device=a.device)
-    split_epilogue = split > 1 and transposed and scale is not None
-    if split_epilogue:  # the fp32 split sum is complete only after the launch: its DoRA epilogue follows it
-        consts.update(HAS_BIAS=False, HAS_SCALE=False, STORE_V=False)
+    v_target = v_out
+    if split > 1 and v_out is not None:  # the split partial sums of v, added in fp32 as the output's
+        v_target = torch.zeros(m, p, dtype=torch.float32, device=a.device)
+        dora[1], v_strides = v_target, [v_target.stride(0), v_target.stride(1)]
     _nf4_lora_matmul_kernel[(tiles, split)](
         *args, target, *dora, m, p, q, k_w, float(lora_scale), q_per_split, m_bucket(m),
         a.stride(0), a.stride(1), *lora_strides, target.stride(0), target.stride(1), *v_strides,
         **consts, SPLIT_Q=split, **cfg,
     )
-    if split_epilogue:  # the kernel's epilogue in torch on the fp32 sum: v, then scale, then bias
-        if v_out is not None:
-            v_out.copy_(target)
-        target.mul_(scale)
-        if bias is not None:
-            target.add_(bias)
     if split > 1:
         out.copy_(target)  # the one rounding of the split-Q sum
+        if v_out is not None:
+            v_out.copy_(v_target)
     return out
