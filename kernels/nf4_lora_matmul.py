@@ -195,7 +195,8 @@ _IEEE_CONFIGS = [
 def _prune_tuned(configs, nargs, **kwargs):
     """The candidates for one launch, held to `_config`'s rules: fp32 operands (IEEE) take their own
     tiles at 2 stages; the unaligned gather tile at BLOCK_Q <= 64 and 2 stages. On sm_80 the gather tile
-    and 4-warp tiles take BLOCK_Q 32: wider ones spill there (bench.static)."""
+    and 4-warp tiles take BLOCK_Q 32: wider ones spill there (bench.static); the 16-bit gather dX tile
+    with DoRA's scaled dY at 128x128 takes BLOCK_Q 16 (`_config`)."""
     out = []
     cap = _capability(nargs, kwargs)
     if kwargs.get("IEEE"):
@@ -208,6 +209,9 @@ def _prune_tuned(configs, nargs, **kwargs):
             kw["BLOCK_Q"], stages = min(kw["BLOCK_Q"], 64), 2
         if cap < 9 and (not kwargs.get("ALIGNED", True) or c.num_warps < 8):
             kw["BLOCK_Q"] = min(kw["BLOCK_Q"], 32)
+        if cap < 9 and _scaled_gather_dx_spills(kw, kwargs.get("ALIGNED", True), bool(kwargs.get("IEEE")),
+                                                bool(kwargs.get("HAS_SCALE")) and not kwargs.get("W_TRANSPOSED")):
+            kw["BLOCK_Q"] = 16
         cfg = triton.Config(kw, num_warps=c.num_warps, num_stages=stages)
         if all(cfg.kwargs != o.kwargs or (cfg.num_warps, cfg.num_stages) != (o.num_warps, o.num_stages) for o in out):
             out.append(cfg)
@@ -238,11 +242,19 @@ def _split_for(tiles: int, q: int, block_q: int, device) -> int:
 HOPPER_SMEM = 232448
 
 
+def _scaled_gather_dx_spills(blocks: dict, aligned: bool, ieee: bool, scaled_dy: bool) -> bool:
+    """Whether an sm_80 tile needs BLOCK_Q 16 for DoRA's scaled dY: the 16-bit gather dX tile at
+    128x128x32 (8 warps, 2 stages) spilled 64 bytes (255 registers) with it, 128x128x16 none (214;
+    `python -m bench.static`, sm_80); every other scaled variant compiles without spills."""
+    return (scaled_dy and not aligned and not ieee and blocks["BLOCK_M"] * blocks["BLOCK_P"] >= 128 * 128
+            and blocks["BLOCK_Q"] > 16)
+
+
 def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligned: bool = True,
-            smem_limit: int = HOPPER_SMEM) -> dict:
+            smem_limit: int = HOPPER_SMEM, scaled_dy: bool = False) -> dict:
     """Tile sizes by M, chosen (before any GPU run) as the largest tiles for which sm_90a ptxas
     reports no register spills in either direction, aligned or gather (`python -m bench.static`);
-    8 warps where 4 spilled."""
+    8 warps where 4 spilled. scaled_dy: the dX direction with DoRA's scale (sm_80 prunes one tile)."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1)
     if m <= 16:
@@ -270,6 +282,8 @@ def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligne
             cfg["num_stages"] = 2
         if not aligned:
             cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], 32)  # the gather tile spills above 32 on sm_80
+        if _scaled_gather_dx_spills(cfg, aligned, dtype == torch.float32, scaled_dy):
+            cfg["BLOCK_Q"] = 16
     return cfg
 
 
@@ -348,7 +362,7 @@ def nf4_lora_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transpo
         return out
     smem = HOPPER_SMEM if INTERPRET else triton.runtime.driver.active.utils.get_device_properties(
         a.device.index)["max_shared_mem"]
-    cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned, smem))
+    cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned, smem, scaled_dy=scale is not None and not transposed))
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"])
     split = cfg.pop("SPLIT_Q", None)
     if split is None:

@@ -284,3 +284,25 @@ def test_opcheck(need):
         torch.library.opcheck(torch.ops.lowrank.nf4_dora_linear_bwd.default,
                               (torch.randn(2, 3, 24, device=DEV), x, *wt, a, b, t, scale, 1.5, 32, 256, need),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_scaled_gather_dx_tile_that_spills_on_sm80_is_pruned():
+    """The one scaled variant bench.static measured spilling (sm_80, 16-bit, gather dX 128x128x32 with
+    DoRA's scaled dY: 64 bytes) takes BLOCK_Q 16 there, by `_config` and in the autotuner's pruned
+    set; without the scale, in the forward, on sm_90a or aligned the tiles are as before."""
+    a100 = 163 * 1024
+    bq = lambda **kw: K._config(4096, False, kw.pop("dtype", torch.bfloat16), **kw)["BLOCK_Q"]  # noqa: E731
+    assert bq(aligned=False, smem_limit=a100, scaled_dy=True) == 16
+    assert bq(aligned=False, smem_limit=a100) == bq(aligned=False) == bq(aligned=False, scaled_dy=True) == 32
+    assert bq(aligned=True, smem_limit=a100, scaled_dy=True) == bq(aligned=True, smem_limit=a100)
+    assert bq(aligned=False, smem_limit=a100, scaled_dy=True, dtype=torch.float32) == \
+        bq(aligned=False, smem_limit=a100, dtype=torch.float32)
+
+    def tiles(**kw):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"])
+                for c in K._prune_tuned(K._TUNE_CONFIGS, {}, ALIGNED=False, **kw)}
+
+    scaled = tiles(CAP=8, HAS_SCALE=True, W_TRANSPOSED=False)
+    assert (128, 128, 16) in scaled and (128, 128, 32) not in scaled
+    assert (128, 128, 32) in tiles(CAP=8) and (128, 128, 32) in tiles(CAP=8, HAS_SCALE=True, W_TRANSPOSED=True)
+    assert (128, 128, 32) in tiles(CAP=9, HAS_SCALE=True, W_TRANSPOSED=False)

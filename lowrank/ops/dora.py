@@ -55,13 +55,23 @@ there (clamped to the compute dtype's finite range as above, but not rounded to 
 one rounding less than the torch path), y = round(scale (.) v32 + bias) with v32 the fp32
 accumulator. The launches are the custom ops `lowrank::dora_linear_fwd` / `_bwd` (fake
 implementations registered), so torch.compile traces ops, not Triton launches. With dropout, the
-torch path runs (peft's formula needs a second GEMM over W); NF4 bases stay on `nf4_dora_linear`.
+torch path runs (peft's formula needs a second GEMM over W).
 
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
-at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
+at a time (`_Rows`). On the Triton backend without dropout (`_NF4DoRATriton`, the custom ops
+`lowrank::nf4_dora_linear_fwd` / `_bwd`, fake implementations registered) the matmuls run on the
+fused NF4-decode LoRA kernel (`kernels/nf4_lora_matmul.py`) as on dense bases: T = x A^T in x's dtype
+(as the QLoRA op takes it), then ONE fused launch whose epilogue scales the fp32 accumulator by the
+fp32 scale before the bias (`nf4_lora_matmul(..., scale=, v_out=)`, v written when m trains); the
+backward's dX launch reads dY (.) scale as it loads dY, and dT = s dY (scale (.) B), dB = s scale (.)
+(dY^T T) carry the scale on the (N, r) side, so g = dY (.) scale is never written; m's gradient as
+above, in m's own dtype (fp32 master weights). Only the 4-bit storage is saved, never a dense W.
+Otherwise (dropout, or the CPU backend) the matmuls run through `nf4_lora_linear` (tile-by-tile decode)
+and autograd.
 
-Level 2: imports torch, level 0 (nf4_format, backend) and level 2 (lora_matmul's argument checks and kernel
-loader, the QLoRA op); level 1 (the LoRA kernels) only on the Triton path.
+Level 2: imports torch, level 0 (nf4_format, backend, dtypes) and level 2 (lora_matmul's argument checks and
+kernel loader, the QLoRA op and its kernel loader); level 1 (the LoRA and NF4 LoRA kernels) only on the
+Triton path.
 """
 from __future__ import annotations
 
@@ -260,13 +270,14 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
 
 def nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling: float, bias=None, dropout: float = 0.0,
                     weight_sq=None):
-    """DoRA over an NF4 (QLoRA) weight: `dora_linear` with W = deq(nf4_weight) in x's dtype, the
-    matmuls through `nf4_lora_linear` (tile-by-tile decode, never a dense W) and the row norms from
-    the 4-bit storage a block of rows at a time (`dora_row_norms`). x: (..., K) in the compute dtype;
-    lora_A, lora_B, magnitude (N,) are used in x's dtype, their gradients come back in their own
-    (fp32 master weights); bias: (N,) or None, frozen; weight_sq: the cached ||W_i||^2 (float64).
-    Differentiable by autograd around the QLoRA op: y = scale (.) v + bias with v = x W^T + s x A^T B^T
-    (mul keeps v for m's gradient); with dropout, peft's formula (see the module's Note)."""
+    """DoRA over an NF4 (QLoRA) weight: `dora_linear` with W = deq(nf4_weight) in x's dtype, never a
+    dense W, the row norms from the 4-bit storage a block of rows at a time (`dora_row_norms`).
+    x: (..., K) in the compute dtype; lora_A, lora_B, magnitude (N,) are used in x's dtype, their
+    gradients come back in their own (fp32 master weights); bias: (N,) or None, frozen; weight_sq:
+    the cached ||W_i||^2 (float64). On the Triton backend without dropout: the fused NF4 kernels with
+    the DoRA epilogue (`_NF4DoRATriton`, the module's NF4 paragraph). Otherwise differentiable by
+    autograd around the QLoRA op: y = scale (.) v + bias with v = x W^T + s x A^T B^T (mul keeps v
+    for m's gradient); with dropout, peft's formula (see the module's Note)."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = x.dtype
         x, lora_A, lora_B, bias, magnitude = autocast_inputs(x, lora_A, lora_B, bias, magnitude)
@@ -408,12 +419,18 @@ def _(dy, x, weight, lora_A, lora_B, t, scale, scaling, need_dx):
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+def _fp32_scale(magnitude, norms, dtype: torch.dtype):
+    """(scale = m / n (N,) fp32, clamped to dtype's finite range; 1 / n (N,) float64): the Triton
+    path's scale (the module's Note: the Triton path)."""
+    inv = _inverse(norms)  # (N,) float64
+    big = torch.finfo(dtype).max
+    return (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32), inv
+
+
 def _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, norms, need_v: bool):
     """(y (..., N), T (M, r) fp32, scale (N,) fp32, 1 / n (N,) float64, v (M, N) or None): one fused
     LoRA forward launch with the DoRA epilogue (the module's Note: the Triton path)."""
-    inv = _inverse(norms)  # (N,) float64
-    big = torch.finfo(x.dtype).max
-    scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32)  # (N,)
+    scale, inv = _fp32_scale(magnitude, norms, x.dtype)
     y, t, v = torch.ops.lowrank.dora_linear_fwd(x, weight, lora_A, lora_B, bias, scale, scaling, need_v)
     return y, t, scale, inv, (v if need_v else None)
 
@@ -520,14 +537,6 @@ def _(dy, x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B,
       nested_blocksize, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
-
-
-def _fp32_scale(magnitude, norms, dtype: torch.dtype):
-    """(scale = m / n (N,) fp32, clamped to dtype's finite range; 1 / n (N,) float64): the Triton
-    path's scale (the module's Note: the Triton path)."""
-    inv = _inverse(norms)  # (N,) float64
-    big = torch.finfo(dtype).max
-    return (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32), inv
 
 
 def _nf4_dora_triton_forward(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, magnitude,
