@@ -27,7 +27,7 @@ K = pytest.importorskip("lowrank.kernels.nf4_lora_matmul", reason="needs Triton"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The last commit of kernels/nf4_lora_matmul.py before the DoRA epilogue: scale=None must be it exactly.
-BEFORE_DORA = "18a6df8e52a56aaaf9b3d6af6cf45e03cc54b819"
+BEFORE_DORA = "652eb21cbe02b8fe7014e42153a8201a0916bfb3"
 INTERP = dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1)
 CONFIGS = {"tiles": None, "split-q": dict(INTERP, GROUP_M=1, SPLIT_Q=3)}  # split-q: GPU's small-M path
 # (K, config): whole NF4 blocks per row on the launcher's tiles; a gather tile (K % 64 != 0) split 3 ways.
