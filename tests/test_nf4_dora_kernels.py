@@ -306,3 +306,23 @@ def test_scaled_gather_dx_tile_that_spills_on_sm80_is_pruned():
     assert (128, 128, 16) in scaled and (128, 128, 32) not in scaled
     assert (128, 128, 32) in tiles(CAP=8) and (128, 128, 32) in tiles(CAP=8, HAS_SCALE=True, W_TRANSPOSED=True)
     assert (128, 128, 32) in tiles(CAP=9, HAS_SCALE=True, W_TRANSPOSED=False)
+
+
+def test_torch_compile_matches_eager(triton_nf4):
+    """torch.compile sees the NF4 kernels as the custom ops lowrank::nf4_dora_linear_fwd / _bwd (the
+    norms' data-dependent recompute check is a graph break, as on the dense path)."""
+    nf4, wd, x, a, b, m, bias_t, dy = _dora_case((6,), 16, 64, 3, torch.float32, 0.5)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b, m)]
+
+    def f(x, a, b, m):
+        return nf4_dora_linear(x, nf4, a, b, m, 0.5, bias_t).sin()
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager")(*leaves)
+    grads = torch.autograd.grad(out, leaves, dy)
+    eager = f(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves, dy)
+    assert [c[1] for c in triton_nf4] == [True] * 4  # two forward, two dX launches, all scaled
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
