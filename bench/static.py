@@ -185,24 +185,29 @@ def nf4_lora_matmul_variants(dtype: str, target: str) -> list[Variant]:
     t = TARGETS[target]
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     jobs = []
+    # DoRA (ops.dora's NF4 Triton path): the forward's scale epilogue and v store, the dX direction's
+    # scaled dY; the launchers' tile rules see the scale (scaled).
     for transposed in (True, False):
         for aligned in (True, False):
-            for m in (1, 64, 4096):
-                jobs.append((transposed, aligned, m, K._config(m, False, torch_dtype, aligned, t["smem_block"]),
-                             f"fixed M={m}"))
-            for c in K._prune_tuned(K._TUNE_CONFIGS, {}, IEEE=dtype == "fp32", ALIGNED=aligned, CAP=t["cap"] // 10):
-                jobs.append((transposed, aligned, 4096, dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages),
-                             "autotune M>16"))
+            for scaled in (False, True):
+                for m in (1, 64, 4096):
+                    cfg = K._config(m, False, torch_dtype, aligned, t["smem_block"], scaled and not transposed)
+                    jobs.append((transposed, aligned, scaled, m, cfg, f"fixed M={m}"))
+                for c in K._prune_tuned(K._TUNE_CONFIGS, {}, IEEE=dtype == "fp32", ALIGNED=aligned,
+                                        CAP=t["cap"] // 10, HAS_SCALE=scaled, W_TRANSPOSED=transposed):
+                    jobs.append((transposed, aligned, scaled, 4096,
+                                 dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages), "autotune M>16"))
     out = []
-    for transposed, aligned, m, cfg, choice in jobs:
+    for transposed, aligned, scaled, m, cfg, choice in jobs:
         split = 3 if m <= 16 else 1
         consts = dict(W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=64, HAS_LORA=True, R_PAD=16,
                       HAS_BIAS=True, IEEE=dtype == "fp32", INTERPRETED=False, SPLIT_Q=split,
+                      HAS_SCALE=scaled, STORE_V=scaled and transposed,
                       **{k: v for k, v in cfg.items() if k.isupper()})
-        ptrs = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
-                "out_ptr": "*fp32" if split > 1 else f"*{dtype}"}
-        out.append(_variant(K._nf4_lora_matmul_kernel, "nf4_lora_matmul", dtype, target, consts, cfg["num_warps"],
-                            cfg["num_stages"], choice, ptrs, gemm=True, unit_strides=()))
+        ptrs = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "scale_ptr": "*fp32",
+                "out_ptr": "*fp32" if split > 1 else f"*{dtype}", "v_ptr": "*fp32" if split > 1 else f"*{dtype}"}
+        out.append(_variant(K._nf4_lora_matmul_kernel, "nf4_lora_matmul", dtype, target, consts,
+                            cfg["num_warps"], cfg["num_stages"], choice, ptrs, gemm=True, unit_strides=()))
     return _dedupe(out)
 
 
