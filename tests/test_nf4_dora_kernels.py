@@ -78,7 +78,7 @@ def test_kernel_scale_epilogue_v_out_and_scaled_dx(dtype, case):
     assert torch.equal(y[:, 0], bias[0].expand(m))  # a zero scale gives the bias exactly
 
 
-def _kernel_before_dora():
+def _kernel_before_dora(tmp_path):
     """kernels/nf4_lora_matmul.py as it was before the DoRA epilogue (git), imported as a module."""
     try:
         src = subprocess.run(["git", "show", f"{BEFORE_DORA}:kernels/nf4_lora_matmul.py"], cwd=ROOT,
@@ -87,7 +87,7 @@ def _kernel_before_dora():
         src = None
     if src is None or src.returncode != 0:
         pytest.skip("needs the git history of the kernel (the commit before the DoRA epilogue)")
-    path = os.path.join(ROOT, "tests", f"_nf4_kernel_{BEFORE_DORA[:8]}.py")
+    path = os.path.join(str(tmp_path), f"_nf4_kernel_{BEFORE_DORA[:8]}.py")
     with open(path, "w") as f:  # a real file: triton.jit reads the kernel's source
         f.write(src.stdout.replace("from ._common import", "from lowrank.kernels._common import"))
     try:
@@ -100,10 +100,10 @@ def _kernel_before_dora():
     return mod
 
 
-def test_scale_none_is_the_kernel_before_dora_bit_for_bit():
+def test_scale_none_is_the_kernel_before_dora_bit_for_bit(tmp_path):
     """scale=None (the plain QLoRA launches) gives exactly what the kernel gave before the DoRA
     epilogue existed: forward (with bias) and dX, aligned tiles and split-Q gather tiles, each dtype."""
-    old = _kernel_before_dora()
+    old = _kernel_before_dora(tmp_path)
     for dtype in DTYPES:
         for k, config in CASES.values():
             w, x, t, a, b, bias, dy, dt, _ = _case(13, 20, k // 2, 4, dtype, blocksize=32, seed=3)
