@@ -81,9 +81,9 @@ def _dora_norms_kernel(
             w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k.to(tl.int64)[None, :] * stride_wk,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float64)
         if HAS_A:
-            at = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                         mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float64)  # (BLOCK_K, R_PAD)
-            acc = tl.dot(w, at, acc, out_dtype=tl.float64)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float64)  # (R_PAD, BLOCK_K)
+            acc += tl.sum(w[:, None, :] * a[None, :, :], axis=2)  # exact products, float64 sums
         if WANT_SQ:
             sq += tl.sum(w * w, axis=1)
     if HAS_A:
@@ -94,18 +94,21 @@ def _dora_norms_kernel(
 
 
 def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return triton.next_power_of_2(max(r, 1))
 
 
 def _config(r_pad: int, interpret: bool = INTERPRET) -> dict:
-    """Tiles by padded rank. GPU tiles are compiled without register spills for sm_90a and sm_80
-    (`python -m bench.static`); not timed on a GPU yet. BLOCK_N >= r where it fits, so that A's
-    re-reads (one per program, from L2) stay below W's bytes."""
+    """Tiles by padded rank: the broadcast product is (BLOCK_N, R_PAD, BLOCK_K) float64 values, kept
+    at 8K or 16K elements so that every variant compiles without register spills for sm_90a and sm_80,
+    dense and NF4 (`python -m bench.static --families dora_norms`; at r = 128, 16 x 16 and 32 x 8 spilled
+    ~400-600 bytes). Not timed on a GPU yet."""
     if interpret:
         return dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
-    if r_pad <= 32:
-        return dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3)
+    if r_pad <= 16:
+        return dict(BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=3)
+    if r_pad <= 64:  # r <= 32 at 32 x 8 spilled 16 bytes (bf16, sm_90a)
+        return dict(BLOCK_N=16, BLOCK_K=16, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=16, BLOCK_K=8, num_warps=8, num_stages=3)
 
 
 def _empty(shape, device):

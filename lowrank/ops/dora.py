@@ -111,6 +111,20 @@ class _Rows:
             self._buf = torch.empty(j - i, self.shape[1], dtype=torch.float64, device=self.device)
         return self._buf[:j - i].copy_(self.weight[i:j].detach())
 
+    def kernel_proj(self, lora_A: torch.Tensor | None, want_sq: bool):
+        """(W A^T (N, r) or None when lora_A is None, ||W_i||^2 (N,) or None unless want_sq), float64,
+        from `lowrank.kernels.dora_norms` in one pass over W (dense, or NF4 decoded in the kernel) where
+        `backend_for` says "triton" and the kernel takes the rank; else None (the torch path)."""
+        if backend_for(self.weight.packed if self.nf4 else self.weight) != "triton":
+            return None
+        from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+        if lora_A is not None and lora_A.shape[0] > dora_norms.MAX_RANK:
+            return None
+        if self.nf4:
+            return dora_norms.nf4_weight_lora_proj(self.weight, lora_A, want_sq, dtype=self.dtype, absmax=self._absmax)
+        return dora_norms.weight_lora_proj(self.weight, lora_A, want_sq)
+
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The rows listed in idx as float64 (len(idx), K)."""
         if not self.nf4:
@@ -136,12 +150,27 @@ def weight_row_sq_norms(weight, dtype: torch.dtype | None = None) -> torch.Tenso
     weight: a dense tensor, or an NF4Weight whose rows are decoded to `dtype` (default its own dtype)
     a block at a time."""
     rows = _Rows(weight, dtype)
+    proj = rows.kernel_proj(None, want_sq=True)
+    if proj is not None:
+        return proj[1]
     n, k = rows.shape
     out = torch.empty(n, dtype=torch.float64, device=rows.device)
     for i, j in _row_blocks(n, k):
         wc = rows.block(i, j)
         out[i:j] = (wc * wc).sum(1)
     return out
+
+
+def _torch_proj(rows: _Rows, weight, a64: torch.Tensor) -> torch.Tensor:
+    """W A^T (N, r) float64 on the torch path: W's rows converted to float64 a block at a time."""
+    n, k = rows.shape
+    if rows.dtype == torch.float64 and not rows.nf4:
+        return weight.detach() @ a64.t()
+    p = torch.empty(n, a64.shape[0], dtype=torch.float64, device=rows.device)
+    a64t = a64.t().contiguous()  # (K, r): the GEMM reads it faster than a transposed view
+    for i, j in _row_blocks(n, k):
+        torch.mm(rows.block(i, j), a64t, out=p[i:j])
+    return p
 
 
 @torch.no_grad()
@@ -163,14 +192,12 @@ def dora_row_norms(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: 
     s = float(scaling)
     a64 = lora_A.detach().to(torch.float64)  # (r, K)
     b64 = lora_B.detach().to(torch.float64)  # (N, r)
-    w2 = weight_row_sq_norms(weight, dtype) if weight_sq is None else weight_sq
-    if rows.dtype == torch.float64 and not rows.nf4:
-        p = weight.detach() @ a64.t()  # W A^T (N, r)
+    proj = rows.kernel_proj(lora_A, want_sq=weight_sq is None)  # the Triton path: W read once for both
+    if proj is not None:
+        p, w2 = proj[0], (proj[1] if weight_sq is None else weight_sq)
     else:
-        p = torch.empty(n, r, dtype=torch.float64, device=rows.device)
-        a64t = a64.t().contiguous()  # (K, r): the GEMM reads it faster than a transposed view
-        for i, j in _row_blocks(n, k):
-            torch.mm(rows.block(i, j), a64t, out=p[i:j])
+        w2 = weight_row_sq_norms(weight, dtype) if weight_sq is None else weight_sq
+        p = _torch_proj(rows, weight, a64)
     gram = a64 @ a64.t()  # (r, r)
     cross = (b64 * p).sum(1)
     quad = ((b64 @ gram) * b64).sum(1)
