@@ -7,22 +7,24 @@ P = W A^T and sq_i = ||W_i||^2. Each program owns BLOCK_N rows of W and walks K 
 loaded (dense, any strides: a Conv1D weight's transpose) or decoded in the kernel from the NF4
 storage by the fused QLoRA matmul's own tile decoders (`nf4_lora_matmul._w_tile_aligned` /
 `_w_tile_gather`, then rounded once to the compute dtype: the bits `NF4Weight.dequantize(dtype)`
-gives), widened to float64 with the A tile, and multiplied into a float64 (BLOCK_N, R_PAD)
-accumulator; sq is the float64 sum of the squares of the same tile. No dense W, no float64 copy
-of W in memory.
+gives), widened to float64 with the A tile, and P's (BLOCK_N, R_PAD) float64 accumulator takes
+tl.sum over K of the broadcast product (BLOCK_N, R_PAD, BLOCK_K); sq is the float64 sum of the squares
+of the same tile. No dense W, no float64 copy of W in memory; each W element is read once.
 
 # Note: float64 accumulation
-`tl.dot` on float64 operands with out_dtype=float64 accumulates in float64: Triton 3.6 compiles it
-to the float64 tensor-core MMA (PTX `mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64` for sm_90a,
-`m8n8k4 ... f64` for sm_80; checked with triton.compile, see bench.static), IEEE float64 fused
-multiply-adds; the interpreter runs it as a float64 np.matmul. The products of fp32 / fp16 / bf16
-values are exact in float64 (at most 48 significant bits), so every element of P is within
-K 2^-53 sum_k |W_ik| |A_jk| of the exact W A^T whatever the order of the sum (likewise sq), the
-bound `ops.dora`'s cancellation check assumes. A float64 weight (or A) takes the same path; its
-products round once more each.
+The products of fp32 / fp16 / bf16 values are exact in float64 (at most 48 significant bits) and
+every sum is a float64 addition, so each element of P is within K 2^-53 sum_k |W_ik| |A_jk| of the
+exact W A^T whatever the order of the sum (likewise sq): the bound `ops.dora`'s cancellation check
+assumes. A float64 weight (or A) takes the same path; its products round once more each.
+Not `tl.dot`: Triton 3.6 does accept float64 operands with out_dtype=float64 (the float64 MMA,
+`mma.sync ... m16n8k16 ... f64` on sm_90a, `m8n8k4` on sm_80, for fp32 loads widened in the
+kernel), but with 16-bit loads or an in-register NF4 decode feeding it, its MMAv2 lowering fails
+on both targets (assertion "Currently fp64 don't support largeK MMA", then "PassManager::run
+failed"). The elementwise form compiles for every variant (`python -m bench.static --families
+dora_norms`: 72 variants, no spills); its 2 N K r float64 FLOPs are small next to the layer's 6 M N K.
 
-Tiles: BLOCK_N rows, BLOCK_K columns per step, the rank padded to R_PAD = max(16, next_pow2(r))
-(<= 128). Chosen by `_config` (not autotuned: the work is ~r/K of a LoRA layer's).
+Tiles: BLOCK_N rows, BLOCK_K columns per step, the rank padded to R_PAD = next_pow2(r) (<= 128).
+Chosen by `_config` (not autotuned).
 
 Level 1: imports torch, Triton and level 0 (dtypes, nf4_format), and the NF4 tile decoders of the
 fused QLoRA kernel (level 1).

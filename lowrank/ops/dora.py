@@ -26,6 +26,9 @@ whose computed square norm is below 2^26 times that bound (so that its relative 
 2^-26, i.e. the norm's 2^-27, under half an fp32 ulp) is recomputed directly, W_i + s B_i A formed in
 float64 for those rows only (again in blocks of at most `_CHUNK_ELEMENTS`). With trained adapters
 such rows are rare; a row that is exactly zero in W and B (M_i = 0) is exactly zero and needs none.
+On the Triton path W A^T and ||W_i||^2 come from a kernel instead (see the Note: the Triton path),
+with the same float64 accumulation and error bound; the rest (Gram matrix, expansion, the check and
+the direct recompute) is the same float64 torch code on both paths.
 
 # Note: zero norms
 peft 0.21.2 divides m by the norm as is: a zero row (Llama-3.1-8B's o_proj has 511 of them, where
@@ -46,7 +49,7 @@ dropout(x), a second GEMM over W, differentiated by autograd.
 # Note: the Triton path
 Where `backend_for(x)` is "triton" (CUDA tensors, or LOWRANK_BACKEND=triton) and the LoRA kernels
 take the arguments (`lora_matmul.supported`: not float64, rank <= 128, W and bias frozen), without
-dropout, `dora_linear` runs `_DoRATriton`: the norms as above (torch, float64), then ONE fused LoRA
+dropout, `dora_linear` runs `_DoRATriton`: the norms as above, then ONE fused LoRA
 forward launch whose epilogue multiplies the fp32 accumulator by the fp32 scale before the bias
 (`lora_forward(..., scale=, v_out=)`) and, when m needs a gradient, also writes the pre-scale v from
 the same accumulator; the backward kernels read dY (.) scale wherever they read dY (g is never
@@ -56,12 +59,17 @@ one rounding less than the torch path), y = round(scale (.) v32 + bias) with v32
 accumulator. The launches are the custom ops `lowrank::dora_linear_fwd` / `_bwd` (fake
 implementations registered), so torch.compile traces ops, not Triton launches. With dropout, the
 torch path runs (peft's formula needs a second GEMM over W); NF4 bases stay on `nf4_dora_linear`.
+The row norms on that backend (`dora_row_norms` / `weight_row_sq_norms` wherever `backend_for` says
+"triton", dense or NF4 weight, rank <= 128, any path that calls them): W A^T (N, r) and ||W_i||^2 in one
+pass over W by `lowrank.kernels.dora_norms` (float64 products and sums in the kernel; an NF4 weight
+decoded tile by tile in the kernel by the QLoRA matmul's own decoders, rounded to the compute dtype:
+no dense or float64 copy of W), through `_Rows.kernel_proj`; the CPU default stays the torch path.
 
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
 at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
 
 Level 2: imports torch, level 0 (nf4_format, backend) and level 2 (lora_matmul's argument checks and kernel
-loader, the QLoRA op); level 1 (the LoRA kernels) only on the Triton path.
+loader, the QLoRA op); level 1 (the LoRA kernels, the norms kernel) only on the Triton path.
 """
 from __future__ import annotations
 
