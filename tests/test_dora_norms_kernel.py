@@ -307,3 +307,29 @@ def test_the_torch_path_stays_the_cpu_default_and_large_ranks_stay_on_torch(kern
     ref = (w.double() + 0.5 * b_big.double() @ a_big.double()).norm(dim=1)
     assert torch.allclose(got, ref, rtol=1e-12, atol=0)
     assert dora_mod._Rows(w).kernel_proj(a_big, True) is None
+
+
+@pytest.mark.parametrize("want_sq", [True, False], ids=["sq", "no-sq"])
+def test_opcheck(want_sq):
+    """The custom ops over the kernel (`lowrank::dora_norms_dense` / `_nf4`: torch.compile sees ops, not
+    Triton launches) pass torch.library.opcheck, fakes included; without lora_A, an empty (N, 0) P."""
+    w = torch.randn(13, 40, device=DEV)
+    a = torch.randn(5, 40, device=DEV)
+    torch.library.opcheck(torch.ops.lowrank.dora_norms_dense, (w, a, want_sq))
+    torch.library.opcheck(torch.ops.lowrank.dora_norms_dense, (w.t().contiguous().t(), None, True))
+    q = quantize_nf4(torch.randn(13, 64, device=DEV))
+    torch.library.opcheck(torch.ops.lowrank.dora_norms_nf4,
+                          (q.packed, q.block_absmax(), [13, 64], q.blocksize, torch.bfloat16, a.new_empty(5, 64).normal_(),
+                           want_sq))
+    p, sq = torch.ops.lowrank.dora_norms_dense(w, None, True)
+    assert p.shape == (13, 0) and sq.shape == (13,)
+
+
+def test_torch_compile_sees_the_ops(kernel_calls):
+    """dora_row_norms under torch.compile on the Triton backend runs the kernel (as a custom op) and
+    gives the eager bits (the recompute check is a graph break, as on the torch path)."""
+    w, a, b = _norm_case(20, 48, 4, torch.float32, 2.0)
+    eager = dora_row_norms(w, a, b, 2.0)
+    compiled = torch.compile(lambda w, a, b: dora_row_norms(w, a, b, 2.0), backend="aot_eager")(w, a, b)
+    assert len(kernel_calls) >= 2
+    assert torch.equal(compiled, eager)

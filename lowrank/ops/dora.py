@@ -129,9 +129,14 @@ class _Rows:
 
         if lora_A is not None and lora_A.shape[0] > dora_norms.MAX_RANK:
             return None
+        a = None if lora_A is None else lora_A.detach()
         if self.nf4:
-            return dora_norms.nf4_weight_lora_proj(self.weight, lora_A, want_sq, dtype=self.dtype, absmax=self._absmax)
-        return dora_norms.weight_lora_proj(self.weight, lora_A, want_sq)
+            w = self.weight
+            p, sq = torch.ops.lowrank.dora_norms_nf4(w.packed, self._absmax, list(self.shape), w.blocksize, self.dtype,
+                                                     a, want_sq)
+        else:
+            p, sq = torch.ops.lowrank.dora_norms_dense(self.weight.detach(), a, want_sq)
+        return (p if lora_A is not None else None), (sq if want_sq else None)
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The rows listed in idx as float64 (len(idx), K)."""
@@ -150,6 +155,49 @@ class _Rows:
         blocks = torch.arange(start, stop, device=self.device) // w.blocksize
         vals = nf4_code(self.device)[nibbles.long()] * self._absmax[blocks]  # fp32, rounded once
         return out.copy_(vals.view(j - i, k))  # the one rounding to the compute dtype
+
+
+# The norms kernel as custom ops (torch.compile sees ops, not Triton launches): (W A^T (N, r), or an empty
+# (N, 0) without lora_A; ||W_i||^2 (N,), or an empty (0,) unless want_sq), float64.
+@torch.library.custom_op("lowrank::dora_norms_dense", mutates_args=())
+def dora_norms_dense(weight: torch.Tensor, lora_A: Optional[torch.Tensor],
+                     want_sq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+    p, sq = dora_norms.weight_lora_proj(weight, lora_A, want_sq)
+    return _proj_outputs(p, sq, weight.shape[0], weight.device)
+
+
+@dora_norms_dense.register_fake
+def _(weight, lora_A, want_sq):
+    return _fake_proj(weight.shape[0], lora_A, want_sq, weight)
+
+
+@torch.library.custom_op("lowrank::dora_norms_nf4", mutates_args=())
+def dora_norms_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: list[int], blocksize: int,
+                   dtype: torch.dtype, lora_A: Optional[torch.Tensor],
+                   want_sq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """absmax: the decoded fp32 block scales (an NF4Weight without double quantization, the same W)."""
+    from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+    w = NF4Weight(packed=packed, absmax=absmax, shape=tuple(shape), dtype=dtype, blocksize=blocksize)
+    p, sq = dora_norms.nf4_weight_lora_proj(w, lora_A, want_sq, dtype=dtype, absmax=absmax)
+    return _proj_outputs(p, sq, shape[0], packed.device)
+
+
+@dora_norms_nf4.register_fake
+def _(packed, absmax, shape, blocksize, dtype, lora_A, want_sq):
+    return _fake_proj(shape[0], lora_A, want_sq, packed)
+
+
+def _proj_outputs(p, sq, n: int, device):
+    return (torch.empty(n, 0, dtype=torch.float64, device=device) if p is None else p,
+            torch.empty(0, dtype=torch.float64, device=device) if sq is None else sq)
+
+
+def _fake_proj(n: int, lora_A, want_sq: bool, like: torch.Tensor):
+    r = 0 if lora_A is None else lora_A.shape[0]
+    return (like.new_empty((n, r), dtype=torch.float64), like.new_empty((n,) if want_sq else (0,), dtype=torch.float64))
 
 
 @torch.no_grad()
