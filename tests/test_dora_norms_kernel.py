@@ -62,8 +62,8 @@ def _check(got: torch.Tensor | None, w64: torch.Tensor, a64: torch.Tensor | None
     tol = factor * U * mag + U * ref.abs()
     err = (got - ref).abs()
     bad = err > tol
-    assert not bad.any(), f"{name}: {int(bad.sum())} elements off, worst {((err - tol) / tol.clamp_min(1e-300)).max()}" \
-                          f" at {bad.nonzero()[:5].tolist()}"
+    worst = ((err - tol) / tol.clamp_min(1e-300)).max()
+    assert not bad.any(), f"{name}: {int(bad.sum())} elements off, worst {worst} at {bad.nonzero()[:5].tolist()}"
 
 
 def _layout(w: torch.Tensor, how: str) -> torch.Tensor:
@@ -318,9 +318,9 @@ def test_opcheck(want_sq):
     torch.library.opcheck(torch.ops.lowrank.dora_norms_dense, (w, a, want_sq))
     torch.library.opcheck(torch.ops.lowrank.dora_norms_dense, (w.t().contiguous().t(), None, True))
     q = quantize_nf4(torch.randn(13, 64, device=DEV))
+    a64 = torch.randn(5, 64, device=DEV)
     torch.library.opcheck(torch.ops.lowrank.dora_norms_nf4,
-                          (q.packed, q.block_absmax(), [13, 64], q.blocksize, torch.bfloat16, a.new_empty(5, 64).normal_(),
-                           want_sq))
+                          (q.packed, q.block_absmax(), [13, 64], q.blocksize, torch.bfloat16, a64, want_sq))
     p, sq = torch.ops.lowrank.dora_norms_dense(w, None, True)
     assert p.shape == (13, 0) and sq.shape == (13,)
 

@@ -63,7 +63,8 @@ The row norms on that backend (`dora_row_norms` / `weight_row_sq_norms` wherever
 "triton", dense or NF4 weight, rank <= 128, any path that calls them): W A^T (N, r) and ||W_i||^2 in one
 pass over W by `lowrank.kernels.dora_norms` (float64 products and sums in the kernel; an NF4 weight
 decoded tile by tile in the kernel by the QLoRA matmul's own decoders, rounded to the compute dtype:
-no dense or float64 copy of W), through `_Rows.kernel_proj`; the CPU default stays the torch path.
+no dense or float64 copy of W), through `_Rows.kernel_proj` and the custom ops `lowrank::dora_norms_dense` /
+`_nf4` (fakes registered); the CPU default stays the torch path.
 
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
 at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
