@@ -205,7 +205,7 @@ def _fake_proj(n: int, lora_A, want_sq: bool, like: torch.Tensor):
 def weight_row_sq_norms(weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """||W_i||^2 for each row of weight (N, K), float64 (N,), accumulated in float64 in blocks of rows.
     weight: a dense tensor, or an NF4Weight whose rows are decoded to `dtype` (default its own dtype)
-    a block at a time."""
+    a block at a time. Where `backend_for` says "triton": the norms kernel, float64 in one pass over W."""
     rows = _Rows(weight, dtype)
     proj = rows.kernel_proj(None, want_sq=True)
     if proj is not None:
