@@ -333,3 +333,28 @@ def test_torch_compile_sees_the_ops(kernel_calls):
     compiled = torch.compile(lambda w, a, b: dora_row_norms(w, a, b, 2.0), backend="aot_eager")(w, a, b)
     assert len(kernel_calls) >= 2
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [16, 128])
+def test_layer_sized_on_the_gpu(r, monkeypatch):
+    """4096 x 4096 on the GPU's compiled kernel, dense bf16 and NF4: P and sq against the float64 torch
+    matmul (itself within K 2^-53 of the terms: twice the kernel's bound), and the norms against the
+    torch path within 2^-40 relative."""
+    g = torch.Generator().manual_seed(11)
+    n = k = 4096
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(torch.bfloat16).cuda()
+    a = (torch.randn(r, k, generator=g) / k ** 0.5).cuda()
+    b = (0.1 * torch.randn(n, r, generator=g)).cuda()
+    q = quantize_nf4(w)
+    for name, run, w64 in (("dense", lambda: dn.weight_lora_proj(w, a, want_sq=True), w.double()),
+                           ("nf4", lambda: dn.nf4_weight_lora_proj(q, a, want_sq=True), q.dequantize().double())):
+        with _poisoned():
+            p, sq = run()
+        mag = w64.abs() @ a.double().abs().t()
+        assert torch.isfinite(p).all() and torch.isfinite(sq).all(), name
+        assert ((p - w64 @ a.double().t()).abs() <= 2 * k * U * mag).all(), name
+        assert ((sq - w64.square().sum(1)).abs() <= 2 * k * U * w64.square().sum(1)).all(), name
+    for weight, kw in ((w, {}), (q, dict(dtype=torch.bfloat16))):
+        ref, got = _both_paths(monkeypatch, lambda: dora_row_norms(weight, a, b, 2.0, **kw))
+        assert (_rel(got, ref) <= 2.0 ** -40).all(), _rel(got, ref).max()
