@@ -244,8 +244,27 @@ def sgmv_variants(dtype: str, target: str) -> list[Variant]:
     ]
 
 
+def dora_norms_variants(dtype: str, target: str) -> list[Variant]:
+    """DoRA's float64 W A^T / ||W||^2 kernel (`kernels/dora_norms.py`): dense and NF4 (aligned and
+    gather decode) at the padded ranks its launcher makes; float64 MMAs, never wgmma (not a GEMM here)."""
+    from lowrank.kernels import dora_norms as K
+
+    out = []
+    for nf4, aligned in ((False, False), (True, True), (True, False)):
+        for r_pad in (16, 32, 64, K.MAX_RANK):
+            cfg = K._config(r_pad, interpret=False)
+            consts = dict(NF4=nf4, ALIGNED=aligned, BLOCKSIZE=64, HAS_A=True, WANT_SQ=True, INTERPRETED=False,
+                          R_PAD=r_pad, **{k: v for k, v in cfg.items() if k.isupper()})
+            ptrs = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "p_ptr": "*fp64",
+                    "sq_ptr": "*fp64", "a_ptr": "*fp32" if nf4 else f"*{dtype}"}
+            out.append(_variant(K._dora_norms_kernel, "dora_norms", dtype, target, consts, cfg["num_warps"],
+                                cfg["num_stages"], f"launcher r<={r_pad}" + (" nf4" if nf4 else ""), ptrs,
+                                tile_m=cfg["BLOCK_N"]))
+    return _dedupe(out)
+
+
 FAMILIES = {"lora_matmul": lora_matmul_variants, "nf4_lora_matmul": nf4_lora_matmul_variants,
-            "nf4_dequant": nf4_dequant_variants, "sgmv": sgmv_variants}
+            "nf4_dequant": nf4_dequant_variants, "sgmv": sgmv_variants, "dora_norms": dora_norms_variants}
 
 
 def _dedupe(variants: list[Variant]) -> list[Variant]:

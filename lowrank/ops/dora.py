@@ -26,6 +26,9 @@ whose computed square norm is below 2^26 times that bound (so that its relative 
 2^-26, i.e. the norm's 2^-27, under half an fp32 ulp) is recomputed directly, W_i + s B_i A formed in
 float64 for those rows only (again in blocks of at most `_CHUNK_ELEMENTS`). With trained adapters
 such rows are rare; a row that is exactly zero in W and B (M_i = 0) is exactly zero and needs none.
+On the Triton path W A^T and ||W_i||^2 come from a kernel instead (see the Note: the Triton path),
+with the same float64 accumulation and error bound; the rest (Gram matrix, expansion, the check and
+the direct recompute) is the same float64 torch code on both paths.
 
 # Note: zero norms
 peft 0.21.2 divides m by the norm as is: a zero row (Llama-3.1-8B's o_proj has 511 of them, where
@@ -46,7 +49,7 @@ dropout(x), a second GEMM over W, differentiated by autograd.
 # Note: the Triton path
 Where `backend_for(x)` is "triton" (CUDA tensors, or LOWRANK_BACKEND=triton) and the LoRA kernels
 take the arguments (`lora_matmul.supported`: not float64, rank <= 128, W and bias frozen), without
-dropout, `dora_linear` runs `_DoRATriton`: the norms as above (torch, float64), then ONE fused LoRA
+dropout, `dora_linear` runs `_DoRATriton`: the norms as above, then ONE fused LoRA
 forward launch whose epilogue multiplies the fp32 accumulator by the fp32 scale before the bias
 (`lora_forward(..., scale=, v_out=)`) and, when m needs a gradient, also writes the pre-scale v from
 the same accumulator; the backward kernels read dY (.) scale wherever they read dY (g is never
@@ -56,6 +59,12 @@ one rounding less than the torch path), y = round(scale (.) v32 + bias) with v32
 accumulator. The launches are the custom ops `lowrank::dora_linear_fwd` / `_bwd` (fake
 implementations registered), so torch.compile traces ops, not Triton launches. With dropout, the
 torch path runs (peft's formula needs a second GEMM over W).
+The row norms on that backend (`dora_row_norms` / `weight_row_sq_norms` wherever `backend_for` says
+"triton", dense or NF4 weight, rank <= 128, any path that calls them): W A^T (N, r) and ||W_i||^2 in one
+pass over W by `lowrank.kernels.dora_norms` (float64 products and sums in the kernel; an NF4 weight
+decoded tile by tile in the kernel by the QLoRA matmul's own decoders, rounded to the compute dtype:
+no dense or float64 copy of W), through `_Rows.kernel_proj` and the custom ops `lowrank::dora_norms_dense` /
+`_nf4` (fakes registered); the CPU default stays the torch path.
 
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
 at a time (`_Rows`). On the Triton backend without dropout (`_NF4DoRATriton`, the custom ops
@@ -70,8 +79,8 @@ Otherwise (dropout, or the CPU backend) the matmuls run through `nf4_lora_linear
 and autograd.
 
 Level 2: imports torch, level 0 (nf4_format, backend, dtypes) and level 2 (lora_matmul's argument checks and
-kernel loader, the QLoRA op and its kernel loader); level 1 (the LoRA and NF4 LoRA kernels) only on the
-Triton path.
+kernel loader, the QLoRA op and its kernel loader); level 1 (the LoRA and NF4 LoRA kernels, the norms kernel)
+only on the Triton path.
 """
 from __future__ import annotations
 
@@ -123,6 +132,25 @@ class _Rows:
             self._buf = torch.empty(j - i, self.shape[1], dtype=torch.float64, device=self.device)
         return self._buf[:j - i].copy_(self.weight[i:j].detach())
 
+    def kernel_proj(self, lora_A: torch.Tensor | None, want_sq: bool):
+        """(W A^T (N, r) or None when lora_A is None, ||W_i||^2 (N,) or None unless want_sq), float64,
+        from `lowrank.kernels.dora_norms` in one pass over W (dense, or NF4 decoded in the kernel) where
+        `backend_for` says "triton" and the kernel takes the rank; else None (the torch path)."""
+        if backend_for(self.weight.packed if self.nf4 else self.weight) != "triton":
+            return None
+        from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+        if lora_A is not None and lora_A.shape[0] > dora_norms.MAX_RANK:
+            return None
+        a = None if lora_A is None else lora_A.detach()
+        if self.nf4:
+            w = self.weight
+            p, sq = torch.ops.lowrank.dora_norms_nf4(w.packed, self._absmax, list(self.shape), w.blocksize, self.dtype,
+                                                     a, want_sq)
+        else:
+            p, sq = torch.ops.lowrank.dora_norms_dense(self.weight.detach(), a, want_sq)
+        return (p if lora_A is not None else None), (sq if want_sq else None)
+
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The rows listed in idx as float64 (len(idx), K)."""
         if not self.nf4:
@@ -142,18 +170,76 @@ class _Rows:
         return out.copy_(vals.view(j - i, k))  # the one rounding to the compute dtype
 
 
+# The norms kernel as custom ops (torch.compile sees ops, not Triton launches): (W A^T (N, r), or an empty
+# (N, 0) without lora_A; ||W_i||^2 (N,), or an empty (0,) unless want_sq), float64.
+@torch.library.custom_op("lowrank::dora_norms_dense", mutates_args=())
+def dora_norms_dense(weight: torch.Tensor, lora_A: Optional[torch.Tensor],
+                     want_sq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+    p, sq = dora_norms.weight_lora_proj(weight, lora_A, want_sq)
+    return _proj_outputs(p, sq, weight.shape[0], weight.device)
+
+
+@dora_norms_dense.register_fake
+def _(weight, lora_A, want_sq):
+    return _fake_proj(weight.shape[0], lora_A, want_sq, weight)
+
+
+@torch.library.custom_op("lowrank::dora_norms_nf4", mutates_args=())
+def dora_norms_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: list[int], blocksize: int,
+                   dtype: torch.dtype, lora_A: Optional[torch.Tensor],
+                   want_sq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """absmax: the decoded fp32 block scales (an NF4Weight without double quantization, the same W)."""
+    from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+    w = NF4Weight(packed=packed, absmax=absmax, shape=tuple(shape), dtype=dtype, blocksize=blocksize)
+    p, sq = dora_norms.nf4_weight_lora_proj(w, lora_A, want_sq, dtype=dtype, absmax=absmax)
+    return _proj_outputs(p, sq, shape[0], packed.device)
+
+
+@dora_norms_nf4.register_fake
+def _(packed, absmax, shape, blocksize, dtype, lora_A, want_sq):
+    return _fake_proj(shape[0], lora_A, want_sq, packed)
+
+
+def _proj_outputs(p, sq, n: int, device):
+    return (torch.empty(n, 0, dtype=torch.float64, device=device) if p is None else p,
+            torch.empty(0, dtype=torch.float64, device=device) if sq is None else sq)
+
+
+def _fake_proj(n: int, lora_A, want_sq: bool, like: torch.Tensor):
+    r = 0 if lora_A is None else lora_A.shape[0]
+    return (like.new_empty((n, r), dtype=torch.float64), like.new_empty((n,) if want_sq else (0,), dtype=torch.float64))
+
+
 @torch.no_grad()
 def weight_row_sq_norms(weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """||W_i||^2 for each row of weight (N, K), float64 (N,), accumulated in float64 in blocks of rows.
     weight: a dense tensor, or an NF4Weight whose rows are decoded to `dtype` (default its own dtype)
-    a block at a time."""
+    a block at a time. Where `backend_for` says "triton": the norms kernel, float64 in one pass over W."""
     rows = _Rows(weight, dtype)
+    proj = rows.kernel_proj(None, want_sq=True)
+    if proj is not None:
+        return proj[1]
     n, k = rows.shape
     out = torch.empty(n, dtype=torch.float64, device=rows.device)
     for i, j in _row_blocks(n, k):
         wc = rows.block(i, j)
         out[i:j] = (wc * wc).sum(1)
     return out
+
+
+def _torch_proj(rows: _Rows, weight, a64: torch.Tensor) -> torch.Tensor:
+    """W A^T (N, r) float64 on the torch path: W's rows converted to float64 a block at a time."""
+    n, k = rows.shape
+    if rows.dtype == torch.float64 and not rows.nf4:
+        return weight.detach() @ a64.t()
+    p = torch.empty(n, a64.shape[0], dtype=torch.float64, device=rows.device)
+    a64t = a64.t().contiguous()  # (K, r): the GEMM reads it faster than a transposed view
+    for i, j in _row_blocks(n, k):
+        torch.mm(rows.block(i, j), a64t, out=p[i:j])
+    return p
 
 
 @torch.no_grad()
@@ -175,14 +261,12 @@ def dora_row_norms(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: 
     s = float(scaling)
     a64 = lora_A.detach().to(torch.float64)  # (r, K)
     b64 = lora_B.detach().to(torch.float64)  # (N, r)
-    w2 = weight_row_sq_norms(weight, dtype) if weight_sq is None else weight_sq
-    if rows.dtype == torch.float64 and not rows.nf4:
-        p = weight.detach() @ a64.t()  # W A^T (N, r)
+    proj = rows.kernel_proj(lora_A, want_sq=weight_sq is None)  # the Triton path: W read once for both
+    if proj is not None:
+        p, w2 = proj[0], (proj[1] if weight_sq is None else weight_sq)
     else:
-        p = torch.empty(n, r, dtype=torch.float64, device=rows.device)
-        a64t = a64.t().contiguous()  # (K, r): the GEMM reads it faster than a transposed view
-        for i, j in _row_blocks(n, k):
-            torch.mm(rows.block(i, j), a64t, out=p[i:j])
+        w2 = weight_row_sq_norms(weight, dtype) if weight_sq is None else weight_sq
+        p = _torch_proj(rows, weight, a64)
     gram = a64 @ a64.t()  # (r, r)
     cross = (b64 * p).sum(1)
     quad = ((b64 @ gram) * b64).sum(1)
