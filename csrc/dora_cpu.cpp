@@ -82,6 +82,7 @@ template <int DT, int MODE>
 DORA_CLONES void dora_task(const Job &g, int64_t p0, int nr, std::vector<Rec> *recs, int64_t *bad) {
   using T = typename Store<DT>::T;
   alignas(64) double acc[RB][JT];
+  std::vector<Rec> part[RB];  // each row's records, appended to *recs in row order at the end
   const int64_t r = g.r;
   for (int64_t c0 = 0; c0 < g.scols; c0 += JT) {
     const int nc = (int)std::min<int64_t>(JT, g.scols - c0);
@@ -115,11 +116,13 @@ DORA_CLONES void dora_task(const Job &g, int64_t p0, int nr, std::vector<Rec> *r
         wrow[j] = (T)y;
         if (MODE == MERGE_RECORD) {
           const double iv = g.trans ? g.inv[c0 + j] : g.inv[pr];
-          if (dora_unmerge_element<DT>(y, aq[j], g.s, iv) != wb) recs->push_back(Rec{(int32_t)flat(g, pr, c0 + j), wb});
+          if (dora_unmerge_element<DT>(y, aq[j], g.s, iv) != wb) part[q].push_back(Rec{(int32_t)flat(g, pr, c0 + j), wb});
         }
       }
     }
   }
+  if (MODE == MERGE_RECORD)
+    for (int q = 0; q < nr; ++q) recs->insert(recs->end(), part[q].begin(), part[q].end());
 }
 
 // All tasks of one mode over OpenMP's static schedule (thread t: one contiguous run of tasks, so the
