@@ -293,3 +293,33 @@ def test_cuda_library_has_the_dora_entry_points():
         pytest.skip("CUDA library not built (no nvcc)")
     assert lib.lowrank_cuda_abi_version() == native.ABI_VERSION
     assert len(lib.lowrank_cuda_dora_merge.argtypes) == 18 and len(lib.lowrank_cuda_dora_unmerge.argtypes) == 15
+
+
+# (a, s): with W = 1, B = 1, r = K = 1, the exact 1 + a * s lies just above the float32 rounding midpoint
+# 2.5 + 2^-23, while the torch path's float64 steps -- p = RN(a * s), then RN(1 + p) -- land exactly on
+# it (ties to even: 2.5). A fused multiply-add, RN(1 + a * s) in one step, gives 2.5 + 2^-22 instead.
+# Found by an exact (fractions) search; each element's result is decided by the double arithmetic's order.
+FMA_TRAPS = [(1.500000238418579, 0.9999999205271531), (1.5000004768371582, 0.9999997615814968),
+             (1.5000005960464478, 0.9999996821086877)]
+
+
+@pytest.mark.parametrize("a_val, s", FMA_TRAPS)
+def test_no_fused_multiply_add(monkeypatch, a_val, s):
+    """The merge's double arithmetic is the torch path's step for step (no fma contraction): on these
+    elements a fused evaluation rounds the other way. m = the row norm, so the row scale is exactly 1."""
+    w = torch.ones(1, 1)
+    a = torch.tensor([[a_val]], dtype=torch.float32)
+    b = torch.ones(1, 1)
+    m = dm.dora_row_norms(w, a, b, s)  # float64: scale = m * (1 / m)
+    assert float(m[0] * dm._inverse(m)[0]) == 1.0, "precondition: the row scale must be exactly 1"
+    wn, out_n, wt, out_t = merge_both(monkeypatch, w, a, b, m, s)
+    assert out_n[0][0] == 1.0
+    assert wt.item() == 2.5, "the torch path's float64 steps round to the midpoint, then to even"
+    assert_same(wn, out_n, wt, out_t)
+    # the unmerge's W * inv - s B A, with scaling -s and scale 1: the same trap
+    un, ut = torch.ones(1, 1), torch.ones(1, 1)
+    one = torch.ones(1, dtype=torch.float64)
+    dora_unmerge_(un, a, b, -s, one)
+    torch_path(monkeypatch, dora_unmerge_, ut, a, b, -s, one)
+    assert ut.item() == 2.5
+    assert_bits_equal(un, ut, "unmerged weight")
