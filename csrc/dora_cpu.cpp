@@ -70,6 +70,59 @@ struct Store<DT_BF16> {
   using T = uint16_t;
 };
 
+// merge_math.h's double_to_storage, branch-free so that the element loops vectorize (the same bits:
+// tests/test_dora_merge_native.py holds them to the torch path's, NaN, Inf and subnormals included).
+// Round-to-odd from double to float (an inexact even result steps one ulp toward d: +1 on the
+// magnitude when |d| > |f|, else -1; Inf from a finite d steps to FLT_MAX, as nextafterf does), then
+// nearest-even to the 16-bit format.
+static inline uint32_t float_odd_bits(double d) {
+  const float f = (float)d;
+  const double back = (double)f;
+  const uint32_t u = f2u(f);
+  const uint32_t step = (uint32_t)((back != d) & (d == d) & ((u & 1u) == 0u));
+  const uint32_t up = (uint32_t)(fabs(d) > fabs(back));
+  return u + (step & up) - (step & (up ^ 1u));
+}
+
+template <int DT>
+static inline uint32_t round_bits(double d) {
+  if (DT == DT_F32) return f2u((float)d);
+  const uint32_t u = float_odd_bits(d);
+  const uint32_t mag = u & 0x7FFFFFFFu, nan = (uint32_t)(mag > 0x7F800000u);
+  if (DT == DT_BF16) {
+    const uint32_t rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return nan ? ((u >> 16) | 0x40u) : rne;
+  }
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t normal = ((mag + 0xFFFu + ((mag >> 13) & 1u)) >> 13) - (112u << 10);
+  // below 2^-14: m * 2^-24 with m rounded to the nearest even integer (exact float steps: the scaled
+  // value is < 2^10, and adding then subtracting 2^23 rounds it to an integer, ties to even)
+  const float sub = (u2f(mag) * 16777216.0f + 8388608.0f) - 8388608.0f;
+  const uint32_t small = (uint32_t)(int32_t)sub;
+  uint32_t out = mag >= 0x38800000u ? normal : small;
+  out = mag >= 0x477FF000u ? 0x7C00u : out;  // >= 65520 (and Inf) rounds to Inf
+  out = nan ? 0x7E00u : out;
+  return sign | out;
+}
+
+template <int DT>
+static inline double widen(uint32_t bits) {
+  if (DT == DT_F32) return (double)u2f(bits);
+  if (DT == DT_F16) return (double)half_to_float(bits);
+  return (double)bf16_to_float(bits);
+}
+
+// dora_merge_element / dora_unmerge_element (merge_math.h) with round_bits: the same operations.
+template <int DT>
+static inline uint32_t merge_bits(uint32_t wbits, double acc, double s, double scale) {
+  return round_bits<DT>(scale * (widen<DT>(wbits) + acc * s));
+}
+
+template <int DT>
+static inline uint32_t unmerge_bits(uint32_t mbits, double acc, double s, double inv) {
+  return round_bits<DT>(widen<DT>(mbits) * inv - acc * s);
+}
+
 // Logical flat index i * cols + j of storage element (row pr, column c).
 static inline int64_t flat(const Job &g, int64_t pr, int64_t c) {
   return g.trans ? c * g.srows + pr : pr * g.scols + c;
@@ -82,6 +135,9 @@ template <int DT, int MODE>
 DORA_CLONES void dora_task(const Job &g, int64_t p0, int nr, std::vector<Rec> *recs, int64_t *bad) {
   using T = typename Store<DT>::T;
   alignas(64) double acc[RB][JT];
+  alignas(64) double sc[JT];
+  alignas(64) uint32_t wb[JT], yb[JT];
+  alignas(64) int32_t flag[JT];
   std::vector<Rec> part[RB];  // each row's records, appended to *recs in row order at the end
   const int64_t r = g.r;
   for (int64_t c0 = 0; c0 < g.scols; c0 += JT) {
@@ -101,23 +157,43 @@ DORA_CLONES void dora_task(const Job &g, int64_t p0, int nr, std::vector<Rec> *r
       const int64_t pr = p0 + q;
       T *wrow = (T *)g.w + pr * g.ld + c0;
       const double *aq = acc[q];
+      // The per-element scale as an array (a row's one value, or a transposed weight's per column), so
+      // that the element loops below have no branch and vectorize.
+      for (int j = 0; j < nc; ++j) sc[j] = g.trans ? g.scale[c0 + j] : g.scale[pr];
+      for (int j = 0; j < nc; ++j) wb[j] = wrow[j];
+      if (MODE == UNMERGE) {
+#pragma omp simd
+        for (int j = 0; j < nc; ++j) yb[j] = unmerge_bits<DT>(wb[j], aq[j], g.s, sc[j]);
+        for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
+        continue;
+      }
+      int32_t any = 0;
+#pragma omp simd reduction(| : any)
       for (int j = 0; j < nc; ++j) {
-        const double sc = g.trans ? g.scale[c0 + j] : g.scale[pr];
-        const uint32_t wb = wrow[j];
-        if (MODE == UNMERGE) {
-          wrow[j] = (T)dora_unmerge_element<DT>(wb, aq[j], g.s, sc);
-          continue;
+        const uint32_t y = merge_bits<DT>(wb[j], aq[j], g.s, sc[j]);
+        yb[j] = y;
+        const int32_t f = MODE == CHECK ? (int32_t)(storage_nonfinite<DT>(y) & !storage_nonfinite<DT>(wb[j])) : 0;
+        flag[j] = f;
+        any |= f;
+      }
+      if (MODE == CHECK) {
+        if (any)
+          for (int j = 0; j < nc; ++j)
+            if (flag[j]) *bad = std::min(*bad, flat(g, pr, c0 + j));
+        continue;
+      }
+      for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
+      if (MODE == MERGE_RECORD) {
+        for (int j = 0; j < nc; ++j) sc[j] = g.trans ? g.inv[c0 + j] : g.inv[pr];
+#pragma omp simd reduction(| : any)
+        for (int j = 0; j < nc; ++j) {
+          const int32_t f = (int32_t)(unmerge_bits<DT>(yb[j], aq[j], g.s, sc[j]) != wb[j]);
+          flag[j] = f;
+          any |= f;
         }
-        const uint32_t y = dora_merge_element<DT>(wb, aq[j], g.s, sc);
-        if (MODE == CHECK) {
-          if (storage_nonfinite<DT>(y) && !storage_nonfinite<DT>(wb)) *bad = std::min(*bad, flat(g, pr, c0 + j));
-          continue;
-        }
-        wrow[j] = (T)y;
-        if (MODE == MERGE_RECORD) {
-          const double iv = g.trans ? g.inv[c0 + j] : g.inv[pr];
-          if (dora_unmerge_element<DT>(y, aq[j], g.s, iv) != wb) part[q].push_back(Rec{(int32_t)flat(g, pr, c0 + j), wb});
-        }
+        if (any)
+          for (int j = 0; j < nc; ++j)
+            if (flag[j]) part[q].push_back(Rec{(int32_t)flat(g, pr, c0 + j), wb[j]});
       }
     }
   }

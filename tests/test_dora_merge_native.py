@@ -165,6 +165,23 @@ def test_nan_and_inf_in_the_weight(monkeypatch, dtype, conv1d):
     assert_bits_equal(wn, orig, "unmerged weight")
 
 
+@pytest.mark.parametrize("dtype, tiny", [(torch.float16, 1e-5), (torch.float32, 1e-38), (torch.bfloat16, 1e-38)],
+                         ids=DTYPE_IDS)
+def test_subnormal_results(monkeypatch, dtype, tiny):
+    """Weights near the bottom of the range (fp16 subnormals below 6.1e-5; fp32 / bf16 ones below
+    1.2e-38): the rounding into subnormals (and to zero) is the torch path's, and the round trip exact."""
+    w, a, b, m = problem(31, 77, 3, dtype, 5)
+    w = (w.double() * tiny).to(dtype)
+    m = m.double() * tiny  # float64: 1e-38 x ||row|| is below float32's normal range
+    b = b * tiny
+    assert (w != 0).any()
+    orig = clone_like(w)
+    wn, out_n, wt, out_t = merge_both(monkeypatch, w, a, b, m, 2.0)
+    assert_same(wn, out_n, wt, out_t)
+    dora_unmerge_(wn, a, b, 2.0, *out_n)
+    assert_bits_equal(wn, orig, "unmerged weight")
+
+
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 def test_overflow_is_refused_with_the_weight_untouched(monkeypatch, conv1d):
     """fp32 magnitudes of 1e6 on two rows of an fp16 weight: ValueError naming the first element
