@@ -16,6 +16,9 @@ Timing alternates merge (timed) with unmerge (not timed) so W stays the same, an
 implementations within each repeat, so that load on a shared machine hits them alike.
 On the CPU, "merge_roundtrip" records then time merge + unmerge at deltas of 5% and 30% of W's rms
 (fp16 and bf16, r 16 and 64; quick: 1024x4096; full: also q, gate and down), "vs_peft" in extra.
+"dora_merge_roundtrip" (every device): DoRA merge + exact unmerge at 1024x4096, fp16 / bf16, r 16 and
+64, delta 5%: the native library, the same op's pure-torch float64 path (the same bits) and peft's
+DoRA merge + unmerge. Alone: `python -m bench.bench_merge --dora --threads 2`.
 """
 from __future__ import annotations
 

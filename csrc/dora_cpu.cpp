@@ -97,7 +97,8 @@ static inline uint32_t round_bits(double d) {
   const uint32_t normal = ((mag + 0xFFFu + ((mag >> 13) & 1u)) >> 13) - (112u << 10);
   // below 2^-14: m * 2^-24 with m rounded to the nearest even integer (exact float steps: the scaled
   // value is < 2^10, and adding then subtracting 2^23 rounds it to an integer, ties to even)
-  const float sub = (u2f(mag) * 16777216.0f + 8388608.0f) - 8388608.0f;
+  const uint32_t low = mag < 0x38800000u ? mag : 0x38800000u;  // (clamped: the float -> int below stays defined)
+  const float sub = (u2f(low) * 16777216.0f + 8388608.0f) - 8388608.0f;
   const uint32_t small = (uint32_t)(int32_t)sub;
   uint32_t out = mag >= 0x38800000u ? normal : small;
   out = mag >= 0x477FF000u ? 0x7C00u : out;  // >= 65520 (and Inf) rounds to Inf
