@@ -340,3 +340,33 @@ def test_no_fused_multiply_add(monkeypatch, a_val, s):
     torch_path(monkeypatch, dora_unmerge_, ut, a, b, -s, one)
     assert ut.item() == 2.5
     assert_bits_equal(un, ut, "unmerged weight")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_cuda_equals_the_cpu_torch_path(monkeypatch, dtype, conv1d):
+    """lowrank_cuda_dora_merge / _unmerge (on the GPU machine): the CPU torch path's bits (NaN signs
+    aside: 0 x Inf is -NaN on x86, +NaN on the GPU), the same sorted record, a bit-exact round trip, a
+    too-small first record buffer retried, and overflow refused with W untouched."""
+    if native.cuda(warn=False) is None:
+        pytest.fail("the CUDA library is not built: bench/gpu_check.sh builds it first")
+    w, a, b, m = problem(67, 131, 16, dtype, 7, conv1d=conv1d)
+    w[7, 0] = float("inf")
+    ref_w = clone_like(w)
+    ref = torch_path(monkeypatch, dora_merge_, ref_w, a, b, m, 2.0)
+    wg = clone_like(w).cuda()
+    assert wg.stride() == w.stride() and dm._library(wg) is not None
+    ag, bg, mg = a.cuda(), b.cuda(), m.cuda()
+    monkeypatch.setattr(dm, "_record_capacity", lambda *args, **kw: 5)  # forces the capacity retry
+    scale, idx, val = dora_merge_(wg, ag, bg, mg, 2.0)
+    assert_bits_equal(wg.cpu(), ref_w, "CUDA merge", nan_payload=False)
+    assert torch.equal(idx.cpu(), ref[1]) and idx.numel() > 5
+    assert_bits_equal(val.cpu(), ref[2], "record values")
+    dora_unmerge_(wg, ag, bg, 2.0, scale, idx, val)
+    assert_bits_equal(wg.cpu(), w, "CUDA unmerge")
+    m64 = mg.double()
+    m64[5] = 1e6 if dtype == torch.float16 else 1e300  # beyond the dtype's range after scaling
+    with pytest.raises(ValueError, match="overflow"):
+        dora_merge_(wg, ag, bg, m64, 2.0)
+    assert_bits_equal(wg.cpu(), w, "CUDA weight after a refused merge")
