@@ -41,7 +41,10 @@ struct Rec {
   uint32_t bits;
 };
 
-enum Mode { CHECK = 0, MERGE = 1, MERGE_RECORD = 2, UNMERGE = 3 };
+// CHECK: find overflows; RECORD: find overflows and the elements the unmerge misses (the record);
+// neither writes. MERGE / UNMERGE write and allocate nothing, so once a merge starts writing nothing
+// can stop it half-way.
+enum Mode { CHECK = 0, MERGE = 1, RECORD = 2, UNMERGE = 3 };
 
 struct Job {
   void *w;
@@ -52,7 +55,7 @@ struct Job {
   int64_t r;
   double s;
   const double *scale;  // per logical row: the merge's scale, or the unmerge's inverse
-  const double *inv;    // MERGE_RECORD: the inverse the unmerge will use
+  const double *inv;    // RECORD: the inverse the unmerge will use
 };
 
 template <int DT>
@@ -129,9 +132,9 @@ static inline int64_t flat(const Job &g, int64_t pr, int64_t c) {
   return g.trans ? c * g.srows + pr : pr * g.scols + c;
 }
 
-// One task: storage rows [p0, p0 + nr), all columns. CHECK lowers *bad to the smallest flat index
-// of a finite element that would become non-finite (nothing written); MERGE / UNMERGE write;
-// MERGE_RECORD also appends the elements whose unmerge misses, in storage order.
+// One task: storage rows [p0, p0 + nr), all columns. CHECK and RECORD lower *bad to the smallest flat
+// index of a finite element that would become non-finite; RECORD also appends the elements whose
+// unmerge would miss, in storage order (neither writes W); MERGE / UNMERGE write.
 template <int DT, int MODE>
 DORA_CLONES void dora_task(const Job &g, int64_t p0, int nr, std::vector<Rec> *recs, int64_t *bad) {
   using T = typename Store<DT>::T;
@@ -173,18 +176,19 @@ DORA_CLONES void dora_task(const Job &g, int64_t p0, int nr, std::vector<Rec> *r
       for (int j = 0; j < nc; ++j) {
         const uint32_t y = merge_bits<DT>(wb[j], aq[j], g.s, sc[j]);
         yb[j] = y;
-        const int32_t f = MODE == CHECK ? (int32_t)(storage_nonfinite<DT>(y) & !storage_nonfinite<DT>(wb[j])) : 0;
+        const int32_t f = MODE != MERGE ? (int32_t)(storage_nonfinite<DT>(y) & !storage_nonfinite<DT>(wb[j])) : 0;
         flag[j] = f;
         any |= f;
       }
-      if (MODE == CHECK) {
-        if (any)
-          for (int j = 0; j < nc; ++j)
-            if (flag[j]) *bad = std::min(*bad, flat(g, pr, c0 + j));
+      if (MODE == MERGE) {
+        for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
         continue;
       }
-      for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
-      if (MODE == MERGE_RECORD) {
+      if (any)
+        for (int j = 0; j < nc; ++j)
+          if (flag[j]) *bad = std::min(*bad, flat(g, pr, c0 + j));
+      if (MODE == RECORD) {
+        any = 0;
         for (int j = 0; j < nc; ++j) sc[j] = g.trans ? g.inv[c0 + j] : g.inv[pr];
 #pragma omp simd reduction(| : any)
         for (int j = 0; j < nc; ++j) {
@@ -198,7 +202,7 @@ DORA_CLONES void dora_task(const Job &g, int64_t p0, int nr, std::vector<Rec> *r
       }
     }
   }
-  if (MODE == MERGE_RECORD)
+  if (MODE == RECORD)
     for (int q = 0; q < nr; ++q) recs->insert(recs->end(), part[q].begin(), part[q].end());
 }
 
@@ -270,35 +274,30 @@ template <int DT>
 int dora_merge_impl(Job g, int64_t rows, int64_t cols, const double *b, const double *a, int32_t *rec_idx,
                     void *rec_val, int64_t cap, int64_t *count, int64_t *bad_index) {
   using T = typename Store<DT>::T;
-  if (may_overflow<DT>(g, rows, cols, b, a)) {
-    int64_t bad = INT64_MAX;
-    run_all<DT, CHECK>(g, nullptr, &bad);
-    if (bad != INT64_MAX) {
-      if (bad_index) *bad_index = bad;
-      return LOWRANK_ERR_OVERFLOW;
+  auto overflow = [&](int64_t bad) {
+    if (bad_index) *bad_index = bad;
+    return LOWRANK_ERR_OVERFLOW;
+  };
+  if (!rec_idx) {
+    if (may_overflow<DT>(g, rows, cols, b, a)) {
+      int64_t bad = INT64_MAX;
+      run_all<DT, CHECK>(g, nullptr, &bad);
+      if (bad != INT64_MAX) return overflow(bad);
     }
+    return run_all<DT, MERGE>(g, nullptr, nullptr) ? LOWRANK_OK : LOWRANK_ERR_OUT_OF_MEMORY;
   }
-  if (!rec_idx) return run_all<DT, MERGE>(g, nullptr, nullptr) ? LOWRANK_OK : LOWRANK_ERR_OUT_OF_MEMORY;
+  // Pass 1 finds the overflows and the record without writing; every failure (overflow, out of
+  // memory, a record larger than the caller's buffer) returns with W untouched. Pass 2 writes and
+  // allocates nothing. (Two passes of the rank loop where a merge-then-undo would take one; the
+  // undo could not restore W if memory ran out half-way.)
   std::vector<std::vector<Rec>> recs;
-  const bool ok = run_all<DT, MERGE_RECORD>(g, &recs, nullptr);
+  int64_t bad = INT64_MAX;
+  if (!run_all<DT, RECORD>(g, &recs, &bad)) return LOWRANK_ERR_OUT_OF_MEMORY;
+  if (bad != INT64_MAX) return overflow(bad);
   int64_t total = 0;
   for (const auto &v : recs) total += (int64_t)v.size();
-  if (!ok || total > cap) {
-    // W is merged: undo. Every element outside the record comes back by the unmerge (that is what
-    // the record's test checked), the record restores the rest -- complete unless we ran out of memory.
-    Job back = g;
-    back.scale = g.inv;
-    run_all<DT, UNMERGE>(back, nullptr, nullptr);
-    for (const auto &v : recs)
-      for (const Rec &rc : v) {
-        const int64_t i = rc.idx / cols, j = rc.idx % cols;
-        ((T *)g.w)[g.trans ? j * g.ld + i : i * g.ld + j] = (T)rc.bits;
-      }
-    if (!ok) return LOWRANK_ERR_OUT_OF_MEMORY;
-    *count = total;
-    return LOWRANK_ERR_CAPACITY;
-  }
   *count = total;
+  if (total > cap) return LOWRANK_ERR_CAPACITY;
   T *vals = (T *)rec_val;
   if (!g.trans) {  // storage order is index order
     int64_t n = 0;
@@ -307,31 +306,24 @@ int dora_merge_impl(Job g, int64_t rows, int64_t cols, const double *b, const do
         rec_idx[n] = rc.idx;
         vals[n++] = (T)rc.bits;
       }
-    return LOWRANK_OK;
+  } else {  // storage order is column-major: sort into index order
+    std::vector<Rec> all;
+    try {
+      all.reserve((size_t)total);
+    } catch (const std::bad_alloc &) {
+      return LOWRANK_ERR_OUT_OF_MEMORY;
+    }
+    for (auto &v : recs) {
+      all.insert(all.end(), v.begin(), v.end());
+      std::vector<Rec>().swap(v);
+    }
+    std::sort(all.begin(), all.end(), [](const Rec &x, const Rec &y) { return x.idx < y.idx; });
+    for (int64_t n = 0; n < total; ++n) {
+      rec_idx[n] = all[(size_t)n].idx;
+      vals[n] = (T)all[(size_t)n].bits;
+    }
   }
-  std::vector<Rec> all;
-  try {
-    all.reserve((size_t)total);
-  } catch (const std::bad_alloc &) {
-    // the record is complete in recs: write it unsorted rather than fail after merging
-    int64_t n = 0;
-    for (const auto &v : recs)
-      for (const Rec &rc : v) {
-        rec_idx[n] = rc.idx;
-        vals[n++] = (T)rc.bits;
-      }
-    return LOWRANK_OK;
-  }
-  for (auto &v : recs) {
-    all.insert(all.end(), v.begin(), v.end());
-    std::vector<Rec>().swap(v);
-  }
-  std::sort(all.begin(), all.end(), [](const Rec &x, const Rec &y) { return x.idx < y.idx; });
-  for (int64_t n = 0; n < total; ++n) {
-    rec_idx[n] = all[(size_t)n].idx;
-    vals[n] = (T)all[(size_t)n].bits;
-  }
-  return LOWRANK_OK;
+  return run_all<DT, MERGE>(g, nullptr, nullptr) ? LOWRANK_OK : LOWRANK_ERR_OUT_OF_MEMORY;
 }
 
 template <int DT>

@@ -139,6 +139,8 @@ int lowrank_cuda_restore(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
  * flat index i * cols + j (int32: rows * cols < 2^31) and original bits, sorted by index (CPU);
  * on the CUDA library in no particular order. More than rec_capacity of them: W left unchanged
  * bit for bit, *rec_count = the number needed, LOWRANK_ERR_CAPACITY: call again with that.
+ * Every failure (overflow, capacity, out of memory) returns with W unchanged: the checks and the
+ * record come from a pass that writes nothing, then a pass that allocates nothing writes W.
  * rank >= 1 (no upper limit). The CUDA entry points take device pointers for the arrays, host
  * pointers for rec_count and bad_index, and synchronize the stream before returning (the overflow
  * and capacity checks run before anything is written). */

@@ -32,10 +32,12 @@ lowrank.h lowrank_{cpu,cuda}_dora_merge / _unmerge) does the same float64 operat
 order (no fused multiply-add) and the same rounding, so its bits are this file's torch path's, which
 stays the fallback (library missing, LOWRANK_NO_NATIVE=1, a float64 weight, or a layout that is
 neither rows contiguous nor a transposed row-major tensor) and the oracle of
-tests/test_dora_merge_native.py. The row scale always comes from `dora_row_norms` here. The library
-checks for overflow before it writes (a bound first, the exact check when the bound cannot clear a
-row) and records in the same pass as it merges; a record buffer too small (sized from 32 sampled
-rows) makes it undo that merge bit for bit and say how much room it needs, and the merge is redone.
+tests/test_dora_merge_native.py. The row scale always comes from `dora_row_norms` here. With a
+record, the CPU library first computes every merged element without writing (the overflow check and
+the record), then writes W in a second pass that allocates nothing: an overflow, a record buffer
+too small (sized from 32 sampled rows; the library says how much room it needs and the merge is
+redone) or memory running out all leave W untouched. Without a record it checks for overflow by a
+bound first (the exact check when the bound cannot clear a row), then writes.
 
 Nothing is written when some finite element would overflow the dtype (ValueError first). Level 2.
 """
@@ -173,7 +175,7 @@ def _record_capacity(weight, a64, b64, s, scale, inv, sample_rows: int = 32) -> 
     """Room for the record: the fraction of elements whose round trip fails on `sample_rows` evenly
     spaced rows, with a margin. An estimate: the delta here is one float64 GEMM (a handful of torch
     ops; the exact rank-ordered sum took r of them, ~100 ms on two loaded cores at r = 16). Too small
-    costs a second merge (the library undoes the first and says how many it needs); too large costs
+    costs a second call (the library writes nothing and says how many it needs); too large costs
     memory only."""
     n = weight.shape[0]
     rows = torch.linspace(0, n - 1, steps=min(n, sample_rows)).round().long().unique().to(weight.device)
@@ -186,7 +188,8 @@ def _record_capacity(weight, a64, b64, s, scale, inv, sample_rows: int = 32) -> 
 
 
 def _native_merge(lib, weight, a64, b64, s, scale, inv, exact, where):
-    """lowrank_{cpu,cuda}_dora_merge: the torch path's bits, one pass over W (two on CUDA). Returns the
+    """lowrank_{cpu,cuda}_dora_merge: the torch path's bits (a pass that checks and records, then one
+    that writes; without a record one pass unless the overflow bound cannot clear W). Returns the
     record (rec_idx sorted, rec_val), empty with exact=False."""
     n, k = weight.shape
     cuda = weight.device.type == "cuda"
@@ -204,7 +207,7 @@ def _native_merge(lib, weight, a64, b64, s, scale, inv, exact, where):
         native.check(status, fn.__name__)
         return empty
     cap = _record_capacity(weight, a64, b64, s, scale, inv)
-    for _ in range(2):  # on ERR_CAPACITY the library leaves W as it was and says how many it needs
+    for _ in range(2):  # on ERR_CAPACITY the library has written nothing and says how many it needs
         idx, val = _new_record(max(cap, 1), weight)
         count = ctypes.c_int64(0)
         status = fn(*head, _ptr(idx), _ptr(val), idx.numel(), ctypes.byref(count), ctypes.byref(bad), *stream)
@@ -214,8 +217,8 @@ def _native_merge(lib, weight, a64, b64, s, scale, inv, exact, where):
         if status == native.ERR_OVERFLOW:
             _raise_overflow(where, weight.dtype, bad.value // k, bad.value % k, scale)
         if status == native.ERR_OUT_OF_MEMORY:
-            raise MemoryError(f"{where}: out of memory while merging weight {tuple(weight.shape)}: the weight may "
-                              f"be partly merged")
+            raise MemoryError(f"{where}: out of memory for the record of weight {tuple(weight.shape)}; nothing was "
+                              f"written")
         native.check(status, fn.__name__)
         m = count.value
         idx, val = idx[:m].clone(), val[:m].clone()
