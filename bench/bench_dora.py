@@ -90,20 +90,39 @@ def flops(m, k, n, r) -> float:
     return fwd + 2 * m * n * k + 2 * m * k * r + 4 * m * n * r + 2 * m * k * r
 
 
+# On a GPU: the issue's Llama-3-8B goal (DoRA <= 1.10x our LoRA), bf16, a 4096-token micro-batch,
+# the shapes of its attention and MLP projections (k_proj stands for v_proj too).
+LLAMA3_8B = (("q_proj", 4096, 4096), ("k_proj", 4096, 1024), ("gate_proj", 4096, 14336),
+             ("down_proj", 14336, 4096))
+
+
 def run(quick: bool, device: str, repeat: int | None = None, m: int = 1024, k: int = 4096, n: int = 4096,
         r: int = 16) -> list[Record]:
+    """CPU: the issue's 4096 x 4096 layer, M = 1024, fp32 (halved with quick). CUDA: that layer, then
+    Llama-3-8B's projections in bf16 at M = 4096 (2048 with quick)."""
     dev = torch.device(device)
-    if quick and dev.type == "cpu":
-        m, k, n = m // 2, k // 2, n // 2
-    repeat = repeat or (3 if quick else 5)
+    if dev.type == "cpu":
+        if quick:
+            m, k, n = m // 2, k // 2, n // 2
+        return run_shape(dev, m, k, n, r, torch.float32, repeat or (3 if quick else 5))
+    records = run_shape(dev, m, k, n, r, torch.float32, repeat or (3 if quick else 5))
+    for layer, k_, n_ in LLAMA3_8B:
+        records += run_shape(dev, 2048 if quick else 4096, k_, n_, r, torch.bfloat16, repeat or (3 if quick else 5),
+                             layer=layer)
+    return records
+
+
+def run_shape(dev: torch.device, m: int, k: int, n: int, r: int, dtype: torch.dtype, repeat: int,
+              layer: str | None = None) -> list[Record]:
+    """Every impl at one shape and dtype, interleaved rounds (the module's doc)."""
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dev)
-    s = {"w": w, "a": (torch.randn(r, k, generator=g) * k ** -0.5).to(dev).requires_grad_(),
-         "b": (torch.randn(n, r, generator=g) * 0.01).to(dev).requires_grad_(),
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dev, dtype)
+    s = {"w": w, "a": (torch.randn(r, k, generator=g) * k ** -0.5).to(dev, dtype).requires_grad_(),
+         "b": (torch.randn(n, r, generator=g) * 0.01).to(dev, dtype).requires_grad_(),
          "alpha": 2 * r, "scaling": 2.0}
-    s["m"] = w.norm(dim=1).requires_grad_()
-    x = torch.randn(m, k, generator=g).to(dev).requires_grad_()
-    dy = torch.randn(m, n, generator=g).to(dev)
+    s["m"] = w.float().norm(dim=1).to(dtype).requires_grad_()
+    x = torch.randn(m, k, generator=g).to(dev, dtype).requires_grad_()
+    dy = torch.randn(m, n, generator=g).to(dev, dtype)
     built = impls(s)
     calls = {name: (lambda fn=fn, wrt=[x, *params]: torch.autograd.grad(fn(x), wrt, dy))
              for name, (fn, params) in built.items()}
@@ -122,9 +141,12 @@ def run(quick: bool, device: str, repeat: int | None = None, m: int = 1024, k: i
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     shape, name, ver = {"M": m, "K": k, "N": n, "r": r}, device_name(dev), versions()
-    records = _norm_records(s, repeat, dev, {"K": k, "N": n, "r": r}, name, ver)
+    if layer:
+        shape["layer"] = layer
+    dname = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    records = _norm_records(s, repeat, dev, {k_: v for k_, v in shape.items() if k_ != "M"}, name, ver, dname)
     for impl, t in med.items():
-        records.append(Record(op=f"{OP}.fwd+bwd", shape=shape, dtype="fp32", impl=impl, median_s=t,
+        records.append(Record(op=f"{OP}.fwd+bwd", shape=shape, dtype=dname, impl=impl, median_s=t,
                               derived=derived(t, flops(m, k, n, r)), device=name, versions=ver,
                               extra={"vs_lora": t / med["lowrank-lora"], "vs_peft_dora": t / med["peft-dora"],
                                      "vs_floor": t / med["F.linear"], "saved_MiB": saved[impl] / 2 ** 20,
@@ -132,13 +154,14 @@ def run(quick: bool, device: str, repeat: int | None = None, m: int = 1024, k: i
     return records
 
 
-def _norm_records(s: dict, repeat: int, dev: torch.device, shape: dict, name: str, ver: dict) -> list[Record]:
+def _norm_records(s: dict, repeat: int, dev: torch.device, shape: dict, name: str, ver: dict,
+                  dname: str = "fp32") -> list[Record]:
     """The row norms alone ("dora.norms": `dora_row_norms` with ||W||^2 cached, float64 W A^T) beside
     the fp32 GEMM W A^T they replace in a cheaper, less exact design ("fp32 W@A^T"), medians of
     `repeat` interleaved rounds: what the norms' accuracy costs."""
     w, a, b, w2 = s["w"], s["a"].detach(), s["b"].detach(), weight_row_sq_norms(s["w"])
     calls = {"lowrank-norms": lambda: dora_row_norms(w, a, b, s["scaling"], weight_sq=w2),
-             "fp32 W@A^T": lambda: w @ a.t()}
+             f"{dname} W@A^T": lambda: w @ a.t()}
     times = {impl: [] for impl in calls}
     for call in calls.values():
         call()
@@ -151,7 +174,7 @@ def _norm_records(s: dict, repeat: int, dev: torch.device, shape: dict, name: st
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times[impl].append(time.perf_counter() - t0)
-    return [Record(op=f"{OP}.norms", shape=shape, dtype="fp32", impl=impl, median_s=statistics.median(ts),
+    return [Record(op=f"{OP}.norms", shape=shape, dtype=dname, impl=impl, median_s=statistics.median(ts),
                    derived={}, device=name, versions=ver, extra={"threads": torch.get_num_threads()})
             for impl, ts in times.items()]
 
