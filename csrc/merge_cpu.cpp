@@ -982,34 +982,38 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
   const double u = 5.9604644775390625e-08, r = (double)rank;
   const double gamma = r * u / (1.0 - r * u);
   const double c = fabs(scale) * (gamma * (1.0 + u) + u) * (1.0 + 3.814697265625e-06);
-  // (Threaded: serial, the widening and norms were 3% of a merge + unmerge at 1024x4096 r=64.)
+  // (Threaded: serial, the widening and norms were 3% of a merge + unmerge at 1024x4096 r=64. One
+  // parallel region for both loops: on a loaded machine every extra barrier can cost a time slice.)
   int finite = 1;
-#pragma omp parallel for schedule(static) reduction(& : finite)
-  for (int64_t i = 0; i < rows; ++i) {
-    double ss = 0.0;
-    for (int64_t k = 0; k < rank; ++k) {
-      const float x = load_factor(b, i * b_s0 + k * b_s1, factor_dtype);
-      b32[i * rank + k] = x;
-      ss += (double)x * x;
-    }
-    finite &= isfinite(ss) != 0;
-    rb[i] = round_up_float(c * sqrt(ss));
-  }
   constexpr int64_t CB = 256;  // columns per block: each thread reads a's rows in runs
-#pragma omp parallel for schedule(static) reduction(& : finite)
-  for (int64_t j0 = 0; j0 < cols; j0 += CB) {
-    const int64_t j1 = std::min(cols, j0 + CB);
-    double col_ss[CB] = {};
-    for (int64_t k = 0; k < rank; ++k) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const float x = load_factor(a, k * a_s0 + j * a_s1, factor_dtype);
-        a32[k * cols + j] = x;
-        col_ss[j - j0] += (double)x * x;
+#pragma omp parallel reduction(& : finite)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < rows; ++i) {
+      double ss = 0.0;
+      for (int64_t k = 0; k < rank; ++k) {
+        const float x = load_factor(b, i * b_s0 + k * b_s1, factor_dtype);
+        b32[i * rank + k] = x;
+        ss += (double)x * x;
       }
+      finite &= isfinite(ss) != 0;
+      rb[i] = round_up_float(c * sqrt(ss));
     }
-    for (int64_t j = j0; j < j1; ++j) {
-      finite &= isfinite(col_ss[j - j0]) != 0;
-      cb[j] = round_up_float(sqrt(col_ss[j - j0]));
+#pragma omp for schedule(static) nowait
+    for (int64_t j0 = 0; j0 < cols; j0 += CB) {
+      const int64_t j1 = std::min(cols, j0 + CB);
+      double col_ss[CB] = {};
+      for (int64_t k = 0; k < rank; ++k) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const float x = load_factor(a, k * a_s0 + j * a_s1, factor_dtype);
+          a32[k * cols + j] = x;
+          col_ss[j - j0] += (double)x * x;
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        finite &= isfinite(col_ss[j - j0]) != 0;
+        cb[j] = round_up_float(sqrt(col_ss[j - j0]));
+      }
     }
   }
   if (!finite) return LOWRANK_ERR_NONFINITE;
