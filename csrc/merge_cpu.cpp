@@ -519,13 +519,13 @@ LOWRANK_CLONES
 void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vector<Rec> *out) {
   using T = typename Store<DT>::T;
   alignas(64) float acc[RB][JT];
-  alignas(64) float sabs[RB][JT];  // with the tight bound: sum_k |s_k| per element
+  [[maybe_unused]] alignas(64) float sabs[RB][JT];  // with the tight bound: T (rank_rows4_avx512_abs)
   alignas(64) uint32_t wb[JT], yb[JT];
   alignas(64) int32_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
   for (int j = nc; j < JT; ++j) flag[j] = 0;  // read (then masked off) by flag_masks
   const float s32 = (float)g.scale;
   const int64_t r = g.rank;
-  bool tight = false;
+  [[maybe_unused]] bool tight = false;  // (set by the AVX-512 kernel only)
   if (nr != RB || !g.ap) {  // the portable loops accumulate into acc (the panel kernels store it)
     for (int q = 0; q < RB; ++q)
       for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
