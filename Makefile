@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): setup.py csrc/lowrank.h csrc/merge_math.h csrc/merge_cpu.cpp csrc/nf4_cpu.cpp csrc/merge_cuda.cu
+$(STAMP): setup.py csrc/lowrank.h csrc/merge_math.h csrc/merge_cpu.cpp csrc/nf4_cpu.cpp csrc/dora_cpu.cpp csrc/merge_cuda.cu
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"

@@ -67,7 +67,8 @@ def build_native(out_dir):
         # -ffp-contract=off: merge rounds in a stated order; a fused multiply-add would change it.
         arch = ["-march=x86-64-v2"] if _is_x86() else []
         _run([cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", *arch,
-              "-I", CSRC, os.path.join(CSRC, "merge_cpu.cpp"), os.path.join(CSRC, "nf4_cpu.cpp"), "-o", cpu_out])
+              "-I", CSRC, os.path.join(CSRC, "merge_cpu.cpp"), os.path.join(CSRC, "nf4_cpu.cpp"),
+              os.path.join(CSRC, "dora_cpu.cpp"), "-o", cpu_out])
         _record_in_manifest(out_dir, cpu_out)
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"lowrank: CPU native library not built ({exc}); using the torch fallback")
@@ -148,6 +149,6 @@ setup(
         # lowrank plan / compare read transformers configs and models; compare draws its curves
         "jobs": ["transformers>=5,<6", "matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["lowrank=lowrank.cli:main"]},
+    entry_points={"console_scripts": ["lowrank=lowrank.cli:entry"]},
     cmdclass={"build_py": BuildPyWithNative},
 )

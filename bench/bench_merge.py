@@ -16,6 +16,9 @@ Timing alternates merge (timed) with unmerge (not timed) so W stays the same, an
 implementations within each repeat, so that load on a shared machine hits them alike.
 On the CPU, "merge_roundtrip" records then time merge + unmerge at deltas of 5% and 30% of W's rms
 (fp16 and bf16, r 16 and 64; quick: 1024x4096; full: also q, gate and down), "vs_peft" in extra.
+"dora_merge_roundtrip" (every device): DoRA merge + exact unmerge at 1024x4096, fp16 / bf16, r 16 and
+64, delta 5%: the native library, the same op's pure-torch float64 path (the same bits) and peft's
+DoRA merge + unmerge. Alone: `python -m bench.bench_merge --dora --threads 2`.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _peft_layer(w, a, b, alpha):
-    """A peft LoRA Linear over a copy of w with the given factors (built through get_peft_model)."""
+def _peft_layer(w, a, b, alpha, dora=False):
+    """A peft LoRA Linear (DoRA with dora=True) over a copy of w with the given factors (built through
+    get_peft_model)."""
     from peft import LoraConfig, get_peft_model
 
     n, k = w.shape
@@ -50,7 +54,8 @@ def _peft_layer(w, a, b, alpha):
     holder.lin = nn.Linear(k, n, bias=False, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         holder.lin.weight.copy_(w)
-    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0))
+    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0,
+                                                 use_dora=dora))
     layer = model.base_model.model.lin
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(a)
@@ -170,6 +175,7 @@ def run(quick: bool, device: str) -> list[Record]:
                 del peft_model, layer, w, w0
     if device.type == "cpu":
         records += _round_trips(quick, device, dev, vers)
+    records += _dora_round_trips(quick, device, dev, vers)
     return records
 
 
@@ -248,3 +254,103 @@ def _cuda_kernel_record(w, a, b, s, name, r, dtype, copy_gbps, dev, vers, repeat
     return Record(op="merge", shape={"layer": name, "out": n, "in": k, "r": r}, dtype=str(dtype).replace("torch.", ""),
                   impl="lowrank-kernel", median_s=t, derived={"GB/s": gbps, "frac_copy_bw": gbps / copy_gbps},
                   device=dev, versions=vers, extra={"copy_GBps": copy_gbps})
+
+
+def _dora_round_trips(quick: bool, device, dev: str, vers: dict, repeat: int | None = None) -> list[Record]:
+    """DoRA merge + unmerge (`lowrank.ops.dora_merge`, exact: bit-exact unmerge) on the native library
+    against the same op's pure-torch float64 path (LOWRANK_NO_NATIVE=1: the same bits) and peft's
+    DoRA (`LoraLayer.merge` + `unmerge` of a LoraConfig(use_dora=True) layer: what its
+    merge_and_unload does, undone): 1024 x 4096, fp16 / bf16, r 16 and 64, a delta of 5% of W's rms,
+    m = ||W|| per row perturbed by 1%. Implementations interleaved per repeat."""
+    import os
+
+    from lowrank.ops.dora_merge import dora_merge_, dora_unmerge_
+
+    gen = torch.Generator().manual_seed(2)
+    repeat = repeat or (3 if quick else 5)
+    n, k, ratio = 1024, 4096, 0.05
+    records = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for r in (16, 64):
+            w, a, b, alpha, s = _inputs(n, k, r, dtype, device, gen, ratio)
+            a, b = a.float(), b.float()  # DoRA factors in fp32, as lowrank and peft train them
+            m = w.double().norm(dim=1) * (1 + 0.01 * torch.randn(n, generator=gen, dtype=torch.float64).to(device))
+            w0 = w.clone()
+            model, layer = _peft_layer(w0, a, b, alpha, dora=True)
+            with torch.no_grad():
+                layer.lora_magnitude_vector["default"].weight.copy_(m)
+            impls = {"lowrank-native": "0", "lowrank-torch64": "1", "peft-dora": None}
+            times = {impl: [] for impl in impls}
+            env = os.environ.get("LOWRANK_NO_NATIVE")
+            try:
+                for _ in range(1 + repeat):
+                    for impl, flag in impls.items():
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        if flag is None:
+                            layer.merge()
+                            layer.unmerge()
+                        else:
+                            os.environ["LOWRANK_NO_NATIVE"] = flag
+                            out = dora_merge_(w, a, b, m, s)
+                            dora_unmerge_(w, a, b, s, *out)
+                        _sync(device)
+                        times[impl].append(time.perf_counter() - t0)
+                        if flag is None:
+                            with torch.no_grad():
+                                layer.base_layer.weight.copy_(w0)
+                        elif not torch.equal(w.view(torch.int16), w0.view(torch.int16)):
+                            raise AssertionError(f"dora_merge_roundtrip {dtype} r={r} {impl}: W not restored")
+            finally:
+                if env is None:
+                    os.environ.pop("LOWRANK_NO_NATIVE", None)
+                else:
+                    os.environ["LOWRANK_NO_NATIVE"] = env
+            med = {impl: statistics.median(ts[1:]) for impl, ts in times.items()}
+            for impl, t in med.items():
+                records.append(Record(
+                    op="dora_merge_roundtrip", shape={"out": n, "in": k, "r": r, "delta": ratio},
+                    dtype=str(dtype).replace("torch.", ""), impl=impl, median_s=t,
+                    derived={"GB/s": 4 * w.numel() * w.element_size() / t / 1e9}, device=dev, versions=vers,
+                    extra={"delta_ratio": ratio, "vs_peft": t / med["peft-dora"],
+                           "vs_torch64": t / med["lowrank-torch64"], "record_frac": out[1].numel() / w.numel(),
+                           "threads": torch.get_num_threads(), "repeat": repeat}))
+            print(f"dora_merge_roundtrip {n}x{k} {dtype} r={r} delta {ratio:.0%}: " + " ".join(
+                f"{impl} {t * 1e3:.1f} ms (x{t / med['peft-dora']:.2f} peft)" for impl, t in med.items())
+                + f"; native x{med['lowrank-torch64'] / med['lowrank-native']:.1f} faster than torch64", flush=True)
+            del model, layer, w, w0
+    return records
+
+
+def main(argv=None) -> None:
+    """python -m bench.bench_merge --dora [--threads N] [--repeat R] [--json PATH]: the DoRA merge round
+    trips alone (`python -m bench.run --only merge` runs everything)."""
+    import argparse
+    import sys
+
+    from .harness import print_table, write_json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--dora", action="store_true", help="only the DoRA merge + unmerge round trips")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.dora:
+        records = _dora_round_trips(args.quick, device, device_name(device), versions(), args.repeat)
+    else:
+        records = run(args.quick, args.device)
+    if args.json:
+        write_json(records, args.json, meta={"device": records[0].device, "versions": records[0].versions,
+                                             "command": "python -m bench.bench_merge "
+                                             + " ".join(argv if argv is not None else sys.argv[1:])})
+    print_table(records, "peft-dora" if args.dora else BASELINE)
+
+
+if __name__ == "__main__":
+    main()

@@ -185,24 +185,29 @@ def nf4_lora_matmul_variants(dtype: str, target: str) -> list[Variant]:
     t = TARGETS[target]
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     jobs = []
+    # DoRA (ops.dora's NF4 Triton path): the forward's scale epilogue and v store, the dX direction's
+    # scaled dY; the launchers' tile rules see the scale (scaled).
     for transposed in (True, False):
         for aligned in (True, False):
-            for m in (1, 64, 4096):
-                jobs.append((transposed, aligned, m, K._config(m, False, torch_dtype, aligned, t["smem_block"]),
-                             f"fixed M={m}"))
-            for c in K._prune_tuned(K._TUNE_CONFIGS, {}, IEEE=dtype == "fp32", ALIGNED=aligned, CAP=t["cap"] // 10):
-                jobs.append((transposed, aligned, 4096, dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages),
-                             "autotune M>16"))
+            for scaled in (False, True):
+                for m in (1, 64, 4096):
+                    cfg = K._config(m, False, torch_dtype, aligned, t["smem_block"], scaled and not transposed)
+                    jobs.append((transposed, aligned, scaled, m, cfg, f"fixed M={m}"))
+                for c in K._prune_tuned(K._TUNE_CONFIGS, {}, IEEE=dtype == "fp32", ALIGNED=aligned,
+                                        CAP=t["cap"] // 10, HAS_SCALE=scaled, W_TRANSPOSED=transposed):
+                    jobs.append((transposed, aligned, scaled, 4096,
+                                 dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages), "autotune M>16"))
     out = []
-    for transposed, aligned, m, cfg, choice in jobs:
+    for transposed, aligned, scaled, m, cfg, choice in jobs:
         split = 3 if m <= 16 else 1
         consts = dict(W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=64, HAS_LORA=True, R_PAD=16,
                       HAS_BIAS=True, IEEE=dtype == "fp32", INTERPRETED=False, SPLIT_Q=split,
+                      HAS_SCALE=scaled, STORE_V=scaled and transposed,
                       **{k: v for k, v in cfg.items() if k.isupper()})
-        ptrs = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
-                "out_ptr": "*fp32" if split > 1 else f"*{dtype}"}
-        out.append(_variant(K._nf4_lora_matmul_kernel, "nf4_lora_matmul", dtype, target, consts, cfg["num_warps"],
-                            cfg["num_stages"], choice, ptrs, gemm=True, unit_strides=()))
+        ptrs = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "scale_ptr": "*fp32",
+                "out_ptr": "*fp32" if split > 1 else f"*{dtype}", "v_ptr": "*fp32" if split > 1 else f"*{dtype}"}
+        out.append(_variant(K._nf4_lora_matmul_kernel, "nf4_lora_matmul", dtype, target, consts,
+                            cfg["num_warps"], cfg["num_stages"], choice, ptrs, gemm=True, unit_strides=()))
     return _dedupe(out)
 
 
@@ -239,8 +244,27 @@ def sgmv_variants(dtype: str, target: str) -> list[Variant]:
     ]
 
 
+def dora_norms_variants(dtype: str, target: str) -> list[Variant]:
+    """DoRA's float64 W A^T / ||W||^2 kernel (`kernels/dora_norms.py`): dense and NF4 (aligned and
+    gather decode) at the padded ranks its launcher makes; float64 MMAs, never wgmma (not a GEMM here)."""
+    from lowrank.kernels import dora_norms as K
+
+    out = []
+    for nf4, aligned in ((False, False), (True, True), (True, False)):
+        for r_pad in (16, 32, 64, K.MAX_RANK):
+            cfg = K._config(r_pad, interpret=False)
+            consts = dict(NF4=nf4, ALIGNED=aligned, BLOCKSIZE=64, HAS_A=True, WANT_SQ=True, INTERPRETED=False,
+                          R_PAD=r_pad, **{k: v for k, v in cfg.items() if k.isupper()})
+            ptrs = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "p_ptr": "*fp64",
+                    "sq_ptr": "*fp64", "a_ptr": "*fp32" if nf4 else f"*{dtype}"}
+            out.append(_variant(K._dora_norms_kernel, "dora_norms", dtype, target, consts, cfg["num_warps"],
+                                cfg["num_stages"], f"launcher r<={r_pad}" + (" nf4" if nf4 else ""), ptrs,
+                                tile_m=cfg["BLOCK_N"]))
+    return _dedupe(out)
+
+
 FAMILIES = {"lora_matmul": lora_matmul_variants, "nf4_lora_matmul": nf4_lora_matmul_variants,
-            "nf4_dequant": nf4_dequant_variants, "sgmv": sgmv_variants}
+            "nf4_dequant": nf4_dequant_variants, "sgmv": sgmv_variants, "dora_norms": dora_norms_variants}
 
 
 def _dedupe(variants: list[Variant]) -> list[Variant]:

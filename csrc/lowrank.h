@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define LOWRANK_ABI_VERSION 4
+#define LOWRANK_ABI_VERSION 5
 
 enum lowrank_status {
   LOWRANK_OK = 0,
@@ -23,6 +23,7 @@ enum lowrank_status {
   LOWRANK_ERR_OUT_OF_MEMORY = 4,
   LOWRANK_ERR_CAPACITY = 5,
   LOWRANK_ERR_NONFINITE = 6, /* a LoRA factor holds NaN or Inf: nothing was written */
+  LOWRANK_ERR_OVERFLOW = 7,  /* a finite weight element would round to Inf / NaN: nothing was written */
 };
 
 enum lowrank_dtype {
@@ -120,6 +121,44 @@ int lowrank_cuda_merge(void *w, int64_t rows, int64_t cols, int64_t ldw, int dty
 /* count is read on the host: pass the number of records. */
 int lowrank_cuda_restore(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
                          const int32_t *rec_idx, const void *rec_val, int64_t count, void *stream);
+
+/* ---- DoRA merge / unmerge --------------------------------------------------------------------
+ * W (rows x cols, logical; element strides ws0, ws1 with ws1 == 1 (rows contiguous) or ws0 == 1
+ * (W is the transpose view of a row-major cols x rows tensor, e.g. a Conv1D weight); dtype code)
+ * in place, every element in float64 with one rounding at the end (merge_math.h dora_*_element):
+ *     delta = (+0 + b[i,0] a[0,j] + ... + b[i,r-1] a[r-1,j]) * s    (each step a product, then a sum)
+ *     merge:   W[i,j] <- round(scale[i] * (W[i,j] + delta))
+ *     unmerge: W[i,j] <- round(W[i,j] * inv[i] - delta), then the record written back
+ * b: rows x rank, a: rank x cols, float64, contiguous (row-major). scale, inv: float64 (rows,), inv
+ * the inverse the unmerge will use (lowrank/ops/dora_merge.py: 1 / scale, 0 where scale is 0).
+ * These are the pure-torch path's operations in its order, so the bits are the same.
+ *
+ * merge: nothing is written when some finite element of W would become Inf or NaN: the call returns
+ * LOWRANK_ERR_OVERFLOW with *bad_index = the smallest such flat index i * cols + j (bad_index may
+ * be NULL). Record (rec_idx != NULL): every element whose unmerge would not give its bits back,
+ * flat index i * cols + j (int32: rows * cols < 2^31) and original bits, sorted by index (CPU);
+ * on the CUDA library in no particular order. More than rec_capacity of them: W left unchanged
+ * bit for bit, *rec_count = the number needed, LOWRANK_ERR_CAPACITY: call again with that.
+ * Every failure (overflow, capacity, out of memory) returns with W unchanged: the checks and the
+ * record come from a pass that writes nothing, then a pass that allocates nothing writes W.
+ * rank >= 1 (no upper limit). The CUDA entry points take device pointers for the arrays, host
+ * pointers for rec_count and bad_index, and synchronize the stream before returning (the overflow
+ * and capacity checks run before anything is written). */
+int lowrank_cpu_dora_merge(void *w, int64_t rows, int64_t cols, int64_t ws0, int64_t ws1, int dtype,
+                           const double *b, const double *a, int64_t rank, double s, const double *scale,
+                           const double *inv, int32_t *rec_idx, void *rec_val, int64_t rec_capacity,
+                           int64_t *rec_count, int64_t *bad_index);
+/* rec_idx / rec_val: the merge's record (count entries, any order; NULL when count is 0). */
+int lowrank_cpu_dora_unmerge(void *w, int64_t rows, int64_t cols, int64_t ws0, int64_t ws1, int dtype,
+                             const double *b, const double *a, int64_t rank, double s, const double *inv,
+                             const int32_t *rec_idx, const void *rec_val, int64_t count);
+int lowrank_cuda_dora_merge(void *w, int64_t rows, int64_t cols, int64_t ws0, int64_t ws1, int dtype,
+                            const double *b, const double *a, int64_t rank, double s, const double *scale,
+                            const double *inv, int32_t *rec_idx, void *rec_val, int64_t rec_capacity,
+                            int64_t *rec_count, int64_t *bad_index, void *stream);
+int lowrank_cuda_dora_unmerge(void *w, int64_t rows, int64_t cols, int64_t ws0, int64_t ws1, int dtype,
+                              const double *b, const double *a, int64_t rank, double s, const double *inv,
+                              const int32_t *rec_idx, const void *rec_val, int64_t count, void *stream);
 
 #ifdef __cplusplus
 }

@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
+
 #include "merge_math.h"
 
 #define LOWRANK_STR2(x) #x
@@ -298,6 +300,184 @@ extern "C" int lowrank_cuda_restore(void *w, int64_t rows, int64_t cols, int64_t
       restore_kernel<<<blocks, 256, 0, s>>>((uint16_t *)w, cols, ldw, rec_idx, (const uint16_t *)rec_val, count);
       break;
     default: return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  }
+  cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? LOWRANK_OK : fail(err);
+}
+
+// ---- DoRA merge / unmerge -------------------------------------------------------------------
+// One thread per element, in storage order (coalesced on W); the float64 arithmetic of
+// merge_math.h's dora_*_element with explicit round-to-nearest intrinsics (no fma contraction), so
+// the same bits as the CPU library and the pure-torch path. The merge runs a checking pass first
+// (overflow: the smallest flat index by atomicMin; the record: slots by atomicAdd), reads its
+// verdict on the host, and writes W in a second pass only when both checks pass.
+namespace {
+
+struct DoraParams {
+  void *w;
+  int64_t rows, cols, ld;  // logical rows x cols; ld: the stride of the non-unit dimension
+  bool trans;              // W[i, j] at j * ld + i (a transposed view) instead of i * ld + j
+  const double *b, *a;
+  int64_t rank;
+  double s;
+  const double *scale, *inv;
+  int32_t *rec_idx;
+  void *rec_val;
+  int64_t cap;
+  unsigned long long *count, *bad;
+};
+
+enum { DORA_CHECK = 0, DORA_WRITE = 1, DORA_UNMERGE = 2 };
+
+template <int DT, int MODE, bool RECORD>
+__global__ void dora_kernel(DoraParams p) {
+  using T = typename Bits<DT>::T;
+  const int64_t total = p.rows * p.cols;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t i = p.trans ? e % p.rows : e / p.cols;
+    const int64_t j = p.trans ? e / p.rows : e % p.cols;
+    T *at = (T *)p.w + (p.trans ? j * p.ld + i : i * p.ld + j);
+    double acc = 0.0;
+    for (int64_t t = 0; t < p.rank; ++t) acc = __dadd_rn(acc, __dmul_rn(p.b[i * p.rank + t], p.a[t * p.cols + j]));
+    const uint32_t wb = *at;
+    if (MODE == DORA_UNMERGE) {
+      *at = (T)dora_unmerge_element<DT>(wb, acc, p.s, p.inv[i]);
+      continue;
+    }
+    const uint32_t y = dora_merge_element<DT>(wb, acc, p.s, p.scale[i]);
+    if (MODE == DORA_WRITE) {
+      *at = (T)y;
+      continue;
+    }
+    const unsigned long long idx = (unsigned long long)(i * p.cols + j);
+    if (storage_nonfinite<DT>(y) && !storage_nonfinite<DT>(wb)) atomicMin(p.bad, idx);
+    if (RECORD && dora_unmerge_element<DT>(y, acc, p.s, p.inv[i]) != wb) {
+      const unsigned long long slot = atomicAdd(p.count, 1ull);
+      if ((long long)slot < p.cap) {
+        p.rec_idx[slot] = (int32_t)idx;
+        ((T *)p.rec_val)[slot] = (T)wb;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void dora_restore_kernel(T *w, int64_t cols, int64_t ld, bool trans, const int32_t *idx, const T *val,
+                                    int64_t count) {
+  const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (n < count) {
+    const int64_t i = idx[n] / cols, j = idx[n] % cols;
+    w[trans ? j * ld + i : i * ld + j] = val[n];
+  }
+}
+
+unsigned dora_blocks(int64_t total) { return (unsigned)std::min<int64_t>((total + 255) / 256, 65535 * 16); }
+
+template <int DT, int MODE>
+void dora_launch(const DoraParams &p, cudaStream_t stream) {
+  const unsigned blocks = dora_blocks(p.rows * p.cols);
+  if (MODE == DORA_CHECK && p.rec_idx)
+    dora_kernel<DT, MODE, true><<<blocks, 256, 0, stream>>>(p);
+  else
+    dora_kernel<DT, MODE, false><<<blocks, 256, 0, stream>>>(p);
+}
+
+template <int DT>
+int dora_merge_cuda(DoraParams p, int64_t *rec_count, int64_t *bad_index, cudaStream_t stream) {
+  unsigned long long *scratch = nullptr;  // [count, bad]
+  cudaError_t err = cudaMallocAsync((void **)&scratch, 2 * sizeof(unsigned long long), stream);
+  if (err != cudaSuccess) return fail(err);
+  unsigned long long host[2] = {0ull, ~0ull};
+  cudaMemcpyAsync(scratch, host, sizeof(host), cudaMemcpyHostToDevice, stream);
+  p.count = scratch;
+  p.bad = scratch + 1;
+  dora_launch<DT, DORA_CHECK>(p, stream);
+  cudaMemcpyAsync(host, scratch, sizeof(host), cudaMemcpyDeviceToHost, stream);
+  cudaFreeAsync(scratch, stream);
+  err = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  if (err != cudaSuccess) return fail(err);
+  if (host[1] != ~0ull) {
+    if (bad_index) *bad_index = (int64_t)host[1];
+    return LOWRANK_ERR_OVERFLOW;
+  }
+  if (p.rec_idx) {
+    *rec_count = (int64_t)host[0];
+    if ((int64_t)host[0] > p.cap) return LOWRANK_ERR_CAPACITY;
+  }
+  dora_launch<DT, DORA_WRITE>(p, stream);
+  err = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err == cudaSuccess ? LOWRANK_OK : fail(err);
+}
+
+// The layout checks of lowrank_cpu_dora_merge: rows contiguous (ws1 == 1) or a transposed view (ws0 == 1).
+int dora_layout(int64_t rows, int64_t cols, int64_t ws0, int64_t ws1, bool *trans, int64_t *ld) {
+  if (ws1 == 1 && (rows <= 1 || ws0 >= cols)) {
+    *trans = false;
+    *ld = ws0;
+    return LOWRANK_OK;
+  }
+  if (ws0 == 1 && (cols <= 1 || ws1 >= rows)) {
+    *trans = true;
+    *ld = ws1;
+    return LOWRANK_OK;
+  }
+  return LOWRANK_ERR_INVALID_ARGUMENT;
+}
+
+}  // namespace
+
+extern "C" int lowrank_cuda_dora_merge(void *w, int64_t rows, int64_t cols, int64_t ws0, int64_t ws1, int dtype,
+                                       const double *b, const double *a, int64_t rank, double s,
+                                       const double *scale, const double *inv, int32_t *rec_idx, void *rec_val,
+                                       int64_t rec_capacity, int64_t *rec_count, int64_t *bad_index, void *stream) {
+  if (dtype < LOWRANK_DTYPE_FLOAT32 || dtype > LOWRANK_DTYPE_BFLOAT16) return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  if (rows < 0 || cols < 0) return LOWRANK_ERR_INVALID_ARGUMENT;
+  if (rows == 0 || cols == 0) {
+    if (rec_count) *rec_count = 0;
+    return LOWRANK_OK;
+  }
+  if (rank < 1 || !w || !b || !a || !scale || !inv || !isfinite(s)) return LOWRANK_ERR_INVALID_ARGUMENT;
+  if (rec_idx && (!rec_val || !rec_count || rec_capacity < 0 || rows * cols > INT32_MAX))
+    return LOWRANK_ERR_INVALID_ARGUMENT;
+  bool trans;
+  int64_t ld;
+  if (dora_layout(rows, cols, ws0, ws1, &trans, &ld) != LOWRANK_OK) return LOWRANK_ERR_INVALID_ARGUMENT;
+  DoraParams p{w, rows, cols, ld, trans, b, a, rank, s, scale, inv, rec_idx, rec_val, rec_capacity, nullptr, nullptr};
+  cudaStream_t st = (cudaStream_t)stream;
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32: return dora_merge_cuda<DT_F32>(p, rec_count, bad_index, st);
+    case LOWRANK_DTYPE_FLOAT16: return dora_merge_cuda<DT_F16>(p, rec_count, bad_index, st);
+    default: return dora_merge_cuda<DT_BF16>(p, rec_count, bad_index, st);
+  }
+}
+
+extern "C" int lowrank_cuda_dora_unmerge(void *w, int64_t rows, int64_t cols, int64_t ws0, int64_t ws1, int dtype,
+                                         const double *b, const double *a, int64_t rank, double s, const double *inv,
+                                         const int32_t *rec_idx, const void *rec_val, int64_t count, void *stream) {
+  if (dtype < LOWRANK_DTYPE_FLOAT32 || dtype > LOWRANK_DTYPE_BFLOAT16) return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  if (rows < 0 || cols < 0 || count < 0 || (count > 0 && (!rec_idx || !rec_val))) return LOWRANK_ERR_INVALID_ARGUMENT;
+  if (rows == 0 || cols == 0) return count == 0 ? LOWRANK_OK : LOWRANK_ERR_INVALID_ARGUMENT;
+  if (rank < 1 || !w || !b || !a || !inv || !isfinite(s)) return LOWRANK_ERR_INVALID_ARGUMENT;
+  bool trans;
+  int64_t ld;
+  if (dora_layout(rows, cols, ws0, ws1, &trans, &ld) != LOWRANK_OK) return LOWRANK_ERR_INVALID_ARGUMENT;
+  DoraParams p{w, rows, cols, ld, trans, b, a, rank, s, nullptr, inv, nullptr, nullptr, 0, nullptr, nullptr};
+  cudaStream_t st = (cudaStream_t)stream;
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32: dora_launch<DT_F32, DORA_UNMERGE>(p, st); break;
+    case LOWRANK_DTYPE_FLOAT16: dora_launch<DT_F16, DORA_UNMERGE>(p, st); break;
+    default: dora_launch<DT_BF16, DORA_UNMERGE>(p, st); break;
+  }
+  if (count > 0) {  // the caller checked the indices (lowrank/ops/dora_merge.py): in 0 .. rows * cols - 1
+    const unsigned blocks = (unsigned)((count + 255) / 256);
+    if (dtype == LOWRANK_DTYPE_FLOAT32)
+      dora_restore_kernel<<<blocks, 256, 0, st>>>((uint32_t *)w, cols, ld, trans, rec_idx, (const uint32_t *)rec_val,
+                                                  count);
+    else
+      dora_restore_kernel<<<blocks, 256, 0, st>>>((uint16_t *)w, cols, ld, trans, rec_idx, (const uint16_t *)rec_val,
+                                                  count);
   }
   cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? LOWRANK_OK : fail(err);

@@ -193,6 +193,40 @@ LR_HD uint32_t slow_element(uint32_t wbits, double s, double acc) {
   return double_to_storage<DT>(v);
 }
 
+/* ---- DoRA (lowrank.h, lowrank/ops/dora_merge.py): the torch path's float64 operations ---------- */
+
+/* delta = acc * s; round(scale * (w + delta)): three double roundings, then one to the target. */
+template <int DT>
+LR_HD uint32_t dora_merge_element(uint32_t wbits, double acc, double s, double scale) {
+  double w = storage_to_double<DT>(wbits);
+#ifdef __CUDA_ARCH__
+  double y = __dmul_rn(scale, __dadd_rn(w, __dmul_rn(acc, s)));
+#else
+  double y = scale * (w + acc * s);
+#endif
+  return double_to_storage<DT>(y);
+}
+
+/* round(m * inv - acc * s) */
+template <int DT>
+LR_HD uint32_t dora_unmerge_element(uint32_t mbits, double acc, double s, double inv) {
+  double m = storage_to_double<DT>(mbits);
+#ifdef __CUDA_ARCH__
+  double y = __dsub_rn(__dmul_rn(m, inv), __dmul_rn(acc, s));
+#else
+  double y = m * inv - acc * s;
+#endif
+  return double_to_storage<DT>(y);
+}
+
+/* Inf or NaN in the stored format. */
+template <int DT>
+LR_HD bool storage_nonfinite(uint32_t bits) {
+  if (DT == DT_F32) return (bits & 0x7F800000u) == 0x7F800000u;
+  if (DT == DT_F16) return (bits & 0x7C00u) == 0x7C00u;
+  return (bits & 0x7F80u) == 0x7F80u;
+}
+
 }  // namespace lowrank
 
 #endif /* LOWRANK_MERGE_MATH_H_ */

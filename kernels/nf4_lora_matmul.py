@@ -85,14 +85,14 @@ def _w_tile_aligned(packed_ptr, absmax_ptr, code_ptr, q0, p0, offs_q, offs_p, q_
 
 @triton.jit
 def _nf4_lora_matmul_kernel(
-    a_ptr, packed_ptr, absmax_ptr, code_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
+    a_ptr, packed_ptr, absmax_ptr, code_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, scale_ptr, v_ptr,
     M, P, Q, K_W, lora_scale, q_per_split, m_bucket,
-    stride_am, stride_aq, stride_lm, stride_lr, stride_rr, stride_rp, stride_om, stride_op,
+    stride_am, stride_aq, stride_lm, stride_lr, stride_rr, stride_rp, stride_om, stride_op, stride_vm, stride_vp,
     W_TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr, BLOCKSIZE: tl.constexpr,
     HAS_LORA: tl.constexpr, R_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_Q: tl.constexpr,
+    SPLIT_Q: tl.constexpr, HAS_SCALE: tl.constexpr = False, STORE_V: tl.constexpr = False,
 ):
     """out (M, P) = a (M, Q) @ op(W) (Q, P) + lora_scale * l (M, r) @ r (r, P) + bias (P,).
 
@@ -100,6 +100,12 @@ def _nf4_lora_matmul_kernel(
     Backward: P = K_W, Q = N, op(W)[q, p] = W[q, p]. absmax: decoded fp32 per block.
     SPLIT_Q > 1 (small M): program_id(1) takes q_per_split of Q and atomically adds its fp32
     partial sum into out (an fp32 workspace); split 0 alone adds the LoRA term and the bias.
+    DoRA (HAS_SCALE, scale: fp32 (N,)): forward, out = scale (.) (a @ W.T + lora) + bias, the fp32
+    accumulator scaled per column before the bias, and with STORE_V the pre-scale value written to v
+    too (SPLIT_Q > 1: each split's partial sum scaled before its atomic add, and its pre-scale
+    partial added into v, an fp32 workspace); backward, a = dY is read as dY (.) scale per column,
+    rounded to its dtype as loaded (the torch path's g = dy * scale), never written. Without them
+    the code is compiled out.
     """
     pid_m, pid_p = grouped_pid(M, P, BLOCK_M, BLOCK_P, GROUP_M)
     pid_s = tl.program_id(1)
@@ -117,6 +123,9 @@ def _nf4_lora_matmul_kernel(
         q_ok = offs_q < Q
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_q[None, :] * stride_aq,
                     mask=m_ok[:, None] & q_ok[None, :], other=0.0)
+        if HAS_SCALE and not W_TRANSPOSED:
+            sc = tl.load(scale_ptr + offs_q, mask=q_ok, other=0.0)
+            a = round_to(a.to(tl.float32) * sc[None, :], compute_ty, INTERPRETED)
         if ALIGNED:
             w = _w_tile_aligned(packed_ptr, absmax_ptr, code_ptr, q0, pid_p * BLOCK_P, offs_q, offs_p, q_ok, p_ok, K_W,
                                 W_TRANSPOSED, BLOCKSIZE, BLOCK_Q, BLOCK_P)
@@ -139,6 +148,14 @@ def _nf4_lora_matmul_kernel(
         else:
             lora = tl.dot(ll, rr)
         acc += lora_scale * lora
+    if STORE_V and W_TRANSPOSED:
+        v_ptrs = v_ptr + offs_m[:, None] * stride_vm + offs_p[None, :] * stride_vp
+        if SPLIT_Q > 1:
+            tl.atomic_add(v_ptrs, acc, mask=m_ok[:, None] & p_ok[None, :])
+        else:
+            tl.store(v_ptrs, round_to(acc, v_ptr.dtype.element_ty, INTERPRETED), mask=m_ok[:, None] & p_ok[None, :])
+    if HAS_SCALE and W_TRANSPOSED:
+        acc = acc * tl.load(scale_ptr + offs_p, mask=p_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=p_ok & (pid_s == 0), other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op
@@ -178,7 +195,8 @@ _IEEE_CONFIGS = [
 def _prune_tuned(configs, nargs, **kwargs):
     """The candidates for one launch, held to `_config`'s rules: fp32 operands (IEEE) take their own
     tiles at 2 stages; the unaligned gather tile at BLOCK_Q <= 64 and 2 stages. On sm_80 the gather tile
-    and 4-warp tiles take BLOCK_Q 32: wider ones spill there (bench.static)."""
+    and 4-warp tiles take BLOCK_Q 32: wider ones spill there (bench.static); the 16-bit gather dX tile
+    with DoRA's scaled dY at 128x128 takes BLOCK_Q 16 (`_config`)."""
     out = []
     cap = _capability(nargs, kwargs)
     if kwargs.get("IEEE"):
@@ -191,6 +209,9 @@ def _prune_tuned(configs, nargs, **kwargs):
             kw["BLOCK_Q"], stages = min(kw["BLOCK_Q"], 64), 2
         if cap < 9 and (not kwargs.get("ALIGNED", True) or c.num_warps < 8):
             kw["BLOCK_Q"] = min(kw["BLOCK_Q"], 32)
+        if cap < 9 and _scaled_gather_dx_spills(kw, kwargs.get("ALIGNED", True), bool(kwargs.get("IEEE")),
+                                                bool(kwargs.get("HAS_SCALE")) and not kwargs.get("W_TRANSPOSED")):
+            kw["BLOCK_Q"] = 16
         cfg = triton.Config(kw, num_warps=c.num_warps, num_stages=stages)
         if all(cfg.kwargs != o.kwargs or (cfg.num_warps, cfg.num_stages) != (o.num_warps, o.num_stages) for o in out):
             out.append(cfg)
@@ -198,7 +219,7 @@ def _prune_tuned(configs, nargs, **kwargs):
 
 
 _nf4_lora_matmul_tuned = triton.autotune(
-    configs=_TUNE_CONFIGS, key=["m_bucket", "P", "Q", "W_TRANSPOSED", "ALIGNED", "HAS_LORA"],
+    configs=_TUNE_CONFIGS, key=["m_bucket", "P", "Q", "W_TRANSPOSED", "ALIGNED", "HAS_LORA", "HAS_SCALE"],
     prune_configs_by={"early_config_prune": _prune_tuned}, do_bench=tune_bench)(_nf4_lora_matmul_kernel)
 
 
@@ -221,11 +242,19 @@ def _split_for(tiles: int, q: int, block_q: int, device) -> int:
 HOPPER_SMEM = 232448
 
 
+def _scaled_gather_dx_spills(blocks: dict, aligned: bool, ieee: bool, scaled_dy: bool) -> bool:
+    """Whether an sm_80 tile needs BLOCK_Q 16 for DoRA's scaled dY: the 16-bit gather dX tile at
+    128x128x32 (8 warps, 2 stages) spilled 64 bytes (255 registers) with it, 128x128x16 none (214;
+    `python -m bench.static`, sm_80); every other scaled variant compiles without spills."""
+    return (scaled_dy and not aligned and not ieee and blocks["BLOCK_M"] * blocks["BLOCK_P"] >= 128 * 128
+            and blocks["BLOCK_Q"] > 16)
+
+
 def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligned: bool = True,
-            smem_limit: int = HOPPER_SMEM) -> dict:
+            smem_limit: int = HOPPER_SMEM, scaled_dy: bool = False) -> dict:
     """Tile sizes by M, chosen (before any GPU run) as the largest tiles for which sm_90a ptxas
     reports no register spills in either direction, aligned or gather (`python -m bench.static`);
-    8 warps where 4 spilled."""
+    8 warps where 4 spilled. scaled_dy: the dX direction with DoRA's scale (sm_80 prunes one tile)."""
     if interpret:
         return dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1)
     if m <= 16:
@@ -253,19 +282,29 @@ def _config(m: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, aligne
             cfg["num_stages"] = 2
         if not aligned:
             cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], 32)  # the gather tile spills above 32 on sm_80
+        if _scaled_gather_dx_spills(cfg, aligned, dtype == torch.float32, scaled_dy):
+            cfg["BLOCK_Q"] = 16
     return cfg
 
 
 def nf4_lora_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transposed: bool,
                     lora_l: torch.Tensor | None = None, lora_r: torch.Tensor | None = None,
                     lora_scale: float = 1.0, bias: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, config: dict | None = None,
+                    scale: torch.Tensor | None = None, v_out: torch.Tensor | None = None) -> torch.Tensor:
     """a (M, Q) @ op(deq(W)) + lora_scale * lora_l (M, r) @ lora_r (r, P) + bias, in a's dtype.
 
     transposed=True: op(W) = W.T (the forward, Q = in_features, P = out_features);
     transposed=False: op(W) = W (dX in the backward, Q = out_features, P = in_features).
     absmax: the fp32 (blocks,) decoded block scales (`NF4Weight.block_absmax()`).
     config: tile sizes (BLOCK_M, BLOCK_P, BLOCK_Q, GROUP_M, num_warps, num_stages); default by M.
+
+    DoRA (`lowrank.ops.dora`): scale, a contiguous fp32 (N,) tensor (N = out_features). Forward: the
+    fp32 accumulator is multiplied column by column before the bias, out = scale (.) (a W^T + lora)
+    + bias, rounded once, in the same launch; v_out, an (M, N) tensor in a's dtype (any strides),
+    receives the pre-scale a W^T + lora from the same accumulator (m's gradient needs it). Backward:
+    a (dY) is read as dY (.) scale per column, rounded to a's dtype as it is loaded (what the torch
+    path's g = dy * scale holds), never written. Both None: the plain kernel (the code compiled out).
     """
     n_w, k_w = w.shape
     m, q = a.shape
@@ -273,6 +312,21 @@ def nf4_lora_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transpo
     if q != q_expect:
         raise ValueError(f"nf4_lora_matmul: a has {q} columns, the NF4 weight {tuple(w.shape)} needs {q_expect}")
     check_dtype(a.dtype, "nf4_lora_matmul", "a dtype")
+    if scale is not None:
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(f"nf4_lora_matmul: scale must be a torch.Tensor or None, got {type(scale).__name__}")
+        if tuple(scale.shape) != (n_w,) or scale.dtype != torch.float32 or scale.device != a.device \
+                or scale.stride(0) != 1:
+            raise ValueError(f"nf4_lora_matmul: scale must be a contiguous ({n_w},) float32 tensor on {a.device}, "
+                             f"got {tuple(scale.shape)} {scale.dtype} on {scale.device} "
+                             f"(stride {tuple(scale.stride())})")
+    if v_out is not None:
+        if not transposed or scale is None:
+            raise ValueError("nf4_lora_matmul: v_out is the forward's (transposed=True) pre-scale output: it needs "
+                             "transposed=True and a scale")
+        if tuple(v_out.shape) != (m, p) or v_out.dtype != a.dtype or v_out.device != a.device:
+            raise ValueError(f"nf4_lora_matmul: v_out must be ({m}, {p}) {a.dtype} on {a.device}, got "
+                             f"{tuple(v_out.shape)} {v_out.dtype} on {v_out.device}")
     has_lora = lora_l is not None
     r_pad = 16
     if has_lora:
@@ -294,17 +348,21 @@ def nf4_lora_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transpo
     lora_strides = [lora_l.stride(0), lora_l.stride(1), lora_r.stride(0), lora_r.stride(1)] if has_lora else [0] * 4
     consts = dict(W_TRANSPOSED=transposed, ALIGNED=aligned, BLOCKSIZE=w.blocksize, HAS_LORA=has_lora, R_PAD=r_pad,
                   HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, INTERPRETED=INTERPRET)
+    if scale is not None:  # absent: the kernel's defaults, the plain kernel exactly as before
+        consts.update(HAS_SCALE=True, STORE_V=v_out is not None)
+    dora = [scale if scale is not None else dummy, v_out if v_out is not None else dummy]
+    v_strides = [v_out.stride(0), v_out.stride(1)] if v_out is not None else [0, 0]
     if config is None and m > 16 and AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), 1)
 
         _nf4_lora_matmul_tuned[grid](
-            *args, out, m, p, q, k_w, float(lora_scale), q, m_bucket(m),
-            a.stride(0), a.stride(1), *lora_strides, out.stride(0), out.stride(1), **consts, SPLIT_Q=1)
+            *args, out, *dora, m, p, q, k_w, float(lora_scale), q, m_bucket(m),
+            a.stride(0), a.stride(1), *lora_strides, out.stride(0), out.stride(1), *v_strides, **consts, SPLIT_Q=1)
         return out
     smem = HOPPER_SMEM if INTERPRET else triton.runtime.driver.active.utils.get_device_properties(
         a.device.index)["max_shared_mem"]
-    cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned, smem))
+    cfg = dict(config or _config(m, INTERPRET, a.dtype, aligned, smem, scaled_dy=scale is not None and not transposed))
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"])
     split = cfg.pop("SPLIT_Q", None)
     if split is None:
@@ -312,11 +370,17 @@ def nf4_lora_matmul(a: torch.Tensor, w: NF4Weight, absmax: torch.Tensor, transpo
     q_per_split = triton.cdiv(triton.cdiv(q, split), cfg["BLOCK_Q"]) * cfg["BLOCK_Q"]
     split = triton.cdiv(q, q_per_split)
     target = out if split == 1 else torch.zeros(m, p, dtype=torch.float32, device=a.device)
+    v_target = v_out
+    if split > 1 and v_out is not None:  # the split partial sums of v, added in fp32 as the output's
+        v_target = torch.zeros(m, p, dtype=torch.float32, device=a.device)
+        dora[1], v_strides = v_target, [v_target.stride(0), v_target.stride(1)]
     _nf4_lora_matmul_kernel[(tiles, split)](
-        *args, target, m, p, q, k_w, float(lora_scale), q_per_split, m_bucket(m),
-        a.stride(0), a.stride(1), *lora_strides, target.stride(0), target.stride(1),
+        *args, target, *dora, m, p, q, k_w, float(lora_scale), q_per_split, m_bucket(m),
+        a.stride(0), a.stride(1), *lora_strides, target.stride(0), target.stride(1), *v_strides,
         **consts, SPLIT_Q=split, **cfg,
     )
     if split > 1:
         out.copy_(target)  # the one rounding of the split-Q sum
+        if v_out is not None:
+            v_out.copy_(v_target)
     return out

@@ -24,7 +24,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -187,12 +189,14 @@ def _add_plan(sub) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--variants", type=_positive_int, default=1, help="fine-tuned variants to train and store")
     p.add_argument("--mfu", type=float, default=None, help="assumed utilisation, 0-1 (default: per GPU kind)")
+    p.add_argument("--dora", action="store_true", help="LoRA and QLoRA with DoRA adapters")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="full fine-tuning, LoRA and QLoRA trained on one budget and measured")
-    p.add_argument("--methods", default="full,lora,qlora", help="comma-separated: full, lora, qlora")
+    p.add_argument("--methods", default="full,lora,qlora",
+                   help="comma-separated: full, lora, qlora, dora (LoRA with DoRA adapters), qdora (QLoRA with DoRA)")
     p.add_argument("--rank", type=_positive_int, default=4)
     p.add_argument("--batch", type=_positive_int, default=16)
     p.add_argument("--steps", type=_positive_int, default=120,
@@ -339,7 +343,7 @@ def _lrs(text):
     for item in text.split(","):
         name, _, value = item.partition("=")
         if name.strip() not in compare_job.METHODS:
-            raise ValueError(f"--lr: unknown method {name.strip()!r} (full, lora, qlora)")
+            raise ValueError(f"--lr: unknown method {name.strip()!r} ({', '.join(compare_job.METHODS)})")
         try:
             out[name.strip()] = float(value)
         except ValueError:
@@ -352,7 +356,7 @@ def run_plan(args) -> None:
         model=args.model, method=args.method, rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq,
         gpu=args.gpu, gpu_mem=args.gpu_mem, gpus=args.gpus, optimizer=args.optimizer, grad_ckpt=args.grad_ckpt,
         objective=args.objective, examples=args.examples, tokens_per_example=args.tokens_per_example,
-        epochs=args.epochs, variants=args.variants, precision=args.precision, mfu=args.mfu)
+        epochs=args.epochs, variants=args.variants, precision=args.precision, mfu=args.mfu, dora=args.dora)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
     else:
@@ -449,5 +453,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit with `code`. A worker under torchrun (WORLD_SIZE > 1) whose job has finished, its process
+    group destroyed and its files written, leaves with os._exit after flushing its streams: the
+    interpreter's finalization would tear down gloo's C++ state in an unspecified order, which
+    aborted a worker now and then ("terminate called without an active exception", SIGABRT) after
+    a run that had succeeded, failing the whole torchrun job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry() -> None:
+    """The `lowrank` console script."""
+    _exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

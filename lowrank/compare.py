@@ -41,7 +41,14 @@ from .plan import Setup, arch_of, count, flops_per_token, memory
 from .tensor_memory import TensorMemory
 from .train import encode, progress_bar, read_records
 
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "dora", "qdora")  # dora / qdora: LoRA / QLoRA with DoRA adapters
+DEFAULT_METHODS = ("full", "lora", "qlora")
+NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "qdora": "QLoRA+DoRA"}
+
+
+def _plan_method(method: str) -> tuple[str, bool]:
+    """(the planner's method, DoRA adapters or not) for one of METHODS."""
+    return {"dora": ("lora", True), "qdora": ("qlora", True)}.get(method, (method, False))
 
 # -- the built-in world --------------------------------------------------------------------------
 # Token ids: 0 BOS, 1 SEP, 2-5 task markers, 8.. data symbols.
@@ -160,8 +167,8 @@ def _train_step(model, opt, ids, labels) -> float:
 
 # Learning rates per method: the built-in model's (pretrained at 3e-3), and the usual ones for a
 # pretrained transformers model (LoRA's about 10x full fine-tuning's).
-BUILTIN_LR = {"full": 3e-4, "lora": 1e-3, "qlora": 1e-3}
-MODEL_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+BUILTIN_LR = {"full": 3e-4, "lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "qdora": 1e-3}
+MODEL_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "qdora": 2e-4}
 
 
 def cache_dir() -> str:
@@ -327,8 +334,9 @@ def prepare(model: nn.Module, method: str, rank: int) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        patch_linear(model, rank=rank, quantize="nf4" if method == "qlora" else None,
-                     compute_dtype=torch.float32 if method == "qlora" else None)
+        base, dora = _plan_method(method)
+        patch_linear(model, rank=rank, quantize="nf4" if base == "qlora" else None,
+                     compute_dtype=torch.float32 if base == "qlora" else None, dora=dora)
     return model
 
 
@@ -348,8 +356,10 @@ def run_method(method: str, work: Workload, *, rank: int, batch: int, budget_flo
     trainable, _ = trainable_parameters(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     arch = arch_of(work.config, "compare")
-    counts = count(work.config, arch, rank, "all-linear")
-    step_flops = flops_per_token(arch, counts, method, work.seq, False)["total"] * batch * work.seq
+    base, dora = _plan_method(method)
+    counts = count(work.config, arch, rank, "all-linear", dora=dora)
+    step_flops = flops_per_token(arch, counts, base, work.seq, False, tokens_per_pass=batch * work.seq)["total"] \
+        * batch * work.seq
     steps = None if budget_flops is None else max(3, int(budget_flops // step_flops))
     g = torch.Generator().manual_seed(seed + 7)
     model.train()
@@ -365,7 +375,7 @@ def run_method(method: str, work: Workload, *, rank: int, batch: int, budget_flo
         with TensorMemory([model, opt]) as mem:
             _train_step(model, opt, ids, labels)
         tensor_peak = mem.peak_bytes
-    predicted = memory(arch, counts, Setup(method=method, rank=rank, batch=batch, seq=work.seq, optimizer="adamw",
+    predicted = memory(arch, counts, Setup(method=base, rank=rank, batch=batch, seq=work.seq, optimizer="adamw",
                                            grad_ckpt="off", precision="fp32",
                                            foreach=device == "cuda"), False).peak
     resettable = _rss_peak_reset()
@@ -418,7 +428,7 @@ class Comparison:
                 "reading": self.reading}
 
 
-def compare(methods=METHODS, *, rank: int = 4, batch: int = 16, full_steps: int = 120, budget: str = "flops",
+def compare(methods=DEFAULT_METHODS, *, rank: int = 4, batch: int = 16, full_steps: int = 120, budget: str = "flops",
             seconds: float | None = None, out_dir: str = "lowrank-compare", seed: int = 0, lr: dict | None = None,
             progress: bool = True, workload: Workload | None = None, pretrain_steps: int = 400,
             cache: bool = True, device: str = "cpu") -> Comparison:
@@ -468,7 +478,7 @@ def reading(results: dict, budget: str = "flops") -> str:
     def forgot(r):
         return r.general_loss[1] - r.general_loss[0]
 
-    names = {"lora": "LoRA", "qlora": "QLoRA", "full": "full fine-tuning"}
+    names = NAMES
     full = results.get("full")
     parts = []
     for m, r in results.items():

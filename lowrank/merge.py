@@ -11,8 +11,9 @@ pure-torch fallback). A merged layer keeps the exact-unmerge record packed in it
 of W's, 32% at 30%).
 
 DoRA adapters merge as W <- round(m / ||W + s B A|| (.) (W + s B A)), one rounding, with their own
-exact-unmerge record (`lowrank.ops.dora_merge`: the pure-torch float64 path, CPU or GPU; no native
-kernel yet); the row scale is kept in the `MergeState` (8 bytes per row).
+exact-unmerge record (`lowrank.ops.dora_merge`: float64 arithmetic rounded once, in the native
+library on CPU and CUDA, or its bit-identical pure-torch path); the row scale is kept in the
+`MergeState` (8 bytes per row).
 
 NF4 (QLoRA) layers: `merge_and_unload` dequantizes them and merges there with one rounding
 (optionally quantizing the result back). It dequantizes to the dtype of the weight that was

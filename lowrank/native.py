@@ -20,7 +20,7 @@ import torch
 
 from .dtypes import check_dtype
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
 MANIFEST_NAME = "manifest.json"  # written by setup.py beside the libraries: {file: {size, sha256}}
 
@@ -32,6 +32,7 @@ ERR_CUDA = 3
 ERR_OUT_OF_MEMORY = 4
 ERR_CAPACITY = 5
 ERR_NONFINITE = 6
+ERR_OVERFLOW = 7
 
 _STATUS_NAMES = {
     ERR_INVALID_ARGUMENT: "invalid argument",
@@ -40,6 +41,7 @@ _STATUS_NAMES = {
     ERR_OUT_OF_MEMORY: "out of memory",
     ERR_CAPACITY: "record capacity exceeded",
     ERR_NONFINITE: "a LoRA factor holds NaN or Inf",
+    ERR_OVERFLOW: "a finite weight element would overflow",
 }
 
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -115,8 +117,8 @@ def _load(kind: str):
 
 
 def _declare(lib, kind: str) -> None:
-    """ctypes signatures of the entry points (csrc/lowrank.h): merge, restore, and on the CPU
-    nf4_dequantize, nf4_decode_tile and nf4_matmul."""
+    """ctypes signatures of the entry points (csrc/lowrank.h): merge, restore, dora_merge,
+    dora_unmerge, and on the CPU nf4_dequantize, nf4_decode_tile and nf4_matmul."""
     p, i64, f32p = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
     merge = getattr(lib, f"lowrank_{kind}_merge")
     merge.restype = ctypes.c_int
@@ -135,6 +137,14 @@ def _declare(lib, kind: str) -> None:
         lib.lowrank_cpu_merge_strided.restype = ctypes.c_int
         lib.lowrank_cpu_merge_strided.argtypes = [p, i64, i64, i64, ctypes.c_int, p, i64, i64, p, i64, i64,
                                                   ctypes.c_int, i64, ctypes.c_double, p, p, i64, p]
+    stream = [p] if kind == "cuda" else []
+    dora_merge = getattr(lib, f"lowrank_{kind}_dora_merge")
+    dora_merge.restype = ctypes.c_int
+    dora_merge.argtypes = [p, i64, i64, i64, i64, ctypes.c_int, p, p, i64, ctypes.c_double, p, p, p, p, i64, p,
+                           p] + stream
+    dora_unmerge = getattr(lib, f"lowrank_{kind}_dora_unmerge")
+    dora_unmerge.restype = ctypes.c_int
+    dora_unmerge.argtypes = [p, i64, i64, i64, i64, ctypes.c_int, p, p, i64, ctypes.c_double, p, p, p, i64] + stream
     restore = getattr(lib, f"lowrank_{kind}_restore")
     restore.restype = ctypes.c_int
     restore.argtypes = [p, i64, i64, i64, ctypes.c_int, p, p, i64] + ([p] if kind == "cuda" else [])

@@ -91,6 +91,11 @@ FRAGMENTATION = 0.05
 # QLoRA does LoRA's FLOPs and also decodes every 4-bit weight twice per step (forward, dX): its
 # throughput is taken as this fraction of LoRA's (an assumption until the GPU benchmarks measure it).
 QLORA_THROUGHPUT = 0.8
+# DoRA adds to LoRA's matmuls the row norms (float64, counted in the FLOPs) and a few passes over each
+# adapted layer's (tokens, out) output (the scale, m's gradient). Its throughput is taken as this
+# fraction of LoRA's: our DoRA layer's forward + backward took 1.085x our LoRA layer's on the CPU
+# (bench_dora, 4096 x 4096, 1024 tokens, r=16, fp32, two threads); not yet measured on a GPU.
+DORA_THROUGHPUT = 0.92
 
 
 class PlanError(ValueError):
@@ -199,14 +204,19 @@ class Counts:
     largest_lora_tensor: int    # elements of the largest LoRA factor
     lora_qkv_first_layer: int = 0  # r * in_features summed over the first layer's adapted q, k, v
     trainable_roles: dict = field(default_factory=dict)  # LoRA: which inputs the adapted layers save
+    dora: bool = False          # counted with DoRA adapters (lora includes the magnitude vectors)
+    dora_rows: int = 0          # DoRA: output rows of the adapted layers (magnitude entries, cached norms)
+    dora_in: int = 0            # DoRA: input features of the adapted layers, summed
+    lora_rank: int = 0
 
 
 _ROLES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "c_attn": "qkv", "o_proj": "o",
           "gate_proj": "up", "up_proj": "up", "c_fc": "up", "down_proj": "down"}
 
 
-def count(config, arch: Arch, rank: int, targets, blocksize: int = 64) -> Counts:
-    """Exact counts from the meta-device model, LoRA applied by `patch_linear` as training would."""
+def count(config, arch: Arch, rank: int, targets, blocksize: int = 64, dora: bool = False) -> Counts:
+    """Exact counts from the meta-device model, LoRA applied by `patch_linear` as training would
+    (with `dora`, DoRA adapters: `lora` then includes each layer's magnitude vector)."""
     model = meta_model(config)
     params = _unique_params(model)
     total = sum(p.numel() for p in params)
@@ -225,18 +235,22 @@ def count(config, arch: Arch, rank: int, targets, blocksize: int = 64) -> Counts
         raise PlanError(str(e)) from None
     quantized = sum(m.weight.numel() for _, m, _, _ in chosen)
     nf4 = sum(nf4_nbytes(m.weight.numel(), blocksize) + 256 * 4 for _, m, _, _ in chosen)
-    patch_linear(model, rank=rank, targets=targets)
+    patch_linear(model, rank=rank, targets=targets, dora=dora)
     per_target: dict[str, int] = {}
     lora_mm = 0
     largest_lora = 0
     first_qkv = 0
     roles = {"qkv": False, "o": False, "up": False, "down": False}
+    dora_rows = dora_in = 0
     for path, layer in lora_layers(model):
         name = path.rsplit(".", 1)[-1]
         n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
         largest_lora = max([largest_lora] + [p.numel() for p in layer.parameters() if p.requires_grad])
         per_target[name] = per_target.get(name, 0) + n
-        lora_mm += n
+        rows = sum(m.numel() for m in layer.lora_magnitude_vector.values()) if dora else 0
+        dora_rows += rows
+        dora_in += layer.in_features if dora else 0
+        lora_mm += n - rows  # the factors multiply with each token; the magnitudes scale rows
         if name in _ROLES:
             roles[_ROLES[name]] = True
         if _ROLES.get(name) == "qkv" and ".0." in f".{path}.":  # the first decoder layer's
@@ -256,7 +270,8 @@ def count(config, arch: Arch, rank: int, targets, blocksize: int = 64) -> Counts
                   lora_matmul_per_token=lora_mm, largest_layer=layer_params,
                   largest_tensor=max(p.numel() for p in params), largest_lora_tensor=largest_lora,
                   lora_qkv_first_layer=first_qkv,
-                  trainable_roles=roles)
+                  trainable_roles=roles, dora=dora, dora_rows=dora_rows,
+                  dora_in=dora_in, lora_rank=rank)
 
 
 def _decoder_layers(model: nn.Module):
@@ -316,6 +331,8 @@ def activation_bytes_per_token(arch: Arch, counts: Counts, method: str, b: int, 
             layer += arch.experts * 4 + arch.experts_per_token * h * b  # router logits, dispatched tokens
     if not full:
         layer += b * rank * counts.n_targets // L  # each adapted layer keeps dropout(x) @ A.T
+        if counts.dora:  # and, for m's gradient, its pre-scale output v (tokens x out, compute dtype)
+            layer += b * counts.dora_rows // L
     out = {}
     if checkpointing:
         out["layers"] = L * h * b          # each decoder layer keeps only its input
@@ -382,6 +399,8 @@ def memory(arch: Arch, counts: Counts, s: Setup, checkpointing: bool, shards: in
         first_grad = 0
         casts = trainable * b if b != 4 else 0  # their compute-dtype copies, kept for backward
     static = {"weights": weights, "master weights": master, "optimizer state": int(trainable * state)}
+    if counts.dora and s.method != "full":
+        static["DoRA cached ||W||^2"] = 8 * counts.dora_rows  # float64 per output row of each adapted layer
     if s.foreach:
         opt_temp = int(trainable * temp)
     else:  # one parameter at a time: two temporaries of the largest one (AdamW's sqrt(v) and its update)
@@ -438,11 +457,15 @@ def usable_bytes(gpu: GPU) -> int:
 
 # -- FLOPs and time ------------------------------------------------------------------------------
 
-def flops_per_token(arch: Arch, counts: Counts, method: str, seq: int, checkpointing: bool) -> dict:
+def flops_per_token(arch: Arch, counts: Counts, method: str, seq: int, checkpointing: bool,
+                    tokens_per_pass: int | None = None) -> dict:
     """Training FLOPs per token: 2 per weight a token multiplies with in forward; causal attention
     2*seq*heads*head_dim per layer (QK^T and AV over seq/2 keys on average); backward twice the
     forward for trained weights, once (dX only) for frozen ones, twice for attention; the LoRA
-    factors 2*r*(in+out) forward and twice that backward; checkpointing recomputes the layers' forward."""
+    factors 2*r*(in+out) forward and twice that backward; checkpointing recomputes the layers' forward.
+    DoRA (counts.dora) adds its row norms once per forward pass, whatever the tokens in it: W A^T
+    (2*N*K*r per adapted layer), A A^T (2*r*r*K) and B (A A^T) (2*N*r*r), in float64, spread over
+    `tokens_per_pass` (the micro-batch's tokens) and listed apart as "dora norms"."""
     mm = 2 * counts.matmul_per_token
     attn = 2 * arch.layers * seq * arch.heads * arch.head_dim
     head = 2 * arch.vocab * arch.hidden
@@ -460,7 +483,15 @@ def flops_per_token(arch: Arch, counts: Counts, method: str, seq: int, checkpoin
         if counts.trainable_roles.get("qkv"):
             bwd -= 2 * counts.lora_qkv_first_layer
     recompute = (fwd - head) if checkpointing else 0
-    return {"forward": fwd, "backward": bwd, "recompute": recompute, "total": fwd + bwd + recompute}
+    out = {"forward": fwd, "backward": bwd, "recompute": recompute}
+    if counts.dora and method != "full":
+        if not tokens_per_pass:
+            raise ValueError("flops_per_token: DoRA's row norms need tokens_per_pass (the micro-batch's tokens)")
+        r, passes = counts.lora_rank, 2 if checkpointing else 1
+        norms = 2 * r * counts.quantized + 2 * r * r * (counts.dora_in + counts.dora_rows)
+        out["dora norms"] = passes * norms / tokens_per_pass
+    out["total"] = sum(out.values())
+    return out
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -512,8 +543,10 @@ def plan_method(arch: Arch, counts: Counts, s: Setup, tokens: int, variants: int
     fits = mem.peak <= usable
     max_batch = (usable - mem.fixed) // mem.per_sequence if mem.fixed <= usable else 0
     min_gpus = next((n for n in (1, *range(2, 4097)) if _fit(arch, counts, s, n, usable).peak <= usable), None)
-    fl = flops_per_token(arch, counts, s.method, s.seq, mem.checkpointing)
+    fl = flops_per_token(arch, counts, s.method, s.seq, mem.checkpointing, tokens_per_pass=s.batch * s.seq)
     util = (mfu if mfu is not None else s.gpu.mfu) * (QLORA_THROUGHPUT if s.method == "qlora" else 1.0)
+    if counts.dora and s.method != "full":
+        util *= DORA_THROUGHPUT
     gpu_hours = variants * tokens * fl["total"] / (s.gpu.tflops * 1e12 * util) / 3600
     if s.method == "full":
         artifact = counts.total * 2          # a bf16 safetensors checkpoint per variant
@@ -593,8 +626,10 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int = 16, ta
               batch: int = 4, seq: int = 2048, gpu: str | None = "h100-80gb", gpu_mem: float | None = None,
               gpus: int = 1, optimizer: str = "adamw", grad_ckpt: str = "auto", objective: str = "instruction",
               examples: int = 200_000, tokens_per_example: int | None = None, epochs: float = 1.0,
-              variants: int = 1, precision: str = "bf16-mixed", mfu: float | None = None, config=None) -> Plan:
-    """The whole plan. `config`: a transformers config to use instead of `model` (the name is kept)."""
+              variants: int = 1, precision: str = "bf16-mixed", mfu: float | None = None, config=None,
+              dora: bool = False) -> Plan:
+    """The whole plan. `config`: a transformers config to use instead of `model` (the name is kept).
+    `dora`: LoRA and QLoRA with DoRA adapters (magnitude vectors, row norms, a kept output per layer)."""
     for name, value, choices in (("method", method, (*METHODS, "all")), ("optimizer", optimizer, OPTIMIZERS),
                                  ("grad-ckpt", grad_ckpt, ("auto", "on", "off")), ("objective", objective, OBJECTIVES),
                                  ("precision", precision, PRECISIONS)):
@@ -621,7 +656,7 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int = 16, ta
     if config is None:
         config = load_config(model)
     arch = arch_of(config, model)
-    counts = count(config, arch, rank, targets)
+    counts = count(config, arch, rank, targets, dora=dora)
     tokens = int(examples * (tokens_per_example or seq) * epochs)
     methods = {}
     for m in METHODS:
@@ -645,9 +680,15 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int = 16, ta
         "checkpointing": "Hugging Face's per-decoder-layer gradient checkpointing",
         "qlora": "the adapted layers in NF4 (blocksize 64, double quantization), everything else bf16",
     }
+    if dora:
+        assumptions["dora"] = (f"LoRA and QLoRA with DoRA adapters: + a magnitude entry per output row "
+                               f"({counts.dora_rows:,}), each layer's pre-scale output kept for m's gradient, "
+                               f"float64 row norms every forward pass; throughput x{DORA_THROUGHPUT} of LoRA's "
+                               f"(measured on the CPU, not yet on a GPU)")
     setup_d = dict(model=model, rank=rank, targets=targets if isinstance(targets, str) else list(targets),
                    batch=batch, seq=seq, gpu=g.name, gpu_mem_gib=g.mem_gib, gpus=gpus, optimizer=optimizer,
-                   grad_ckpt=grad_ckpt, objective=objective, examples=examples, epochs=epochs, variants=variants)
+                   grad_ckpt=grad_ckpt, objective=objective, examples=examples, epochs=epochs, variants=variants,
+                   dora=dora)
     return Plan(arch=arch, counts=counts, setup=setup_d, methods=shown, recommendation=rec,
                 assumptions=assumptions, rules=RULES)
 
@@ -666,6 +707,8 @@ RULES = [
     "after the layers: the final norm's fp32 input, and the loss's fp32 log-probabilities (4V per token)",
     "loss backward: two more fp32 vocabulary-sized tensors per token (three in fp32 runs)",
     "FLOPs per token: 2 per multiplied weight forward; backward x2 for trained weights, x1 for frozen ones",
+    "DoRA: + out x b per adapted layer and token (its pre-scale output, for m's gradient), + 8 B per output "
+    "row (the cached float64 ||W||^2); row norms 2r(NK + rK + rN) float64 FLOPs per layer and forward pass",
 ]
 
 
@@ -687,7 +730,9 @@ def render(plan: Plan, console=None) -> None:
             t.add_row(name, f"{v:,}")
     for name, v in c.lora_per_target.items():
         t.add_row(f"LoRA r={plan.setup['rank']} on {name}", f"{v:,}")
-    t.add_row(f"LoRA r={plan.setup['rank']}, {c.n_targets} layers", f"{c.lora:,}")
+    if c.dora:
+        t.add_row(f"DoRA magnitudes ({c.n_targets} layers, in the LoRA counts)", f"{c.dora_rows:,}")
+    t.add_row(f"{'DoRA' if c.dora else 'LoRA'} r={plan.setup['rank']}, {c.n_targets} layers", f"{c.lora:,}")
     t.add_row("QLoRA: the adapted layers in NF4", f"{human_bytes(c.nf4_bytes)}, "
               f"{8 * c.nf4_bytes / max(c.quantized, 1):.4f} bits/param")
     console.print(t)
@@ -698,7 +743,7 @@ def render(plan: Plan, console=None) -> None:
                     f"{plan.setup['seq']} tokens", show_edge=False)
     t.add_column("")
     for m in plan.methods:
-        t.add_column(m, justify="right")
+        t.add_column(f"{m} (DoRA)" if plan.setup.get("dora") and m != "full" else m, justify="right")
     names = []
     for p in plan.methods.values():
         names += [k for k in p.memory.parts if k not in names]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -1048,6 +1049,10 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         return _train(cfg, d, on_step)
     finally:
         if owned and dist.is_initialized():  # the group this call made: gone before the interpreter exits
+            # The job's model, DDP reducer and FSDP2 state sit in reference cycles: collect them now,
+            # while the group and the interpreter are whole, rather than whenever the collector runs
+            # (at exit, gloo's work objects would be torn down after the group).
+            gc.collect()
             with contextlib.suppress(RuntimeError):  # a peer that already failed
                 dist.barrier()  # no process tears down gloo's connections while another still uses them
             dist.destroy_process_group()

@@ -36,3 +36,26 @@ def test_lowrank_bench_runs_python_m_bench_in_the_checkout(monkeypatch, capsys):
     monkeypatch.setattr(cli, "bench_root", lambda: None)
     assert cli.main(["bench", "--quick"]) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+def test_a_torchrun_worker_leaves_with_its_code_and_its_output_flushed(tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) the CLI leaves through os._exit (gloo's teardown at interpreter
+    exit aborted a finished worker now and then): the exit code and everything printed must survive,
+    and a plain process still exits through sys.exit (atexit handlers run)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import atexit, sys\n"
+            "from lowrank.cli import _exit\n"
+            "atexit.register(lambda: sys.stdout.write('atexit ran\\n'))\n"
+            "print('trained', end='')\n"
+            "sys.stderr.write('to stderr')\n"
+            "_exit(3)\n")
+    for world, atexit_ran in (("2", False), ("1", True)):
+        env = {**os.environ, "PYTHONPATH": root, "WORLD_SIZE": world}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=str(tmp_path))
+        assert proc.returncode == 3, (world, proc.stderr)
+        assert proc.stdout.startswith("trained"), (world, proc.stdout)
+        assert proc.stderr.endswith("to stderr"), (world, proc.stderr)
+        assert ("atexit ran" in proc.stdout) == atexit_ran, (world, proc.stdout)

@@ -25,7 +25,8 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     os.environ["LOWRANK_CACHE"] = str(out / "cache")
     try:
-        result = C.compare(rank=4, batch=4, full_steps=6, pretrain_steps=20, out_dir=str(out), progress=False)
+        result = C.compare(C.METHODS, rank=4, batch=4, full_steps=6, pretrain_steps=20, out_dir=str(out),
+                           progress=False)
     finally:
         del os.environ["LOWRANK_CACHE"]
     return out, result
@@ -33,9 +34,9 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_the_table_json_and_curves(tiny_run):
     out, result = tiny_run
-    assert list(result.results) == ["full", "lora", "qlora"]
+    assert list(result.results) == ["full", "lora", "qlora", "dora", "qdora"]
     rows = C.table_rows(result)
-    assert tuple(rows) == C.ROWS and all(len(cells) == 3 for cells in rows.values())
+    assert tuple(rows) == C.ROWS and all(len(cells) == 5 for cells in rows.values())
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"]["lora"]["trainable"] == result.results["lora"].trainable
     assert saved["reading"] == result.reading
@@ -117,9 +118,25 @@ def test_full_fine_tuning_forgets_more_than_lora_on_the_builtin_setting(cache, t
     assert forgot(full) > forgot(lora) > 0, (forgot(full), forgot(lora))
 
 
+def test_dora_methods(tiny_run):
+    """dora / qdora: LoRA / QLoRA with DoRA adapters, on the same FLOP budget (their steps cost the
+    row norms too: no more steps than LoRA's), the magnitudes trained and saved in peft's DoRA format,
+    the plan's memory model within 10% of the measured step (test_plan_predicts_the_measured_peak)."""
+    out, result = tiny_run
+    lora, dora, qdora = (result.results[m] for m in ("lora", "dora", "qdora"))
+    config = json.loads((out / "dora" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    adapter = safetensors.torch.load_file(str(out / "dora" / "adapter_model.safetensors"))
+    mags = [k for k in adapter if k.endswith("lora_magnitude_vector")]
+    assert mags and sum(v.numel() for v in adapter.values()) == dora.trainable == qdora.trainable
+    assert dora.trainable - lora.trainable == sum(adapter[k].numel() for k in mags)
+    assert dora.train_flops / dora.steps > lora.train_flops / lora.steps and dora.steps <= lora.steps
+    assert "DoRA reached" in result.reading and "QLoRA+DoRA reached" in result.reading
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="methods"):
-        C.compare(["dora"], progress=False)
+        C.compare(["vera"], progress=False)
     with pytest.raises(ValueError, match="seconds"):
         C.compare(budget="time", progress=False)
     with pytest.raises(ValueError, match="rank"):
@@ -182,7 +199,7 @@ def test_bad_data_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["compare", "--methods", "dora"], "methods"),
+    (["compare", "--methods", "vera"], "methods"),
     (["compare", "--data", "x.jsonl"], "--model"),
     (["compare", "--lr", "full=fast"], "--lr"),
 ])

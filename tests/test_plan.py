@@ -16,12 +16,13 @@ from lowrank.nf4_linear import NF4Linear
 from lowrank.tensor_memory import TensorMemory
 
 
-def _peft_trainable(config, rank, targets):
+def _peft_trainable(config, rank, targets, dora=False):
     from peft import LoraConfig, get_peft_model
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                  use_dora=dora))
     return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
@@ -64,6 +65,10 @@ def test_counts_equal_the_model_and_peft(preset, rank, targets):
     assert c.lora == _peft_trainable(config, rank, targets)
     if preset == "mixtral-8x7b":
         assert c.experts > 0.9 * c.total - c.embedding - c.lm_head  # the experts are most of the model
+    if preset in ("llama-3-8b", "gpt2"):  # DoRA: + one magnitude per output row, as peft counts them
+        d = P.count(config, arch, rank, targets, dora=True)
+        assert d.lora == _peft_trainable(config, rank, targets, dora=True)
+        assert d.dora_rows == d.lora - c.lora > 0 and d.lora_matmul_per_token == c.lora_matmul_per_token
 
 
 def test_nf4_bytes_are_what_qlora_stores(tmp_path):
@@ -81,12 +86,12 @@ def test_nf4_bytes_are_what_qlora_stores(tmp_path):
 
 # -- memory against measurement ------------------------------------------------------------------
 
-def _measured_step_peak(config, method, dtype, ckpt, batch=4, seq=64, rank=8):
+def _measured_step_peak(config, method, dtype, ckpt, batch=4, seq=64, rank=8, dora=False):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     if method != "full":
         patch_linear(model, rank=rank, quantize="nf4" if method == "qlora" else None,
-                     compute_dtype=dtype if method == "qlora" else None)
+                     compute_dtype=dtype if method == "qlora" else None, dora=dora)
     if ckpt:
         model.gradient_checkpointing_enable()
     model.train()
@@ -106,17 +111,21 @@ def _measured_step_peak(config, method, dtype, ckpt, batch=4, seq=64, rank=8):
 
 MEASURED = [("full", torch.float32, False), ("lora", torch.float32, False), ("qlora", torch.float32, False),
             ("full", torch.float32, True), ("lora", torch.float32, True), ("qlora", torch.float32, True),
-            ("lora", torch.bfloat16, False)]
+            ("lora", torch.bfloat16, False),
+            ("dora", torch.float32, False), ("dora", torch.float32, True), ("qdora", torch.float32, False)]
 
 
 @pytest.mark.parametrize("method, dtype, ckpt", MEASURED, ids=[f"{m}-{str(d)[6:]}-ckpt{int(c)}" for m, d, c in MEASURED])
 def test_memory_model_matches_the_measured_peak(method, dtype, ckpt):
     """The planner's peak for a training step against the live tensor bytes TensorMemory measures
-    on a small Llama (4 layers, hidden 256, GQA): within 10% (measured: 0.1-5.3%)."""
+    on a small Llama (4 layers, hidden 256, GQA): within 10% (measured: 0.1-5.3%). "dora" / "qdora":
+    LoRA / QLoRA with DoRA adapters (each layer's pre-scale output kept for m's gradient)."""
     config = LlamaConfig(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128)
     arch = P.arch_of(config, "small")
-    counts = P.count(config, arch, 8, "all-linear")
+    dora = method in ("dora", "qdora")
+    method = {"dora": "lora", "qdora": "qlora"}.get(method, method)
+    counts = P.count(config, arch, 8, "all-linear", dora=dora)
     setup = P.Setup(method=method, rank=8, batch=4, seq=64, optimizer="adamw", foreach=False,  # torch's CPU default
                     precision="fp32" if dtype == torch.float32 else "bf16-mixed")
     predicted = P.memory(arch, counts, setup, ckpt).peak
@@ -124,7 +133,7 @@ def test_memory_model_matches_the_measured_peak(method, dtype, ckpt):
         # The plan's bf16-mixed LoRA keeps fp32 adapters (peft's default: +2 B each), their fp32 AdamW
         # state (+4 B) and bf16 compute copies (+2 B); this run's adapters are bf16 like its base.
         predicted -= counts.lora * (2 + 4 + 2)
-    measured = _measured_step_peak(config, method, dtype, ckpt)
+    measured = _measured_step_peak(config, method, dtype, ckpt, dora=dora)
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
 
 
@@ -145,17 +154,24 @@ def test_memory_parts_and_sharding_are_consistent():
 
 # -- FLOPs against torch's counter ---------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "dora"])
 def test_matmul_flops_match_torchs_flop_counter(method):
     """Forward plus backward matmul FLOPs (attention excluded: torch counts it without the causal
-    half) equal the model's: 2 per weight forward, x2 backward when trained, x1 when frozen."""
+    half) equal the model's: 2 per weight forward, x2 backward when trained, x1 when frozen; DoRA's
+    row norms once per forward pass."""
     config = LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     arch = P.arch_of(config, "tiny")
-    counts = P.count(config, arch, 4, "all-linear")
+    dora = method == "dora"
+    method = "lora" if dora else method
+    counts = P.count(config, arch, 4, "all-linear", dora=dora)
     model = AutoModelForCausalLM.from_config(config)
     if method == "lora":
-        patch_linear(model, rank=4)
+        patch_linear(model, rank=4, dora=dora)
+        if dora:  # trained factors: the norms' cancellation check then recomputes no row (B = 0 would not test it)
+            torch.manual_seed(1)
+            for _, layer in P.lora_layers(model):
+                torch.nn.init.normal_(layer.lora_B["default"], std=0.02)
     ids = torch.randint(0, 100, (2, 16))
     # torch's counter has no rule for the in-place addmm_ (the LoRA path adds s * T @ B.T into the
     # output with it, and dT @ A into dX): counted as addmm is
@@ -167,9 +183,9 @@ def test_matmul_flops_match_torchs_flop_counter(method):
     by_op = fc.get_flop_counts()["Global"]
     attention = sum(v for k, v in by_op.items() if "attention" in str(k))
     measured = fc.get_total_flops() - attention
-    f = P.flops_per_token(arch, counts, method, 16, False)
+    f = P.flops_per_token(arch, counts, method, 16, False, tokens_per_pass=32)
     attn_model = 2 * arch.layers * 16 * arch.heads * arch.head_dim
-    predicted = (f["forward"] + f["backward"] - 3 * attn_model) * 32
+    predicted = (f["forward"] + f["backward"] + f.get("dora norms", 0) - 3 * attn_model) * 32
     assert measured == predicted
 
 

@@ -41,7 +41,7 @@ def test_16bit_variants_compile_fit_use_wgmma_and_never_spill(low):
     kernels = {(r["kernel"], r["target"]) for r in low}
     for fam in ("_lora_fwd_kernel", "_lora_dx_kernel", "_lora_da_kernel", "_lora_dt_db_kernel", "_lora_shrink_kernel",
                 "_lora_small_m_partial_kernel", "_nf4_lora_matmul_kernel", "_nf4_dequant_kernel", "_sgmv_shrink_kernel",
-                "_sgmv_expand_kernel", "_sgmv_wgrad_kernel"):
+                "_sgmv_expand_kernel", "_sgmv_wgrad_kernel", "_dora_norms_kernel"):
         for target in S.TARGETS:
             assert any(k.endswith(fam) and t == target for k, t in kernels), (fam, target)
     compiled = [r for r in low if not r["pruned"]]

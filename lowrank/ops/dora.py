@@ -26,6 +26,9 @@ whose computed square norm is below 2^26 times that bound (so that its relative 
 2^-26, i.e. the norm's 2^-27, under half an fp32 ulp) is recomputed directly, W_i + s B_i A formed in
 float64 for those rows only (again in blocks of at most `_CHUNK_ELEMENTS`). With trained adapters
 such rows are rare; a row that is exactly zero in W and B (M_i = 0) is exactly zero and needs none.
+On the Triton path W A^T and ||W_i||^2 come from a kernel instead (see the Note: the Triton path),
+with the same float64 accumulation and error bound; the rest (Gram matrix, expansion, the check and
+the direct recompute) is the same float64 torch code on both paths.
 
 # Note: zero norms
 peft 0.21.2 divides m by the norm as is: a zero row (Llama-3.1-8B's o_proj has 511 of them, where
@@ -46,7 +49,7 @@ dropout(x), a second GEMM over W, differentiated by autograd.
 # Note: the Triton path
 Where `backend_for(x)` is "triton" (CUDA tensors, or LOWRANK_BACKEND=triton) and the LoRA kernels
 take the arguments (`lora_matmul.supported`: not float64, rank <= 128, W and bias frozen), without
-dropout, `dora_linear` runs `_DoRATriton`: the norms as above (torch, float64), then ONE fused LoRA
+dropout, `dora_linear` runs `_DoRATriton`: the norms as above, then ONE fused LoRA
 forward launch whose epilogue multiplies the fp32 accumulator by the fp32 scale before the bias
 (`lora_forward(..., scale=, v_out=)`) and, when m needs a gradient, also writes the pre-scale v from
 the same accumulator; the backward kernels read dY (.) scale wherever they read dY (g is never
@@ -55,13 +58,29 @@ there (clamped to the compute dtype's finite range as above, but not rounded to 
 one rounding less than the torch path), y = round(scale (.) v32 + bias) with v32 the fp32
 accumulator. The launches are the custom ops `lowrank::dora_linear_fwd` / `_bwd` (fake
 implementations registered), so torch.compile traces ops, not Triton launches. With dropout, the
-torch path runs (peft's formula needs a second GEMM over W); NF4 bases stay on `nf4_dora_linear`.
+torch path runs (peft's formula needs a second GEMM over W).
+The row norms on that backend (`dora_row_norms` / `weight_row_sq_norms` wherever `backend_for` says
+"triton", dense or NF4 weight, rank <= 128, any path that calls them): W A^T (N, r) and ||W_i||^2 in one
+pass over W by `lowrank.kernels.dora_norms` (float64 products and sums in the kernel; an NF4 weight
+decoded tile by tile in the kernel by the QLoRA matmul's own decoders, rounded to the compute dtype:
+no dense or float64 copy of W), through `_Rows.kernel_proj` and the custom ops `lowrank::dora_norms_dense` /
+`_nf4` (fakes registered); the CPU default stays the torch path.
 
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
-at a time (`_Rows`), and runs the matmuls through `nf4_lora_linear` (tile-by-tile decode).
+at a time (`_Rows`). On the Triton backend without dropout (`_NF4DoRATriton`, the custom ops
+`lowrank::nf4_dora_linear_fwd` / `_bwd`, fake implementations registered) the matmuls run on the
+fused NF4-decode LoRA kernel (`kernels/nf4_lora_matmul.py`) as on dense bases: T = x A^T in x's dtype
+(as the QLoRA op takes it), then ONE fused launch whose epilogue scales the fp32 accumulator by the
+fp32 scale before the bias (`nf4_lora_matmul(..., scale=, v_out=)`, v written when m trains); the
+backward's dX launch reads dY (.) scale as it loads dY, and dT = s dY (scale (.) B), dB = s scale (.)
+(dY^T T) carry the scale on the (N, r) side, so g = dY (.) scale is never written; m's gradient as
+above, in m's own dtype (fp32 master weights). Only the 4-bit storage is saved, never a dense W.
+Otherwise (dropout, or the CPU backend) the matmuls run through `nf4_lora_linear` (tile-by-tile decode)
+and autograd.
 
-Level 2: imports torch, level 0 (nf4_format, backend) and level 2 (lora_matmul's argument checks and kernel
-loader, the QLoRA op); level 1 (the LoRA kernels) only on the Triton path.
+Level 2: imports torch, level 0 (nf4_format, backend, dtypes) and level 2 (lora_matmul's argument checks and
+kernel loader, the QLoRA op and its kernel loader); level 1 (the LoRA and NF4 LoRA kernels, the norms kernel)
+only on the Triton path.
 """
 from __future__ import annotations
 
@@ -72,11 +91,13 @@ import torch
 import torch.nn.functional as F
 
 from lowrank.backend import backend_for
+from lowrank.dtypes import check_dtype
 from lowrank.nf4_format import NF4Weight, nf4_code
 
 from .lora_matmul import (_flat, _kernels, autocast_inputs, check_dropout, check_lora_args, lora_input_grads,
                           supported)
-from .nf4_lora_matmul import nf4_lora_linear
+from .nf4_lora_matmul import _kernels as _nf4_kernels
+from .nf4_lora_matmul import _weight, nf4_lora_linear
 
 _CHUNK_ELEMENTS = 1 << 18  # elements of W converted to float64 at a time (2 MiB)
 _U64 = 2.0 ** -53
@@ -111,6 +132,25 @@ class _Rows:
             self._buf = torch.empty(j - i, self.shape[1], dtype=torch.float64, device=self.device)
         return self._buf[:j - i].copy_(self.weight[i:j].detach())
 
+    def kernel_proj(self, lora_A: torch.Tensor | None, want_sq: bool):
+        """(W A^T (N, r) or None when lora_A is None, ||W_i||^2 (N,) or None unless want_sq), float64,
+        from `lowrank.kernels.dora_norms` in one pass over W (dense, or NF4 decoded in the kernel) where
+        `backend_for` says "triton" and the kernel takes the rank; else None (the torch path)."""
+        if backend_for(self.weight.packed if self.nf4 else self.weight) != "triton":
+            return None
+        from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+        if lora_A is not None and lora_A.shape[0] > dora_norms.MAX_RANK:
+            return None
+        a = None if lora_A is None else lora_A.detach()
+        if self.nf4:
+            w = self.weight
+            p, sq = torch.ops.lowrank.dora_norms_nf4(w.packed, self._absmax, list(self.shape), w.blocksize, self.dtype,
+                                                     a, want_sq)
+        else:
+            p, sq = torch.ops.lowrank.dora_norms_dense(self.weight.detach(), a, want_sq)
+        return (p if lora_A is not None else None), (sq if want_sq else None)
+
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The rows listed in idx as float64 (len(idx), K)."""
         if not self.nf4:
@@ -130,18 +170,76 @@ class _Rows:
         return out.copy_(vals.view(j - i, k))  # the one rounding to the compute dtype
 
 
+# The norms kernel as custom ops (torch.compile sees ops, not Triton launches): (W A^T (N, r), or an empty
+# (N, 0) without lora_A; ||W_i||^2 (N,), or an empty (0,) unless want_sq), float64.
+@torch.library.custom_op("lowrank::dora_norms_dense", mutates_args=())
+def dora_norms_dense(weight: torch.Tensor, lora_A: Optional[torch.Tensor],
+                     want_sq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+    p, sq = dora_norms.weight_lora_proj(weight, lora_A, want_sq)
+    return _proj_outputs(p, sq, weight.shape[0], weight.device)
+
+
+@dora_norms_dense.register_fake
+def _(weight, lora_A, want_sq):
+    return _fake_proj(weight.shape[0], lora_A, want_sq, weight)
+
+
+@torch.library.custom_op("lowrank::dora_norms_nf4", mutates_args=())
+def dora_norms_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: list[int], blocksize: int,
+                   dtype: torch.dtype, lora_A: Optional[torch.Tensor],
+                   want_sq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """absmax: the decoded fp32 block scales (an NF4Weight without double quantization, the same W)."""
+    from lowrank.kernels import dora_norms  # Triton is optional: imported on its path only
+
+    w = NF4Weight(packed=packed, absmax=absmax, shape=tuple(shape), dtype=dtype, blocksize=blocksize)
+    p, sq = dora_norms.nf4_weight_lora_proj(w, lora_A, want_sq, dtype=dtype, absmax=absmax)
+    return _proj_outputs(p, sq, shape[0], packed.device)
+
+
+@dora_norms_nf4.register_fake
+def _(packed, absmax, shape, blocksize, dtype, lora_A, want_sq):
+    return _fake_proj(shape[0], lora_A, want_sq, packed)
+
+
+def _proj_outputs(p, sq, n: int, device):
+    return (torch.empty(n, 0, dtype=torch.float64, device=device) if p is None else p,
+            torch.empty(0, dtype=torch.float64, device=device) if sq is None else sq)
+
+
+def _fake_proj(n: int, lora_A, want_sq: bool, like: torch.Tensor):
+    r = 0 if lora_A is None else lora_A.shape[0]
+    return (like.new_empty((n, r), dtype=torch.float64), like.new_empty((n,) if want_sq else (0,), dtype=torch.float64))
+
+
 @torch.no_grad()
 def weight_row_sq_norms(weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """||W_i||^2 for each row of weight (N, K), float64 (N,), accumulated in float64 in blocks of rows.
     weight: a dense tensor, or an NF4Weight whose rows are decoded to `dtype` (default its own dtype)
-    a block at a time."""
+    a block at a time. Where `backend_for` says "triton": the norms kernel, float64 in one pass over W."""
     rows = _Rows(weight, dtype)
+    proj = rows.kernel_proj(None, want_sq=True)
+    if proj is not None:
+        return proj[1]
     n, k = rows.shape
     out = torch.empty(n, dtype=torch.float64, device=rows.device)
     for i, j in _row_blocks(n, k):
         wc = rows.block(i, j)
         out[i:j] = (wc * wc).sum(1)
     return out
+
+
+def _torch_proj(rows: _Rows, weight, a64: torch.Tensor) -> torch.Tensor:
+    """W A^T (N, r) float64 on the torch path: W's rows converted to float64 a block at a time."""
+    n, k = rows.shape
+    if rows.dtype == torch.float64 and not rows.nf4:
+        return weight.detach() @ a64.t()
+    p = torch.empty(n, a64.shape[0], dtype=torch.float64, device=rows.device)
+    a64t = a64.t().contiguous()  # (K, r): the GEMM reads it faster than a transposed view
+    for i, j in _row_blocks(n, k):
+        torch.mm(rows.block(i, j), a64t, out=p[i:j])
+    return p
 
 
 @torch.no_grad()
@@ -163,14 +261,12 @@ def dora_row_norms(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: 
     s = float(scaling)
     a64 = lora_A.detach().to(torch.float64)  # (r, K)
     b64 = lora_B.detach().to(torch.float64)  # (N, r)
-    w2 = weight_row_sq_norms(weight, dtype) if weight_sq is None else weight_sq
-    if rows.dtype == torch.float64 and not rows.nf4:
-        p = weight.detach() @ a64.t()  # W A^T (N, r)
+    proj = rows.kernel_proj(lora_A, want_sq=weight_sq is None)  # the Triton path: W read once for both
+    if proj is not None:
+        p, w2 = proj[0], (proj[1] if weight_sq is None else weight_sq)
     else:
-        p = torch.empty(n, r, dtype=torch.float64, device=rows.device)
-        a64t = a64.t().contiguous()  # (K, r): the GEMM reads it faster than a transposed view
-        for i, j in _row_blocks(n, k):
-            torch.mm(rows.block(i, j), a64t, out=p[i:j])
+        w2 = weight_row_sq_norms(weight, dtype) if weight_sq is None else weight_sq
+        p = _torch_proj(rows, weight, a64)
     gram = a64 @ a64.t()  # (r, r)
     cross = (b64 * p).sum(1)
     quad = ((b64 @ gram) * b64).sum(1)
@@ -258,13 +354,14 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
 
 def nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling: float, bias=None, dropout: float = 0.0,
                     weight_sq=None):
-    """DoRA over an NF4 (QLoRA) weight: `dora_linear` with W = deq(nf4_weight) in x's dtype, the
-    matmuls through `nf4_lora_linear` (tile-by-tile decode, never a dense W) and the row norms from
-    the 4-bit storage a block of rows at a time (`dora_row_norms`). x: (..., K) in the compute dtype;
-    lora_A, lora_B, magnitude (N,) are used in x's dtype, their gradients come back in their own
-    (fp32 master weights); bias: (N,) or None, frozen; weight_sq: the cached ||W_i||^2 (float64).
-    Differentiable by autograd around the QLoRA op: y = scale (.) v + bias with v = x W^T + s x A^T B^T
-    (mul keeps v for m's gradient); with dropout, peft's formula (see the module's Note)."""
+    """DoRA over an NF4 (QLoRA) weight: `dora_linear` with W = deq(nf4_weight) in x's dtype, never a
+    dense W, the row norms from the 4-bit storage a block of rows at a time (`dora_row_norms`).
+    x: (..., K) in the compute dtype; lora_A, lora_B, magnitude (N,) are used in x's dtype, their
+    gradients come back in their own (fp32 master weights); bias: (N,) or None, frozen; weight_sq:
+    the cached ||W_i||^2 (float64). On the Triton backend without dropout: the fused NF4 kernels with
+    the DoRA epilogue (`_NF4DoRATriton`, the module's NF4 paragraph). Otherwise differentiable by
+    autograd around the QLoRA op: y = scale (.) v + bias with v = x W^T + s x A^T B^T (mul keeps v
+    for m's gradient); with dropout, peft's formula (see the module's Note)."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = x.dtype
         x, lora_A, lora_B, bias, magnitude = autocast_inputs(x, lora_A, lora_B, bias, magnitude)
@@ -280,6 +377,21 @@ def nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling: float, bi
                          f"{tuple(getattr(magnitude, 'shape', ()))}")
     check_dropout(dropout, "nf4_dora_linear")
     s = float(scaling)
+    if dropout == 0.0 and backend_for(x) == "triton":
+        # the QLoRA op's own argument checks, before any work (its Triton path takes what they pass)
+        check_dtype(x.dtype, "nf4_dora_linear", "x dtype")
+        if x.device != nf4_weight.device:
+            raise ValueError(f"nf4_dora_linear: x is on {x.device}, the NF4 weight on {nf4_weight.device}")
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # gradients come back in their own dtype
+        bias = None if bias is None else bias.to(x.dtype)
+        check_lora_args(x, x.new_empty(()).expand(n, k), lora_A, lora_B, bias, where="nf4_dora_linear")
+        norms = dora_row_norms(nf4_weight, lora_A, lora_B, s, weight_sq=weight_sq, dtype=x.dtype)
+        w = nf4_weight
+        args = (x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, lora_A, lora_B, magnitude, bias,
+                s, w.blocksize, w.nested_blocksize, norms)
+        if torch.is_grad_enabled():
+            return _NF4DoRATriton.apply(*args)
+        return _nf4_dora_triton_forward(*args, need_v=False)[0]
     norms = dora_row_norms(nf4_weight, lora_A, lora_B, s, weight_sq=weight_sq, dtype=x.dtype)
     scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
     if dropout == 0.0:
@@ -391,12 +503,18 @@ def _(dy, x, weight, lora_A, lora_B, t, scale, scaling, need_dx):
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+def _fp32_scale(magnitude, norms, dtype: torch.dtype):
+    """(scale = m / n (N,) fp32, clamped to dtype's finite range; 1 / n (N,) float64): the Triton
+    path's scale (the module's Note: the Triton path)."""
+    inv = _inverse(norms)  # (N,) float64
+    big = torch.finfo(dtype).max
+    return (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32), inv
+
+
 def _dora_triton_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling: float, norms, need_v: bool):
     """(y (..., N), T (M, r) fp32, scale (N,) fp32, 1 / n (N,) float64, v (M, N) or None): one fused
     LoRA forward launch with the DoRA epilogue (the module's Note: the Triton path)."""
-    inv = _inverse(norms)  # (N,) float64
-    big = torch.finfo(x.dtype).max
-    scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32)  # (N,)
+    scale, inv = _fp32_scale(magnitude, norms, x.dtype)
     y, t, v = torch.ops.lowrank.dora_linear_fwd(x, weight, lora_A, lora_B, bias, scale, scaling, need_v)
     return y, t, scale, inv, (v if need_v else None)
 
@@ -436,3 +554,115 @@ class _DoRATriton(torch.autograd.Function):
         d_bias = dy2.sum(0) if need_bias else None
         return (dx if need_x else None, None, d_a if need_a else None, d_b if need_b else None, d_m,
                 d_bias, None, None)
+
+
+# -- NF4 bases on the kernels: the fused NF4-decode LoRA matmul with the same epilogue -------------
+@torch.library.custom_op("lowrank::nf4_dora_linear_fwd", mutates_args=())
+def nf4_dora_linear_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                        nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                        offset: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                        bias: Optional[torch.Tensor], scale: torch.Tensor, scaling: float, blocksize: int,
+                        nested_blocksize: int, need_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (..., N), T = x @ A.T (M, r) in x's dtype, v (M, N) in x's dtype or an empty (0,) tensor when
+    need_v is False): T as the QLoRA op takes it, then ONE fused NF4 launch with the DoRA epilogue,
+    scale (N,) fp32."""
+    n, k = lora_B.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, k)  # (M, K)
+    w = _weight(packed, absmax, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # the caller already chose the dtype
+        t = x2 @ lora_A.t()  # (M, r), rounded to x's dtype as the QLoRA op's T
+    has_lora = lora_A.shape[0] > 0 and scaling != 0.0
+    v = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device) if need_v else None
+    y = _nf4_kernels().nf4_lora_matmul(x2, w, w.block_absmax(), True, t if has_lora else None,
+                                       lora_B.t() if has_lora else None, scaling, bias, scale=scale, v_out=v)
+    return y.view(*x.shape[:-1], n), t, (v if need_v else x.new_empty((0,)))
+
+
+@nf4_dora_linear_fwd.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, bias, scale, scaling, blocksize,
+      nested_blocksize, need_v):
+    m, n = math.prod(x.shape[:-1]), lora_B.shape[0]
+    return (x.new_empty((*x.shape[:-1], n)), x.new_empty((m, lora_A.shape[0])),
+            x.new_empty((m, n) if need_v else (0,)))
+
+
+@torch.library.custom_op("lowrank::nf4_dora_linear_bwd", mutates_args=())
+def nf4_dora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                        nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                        offset: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                        t: torch.Tensor, scale: torch.Tensor, scaling: float, blocksize: int, nested_blocksize: int,
+                        need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX shaped like x, or an empty (0,) tensor when need_dx is False; dA; dB) with g = dY (.) scale
+    never written: dT = s dY @ (scale (.) B) and dB = s scale (.) (dY.T @ T) carry the scale on the
+    (N, r) side (each product rounded once from fp32, as g's elements are on the torch path), dA =
+    dT.T @ x, and dX = (dY (.) scale) @ deq(W) + dT @ A in one NF4 launch that scales dY as it
+    loads it."""
+    n, k = lora_B.shape[0], x.shape[-1]
+    dy2 = dy.reshape(-1, n)
+    if not dy2.is_contiguous():
+        dy2 = dy2.contiguous()
+    x2 = x.reshape(-1, k)
+    sc = scale[:, None]  # (N, 1) fp32
+    with torch.autocast(x.device.type, enabled=False):
+        dt = (dy2 @ (lora_B.float() * sc).to(x.dtype)) * scaling  # (M, r)
+        d_b = ((dy2.t() @ t).float() * (sc * scaling)).to(x.dtype)  # (N, r)
+        d_a = dt.t() @ x2
+    if not need_dx:
+        return x.new_empty((0,)), d_a, d_b
+    w = _weight(packed, absmax, nested_absmax, nested_code, offset, n, k, blocksize, nested_blocksize, x.dtype)
+    fuse = lora_A.shape[0] > 0
+    dx = _nf4_kernels().nf4_lora_matmul(dy2, w, w.block_absmax(), False, dt if fuse else None,
+                                        lora_A if fuse else None, 1.0, scale=scale)
+    return dx.view(x.shape), d_a, d_b
+
+
+@nf4_dora_linear_bwd.register_fake
+def _(dy, x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, t, scale, scaling, blocksize,
+      nested_blocksize, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _nf4_dora_triton_forward(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, magnitude,
+                             bias, scaling: float, blocksize: int, nested_blocksize: int, norms, need_v: bool):
+    """(y (..., N), T (M, r), scale (N,) fp32, 1 / n (N,) float64, v (M, N) or None): one fused NF4
+    forward launch with the DoRA epilogue."""
+    scale, inv = _fp32_scale(magnitude, norms, x.dtype)
+    y, t, v = torch.ops.lowrank.nf4_dora_linear_fwd(x, packed, absmax, nested_absmax, nested_code, offset, lora_A,
+                                                    lora_B, bias, scale, scaling, blocksize, nested_blocksize,
+                                                    need_v)
+    return y, t, scale, inv, (v if need_v else None)
+
+
+class _NF4DoRATriton(torch.autograd.Function):
+    """`nf4_dora_linear` on the NF4 kernels, no dropout: the 4-bit storage saved, never a dense W.
+    Backward: `lowrank::nf4_dora_linear_bwd` gives dX, dA, dB from dY (.) scale; dm = (sum over rows
+    of dY (.) v) / n (0 where n == 0), in m's dtype; dbias = sum over rows of dY."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, magnitude, bias,
+                scaling, blocksize, nested_blocksize, norms):
+        need_m = ctx.needs_input_grad[8]
+        y, t, scale, inv, v = _nf4_dora_triton_forward(x, packed, absmax, nested_absmax, nested_code, offset,
+                                                       lora_A, lora_B, magnitude, bias, scaling, blocksize,
+                                                       nested_blocksize, norms, need_v=need_m)
+        ctx.save_for_backward(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, t, scale,
+                              inv if need_m else None, v)
+        ctx.scaling, ctx.blocksize, ctx.nested_blocksize = scaling, blocksize, nested_blocksize
+        ctx.m_dtype = magnitude.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, t, scale, inv, v = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_a, need_b, need_m, need_bias = need[0], need[6], need[7], need[8], need[9]
+        dx, d_a, d_b = torch.ops.lowrank.nf4_dora_linear_bwd(dy, x, packed, absmax, nested_absmax, nested_code,
+                                                             offset, lora_A, lora_B, t, scale, ctx.scaling,
+                                                             ctx.blocksize, ctx.nested_blocksize, need_x)
+        dy2 = _flat(dy)  # (M, N)
+        d_m = _dm_sum(dy2, v).mul_(inv).to(ctx.m_dtype) if need_m else None
+        d_bias = dy2.sum(0) if need_bias else None
+        return (dx if need_x else None, None, None, None, None, None, d_a if need_a else None,
+                d_b if need_b else None, d_m, d_bias, None, None, None, None)
