@@ -211,7 +211,7 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float 
 // even k, plus |s_r| when r is odd: an odd k < r has |s_k| <= (1 + u) |s_{k+1}| + |p_{k+1}|, so
 // sum_k |s_k| <= (2 + u) T + sum_k |p_k| <= (2 + u) T + ||B_i|| ||A_j|| (Cauchy-Schwarz, from the
 // row and column bounds). Tracking every step cost an abs and an add per fma, on the same FP
-// pipes (12 zmm slots per k against the fmas' 8 on Zen 4): every second step halves that, for a
+// pipes (by count, 12 zmm pipe slots per k against the fmas' 8 on Zen 4): every second step halves that, for a
 // bound ~20% looser at r = 64 (a few more elements on the slow path). Same fma sequence as
 // rank_rows4_avx512, so the same acc bits.
 __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_abs(const float *b0, int64_t r, const float *ap,

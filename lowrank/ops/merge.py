@@ -89,8 +89,8 @@ def check_no_overflow(weight, lora_A, lora_B, scaling, where: str) -> None:
         return
     # First the cheapest bound, |scaling| r max|B| max|A| >= |delta_ij| (the maxima are exact, the
     # float64 products round at most 3 times: the 1 + 2^-40 covers them): two reductions over the
-    # factors as they are, ~50x cheaper than the norms below (0.4 ms of a ~5 ms merge + unmerge at
-    # 1024x4096 r=64 on two threads), and enough for every adapter short of extreme.
+    # factors as they are, 0.04-0.1 ms where the norms below took 0.6-2 ms (1024x4096, r 16 / 64,
+    # one thread), and enough for every adapter short of extreme.
     cheap = abs(scaling) * lora_A.shape[0] * float(lora_B.detach().abs().amax()) \
         * float(lora_A.detach().abs().amax()) * (1.0 + 2.0 ** -40)
     if cheap < half_ulp:
@@ -174,8 +174,8 @@ def _record_capacity(weight, lora_A, lora_B, scaling, sample_rows: int = 8) -> i
     (three passes over W instead of one: at a delta of 30% of W's rms, fp16, 16% of the elements
     need a record); too large costs memory only (6 bytes per slot for a 16-bit weight). An
     estimate, not the record: fp32 and 8 rows (32k elements at K = 4096: the fraction's standard
-    error < 0.3%, inside the margin) cost ~0.1 ms where 32 rows in float64 cost 0.5 ms, a tenth
-    of a merge + unmerge at 1024x4096 r=64 on two threads."""
+    error < 0.3%, inside the margin) cost 0.25-0.5 ms where 32 rows in float64 took 1-2.4 ms
+    (1024x4096, r 16 / 64, one thread: a tenth of a merge + unmerge)."""
     n = weight.shape[0]
     rows = torch.linspace(0, n - 1, steps=min(n, sample_rows)).round().long().unique()
     w = weight[rows]
