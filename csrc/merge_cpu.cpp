@@ -104,6 +104,7 @@ struct Args {
   float abs_bound;
   double scale;
   bool record;
+  float inv_c = 0.0f;  // >= 1 / (|scale| (gamma_r (1+u) + u)) (1 + 2^-19): rb * cb * inv_c >= ||B_i|| ||A_j||
 };
 
 // merge_math.h's error_bound with the accumulation term given (ea >= |s| |acc - exact sum| +
@@ -202,12 +203,17 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float 
     _mm512_storeu_ps(acc[3] + j, c3);
   }
 }
-// rank_rows4_avx512 that also sums the magnitudes of the partial sums, sabs = sum_k |s_k| (s_k the
-// accumulator after step k), for the tight bound (merge_tile, bound_from): each fma rounds once, with
-// an error of at most u |s_k| / (1 - u), so the sum's error is at most u sum_k |s_k| / (1 - u),
-// which for terms of random sign grows like r^1.5 rather than the worst case's r^2 (gamma_r times
-// the Cauchy-Schwarz product): about 15x tighter at r = 64, so that many fewer elements leave the
-// fast path. Same fma sequence, so the same acc bits.
+// rank_rows4_avx512 that also sums the magnitudes of every second partial sum, for the tight bound
+// (certify_row_avx512). With s_0 = 0, s_k = fl(s_{k-1} + p_k) (k = 1 .. r, one rounding per fma,
+// p_k exact) the sum's error is at most u sum_{k=1..r} |s_k|, which for terms of random sign grows
+// like r^1.5 rather than the worst case's r^2 (gamma_r times the Cauchy-Schwarz product): about 15x
+// tighter at r = 64, so that many fewer elements leave the fast path. sabs = T = sum of |s_k| over
+// even k, plus |s_r| when r is odd: an odd k < r has |s_k| <= (1 + u) |s_{k+1}| + |p_{k+1}|, so
+// sum_k |s_k| <= (2 + u) T + sum_k |p_k| <= (2 + u) T + ||B_i|| ||A_j|| (Cauchy-Schwarz, from the
+// row and column bounds). Tracking every step cost an abs and an add per fma, on the same FP
+// pipes (by count, 12 zmm pipe slots per k against the fmas' 8 on Zen 4): every second step halves that, for a
+// bound ~20% looser at r = 64 (a few more elements on the slow path). Same fma sequence as
+// rank_rows4_avx512, so the same acc bits.
 __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_abs(const float *b0, int64_t r, const float *ap,
                                                                        int nc, float (*acc)[JT], float (*sabs)[JT]) {
   // two panels (32 columns) at a time: 8 independent fma chains, as rank_rows4_avx512
@@ -216,29 +222,45 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_abs(const fl
     const float *p1 = two ? ap + 16 * r : ap;  // one panel left: compute it twice, store once
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, d0 = c0, d1 = c0, d2 = c0, d3 = c0;
     __m512 s0 = c0, s1 = c0, s2 = c0, s3 = c0, t0 = c0, t1 = c0, t2 = c0, t3 = c0;
-    for (int64_t k = 0; k < r; ++k) {
-      const __m512 x = _mm512_loadu_ps(ap + 16 * k), y = _mm512_loadu_ps(p1 + 16 * k);
-      __m512 c = _mm512_set1_ps(b0[k]);
-      c0 = _mm512_fmadd_ps(c, x, c0);
-      d0 = _mm512_fmadd_ps(c, y, d0);
-      c = _mm512_set1_ps(b0[r + k]);
-      c1 = _mm512_fmadd_ps(c, x, c1);
-      d1 = _mm512_fmadd_ps(c, y, d1);
-      c = _mm512_set1_ps(b0[2 * r + k]);
-      c2 = _mm512_fmadd_ps(c, x, c2);
-      d2 = _mm512_fmadd_ps(c, y, d2);
-      c = _mm512_set1_ps(b0[3 * r + k]);
-      c3 = _mm512_fmadd_ps(c, x, c3);
-      d3 = _mm512_fmadd_ps(c, y, d3);
-      s0 = _mm512_add_ps(s0, _mm512_abs_ps(c0));
-      t0 = _mm512_add_ps(t0, _mm512_abs_ps(d0));
-      s1 = _mm512_add_ps(s1, _mm512_abs_ps(c1));
-      t1 = _mm512_add_ps(t1, _mm512_abs_ps(d1));
-      s2 = _mm512_add_ps(s2, _mm512_abs_ps(c2));
-      t2 = _mm512_add_ps(t2, _mm512_abs_ps(d2));
-      s3 = _mm512_add_ps(s3, _mm512_abs_ps(c3));
-      t3 = _mm512_add_ps(t3, _mm512_abs_ps(d3));
+#define LR_STEP(K)                                                          \
+  do {                                                                      \
+    const __m512 x = _mm512_loadu_ps(ap + 16 * (K)), y = _mm512_loadu_ps(p1 + 16 * (K)); \
+    __m512 c = _mm512_set1_ps(b0[(K)]);                                     \
+    c0 = _mm512_fmadd_ps(c, x, c0);                                         \
+    d0 = _mm512_fmadd_ps(c, y, d0);                                         \
+    c = _mm512_set1_ps(b0[r + (K)]);                                        \
+    c1 = _mm512_fmadd_ps(c, x, c1);                                         \
+    d1 = _mm512_fmadd_ps(c, y, d1);                                         \
+    c = _mm512_set1_ps(b0[2 * r + (K)]);                                    \
+    c2 = _mm512_fmadd_ps(c, x, c2);                                         \
+    d2 = _mm512_fmadd_ps(c, y, d2);                                         \
+    c = _mm512_set1_ps(b0[3 * r + (K)]);                                    \
+    c3 = _mm512_fmadd_ps(c, x, c3);                                         \
+    d3 = _mm512_fmadd_ps(c, y, d3);                                         \
+  } while (0)
+#define LR_TRACK()                                  \
+  do {                                              \
+    s0 = _mm512_add_ps(s0, _mm512_abs_ps(c0));      \
+    t0 = _mm512_add_ps(t0, _mm512_abs_ps(d0));      \
+    s1 = _mm512_add_ps(s1, _mm512_abs_ps(c1));      \
+    t1 = _mm512_add_ps(t1, _mm512_abs_ps(d1));      \
+    s2 = _mm512_add_ps(s2, _mm512_abs_ps(c2));      \
+    t2 = _mm512_add_ps(t2, _mm512_abs_ps(d2));      \
+    s3 = _mm512_add_ps(s3, _mm512_abs_ps(c3));      \
+    t3 = _mm512_add_ps(t3, _mm512_abs_ps(d3));      \
+  } while (0)
+    int64_t k = 0;
+    for (; k + 1 < r; k += 2) {
+      LR_STEP(k);
+      LR_STEP(k + 1);
+      LR_TRACK();  // |s_{k+2}|, k + 2 even (1-based)
     }
+    if (k < r) {  // r odd: the last partial sum is tracked too
+      LR_STEP(k);
+      LR_TRACK();
+    }
+#undef LR_STEP
+#undef LR_TRACK
     _mm512_storeu_ps(acc[0] + j, c0);
     _mm512_storeu_ps(acc[1] + j, c1);
     _mm512_storeu_ps(acc[2] + j, c2);
@@ -365,18 +387,16 @@ static void append_records(const int32_t *flag, int nc, const uint32_t *wb, int3
   out.insert(out.end(), tmp, tmp + cnt);
 }
 
-// The fast path's epilogue for one tile row: v = W + s32 * acc rounded to the target (yb), and
-// per element flag bit 1 when v is not certified (TIGHT: the bound's accumulation term is |s32| u
-// (1 + 1e-4) (|acc| + sabs), the slack covering s32 != s, 1 / (1 - u), sabs's own r roundings
-// (gamma_256 < 2e-5) and this line's; else rb * cb, whose rounding the 2^-18 inflation of rb
-// covers), bit 0 (RECORD) when the round trip does not give W back. Returns the OR of the flags.
-// Inlined into each clone of merge_tile; TIGHT is a template argument so that each loop vectorizes.
-template <int DT, bool RECORD, bool TIGHT>
-__attribute__((always_inline)) inline int32_t certify_row(const float *accq, const float *sq, float s32, float rbi,
-                                                          const float *cbj, float abs_bound, const uint32_t *wb,
-                                                          uint32_t *yb, int32_t *flag, int nc) {
+// The fast path's epilogue for one tile row with the Cauchy-Schwarz bound: v = W + s32 * acc
+// rounded to the target (yb), and per element flag bit 1 when v is not certified (the bound's
+// accumulation term rb * cb, whose rounding the 2^-18 inflation of rb covers), bit 0 (RECORD)
+// when the round trip does not give W back. Returns the OR of the flags. Inlined into each clone
+// of merge_tile. (With AVX-512 and 16-bit weights, certify_row_avx512 below takes the tight bound.)
+template <int DT, bool RECORD>
+__attribute__((always_inline)) inline int32_t certify_row(const float *accq, float s32, float rbi, const float *cbj,
+                                                          float abs_bound, const uint32_t *wb, uint32_t *yb,
+                                                          int32_t *flag, int nc) {
   int32_t any = 0;
-  const float ks = fabsf(s32) * 5.9611e-8f;
 #pragma omp simd reduction(| : any)
   for (int j = 0; j < nc; ++j) {
     const float v = fmaf(s32, accq[j], to_float<DT>(wb[j]));
@@ -385,7 +405,7 @@ __attribute__((always_inline)) inline int32_t certify_row(const float *accq, con
     if (DT == DT_F32) {
       if (RECORD) f = (int32_t)(f2u(fmaf(-s32, accq[j], v)) != wb[j]);
     } else {
-      const float ea = TIGHT ? ks * (fabsf(accq[j]) + sq[j]) : rbi * cbj[j];
+      const float ea = rbi * cbj[j];
       const int32_t ok1 = certified<DT>(v, bound_from(ea, v, abs_bound));
       if (RECORD) {
         const float v2 = fmaf(-s32, accq[j], to_float<DT>(y));
@@ -402,6 +422,95 @@ __attribute__((always_inline)) inline int32_t certify_row(const float *accq, con
   return any;
 }
 
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+// The epilogue with the tight bound for 16-bit weights (AVX-512, after rank_rows4_avx512_abs), 16
+// elements per step, reading and writing W's row directly. Per element: v = W + s32 * acc, the
+// bound's accumulation term ea = |s32| u (1 + 1e-4) (|acc| + 2 T + ||B_i|| ||A_j||) (T = sabs, see
+// rank_rows4_avx512_abs; |acc| covers s32 != s; the slack covers 1 / (1 - u), u T, T's own
+// roundings (gamma_128 < 1e-5) and the few roundings of this sum and the next line's), flag bit 1 when v
+// or (RECORD) the round trip's v2 = round(v) - s32 * acc is not certified, bit 0 (RECORD) when
+// round(v2) is not W. The fp16 widening and rounding are the conversion
+// instructions (vcvtph2ps is exact; vcvtps2ph with nearest-even equals float_to_half_normal on
+// the certified range, and elements outside it are redone by the slow path), the bound's float
+// operations are bound_from's and certified_*'s, one for one (explicit, and the library is built
+// with -ffp-contract=off). (Written as a `TIGHT` variant of certify_row, GCC's vectorization kept
+// the branch-free emulations of the conversions and rematerialized its constants inside the
+// loop: at r = 16 that epilogue cost twice the rank loop.) wb receives the original bits (widened),
+// flag bit 0 / 1 as certify_row's (tail lanes untouched), W the fast path's rounding.
+template <int DT>
+__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __mmask16 certified16(__m512 v, __m512 e) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(u, 23), _mm512_set1_epi32(0xFF));
+  const __m512i low = _mm512_and_si512(u, _mm512_set1_epi32(DT == DT_F16 ? 0x1FFF : 0xFFFF));
+  __m512i d = _mm512_abs_epi32(_mm512_sub_epi32(low, _mm512_set1_epi32(DT == DT_F16 ? 0x1000 : 0x8000)));
+  d = _mm512_min_epi32(d, _mm512_set1_epi32(DT == DT_F16 ? 0x800 : 0x4000));
+  const __m512i exc = _mm512_max_epi32(ex, _mm512_set1_epi32(24));
+  const __m512 ulp = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(exc, _mm512_set1_epi32(23)), 23));
+  const __m512 room = _mm512_mul_ps(_mm512_cvtepi32_ps(d), ulp);
+  const __mmask16 in_range = _mm512_cmpge_epi32_mask(ex, _mm512_set1_epi32(DT == DT_F16 ? 113 : 24)) &
+                             _mm512_cmple_epi32_mask(ex, _mm512_set1_epi32(DT == DT_F16 ? 141 : 253));
+  return _mm512_mask_cmp_ps_mask(in_range, e, room, _CMP_LT_OQ);
+}
+
+// bound_from, 16 lanes: (ea + |v| 6e-8) (1 + 2^-20) + abs_bound, the same roundings.
+__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __m512 bound16(__m512 ea, __m512 v, __m512 ab) {
+  const __m512 e = _mm512_add_ps(ea, _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(6.0e-8f)));
+  return _mm512_add_ps(_mm512_fmadd_ps(e, _mm512_set1_ps(9.5367431640625e-07f), e), ab);
+}
+
+// Nearest-even rounding to the 16-bit target (normal range), results in 16-bit lanes.
+template <int DT>
+__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __m256i round16(__m512 v) {
+  if (DT == DT_F16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(
+      _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
+}
+
+template <int DT>
+__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __m512 widen16(__m256i h) {
+  if (DT == DT_F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int DT, bool RECORD>
+__attribute__((target("arch=x86-64-v4"), noinline)) int32_t certify_row_avx512(const float *accq, const float *sq,
+                                                                              float s32, float rni, const float *cbj,
+                                                                              float abs_bound, uint16_t *wrow,
+                                                                              uint32_t *wb, int32_t *flag, int nc) {
+  const __m512 vs = _mm512_set1_ps(s32), vns = _mm512_set1_ps(-s32);
+  const __m512 vks = _mm512_set1_ps(fabsf(s32) * 5.9611e-8f), vab = _mm512_set1_ps(abs_bound);
+  const __m512 vrn = _mm512_set1_ps(rni);
+  const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
+  __m512i any = _mm512_setzero_si512();
+  for (int j = 0; j < nc; j += 16) {
+    const __mmask16 m = nc - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nc - j)) - 1u);
+    const __m256i w16 = _mm256_maskz_loadu_epi16(m, wrow + j);
+    _mm512_mask_storeu_epi32(wb + j, m, _mm512_cvtepu16_epi32(w16));
+    const __m512 a = _mm512_load_ps(accq + j);
+    const __m512 v = _mm512_fmadd_ps(vs, a, widen16<DT>(w16));
+    const __m256i y = round16<DT>(v);
+    // |acc| + 2 T + ||B_i|| ||A_j|| (rank_rows4_avx512_abs); |acc| covers s32 != s
+    const __m512 t2 = _mm512_add_ps(_mm512_load_ps(sq + j), _mm512_load_ps(sq + j));
+    const __m512 cs = _mm512_mul_ps(vrn, _mm512_maskz_loadu_ps(m, cbj + j));
+    const __m512 ea = _mm512_mul_ps(vks, _mm512_add_ps(_mm512_add_ps(_mm512_abs_ps(a), t2), cs));
+    __mmask16 ok = certified16<DT>(v, bound16(ea, v, vab));
+    __mmask16 rec = 0;
+    if (RECORD) {
+      const __m512 v2 = _mm512_fmadd_ps(vns, a, widen16<DT>(y));
+      ok &= certified16<DT>(v2, bound16(ea, v2, vab));
+      rec = _mm256_cmpneq_epi16_mask(round16<DT>(v2), w16);
+    }
+    _mm256_mask_storeu_epi16(wrow + j, m, y);
+    const __m512i f = _mm512_or_si512(_mm512_maskz_mov_epi32(rec, one), _mm512_maskz_mov_epi32((__mmask16)~ok, two));
+    _mm512_mask_storeu_epi32(flag + j, m, f);
+    any = _mm512_or_si512(any, _mm512_maskz_mov_epi32(m, f));
+  }
+  return _mm512_reduce_or_epi32(any);
+}
+#endif
+
 // One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
 // The epilogue works on 32-bit arrays (widen W, compute, narrow back) under `omp simd`: with the
 // 16-bit loads and stores inside the same loop GCC 12 left it scalar (4x slower at 4096^2 bf16).
@@ -410,15 +519,17 @@ LOWRANK_CLONES
 void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vector<Rec> *out) {
   using T = typename Store<DT>::T;
   alignas(64) float acc[RB][JT];
-  alignas(64) float sabs[RB][JT];  // with the tight bound: sum_k |s_k| per element
+  [[maybe_unused]] alignas(64) float sabs[RB][JT];  // with the tight bound: T (rank_rows4_avx512_abs)
   alignas(64) uint32_t wb[JT], yb[JT];
   alignas(64) int32_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
   for (int j = nc; j < JT; ++j) flag[j] = 0;  // read (then masked off) by flag_masks
   const float s32 = (float)g.scale;
   const int64_t r = g.rank;
-  for (int q = 0; q < RB; ++q)
-    for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
-  bool tight = false;
+  [[maybe_unused]] bool tight = false;  // (set by the AVX-512 kernel only)
+  if (nr != RB || !g.ap) {  // the portable loops accumulate into acc (the panel kernels store it)
+    for (int q = 0; q < RB; ++q)
+      for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
+  }
   if (nr == RB && g.ap) {
 #ifdef LOWRANK_HAVE_AVX2_KERNEL
     if (g_avx512 && DT != DT_F32) {
@@ -464,9 +575,21 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
     const float *cbj = g.cb + j0;
     const float *accq = acc[q];
     const float abs_bound = g.abs_bound;
-    for (int j = 0; j < nc; ++j) wb[j] = wrow[j];
-    int32_t any = tight ? certify_row<DT, RECORD, true>(accq, sabs[q], s32, rbi, cbj, abs_bound, wb, yb, flag, nc)
-                        : certify_row<DT, RECORD, false>(accq, nullptr, s32, rbi, cbj, abs_bound, wb, yb, flag, nc);
+    int32_t any = 0;
+    bool direct = false;  // W's row written by the epilogue (else from yb below)
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+    if constexpr (DT != DT_F32) {
+      if (tight) {
+        any = certify_row_avx512<DT, RECORD>(accq, sabs[q], s32, rbi * g.inv_c, cbj, abs_bound, (uint16_t *)wrow,
+                                             wb, flag, nc);
+        direct = true;
+      }
+    }
+#endif
+    if (!direct) {
+      for (int j = 0; j < nc; ++j) wb[j] = wrow[j];
+      any = certify_row<DT, RECORD>(accq, s32, rbi, cbj, abs_bound, wb, yb, flag, nc);
+    }
     if (any & 2) {
       // Redo in double: ~0.1% of elements for bf16 at r = 16, but ~4.5% for fp16 at r = 64 (the
       // bound grows with r; fp16 midpoints are 8x denser), doubled in exact mode by the round
@@ -483,20 +606,38 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
       const float *bi = g.b + i * r;
       // (Gathering 8 elements' A values per k with AVX2 was 1.4x slower on AMD Zen 4.)
       for (int e = 0; e < m; ++e) dacc[e] = 0.0;
-      for (int64_t k = 0; k < r; ++k) {
-        const double bk = (double)bi[k];
-        const float *ak = g.a + k * g.cols + j0;
-        for (int e = 0; e < m; ++e) dacc[e] += bk * (double)ak[js[e]];
+      if (g.ap) {
+        // A from the panels the rank loop has just read (in cache; an element's r values 64 bytes
+        // apart, one run of lines) rather than from a's rows (r lines cols * 4 bytes apart): at
+        // fp16 r = 64, a delta of 30% of W's rms, this loop was 40% of an unmerge.
+        int off[JT];
+        for (int e = 0; e < m; ++e) off[e] = (js[e] >> 4) * 16 * (int)r + (js[e] & 15);
+        const float *apt = g.ap + j0 * r;
+        for (int64_t k = 0; k < r; ++k) {
+          const double bk = (double)bi[k];
+          const float *ak = apt + 16 * k;
+          for (int e = 0; e < m; ++e) dacc[e] += bk * (double)ak[off[e]];
+        }
+      } else {
+        for (int64_t k = 0; k < r; ++k) {
+          const double bk = (double)bi[k];
+          const float *ak = g.a + k * g.cols + j0;
+          for (int e = 0; e < m; ++e) dacc[e] += bk * (double)ak[js[e]];
+        }
       }
       for (int e = 0; e < m; ++e) {
         const int j = js[e];
         const uint32_t y = slow_element<DT>(wb[j], g.scale, dacc[e]);
         flag[j] = RECORD ? (int32_t)(slow_element<DT>(y, -g.scale, dacc[e]) != wb[j]) : 0;
-        yb[j] = y;
+        if (direct)
+          wrow[j] = (T)y;
+        else
+          yb[j] = y;
         any |= flag[j];
       }
     }
-    for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
+    if (!direct)
+      for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
     if (RECORD && (any & 1)) {
       append_records(flag, nc, wb, (int32_t)(i * g.cols + j0), out[q]);
     }
@@ -613,24 +754,34 @@ static std::vector<float> pack_panels(const Args &g) {
   return ap;
 }
 
-// Which path a 16-bit merge takes: the f64 one (merge_tile_f64) needs AVX-512 and the panels.
-// LOWRANK_MERGE_F64=1 / 0 forces it on / off (tests, benchmarks). Otherwise an exact (recording)
-// merge of fp16 at rank >= 32: measured on two cores, 1024 x 4096, merge + exact unmerge, with the
-// fast path's tight bound, fp16 r = 64 took 31.8 / 35.8 ms on the f64 path against 31.1 / 39.9 ms
-// on the fast path at a delta of 5% / 30% of W's rms (its slow path still takes 0.7% / 2.0% of the
-// elements, twice: merge and round-trip check). At r = 16, for bf16 (8x sparser midpoints) and
-// without a record (one certification per element), the fast path is as fast or faster.
+// Which path a 16-bit merge takes: the f64 one (merge_tile_f64) needs AVX-512 and the panels,
+// and is taken only when LOWRANK_MERGE_F64=1 (tests, benchmarks; =0 or unset: the fast path).
+// It used to be the default for exact fp16 merges at rank >= 32; with the AVX-512 epilogue and
+// the slow path reading the panels, the fast path is faster everywhere measured (one thread,
+// 1024 x 4096, merge + exact unmerge, min of 9: fp16 r = 64 40.5 / 46.2 ms on the fast path
+// against 47.1 / 48.7 ms on the f64 path at a delta of 5% / 30% of W's rms; bf16 and r = 16
+// by more).
 static bool use_f64_path(const Args &g, int dt) {
   if (dt == DT_F32 || !g_avx512 || g.ap == nullptr) return false;
   const char *env = std::getenv("LOWRANK_MERGE_F64");
-  if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
-  return g.record && dt == DT_F16 && g.rank >= 32;
+  return env != nullptr && env[0] == '1';
 }
 
 template <int DT>
 static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t cap, int64_t *count) {
   using T = typename Store<DT>::T;
   Args g = g_in;
+  {
+    // inv_c (Args): 1 / c0 rounded up with a 2^-19 margin for the float products rb * inv_c * cb
+    const double u = 5.9604644775390625e-08, r = (double)g.rank;
+    const double c0 = fabs(g.scale) * (r * u / (1.0 - r * u) * (1.0 + u) + u);
+    if (c0 > 0.0) {
+      const double x = (1.0 / c0) * (1.0 + 1.9073486328125e-06);
+      float f = (float)x;
+      if ((double)f < x) f = nextafterf(f, INFINITY);
+      g.inv_c = f;
+    }
+  }
   std::vector<float> panels;
   if (!g.ap) {
     try {
@@ -831,28 +982,39 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
   const double u = 5.9604644775390625e-08, r = (double)rank;
   const double gamma = r * u / (1.0 - r * u);
   const double c = fabs(scale) * (gamma * (1.0 + u) + u) * (1.0 + 3.814697265625e-06);
-  bool finite = true;
-  for (int64_t i = 0; i < rows; ++i) {
-    double ss = 0.0;
-    for (int64_t k = 0; k < rank; ++k) {
-      const float x = load_factor(b, i * b_s0 + k * b_s1, factor_dtype);
-      b32[i * rank + k] = x;
-      ss += (double)x * x;
+  // (Threaded: serial, the widening and norms were 3% of a merge + unmerge at 1024x4096 r=64. One
+  // parallel region for both loops: on a loaded machine every extra barrier can cost a time slice.)
+  int finite = 1;
+  constexpr int64_t CB = 256;  // columns per block: each thread reads a's rows in runs
+#pragma omp parallel reduction(& : finite)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < rows; ++i) {
+      double ss = 0.0;
+      for (int64_t k = 0; k < rank; ++k) {
+        const float x = load_factor(b, i * b_s0 + k * b_s1, factor_dtype);
+        b32[i * rank + k] = x;
+        ss += (double)x * x;
+      }
+      finite &= isfinite(ss) != 0;
+      rb[i] = round_up_float(c * sqrt(ss));
     }
-    finite &= isfinite(ss) != 0;
-    rb[i] = round_up_float(c * sqrt(ss));
-  }
-  std::vector<double> col_ss((size_t)cols, 0.0);
-  for (int64_t k = 0; k < rank; ++k) {
-    for (int64_t j = 0; j < cols; ++j) {
-      const float x = load_factor(a, k * a_s0 + j * a_s1, factor_dtype);
-      a32[k * cols + j] = x;
-      col_ss[j] += (double)x * x;
+#pragma omp for schedule(static) nowait
+    for (int64_t j0 = 0; j0 < cols; j0 += CB) {
+      const int64_t j1 = std::min(cols, j0 + CB);
+      double col_ss[CB] = {};
+      for (int64_t k = 0; k < rank; ++k) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const float x = load_factor(a, k * a_s0 + j * a_s1, factor_dtype);
+          a32[k * cols + j] = x;
+          col_ss[j - j0] += (double)x * x;
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        finite &= isfinite(col_ss[j - j0]) != 0;
+        cb[j] = round_up_float(sqrt(col_ss[j - j0]));
+      }
     }
-  }
-  for (int64_t j = 0; j < cols; ++j) {
-    finite &= isfinite(col_ss[j]) != 0;
-    cb[j] = round_up_float(sqrt(col_ss[j]));
   }
   if (!finite) return LOWRANK_ERR_NONFINITE;
   const float abs_bound = round_up_float(1.1754943508222875e-38 * std::max(1.0, r * fabs(scale) * 1.01));

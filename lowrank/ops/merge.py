@@ -85,6 +85,16 @@ def check_no_overflow(weight, lora_A, lora_B, scaling, where: str) -> None:
     exact sums are checked in float64, a block of rows at a time."""
     info = torch.finfo(weight.dtype)
     half_ulp = info.eps * info.max / (2.0 * (2.0 - info.eps))  # half the spacing just below max
+    if weight.numel() == 0:
+        return
+    # First the cheapest bound, |scaling| r max|B| max|A| >= |delta_ij| (the maxima are exact, the
+    # float64 products round at most 3 times: the 1 + 2^-40 covers them): two reductions over the
+    # factors as they are, 0.04-0.1 ms where the norms below took 0.6-2 ms (1024x4096, r 16 / 64,
+    # one thread), and enough for every adapter short of extreme.
+    cheap = abs(scaling) * lora_A.shape[0] * float(lora_B.detach().abs().amax()) \
+        * float(lora_A.detach().abs().amax()) * (1.0 + 2.0 ** -40)
+    if cheap < half_ulp:
+        return
     b64, a64 = lora_B.detach().double(), lora_A.detach().double()
     bound = abs(scaling) * float(torch.linalg.vector_norm(b64, dim=1).amax()) \
         * float(torch.linalg.vector_norm(a64, dim=0).amax())
@@ -157,20 +167,23 @@ def _library(weight, lora_A):
     return native.for_device(weight.device) if lora_A.shape[0] <= MAX_RANK else None
 
 
-def _record_capacity(weight, lora_A, lora_B, scaling, sample_rows: int = 32) -> int:
+def _record_capacity(weight, lora_A, lora_B, scaling, sample_rows: int = 8) -> int:
     """How many records to make room for: the fraction of elements a round trip does not restore,
-    measured on `sample_rows` evenly spaced rows (float64 round trip, no random draw), with a
+    measured on `sample_rows` evenly spaced rows (an fp32 round trip, no random draw), with a
     margin. A record buffer too small makes the library undo the merge and the caller redo it
     (three passes over W instead of one: at a delta of 30% of W's rms, fp16, 16% of the elements
-    need a record); too large costs memory only (6 bytes per slot for a 16-bit weight)."""
+    need a record); too large costs memory only (6 bytes per slot for a 16-bit weight). An
+    estimate, not the record: fp32 and 8 rows (32k elements at K = 4096: the fraction's standard
+    error < 0.3%, inside the margin) cost 0.25-0.5 ms where 32 rows in float64 took 1-2.4 ms
+    (1024x4096, r 16 / 64, one thread: a tenth of a merge + unmerge)."""
     n = weight.shape[0]
     rows = torch.linspace(0, n - 1, steps=min(n, sample_rows)).round().long().unique()
     w = weight[rows]
-    delta = float(scaling) * (lora_B[rows].double() @ lora_A.double())
-    merged = (w.double() + delta).to(weight.dtype)
-    back = (merged.double() - delta).to(weight.dtype)
+    delta = float(scaling) * (lora_B[rows].float() @ lora_A.float())
+    merged = (w.float() + delta).to(weight.dtype)
+    back = (merged.float() - delta).to(weight.dtype)
     iv = torch.int32 if weight.element_size() == 4 else torch.int16
-    frac = (back.view(iv) != w.view(iv)).double().mean().item()
+    frac = (back.view(iv) != w.view(iv)).float().mean().item()
     return int(weight.numel() * min(1.0, 1.5 * frac + 0.005)) + 64
 
 
