@@ -93,8 +93,8 @@ FRAGMENTATION = 0.05
 QLORA_THROUGHPUT = 0.8
 # DoRA adds to LoRA's matmuls the row norms (float64, counted in the FLOPs) and a few passes over each
 # adapted layer's (tokens, out) output (the scale, m's gradient). Its throughput is taken as this
-# fraction of LoRA's: our DoRA layer's forward + backward took 1.085x our LoRA layer's on the CPU
-# (bench_dora, 4096 x 4096, 1024 tokens, r=16, fp32, two threads); not yet measured on a GPU.
+# fraction of LoRA's: our DoRA layer's forward + backward took 1.04-1.14x our LoRA layer's in five
+# CPU runs of bench_dora (4096 x 4096, 1024 tokens, r=16, fp32; 2026-12-02); not yet measured on a GPU.
 DORA_THROUGHPUT = 0.92
 
 
