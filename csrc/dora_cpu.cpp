@@ -58,21 +58,6 @@ struct Job {
   const double *inv;    // RECORD: the inverse the unmerge will use
 };
 
-template <int DT>
-struct Store;
-template <>
-struct Store<DT_F32> {
-  using T = uint32_t;
-};
-template <>
-struct Store<DT_F16> {
-  using T = uint16_t;
-};
-template <>
-struct Store<DT_BF16> {
-  using T = uint16_t;
-};
-
 // merge_math.h's double_to_storage, branch-free so that the element loops vectorize (the same bits:
 // tests/test_dora_merge_native.py holds them to the torch path's, NaN, Inf and subnormals included).
 // Round-to-odd from double to float (an inexact even result steps one ulp toward d: +1 on the

@@ -59,21 +59,6 @@ struct Rec {
 };
 
 template <int DT>
-struct Store;
-template <>
-struct Store<DT_F32> {
-  using T = uint32_t;
-};
-template <>
-struct Store<DT_F16> {
-  using T = uint16_t;
-};
-template <>
-struct Store<DT_BF16> {
-  using T = uint16_t;
-};
-
-template <int DT>
 static inline float to_float(uint32_t bits) {
   if (DT == DT_F32) return u2f(bits);
   if (DT == DT_F16) return half_to_float(bits);

@@ -45,21 +45,6 @@ constexpr int TM = TY * RPT;         // 32 rows per block
 constexpr int KC = 16;               // rank chunk staged in shared memory
 
 template <int DT>
-struct Bits;
-template <>
-struct Bits<DT_F32> {
-  using T = uint32_t;
-};
-template <>
-struct Bits<DT_F16> {
-  using T = uint16_t;
-};
-template <>
-struct Bits<DT_BF16> {
-  using T = uint16_t;
-};
-
-template <int DT>
 __device__ __forceinline__ float to_float(uint32_t bits) {
   if (DT == DT_F32) return u2f(bits);
   if (DT == DT_F16) return half_to_float(bits);
@@ -106,7 +91,7 @@ __device__ uint32_t slow(const Params &p, int64_t i, int64_t j, uint32_t wbits, 
 
 template <int DT, bool RECORD>
 __global__ void __launch_bounds__(TX * TY) merge_kernel(Params p, bool vec_ok) {
-  using T = typename Bits<DT>::T;
+  using T = typename Store<DT>::T;
   __shared__ float sA[KC][TN];
   __shared__ float sB[TM][KC + 1];
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * TX + tx;
@@ -246,7 +231,7 @@ int fail(cudaError_t err) {
 
 template <int DT>
 int launch(const Params &p, cudaStream_t stream) {
-  using T = typename Bits<DT>::T;
+  using T = typename Store<DT>::T;
   const bool vec_ok = ((uintptr_t)p.w % 16 == 0) && ((p.ldw * (int64_t)sizeof(T)) % 16 == 0);
   const int64_t gy = (p.rows + TM - 1) / TM;
   if (gy > 65535) return LOWRANK_ERR_INVALID_ARGUMENT;
@@ -331,7 +316,7 @@ enum { DORA_CHECK = 0, DORA_WRITE = 1, DORA_UNMERGE = 2 };
 
 template <int DT, int MODE, bool RECORD>
 __global__ void dora_kernel(DoraParams p) {
-  using T = typename Bits<DT>::T;
+  using T = typename Store<DT>::T;
   const int64_t total = p.rows * p.cols;
   for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t i = p.trans ? e % p.rows : e / p.cols;

@@ -167,6 +167,22 @@ LR_HD uint32_t float_to_half_full(float f) {
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 
+/* The storage word of each dtype code: Store<DT>::T. */
+template <int DT>
+struct Store;
+template <>
+struct Store<DT_F32> {
+  using T = uint32_t;
+};
+template <>
+struct Store<DT_F16> {
+  using T = uint16_t;
+};
+template <>
+struct Store<DT_BF16> {
+  using T = uint16_t;
+};
+
 template <int DT>
 LR_HD double storage_to_double(uint32_t bits) {
   if (DT == DT_F32) return (double)u2f(bits);
