@@ -323,8 +323,9 @@ def _dora_round_trips(quick: bool, device, dev: str, vers: dict, repeat: int | N
 
 
 def main(argv=None) -> None:
-    """python -m bench.bench_merge --dora [--threads N] [--repeat R] [--json PATH]: the DoRA merge round
-    trips alone (`python -m bench.run --only merge` runs everything)."""
+    """python -m bench.bench_merge [--dora | --roundtrip] [--quick] [--threads N] [--repeat R] [--json PATH]:
+    everything, or the DoRA merge round trips alone, or the LoRA ones alone (`python -m bench.run --only
+    merge` runs everything too)."""
     import argparse
     import sys
 
@@ -332,6 +333,9 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--dora", action="store_true", help="only the DoRA merge + unmerge round trips")
+    parser.add_argument("--roundtrip", action="store_true",
+                        help="only the LoRA merge + unmerge round trips (CPU: 1024x4096; without --quick also "
+                             "the q, gate and down shapes)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -343,6 +347,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.dora:
         records = _dora_round_trips(args.quick, device, device_name(device), versions(), args.repeat)
+    elif args.roundtrip:
+        records = _round_trips(args.quick, device, device_name(device), versions())
     else:
         records = run(args.quick, args.device)
     if args.json:

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "merge_math.h"
@@ -51,7 +52,8 @@ namespace {
 #endif
 
 constexpr int RB = 4;    // rows per task: each load of A[k, j] feeds RB fmas
-constexpr int JT = 256;  // columns per task: RB x JT fp32 accumulators = 4 KiB, in L1
+constexpr int JT = 256;  // columns per tile at most: RB x JT fp32 accumulators = 4 KiB, in L1
+constexpr int RT = 32;   // rows per task at most (merge_impl)
 
 struct Rec {
   int32_t idx;
@@ -90,6 +92,7 @@ struct Args {
   double scale;
   bool record;
   float inv_c = 0.0f;  // >= 1 / (|scale| (gamma_r (1+u) + u)) (1 + 2^-19): rb * cb * inv_c >= ||B_i|| ||A_j||
+  bool prefetch = false;  // prefetch each tile's W rows (merge_impl's column-blocked order)
 };
 
 // merge_math.h's error_bound with the accumulation term given (ea >= |s| |acc - exact sum| +
@@ -496,6 +499,19 @@ __attribute__((target("arch=x86-64-v4"), noinline)) int32_t certify_row_avx512(c
 }
 #endif
 
+// Fetch the tile's rows of W (for writing) before its rank loop runs, in merge_impl's column-
+// blocked order: a tile row is then a few cache lines with the next a row stride away, too short
+// a run for the hardware prefetcher, and the epilogue's first load of each line missed to memory
+// (a third of its time). The rank loop's arithmetic covers the latency.
+template <typename T>
+static inline void prefetch_tile(const T *w, int64_t ldw, int nr, int nc) {
+  for (int q = 0; q < nr; ++q) {
+    const char *p = (const char *)(w + q * ldw), *end = (const char *)(w + q * ldw + nc);
+    for (; p < end; p += 64) __builtin_prefetch(p, 1, 3);
+    __builtin_prefetch(end - 1, 1, 3);
+  }
+}
+
 // One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
 // The epilogue works on 32-bit arrays (widen W, compute, narrow back) under `omp simd`: with the
 // 16-bit loads and stores inside the same loop GCC 12 left it scalar (4x slower at 4096^2 bf16).
@@ -511,6 +527,7 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
   const float s32 = (float)g.scale;
   const int64_t r = g.rank;
   [[maybe_unused]] bool tight = false;  // (set by the AVX-512 kernel only)
+  if (g.prefetch) prefetch_tile((const T *)g.w + i0 * g.ldw + j0, g.ldw, nr, nc);
   if (nr != RB || !g.ap) {  // the portable loops accumulate into acc (the panel kernels store it)
     for (int q = 0; q < RB; ++q)
       for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
@@ -685,6 +702,7 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void merge_tile_f64(const Ar
   alignas(64) int32_t flag[JT];
   for (int j = nc; j < JT; ++j) flag[j] = 0;
   const int64_t r = g.rank;
+  if (g.prefetch) prefetch_tile((const T *)g.w + i0 * g.ldw + j0, g.ldw, RB, nc);
   rank_rows4_avx512_f64(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
   const double s = g.scale, ns = -g.scale;
   for (int q = 0; q < RB; ++q) {
@@ -776,15 +794,28 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
     }
     g.ap = panels.empty() ? nullptr : panels.data();
   }
-  // A task is a block of RB rows over all columns; the static schedule gives thread t one
-  // contiguous run of tasks, in thread order. Records go straight into the caller's buffers:
+  // The static schedule gives thread t one contiguous run of tasks (below), in thread order. Records go straight into the caller's buffers:
   // thread t writes its rows' records, in index order, from slot cap * t / nthreads on (what
   // does not fit its share goes to a heap spill), and the shares are then slid together. (The
   // first version appended to growing per-thread vectors and copied them out serially: with
   // their page faults that was half the time of an exact merge at 1024x4096.)
   const bool f64 = use_f64_path(g, DT);
-  const int64_t tasks = (g.rows + RB - 1) / RB;
-  const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), tasks));
+  // A task is RT rows (a multiple of RB) over all columns. When A's panels outgrow L2's share
+  // (over 512 KiB: r = 64 at 4096 columns), the task visits them one column block at a time, so
+  // that the block's panels (jb x r floats, at most 32 KiB) stay in L1 while each RB-row tile of
+  // the task reads them (tasks of RB rows over all columns streamed all of A from L2 for every RB
+  // rows), and each tile's W rows are prefetched (a tile row is then too short a run for the
+  // hardware prefetcher). Smaller A: the whole row, JT columns at a time, as W lies in memory
+  // (blocking there cost 15% at r = 16). A row's records still come out in column order (its
+  // column blocks are visited in order), collected per row and handed out row by row.
+  const int64_t r_ = g.rank;
+  const bool blocked = g.ap && r_ * g.cols * (int64_t)sizeof(float) > (int64_t)(512 << 10);
+  const int64_t jb = blocked ? std::min<int64_t>(JT, std::max<int64_t>(32, (8192 / r_) / 32 * 32)) : g.cols;
+  g.prefetch = blocked;
+  const int maxthr = std::max(1, omp_get_max_threads());
+  const int64_t rt = std::max<int64_t>(RB, std::min<int64_t>(RT, (g.rows / (4 * maxthr)) / RB * RB));
+  const int64_t tasks = (g.rows + rt - 1) / rt;
+  const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(maxthr, tasks));
   std::vector<int64_t> lo(nthreads + 1), got(nthreads, 0);
   for (int t = 0; t <= nthreads; ++t) lo[t] = g.record ? cap * t / nthreads : 0;
   std::vector<std::vector<Rec>> spill(g.record ? nthreads : 0);
@@ -793,34 +824,41 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
 #pragma omp parallel num_threads(nthreads)
   {
     const int me = omp_get_thread_num();
-    std::vector<Rec> rows_out[RB];
+    std::vector<Rec> rows_out[RT];
     int64_t n = 0;  // records found by this thread
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t i0 = t * RB;
-      const int nr = (int)std::min<int64_t>(RB, g.rows - i0);
+      const int64_t r0 = t * rt;
+      const int rn = (int)std::min<int64_t>(rt, g.rows - r0);
       try {
-        for (int64_t j0 = 0; j0 < g.cols; j0 += JT) {
-          const int nc = (int)std::min<int64_t>(JT, g.cols - j0);
+        for (int64_t jb0 = 0; jb0 < g.cols; jb0 += jb) {
+          const int64_t jb1 = std::min(g.cols, jb0 + jb);
+          for (int q0 = 0; q0 < rn; q0 += RB) {
+           for (int64_t j0 = jb0; j0 < jb1; j0 += JT) {
+            const int nc = (int)std::min<int64_t>(JT, jb1 - j0);
+            const int64_t i0 = r0 + q0;
+            const int nr = std::min(RB, rn - q0);
 #ifdef LOWRANK_HAVE_AVX2_KERNEL
-          if constexpr (DT != DT_F32) {
-            if (f64 && nr == RB) {
-              if (g.record)
-                merge_tile_f64<DT, true>(g, i0, j0, nc, rows_out);
-              else
-                merge_tile_f64<DT, false>(g, i0, j0, nc, rows_out);
-              continue;
+            if constexpr (DT != DT_F32) {
+              if (f64 && nr == RB) {
+                if (g.record)
+                  merge_tile_f64<DT, true>(g, i0, j0, nc, rows_out + q0);
+                else
+                  merge_tile_f64<DT, false>(g, i0, j0, nc, rows_out + q0);
+                continue;
+              }
             }
-          }
 #endif
-          if (g.record)
-            merge_tile<DT, true>(g, i0, nr, j0, nc, rows_out);
-          else
-            merge_tile<DT, false>(g, i0, nr, j0, nc, rows_out);
+            if (g.record)
+              merge_tile<DT, true>(g, i0, nr, j0, nc, rows_out + q0);
+            else
+              merge_tile<DT, false>(g, i0, nr, j0, nc, rows_out + q0);
+           }
+          }
         }
         if (g.record) {
           const int64_t room = lo[me + 1] - lo[me];
-          for (int q = 0; q < nr; ++q) {
+          for (int q = 0; q < rn; ++q) {
             for (const Rec &rc : rows_out[q]) {
               if (n < room) {
                 rec_idx[lo[me] + n] = rc.idx;
@@ -928,13 +966,13 @@ static int merge_dispatch(const Args &g, int dtype, int32_t *rec_idx, void *rec_
   }
 }
 
-// Factor element (row-major index via strides) widened to float: exact for all three dtypes.
-static inline float load_factor(const void *p, int64_t off, int dtype) {
-  switch (dtype) {
-    case LOWRANK_DTYPE_FLOAT32: return ((const float *)p)[off];
-    case LOWRANK_DTYPE_FLOAT16: return half_to_float(((const uint16_t *)p)[off]);
-    default: return bf16_to_float(((const uint16_t *)p)[off]);
-  }
+// Factor element `off` (an element index: row-major via the caller's strides) widened to float,
+// exact for all three dtypes; FDT a template parameter so that the widening loops below vectorize.
+template <int FDT>
+static inline float load_factor(const void *p, int64_t off) {
+  if (FDT == DT_F32) return ((const float *)p)[off];
+  if (FDT == DT_F16) return half_to_float(((const uint16_t *)p)[off]);
+  return bf16_to_float(((const uint16_t *)p)[off]);
 }
 
 static inline float round_up_float(double x) {
@@ -968,39 +1006,72 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
   const double gamma = r * u / (1.0 - r * u);
   const double c = fabs(scale) * (gamma * (1.0 + u) + u) * (1.0 + 3.814697265625e-06);
   // (Threaded: serial, the widening and norms were 3% of a merge + unmerge at 1024x4096 r=64. One
-  // parallel region for both loops: on a loaded machine every extra barrier can cost a time slice.)
+  // parallel region for both loops: on a loaded machine every extra barrier can cost a time slice.
+  // Templated on the factor dtype, with the unit-stride case apart, so that the loops vectorize:
+  // with a per-element dtype switch they were 7% of an exact merge + unmerge at 1024x4096 r=64.)
   int finite = 1;
-  constexpr int64_t CB = 256;  // columns per block: each thread reads a's rows in runs
+  auto widen = [&](auto fdt) {
+    constexpr int FDT = decltype(fdt)::value;
+    constexpr int64_t CB = 256;  // columns per block: each thread reads a's rows in runs
 #pragma omp parallel reduction(& : finite)
-  {
+    {
 #pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < rows; ++i) {
-      double ss = 0.0;
-      for (int64_t k = 0; k < rank; ++k) {
-        const float x = load_factor(b, i * b_s0 + k * b_s1, factor_dtype);
-        b32[i * rank + k] = x;
-        ss += (double)x * x;
+      for (int64_t i = 0; i < rows; ++i) {
+        double ss = 0.0;
+        float *dst = b32.data() + i * rank;
+        if (b_s1 == 1) {
+          const int64_t base = i * b_s0;
+#pragma omp simd reduction(+ : ss)
+          for (int64_t k = 0; k < rank; ++k) {
+            const float x = load_factor<FDT>(b, base + k);
+            dst[k] = x;
+            ss += (double)x * x;
+          }
+        } else {
+          for (int64_t k = 0; k < rank; ++k) {
+            const float x = load_factor<FDT>(b, i * b_s0 + k * b_s1);
+            dst[k] = x;
+            ss += (double)x * x;
+          }
+        }
+        finite &= isfinite(ss) != 0;
+        rb[i] = round_up_float(c * sqrt(ss));
       }
-      finite &= isfinite(ss) != 0;
-      rb[i] = round_up_float(c * sqrt(ss));
-    }
 #pragma omp for schedule(static) nowait
-    for (int64_t j0 = 0; j0 < cols; j0 += CB) {
-      const int64_t j1 = std::min(cols, j0 + CB);
-      double col_ss[CB] = {};
-      for (int64_t k = 0; k < rank; ++k) {
-        for (int64_t j = j0; j < j1; ++j) {
-          const float x = load_factor(a, k * a_s0 + j * a_s1, factor_dtype);
-          a32[k * cols + j] = x;
-          col_ss[j - j0] += (double)x * x;
+      for (int64_t j0 = 0; j0 < cols; j0 += CB) {
+        const int64_t nj = std::min(cols, j0 + CB) - j0;
+        double col_ss[CB] = {};
+        for (int64_t k = 0; k < rank; ++k) {
+          float *dst = a32.data() + k * cols + j0;
+          if (a_s1 == 1) {
+            const int64_t base = k * a_s0 + j0;
+#pragma omp simd
+            for (int64_t j = 0; j < nj; ++j) {
+              const float x = load_factor<FDT>(a, base + j);
+              dst[j] = x;
+              col_ss[j] += (double)x * x;
+            }
+          } else {
+            for (int64_t j = 0; j < nj; ++j) {
+              const float x = load_factor<FDT>(a, k * a_s0 + (j0 + j) * a_s1);
+              dst[j] = x;
+              col_ss[j] += (double)x * x;
+            }
+          }
+        }
+        for (int64_t j = 0; j < nj; ++j) {
+          finite &= isfinite(col_ss[j]) != 0;
+          cb[j0 + j] = round_up_float(sqrt(col_ss[j]));
         }
       }
-      for (int64_t j = j0; j < j1; ++j) {
-        finite &= isfinite(col_ss[j - j0]) != 0;
-        cb[j] = round_up_float(sqrt(col_ss[j - j0]));
-      }
     }
-  }
+  };
+  if (factor_dtype == LOWRANK_DTYPE_FLOAT32)
+    widen(std::integral_constant<int, DT_F32>{});
+  else if (factor_dtype == LOWRANK_DTYPE_FLOAT16)
+    widen(std::integral_constant<int, DT_F16>{});
+  else
+    widen(std::integral_constant<int, DT_BF16>{});
   if (!finite) return LOWRANK_ERR_NONFINITE;
   const float abs_bound = round_up_float(1.1754943508222875e-38 * std::max(1.0, r * fabs(scale) * 1.01));
   if (ldw < cols || !w) return LOWRANK_ERR_INVALID_ARGUMENT;

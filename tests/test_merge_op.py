@@ -162,6 +162,19 @@ def test_merge_odd_shapes_and_max_rank(shape, dtype):
     run_merge_unmerge(n, k, r, dtype, 2.0, 0, True, seed=n * k + r)
 
 
+@needs_cpu_lib
+@pytest.mark.parametrize("f64", [False, True], ids=["fast", "f64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(70, 2100, 64), (21, 600, 256)], ids=str)
+def test_merge_column_blocked_order(shape, dtype, f64):
+    """A's panels over 512 KiB (r x K x 4 bytes): the library visits each task's rows one column
+    block at a time (32-128 columns, the last one partial; 21 rows leave a tail of one) and
+    prefetches W. Same oracle, the same exact records in index order, on both paths."""
+    n, k, r = shape
+    with merge_path(f64):
+        run_merge_unmerge(n, k, r, dtype, 2.0, 3, True, seed=n + k + r, mag=1.0)
+
+
 @pytest.mark.parametrize("backend", [pytest.param("library", marks=needs_cpu_lib),
                                      pytest.param("library-f64", marks=needs_cpu_lib), "fallback"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
