@@ -89,7 +89,8 @@ int lowrank_cpu_nf4_matmul(const void *x, int64_t m, const uint8_t *packed, cons
  * CPU: records come sorted by index. When more than rec_capacity elements need one, W is left
  * unchanged (bit for bit), *rec_count is set to the number needed and LOWRANK_ERR_CAPACITY is
  * returned: call again with that capacity. The whole buffer is scratch during the call (each
- * thread writes into its share of it), not only its first *rec_count entries.
+ * thread writes into its share of it), not only its first *rec_count entries. A failed allocation
+ * returns LOWRANK_ERR_OUT_OF_MEMORY, with W unchanged bit for bit as well.
  * CUDA: rec_count points to a device int64 that must be zero on entry; it receives the number of
  * records (in no particular order). On overflow W is merged and the record incomplete, so callers
  * pass rec_capacity >= rows * cols (lowrank/ops/merge.py launches blocks of rows to bound that).

@@ -93,6 +93,8 @@ struct Args {
   bool record;
   float inv_c = 0.0f;  // >= 1 / (|scale| (gamma_r (1+u) + u)) (1 + 2^-19): rb * cb * inv_c >= ||B_i|| ||A_j||
   bool prefetch = false;  // prefetch each tile's W rows (merge_impl's column-blocked order)
+  int64_t rt = 0;                 // rows per task (0: merge_impl chooses)
+  const uint8_t *only = nullptr;  // with rt: run only the tasks t with only[t] != 0 (an undo)
 };
 
 // merge_math.h's error_bound with the accumulation term given (ea >= |s| |acc - exact sum| +
@@ -813,12 +815,72 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
   const int64_t jb = blocked ? std::min<int64_t>(JT, std::max<int64_t>(32, (8192 / r_) / 32 * 32)) : g.cols;
   g.prefetch = blocked;
   const int maxthr = std::max(1, omp_get_max_threads());
-  const int64_t rt = std::max<int64_t>(RB, std::min<int64_t>(RT, (g.rows / (4 * maxthr)) / RB * RB));
+  const int64_t rt = g.rt ? g.rt : std::max<int64_t>(RB, std::min<int64_t>(RT, (g.rows / (4 * maxthr)) / RB * RB));
   const int64_t tasks = (g.rows + rt - 1) / rt;
   const int nthreads = (int)std::max<int64_t>(1, std::min<int64_t>(maxthr, tasks));
-  std::vector<int64_t> lo(nthreads + 1), got(nthreads, 0);
-  for (int t = 0; t <= nthreads; ++t) lo[t] = g.record ? cap * t / nthreads : 0;
-  std::vector<std::vector<Rec>> spill(g.record ? nthreads : 0);
+  // One task's tiles: RB-row tiles over each column block in turn (one block: the whole row).
+  auto run_task = [&](const Args &ga, int64_t t, std::vector<Rec> *outs) {
+    const int64_t r0 = t * rt;
+    const int rn = (int)std::min<int64_t>(rt, ga.rows - r0);
+    for (int64_t jb0 = 0; jb0 < ga.cols; jb0 += jb) {
+      const int64_t jb1 = std::min(ga.cols, jb0 + jb);
+      for (int q0 = 0; q0 < rn; q0 += RB) {
+        for (int64_t j0 = jb0; j0 < jb1; j0 += JT) {
+          const int nc = (int)std::min<int64_t>(JT, jb1 - j0);
+          const int64_t i0 = r0 + q0;
+          const int nr = std::min(RB, rn - q0);
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+          if constexpr (DT != DT_F32) {
+            if (f64 && nr == RB) {
+              if (ga.record)
+                merge_tile_f64<DT, true>(ga, i0, j0, nc, outs + q0);
+              else
+                merge_tile_f64<DT, false>(ga, i0, j0, nc, outs + q0);
+              continue;
+            }
+          }
+#endif
+          if (ga.record)
+            merge_tile<DT, true>(ga, i0, nr, j0, nc, outs + q0);
+          else
+            merge_tile<DT, false>(ga, i0, nr, j0, nc, outs + q0);
+        }
+      }
+    }
+  };
+  if (!g.record) {  // no allocation from here on: an undo (below) runs this way
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t t = 0; t < tasks; ++t)
+      if (!g.only || g.only[t]) run_task(g, t, nullptr);
+    return LOWRANK_OK;
+  }
+  // With a record, a failed allocation must leave W as it was. Each row's record list is reserved
+  // to a full row before the task writes W (merge_tile then appends without allocating), so only
+  // a spill push, after the task's W rows are merged, can still fail: that task is then unmerged
+  // and restored from its lists at once, and `done` tells the final undo which tasks to reverse.
+  // LOWRANK_TEST_OOM_AFTER=n (tests) makes the n-th of these allocations (0-based) fail.
+  std::vector<int64_t> lo, got;
+  std::vector<std::vector<Rec>> spill;
+  std::vector<uint8_t> done;
+  try {
+    lo.resize(nthreads + 1);
+    got.assign(nthreads, 0);
+    spill.resize(nthreads);
+    done.assign(tasks, 0);
+  } catch (const std::bad_alloc &) {
+    return LOWRANK_ERR_OUT_OF_MEMORY;
+  }
+  for (int t = 0; t <= nthreads; ++t) lo[t] = cap * t / nthreads;
+  const char *fail_env = std::getenv("LOWRANK_TEST_OOM_AFTER");
+  const long fail_at = fail_env ? std::atol(fail_env) : -1;
+  long allocs = 0;
+  auto may_fail = [&]() {
+    if (fail_at < 0) return;
+    long k;
+#pragma omp atomic capture
+    k = allocs++;
+    if (k == fail_at) throw std::bad_alloc();
+  };
   T *vals = (T *)rec_val;
   bool oom = false;
 #pragma omp parallel num_threads(nthreads)
@@ -828,57 +890,49 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
     int64_t n = 0;  // records found by this thread
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t r0 = t * rt;
-      const int rn = (int)std::min<int64_t>(rt, g.rows - r0);
+      const int rn = (int)std::min<int64_t>(rt, g.rows - t * rt);
+      const int64_t n0 = n;
+      const size_t spilled0 = spill[me].size();
+      bool wrote = false;
       try {
-        for (int64_t jb0 = 0; jb0 < g.cols; jb0 += jb) {
-          const int64_t jb1 = std::min(g.cols, jb0 + jb);
-          for (int q0 = 0; q0 < rn; q0 += RB) {
-           for (int64_t j0 = jb0; j0 < jb1; j0 += JT) {
-            const int nc = (int)std::min<int64_t>(JT, jb1 - j0);
-            const int64_t i0 = r0 + q0;
-            const int nr = std::min(RB, rn - q0);
-#ifdef LOWRANK_HAVE_AVX2_KERNEL
-            if constexpr (DT != DT_F32) {
-              if (f64 && nr == RB) {
-                if (g.record)
-                  merge_tile_f64<DT, true>(g, i0, j0, nc, rows_out + q0);
-                else
-                  merge_tile_f64<DT, false>(g, i0, j0, nc, rows_out + q0);
-                continue;
-              }
+        for (int q = 0; q < rn; ++q) {
+          may_fail();
+          rows_out[q].reserve((size_t)g.cols);
+        }
+        wrote = true;
+        run_task(g, t, rows_out);
+        const int64_t room = lo[me + 1] - lo[me];
+        for (int q = 0; q < rn; ++q) {
+          for (const Rec &rc : rows_out[q]) {
+            if (n < room) {
+              rec_idx[lo[me] + n] = rc.idx;
+              vals[lo[me] + n] = (T)rc.bits;
+            } else {
+              may_fail();
+              spill[me].push_back(rc);
             }
-#endif
-            if (g.record)
-              merge_tile<DT, true>(g, i0, nr, j0, nc, rows_out + q0);
-            else
-              merge_tile<DT, false>(g, i0, nr, j0, nc, rows_out + q0);
-           }
+            ++n;
           }
         }
-        if (g.record) {
-          const int64_t room = lo[me + 1] - lo[me];
-          for (int q = 0; q < rn; ++q) {
-            for (const Rec &rc : rows_out[q]) {
-              if (n < room) {
-                rec_idx[lo[me] + n] = rc.idx;
-                vals[lo[me] + n] = (T)rc.bits;
-              } else {
-                spill[me].push_back(rc);
-              }
-              ++n;
-            }
-            rows_out[q].clear();
-          }
-        }
+        done[t] = 1;
       } catch (const std::bad_alloc &) {
+        if (wrote) {  // this task's rows are merged, its records whole in rows_out: reverse it
+          n = n0;
+          spill[me].resize(spilled0);  // (shrinking: no allocation)
+          Args back = g;
+          back.scale = -g.scale;
+          back.record = false;
+          run_task(back, t, nullptr);
+          for (int q = 0; q < rn; ++q)
+            for (const Rec &rc : rows_out[q]) ((T *)g.w)[(rc.idx / g.cols) * g.ldw + rc.idx % g.cols] = (T)rc.bits;
+        }
 #pragma omp atomic write
         oom = true;
       }
+      for (int q = 0; q < rn; ++q) rows_out[q].clear();
     }
-    if (g.record) got[me] = n;
+    got[me] = n;
   }
-  if (!g.record) return oom ? LOWRANK_ERR_OUT_OF_MEMORY : LOWRANK_OK;
   int64_t total = 0;
   bool spilled = false;
   for (int t = 0; t < nthreads; ++t) {
@@ -896,10 +950,12 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
   };
   auto undo = [&](int status) {
     // The unmerge restores every element not in the record by construction, and the record
-    // (complete here, only too large for the caller's buffer) restores the rest.
+    // (complete for the tasks merged, only maybe too large for the caller's buffer) the rest.
     Args back = g;
     back.scale = -g.scale;
     back.record = false;
+    back.rt = rt;
+    back.only = done.data();  // the tasks merged (a task that failed was reversed on the spot)
     merge_impl<DT>(back, nullptr, nullptr, 0, nullptr);
     for_each_record([&](int32_t idx, uint32_t bits) { ((T *)g.w)[(idx / g.cols) * g.ldw + idx % g.cols] = (T)bits; });
     return status;

@@ -327,6 +327,40 @@ def test_record_capacity_short_estimate_retries(monkeypatch):
 
 
 @needs_cpu_lib
+@pytest.mark.parametrize("fail_at", [0, 3, 20, 70, 90, 400])
+def test_out_of_memory_mid_merge_leaves_the_weight_as_it_was(fail_at, monkeypatch):
+    """An allocation that fails inside the library's exact merge (LOWRANK_TEST_OOM_AFTER=n fails
+    the n-th: first the per-row record lists, reserved before a task writes W, then the spill
+    pushes, after it has): the merge raises and leaves every bit of W as it was, whichever task
+    and thread it hit; past the last allocation the merge succeeds and unmerges exactly. Records
+    crowded into the first rows with a buffer of exactly their size, so the first share spills."""
+    lib = native.cpu()
+    n, k, r = 64, 512, 8
+    gen = torch.Generator().manual_seed(5)
+    _, w = make_weight(n, k, torch.float16, gen=gen)
+    a, b = factors(n, k, r, torch.float16, mag=0.3, gen=gen)
+    b[4:] = 0
+    w0 = w.clone()
+    ref_w = w.clone()
+    ref_idx, ref_val = merge_(ref_w, a, b, 2.0, True)
+    m = ref_idx.numel()
+    assert m > 400  # enough spill pushes past the 64 reserves for every fail_at
+    monkeypatch.setenv("LOWRANK_TEST_OOM_AFTER", str(fail_at))
+    idx = torch.full((m,), -1, dtype=torch.int32)
+    val = torch.zeros(m, dtype=torch.float16)
+    count = ctypes.c_int64(0)
+    status = _cpu_merge(lib, w, a, b, 2.0, (idx, val, count))
+    assert status == native.ERR_OUT_OF_MEMORY
+    assert_bits_equal(w, w0, f"after a failed allocation (#{fail_at})")
+    monkeypatch.delenv("LOWRANK_TEST_OOM_AFTER")
+    assert _cpu_merge(lib, w, a, b, 2.0, (idx, val, count)) == native.OK
+    assert_bits_equal(w, ref_w, "merged after the failure")
+    assert torch.equal(idx, ref_idx)
+    unmerge_(w, a, b, 2.0, idx, val)
+    assert_bits_equal(w, w0, "unmerged")
+
+
+@needs_cpu_lib
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_records_crowded_into_one_threads_rows(dtype):
     """Each OpenMP thread writes its records into its share of the caller's buffer (capacity x
