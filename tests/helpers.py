@@ -66,6 +66,19 @@ def assert_close_rows(out: torch.Tensor, ref64: torch.Tensor, baseline: torch.Te
         assert_close(out[i], ref64[i], baseline[i], factor, name=f"{name} row {i}")
 
 
+def dora_factors(n: int, k: int, r: int, seed: int = 0, zero_rows=()):
+    """(generator, W (n, k), A (r, k), B (n, r)) in fp32 for a DoRA test case, the rows in `zero_rows`
+    of W and B zero (a zero norm); the generator goes on to draw the rest of the case."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    a = torch.randn(r, k, generator=g) / k ** 0.5
+    b = 0.3 * torch.randn(n, r, generator=g)
+    if zero_rows:
+        w[list(zero_rows)] = 0
+        b[list(zero_rows)] = 0
+    return g, w, a, b
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
 

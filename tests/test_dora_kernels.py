@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from lowrank.kernels import lora_matmul as lm
 from lowrank.ops.dora import dora_linear
-from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal, assert_close, poison_
+from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal, assert_close, dora_factors, poison_
 from tests.test_dora_op import _tensors, dense_norms_f64, dora_f64, problems
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,13 +129,7 @@ def triton_dora(monkeypatch):
 
 
 def _dora_case(lead, k, n, r, dtype, s, seed=0, zero_rows=()):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) / k ** 0.5
-    a = torch.randn(r, k, generator=g) / k ** 0.5
-    b = 0.3 * torch.randn(n, r, generator=g)
-    if zero_rows:
-        w[list(zero_rows)] = 0
-        b[list(zero_rows)] = 0
+    g, w, a, b = dora_factors(n, k, r, seed, zero_rows)
     w, a, b = w.to(dtype), a.to(dtype), b.to(dtype)
     m = (dense_norms_f64(w, a, b, s) * (1 + 0.2 * torch.randn(n, generator=g, dtype=torch.float64))).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)

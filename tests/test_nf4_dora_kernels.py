@@ -20,7 +20,7 @@ import torch
 
 from lowrank.nf4_format import quantize_nf4
 from lowrank.ops.dora import nf4_dora_linear
-from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal, assert_close, poison_
+from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal, assert_close, dora_factors, poison_
 from tests.test_dora_op import dora_f64
 
 K = pytest.importorskip("lowrank.kernels.nf4_lora_matmul", reason="needs Triton")
@@ -165,13 +165,7 @@ def triton_nf4(monkeypatch):
 
 def _dora_case(lead, n, k, r, compute, s, seed=0, zero_rows=(), bias=True):
     """An NF4 weight, fp32 master A, B, m (m near the rows' norms), x and dY in the compute dtype."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) / k ** 0.5
-    a = torch.randn(r, k, generator=g) / k ** 0.5
-    b = 0.3 * torch.randn(n, r, generator=g)
-    if zero_rows:
-        w[list(zero_rows)] = 0
-        b[list(zero_rows)] = 0
+    g, w, a, b = dora_factors(n, k, r, seed, zero_rows)
     nf4 = quantize_nf4(w.to(DEV))
     wd = nf4.dequantize(compute)
     norms = (wd.double() + s * b.to(compute).double().to(DEV) @ a.to(compute).double().to(DEV)).norm(dim=1).cpu()

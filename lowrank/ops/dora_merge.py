@@ -50,6 +50,7 @@ import torch
 from lowrank import native
 
 from .dora import _inverse, dora_row_norms
+from .merge import _ptr
 from .merge_torch import round_f64
 
 _BLOCK_ELEMENTS = 1 << 20  # float64 temporaries per block: a few of these, 8 MiB each
@@ -150,10 +151,6 @@ def _library(weight: torch.Tensor):
     if not ((s1 == 1 and (n <= 1 or s0 >= k)) or (s0 == 1 and (k <= 1 or s1 >= n))):
         return None
     return native.for_device(weight.device)
-
-
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr())
 
 
 def _call_args(weight, a64, b64, s, stream_needed):
