@@ -14,7 +14,8 @@ run one after the other cannot resolve a change of a few percent; alternating th
 round trip by round trip in one process exposes them to the same drift. Prints each side's min
 and median and the ratio of medians (this / other: < 1, this build is faster). Data as
 bench_merge's round trips: W ~ N(0, 0.02), a delta of `--delta` of W's rms. Exact round trips
-check that W comes back bit for bit.
+check that W comes back bit for bit; a build with lowrank_cpu_unmerge_strided (ABI 6) unmerges with
+it, as `lowrank.unmerge` does, an older one with the certified unmerge and a restore.
 """
 from __future__ import annotations
 
@@ -67,7 +68,12 @@ def main(argv=None) -> None:
         code = native.dtype_code(dtype)
 
         def round_trip(lib):
-            if args.exact:
+            if args.exact and hasattr(lib, "lowrank_cpu_unmerge_strided"):  # lowrank.unmerge's fast unmerge
+                native.check(_cpu_merge(lib, w, a, b, s, rec), "merge")
+                native.check(lib.lowrank_cpu_unmerge_strided(
+                    _ptr(w), n, k, k, code, _ptr(b), b.stride(0), b.stride(1), _ptr(a), a.stride(0), a.stride(1),
+                    code, a.shape[0], float(s), _ptr(rec[0]), _ptr(rec[1]), rec[2].value), "fast unmerge")
+            elif args.exact:
                 native.check(_cpu_merge(lib, w, a, b, s, rec), "merge")
                 native.check(_cpu_merge(lib, w, a, b, -s), "unmerge")
                 native.check(lib.lowrank_cpu_restore(_ptr(w), n, k, k, code, _ptr(rec[0]), _ptr(rec[1]),

@@ -15,7 +15,8 @@ rms(s * B @ A) = DELTA_RATIO * rms(W) (a trained adapter's update, ~10% of the w
 Timing alternates merge (timed) with unmerge (not timed) so W stays the same, and alternates the
 implementations within each repeat, so that load on a shared machine hits them alike.
 On the CPU, "merge_roundtrip" records then time merge + unmerge at deltas of 5% and 30% of W's rms
-(fp16 and bf16, r 16 and 64; quick: 1024x4096; full: also q, gate and down), "vs_peft" in extra.
+(fp16 and bf16, r 16 and 64; quick: 1024x4096; full: also q, gate and down), "vs_peft" in extra;
+lowrank's exact unmerge is the one `lowrank.unmerge` runs (fast=True with the CPU library's record).
 "dora_merge_roundtrip" (every device): DoRA merge + exact unmerge at 1024x4096, fp16 / bf16, r 16 and
 64, delta 5%: the native library, the same op's pure-torch float64 path (the same bits) and peft's
 DoRA merge + unmerge. Alone: `python -m bench.bench_merge --dora --threads 2`.
@@ -88,7 +89,7 @@ def _eq_frac(x, y):
 
 def run(quick: bool, device: str) -> list[Record]:
     from lowrank.merge import MergeState
-    from lowrank.ops.merge import merge_, unmerge_
+    from lowrank.ops.merge import merge_, record_allows_fast_unmerge, unmerge_
 
     device = torch.device(device)
     dev = device_name(device)
@@ -121,7 +122,7 @@ def run(quick: bool, device: str) -> list[Record]:
                                     "record_frac": packed.record_bytes() / bytes_w,
                                     "record_frac_unpacked": (rec[0].numel() * 4 + rec[1].numel() * rec[1].element_size()) / bytes_w,
                                     "recorded_elements_frac": rec[0].numel() / w.numel()}
-                unmerge_(wk, a, b, s, *rec)
+                unmerge_(wk, a, b, s, *rec, fast=record_allows_fast_unmerge(wk, a))
                 stats["lowrank"]["restored_frac"] = _eq_frac(wk, w0)
                 wk = w0.clone()
                 merge_(wk, a, b, s, False)
@@ -153,7 +154,7 @@ def run(quick: bool, device: str) -> list[Record]:
                             with torch.no_grad():
                                 layer.base_layer.weight.copy_(w0)
                         elif impl == "lowrank":
-                            unmerge_(w, a, b, s, *out)
+                            unmerge_(w, a, b, s, *out, fast=record_allows_fast_unmerge(w, a))
                         else:
                             w.copy_(w0)
                 for impl, ts in times.items():
@@ -183,7 +184,7 @@ def _round_trips(quick: bool, device, dev: str, vers: dict) -> list[Record]:
     """Merge + unmerge (a round trip: what switching adapters costs), exact (lowrank's default,
     bit-exact unmerge) and not, against peft's merge + unmerge, at a delta of 5% and 30% of W's rms
     (the exact path's cost used to grow with the delta). Implementations interleaved per repeat."""
-    from lowrank.ops.merge import merge_, unmerge_
+    from lowrank.ops.merge import merge_, record_allows_fast_unmerge, unmerge_
 
     shapes = [("1024x4096", 1024, 4096)] + ([] if quick else [(n_, o, i) for n_, o, i in LLAMA3_8B if n_ != "k_proj"])
     gen = torch.Generator().manual_seed(1)
@@ -195,6 +196,7 @@ def _round_trips(quick: bool, device, dev: str, vers: dict) -> list[Record]:
                     w, a, b, alpha, s = _inputs(n, k, r, dtype, device, gen, ratio)
                     w0 = w.clone()
                     _, layer = _peft_layer(w0, a, b, alpha)
+                    fast = record_allows_fast_unmerge(w, a)
                     times = {"lowrank": [], "lowrank-noexact": [], "peft": []}
                     for _ in range(1 + (5 if quick else 9)):
                         for impl, ts in times.items():
@@ -202,9 +204,9 @@ def _round_trips(quick: bool, device, dev: str, vers: dict) -> list[Record]:
                             if impl == "peft":
                                 layer.merge()
                                 layer.unmerge()
-                            else:
+                            else:  # lowrank.unmerge's call: fast with the CPU library's own record
                                 out = merge_(w, a, b, s, impl == "lowrank")
-                                unmerge_(w, a, b, s, *out)
+                                unmerge_(w, a, b, s, *out, fast=fast)
                             ts.append(time.perf_counter() - t0)
                             if impl == "peft":
                                 with torch.no_grad():

@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define LOWRANK_ABI_VERSION 5
+#define LOWRANK_ABI_VERSION 6
 
 enum lowrank_status {
   LOWRANK_OK = 0,
@@ -85,6 +85,9 @@ int lowrank_cpu_nf4_matmul(const void *x, int64_t m, const uint8_t *packed, cons
  * unmerge (the same call with -scale) would not give its original bits back and stores its
  * flat index i * cols + j in rec_idx (int32: rows * cols must be < 2^31) and its original bits
  * in rec_val (W's dtype). lowrank_*_restore writes them back after the unmerge.
+ * The CPU record is a superset: it also holds every element whose round trip the library could
+ * not certify, and every one that lowrank_cpu_unmerge_strided (below) would get wrong, so that
+ * either unmerge restores W with it; the CUDA record is exactly the failing elements.
  *
  * CPU: records come sorted by index. When more than rec_capacity elements need one, W is left
  * unchanged (bit for bit), *rec_count is set to the number needed and LOWRANK_ERR_CAPACITY is
@@ -111,6 +114,15 @@ int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, 
                               int64_t a_s1, int factor_dtype, int64_t rank, double scale,
                               int32_t *rec_idx, void *rec_val, int64_t rec_capacity,
                               int64_t *rec_count);
+/* The exact unmerge of a record made by this library's CPU merge (lowrank_cpu_merge_strided or
+ * lowrank_cpu_merge, exact) with the same factors and scale (pass the merge's scale): W <- the
+ * fp32 round trip of the merge's own accumulation, rounded, no certification; then the record
+ * written back. Bit-exact with such a record only -- with any other (a CUDA or pure-torch one)
+ * the result is undefined. Record indices are checked before W is written. */
+int lowrank_cpu_unmerge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                                const void *b, int64_t b_s0, int64_t b_s1, const void *a, int64_t a_s0,
+                                int64_t a_s1, int factor_dtype, int64_t rank, double scale,
+                                const int32_t *rec_idx, const void *rec_val, int64_t rec_count);
 /* W[idx[n] / cols, idx[n] % cols] <- val[n] for n < count. */
 int lowrank_cpu_restore(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
                         const int32_t *rec_idx, const void *rec_val, int64_t count);

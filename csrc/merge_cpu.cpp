@@ -81,6 +81,35 @@ static inline int32_t certified(float v, float e) {
   return certified_bf16(v, e);
 }
 
+// Nearest-even rounding to the target over the whole finite range (subnormal results and
+// overflow to Inf included): the fast unmerge's rounding. fast_round agrees with it on the
+// target's normal range without its top binade (`in_normal_range`, certified_*'s range), and so
+// do the conversion instructions (round16) on every finite value.
+template <int DT>
+static inline uint32_t round_full(float v) {
+  if (DT == DT_F32) return f2u(v);
+  if (DT == DT_F16) return float_to_half_full(v);
+  return float_to_bf16_full(v);
+}
+
+template <int DT>
+static inline int32_t in_normal_range(float v) {
+  if (DT == DT_F32) return 1;
+  const int32_t ex = (int32_t)((f2u(v) >> 23) & 0xFFu);
+  if (DT == DT_F16) return (int32_t)(ex >= 113) & (int32_t)(ex <= 141);
+  return (int32_t)(ex >= 24) & (int32_t)(ex <= 253);
+}
+
+// True when the fast unmerge (unmerge_tile_fast: the fp32 round trip of this same accumulation,
+// fmaf(-s32, acc, merged) rounded, no certification) would not give `orig` back for an element
+// merged to `merged`: it then needs a record. A NaN / Inf round trip counts as failing, so that
+// how the fast unmerge's rounding treats NaN payloads does not matter.
+template <int DT>
+static inline int32_t fast_trip_fails(uint32_t merged, float acc, float s32, uint32_t orig) {
+  const float v2 = fmaf(-s32, acc, to_float<DT>(merged));
+  return (int32_t)(!(fabsf(v2) <= 3.4028234663852886e38f)) | (int32_t)(round_full<DT>(v2) != orig);
+}
+
 struct Args {
   void *w;
   int64_t rows, cols, ldw;
@@ -95,6 +124,7 @@ struct Args {
   bool prefetch = false;  // prefetch each tile's W rows (merge_impl's column-blocked order)
   int64_t rt = 0;                 // rows per task (0: merge_impl chooses)
   const uint8_t *only = nullptr;  // with rt: run only the tasks t with only[t] != 0 (an undo)
+  bool fast = false;  // the fast unmerge (unmerge_tile_fast): no record, no certification
 };
 
 // merge_math.h's error_bound with the accumulation term given (ea >= |s| |acc - exact sum| +
@@ -380,7 +410,8 @@ static void append_records(const int32_t *flag, int nc, const uint32_t *wb, int3
 // The fast path's epilogue for one tile row with the Cauchy-Schwarz bound: v = W + s32 * acc
 // rounded to the target (yb), and per element flag bit 1 when v is not certified (the bound's
 // accumulation term rb * cb, whose rounding the 2^-18 inflation of rb covers), bit 0 (RECORD)
-// when the round trip does not give W back. Returns the OR of the flags. Inlined into each clone
+// when the round trip v2 = round(v) - s32 * acc is not certified or its rounding is not W (the
+// record rule: see merge_tile). Returns the OR of the flags. Inlined into each clone
 // of merge_tile. (With AVX-512 and 16-bit weights, certify_row_avx512 below takes the tight bound.)
 template <int DT, bool RECORD>
 __attribute__((always_inline)) inline int32_t certify_row(const float *accq, float s32, float rbi, const float *cbj,
@@ -399,8 +430,9 @@ __attribute__((always_inline)) inline int32_t certify_row(const float *accq, flo
       const int32_t ok1 = certified<DT>(v, bound_from(ea, v, abs_bound));
       if (RECORD) {
         const float v2 = fmaf(-s32, accq[j], to_float<DT>(y));
+        const int32_t n2 = in_normal_range<DT>(v2);  // else the slow path decides (bit 1)
         const int32_t ok2 = certified<DT>(v2, bound_from(ea, v2, abs_bound));
-        f = (int32_t)(fast_round<DT>(v2) != wb[j]) | ((1 - (ok1 & ok2)) << 1);
+        f = (int32_t)(fast_round<DT>(v2) != wb[j]) | (n2 & (1 - ok2)) | ((1 - (ok1 & n2)) << 1);
       } else {
         f = (1 - ok1) << 1;
       }
@@ -418,8 +450,8 @@ __attribute__((always_inline)) inline int32_t certify_row(const float *accq, flo
 // bound's accumulation term ea = |s32| u (1 + 1e-4) (|acc| + 2 T + ||B_i|| ||A_j||) (T = sabs, see
 // rank_rows4_avx512_abs; |acc| covers s32 != s; the slack covers 1 / (1 - u), u T, T's own
 // roundings (gamma_128 < 1e-5) and the few roundings of this sum and the next line's), flag bit 1 when v
-// or (RECORD) the round trip's v2 = round(v) - s32 * acc is not certified, bit 0 (RECORD) when
-// round(v2) is not W. The fp16 widening and rounding are the conversion
+// is not certified, bit 0 (RECORD) when the round trip's v2 = round(v) - s32 * acc is not
+// certified or round(v2) is not W (the record rule: see merge_tile). The fp16 widening and rounding are the conversion
 // instructions (vcvtph2ps is exact; vcvtps2ph with nearest-even equals float_to_half_normal on
 // the certified range, and elements outside it are redone by the slow path), the bound's float
 // operations are bound_from's and certified_*'s, one for one (explicit, and the library is built
@@ -427,6 +459,13 @@ __attribute__((always_inline)) inline int32_t certify_row(const float *accq, flo
 // the branch-free emulations of the conversions and rematerialized its constants inside the
 // loop: at r = 16 that epilogue cost twice the rank loop.) wb receives the original bits (widened),
 // flag bit 0 / 1 as certify_row's (tail lanes untouched), W the fast path's rounding.
+template <int DT>
+__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __mmask16 normal16(__m512 v) {
+  const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 23), _mm512_set1_epi32(0xFF));
+  return _mm512_cmpge_epi32_mask(ex, _mm512_set1_epi32(DT == DT_F16 ? 113 : 24)) &
+         _mm512_cmple_epi32_mask(ex, _mm512_set1_epi32(DT == DT_F16 ? 141 : 253));
+}
+
 template <int DT>
 __attribute__((target("arch=x86-64-v4"), always_inline)) static inline __mmask16 certified16(__m512 v, __m512 e) {
   const __m512i u = _mm512_castps_si512(v);
@@ -487,10 +526,11 @@ __attribute__((target("arch=x86-64-v4"), noinline)) int32_t certify_row_avx512(c
     const __m512 ea = _mm512_mul_ps(vks, _mm512_add_ps(_mm512_add_ps(_mm512_abs_ps(a), t2), cs));
     __mmask16 ok = certified16<DT>(v, bound16(ea, v, vab));
     __mmask16 rec = 0;
-    if (RECORD) {
+    if (RECORD) {  // recorded unless the round trip is certified to give W back (see merge_tile)
       const __m512 v2 = _mm512_fmadd_ps(vns, a, widen16<DT>(y));
-      ok &= certified16<DT>(v2, bound16(ea, v2, vab));
-      rec = _mm256_cmpneq_epi16_mask(round16<DT>(v2), w16);
+      const __mmask16 n2 = normal16<DT>(v2);  // outside: the slow path decides
+      rec = _mm256_cmpneq_epi16_mask(round16<DT>(v2), w16) | (n2 & (__mmask16)~certified16<DT>(v2, bound16(ea, v2, vab)));
+      ok &= n2;
     }
     _mm256_mask_storeu_epi16(wrow + j, m, y);
     const __m512i f = _mm512_or_si512(_mm512_maskz_mov_epi32(rec, one), _mm512_maskz_mov_epi32((__mmask16)~ok, two));
@@ -514,31 +554,25 @@ static inline void prefetch_tile(const T *w, int64_t ldw, int nr, int nc) {
   }
 }
 
-// One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
-// The epilogue works on 32-bit arrays (widen W, compute, narrow back) under `omp simd`: with the
-// 16-bit loads and stores inside the same loop GCC 12 left it scalar (4x slower at 4096^2 bf16).
-template <int DT, bool RECORD>
-LOWRANK_CLONES
-void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vector<Rec> *out) {
-  using T = typename Store<DT>::T;
-  alignas(64) float acc[RB][JT];
-  [[maybe_unused]] alignas(64) float sabs[RB][JT];  // with the tight bound: T (rank_rows4_avx512_abs)
-  alignas(64) uint32_t wb[JT], yb[JT];
-  alignas(64) int32_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
-  for (int j = nc; j < JT; ++j) flag[j] = 0;  // read (then masked off) by flag_masks
-  const float s32 = (float)g.scale;
+// The rank loop of one tile: acc[q][j] = the fp32 sum over k ascending from +0 of
+// fmaf(B[i0 + q, k], A[k, j0 + j], .) -- the same fma sequence per element on every path (AVX-512,
+// AVX2, portable), so the same bits whichever runs: the fast unmerge relies on it. With `tight`
+// (AVX-512, a 16-bit weight) also the partial-sum magnitudes into sabs; returns whether it did.
+// Inlined into each clone of its callers.
+template <int DT>
+__attribute__((always_inline)) inline bool rank_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc,
+                                                     float (*acc)[JT], [[maybe_unused]] float (*sabs)[JT],
+                                                     [[maybe_unused]] bool tight) {
   const int64_t r = g.rank;
-  [[maybe_unused]] bool tight = false;  // (set by the AVX-512 kernel only)
-  if (g.prefetch) prefetch_tile((const T *)g.w + i0 * g.ldw + j0, g.ldw, nr, nc);
   if (nr != RB || !g.ap) {  // the portable loops accumulate into acc (the panel kernels store it)
     for (int q = 0; q < RB; ++q)
       for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
   }
   if (nr == RB && g.ap) {
 #ifdef LOWRANK_HAVE_AVX2_KERNEL
-    if (g_avx512 && DT != DT_F32) {
+    if (tight && g_avx512 && DT != DT_F32) {
       rank_rows4_avx512_abs(g.b + i0 * r, r, g.ap + j0 * r, nc, acc, sabs);
-      tight = true;
+      return true;
     } else if (g_avx512) {
       rank_rows4_avx512(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
     } else {
@@ -572,6 +606,38 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
       }
     }
   }
+  return false;
+}
+
+// One tile: rows [i0, i0 + nr), columns [j0, j0 + nc). Appends row i0 + q's records to out[q].
+// The epilogue works on 32-bit arrays (widen W, compute, narrow back) under `omp simd`: with the
+// 16-bit loads and stores inside the same loop GCC 12 left it scalar (4x slower at 4096^2 bf16).
+//
+// The record rule (RECORD): an element is left out of the record only when both unmerges are
+// known to give its original bits back: the certified one (the exact W' - s B A rounded once:
+// lowrank's unmerge on every device) and the fast one (unmerge_tile_fast: the fp32 round trip of
+// this very accumulation, uncertified, rounded over the whole finite range). For a merge
+// certified on the fast path whose round trip v2 = W' - s32 * acc lies in the normal range: v2
+// is certified and rounds to W (then round(v2) is both unmerges' result); an uncertified v2 is
+// recorded outright, with no double evaluation of the check (that used to be redone in double:
+// half of an exact merge's slow-path work). Merges on the slow path and round trips outside the
+// normal range (zero and subnormal weights) go to the slow path, which leaves an element out
+// only when the double round trip and the fast one (fast_trip_fails) both give W back. So the
+// record is a superset of the elements whose exact round trip fails (every unmerge restores W
+// with it), larger by the uncertified round trips that would have succeeded (~0.1-1%).
+template <int DT, bool RECORD>
+LOWRANK_CLONES
+void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vector<Rec> *out) {
+  using T = typename Store<DT>::T;
+  alignas(64) float acc[RB][JT];
+  [[maybe_unused]] alignas(64) float sabs[RB][JT];  // with the tight bound: T (rank_rows4_avx512_abs)
+  alignas(64) uint32_t wb[JT], yb[JT];
+  alignas(64) int32_t flag[JT];  // bit 0: needs a record, bit 1: needs the slow path
+  for (int j = nc; j < JT; ++j) flag[j] = 0;  // read (then masked off) by flag_masks
+  const float s32 = (float)g.scale;
+  const int64_t r = g.rank;
+  if (g.prefetch) prefetch_tile((const T *)g.w + i0 * g.ldw + j0, g.ldw, nr, nc);
+  [[maybe_unused]] const bool tight = rank_tile<DT>(g, i0, nr, j0, nc, acc, sabs, true);
   for (int q = 0; q < nr; ++q) {
     const int64_t i = i0 + q;
     T *wrow = (T *)g.w + i * g.ldw + j0;
@@ -632,7 +698,9 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
       for (int e = 0; e < m; ++e) {
         const int j = js[e];
         const uint32_t y = slow_element<DT>(wb[j], g.scale, dacc[e]);
-        flag[j] = RECORD ? (int32_t)(slow_element<DT>(y, -g.scale, dacc[e]) != wb[j]) : 0;
+        flag[j] = RECORD ? (int32_t)(slow_element<DT>(y, -g.scale, dacc[e]) != wb[j]) |
+                               fast_trip_fails<DT>(y, accq[j], s32, wb[j])
+                         : 0;
         if (direct)
           wrow[j] = (T)y;
         else
@@ -645,6 +713,55 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
     if (RECORD && (any & 1)) {
       append_records(flag, nc, wb, (int32_t)(i * g.cols + j0), out[q]);
     }
+  }
+}
+
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+// unmerge_tile_fast's row for a 16-bit weight, 16 elements per step: W <- round(W + s32 * acc)
+// with the conversion instructions (as certify_row_avx512 rounds the round trip it checks).
+template <int DT>
+__attribute__((target("arch=x86-64-v4"), noinline)) void fast_row_avx512(const float *accq, float s32, uint16_t *wrow,
+                                                                        int nc) {
+  const __m512 vs = _mm512_set1_ps(s32);
+  for (int j = 0; j < nc; j += 16) {
+    const __mmask16 m = nc - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nc - j)) - 1u);
+    const __m256i w16 = _mm256_maskz_loadu_epi16(m, wrow + j);
+    const __m512 v = _mm512_fmadd_ps(vs, _mm512_load_ps(accq + j), widen16<DT>(w16));
+    _mm256_mask_storeu_epi16(wrow + j, m, round16<DT>(v));
+  }
+}
+#endif
+
+// The fast unmerge of one tile (g.scale = -the merge's): W <- round(W + s32 * acc), acc from
+// rank_tile (the merge's own bits), with no bound, certification, slow path or record. Exact only
+// together with the record of an exact merge by this library with the same factors and scale:
+// by the record rule (merge_tile) every element this gets wrong is one the record writes back.
+// At fp16 r = 64 the certified unmerge's bound tracking doubles the rank loop's FP work and its
+// slow path redoes ~1% of the elements in double; this does neither.
+template <int DT>
+LOWRANK_CLONES
+void unmerge_tile_fast(const Args &g, int64_t i0, int nr, int64_t j0, int nc) {
+  using T = typename Store<DT>::T;
+  alignas(64) float acc[RB][JT];
+  alignas(64) uint32_t wb[JT];
+  const float s32 = (float)g.scale;
+  if (g.prefetch) prefetch_tile((const T *)g.w + i0 * g.ldw + j0, g.ldw, nr, nc);
+  rank_tile<DT>(g, i0, nr, j0, nc, acc, nullptr, false);
+  for (int q = 0; q < nr; ++q) {
+    T *wrow = (T *)g.w + (i0 + q) * g.ldw + j0;
+    const float *accq = acc[q];
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+    if constexpr (DT != DT_F32) {
+      if (g_avx512) {
+        fast_row_avx512<DT>(accq, s32, (uint16_t *)wrow, nc);
+        continue;
+      }
+    }
+#endif
+    for (int j = 0; j < nc; ++j) wb[j] = wrow[j];
+#pragma omp simd
+    for (int j = 0; j < nc; ++j) wb[j] = round_full<DT>(fmaf(s32, accq[j], to_float<DT>(wb[j])));
+    for (int j = 0; j < nc; ++j) wrow[j] = (T)wb[j];
   }
 }
 
@@ -706,6 +823,10 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void merge_tile_f64(const Ar
   const int64_t r = g.rank;
   if (g.prefetch) prefetch_tile((const T *)g.w + i0 * g.ldw + j0, g.ldw, RB, nc);
   rank_rows4_avx512_f64(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
+  // the record rule (merge_tile) also asks whether the fast unmerge's fp32 round trip gives W back
+  [[maybe_unused]] alignas(64) float acc32[RB][JT];
+  if (RECORD) rank_rows4_avx512(g.b + i0 * r, r, g.ap + j0 * r, nc, acc32);
+  const float s32 = (float)g.scale;
   const double s = g.scale, ns = -g.scale;
   for (int q = 0; q < RB; ++q) {
     const int64_t i = i0 + q;
@@ -729,10 +850,11 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void merge_tile_f64(const Ar
     for (; j < nc; ++j) {  // the tail: the slow path's own scalar code, the same bits
       const uint32_t y = slow_element<DT>(wb[j], s, accq[j]);
       yb[j] = y;
-      if (RECORD) {
-        flag[j] = (int32_t)(slow_element<DT>(y, ns, accq[j]) != wb[j]);
-        any |= flag[j];
-      }
+      if (RECORD) flag[j] = (int32_t)(slow_element<DT>(y, ns, accq[j]) != wb[j]);
+    }
+    if (RECORD) {
+      for (int jj = 0; jj < nc; ++jj) flag[jj] |= fast_trip_fails<DT>(yb[jj], acc32[q][jj], s32, wb[jj]);
+      for (int jj = 0; jj < nc; ++jj) any |= flag[jj];
     }
     for (int j = 0; j < nc; ++j) wrow[j] = (T)yb[j];
     if (RECORD && any) {
@@ -829,6 +951,10 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
           const int nc = (int)std::min<int64_t>(JT, jb1 - j0);
           const int64_t i0 = r0 + q0;
           const int nr = std::min(RB, rn - q0);
+          if (ga.fast) {
+            unmerge_tile_fast<DT>(ga, i0, nr, j0, nc);
+            continue;
+          }
 #ifdef LOWRANK_HAVE_AVX2_KERNEL
           if constexpr (DT != DT_F32) {
             if (f64 && nr == RB) {
@@ -1036,11 +1162,10 @@ static inline float round_up_float(double x) {
   return (double)f < x ? nextafterf(f, INFINITY) : f;
 }
 
-extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
-                                         const void *b, int64_t b_s0, int64_t b_s1, const void *a,
-                                         int64_t a_s0, int64_t a_s1, int factor_dtype, int64_t rank,
-                                         double scale, int32_t *rec_idx, void *rec_val,
-                                         int64_t rec_capacity, int64_t *rec_count) {
+static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype, const void *b, int64_t b_s0,
+                         int64_t b_s1, const void *a, int64_t a_s0, int64_t a_s1, int factor_dtype, int64_t rank,
+                         double scale, int32_t *rec_idx, void *rec_val, int64_t rec_capacity, int64_t *rec_count,
+                         bool fast) {
   if (rows < 0 || cols < 0 || rank < 1 || rank > 256) return LOWRANK_ERR_INVALID_ARGUMENT;
   if (factor_dtype < LOWRANK_DTYPE_FLOAT32 || factor_dtype > LOWRANK_DTYPE_BFLOAT16) return LOWRANK_ERR_UNSUPPORTED_DTYPE;
   if (rows == 0 || cols == 0) {
@@ -1135,16 +1260,56 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
   if (record && (!rec_val || !rec_count || rec_capacity < 0 || rows * cols > INT32_MAX))
     return LOWRANK_ERR_INVALID_ARGUMENT;
   Args g{w, rows, cols, ldw, b32.data(), a32.data(), nullptr, rank, rb.data(), cb.data(), abs_bound, scale, record};
+  g.fast = fast && !record;
   return merge_dispatch(g, dtype, rec_idx, rec_val, rec_capacity, rec_count);
 }
 
+extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                                         const void *b, int64_t b_s0, int64_t b_s1, const void *a,
+                                         int64_t a_s0, int64_t a_s1, int factor_dtype, int64_t rank,
+                                         double scale, int32_t *rec_idx, void *rec_val,
+                                         int64_t rec_capacity, int64_t *rec_count) {
+  return merge_strided(w, rows, cols, ldw, dtype, b, b_s0, b_s1, a, a_s0, a_s1, factor_dtype, rank, scale, rec_idx,
+                       rec_val, rec_capacity, rec_count, false);
+}
+
 template <typename T>
-static int restore_impl(T *w, int64_t rows, int64_t cols, int64_t ldw, const int32_t *idx,
-                        const T *val, int64_t count) {
-  for (int64_t n = 0; n < count; ++n)
-    if (idx[n] < 0 || idx[n] >= rows * cols) return LOWRANK_ERR_INVALID_ARGUMENT;
+static void restore_impl(T *w, int64_t cols, int64_t ldw, const int32_t *idx, const T *val, int64_t count) {
   for (int64_t n = 0; n < count; ++n) w[(idx[n] / cols) * ldw + idx[n] % cols] = val[n];
-  return LOWRANK_OK;
+}
+
+static bool record_in_range(int64_t rows, int64_t cols, const int32_t *idx, int64_t count) {
+  for (int64_t n = 0; n < count; ++n)
+    if (idx[n] < 0 || idx[n] >= rows * cols) return false;
+  return true;
+}
+
+static int restore_dispatch(void *w, int64_t cols, int64_t ldw, int dtype, const int32_t *rec_idx,
+                            const void *rec_val, int64_t count) {
+  switch (dtype) {
+    case LOWRANK_DTYPE_FLOAT32:
+      restore_impl((uint32_t *)w, cols, ldw, rec_idx, (const uint32_t *)rec_val, count);
+      return LOWRANK_OK;
+    case LOWRANK_DTYPE_FLOAT16:
+    case LOWRANK_DTYPE_BFLOAT16:
+      restore_impl((uint16_t *)w, cols, ldw, rec_idx, (const uint16_t *)rec_val, count);
+      return LOWRANK_OK;
+    default: return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  }
+}
+
+extern "C" int lowrank_cpu_unmerge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
+                                           const void *b, int64_t b_s0, int64_t b_s1, const void *a,
+                                           int64_t a_s0, int64_t a_s1, int factor_dtype, int64_t rank,
+                                           double scale, const int32_t *rec_idx, const void *rec_val,
+                                           int64_t rec_count) {
+  if (rec_count < 0 || (rec_count > 0 && (!rec_idx || !rec_val))) return LOWRANK_ERR_INVALID_ARGUMENT;
+  if (dtype < LOWRANK_DTYPE_FLOAT32 || dtype > LOWRANK_DTYPE_BFLOAT16) return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  if (!record_in_range(rows, cols, rec_idx, rec_count)) return LOWRANK_ERR_INVALID_ARGUMENT;  // before any write
+  const int status = merge_strided(w, rows, cols, ldw, dtype, b, b_s0, b_s1, a, a_s0, a_s1, factor_dtype, rank,
+                                   -scale, nullptr, nullptr, 0, nullptr, true);
+  if (status != LOWRANK_OK || rec_count == 0) return status;
+  return restore_dispatch(w, cols, ldw, dtype, rec_idx, rec_val, rec_count);
 }
 
 extern "C" int lowrank_cpu_restore(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype,
@@ -1152,12 +1317,7 @@ extern "C" int lowrank_cpu_restore(void *w, int64_t rows, int64_t cols, int64_t 
   if (count == 0) return LOWRANK_OK;
   if (!w || !rec_idx || !rec_val || count < 0 || rows < 0 || cols <= 0 || ldw < cols)
     return LOWRANK_ERR_INVALID_ARGUMENT;
-  switch (dtype) {
-    case LOWRANK_DTYPE_FLOAT32:
-      return restore_impl((uint32_t *)w, rows, cols, ldw, rec_idx, (const uint32_t *)rec_val, count);
-    case LOWRANK_DTYPE_FLOAT16:
-    case LOWRANK_DTYPE_BFLOAT16:
-      return restore_impl((uint16_t *)w, rows, cols, ldw, rec_idx, (const uint16_t *)rec_val, count);
-    default: return LOWRANK_ERR_UNSUPPORTED_DTYPE;
-  }
+  if (dtype < LOWRANK_DTYPE_FLOAT32 || dtype > LOWRANK_DTYPE_BFLOAT16) return LOWRANK_ERR_UNSUPPORTED_DTYPE;
+  if (!record_in_range(rows, cols, rec_idx, count)) return LOWRANK_ERR_INVALID_ARGUMENT;
+  return restore_dispatch(w, cols, ldw, dtype, rec_idx, rec_val, count);
 }

@@ -39,7 +39,7 @@ from .dtypes import KERNEL_DTYPES
 from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.dora_merge import dora_merge_, dora_unmerge_
-from .ops.merge import check_merge_args
+from .ops.merge import check_merge_args, record_allows_fast_unmerge
 from .patch import active_adapter, refuse_inside_adapter_ids, restore_modules
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
@@ -62,6 +62,7 @@ class MergeState:
     versions: tuple  # (weight, lora_A, lora_B[, magnitude]) version counters right after the merge
     fingerprints: tuple = ()  # (weight, lora_A, lora_B[, magnitude]) `fingerprint`s right after the merge
     dora_scale: torch.Tensor | None = None  # a DoRA merge: m / ||W + s B A|| per row, float64 (N,)
+    fast_unmerge: bool = False  # the record came from the native CPU library: unmerge_(..., fast=True) on the CPU
 
     @classmethod
     def pack(cls, adapter, scaling, exact, rec_idx, rec_val, numel, versions, fingerprints=()):
@@ -227,6 +228,7 @@ def _merge_layer(layer: LoRALinear, name: str, exact: bool) -> None:
     state = MergeState.pack(name, scaling, exact, rec_idx, rec_val, w.numel(), _versions(layer, name, w),
                             _fingerprints(layer, name, w))
     state.dora_scale = dora_scale
+    state.fast_unmerge = exact and dora_scale is None and record_allows_fast_unmerge(w, a)
     layer.merged = state
 
 
@@ -259,7 +261,10 @@ def _unmerge_layer(path: str, layer: LoRALinear, checked: bool = False) -> None:
         # leaves it behind. It follows the weight here (the version check above has already
         # refused a .to(dtype), which rewrites the weight).
         rec_idx, rec_val = state.unpack()
-        torch.ops.lowrank.unmerge_(w, a, b, state.scaling, rec_idx.to(w.device), rec_val.to(w.device))
+        # fast: the CPU library's uncertified round trip, exact with its own record (ignored on
+        # another device, where the certified unmerge is exact with it too: lowrank.ops.merge)
+        torch.ops.lowrank.unmerge_(w, a, b, state.scaling, rec_idx.to(w.device), rec_val.to(w.device),
+                                   state.fast_unmerge)
     else:
         torch.ops.lowrank.unmerge_(w, a, b, state.scaling)
     layer.merged = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowrank
+from lowrank import native
 from lowrank.merge import MergeState, record_fraction
 
 from tests.helpers import assert_bits_equal, assert_close, backends
@@ -46,9 +48,12 @@ def test_model_merge_unmerge_and_unload(build, dtype, backend, monkeypatch):
     ref64 = logits(merged_f64(model), ids)
 
     lowrank.merge(model)
+    native_cpu = native.cpu(warn=False) is not None and os.environ.get("LOWRANK_NO_NATIVE") != "1"
     for path, layer in lowrank.lora_layers(model):
         assert layer.merged and layer.merged.adapter == "default"
         assert 0.0 <= record_fraction(layer) < 3.0
+        # the CPU library's record lets unmerge take its fast round trip (exact: checked below)
+        assert layer.merged.fast_unmerge == native_cpu, path
     out_merged = logits(model, ids)
     assert_close(out_merged, ref64, baseline=out_lora, factor=2, name="merged model logits")
 

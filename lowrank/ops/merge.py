@@ -22,7 +22,10 @@ Numerics (csrc/merge_math.h has the proof sketch):
 - Exact unmerge: `round(merged - s * B @ A)` misses the original in a few % of elements. With
   exact=True the merge also returns a record -- flat int32 index and original bits of every
   element whose round trip would fail (found in the same pass), 4 + itemsize bytes per entry --
-  and unmerge writes those back: W is restored bit for bit (NaN payloads included).
+  and unmerge writes those back: W is restored bit for bit (NaN payloads included). The native
+  CPU library's record is a superset: it also holds the round trips it could not certify (without
+  redoing them in double) and those its fast unmerge (`unmerge_(..., fast=True)`: the fp32 round
+  trip of the merge's own accumulation, uncertified) would miss, so it serves both unmerges.
 - NaN / Inf in W stay where they were.
 
 Level 2: imports torch and level 0.
@@ -272,7 +275,13 @@ def _check_record(weight, rec_idx, rec_val, where):
         raise ValueError(f"{where}: record indices outside 0..{weight.numel() - 1}: not this weight's record")
 
 
-def _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val):
+def record_allows_fast_unmerge(weight, lora_A) -> bool:
+    """Whether an exact merge_ of this weight and factors, here, runs on the native CPU library: its
+    record then also serves unmerge_(..., fast=True) (see unmerge_)."""
+    return weight.device.type == "cpu" and _library(weight, lora_A) is not None
+
+
+def _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val, fast=False):
     lib = _library(weight, lora_A)
     cpu_native = lib is not None and weight.device.type == "cpu"
     check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.unmerge_", values=not cpu_native)
@@ -285,6 +294,13 @@ def _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val):
         check_no_overflow(weight, lora_A, lora_B, -scaling, "lowrank.ops.unmerge_")
     if has_rec:
         rec_idx, rec_val = rec_idx.contiguous(), rec_val.contiguous()
+    if cpu_native and fast and has_rec:
+        native.check(lib.lowrank_cpu_unmerge_strided(
+            _ptr(weight), n, k, weight.stride(0), native.dtype_code(weight.dtype), _ptr(lora_B), lora_B.stride(0),
+            lora_B.stride(1), _ptr(lora_A), lora_A.stride(0), lora_A.stride(1), native.dtype_code(lora_A.dtype),
+            lora_A.shape[0], float(scaling), _ptr(rec_idx), _ptr(rec_val), rec_idx.numel()),
+            "lowrank_cpu_unmerge_strided")
+        return
     if cpu_native:
         native.check(_cpu_merge(lib, weight, lora_A, lora_B, -float(scaling)), "lowrank_cpu_merge_strided")
         if has_rec:
@@ -326,13 +342,19 @@ def _merge_fake(weight, lora_A, lora_B, scaling, exact=True):
 
 @torch.library.custom_op("lowrank::unmerge_", mutates_args=("weight",))
 def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-             rec_idx: torch.Tensor | None = None, rec_val: torch.Tensor | None = None) -> None:
+             rec_idx: torch.Tensor | None = None, rec_val: torch.Tensor | None = None, fast: bool = False) -> None:
     """weight <- round(weight - scaling * lora_B @ lora_A), then the record written back: with the
-    record from `merge_` (same factors and scaling) this restores the original bits exactly."""
-    _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val)
+    record from `merge_` (same factors and scaling) this restores the original bits exactly.
+
+    fast=True, for a record made by `merge_` on the native CPU library (`record_allows_fast_unmerge`)
+    and a CPU weight: the round trip is the fp32 one of the merge's own accumulation, uncertified
+    (about half the work at rank 64); exact with that record only -- with a record made on CUDA or
+    by the pure-torch path the result is undefined. Elsewhere (another device, no library) fast is
+    ignored: the certified unmerge is exact with any merge_ record."""
+    _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val, fast)
 
 
 @unmerge_.register_fake
-def _unmerge_fake(weight, lora_A, lora_B, scaling, rec_idx=None, rec_val=None):
+def _unmerge_fake(weight, lora_A, lora_B, scaling, rec_idx=None, rec_val=None, fast=False):
     check_merge_args(weight, lora_A, lora_B, scaling, "lowrank.ops.unmerge_", values=False)
     return None
