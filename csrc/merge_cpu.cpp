@@ -180,6 +180,30 @@ __attribute__((target("avx2,fma"), noinline)) void rank_rows4_avx2(const float *
 __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float *b0, int64_t r, const float *ap,
                                                                    int nc, float (*acc)[JT]) {
   int j = 0;
+  // four panels (64 columns) at a time while they last: 16 independent fma chains per k (8 chains
+  // at the fma's latency of 4 cycles on 2 ports left no slack), 4 loads + 4 broadcasts per 16 fmas
+  for (; j + 48 < nc; j += 64, ap += 64 * r) {
+    __m512 c0[4], c1[4], c2[4], c3[4];
+    for (int p = 0; p < 4; ++p) c0[p] = c1[p] = c2[p] = c3[p] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < r; ++k) {
+      __m512 x[4];
+      for (int p = 0; p < 4; ++p) x[p] = _mm512_loadu_ps(ap + p * 16 * r + 16 * k);
+      const __m512 e0 = _mm512_set1_ps(b0[k]), e1 = _mm512_set1_ps(b0[r + k]);
+      const __m512 e2 = _mm512_set1_ps(b0[2 * r + k]), e3 = _mm512_set1_ps(b0[3 * r + k]);
+      for (int p = 0; p < 4; ++p) {
+        c0[p] = _mm512_fmadd_ps(e0, x[p], c0[p]);
+        c1[p] = _mm512_fmadd_ps(e1, x[p], c1[p]);
+        c2[p] = _mm512_fmadd_ps(e2, x[p], c2[p]);
+        c3[p] = _mm512_fmadd_ps(e3, x[p], c3[p]);
+      }
+    }
+    for (int p = 0; p < 4; ++p) {
+      _mm512_storeu_ps(acc[0] + j + 16 * p, c0[p]);
+      _mm512_storeu_ps(acc[1] + j + 16 * p, c1[p]);
+      _mm512_storeu_ps(acc[2] + j + 16 * p, c2[p]);
+      _mm512_storeu_ps(acc[3] + j + 16 * p, c3[p]);
+    }
+  }
   for (; j + 16 < nc; j += 32, ap += 32 * r) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
            c31 = c00;
@@ -236,8 +260,47 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float 
 // rank_rows4_avx512, so the same acc bits.
 __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_abs(const float *b0, int64_t r, const float *ap,
                                                                        int nc, float (*acc)[JT], float (*sabs)[JT]) {
-  // two panels (32 columns) at a time: 8 independent fma chains, as rank_rows4_avx512
-  for (int j = 0; j < nc; j += 32, ap += 32 * r) {
+  int j0 = 0;
+  // three panels (48 columns) at a time while they last: 12 fma chains and their 12 sums in
+  // registers (with the operands, 28 of the 32 zmm)
+  for (; j0 + 32 < nc; j0 += 48, ap += 48 * r) {
+    __m512 c[3][4], t[3][4];
+    for (int p = 0; p < 3; ++p)
+      for (int q = 0; q < 4; ++q) c[p][q] = t[p][q] = _mm512_setzero_ps();
+#define LR3_STEP(K)                                                                     \
+  do {                                                                                  \
+    __m512 x[3];                                                                        \
+    for (int p = 0; p < 3; ++p) x[p] = _mm512_loadu_ps(ap + p * 16 * r + 16 * (K));     \
+    for (int q = 0; q < 4; ++q) {                                                       \
+      const __m512 e = _mm512_set1_ps(b0[q * r + (K)]);                                 \
+      for (int p = 0; p < 3; ++p) c[p][q] = _mm512_fmadd_ps(e, x[p], c[p][q]);          \
+    }                                                                                   \
+  } while (0)
+#define LR3_TRACK()                                                                         \
+  do {                                                                                      \
+    for (int p = 0; p < 3; ++p)                                                             \
+      for (int q = 0; q < 4; ++q) t[p][q] = _mm512_add_ps(t[p][q], _mm512_abs_ps(c[p][q])); \
+  } while (0)
+    int64_t k = 0;
+    for (; k + 1 < r; k += 2) {
+      LR3_STEP(k);
+      LR3_STEP(k + 1);
+      LR3_TRACK();  // |s_{k+2}|, k + 2 even (1-based)
+    }
+    if (k < r) {  // r odd: the last partial sum is tracked too
+      LR3_STEP(k);
+      LR3_TRACK();
+    }
+#undef LR3_STEP
+#undef LR3_TRACK
+    for (int p = 0; p < 3; ++p)
+      for (int q = 0; q < 4; ++q) {
+        _mm512_storeu_ps(acc[q] + j0 + 16 * p, c[p][q]);
+        _mm512_storeu_ps(sabs[q] + j0 + 16 * p, t[p][q]);
+      }
+  }
+  // then two panels (32 columns) at a time: 8 independent fma chains, as rank_rows4_avx512
+  for (int j = j0; j < nc; j += 32, ap += 32 * r) {
     const bool two = j + 16 < nc;
     const float *p1 = two ? ap + 16 * r : ap;  // one panel left: compute it twice, store once
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, d0 = c0, d1 = c0, d2 = c0, d3 = c0;
