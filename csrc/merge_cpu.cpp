@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -929,15 +930,19 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void merge_tile_f64(const Ar
 
 // a (rank x cols, row-major) -> 16-column panels for rank_rows4_avx2; empty when that kernel
 // is not used (no AVX2 + FMA, or fewer than RB rows).
-static std::vector<float> pack_panels(const Args &g) {
-  std::vector<float> ap;
-  if (!g_avx2_fma || g.rows < RB) return ap;
+// Uninitialized float storage (a std::vector would zero it first: a wasted pass, ~3% of a fast
+// unmerge at 1024x4096 r = 64, over buffers that are then written in full). Throws bad_alloc.
+using FloatBuf = std::unique_ptr<float[]>;
+static FloatBuf float_buf(int64_t n) { return FloatBuf(new float[(size_t)std::max<int64_t>(n, 1)]); }
+
+static FloatBuf pack_panels(const Args &g) {
+  if (!g_avx2_fma || g.rows < RB) return nullptr;
   const int64_t panels = (g.cols + 15) / 16, r = g.rank;
-  ap.resize((size_t)(panels * r * 16));
+  FloatBuf ap = float_buf(panels * r * 16);
 #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < panels; ++p) {
     for (int64_t k = 0; k < r; ++k) {
-      float *dst = ap.data() + (p * r + k) * 16;
+      float *dst = ap.get() + (p * r + k) * 16;
       for (int c = 0; c < 16; ++c) dst[c] = 16 * p + c < g.cols ? g.a[k * g.cols + 16 * p + c] : 0.0f;
     }
   }
@@ -972,14 +977,14 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
       g.inv_c = f;
     }
   }
-  std::vector<float> panels;
+  FloatBuf panels;
   if (!g.ap) {
     try {
       panels = pack_panels(g);
     } catch (const std::bad_alloc &) {
       return LOWRANK_ERR_OUT_OF_MEMORY;
     }
-    g.ap = panels.empty() ? nullptr : panels.data();
+    g.ap = panels.get();
   }
   // The static schedule gives thread t one contiguous run of tasks (below), in thread order. Records go straight into the caller's buffers:
   // thread t writes its rows' records, in index order, from slot cap * t / nthreads on (what
@@ -1236,12 +1241,12 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
     return LOWRANK_OK;
   }
   if (!b || !a || !isfinite(scale)) return LOWRANK_ERR_INVALID_ARGUMENT;
-  std::vector<float> b32, a32, rb, cb;
+  FloatBuf b32, a32, rb, cb;  // each written in full below
   try {
-    b32.resize((size_t)(rows * rank));
-    a32.resize((size_t)(rank * cols));
-    rb.resize((size_t)rows);
-    cb.resize((size_t)cols);
+    b32 = float_buf(rows * rank);
+    a32 = float_buf(rank * cols);
+    rb = float_buf(rows);
+    cb = float_buf(cols);
   } catch (const std::bad_alloc &) {
     return LOWRANK_ERR_OUT_OF_MEMORY;
   }
@@ -1262,7 +1267,7 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
 #pragma omp for schedule(static) nowait
       for (int64_t i = 0; i < rows; ++i) {
         double ss = 0.0;
-        float *dst = b32.data() + i * rank;
+        float *dst = b32.get() + i * rank;
         if (b_s1 == 1) {
           const int64_t base = i * b_s0;
 #pragma omp simd reduction(+ : ss)
@@ -1286,7 +1291,7 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
         const int64_t nj = std::min(cols, j0 + CB) - j0;
         double col_ss[CB] = {};
         for (int64_t k = 0; k < rank; ++k) {
-          float *dst = a32.data() + k * cols + j0;
+          float *dst = a32.get() + k * cols + j0;
           if (a_s1 == 1) {
             const int64_t base = k * a_s0 + j0;
 #pragma omp simd
@@ -1322,7 +1327,7 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
   const bool record = rec_idx != nullptr;
   if (record && (!rec_val || !rec_count || rec_capacity < 0 || rows * cols > INT32_MAX))
     return LOWRANK_ERR_INVALID_ARGUMENT;
-  Args g{w, rows, cols, ldw, b32.data(), a32.data(), nullptr, rank, rb.data(), cb.data(), abs_bound, scale, record};
+  Args g{w, rows, cols, ldw, b32.get(), a32.get(), nullptr, rank, rb.get(), cb.get(), abs_bound, scale, record};
   g.fast = fast && !record;
   return merge_dispatch(g, dtype, rec_idx, rec_val, rec_capacity, rec_count);
 }
@@ -1336,15 +1341,31 @@ extern "C" int lowrank_cpu_merge_strided(void *w, int64_t rows, int64_t cols, in
                        rec_val, rec_capacity, rec_count, false);
 }
 
+// Records come sorted (the CPU merge's, and the CUDA ones once argsorted) with ~cols / 20 of them
+// per row: the row is found by a division only when an index leaves the current one (a division
+// per record was most of a fast unmerge's restore: 1.4 ms at 1024x4096 with 4.6% recorded).
 template <typename T>
 static void restore_impl(T *w, int64_t cols, int64_t ldw, const int32_t *idx, const T *val, int64_t count) {
-  for (int64_t n = 0; n < count; ++n) w[(idx[n] / cols) * ldw + idx[n] % cols] = val[n];
+  int64_t start = 0, row = 0;  // the current row and its first flat index
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t x = idx[n];
+    if (x < start || x >= start + cols) {
+      row = x / cols;
+      start = row * cols;
+    }
+    w[row * ldw + (x - start)] = val[n];
+  }
 }
 
 static bool record_in_range(int64_t rows, int64_t cols, const int32_t *idx, int64_t count) {
-  for (int64_t n = 0; n < count; ++n)
-    if (idx[n] < 0 || idx[n] >= rows * cols) return false;
-  return true;
+  if (count == 0) return true;
+  int32_t lo = idx[0], hi = idx[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+  for (int64_t n = 0; n < count; ++n) {
+    lo = std::min(lo, idx[n]);
+    hi = std::max(hi, idx[n]);
+  }
+  return lo >= 0 && (int64_t)hi < rows * cols;
 }
 
 static int restore_dispatch(void *w, int64_t cols, int64_t ldw, int dtype, const int32_t *rec_idx,

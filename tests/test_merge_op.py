@@ -418,6 +418,23 @@ def test_records_crowded_into_one_threads_rows(dtype):
     unmerge_(w, a, b, 2.0, idx, val)
     assert_bits_equal(w, w0, "after unmerge")
 
+@needs_cpu_lib
+@pytest.mark.parametrize("fast", [False, True], ids=["certified", "fast"])
+def test_unmerge_with_a_shuffled_record_on_a_padded_weight(fast):
+    """The library's restore finds each record's row by a division only when the index leaves the
+    current row (records come sorted); a record in any order, on rows with a stride beyond the
+    row, is written back as well."""
+    gen = torch.Generator().manual_seed(4)
+    store, w = make_weight(37, 130, torch.float16, pad=5, gen=gen)
+    a, b = factors(37, 130, 8, torch.float16, mag=0.3, gen=gen)
+    orig = store.clone()
+    idx, val = merge_(w, a, b, 2.0, True)
+    assert idx.numel() > 100
+    perm = torch.randperm(idx.numel(), generator=gen)
+    unmerge_(w, a, b, 2.0, idx[perm], val[perm], fast=fast)
+    assert_bits_equal(store, orig, "after unmerge with a shuffled record")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: a clear error and W unchanged
 # ---------------------------------------------------------------------------------------------
