@@ -235,6 +235,39 @@ def test_merge_near_rounding_midpoints(dtype, backend, monkeypatch):
     assert_bits_equal(w, w0, "midpoint cases after unmerge")
 
 
+@pytest.mark.parametrize("backend", [pytest.param("library", marks=needs_cpu_lib), "fallback"])
+def test_merge_near_fp16_subnormal_midpoints(backend, monkeypatch):
+    """fp16 results below 2^-14 (zero and subnormal: spacing 2^-24), which the AVX-512 epilogue
+    certifies on their own grid: exact ties (n + 1/2) 2^-24, nudges of +-2^-30 and +-2^-31 off them,
+    zeros, values crossing into the normal range, and rows whose fp32 sum is off by up to half a
+    step (a +-1/2 that cancels). One rounding against float64, and both unmerges restore W."""
+    if backend == "fallback":
+        monkeypatch.setenv("LOWRANK_NO_NATIVE", "1")
+    n, k, r = 64, 160, 5
+    gen = torch.Generator().manual_seed(2)
+    m = torch.randint(-1100, 1100, (n, k), generator=gen).double()
+    m[torch.rand(n, k, generator=gen) < 0.2] = 0.0  # zeros
+    w = (m * 2.0 ** -24).to(torch.float16)  # subnormal, zero, and a few just past 2^-14
+    a = torch.zeros(r, k, dtype=torch.float16)
+    b = torch.zeros(n, r, dtype=torch.float16)
+    a[0] = 2.0 ** -24  # one subnormal step (the smallest fp16), times b[:, 0] in halves: ties
+    a[1] = (torch.randint(-3, 4, (k,), generator=gen) * 2.0 ** -16).to(torch.float16)  # times b[:, 1] = 2^-14 or 2^-15
+    a[2] = (torch.randint(-4, 5, (k,), generator=gen) * 2.0 ** -24).to(torch.float16)  # whole steps
+    b[:, 0] = (torch.randint(-3, 4, (n,), generator=gen) * 0.5).to(torch.float16)
+    b[:, 1] = torch.where(torch.arange(n) % 3 == 0, 2.0 ** -14, torch.where(torch.arange(n) % 3 == 1, 2.0 ** -15, 0.0))
+    b[:, 2] = torch.randint(-2, 3, (n,), generator=gen).to(torch.float16)
+    # +-1/2 added and taken away again on half of the rows: exact in float64, but fp32's running
+    # sum loses bits down to 2^-25 (half a step) on the way: only the bound can tell
+    a[3], a[4] = 1.0, -1.0
+    b[:, 3] = b[:, 4] = torch.where(torch.arange(n) % 2 == 0, 0.5, 0.0) * torch.sign(torch.randn(n, generator=gen))
+    w0 = w.clone()
+    rec = merge_(w, a, b, 1.0, True)
+    assert_bits_equal(w, merged_f64(w0, a, b, 1.0), "subnormal midpoint cases")
+    check_record(w0, w, a, b, 1.0, rec)
+    unmerge_(w, a, b, 1.0, *rec)
+    assert_bits_equal(w, w0, "subnormal midpoint cases after unmerge")
+
+
 # ---------------------------------------------------------------------------------------------
 # The pure-torch fallback: same numerics, forced
 # ---------------------------------------------------------------------------------------------
