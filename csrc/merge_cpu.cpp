@@ -524,49 +524,8 @@ __attribute__((always_inline)) inline int32_t certify_row(const float *accq, flo
 // the branch-free emulations of the conversions and rematerialized its constants inside the
 // loop: at r = 16 that epilogue cost twice the rank loop.) wb receives the original bits (widened),
 // flag bit 0 / 1 as certify_row's (tail lanes untouched), W the fast path's rounding.
-// The range where certify_row_avx512 trusts its own rounding of the round trip (round16: for fp16
-// the conversion instruction, correct on the subnormal range too) together with certified16:
-// outside it the slow path decides.
-template <int DT>
-__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __mmask16 normal16(__m512 v) {
-  const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 23), _mm512_set1_epi32(0xFF));
-  if (DT == DT_F16) return _mm512_cmple_epi32_mask(ex, _mm512_set1_epi32(141));
-  return _mm512_cmpge_epi32_mask(ex, _mm512_set1_epi32(24)) & _mm512_cmple_epi32_mask(ex, _mm512_set1_epi32(253));
-}
-
-template <int DT>
-__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __mmask16 certified16(__m512 v, __m512 e) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(u, 23), _mm512_set1_epi32(0xFF));
-  const __m512i low = _mm512_and_si512(u, _mm512_set1_epi32(DT == DT_F16 ? 0x1FFF : 0xFFFF));
-  __m512i d = _mm512_abs_epi32(_mm512_sub_epi32(low, _mm512_set1_epi32(DT == DT_F16 ? 0x1000 : 0x8000)));
-  d = _mm512_min_epi32(d, _mm512_set1_epi32(DT == DT_F16 ? 0x800 : 0x4000));
-  const __m512i exc = _mm512_max_epi32(ex, _mm512_set1_epi32(24));
-  const __m512 ulp = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(exc, _mm512_set1_epi32(23)), 23));
-  const __m512 room = _mm512_mul_ps(_mm512_cvtepi32_ps(d), ulp);
-  const __mmask16 in_range = _mm512_cmpge_epi32_mask(ex, _mm512_set1_epi32(DT == DT_F16 ? 113 : 24)) &
-                             _mm512_cmple_epi32_mask(ex, _mm512_set1_epi32(DT == DT_F16 ? 141 : 253));
-  const __mmask16 ok = _mm512_mask_cmp_ps_mask(in_range, e, room, _CMP_LT_OQ);
-  if (DT != DT_F16) return ok;
-  // fp16 below 2^-14 (zero and subnormal results; 0.24% of N(0, 0.02) weights): the grid is the
-  // multiples of 2^-24 and its midpoints (n + 1/2) 2^-24, so in t = |v| 2^24 (exact: a power of
-  // two) the distance to the nearest one is |t - floor(t) - 1/2| (exact for t < 2^10), compared
-  // with e 2^24 (exact). Without this such elements all took the slow path, twice in exact mode.
-  const __m512 two24 = _mm512_set1_ps(16777216.0f);
-  const __m512 t = _mm512_mul_ps(_mm512_abs_ps(v), two24);
-  const __m512 frac = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
-  const __m512 dist = _mm512_abs_ps(_mm512_sub_ps(frac, _mm512_set1_ps(0.5f)));
-  const __mmask16 small = _mm512_cmplt_epi32_mask(ex, _mm512_set1_epi32(113));
-  return ok | _mm512_mask_cmp_ps_mask(small, _mm512_mul_ps(e, two24), dist, _CMP_LT_OQ);
-}
-
-// bound_from, 16 lanes: (ea + |v| 6e-8) (1 + 2^-20) + abs_bound, the same roundings.
-__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __m512 bound16(__m512 ea, __m512 v, __m512 ab) {
-  const __m512 e = _mm512_add_ps(ea, _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(6.0e-8f)));
-  return _mm512_add_ps(_mm512_fmadd_ps(e, _mm512_set1_ps(9.5367431640625e-07f), e), ab);
-}
-
-// Nearest-even rounding to the 16-bit target (normal range), results in 16-bit lanes.
+// Nearest-even rounding to the 16-bit target (every finite value; NaN: fp16 keeps a quiet NaN, bf16
+// may not), results in 16-bit lanes.
 template <int DT>
 __attribute__((target("arch=x86-64-v4"), always_inline)) static inline __m256i round16(__m512 v) {
   if (DT == DT_F16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -574,6 +533,52 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) static inline __m256i r
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   return _mm512_cvtepi32_epi16(
       _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
+}
+
+// Whether every real number within e of v rounds (nearest-even, to the 16-bit target) to the same
+// bits as v. fp16: v - e rounded down and v + e rounded up (embedded rounding: no real number of
+// the interval lies outside them) round to the same bits, and v is not NaN; rounding is monotone,
+// so the exact value then rounds to those bits too. One test for every finite value -- normal,
+// subnormal and zero results (fp16 results below 2^-14: 0.24% of N(0, 0.02) weights, which the
+// distance-to-midpoint test below sent to the slow path, twice in exact mode), cheaper than that
+// test, and an interval holding both signs of zero is left uncertified (a zero result's sign is
+// the exact value's). round16 for fp16 is the conversion instruction, correct on every finite
+// value; the fast unmerge rounds with it too. bf16 (where round16 is integer arithmetic, and the
+// two roundings cost more than this test): v farther than e from the nearest rounding midpoint,
+// whose distance d * ulp32(v) is exact, on the normal range only (normal16).
+template <int DT>
+__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __mmask16 certified16(__m512 v, __m512 e) {
+  if (DT == DT_F16) {
+    const __m512 lo = _mm512_sub_round_ps(v, e, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 hi = _mm512_add_round_ps(v, e, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    return _mm256_cmpeq_epi16_mask(round16<DT>(lo), round16<DT>(hi)) & _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  }
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(u, 23), _mm512_set1_epi32(0xFF));
+  const __m512i low = _mm512_and_si512(u, _mm512_set1_epi32(0xFFFF));
+  __m512i d = _mm512_abs_epi32(_mm512_sub_epi32(low, _mm512_set1_epi32(0x8000)));
+  d = _mm512_min_epi32(d, _mm512_set1_epi32(0x4000));  // the next binade's midpoints are >= 2^14 ulps away
+  const __m512i exc = _mm512_max_epi32(ex, _mm512_set1_epi32(24));
+  const __m512 ulp = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(exc, _mm512_set1_epi32(23)), 23));
+  const __m512 room = _mm512_mul_ps(_mm512_cvtepi32_ps(d), ulp);
+  const __mmask16 in_range = _mm512_cmpge_epi32_mask(ex, _mm512_set1_epi32(24)) &
+                             _mm512_cmple_epi32_mask(ex, _mm512_set1_epi32(253));
+  return _mm512_mask_cmp_ps_mask(in_range, e, room, _CMP_LT_OQ);
+}
+
+// Where certify_row_avx512 trusts certified16 and its own rounding of the round trip: fp16
+// everywhere (certified16 excludes NaN); bf16 the normal range (outside it the slow path decides).
+template <int DT>
+__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __mmask16 normal16(__m512 v) {
+  if (DT == DT_F16) return (__mmask16)0xFFFF;
+  const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 23), _mm512_set1_epi32(0xFF));
+  return _mm512_cmpge_epi32_mask(ex, _mm512_set1_epi32(24)) & _mm512_cmple_epi32_mask(ex, _mm512_set1_epi32(253));
+}
+
+// bound_from, 16 lanes: (ea + |v| 6e-8) (1 + 2^-20) + abs_bound, the same roundings.
+__attribute__((target("arch=x86-64-v4"), always_inline)) static inline __m512 bound16(__m512 ea, __m512 v, __m512 ab) {
+  const __m512 e = _mm512_add_ps(ea, _mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(6.0e-8f)));
+  return _mm512_add_ps(_mm512_fmadd_ps(e, _mm512_set1_ps(9.5367431640625e-07f), e), ab);
 }
 
 template <int DT>
