@@ -259,110 +259,64 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512(const float 
 // pipes (by count, 12 zmm pipe slots per k against the fmas' 8 on Zen 4): every second step halves that, for a
 // bound ~20% looser at r = 64 (a few more elements on the slow path). Same fma sequence as
 // rank_rows4_avx512, so the same acc bits.
+template <int P>
+__attribute__((target("avx512f"), always_inline)) static inline void rank_step(const float *b0, int64_t r,
+                                                                               const float *const *pp, int64_t k,
+                                                                               __m512 (*c)[RB]) {
+  __m512 x[P];
+  for (int p = 0; p < P; ++p) x[p] = _mm512_loadu_ps(pp[p] + 16 * k);
+  for (int q = 0; q < RB; ++q) {
+    const __m512 e = _mm512_set1_ps(b0[q * r + k]);
+    for (int p = 0; p < P; ++p) c[p][q] = _mm512_fmadd_ps(e, x[p], c[p][q]);
+  }
+}
+
+template <int P>
+__attribute__((target("avx512f"), always_inline)) static inline void track_step(__m512 (*c)[RB], __m512 (*t)[RB]) {
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < RB; ++q) t[p][q] = _mm512_add_ps(t[p][q], _mm512_abs_ps(c[p][q]));
+}
+
+// P panels (16 P columns) of rank_rows4_avx512_abs: 4 P fma chains and their sums in registers
+// (P = 3: with the operands, 28 of the 32 zmm). pp[p] is panel p; the stores cover the first
+// `keep` panels (one panel left: P = 2 with pp[1] == pp[0], computed twice, stored once).
+template <int P>
+__attribute__((target("avx512f"), always_inline)) static inline void rank_panels_abs(const float *b0, int64_t r,
+                                                                                     const float *const *pp,
+                                                                                     float (*acc)[JT],
+                                                                                     float (*sabs)[JT], int j,
+                                                                                     int keep) {
+  __m512 c[P][RB], t[P][RB];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < RB; ++q) c[p][q] = t[p][q] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 1 < r; k += 2) {
+    rank_step<P>(b0, r, pp, k, c);
+    rank_step<P>(b0, r, pp, k + 1, c);
+    track_step<P>(c, t);  // |s_{k+2}|, k + 2 even (1-based)
+  }
+  if (k < r) {  // r odd: the last partial sum is tracked too
+    rank_step<P>(b0, r, pp, k, c);
+    track_step<P>(c, t);
+  }
+  for (int p = 0; p < keep; ++p)
+    for (int q = 0; q < RB; ++q) {
+      _mm512_storeu_ps(acc[q] + j + 16 * p, c[p][q]);
+      _mm512_storeu_ps(sabs[q] + j + 16 * p, t[p][q]);
+    }
+}
+
 __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_abs(const float *b0, int64_t r, const float *ap,
                                                                        int nc, float (*acc)[JT], float (*sabs)[JT]) {
-  int j0 = 0;
-  // three panels (48 columns) at a time while they last: 12 fma chains and their 12 sums in
-  // registers (with the operands, 28 of the 32 zmm)
-  for (; j0 + 32 < nc; j0 += 48, ap += 48 * r) {
-    __m512 c[3][4], t[3][4];
-    for (int p = 0; p < 3; ++p)
-      for (int q = 0; q < 4; ++q) c[p][q] = t[p][q] = _mm512_setzero_ps();
-#define LR3_STEP(K)                                                                     \
-  do {                                                                                  \
-    __m512 x[3];                                                                        \
-    for (int p = 0; p < 3; ++p) x[p] = _mm512_loadu_ps(ap + p * 16 * r + 16 * (K));     \
-    for (int q = 0; q < 4; ++q) {                                                       \
-      const __m512 e = _mm512_set1_ps(b0[q * r + (K)]);                                 \
-      for (int p = 0; p < 3; ++p) c[p][q] = _mm512_fmadd_ps(e, x[p], c[p][q]);          \
-    }                                                                                   \
-  } while (0)
-#define LR3_TRACK()                                                                         \
-  do {                                                                                      \
-    for (int p = 0; p < 3; ++p)                                                             \
-      for (int q = 0; q < 4; ++q) t[p][q] = _mm512_add_ps(t[p][q], _mm512_abs_ps(c[p][q])); \
-  } while (0)
-    int64_t k = 0;
-    for (; k + 1 < r; k += 2) {
-      LR3_STEP(k);
-      LR3_STEP(k + 1);
-      LR3_TRACK();  // |s_{k+2}|, k + 2 even (1-based)
-    }
-    if (k < r) {  // r odd: the last partial sum is tracked too
-      LR3_STEP(k);
-      LR3_TRACK();
-    }
-#undef LR3_STEP
-#undef LR3_TRACK
-    for (int p = 0; p < 3; ++p)
-      for (int q = 0; q < 4; ++q) {
-        _mm512_storeu_ps(acc[q] + j0 + 16 * p, c[p][q]);
-        _mm512_storeu_ps(sabs[q] + j0 + 16 * p, t[p][q]);
-      }
+  int j = 0;
+  for (; j + 32 < nc; j += 48, ap += 48 * r) {  // three panels while they last: 12 chains
+    const float *pp[3] = {ap, ap + 16 * r, ap + 32 * r};
+    rank_panels_abs<3>(b0, r, pp, acc, sabs, j, 3);
   }
-  // then two panels (32 columns) at a time: 8 independent fma chains, as rank_rows4_avx512
-  for (int j = j0; j < nc; j += 32, ap += 32 * r) {
+  for (; j < nc; j += 32, ap += 32 * r) {  // then two (8 chains), or the last one
     const bool two = j + 16 < nc;
-    const float *p1 = two ? ap + 16 * r : ap;  // one panel left: compute it twice, store once
-    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, d0 = c0, d1 = c0, d2 = c0, d3 = c0;
-    __m512 s0 = c0, s1 = c0, s2 = c0, s3 = c0, t0 = c0, t1 = c0, t2 = c0, t3 = c0;
-#define LR_STEP(K)                                                          \
-  do {                                                                      \
-    const __m512 x = _mm512_loadu_ps(ap + 16 * (K)), y = _mm512_loadu_ps(p1 + 16 * (K)); \
-    __m512 c = _mm512_set1_ps(b0[(K)]);                                     \
-    c0 = _mm512_fmadd_ps(c, x, c0);                                         \
-    d0 = _mm512_fmadd_ps(c, y, d0);                                         \
-    c = _mm512_set1_ps(b0[r + (K)]);                                        \
-    c1 = _mm512_fmadd_ps(c, x, c1);                                         \
-    d1 = _mm512_fmadd_ps(c, y, d1);                                         \
-    c = _mm512_set1_ps(b0[2 * r + (K)]);                                    \
-    c2 = _mm512_fmadd_ps(c, x, c2);                                         \
-    d2 = _mm512_fmadd_ps(c, y, d2);                                         \
-    c = _mm512_set1_ps(b0[3 * r + (K)]);                                    \
-    c3 = _mm512_fmadd_ps(c, x, c3);                                         \
-    d3 = _mm512_fmadd_ps(c, y, d3);                                         \
-  } while (0)
-#define LR_TRACK()                                  \
-  do {                                              \
-    s0 = _mm512_add_ps(s0, _mm512_abs_ps(c0));      \
-    t0 = _mm512_add_ps(t0, _mm512_abs_ps(d0));      \
-    s1 = _mm512_add_ps(s1, _mm512_abs_ps(c1));      \
-    t1 = _mm512_add_ps(t1, _mm512_abs_ps(d1));      \
-    s2 = _mm512_add_ps(s2, _mm512_abs_ps(c2));      \
-    t2 = _mm512_add_ps(t2, _mm512_abs_ps(d2));      \
-    s3 = _mm512_add_ps(s3, _mm512_abs_ps(c3));      \
-    t3 = _mm512_add_ps(t3, _mm512_abs_ps(d3));      \
-  } while (0)
-    int64_t k = 0;
-    for (; k + 1 < r; k += 2) {
-      LR_STEP(k);
-      LR_STEP(k + 1);
-      LR_TRACK();  // |s_{k+2}|, k + 2 even (1-based)
-    }
-    if (k < r) {  // r odd: the last partial sum is tracked too
-      LR_STEP(k);
-      LR_TRACK();
-    }
-#undef LR_STEP
-#undef LR_TRACK
-    _mm512_storeu_ps(acc[0] + j, c0);
-    _mm512_storeu_ps(acc[1] + j, c1);
-    _mm512_storeu_ps(acc[2] + j, c2);
-    _mm512_storeu_ps(acc[3] + j, c3);
-    _mm512_storeu_ps(sabs[0] + j, s0);
-    _mm512_storeu_ps(sabs[1] + j, s1);
-    _mm512_storeu_ps(sabs[2] + j, s2);
-    _mm512_storeu_ps(sabs[3] + j, s3);
-    if (two) {
-      _mm512_storeu_ps(acc[0] + j + 16, d0);
-      _mm512_storeu_ps(acc[1] + j + 16, d1);
-      _mm512_storeu_ps(acc[2] + j + 16, d2);
-      _mm512_storeu_ps(acc[3] + j + 16, d3);
-      _mm512_storeu_ps(sabs[0] + j + 16, t0);
-      _mm512_storeu_ps(sabs[1] + j + 16, t1);
-      _mm512_storeu_ps(sabs[2] + j + 16, t2);
-      _mm512_storeu_ps(sabs[3] + j + 16, t3);
-    }
+    const float *pp[2] = {ap, two ? ap + 16 * r : ap};
+    rank_panels_abs<2>(b0, r, pp, acc, sabs, j, two ? 2 : 1);
   }
 }
 
