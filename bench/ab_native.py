@@ -30,7 +30,7 @@ import time
 import torch
 
 from lowrank import native
-from lowrank.ops.merge import _cpu_merge, _ptr, _record_capacity
+from lowrank.ops.merge import _cpu_merge, _cpu_unmerge_fast, _ptr, _record_capacity
 
 from .bench_merge import _inputs
 
@@ -70,9 +70,7 @@ def main(argv=None) -> None:
         def round_trip(lib):
             if args.exact and hasattr(lib, "lowrank_cpu_unmerge_strided"):  # lowrank.unmerge's fast unmerge
                 native.check(_cpu_merge(lib, w, a, b, s, rec), "merge")
-                native.check(lib.lowrank_cpu_unmerge_strided(
-                    _ptr(w), n, k, k, code, _ptr(b), b.stride(0), b.stride(1), _ptr(a), a.stride(0), a.stride(1),
-                    code, a.shape[0], float(s), _ptr(rec[0]), _ptr(rec[1]), rec[2].value), "fast unmerge")
+                native.check(_cpu_unmerge_fast(lib, w, a, b, s, rec[0], rec[1], rec[2].value), "fast unmerge")
             elif args.exact:
                 native.check(_cpu_merge(lib, w, a, b, s, rec), "merge")
                 native.check(_cpu_merge(lib, w, a, b, -s), "unmerge")

@@ -882,7 +882,6 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void merge_tile_f64(const Ar
         const __m256i back = round_slow8<DT>(widen8<DT>(y), ns, a8);
         const __m256i f = _mm256_srli_epi32(_mm256_xor_si256(_mm256_cmpeq_epi32(back, wv), _mm256_set1_epi32(-1)), 31);
         _mm256_store_si256((__m256i *)(flag + j), f);
-        any |= _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32(f, 31)));
       }
     }
     for (; j < nc; ++j) {  // the tail: the slow path's own scalar code, the same bits

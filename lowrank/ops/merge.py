@@ -185,6 +185,16 @@ def _cpu_merge(lib, weight, lora_A, lora_B, scaling, rec=None):
     return status
 
 
+def _cpu_unmerge_fast(lib, weight, lora_A, lora_B, scaling, rec_idx, rec_val, count):
+    """lowrank_cpu_unmerge_strided on the tensors as they are: the fast unmerge with the CPU
+    library's own record (its first `count` entries), then the record written back."""
+    n, k = weight.shape
+    return lib.lowrank_cpu_unmerge_strided(
+        _ptr(weight), n, k, weight.stride(0), native.dtype_code(weight.dtype), _ptr(lora_B), lora_B.stride(0),
+        lora_B.stride(1), _ptr(lora_A), lora_A.stride(0), lora_A.stride(1), native.dtype_code(lora_A.dtype),
+        lora_A.shape[0], float(scaling), _ptr(rec_idx), _ptr(rec_val), count)
+
+
 def _library(weight, lora_A):
     """The native library for this merge, or None: missing, or a rank above its MAX_RANK (the
     pure-torch path has the same numerics at any rank, so every rank that patches merges)."""
@@ -318,11 +328,8 @@ def _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val, fast=False):
     if has_rec:
         rec_idx, rec_val = rec_idx.contiguous(), rec_val.contiguous()
     if cpu_native and fast and has_rec:
-        native.check(lib.lowrank_cpu_unmerge_strided(
-            _ptr(weight), n, k, weight.stride(0), native.dtype_code(weight.dtype), _ptr(lora_B), lora_B.stride(0),
-            lora_B.stride(1), _ptr(lora_A), lora_A.stride(0), lora_A.stride(1), native.dtype_code(lora_A.dtype),
-            lora_A.shape[0], float(scaling), _ptr(rec_idx), _ptr(rec_val), rec_idx.numel()),
-            "lowrank_cpu_unmerge_strided")
+        native.check(_cpu_unmerge_fast(lib, weight, lora_A, lora_B, scaling, rec_idx, rec_val, rec_idx.numel()),
+                     "lowrank_cpu_unmerge_strided")
         return
     if cpu_native:
         native.check(_cpu_merge(lib, weight, lora_A, lora_B, -float(scaling)), "lowrank_cpu_merge_strided")
