@@ -351,6 +351,7 @@ def test_nf4_lora_linear_cpu_paths(dtype, m_shape, dropout, monkeypatch):
 
     monkeypatch.setenv("LOWRANK_BACKEND", "reference")
     monkeypatch.setattr(op, "TILE_BYTES", 1)  # 16-row tiles, 2-block column tiles
+    monkeypatch.setattr(op, "MIN_TILE", 1)
     w, x, a, b, bias_t, dy = op_case_grads(m_shape, 45, 320, 6, dtype, 1.5, dropout, device="cpu")
     wd = w.dequantize(dtype)
     monkeypatch.setattr(NF4Weight, "dequantize", lambda *a, **k: pytest.fail("a dense W was decoded"))
@@ -374,6 +375,7 @@ def test_nf4_lora_linear_cpu_tile_buffer_per_thread(monkeypatch):
 
     monkeypatch.setenv("LOWRANK_BACKEND", "reference")
     monkeypatch.setattr(op, "TILE_BYTES", 1)
+    monkeypatch.setattr(op, "MIN_TILE", 1)
     cases = [fused_case(40, 48, 256, 4, torch.float32, device="cpu") for _ in range(2)]
     expected = [lowrank.ops.nf4_lora_linear(x, w, a, b, 1.0, bias).detach() for w, x, a, b, bias in cases]
     errors = []

@@ -4,9 +4,9 @@
 
 One pair of torch.library custom ops, `lowrank::nf4_lora_fwd` / `lowrank::nf4_lora_bwd`, for both
 backends (`lowrank.backend.backend_for(x)`): on the Triton path W is decoded tile by tile inside
-the GEMMs (`lowrank.kernels.nf4_lora_matmul`); on the CPU the native library decodes cache-sized
-tiles that torch's GEMM consumes (forward: tiles of rows; backward's dX: tiles of whole-block
-columns), or for M <= 8 decodes and multiplies in one pass (`_cpu_forward`, `_cpu_input_grad`);
+the GEMMs (`lowrank.kernels.nf4_lora_matmul`); on the CPU the native library decodes tiles of
+about 16 MiB (at least 512 rows / columns wide: see TILE_BYTES) into one reused buffer that torch's
+GEMM consumes (forward: tiles of rows; backward's dX: tiles of whole-block columns), or for M <= 8 decodes and multiplies in one pass (`_cpu_forward`, `_cpu_input_grad`);
 without the native library W is dequantized inside the forward and again inside the backward.
 W is decoded again in backward, never kept from forward. Why custom ops and not an
 autograd.Function over `lora_linear_reference`:
@@ -116,8 +116,16 @@ def nf4_lora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ne
 
 # -- the CPU path: the native library decodes (csrc/nf4_cpu.cpp), torch's GEMM multiplies ------------
 SMALL_M = 8  # at most this many rows of x: decode and multiply in one pass (the 4-bit weight read once)
-TILE_BYTES = 4 << 20  # the decoded tile: sized for a core's L2 / a slice of L3, reused tile after tile
-KEEP_BYTES = 8 << 20  # the largest tile buffer kept between calls (one per thread and dtype)
+# The decoded tile. Its GEMM is one torch matmul per tile, and that call's efficiency, not the
+# decode, sets the cost: measured on two Ice Lake cores (fp32, forward + dX, interleaved against
+# the frozen dense layer), 4 MiB tiles (256 rows at K = 4096) cost 1.34-1.41x the frozen layer at
+# 512x4096x4096 and 1.57x at 256x11008x4096 (down_proj), 16 MiB tiles 1.20x / 1.21-1.23x; torch's
+# GEMM alone loses 17% at 256 output columns and 5-11% at 512 (M = 512-2048, K = 4096) against
+# one full-width call. So a tile is about TILE_BYTES, and never narrower than MIN_TILE rows of W
+# (forward) or columns (dX) unless W is.
+TILE_BYTES = 16 << 20
+MIN_TILE = 512
+KEEP_BYTES = 32 << 20  # the largest tile buffer kept between calls (one per thread and dtype)
 
 
 _scratch = threading.local()
@@ -126,9 +134,9 @@ _scratch = threading.local()
 def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat buffer of `numel` elements for decoded tiles, one per thread and dtype, kept between
     calls: a fresh buffer would cost page faults on every call, more than the decode itself. Only
-    buffers up to KEEP_BYTES are kept (a tile is larger than TILE_BYTES only when 16 rows or two
-    block columns of W are: e.g. a vocabulary-sized layer's dX tiles), so a thread holds at most
-    that per dtype."""
+    buffers up to KEEP_BYTES are kept (a tile is larger than TILE_BYTES when MIN_TILE rows or
+    columns of W are: up to 32 MiB at K = 16384 in fp32; a vocabulary-sized layer's dX tiles can be
+    larger), so a thread holds at most that per dtype."""
     if numel * dtype.itemsize > KEEP_BYTES:
         return torch.empty(numel, dtype=dtype)
     buffers = getattr(_scratch, "buffers", None)
@@ -145,7 +153,7 @@ def _cpu_forward(x2, w: NF4Weight, bias, t, lora_B, scaling: float):
     native path does not apply. M <= SMALL_M: one fused decode-and-multiply pass in fp32, bias and
     LoRA added in fp32, rounded once to x's dtype (SMALL_M = 8: measured on two cores, the tiled
     path is as fast from M = 16 in fp32 and faster in bf16). Otherwise W is decoded a tile of rows
-    at a time into one reused buffer of about TILE_BYTES, and each tile's output columns get the
+    at a time into one reused buffer of about TILE_BYTES (at least MIN_TILE rows), and each tile's output columns get the
     GEMM, the bias and the LoRA term while they are in cache: no dense copy of W is allocated and
     no fresh pages are touched per call (a full dequantize pays its page faults every time)."""
     m = x2.shape[0]
@@ -159,7 +167,7 @@ def _cpu_forward(x2, w: NF4Weight, bias, t, lora_B, scaling: float):
         if t is not None:
             y.addmm_(t.float(), lora_B.t().float(), alpha=scaling)
         return y.to(x2.dtype)
-    rows = min(n, max(16, TILE_BYTES // (k * x2.element_size()) // 16 * 16))
+    rows = min(n, max(16, MIN_TILE, TILE_BYTES // (k * x2.element_size()) // 16 * 16))
     buf = _tile_buffer(rows * k, x2.dtype).view(rows, k)
     y = torch.empty((m, n), dtype=x2.dtype)
     for n0 in range(0, n, rows):
@@ -185,7 +193,7 @@ def _cpu_input_grad(dy2, w: NF4Weight, dt, lora_A):
     bs = w.blocksize
     if k % bs:
         return None
-    cols = min(k, max(2 * bs, TILE_BYTES // (n * dy2.element_size()) // bs * bs))
+    cols = min(k, max(2 * bs, -(-MIN_TILE // bs) * bs, TILE_BYTES // (n * dy2.element_size()) // bs * bs))
     buf = _tile_buffer(n * cols, dy2.dtype).view(n, cols)
     dx = torch.empty((dy2.shape[0], k), dtype=dy2.dtype)
     for c0 in range(0, k, cols):
