@@ -6,9 +6,10 @@ One pair of torch.library custom ops, `lowrank::nf4_lora_fwd` / `lowrank::nf4_lo
 backends (`lowrank.backend.backend_for(x)`): on the Triton path W is decoded tile by tile inside
 the GEMMs (`lowrank.kernels.nf4_lora_matmul`); on the CPU the native library decodes tiles of
 about 16 MiB (at least 512 rows / columns wide: see TILE_BYTES) into one reused buffer that torch's
-GEMM consumes (forward: tiles of rows; backward's dX: tiles of whole-block columns), or for M <= 8 decodes and multiplies in one pass (`_cpu_forward`, `_cpu_input_grad`);
-without the native library W is dequantized inside the forward and again inside the backward.
-W is decoded again in backward, never kept from forward. Why custom ops and not an
+GEMM consumes (forward: tiles of rows; backward's dX: tiles of whole-block columns), or for
+M <= 8 decodes and multiplies in one pass (`_cpu_forward`, `_cpu_input_grad`); without the native
+library W is dequantized inside the forward and again inside the backward. W is decoded again in
+backward, never kept from forward. Why custom ops and not an
 autograd.Function over `lora_linear_reference`:
 - memory: autograd around `F.linear(x, deq(W))` saves the dense W from forward to backward (for a
   4096 x 4096 bf16 layer that is 32 MiB held per layer, 8x the 4-bit storage it came from).
@@ -153,9 +154,10 @@ def _cpu_forward(x2, w: NF4Weight, bias, t, lora_B, scaling: float):
     native path does not apply. M <= SMALL_M: one fused decode-and-multiply pass in fp32, bias and
     LoRA added in fp32, rounded once to x's dtype (SMALL_M = 8: measured on two cores, the tiled
     path is as fast from M = 16 in fp32 and faster in bf16). Otherwise W is decoded a tile of rows
-    at a time into one reused buffer of about TILE_BYTES (at least MIN_TILE rows), and each tile's output columns get the
-    GEMM, the bias and the LoRA term while they are in cache: no dense copy of W is allocated and
-    no fresh pages are touched per call (a full dequantize pays its page faults every time)."""
+    at a time into one reused buffer of about TILE_BYTES (at least MIN_TILE rows), and each tile's
+    output columns get the GEMM, the bias and the LoRA term while they are in cache: no dense copy
+    of W is allocated and no fresh pages are touched per call (a full dequantize pays its page
+    faults every time)."""
     m = x2.shape[0]
     n, k = w.shape
     if m <= SMALL_M:
