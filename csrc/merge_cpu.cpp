@@ -1198,6 +1198,35 @@ static inline float load_factor(const void *p, int64_t off) {
   return bf16_to_float(((const uint16_t *)p)[off]);
 }
 
+// The unit-stride runs of the factor widening (merge_strided), cloned like merge_tile: compiled
+// only for the x86-64-v2 baseline (inside merge_strided's parallel region) the fp16 conversion
+// was the branch-free emulation (merge_strided: 3.6-4.4% of an exact fp16 merge + unmerge at
+// 1024x4096 r = 64 in `perf`, one or two threads, the factors fp16);
+// the v3 / v4 clones run it 8 / 16 lanes wide. widen_run: dst[k] = p[base + k] widened
+// (k < n), returns the sum of their squares in double. widen_run_cols: the same into dst, each
+// square added to ss[j].
+template <int FDT>
+LOWRANK_CLONES static double widen_run(const void *p, int64_t base, int64_t n, float *dst) {
+  double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t k = 0; k < n; ++k) {
+    const float x = load_factor<FDT>(p, base + k);
+    dst[k] = x;
+    ss += (double)x * x;
+  }
+  return ss;
+}
+
+template <int FDT>
+LOWRANK_CLONES static void widen_run_cols(const void *p, int64_t base, int64_t n, float *dst, double *ss) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = load_factor<FDT>(p, base + j);
+    dst[j] = x;
+    ss[j] += (double)x * x;
+  }
+}
+
 static inline float round_up_float(double x) {
   float f = (float)x;
   return (double)f < x ? nextafterf(f, INFINITY) : f;
@@ -1242,13 +1271,7 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
         double ss = 0.0;
         float *dst = b32.get() + i * rank;
         if (b_s1 == 1) {
-          const int64_t base = i * b_s0;
-#pragma omp simd reduction(+ : ss)
-          for (int64_t k = 0; k < rank; ++k) {
-            const float x = load_factor<FDT>(b, base + k);
-            dst[k] = x;
-            ss += (double)x * x;
-          }
+          ss = widen_run<FDT>(b, i * b_s0, rank, dst);
         } else {
           for (int64_t k = 0; k < rank; ++k) {
             const float x = load_factor<FDT>(b, i * b_s0 + k * b_s1);
@@ -1266,13 +1289,7 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
         for (int64_t k = 0; k < rank; ++k) {
           float *dst = a32.get() + k * cols + j0;
           if (a_s1 == 1) {
-            const int64_t base = k * a_s0 + j0;
-#pragma omp simd
-            for (int64_t j = 0; j < nj; ++j) {
-              const float x = load_factor<FDT>(a, base + j);
-              dst[j] = x;
-              col_ss[j] += (double)x * x;
-            }
+            widen_run_cols<FDT>(a, k * a_s0 + j0, nj, dst, col_ss);
           } else {
             for (int64_t j = 0; j < nj; ++j) {
               const float x = load_factor<FDT>(a, k * a_s0 + (j0 + j) * a_s1);
