@@ -495,6 +495,52 @@ def test_unmerge_with_a_shuffled_record_on_a_padded_weight(fast):
     assert_bits_equal(store, orig, "after unmerge with a shuffled record")
 
 
+@needs_cpu_lib
+@pytest.mark.parametrize("threads", [1, 2])
+def test_restore_of_a_large_record_in_threads_and_with_repeats(threads):
+    """lowrank_cpu_restore writes a strictly increasing record (every record merge_ makes) with all
+    threads, each a contiguous share, when it holds 65536 entries or more; any other record serially,
+    in its order (a repeated index: the last value wins). Both on rows padded beyond their length."""
+    gen = torch.Generator().manual_seed(11)
+    lib = native.cpu()
+    rows, cols, pad = 400, 700, 9
+    store = torch.randn(rows, cols + pad, generator=gen).half()
+    w = store[:, :cols]
+
+    def restore(idx, val):
+        out = store.clone()
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            status = lib.lowrank_cpu_restore(_ptr(out), rows, cols, cols + pad, native.dtype_code(out.dtype), _ptr(idx),
+                                             _ptr(val), idx.numel())
+        finally:
+            torch.set_num_threads(old)
+        assert status == 0
+        return out
+
+    def expected(*parts):
+        out = store.clone()
+        for idx, val in parts:  # each part's indices are distinct: index_put_ is deterministic
+            r, c = (idx.long() // cols), (idx.long() % cols)
+            out[r, c] = val
+        return out
+
+    n = w.numel()
+    pick = torch.randperm(n, generator=gen)[:150_000].sort().values.int()
+    val = torch.randn(pick.numel(), generator=gen).half()
+    assert_bits_equal(restore(pick, val), expected((pick, val)), "increasing record")
+    # two increasing records one after the other (overlapping indices, other values): not increasing
+    # as a whole, so written in order, and the second one's value wins where both hold an index
+    pick2 = torch.randperm(n, generator=gen)[:90_000].sort().values.int()
+    val2 = torch.randn(pick2.numel(), generator=gen).half()
+    assert int(torch.isin(pick2, pick).sum()) > 10_000
+    both_idx, both_val = torch.cat([pick, pick2]), torch.cat([val, val2])
+    assert_bits_equal(restore(both_idx, both_val), expected((pick, val), (pick2, val2)), "record with repeats")
+    # the padding columns are never written
+    assert_bits_equal(restore(pick, val)[:, cols:], store[:, cols:], "padding")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: a clear error and W unchanged
 # ---------------------------------------------------------------------------------------------
