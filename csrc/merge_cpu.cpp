@@ -1070,16 +1070,20 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
         run_task(g, t, rows_out);
         const int64_t room = lo[me + 1] - lo[me];
         for (int q = 0; q < rn; ++q) {
-          for (const Rec &rc : rows_out[q]) {
-            if (n < room) {
-              rec_idx[lo[me] + n] = rc.idx;
-              vals[lo[me] + n] = (T)rc.bits;
-            } else {
-              may_fail();
-              spill[me].push_back(rc);
-            }
-            ++n;
+          const Rec *src = rows_out[q].data();
+          const int64_t m = (int64_t)rows_out[q].size();
+          const int64_t fit = std::max<int64_t>(0, std::min(m, room - n));  // into this thread's share
+          int32_t *di = rec_idx + lo[me] + n;
+          T *dv = vals + lo[me] + n;
+          for (int64_t e = 0; e < fit; ++e) {
+            di[e] = src[e].idx;
+            dv[e] = (T)src[e].bits;
           }
+          for (int64_t e = fit; e < m; ++e) {  // the rest to the spill
+            may_fail();
+            spill[me].push_back(src[e]);
+          }
+          n += m;
         }
         done[t] = 1;
       } catch (const std::bad_alloc &) {
