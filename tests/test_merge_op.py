@@ -495,6 +495,24 @@ def test_unmerge_with_a_shuffled_record_on_a_padded_weight(fast):
     assert_bits_equal(store, orig, "after unmerge with a shuffled record")
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["certified", "fast"])
+@pytest.mark.parametrize("bad", [-1, "numel"], ids=["negative", "past-the-end"])
+def test_unmerge_with_a_record_of_another_weight_raises_and_leaves_weight_unchanged(fast, bad):
+    """A record index outside the weight: ValueError naming the record, before anything is written
+    (the fast CPU unmerge leaves the range check to the library, which checks before it writes)."""
+    gen = torch.Generator().manual_seed(5)
+    store, w = make_weight(40, 96, torch.bfloat16, pad=3, gen=gen)
+    a, b = factors(40, 96, 8, torch.bfloat16, mag=0.3, gen=gen)
+    idx, val = merge_(w, a, b, 2.0, True)
+    assert idx.numel() > 10
+    idx = idx.clone()
+    idx[idx.numel() // 2] = -1 if bad == -1 else w.numel()
+    before = store.clone()
+    with pytest.raises(ValueError, match="not this weight's record"):
+        unmerge_(w, a, b, 2.0, idx, val, fast=fast)
+    assert_bits_equal(store, before, "after a rejected unmerge")
+
+
 @needs_cpu_lib
 @pytest.mark.parametrize("threads", [1, 2])
 def test_restore_of_a_large_record_in_threads_and_with_repeats(threads):
