@@ -1202,13 +1202,12 @@ static inline float load_factor(const void *p, int64_t off) {
   return bf16_to_float(((const uint16_t *)p)[off]);
 }
 
-// The unit-stride runs of the factor widening (merge_strided), cloned like merge_tile: compiled
-// only for the x86-64-v2 baseline (inside merge_strided's parallel region) the fp16 conversion
-// was the branch-free emulation (merge_strided: 3.6-4.4% of an exact fp16 merge + unmerge at
-// 1024x4096 r = 64 in `perf`, one or two threads, the factors fp16);
-// the v3 / v4 clones run it 8 / 16 lanes wide. widen_run: dst[k] = p[base + k] widened
-// (k < n), returns the sum of their squares in double. widen_run_cols: the same into dst, each
-// square added to ss[j].
+// The unit-stride runs of the factor widening (merge_strided), cloned like merge_tile. Inside
+// merge_strided's parallel region they were compiled for the x86-64-v2 baseline only (4 lanes;
+// merge_strided was 3.6-4.4% of an exact fp16 merge + unmerge at 1024x4096 r = 64 in `perf`, one or
+// two threads, fp16 factors); the v3 / v4 clones run them 8 / 16 lanes wide. widen_run:
+// dst[k] = p[base + k] widened (k < n), returns the sum of their squares in double.
+// widen_run_cols: the same into dst, each square added to ss[j].
 template <int FDT>
 LOWRANK_CLONES static double widen_run(const void *p, int64_t base, int64_t n, float *dst) {
   double ss = 0.0;
