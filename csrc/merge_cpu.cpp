@@ -1073,11 +1073,9 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
           const Rec *src = rows_out[q].data();
           const int64_t m = (int64_t)rows_out[q].size();
           const int64_t fit = std::max<int64_t>(0, std::min(m, room - n));  // into this thread's share
-          int32_t *di = rec_idx + lo[me] + n;
-          T *dv = vals + lo[me] + n;
-          for (int64_t e = 0; e < fit; ++e) {
-            di[e] = src[e].idx;
-            dv[e] = (T)src[e].bits;
+          for (int64_t e = 0; e < fit; ++e) {  // (slots lo[me] + n .. : inside the share)
+            rec_idx[lo[me] + n + e] = src[e].idx;
+            vals[lo[me] + n + e] = (T)src[e].bits;
           }
           for (int64_t e = fit; e < m; ++e) {  // the rest to the spill
             may_fail();
