@@ -17,6 +17,10 @@ implementations within each repeat, so that load on a shared machine hits them a
 On the CPU, "merge_roundtrip" records then time merge + unmerge at deltas of 5% and 30% of W's rms
 (fp16 and bf16, r 16 and 64; quick: 1024x4096; full: also q, gate and down), "vs_peft" in extra;
 lowrank's exact unmerge is the one `lowrank.unmerge` runs (fast=True with the CPU library's record).
+Beside them "floor-2mm": the product B @ A twice in fp32 (torch.mm into a preallocated output,
+oneDNN / MKL sgemm), the arithmetic any merge + unmerge that does not keep the product between the
+two calls must do (peft's does it twice too, plus its casts and adds); its vs_peft is the lowest
+ratio such a round trip could reach in that run.
 "dora_merge_roundtrip" (every device): DoRA merge + exact unmerge at 1024x4096, fp16 / bf16, r 16 and
 64, delta 5%: the native library, the same op's pure-torch float64 path (the same bits) and peft's
 DoRA merge + unmerge. Alone: `python -m bench.bench_merge --dora --threads 2`.
@@ -197,13 +201,18 @@ def _round_trips(quick: bool, device, dev: str, vers: dict) -> list[Record]:
                     w0 = w.clone()
                     _, layer = _peft_layer(w0, a, b, alpha)
                     fast = record_allows_fast_unmerge(w, a)
-                    times = {"lowrank": [], "lowrank-noexact": [], "peft": []}
+                    a32, b32 = a.float(), b.float()
+                    prod = torch.empty(n, k)
+                    times = {"lowrank": [], "lowrank-noexact": [], "peft": [], "floor-2mm": []}
                     for _ in range(1 + (5 if quick else 9)):
                         for impl, ts in times.items():
                             t0 = time.perf_counter()
                             if impl == "peft":
                                 layer.merge()
                                 layer.unmerge()
+                            elif impl == "floor-2mm":
+                                torch.mm(b32, a32, out=prod)
+                                torch.mm(b32, a32, out=prod)
                             else:  # lowrank.unmerge's call: fast with the CPU library's own record
                                 out = merge_(w, a, b, s, impl == "lowrank")
                                 unmerge_(w, a, b, s, *out, fast=fast)
@@ -225,7 +234,7 @@ def _round_trips(quick: bool, device, dev: str, vers: dict) -> list[Record]:
                                    "threads": torch.get_num_threads()}))
                     print(f"merge_roundtrip {name} {dtype} r={r} delta {ratio:.0%}: " + " ".join(
                         f"{impl} {t * 1e3:.1f} ms (x{t / med['peft']:.2f})" for impl, t in med.items()), flush=True)
-                    del layer, w, w0
+                    del layer, w, w0, prod
     return records
 
 

@@ -28,7 +28,7 @@ RESULTS = os.path.join(HERE, "results")
 REPORT = os.path.join(HERE, "REPORT.md")
 
 # The implementations lowrank's are compared with, in the order their columns appear.
-PEERS = ("peft", "peft+bnb", "bitsandbytes", "unfused", "F.linear", "frozen_dense", "dense_lora", "copy")
+PEERS = ("peft", "peft+bnb", "bitsandbytes", "unfused", "F.linear", "frozen_dense", "dense_lora", "floor-2mm", "copy")
 # lowrank's own implementation of an op, the one compared with the peers (first present wins).
 OURS = ("lowrank", "reference")
 
