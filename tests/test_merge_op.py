@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -373,31 +374,40 @@ def test_capacity_overflow_leaves_weight_unchanged():
 @needs_cpu_lib
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("mag", [0.02, 0.3, 3.0])
-def test_record_capacity_covers_a_large_delta_in_one_pass(dtype, mag, monkeypatch):
-    """merge_ sizes the record buffer from a sample of rows: one library call, however large the
-    delta (the old fixed guess, 1/8 of the elements, overflowed past ~30% of W's rms, and an
-    overflow costs an undo and a second merge), without touching torch's random state."""
+@pytest.mark.parametrize("path", ["kept", "estimate"])
+def test_record_capacity_covers_a_large_delta_in_one_pass(dtype, mag, path, monkeypatch):
+    """One library call, however large the delta (the old fixed guess, 1/8 of the elements,
+    overflowed past ~30% of W's rms, and an overflow costs an undo and a second merge), without
+    touching torch's random state: for a weight of at most twice the kept scratch's slots the
+    scratch itself (here: all 81,920 elements fit), for a larger one (here: a kept scratch of 1,000
+    slots) a buffer sized from a sample of rows (_record_capacity)."""
     from lowrank.ops import merge as merge_op
 
+    if path == "estimate":
+        monkeypatch.setattr(merge_op, "_kept_slots", lambda dtype: 1000)
+        monkeypatch.setattr(merge_op, "_scratch", threading.local())
     n, k, r = 256, 320, 16
     gen = torch.Generator().manual_seed(5)
     _, w = make_weight(n, k, dtype, gen=gen)
     a, b = factors(n, k, r, dtype, mag=mag, gen=gen)
     w0 = w.clone()
-    calls = []
-    real = merge_op._cpu_merge
+    calls, estimates = [], []
+    real, real_cap = merge_op._cpu_merge, merge_op._record_capacity
     monkeypatch.setattr(merge_op, "_cpu_merge", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(merge_op, "_record_capacity", lambda *args: estimates.append(1) or real_cap(*args))
     state = torch.get_rng_state()
     rec = merge_(w, a, b, 2.0, True)
     assert torch.equal(torch.get_rng_state(), state)
     assert len(calls) == 1, f"{len(calls)} library calls for {rec[0].numel()} records of {w.numel()}"
+    assert len(estimates) == (path == "estimate")
     unmerge_(w, a, b, 2.0, *rec)
     assert_bits_equal(w, w0, "after unmerge")
 
 
 @needs_cpu_lib
 def test_record_capacity_short_estimate_retries(monkeypatch):
-    """An estimate that falls short costs a second call, never a wrong or partial merge."""
+    """A capacity that falls short (the kept scratch, or an estimate) costs a second call, never a
+    wrong or partial merge."""
     from lowrank.ops import merge as merge_op
 
     n, k, r = 64, 96, 8
@@ -406,6 +416,8 @@ def test_record_capacity_short_estimate_retries(monkeypatch):
     ref = w.clone()
     ref_rec = merge_(ref, a, b, 2.0, True)
     assert ref_rec[0].numel() > 8
+    monkeypatch.setattr(merge_op, "_kept_slots", lambda dtype: 4)  # a kept scratch of 4 slots
+    monkeypatch.setattr(merge_op, "_scratch", threading.local())
     monkeypatch.setattr(merge_op, "_record_capacity", lambda *args: 4)
     w0 = w.clone()
     rec = merge_(w, a, b, 2.0, True)

@@ -147,24 +147,33 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else None
 
 
-_SCRATCH_KEEP = 16 << 20  # bytes of record scratch kept per thread between exact CPU merges
+_SCRATCH_KEEP = 16 << 20  # bytes of record scratch kept per thread and dtype between exact CPU merges
 _scratch = threading.local()
 
 
+def _kept_slots(dtype: torch.dtype) -> int:
+    """Record slots of the kept scratch (int32 index + a value each): 2.8M for a 16-bit weight."""
+    return _SCRATCH_KEEP // (4 + dtype.itemsize)
+
+
 def _record_scratch(cap: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Record buffers (int32 indices, values) of `cap` slots for the library to fill: the whole
-    buffer is its scratch (each thread writes its share), so fresh memory would be paged in on every
-    merge (~400 page faults at 1024x4096 fp16, 3% of a merge + unmerge); buffers up to
-    _SCRATCH_KEEP bytes are kept per thread and dtype and reused. merge_ returns right-sized copies."""
-    if cap * (4 + dtype.itemsize) > _SCRATCH_KEEP:
+    """Record buffers (int32 indices, values) of at least `cap` slots for the library to fill: the
+    whole buffer is its scratch (thread t writes its records from slot len * t / threads on), so
+    fresh memory would be paged in on every merge (~400 page faults at 1024x4096 fp16, 3% of a
+    merge + unmerge). Up to _kept_slots(dtype) slots the kept buffer of this thread and dtype is
+    returned whole, at its full length (the shares then start at the same slots on every merge, so
+    the pages ever touched are those of the largest records seen, not more); beyond, a fresh one.
+    merge_ returns right-sized copies."""
+    if cap > _kept_slots(dtype):
         return torch.empty(cap, dtype=torch.int32), torch.empty(cap, dtype=dtype)
     kept = getattr(_scratch, "buffers", None)
     if kept is None:
         kept = _scratch.buffers = {}
     bufs = kept.get(dtype)
-    if bufs is None or bufs[0].numel() < cap:
-        bufs = kept[dtype] = (torch.empty(cap, dtype=torch.int32), torch.empty(cap, dtype=dtype))
-    return bufs[0][:cap], bufs[1][:cap]
+    if bufs is None:  # (torch.empty: pages are only backed once the library writes them)
+        slots = _kept_slots(dtype)
+        bufs = kept[dtype] = (torch.empty(slots, dtype=torch.int32), torch.empty(slots, dtype=dtype))
+    return bufs
 
 
 def _shrink(buf: torch.Tensor, m: int) -> torch.Tensor:
@@ -246,7 +255,11 @@ def _run_merge(weight, lora_A, lora_B, scaling, exact):
         if not exact:
             native.check(_cpu_merge(lib, weight, lora_A, lora_B, scaling), "lowrank_cpu_merge_strided")
             return empty
-        cap = _record_capacity(weight, lora_A, lora_B, scaling)  # on overflow the library leaves W untouched
+        # No estimate where the kept scratch holds half of W's elements or more (a record that
+        # outgrows it, every second element, costs an undo and a second call): at 1024x4096 the
+        # estimate cost ~0.1-0.45 ms, 1-4% of an exact merge + unmerge at r = 16.
+        small = weight.numel() <= 2 * _kept_slots(weight.dtype)
+        cap = 0 if small else _record_capacity(weight, lora_A, lora_B, scaling)  # on overflow W is left as it was
         for _ in range(2):
             rec = (*_record_scratch(cap, weight.dtype), ctypes.c_int64(0))
             status = _cpu_merge(lib, weight, lora_A, lora_B, scaling, rec)
