@@ -17,10 +17,11 @@ implementations within each repeat, so that load on a shared machine hits them a
 On the CPU, "merge_roundtrip" records then time merge + unmerge at deltas of 5% and 30% of W's rms
 (fp16 and bf16, r 16 and 64; quick: 1024x4096; full: also q, gate and down), "vs_peft" in extra;
 lowrank's exact unmerge is the one `lowrank.unmerge` runs (fast=True with the CPU library's record).
-Beside them "floor-2mm": the product B @ A twice in fp32 (torch.mm into a preallocated output,
-oneDNN / MKL sgemm), the arithmetic any merge + unmerge that does not keep the product between the
-two calls must do (peft's does it twice too, plus its casts and adds); its vs_peft is the lowest
-ratio such a round trip could reach in that run.
+Beside them "floor-2mm": the product B @ A twice in fp32 as torch computes it (torch.mm into a
+preallocated output: oneDNN / MKL sgemm, the fp32 product stored), the least a round trip that
+forms the product in memory, as peft's does, costs (peft's adds its casts and adds). lowrank never
+stores the product (its rank loop feeds the rounding from registers), so this bounds peft's kind
+of round trip, not lowrank's.
 "dora_merge_roundtrip" (every device): DoRA merge + exact unmerge at 1024x4096, fp16 / bf16, r 16 and
 64, delta 5%: the native library, the same op's pure-torch float64 path (the same bits) and peft's
 DoRA merge + unmerge. Alone: `python -m bench.bench_merge --dora --threads 2`.
@@ -225,12 +226,13 @@ def _round_trips(quick: bool, device, dev: str, vers: dict) -> list[Record]:
                     if not torch.equal(w.view(torch.int16), w0.view(torch.int16)):
                         raise AssertionError(f"merge_roundtrip {name} {dtype} r={r}: exact unmerge did not restore W")
                     med = {impl: statistics.median(ts[1:]) for impl, ts in times.items()}
+                    w_bytes = 4 * w.numel() * w.element_size()  # W read and written by merge and by unmerge
                     for impl, t in med.items():
                         records.append(Record(
                             op="merge_roundtrip", shape={"layer": name, "r": r, "delta": ratio},
                             dtype=str(dtype).replace("torch.", ""), impl=impl, median_s=t,
-                            derived={"GB/s": 4 * w.numel() * w.element_size() / t / 1e9}, device=dev, versions=vers,
-                            extra={"delta_ratio": ratio, "vs_peft": t / med["peft"],
+                            derived={} if impl == "floor-2mm" else {"GB/s": w_bytes / t / 1e9},
+                            device=dev, versions=vers, extra={"delta_ratio": ratio, "vs_peft": t / med["peft"],
                                    "threads": torch.get_num_threads()}))
                     print(f"merge_roundtrip {name} {dtype} r={r} delta {ratio:.0%}: " + " ".join(
                         f"{impl} {t * 1e3:.1f} ms (x{t / med['peft']:.2f})" for impl, t in med.items()), flush=True)

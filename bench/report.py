@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 REPORT = os.path.join(HERE, "REPORT.md")
 
-# The implementations lowrank's are compared with, in the order their columns appear.
+# The implementations lowrank's are compared with, in the order their columns appear (floor-2mm and copy are
+# reference floors, not peers: lowrank / floor is > 1).
 PEERS = ("peft", "peft+bnb", "bitsandbytes", "unfused", "F.linear", "frozen_dense", "dense_lora", "floor-2mm", "copy")
 # lowrank's own implementation of an op, the one compared with the peers (first present wins).
 OURS = ("lowrank", "reference")

@@ -966,14 +966,15 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
   // their page faults that was half the time of an exact merge at 1024x4096.)
   const bool f64 = use_f64_path(g, DT);
   // A task is RT rows (a multiple of RB) over all columns. When A's panels outgrow L1 (over
-  // 32 KiB: r = 16 from 512 columns on), the task visits them one column block at a time, so
+  // 32 KiB: r = 16 above 512 columns), the task visits them one column block at a time, so
   // that the block's panels (jb x r floats, at most 32 KiB) stay in L1 while each RB-row tile of
   // the task reads them (tasks of RB rows over all columns streamed all of A from L2 for every RB
   // rows), and each tile's W rows are prefetched (a tile row is then too short a run for the
   // hardware prefetcher). A in L1 anyway: the whole row, JT columns at a time, as W lies in
   // memory. (The bound was L2's share, 512 KiB, when blocking cost 15% at r = 16, before the
-  // prefetch; with it, blocking r = 16 / 32 at 1024 x 4096 and 4096^2 makes a merge + fast
-  // unmerge 8-14% faster, the unmerge's rank loop the most: a 1-thread copy of the AVX-512 loop
+  // prefetch; with it, blocking r = 16 / 32 makes a merge + fast unmerge take 0.89-0.94x the
+  // time at 1024 x 4096 (2 threads) and 0.86-0.92x at 4096 x 4096 / 4096 x 1024, the unmerge's
+  // rank loop gaining the most: a 1-thread copy of the AVX-512 loop
   // ran 1.94 ms with A streamed from L2 against 1.17 ms from L1 at 1024 x 4096 r = 16.) A row's
   // records still come out in column order (its column blocks are visited in order), collected
   // per row and handed out row by row.

@@ -198,7 +198,7 @@ def test_merge_odd_shapes_and_max_rank(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(70, 2100, 64), (21, 600, 256)], ids=str)
 def test_merge_column_blocked_order(shape, dtype, f64):
-    """A's panels over 512 KiB (r x K x 4 bytes): the library visits each task's rows one column
+    """A's panels over 32 KiB (r x K x 4 bytes): the library visits each task's rows one column
     block at a time (32-128 columns, the last one partial; 21 rows leave a tail of one) and
     prefetches W. Same oracle, records checked (both unmerges), on both paths."""
     n, k, r = shape
@@ -376,11 +376,12 @@ def test_capacity_overflow_leaves_weight_unchanged():
 @pytest.mark.parametrize("mag", [0.02, 0.3, 3.0])
 @pytest.mark.parametrize("path", ["kept", "estimate"])
 def test_record_capacity_covers_a_large_delta_in_one_pass(dtype, mag, path, monkeypatch):
-    """One library call, however large the delta (the old fixed guess, 1/8 of the elements,
+    """One library call up to a delta 150x W's rms (the old fixed guess, 1/8 of the elements,
     overflowed past ~30% of W's rms, and an overflow costs an undo and a second merge), without
-    touching torch's random state: for a weight of at most twice the kept scratch's slots the
-    scratch itself (here: all 81,920 elements fit), for a larger one (here: a kept scratch of 1,000
-    slots) a buffer sized from a sample of rows (_record_capacity)."""
+    touching torch's random state: a weight of at most twice the kept scratch's slots gets the
+    scratch whole with no estimate ("kept": all 81,920 elements fit, so only the no-estimate check
+    can fail there), a larger one (here: a kept scratch of 1,000 slots) a buffer sized from a
+    sample of rows (_record_capacity, every estimate here above 1,000: a fresh buffer)."""
     from lowrank.ops import merge as merge_op
 
     if path == "estimate":
@@ -405,24 +406,31 @@ def test_record_capacity_covers_a_large_delta_in_one_pass(dtype, mag, path, monk
 
 
 @needs_cpu_lib
-def test_record_capacity_short_estimate_retries(monkeypatch):
-    """A capacity that falls short (the kept scratch, or an estimate) costs a second call, never a
-    wrong or partial merge."""
+@pytest.mark.parametrize("path", ["kept", "estimate"])
+def test_record_capacity_short_estimate_retries(path, monkeypatch):
+    """A capacity that falls short costs exactly a second call, never a wrong or partial merge:
+    "kept", a kept scratch of half W's elements (no estimate) and a delta that needs a record for
+    nearly every element; "estimate", a kept scratch of 4 slots and an estimate of 4."""
     from lowrank.ops import merge as merge_op
 
     n, k, r = 64, 96, 8
     _, w = make_weight(n, k, torch.float16)
-    a, b = factors(n, k, r, torch.float16, mag=0.3)
+    a, b = factors(n, k, r, torch.float16, mag=3.0 if path == "kept" else 0.3)
     ref = w.clone()
     ref_rec = merge_(ref, a, b, 2.0, True)
-    assert ref_rec[0].numel() > 8
-    monkeypatch.setattr(merge_op, "_kept_slots", lambda dtype: 4)  # a kept scratch of 4 slots
+    slots = w.numel() // 2 if path == "kept" else 4
+    assert ref_rec[0].numel() > slots
+    monkeypatch.setattr(merge_op, "_kept_slots", lambda dtype: slots)
     monkeypatch.setattr(merge_op, "_scratch", threading.local())
-    monkeypatch.setattr(merge_op, "_record_capacity", lambda *args: 4)
+    estimates, calls = [], []
+    monkeypatch.setattr(merge_op, "_record_capacity", lambda *args: estimates.append(1) or 4)
+    real = merge_op._cpu_merge
+    monkeypatch.setattr(merge_op, "_cpu_merge", lambda *args: calls.append(1) or real(*args))
     w0 = w.clone()
     rec = merge_(w, a, b, 2.0, True)
+    assert len(calls) == 2 and len(estimates) == (path == "estimate"), (calls, estimates)
     assert_bits_equal(w, ref, "merged after a retry")
-    assert torch.equal(rec[0], ref_rec[0])
+    assert torch.equal(rec[0], ref_rec[0]) and torch.equal(rec[1].view(torch.int16), ref_rec[1].view(torch.int16))
     unmerge_(w, a, b, 2.0, *rec)
     assert_bits_equal(w, w0, "after unmerge")
 

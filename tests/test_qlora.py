@@ -94,7 +94,7 @@ def test_qlora_patch_matches_nf4_reference_forward():
     lowrank.patch_linear(model, rank=4, targets=["0", "2"], quantize="nf4", compute_dtype=torch.float32)
     assert old.weight.numel() == 0, "the dense weight must be released"
     d0, d2 = quantize_nf4(w0).dequantize(torch.float32).double(), quantize_nf4(w2).dequantize(torch.float32).double()
-    for m in (5, 40):  # the CPU's fused decode-and-multiply (M <= 16) and its tiled decode + GEMM
+    for m in (5, 40):  # the CPU's fused decode-and-multiply (M <= SMALL_M = 8) and its tiled decode + GEMM
         x = torch.randn(m, 64)
         h = model[1](model[0](x))
         ref_h = torch.nn.functional.linear(x.double(), d0, b0.double()).relu()

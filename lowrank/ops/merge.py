@@ -161,8 +161,9 @@ def _record_scratch(cap: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     whole buffer is its scratch (thread t writes its records from slot len * t / threads on), so
     fresh memory would be paged in on every merge (~400 page faults at 1024x4096 fp16, 3% of a
     merge + unmerge). Up to _kept_slots(dtype) slots the kept buffer of this thread and dtype is
-    returned whole, at its full length (the shares then start at the same slots on every merge, so
-    the pages ever touched are those of the largest records seen, not more); beyond, a fresh one.
+    returned whole, at its full length (with the same thread count the shares then start at the same
+    slots on every merge, so the records rarely reach pages they have not touched before); beyond,
+    a fresh one. The memory kept is at most _SCRATCH_KEEP bytes per thread and dtype, as before.
     merge_ returns right-sized copies."""
     if cap > _kept_slots(dtype):
         return torch.empty(cap, dtype=torch.int32), torch.empty(cap, dtype=dtype)
@@ -170,8 +171,8 @@ def _record_scratch(cap: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     if kept is None:
         kept = _scratch.buffers = {}
     bufs = kept.get(dtype)
-    if bufs is None:  # (torch.empty: pages are only backed once the library writes them)
-        slots = _kept_slots(dtype)
+    slots = _kept_slots(dtype)
+    if bufs is None or bufs[0].numel() != slots:  # (a retry needs more slots than this length)
         bufs = kept[dtype] = (torch.empty(slots, dtype=torch.int32), torch.empty(slots, dtype=dtype))
     return bufs
 
@@ -226,8 +227,9 @@ def _record_capacity(weight, lora_A, lora_B, scaling, sample_rows: int = 8, samp
     weight). An estimate, not the record (which also holds the library's uncertified round trips,
     0.1-0.3% of the elements: inside the margin): 8 x 1024 elements (the fraction's standard
     error < 0.5%, a tenth of the margin at 5% and above) from strided views, with A's sampled columns
-    only, cost ~0.3 ms where whole rows and A took 0.6 ms (1024x4096 r = 64, two threads: 5% of an
-    exact merge + unmerge)."""
+    only, cost ~0.3 ms where whole rows and A took 0.6 ms (1024x4096 r = 64, two threads). Run only
+    for weights above twice the kept scratch's slots (_kept_slots: 5.6M elements for 16-bit, 4.2M for
+    fp32, e.g. Llama's q / gate / down projections); smaller ones get the kept scratch whole."""
     n, k = weight.shape
     rs, cs = max(1, n // sample_rows), max(1, k // sample_cols)
     w = weight[::rs, ::cs][:sample_rows, :sample_cols]
