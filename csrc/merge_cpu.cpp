@@ -974,10 +974,10 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
   // memory. (The bound was L2's share, 512 KiB, when blocking cost 15% at r = 16, before the
   // prefetch; with it, blocking r = 16 / 32 makes a merge + fast unmerge take 0.89-0.94x the
   // time at 1024 x 4096 (2 threads) and 0.86-0.92x at 4096 x 4096 / 4096 x 1024, the unmerge's
-  // rank loop gaining the most: a 1-thread copy of the AVX-512 loop
-  // ran 1.94 ms with A streamed from L2 against 1.17 ms from L1 at 1024 x 4096 r = 16.) A row's
-  // records still come out in column order (its column blocks are visited in order), collected
-  // per row and handed out row by row.
+  // rank loop gaining the most: a 1-thread copy of the AVX-512 loop ran 1.94 ms with A streamed
+  // from L2 against 1.17 ms from L1 at 1024 x 4096 r = 16.) A row's records still come out in
+  // column order (its column blocks are visited in order), collected per row and handed out row
+  // by row.
   const int64_t r_ = g.rank;
   const bool blocked = g.ap && r_ * g.cols * (int64_t)sizeof(float) > (int64_t)(32 << 10);
   const int64_t jb = blocked ? std::min<int64_t>(JT, std::max<int64_t>(32, (8192 / r_) / 32 * 32)) : g.cols;
