@@ -126,6 +126,10 @@ struct Args {
   int64_t rt = 0;                 // rows per task (0: merge_impl chooses)
   const uint8_t *only = nullptr;  // with rt: run only the tasks t with only[t] != 0 (an undo)
   bool fast = false;  // the fast unmerge (unmerge_tile_fast): no record, no certification
+  // With fast: a strictly increasing record to write back tile by tile (put_tile_records), or null.
+  const int32_t *put_idx = nullptr;
+  const void *put_val = nullptr;
+  int64_t put_count = 0;
 };
 
 // merge_math.h's error_bound with the accumulation term given (ea >= |s| |acc - exact sum| +
@@ -935,6 +939,35 @@ static bool use_f64_path(const Args &g, int dt) {
   return env != nullptr && env[0] == '1';
 }
 
+// The fast unmerge's record written back as it goes (Args::put_idx): after a tile's rounding,
+// each of its rows' records in columns below j0 + nc, while the tile's lines are still in L1.
+// cur[q]: row i0 + q's next record (its first at or after the row's start, set per task by
+// row_cursors), so with a row's tiles visited in column order (merge_impl) every record is
+// written once, after its element's rounding: the bits of the rounding pass followed by
+// restore_run. (As a second pass over W, restore_dispatch, it was 9% of the library's time in a
+// fp16 r = 16 round trip at 1024 x 4096 with 4.6% of the elements recorded: a miss per line.)
+template <typename T>
+static inline void put_tile_records(const Args &g, int64_t i0, int nr, int64_t j0, int nc, int64_t *cur) {
+  const int32_t *idx = g.put_idx;
+  const T *val = (const T *)g.put_val;
+  for (int q = 0; q < nr; ++q) {
+    const int64_t start = (i0 + q) * g.cols, end = start + j0 + nc;
+    T *wrow = (T *)g.w + (i0 + q) * g.ldw;
+    int64_t n = cur[q];
+    for (; n < g.put_count && idx[n] < end; ++n) wrow[idx[n] - start] = val[n];
+    cur[q] = n;
+  }
+}
+
+// cur[q] = the first record at or after row r0 + q's start (q < rn), by binary search.
+static void row_cursors(const Args &g, int64_t r0, int rn, int64_t *cur) {
+  const int32_t *idx = g.put_idx;
+  for (int q = 0; q < rn; ++q) {
+    const int64_t start = (r0 + q) * g.cols;
+    cur[q] = std::lower_bound(idx, idx + g.put_count, start, [](int32_t x, int64_t v) { return x < v; }) - idx;
+  }
+}
+
 template <int DT>
 static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t cap, int64_t *count) {
   using T = typename Store<DT>::T;
@@ -990,6 +1023,8 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
   auto run_task = [&](const Args &ga, int64_t t, std::vector<Rec> *outs) {
     const int64_t r0 = t * rt;
     const int rn = (int)std::min<int64_t>(rt, ga.rows - r0);
+    int64_t cur[RT];  // with ga.put_idx: each row's next record (put_tile_records)
+    if (ga.fast && ga.put_idx) row_cursors(ga, r0, rn, cur);
     for (int64_t jb0 = 0; jb0 < ga.cols; jb0 += jb) {
       const int64_t jb1 = std::min(ga.cols, jb0 + jb);
       for (int q0 = 0; q0 < rn; q0 += RB) {
@@ -999,6 +1034,7 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
           const int nr = std::min(RB, rn - q0);
           if (ga.fast) {
             unmerge_tile_fast<DT>(ga, i0, nr, j0, nc);
+            if (ga.put_idx) put_tile_records<T>(ga, i0, nr, j0, nc, cur + q0);
             continue;
           }
 #ifdef LOWRANK_HAVE_AVX2_KERNEL
@@ -1241,7 +1277,8 @@ static inline float round_up_float(double x) {
 static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int dtype, const void *b, int64_t b_s0,
                          int64_t b_s1, const void *a, int64_t a_s0, int64_t a_s1, int factor_dtype, int64_t rank,
                          double scale, int32_t *rec_idx, void *rec_val, int64_t rec_capacity, int64_t *rec_count,
-                         bool fast) {
+                         bool fast, const int32_t *put_idx = nullptr, const void *put_val = nullptr,
+                         int64_t put_count = 0) {
   if (rows < 0 || cols < 0 || rank < 1 || rank > 256) return LOWRANK_ERR_INVALID_ARGUMENT;
   if (factor_dtype < LOWRANK_DTYPE_FLOAT32 || factor_dtype > LOWRANK_DTYPE_BFLOAT16) return LOWRANK_ERR_UNSUPPORTED_DTYPE;
   if (rows == 0 || cols == 0) {
@@ -1325,6 +1362,11 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
     return LOWRANK_ERR_INVALID_ARGUMENT;
   Args g{w, rows, cols, ldw, b32.get(), a32.get(), nullptr, rank, rb.get(), cb.get(), abs_bound, scale, record};
   g.fast = fast && !record;
+  if (g.fast && put_count > 0) {
+    g.put_idx = put_idx;
+    g.put_val = put_val;
+    g.put_count = put_count;
+  }
   return merge_dispatch(g, dtype, rec_idx, rec_val, rec_capacity, rec_count);
 }
 
@@ -1413,6 +1455,9 @@ extern "C" int lowrank_cpu_unmerge_strided(void *w, int64_t rows, int64_t cols, 
   if (dtype < LOWRANK_DTYPE_FLOAT32 || dtype > LOWRANK_DTYPE_BFLOAT16) return LOWRANK_ERR_UNSUPPORTED_DTYPE;
   bool increasing = false;
   if (!record_in_range(rows, cols, rec_idx, rec_count, &increasing)) return LOWRANK_ERR_INVALID_ARGUMENT;  // before any write
+  if (increasing)  // (every record merge_ makes) written back tile by tile, in the same pass over W
+    return merge_strided(w, rows, cols, ldw, dtype, b, b_s0, b_s1, a, a_s0, a_s1, factor_dtype, rank, -scale,
+                         nullptr, nullptr, 0, nullptr, true, rec_idx, rec_val, rec_count);
   const int status = merge_strided(w, rows, cols, ldw, dtype, b, b_s0, b_s1, a, a_s0, a_s1, factor_dtype, rank,
                                    -scale, nullptr, nullptr, 0, nullptr, true);
   if (status != LOWRANK_OK || rec_count == 0) return status;

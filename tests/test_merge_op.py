@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import lowrank
 from lowrank import native
-from lowrank.ops.merge import _cpu_merge, _factors, _ptr, merge_, record_allows_fast_unmerge, unmerge_
+from lowrank.ops.merge import _cpu_merge, _cpu_unmerge_fast, _factors, _ptr, merge_, record_allows_fast_unmerge, unmerge_
 
 from tests.helpers import DTYPE_IDS, DTYPES, assert_bits_equal, bits
 from tests.oracles import round_once
@@ -513,6 +513,41 @@ def test_unmerge_with_a_shuffled_record_on_a_padded_weight(fast):
     perm = torch.randperm(idx.numel(), generator=gen)
     unmerge_(w, a, b, 2.0, idx[perm], val[perm], fast=fast)
     assert_bits_equal(store, orig, "after unmerge with a shuffled record")
+
+
+@needs_cpu_lib
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("k,r", [(130, 8), (700, 16)], ids=["whole-rows", "column-blocked"])
+def test_fast_unmerge_writes_a_sorted_record_back_as_restore_does(k, r, dtype):
+    """The fast CPU unmerge writes a strictly increasing record back tile by tile, in its own pass
+    over W: for any such record (random indices, the first and last element included, and random
+    values: not a merge's), the bits of the fast unmerge without a record followed by
+    lowrank_cpu_restore, on a padded weight of several tasks (the last one short of a 4-row tile),
+    in both visiting orders (700 columns at r = 16: A's panels over 32 KiB, column blocks)."""
+    lib = native.cpu()
+    gen = torch.Generator().manual_seed(7)
+    store, w = make_weight(70, k, dtype, pad=3, gen=gen)
+    a, b = factors(70, k, r, dtype, mag=0.3, gen=gen)
+    n = w.numel()
+    pick = torch.cat([torch.randperm(n, generator=gen)[: n // 7], torch.tensor([0, n - 1])])
+    idx = torch.unique(pick).to(torch.int32)
+    val = (torch.randn(idx.numel(), generator=gen) * 0.02).to(dtype)
+    stores = {}
+    for way in ("fused", "two-pass"):
+        st_, wv = store.clone(), None
+        wv = st_[:, :k]
+        if way == "fused":
+            status = _cpu_unmerge_fast(lib, wv, a, b, 1.5, idx, val, idx.numel())
+        else:
+            status = _cpu_unmerge_fast(lib, wv, a, b, 1.5, idx[:0], val[:0], 0)
+            native.check(status, "unmerge")
+            status = lib.lowrank_cpu_restore(_ptr(wv), 70, k, wv.stride(0), native.dtype_code(dtype), _ptr(idx),
+                                             _ptr(val), idx.numel())
+        native.check(status, way)
+        stores[way] = st_
+    assert_bits_equal(stores["fused"], stores["two-pass"], "fused write-back vs unmerge + restore")
+    assert_bits_equal(stores["fused"][:, :k].flatten()[idx.long()], val, "the record's values in place")
+    assert_bits_equal(stores["fused"][:, k:], store[:, k:], "row padding")
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["certified", "fast"])
