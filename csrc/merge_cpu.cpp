@@ -413,11 +413,45 @@ static inline void flag_masks(const int32_t *flag, int nc, uint64_t m[JT / 64]) 
   }
 }
 
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+// append_records' gathering with AVX-512, 16 flags per step and no branch on them: the flagged
+// lanes' indices and bits compressed to the front of two registers, interleaved into 8-byte Recs
+// and stored whole (16 Recs, however many are flagged: tmp holds JT + 16). The set-bit loop's exit
+// mispredicted once per 64 flags (a record every ~20 elements at a delta of 5% of W's rms):
+// with flag_masks it was 5.5% of a fp16 r = 16 round trip's samples (one thread, 1024 x 4096).
+__attribute__((target("arch=x86-64-v4"), noinline)) static int compress_records_avx512(const int32_t *flag, int nc,
+                                                                                      const uint32_t *wb, int32_t base,
+                                                                                      Rec *tmp) {
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  int cnt = 0;
+  for (int j = 0; j < nc; j += 16) {
+    const __mmask16 live = nc - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nc - j)) - 1u);
+    const __mmask16 m = _mm512_mask_test_epi32_mask(live, _mm512_loadu_si512(flag + j), one);
+    const __m512i ci = _mm512_maskz_compress_epi32(m, _mm512_add_epi32(_mm512_set1_epi32(base + j), iota));
+    const __m512i cb = _mm512_maskz_compress_epi32(m, _mm512_loadu_si512(wb + j));
+    _mm512_storeu_si512(tmp + cnt, _mm512_permutex2var_epi32(ci, lo, cb));
+    _mm512_storeu_si512(tmp + cnt + 8, _mm512_permutex2var_epi32(ci, hi, cb));
+    cnt += __builtin_popcount((unsigned)m);
+  }
+  return cnt;
+}
+#endif
+
 // The elements of a tile row flagged in bit 0 (their round trip fails), appended in column order
 // as (flat index, original bits).
 static void append_records(const int32_t *flag, int nc, const uint32_t *wb, int32_t base, std::vector<Rec> &out) {
-  Rec tmp[JT];
+  Rec tmp[JT + 16];
   int cnt = 0;
+#ifdef LOWRANK_HAVE_AVX2_KERNEL
+  if (g_avx512) {
+    cnt = compress_records_avx512(flag, nc, wb, base, tmp);
+    out.insert(out.end(), tmp, tmp + cnt);
+    return;
+  }
+#endif
   uint64_t mk[JT / 64];
   flag_masks<0>(flag, nc, mk);
   for (int w = 0; w < JT / 64; ++w) {
