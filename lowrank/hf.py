@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .adapter_files import CONFIG_NAME, load_adapter, save_adapter
 from .adapters import adapter_names
-from .merge import merge, merged_weight, unmerge
+from .merge import dense_weight, merge, unmerge
 from .nf4_linear import NF4Linear
 from .patch import active_adapter, lora_layers, saved_modules, set_active_adapter, token_layers
 
@@ -102,10 +102,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, merged: bool = Fa
     out_of_place = any(isinstance(layer.base_layer, NF4Linear) for _, layer in layers)
     weights = {}
     if out_of_place:
-        missing = [p for p, layer in layers if name not in layer.configs]
-        if missing:
-            raise ValueError(f"save_pretrained(merged=True): layer {missing[0]} has no adapter {name!r}")
-        weights = {p: merged_weight(layer, name) for p, layer in layers}
+        if not any(name in layer.configs for _, layer in layers):
+            raise ValueError(f"save_pretrained(merged=True): no adapter {name!r} on the model")
+        weights = {p: dense_weight(layer, name) for p, layer in layers}  # (a layer without it: its base)
         # an NF4 base stores (out, in); the architecture written for a GPT-2 Conv1D wants (in, out)
         weights = {p: (w.t().contiguous() if getattr(layer.base_layer, "from_conv1d", False) else w)
                    for (p, layer), w in zip(layers, weights.values())}

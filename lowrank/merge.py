@@ -122,6 +122,21 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None):
     return name
 
 
+def _merge_plan(layers: list, adapter_name: str | None, what: str) -> list:
+    """[(path, layer, name)]: the layers that hold the adapter to merge (`adapter_name`, or each
+    layer's active one) with its name. A layer without it is left as it is, as in peft (an adapter
+    on q_proj only merges into q_proj). ValueError when no layer holds it."""
+    plan = [(path, layer, adapter_name or layer.active_adapter) for path, layer in layers]
+    plan = [(path, layer, name) for path, layer, name in plan if name is not None and name in layer.configs]
+    if not plan:
+        names = sorted({n for _, layer in layers for n in layer.configs})
+        if adapter_name is None:
+            raise ValueError(f"{what}: no adapter is active on the model (adapters: {names}); pass adapter_name= "
+                             f"or lowrank.set_adapter first")
+        raise ValueError(f"{what}: no adapter {adapter_name!r} on the model (adapters: {names})")
+    return plan
+
+
 def _refuse_meta(path: str, layer: LoRALinear, name: str) -> None:
     tensors = {"weight": layer.base_layer.weight, "lora_A": layer.lora_A[name], "lora_B": layer.lora_B[name]}
     if name in layer.lora_magnitude_vector:
@@ -271,23 +286,26 @@ def _unmerge_layer(path: str, layer: LoRALinear, checked: bool = False) -> None:
 
 
 def merge(model: nn.Module, adapter_name: str | None = None, exact: bool = True) -> nn.Module:
-    """Merge an adapter (default: each layer's active one) into every LoRA layer's weight, in place.
+    """Merge an adapter (default: each layer's active one) into the weight of every LoRA layer that
+    holds it, in place; layers without it are left as they are (peft's rule).
 
     Merged layers compute base_layer(x) only. exact=True keeps the record that makes `unmerge`
     bit-exact (see `record_fraction`); exact=False skips it (unmerge then only rounds back).
     Everything is checked before any weight is written; a failure midway unmerges what was done.
-    Raises ValueError if a layer is already merged, NotImplementedError for non-dense weights."""
+    Raises ValueError if a layer is already merged or no layer holds the adapter,
+    NotImplementedError for non-dense weights."""
     layers = _targets(model, "merge")
-    names = []
     for path, layer in layers:
         if getattr(layer, "merged", None):
             raise ValueError(f"layer {path or type(layer).__name__} is already merged "
                              f"(adapter {layer.merged.adapter!r}); unmerge it first")
-        names.append(_check_layer(path, layer, adapter_name))
-    _check_not_shared(model, layers, "merge")
+    plan = _merge_plan(layers, adapter_name, "merge")
+    for path, layer, name in plan:
+        _check_layer(path, layer, name)
+    _check_not_shared(model, [(path, layer) for path, layer, _ in plan], "merge")
     done = []
     try:
-        for (path, layer), name in zip(layers, names):
+        for path, layer, name in plan:
             _merge_layer(layer, name, exact)
             done.append((path, layer))
     except BaseException:
@@ -299,13 +317,13 @@ def merge(model: nn.Module, adapter_name: str | None = None, exact: bool = True)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo `merge` in every LoRA layer, in place: bit-exact for layers merged with exact=True.
-    Raises ValueError, changing nothing, if any LoRA layer is not merged, or if any layer's weight,
-    factors or scaling changed since the merge (compared bit for bit, not by version counters)."""
-    layers = _targets(model, "unmerge")
-    for path, layer in layers:
-        if not getattr(layer, "merged", None):
-            raise ValueError(f"layer {path or type(layer).__name__} is not merged")
+    """Undo `merge` in every merged LoRA layer, in place: bit-exact for layers merged with
+    exact=True. Raises ValueError, changing nothing, if no LoRA layer is merged, or if any merged
+    layer's weight, factors or scaling changed since the merge (compared bit for bit, not by
+    version counters)."""
+    layers = [(path, layer) for path, layer in _targets(model, "unmerge") if getattr(layer, "merged", None)]
+    if not layers:
+        raise ValueError("unmerge: the model's LoRA layers are not merged")
     for path, layer in layers:  # every layer checked before the first is written
         _check_unmergeable(path or type(layer).__name__, layer)
     for path, layer in layers:
@@ -319,7 +337,9 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     and the original requires_grad flags (as lowrank.unpatch). A modules_to_save wrapper gives way to
     the merged adapter's trained copy (as in peft), or to the original module where it has none.
 
-    Dense layers get their merged nn.Linear / Conv1D back. NF4 (QLoRA) layers are dequantized to
+    Dense layers get their merged nn.Linear / Conv1D back; a layer without the adapter (merged:
+    `adapter_name`, or each layer's active one) gets its base layer back as it was (an NF4 one stays
+    quantized), as in peft. NF4 (QLoRA) layers are dequantized to
     a dense dtype and merged there with one rounding (the recipe the QLoRA authors recommend:
     merging into 4-bit codes would lose most of the delta), becoming dense nn.Linear layers in the
     dtype of the weight that was quantized (`NF4Weight.dtype`, the dtype the rest of the model
@@ -337,10 +357,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
         if getattr(layer, "merged", None):
             raise ValueError(f"layer {path} is merged already; unmerge it first (or call merge_and_unload "
                              f"on an unmerged model)")
+    for path, layer, name in _merge_plan(layers, adapter_name, "merge_and_unload"):  # the others: unwrapped only
         if isinstance(layer.base_layer, NF4Linear):
-            name = adapter_name or layer.active_adapter
-            if name not in layer.configs:
-                raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")
             a, b = layer.lora_A[name], layer.lora_B[name]
             if a.device.type == "meta" or b.device.type == "meta" or layer.base_layer.nf4.device.type == "meta":
                 raise ValueError(f"merge_and_unload: layer {path} is on the meta device (shapes without values)")
@@ -348,7 +366,7 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
                 raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B / magnitude contain NaN or Inf")
             quantized.append((path, layer, name))
         else:
-            dense.append((path, layer, _check_layer(path, layer, adapter_name)))
+            dense.append((path, layer, _check_layer(path, layer, name)))
     _check_not_shared(model, [(path, layer) for path, layer, _ in dense], "merge_and_unload")
     # NF4 layers first: they are built aside (nothing changes in place), so a failure there (out
     # of memory) leaves the model untouched. Dense layers keep their `merged` flag until all are
@@ -388,11 +406,30 @@ def merged_weight(layer: LoRALinear, name: str | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def dense_weight(layer: LoRALinear, name: str | None = None) -> torch.Tensor:
+    """What a plain model holds in this layer's place: `merged_weight(layer, name)` where the layer
+    has adapter `name` (default: its active one), else its base weight as it is (an NF4 base decoded
+    as merged_weight decodes it). The layer is not changed."""
+    name = name or layer.active_adapter
+    if name is not None and name in layer.configs:
+        return merged_weight(layer, name)
+    base = layer.base_layer
+    if isinstance(base, NF4Linear):
+        return base.dequantize(_nf4_dense_dtype(base)).contiguous()
+    return base.weight.detach()
+
+
+def _nf4_dense_dtype(base: NF4Linear) -> torch.dtype:
+    """The dtype an NF4 base is decoded to for merging: the one that was quantized, where the merge
+    supports it, else the compute dtype."""
+    return base.nf4.dtype if base.nf4.dtype in KERNEL_DTYPES else base.compute_dtype
+
+
+@torch.no_grad()
 def _merged_nf4(layer: LoRALinear, name: str, requantize: bool):
     """(new base layer, requantization error or None) for an NF4 LoRA layer."""
     base: NF4Linear = layer.base_layer
-    dtype = base.nf4.dtype if base.nf4.dtype in KERNEL_DTYPES else base.compute_dtype
-    w = base.dequantize(dtype).contiguous()  # (out, in)
+    w = base.dequantize(_nf4_dense_dtype(base)).contiguous()  # (out, in)
     a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
     if name in layer.lora_magnitude_vector:  # DoRA: the norms of this dequantized weight, one rounding
         dora_merge_(w, a, b, layer.lora_magnitude_vector[name].detach(), layer.scaling(name), exact=False)

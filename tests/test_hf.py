@@ -70,6 +70,34 @@ def test_merged_save_of_an_nf4_model_is_the_dense_merge(tmp_path, arch):
             assert torch.equal(module.weight, w.t() if arch == "gpt2" else w), path
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_merged_save_of_an_adapter_on_some_layers(tmp_path, quantize):
+    """save_pretrained(merged=True, adapter_name=...) of an adapter only q_proj holds (beside one on
+    every linear layer): the file holds merge_and_unload's weights for it, bit for bit (the other
+    layers' base weights; an NF4 base decoded), and loads as a plain model computing what the
+    patched model computes with that adapter active."""
+    model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=4, quantize=quantize,
+                                 compute_dtype=torch.float32 if quantize else None)
+    lowrank.add_adapter(model, "b", rank=2, targets=["q_proj"])
+    randomize_B_(model, std=0.2)
+    lowrank.set_adapter(model, "b")
+    x = ids()
+    ref = logits(model, x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lowrank.save_pretrained(model, tmp_path, merged=True, adapter_name="b")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    torch.testing.assert_close(logits(loaded.eval(), x), ref, rtol=1e-4, atol=1e-4)
+    merged = lowrank.merge_and_unload(copy.deepcopy(model), adapter_name="b")
+    for path, layer in lowrank.lora_layers(model):
+        module = merged.get_submodule(path)
+        w = module.nf4.dequantize(torch.float32) if isinstance(module, lowrank.NF4Linear) else module.weight
+        assert torch.equal(w, loaded.get_submodule(path).weight), path
+    with pytest.raises(ValueError, match="no adapter 'nope'"):
+        lowrank.save_pretrained(model, tmp_path / "n", merged=True, adapter_name="nope")
+
+
 def test_merged_save_of_a_model_quantized_by_transformers_is_refused(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")

@@ -422,3 +422,70 @@ def test_random_tying_patterns_merge_right_or_refuse(pattern, targets, seed):
         torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
     lowrank.unmerge(model)
     assert all(torch.equal(p, weights[id(p)]) for p in model.parameters())
+
+
+def _two_adapters(quantize=None):
+    """tiny Llama (bf16) with 'default' on every linear layer and 'b' on q_proj only, 'b' active."""
+    torch.manual_seed(0)
+    model = tiny_llama(torch.bfloat16)
+    lowrank.patch_linear(model, rank=8, quantize=quantize, compute_dtype=torch.bfloat16 if quantize else None)
+    lowrank.add_adapter(model, "b", rank=4, targets=["q_proj"])
+    randomize_lora_(model, std=0.1)
+    lowrank.set_adapter(model, "b")
+    return model
+
+
+def test_an_adapter_on_some_layers_merges_into_those_and_leaves_the_rest():
+    """merge / merge_and_unload of an adapter that only some layers hold (peft's rule, as its
+    merge_and_unload(adapter_names=[...])): those layers get W + s B A rounded once, every other
+    weight keeps its bits, and the merged model computes what it computed with the adapter active.
+    unmerge undoes the layers that were merged; a name no layer holds is refused, nothing changed."""
+    model = _two_adapters()
+    ids = torch.randint(0, 97, (2, 11))
+    weights0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out_b, ref64 = logits(model, ids), logits(merged_f64(model), ids)
+    holders = {p for p, layer in lowrank.lora_layers(model) if "b" in layer.configs}
+    assert holders and all(p.endswith("q_proj") for p in holders)
+    with pytest.raises(ValueError, match="no adapter 'nope'"):
+        lowrank.merge(model, adapter_name="nope")
+    for adapter_name in (None, "b"):
+        lowrank.merge(model, adapter_name=adapter_name)
+        assert {p for p, layer in lowrank.lora_layers(model) if layer.merged} == holders
+        for path, layer in lowrank.lora_layers(model):
+            w = layer.base_layer.weight.detach()
+            if path in holders:
+                w64 = weights0[f"{path}.base_layer.weight"].double() + layer.scaling("b") * (
+                    layer.lora_B["b"].double() @ layer.lora_A["b"].double())
+                assert_bits_equal(w, round_once(w64, torch.bfloat16), path)
+            else:
+                assert_bits_equal(w, weights0[f"{path}.base_layer.weight"], path)
+        assert_close(logits(model, ids).float(), ref64, baseline=out_b.float(), factor=2, name="merged 'b'")
+        lowrank.unmerge(model)
+        for n, p in model.named_parameters():
+            assert_bits_equal(p.detach(), weights0[n], f"{n} after unmerge")
+    plain = lowrank.merge_and_unload(copy.deepcopy(model), adapter_name="b")
+    assert not any(isinstance(m, lowrank.LoRALinear) for m in plain.modules())
+    for path, layer in lowrank.lora_layers(model):
+        w = plain.get_submodule(path).weight.detach()
+        if path not in holders:
+            assert_bits_equal(w, weights0[f"{path}.base_layer.weight"], path)
+    assert_close(logits(plain, ids).float(), ref64, baseline=out_b.float(), factor=2, name="merge_and_unload 'b'")
+
+
+def test_merge_and_unload_of_an_adapter_on_some_nf4_layers_keeps_the_others_quantized():
+    """QLoRA: the layers holding the adapter are decoded and merged (dense nn.Linear), the others
+    get their NF4 base back, codes untouched, as peft leaves a bitsandbytes layer without it."""
+    model = _two_adapters(quantize="nf4")
+    ids = torch.randint(0, 97, (2, 11))
+    codes = {p: layer.base_layer.nf4.dequantize(torch.float32) for p, layer in lowrank.lora_layers(model)}
+    holders = {p for p, layer in lowrank.lora_layers(model) if "b" in layer.configs}
+    out_b, ref64 = logits(model, ids), logits(merged_f64(model), ids)
+    plain = lowrank.merge_and_unload(model, adapter_name="b")
+    for path, w in codes.items():
+        module = plain.get_submodule(path)
+        if path in holders:
+            assert type(module) is nn.Linear and module.weight.dtype == torch.bfloat16, path
+        else:
+            assert isinstance(module, lowrank.NF4Linear), path
+            assert torch.equal(module.nf4.dequantize(torch.float32), w), path
+    assert_close(logits(plain, ids).float(), ref64, baseline=out_b.float(), factor=2, name="merged QLoRA 'b'")
