@@ -168,6 +168,12 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
 # Fields whose JSON type must be exactly this (peft's LoraConfig takes them as given, and Python's
 # truthiness would turn "no" into True): name -> (accepted types, description).
+# peft's LoraConfig defaults (peft 0.21), for a config dict or adapter_config.json that leaves the
+# field out: peft reads such a file with them, and LoraConfig(**fields) takes them. Not lowrank's own
+# default alpha (2 x rank): the fields are peft's, so their defaults are too.
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_ALPHA = 8
+
 _PEFT_FIELD_TYPES = {
     "use_rslora": ((bool,), "true or false"),
     "use_dora": ((bool,), "true or false"),
@@ -233,7 +239,7 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
         problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} is not supported (only 'none')")
-    r, alpha = config.get("r"), config.get("lora_alpha")
+    r, alpha = config.get("r", PEFT_DEFAULT_R), config.get("lora_alpha", PEFT_DEFAULT_ALPHA)  # absent: peft's
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         problems.append(f"r={r!r} must be an int >= 1")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:

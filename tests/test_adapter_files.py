@@ -334,6 +334,25 @@ def test_config_fields_are_typed_strictly(tmp_path, field, value, words):
     assert not list(lowrank.lora_layers(target))
 
 
+def test_an_adapter_config_without_lora_alpha_loads_as_peft_loads_it(tmp_path):
+    """adapter_config.json without lora_alpha (hand-written, or by an old tool): peft reads it with
+    its LoraConfig default (8) and so does load_adapter: the same logits as PeftModel.from_pretrained."""
+    base = small_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj"]))
+    randomize_B_(pm)
+    pm.save_pretrained(tmp_path)
+    config = json.load(open(tmp_path / CONFIG_NAME))
+    del config["lora_alpha"]
+    json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ours = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    assert {layer.scaling("default") for _, layer in lowrank.lora_layers(ours)} == {8 / 4}
+    x = ids()
+    torch.testing.assert_close(logits(ours, x), logits(theirs, x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("content, words", [
     (b"\xff\xfe{}", "is not UTF-8"), (b"{not json", "is not valid JSON"), (b"[1, 2]", "holds a JSON list"),
 ])

@@ -444,6 +444,23 @@ def test_config_from_peft_selects_what_peft_selects():
             assert layer.scaling("default") == reference.get_submodule("base_model.model." + p).scaling["default"]
 
 
+@pytest.mark.parametrize("fields", [{"target_modules": ["q_proj"]}, {"r": 16, "target_modules": ["q_proj"]},
+                                    {"lora_alpha": 32, "target_modules": ["q_proj"]}],
+                         ids=["no-r-no-alpha", "no-alpha", "no-r"])
+def test_a_config_dict_without_r_or_lora_alpha_takes_peft_defaults(fields):
+    """A dict of LoraConfig fields that leaves out r / lora_alpha: peft's defaults (r = 8,
+    lora_alpha = 8, not lowrank's 2 x rank), the rank and scaling LoraConfig(**fields) gives."""
+    peft = pytest.importorskip("peft")
+    reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**fields))
+    model = lowrank.patch_linear(tiny_llama(), config=dict(fields))
+    layers = dict(lowrank.lora_layers(model))
+    assert layers
+    for p, layer in layers.items():
+        theirs = reference.get_submodule("base_model.model." + p)
+        assert layer.configs["default"].rank == theirs.r["default"]
+        assert layer.scaling("default") == theirs.scaling["default"]
+
+
 def test_config_from_a_lowrank_config_and_conflicts():
     model = tiny_llama()
     lowrank.patch_linear(model, config=lowrank.LoRAConfig(rank=3, targets=["o_proj"], adapter_name="mine"))
