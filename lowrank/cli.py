@@ -1,6 +1,6 @@
 """The `lowrank` command.
 
-    lowrank plan --model PRESET|config.json|DIR [--method all] [--rank 16] [--gpu h100-80gb] ...
+    lowrank plan --model PRESET|config.json|DIR [--method all] [--rank R] [--gpu h100-80gb] ...
                                            full fine-tuning vs LoRA vs QLoRA: counts, memory per GPU,
                                            time, and a recommendation (`lowrank plan -h`)
     lowrank compare [--methods full,lora,qlora] [--budget flops|time] [--model DIR --data FILE]
@@ -172,7 +172,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--model", default="llama-3-8b",
                    help=f"a preset ({', '.join(plan_job.PRESETS)}), a config.json or a local model directory")
     p.add_argument("--method", default="all", choices=(*plan_job.METHODS, "all"))
-    p.add_argument("--rank", type=_positive_int, default=16)
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help="LoRA / QLoRA rank (default: the objective's usual one: instruction 16, task 8, domain 64)")
     p.add_argument("--targets", type=_targets, default="all-linear",
                    help="all-linear, or comma-separated module names (q_proj,v_proj)")
     p.add_argument("--batch", type=_positive_int, default=4, help="micro-batch per GPU, in sequences")

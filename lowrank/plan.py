@@ -571,11 +571,11 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-RANKS = {"instruction": 16, "task": 8, "domain": 64}
+RANKS = {"instruction": 16, "task": 8, "domain": 64}  # the rank usually enough for each objective: make_plan's default
 
 
 def recommend(arch: Arch, counts: Counts, methods: dict, objective: str, variants: int, examples: int,
-              gpus: int, gpu: GPU) -> dict:
+              gpus: int, gpu: GPU, rank: int) -> dict:
     """A practitioner's rules, in order: the objective says what one would like (full fine-tuning
     for a new domain, LoRA for instruction or task tuning, which match it there and forget less),
     the hardware says what fits (full -> LoRA -> QLoRA, each step down only when the one above does
@@ -589,9 +589,13 @@ def recommend(arch: Arch, counts: Counts, methods: dict, objective: str, variant
                        f"more than LoRA, so it comes first if it fits")
     else:
         order = ["lora", "qlora", "full"]
-        reasons.append(f"objective '{objective}': LoRA at r={RANKS[objective]} reaches full fine-tuning's quality on "
-                       f"{objective} tuning and forgets less of the base model; it trains "
-                       f"{lora.trainable:,} of {counts.total:,} parameters ({100 * lora.trainable / counts.total:.2f}%)")
+        reasons.append(f"objective '{objective}': LoRA (r={RANKS[objective]} is usually enough) reaches full "
+                       f"fine-tuning's quality on {objective} tuning and forgets less of the base model; at r={rank} "
+                       f"it trains {lora.trainable:,} of {counts.total:,} parameters "
+                       f"({100 * lora.trainable / counts.total:.2f}%)")
+    if rank != RANKS[objective]:
+        reasons.append(f"every figure here is for the rank given, r={rank} ('{objective}' usually needs "
+                       f"r={RANKS[objective]}: --rank {RANKS[objective]} costs that)")
     choice = None
     for m in order:
         p = methods[m]
@@ -619,22 +623,26 @@ def recommend(arch: Arch, counts: Counts, methods: dict, objective: str, variant
     chosen = methods[choice]
     reasons.append(f"time: {chosen.gpu_hours:,.1f} GPU-hours for {variants} variant(s), {chosen.wall_hours:,.1f} h "
                    f"on {gpus} GPU(s) ({chosen.flops_per_token['total'] / 1e9:,.2f} GFLOP per token)")
-    return {"method": choice, "rank": None if choice == "full" else RANKS[objective], "reasons": reasons}
+    return {"method": choice, "rank": None if choice == "full" else rank, "reasons": reasons}
 
 
-def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int = 16, targets="all-linear",
+def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int | None = None, targets="all-linear",
               batch: int = 4, seq: int = 2048, gpu: str | None = "h100-80gb", gpu_mem: float | None = None,
               gpus: int = 1, optimizer: str = "adamw", grad_ckpt: str = "auto", objective: str = "instruction",
               examples: int = 200_000, tokens_per_example: int | None = None, epochs: float = 1.0,
               variants: int = 1, precision: str = "bf16-mixed", mfu: float | None = None, config=None,
               dora: bool = False) -> Plan:
-    """The whole plan. `config`: a transformers config to use instead of `model` (the name is kept).
+    """The whole plan. `rank`: the LoRA / QLoRA rank every figure is for (default: the objective's
+    usual one, RANKS: instruction 16, task 8, domain 64); the recommendation names it.
+    `config`: a transformers config to use instead of `model` (the name is kept).
     `dora`: LoRA and QLoRA with DoRA adapters (magnitude vectors, row norms, a kept output per layer)."""
     for name, value, choices in (("method", method, (*METHODS, "all")), ("optimizer", optimizer, OPTIMIZERS),
                                  ("grad-ckpt", grad_ckpt, ("auto", "on", "off")), ("objective", objective, OBJECTIVES),
                                  ("precision", precision, PRECISIONS)):
         if value not in choices:
             raise PlanError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+    if objective in RANKS and rank is None:
+        rank = RANKS[objective]
     for name, value in (("rank", rank), ("batch", batch), ("seq", seq), ("gpus", gpus), ("examples", examples),
                         ("variants", variants)):
         if not isinstance(value, int) or value < 1:
@@ -663,7 +671,7 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int = 16, ta
         setup = Setup(method=m, rank=rank, batch=batch, seq=seq, gpus=gpus, gpu=g, optimizer=optimizer,
                       grad_ckpt=grad_ckpt, precision=precision)
         methods[m] = plan_method(arch, counts, setup, tokens, variants, mfu)
-    rec = recommend(arch, counts, methods, objective, variants, examples, gpus, g)
+    rec = recommend(arch, counts, methods, objective, variants, examples, gpus, g, rank)
     shown = methods if method == "all" else {method: methods[method]}
     assumptions = {
         "precision": precision,

@@ -206,6 +206,20 @@ def test_worked_example_13b_on_two_a100s():
     assert "5 variants" in text and f"{lora.trainable:,}" in text
 
 
+@pytest.mark.parametrize("rank", [None, 8, 64], ids=["default", "r8", "r64"])
+def test_the_recommended_rank_is_the_one_costed(rank):
+    """The recommendation names the rank every figure is for: the one given, else the objective's
+    usual one (task: 8); a rank other than the usual one is said to be, with the flag that costs it."""
+    plan = P.make_plan("llama-3-8b", objective="task", rank=rank)
+    r = rank or P.RANKS["task"]
+    rec, lora = plan.recommendation, plan.methods["lora"]
+    assert plan.setup["rank"] == r and rec["method"] == "lora" and rec["rank"] == r
+    assert lora.trainable == P.make_plan("llama-3-8b", objective="domain", rank=r).methods["lora"].trainable
+    text = " ".join(rec["reasons"])
+    assert f"at r={r} it trains {lora.trainable:,}" in text
+    assert ("--rank 8 costs that" in text) == (r != 8)
+
+
 @pytest.mark.parametrize("model, gpu, gpus, objective, expected", [
     ("llama-3-8b", "h100-80gb", 4, "domain", "full"),
     ("llama-3-70b", "h100-80gb", 1, "instruction", "qlora"),
