@@ -293,7 +293,7 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="data order, eval split, initial weights, dropout")
     p.add_argument("--dtype", default="fp32", choices=tuple(train_job.DTYPES),
-                   help="the model's weights (qlora: the compute dtype; LoRA factors take the base layer's)")
+                   help="the model's weights (qlora: the compute dtype); LoRA and QLoRA factors stay fp32 either way")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (default: on for full, off for lora / qlora)")
     p.add_argument("--max-length", type=_positive_int, default=512, help="tokens per sequence (longer are cut)")

@@ -213,6 +213,10 @@ def plot(report: InspectReport, path: str | os.PathLike) -> None:
         from matplotlib.figure import Figure  # optional: only --plot draws (no pyplot: no global backend state)
     except ImportError:
         raise ValueError("inspect --plot needs matplotlib: pip install matplotlib (or lowrank[jobs])") from None
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):  # (else the error would name the temporary file below)
+        raise ValueError(f"inspect --plot {path}: no directory {parent}")
     width = max(len(lr.singular_values) for lr in report.layers)
     grid = torch.full((len(report.layers), width), math.nan, dtype=torch.float64)
     for i, lr in enumerate(report.layers):
@@ -227,7 +231,6 @@ def plot(report: InspectReport, path: str | os.PathLike) -> None:
     ax.set_title(f"spectrum of s*B@A per layer: {os.path.basename(os.path.normpath(report.adapter))}")
     fig.colorbar(im, ax=ax, label="log10(sigma_i / sigma_1)")
     fig.tight_layout()
-    path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         fig.savefig(tmp, format="png", dpi=100)

@@ -104,11 +104,19 @@ def _describe(spec) -> str:
 
 
 def _list_linear(found) -> str:
-    if not found:
-        return "the model has no nn.Linear or Conv1D layer"
-    names = sorted({path.rsplit(".", 1)[-1] for path, *_ in found})
-    examples = ", ".join(path for path, *_ in found[:3])
-    return (f"the model's linear layers are named {names} ({len(found)} layers, e.g. {examples})")
+    """What a user can target: the linear layers by name, then the embeddings apart (adapted only when
+    named: "all-linear" leaves them out, as it leaves out the output head)."""
+    linear = [f for f in found if not _is_embedding_layer(f[1])]
+    embeddings = sorted({path.rsplit(".", 1)[-1] for path, module, *_ in found if _is_embedding_layer(module)})
+    if linear:
+        names = sorted({path.rsplit(".", 1)[-1] for path, *_ in linear})
+        examples = ", ".join(path for path, *_ in linear[:3])
+        out = f"the model's linear layers are named {names} ({len(linear)} layers, e.g. {examples})"
+    else:
+        out = "the model has no nn.Linear or Conv1D layer"
+    if embeddings:
+        out += f"; its embeddings, adapted only when named, {embeddings}"
+    return out
 
 
 def check_module_names(names, what: str = "modules_to_save") -> list[str] | None:

@@ -136,6 +136,9 @@ def load_config(model: str):
         try:
             with open(model, encoding="utf-8") as f:
                 data = json.load(f)
+        except UnicodeDecodeError:
+            raise PlanError(f"--model {model}: not a text file (a weights file?); give a transformers config.json, "
+                            f"the model's directory or a preset ({', '.join(PRESETS)})") from None
         except (OSError, json.JSONDecodeError) as e:
             raise PlanError(f"--model {model}: not a readable JSON config ({e})") from None
         if not isinstance(data, dict) or "model_type" not in data:

@@ -113,6 +113,10 @@ def test_cli_on_a_peft_adapter_with_base_json_and_plot(tmp_path, capsys):
 
     img = imread(str(png))
     assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50 and float(img.std()) > 0
+    missing = tmp_path / "no" / "dir" / "x.png"  # the error names the path given, not a temporary file
+    assert cli.main(["inspect", str(adapter), "--plot", str(missing)]) != 0
+    err = capsys.readouterr().err
+    assert f"--plot {missing}: no directory {missing.parent}" in err and ".tmp" not in err
 
 
 def _lowrank_adapter(tmp_path, model, rank, collapse_to=None, name="ad"):

@@ -422,6 +422,20 @@ def test_peft_names_given_twice_or_unknown_are_refused(kwargs, words):
     assert_same_snapshot(snapshot(model), before)
 
 
+def test_no_match_lists_linear_layers_and_embeddings_apart():
+    """The error for targets that match nothing lists the linear layers (the output head among them:
+    it can be named) and, apart, the embeddings (adapted only when named)."""
+    model = tiny_llama()
+    with pytest.raises(ValueError) as info:
+        lowrank.patch_linear(model, targets=["foo_proj"])
+    msg = str(info.value)
+    linear = msg.split("linear layers are named ", 1)[1].split("]", 1)[0]
+    assert "'q_proj'" in linear and "'lm_head'" in linear and "embed_tokens" not in linear
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert f"({n_linear} layers," in msg
+    assert "embeddings, adapted only when named, ['embed_tokens']" in msg
+
+
 def test_config_from_peft_selects_what_peft_selects():
     """patch_linear(config=LoraConfig(...)): the layers peft's get_peft_model adapts, at its rank,
     alpha, dropout and scaling; the same from the config's dict, with peft not imported by lowrank."""

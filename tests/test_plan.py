@@ -279,3 +279,6 @@ def test_model_from_a_config_file_or_a_directory(tmp_path):
     (tmp_path / "bad.json").write_text('{"hidden_size": 8}')
     with pytest.raises(P.PlanError, match="model_type"):
         P.make_plan(str(tmp_path / "bad.json"))
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00\xc6\xff{}")
+    with pytest.raises(P.PlanError, match=r"--model .*model\.safetensors: not a text file .*config\.json"):
+        P.make_plan(str(tmp_path / "model.safetensors"))
