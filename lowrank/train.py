@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -574,6 +575,16 @@ class CheckpointManager:
         return final
 
 
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of process `rank`'s random stream (dropout masks) in optimizer step `step` (0-based),
+    set at the start of every step: each process draws its own masks (one seed on every process
+    gave every process the same masks: the second half of a batch got the first half's), and a
+    resumed run draws what an uninterrupted one draws, whatever the RNG state saved with it. 32
+    bits (torch's CPU generator keeps the seed's low 32), from a hash of the three numbers."""
+    digest = hashlib.blake2b(f"lowrank-dropout/{seed}/{step}/{rank}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -727,7 +738,7 @@ class _Job:
             self.step = int(state["step"])
             self.last_eval = self.resume_from.eval_loss
         else:
-            torch.manual_seed(cfg.seed + 1)  # dropout's stream, the same whatever was built before
+            torch.manual_seed(cfg.seed + 1)  # the same whatever was built before (each step reseeds: dropout_seed)
             random.seed(cfg.seed + 1)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -859,6 +870,7 @@ class _Job:
                 while self.step < self.total:
                     t0 = time.perf_counter()
                     self._step_start_rng = rng_state()  # what a checkpoint of a step cut short records
+                    torch.manual_seed(dropout_seed(cfg.seed, self.step, d.rank))
                     self._in_step = True
                     loss, tokens, lr = self.train_step()
                     self._in_step = False

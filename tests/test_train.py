@@ -398,6 +398,21 @@ def test_user_errors_are_one_line_without_traceback(files, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_each_process_and_step_draws_its_own_dropout_stream(files, tmp_path, monkeypatch):
+    """dropout_seed: distinct for every (rank, step) of a run (every process used to draw the same
+    dropout masks), the same for the same three numbers; and a run seeds torch with it at the start
+    of each step, with its own rank (0 here), so a resumed step draws what it drew before."""
+    seeds = {(r, t): T.dropout_seed(7, t, r) for r in range(8) for t in range(200)}
+    assert len(set(seeds.values())) == len(seeds) and all(0 <= v < 2 ** 32 for v in seeds.values())
+    assert T.dropout_seed(7, 3, 1) == seeds[(1, 3)] != T.dropout_seed(8, 3, 1)
+    calls = []
+    real = torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda s: (calls.append(int(s)), real(s))[1])
+    T.train(cfg(files, tmp_path, steps=3, dropout=0.1, eval_every=0, save_every=0, keep_best=0, seed=5))
+    assert [c for c in calls if c in {T.dropout_seed(5, t, 0) for t in range(3)}] == \
+        [T.dropout_seed(5, t, 0) for t in range(3)]
+
+
 # -- several processes -------------------------------------------------------------------------
 
 def torchrun(files, out, *args):
