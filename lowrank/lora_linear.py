@@ -167,6 +167,11 @@ class LoRALinear(nn.Module):
         `weight.data` in place bumps no counter: call `clear_weight_cache()` after one."""
         w = self.base_layer.weight  # an NF4 base: its packed 4-bit codes
         nf4 = isinstance(self.base_layer, NF4Linear)
+        if torch.compiler.is_compiling():
+            # Traced, the cache's key (a storage address) cannot be compared: the graph computes the
+            # norms itself, one pass over W per forward (as peft's DoRA does each forward).
+            return weight_row_sq_norms(self.base_layer.nf4 if nf4 else self.base_weight_nk(),
+                                       self.base_layer.compute_dtype if nf4 else None)
         key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()), w.dtype, w.device,
                self.base_layer.compute_dtype if nf4 else None)
         cached = self.__dict__.get("_weight_sq")

@@ -91,6 +91,37 @@ def test_outputs_and_gradients_equal_peft_dora(arch):
         assert_close(g_ours[key], g_ref[key], g_theirs[key], factor=4.0, name=str(key))
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_a_dora_model_compiles_to_one_graph(quantize):
+    """torch.compile(fullgraph=True) of a patched DoRA model (aot_eager: dynamo and AOT autograd are
+    what break graphs): the cached ||W_i||^2 (keyed by the weight's storage address, which a graph
+    cannot compare) is computed in the graph, and the norms' data-dependent recompute runs inside
+    the op lowrank::dora_row_norms. Loss and every A, B and m gradient equal eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=4, dora=True, quantize=quantize,
+                                 compute_dtype=torch.float32 if quantize else None)
+    with torch.no_grad():
+        for _, layer in lowrank.lora_layers(model):
+            layer.lora_B["default"].normal_(0, 0.2)
+    x = ids()
+    eager = loss_of(model, x)
+    eager.backward()
+    want = {k: g.clone() for k, g in grads_by_path(model).items()}
+    model.zero_grad(set_to_none=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)  # a graph break raises
+    got = compiled(input_ids=x).logits.float().square().mean()
+    got.backward()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=0)
+    grads = grads_by_path(model)
+    assert set(grads) == set(want) and len(want) == 3 * len(list(lowrank.lora_layers(model)))
+    for key, g in want.items():
+        torch.testing.assert_close(grads[key], g, rtol=1e-4, atol=1e-7, msg=str(key))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_initial_magnitude_is_peft_s(arch):
     """A new DoRA adapter: m = ||W_i|| (the base output unchanged, B = 0), as peft initialises it:

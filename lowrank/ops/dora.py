@@ -286,6 +286,48 @@ def dora_row_norms(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: 
     return (norms, bad) if return_recomputed else norms
 
 
+@torch.library.custom_op("lowrank::dora_row_norms", mutates_args=())
+def dora_row_norms_op(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                      weight_sq: Optional[torch.Tensor]) -> torch.Tensor:
+    """`dora_row_norms` of a dense weight as one op, for torch.compile: its recompute of the rows
+    where the terms cancel (a nonzero, then a loop over those rows) has a data-dependent size that a
+    graph cannot hold; inside an op the graph sees an (N,) float64 result."""
+    return dora_row_norms(weight, lora_A, lora_B, scaling, weight_sq=weight_sq)
+
+
+@dora_row_norms_op.register_fake
+def _(weight, lora_A, lora_B, scaling, weight_sq):
+    return weight.new_empty((weight.shape[0],), dtype=torch.float64)
+
+
+@torch.library.custom_op("lowrank::nf4_dora_row_norms", mutates_args=())
+def nf4_dora_row_norms_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                          nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], shape: list[int],
+                          dtype: torch.dtype, blocksize: int, nested_blocksize: int, lora_A: torch.Tensor,
+                          lora_B: torch.Tensor, scaling: float, weight_sq: Optional[torch.Tensor],
+                          compute_dtype: torch.dtype) -> torch.Tensor:
+    """`dora_row_norms_op` for an NF4 weight, given as its tensors (an op takes no NF4Weight)."""
+    w = NF4Weight(packed=packed, absmax=absmax, shape=tuple(shape), dtype=dtype, blocksize=blocksize,
+                  nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+                  nested_blocksize=nested_blocksize)
+    return dora_row_norms(w, lora_A, lora_B, scaling, weight_sq=weight_sq, dtype=compute_dtype)
+
+
+@nf4_dora_row_norms_op.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, shape, dtype, blocksize, nested_blocksize, lora_A, lora_B,
+      scaling, weight_sq, compute_dtype):
+    return packed.new_empty((shape[0],), dtype=torch.float64)
+
+
+def _nf4_row_norms(w: NF4Weight, lora_A, lora_B, s: float, weight_sq, dtype: torch.dtype) -> torch.Tensor:
+    """dora_row_norms of an NF4 weight decoded to `dtype`; through the op while torch.compile traces."""
+    if not torch.compiler.is_compiling():
+        return dora_row_norms(w, lora_A, lora_B, s, weight_sq=weight_sq, dtype=dtype)
+    return nf4_dora_row_norms_op(w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, list(w.shape),
+                                 w.dtype, w.blocksize, w.nested_blocksize, lora_A.detach(), lora_B.detach(), s,
+                                 weight_sq, dtype)
+
+
 def dora_scale(magnitude: torch.Tensor, norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """m / n per row, detached, in `dtype` (see the Note on zero norms): float64 m / n where n > 0,
     0 where n == 0, clamped to dtype's finite range, rounded once. Differentiable in m (the gradient
@@ -332,7 +374,10 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
     if weight_sq is not None and (tuple(weight_sq.shape) != (weight.shape[0],) or weight_sq.dtype != torch.float64):
         raise ValueError(f"dora_linear: weight_sq must be float64 ({weight.shape[0]},), got {weight_sq.dtype} "
                          f"{tuple(weight_sq.shape)}")
-    norms = dora_row_norms(weight, lora_A, lora_B, s, weight_sq=weight_sq)
+    if torch.compiler.is_compiling():  # the norms are detached: the op sees no autograd
+        norms = dora_row_norms_op(weight.detach(), lora_A.detach(), lora_B.detach(), s, weight_sq)
+    else:
+        norms = dora_row_norms(weight, lora_A, lora_B, s, weight_sq=weight_sq)
     if dropout == 0.0 and backend_for(x) == "triton" and supported(x, weight, lora_A, bias):
         if torch.is_grad_enabled():
             return _DoRATriton.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
@@ -385,14 +430,14 @@ def nf4_dora_linear(x, nf4_weight, lora_A, lora_B, magnitude, scaling: float, bi
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # gradients come back in their own dtype
         bias = None if bias is None else bias.to(x.dtype)
         check_lora_args(x, x.new_empty(()).expand(n, k), lora_A, lora_B, bias, where="nf4_dora_linear")
-        norms = dora_row_norms(nf4_weight, lora_A, lora_B, s, weight_sq=weight_sq, dtype=x.dtype)
+        norms = _nf4_row_norms(nf4_weight, lora_A, lora_B, s, weight_sq, x.dtype)
         w = nf4_weight
         args = (x, w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, lora_A, lora_B, magnitude, bias,
                 s, w.blocksize, w.nested_blocksize, norms)
         if torch.is_grad_enabled():
             return _NF4DoRATriton.apply(*args)
         return _nf4_dora_triton_forward(*args, need_v=False)[0]
-    norms = dora_row_norms(nf4_weight, lora_A, lora_B, s, weight_sq=weight_sq, dtype=x.dtype)
+    norms = _nf4_row_norms(nf4_weight, lora_A, lora_B, s, weight_sq, x.dtype)
     scale = dora_scale(magnitude, norms, x.dtype)  # (N,), differentiable in m
     if dropout == 0.0:
         v = nf4_lora_linear(x, nf4_weight, lora_A, lora_B, s)
