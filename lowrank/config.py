@@ -72,8 +72,13 @@ class LoRAConfig:
             raise TypeError(f"dora must be a bool, got {type(self.dora).__name__}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
-            raise ValueError(f"adapter_name must be a non-empty identifier string, got {self.adapter_name!r}")
+        name = self.adapter_name
+        # peft's names ("sft-v2"...): any printable name that can key a ModuleDict (no ".") and name a
+        # subfolder of a multi-adapter save (no "/" or "\\"), without surrounding spaces
+        if not isinstance(name, str) or not name or not name.isprintable() or name != name.strip() \
+                or any(c in name for c in "./\\"):
+            raise ValueError(f"adapter_name must be a non-empty printable string without '.', '/' or '\\' and "
+                             f"without surrounding spaces, got {name!r}")
         if hasattr(nn.ParameterDict(), self.adapter_name):  # e.g. "copy", "keys": lora_A[name] would fail midway
             raise ValueError(f"adapter_name {self.adapter_name!r} is an attribute of nn.ParameterDict, where "
                              f"adapters are stored; choose another name")

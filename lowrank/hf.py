@@ -11,7 +11,9 @@ staging directory beside `path` and renamed into it once complete.
 """
 from __future__ import annotations
 
+import copy
 import os
+import re
 import shutil
 import tempfile
 
@@ -176,26 +178,47 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
     return names
 
 
+_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")  # transformers' Trainer's checkpoint folders
+
+
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """The adapters `save_adapters` wrote, loaded into `model` (replacing the weights of adapters it
-    has, adding the others); the model's active adapter stays. Returns the names loaded;
-    ValueError (model unchanged for the adapter at fault) when `path` holds none."""
+    has, adding the others); the model's active adapter stays. Returns the names loaded. A Trainer's
+    `checkpoint-N` subfolders (beside the adapter `save_model` writes into its output_dir) are not
+    adapters and are skipped. All of them are loaded into a meta-device twin of the model first, so
+    a ValueError from any one (or when `path` holds none) leaves the model unchanged."""
     path = os.fspath(path)
     found = []
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         found.append(("default", path))
     if os.path.isdir(path):
         for sub in sorted(os.listdir(path)):
-            if os.path.isfile(os.path.join(path, sub, CONFIG_NAME)):
+            if os.path.isfile(os.path.join(path, sub, CONFIG_NAME)) and not _CHECKPOINT_DIR.fullmatch(sub):
                 found.append((sub, os.path.join(path, sub)))
     if not found:
         raise ValueError(f"{path!r} holds no adapter ({CONFIG_NAME} in it or in a subfolder)")
-    active = active_adapter(model)
-    for name, where in found:
-        load_adapter(model, where, adapter_name=name)
-    if active is not None:
-        set_active_adapter(model, active, trainable=True)
+    for target in (_meta_twin(model), model):  # every check on the twin, then the same loads for real
+        active = active_adapter(target)
+        for name, where in found:
+            load_adapter(target, where, adapter_name=name)
+        if active is not None:
+            set_active_adapter(target, active, trainable=True)
     return [name for name, _ in found]
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters, buffers and NF4 storage are meta tensors (shapes and
+    dtypes, no memory; shared tensors stay shared): what load_adapters tries every adapter on."""
+    memo = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            tensors += [t for t in vars(m.nf4).values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if id(t) not in memo:
+            twin = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+    return copy.deepcopy(model, memo)
 
 
 class _TrainerMixin:

@@ -230,6 +230,19 @@ def test_mixed_batch_errors():
             pass
 
 
+def test_adapter_names_follow_peft():
+    """Names as peft takes them ("sft-v2", "v1 final"): any printable name but one holding '.' (a
+    ModuleDict key), '/' or '\\' (a subfolder of a multi-adapter save) or surrounding spaces."""
+    model = small_llama()
+    for name in ("sft-v2", "v1 final", "日本"):
+        lowrank.add_adapter(model, name, rank=2)
+    assert lowrank.adapter_names(model) == ["sft-v2", "v1 final", "日本"]
+    for name in ("a.b", "a/b", "a\\b", "", " a", "a\n"):
+        with pytest.raises(ValueError, match="adapter_name must be"):
+            lowrank.add_adapter(model, name, rank=2)
+    assert lowrank.adapter_names(model) == ["sft-v2", "v1 final", "日本"]
+
+
 def test_compile_switching_does_not_recompile():
     """torch.compile (aot_eager backend: dynamo guards and AOT autograd are what decide recompiles;
     inductor's C++ codegen would cost ~a minute on this CPU and changes nothing about guards).

@@ -9,6 +9,7 @@ import torch
 
 import lowrank
 from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
 from tests.models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -142,6 +143,42 @@ def test_several_adapters_save_and_load_as_peft_lays_them_out(tmp_path):
     ours, theirs = lora_state(model), lora_state(fresh)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert lowrank.patch.active_adapter(fresh) == "default"
+
+
+def test_load_adapters_skips_trainer_checkpoints_and_changes_nothing_when_one_fails(tmp_path):
+    """A Trainer's output_dir: the adapter save_model wrote, beside checkpoint-N folders (adapters
+    too, but not extra ones): load_adapters loads the root and the named subfolders (a peft name
+    like "sft-v2" included), not the checkpoints. A subfolder that fails to load (weights of the
+    wrong rank) fails the call before any adapter reaches the model: module types, adapter names
+    and every tensor as they were (an unpatched model and a patched one)."""
+    model = patched_llama()
+    lowrank.add_adapter(model, "sft-v2", r=2, target_modules=["k_proj"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    lowrank.hf.save_adapters(model, tmp_path)
+    lowrank.save_adapter(model, tmp_path / "checkpoint-3")
+    fresh = tiny_llama()
+    assert lowrank.hf.load_adapters(fresh, tmp_path) == ["default", "sft-v2"]
+    assert lowrank.adapter_names(fresh) == ["default", "sft-v2"]
+    ours, theirs = lora_state(model), lora_state(fresh)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    bad = tmp_path / "zz"  # "sft-v2"'s config over rank-3 weights: found only when its weights are checked
+    bad.mkdir()
+    (bad / CONFIG_NAME).write_text((tmp_path / "sft-v2" / CONFIG_NAME).read_text())
+    tensors = load_file(tmp_path / "sft-v2" / WEIGHTS_NAME)
+    save_file({k: torch.zeros(3, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 3)
+               for k, v in tensors.items()}, bad / WEIGHTS_NAME)
+    for target in (tiny_llama(), patched_llama()):
+        types = [type(m) for m in target.modules()]
+        names = lowrank.adapter_names(target)
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(ValueError, match="zz"):
+            lowrank.hf.load_adapters(target, tmp_path)
+        assert [type(m) for m in target.modules()] == types and lowrank.adapter_names(target) == names
+        after = target.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_refusals():
