@@ -200,6 +200,11 @@ class LoRALinear(nn.Module):
         if self.embedding:
             out = self.base_layer(x)
             return out + _embedding_delta(self, x, name).to(out.dtype)
+        if not x.is_floating_point():  # (a float x of another dtype is cast to the weight's, below)
+            dtype = self.base_layer.compute_dtype if isinstance(self.base_layer, NF4Linear) else \
+                self.base_layer.weight.dtype
+            raise TypeError(f"LoRALinear({self.in_features}, {self.out_features}): input of dtype {x.dtype}; a "
+                            f"linear layer takes floating-point inputs (it computes in {dtype})")
         if name in self.lora_magnitude_vector and isinstance(self.base_layer, NF4Linear):
             return self.base_layer.dora_forward(x, self.lora_A[name], self.lora_B[name],
                                                 self.lora_magnitude_vector[name], cfg.scaling,

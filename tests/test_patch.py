@@ -436,6 +436,17 @@ def test_no_match_lists_linear_layers_and_embeddings_apart():
     assert "embeddings, adapted only when named, ['embed_tokens']" in msg
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_an_integer_input_is_a_type_error_as_for_nn_linear(quantize):
+    """nn.Linear raises on an int64 input (token ids passed to the wrong module); LoRALinear cast it
+    to the weight's dtype and computed. Now a TypeError naming the dtype, dense and NF4."""
+    model = lowrank.patch_linear(nn.Sequential(nn.Linear(64, 32)), rank=4, quantize=quantize,
+                                 compute_dtype=torch.float32 if quantize else None)
+    with pytest.raises(TypeError, match="input of dtype torch.int64"):
+        model(torch.ones(2, 64, dtype=torch.int64))
+    assert model(torch.ones(2, 64)).dtype == torch.float32
+
+
 def test_config_from_peft_selects_what_peft_selects():
     """patch_linear(config=LoraConfig(...)): the layers peft's get_peft_model adapts, at its rank,
     alpha, dropout and scaling; the same from the config's dict, with peft not imported by lowrank."""
