@@ -40,7 +40,7 @@ import shutil
 import torch
 import torch.nn as nn
 import safetensors.torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import LoRAConfig, pattern_value, peft_lora_kwargs, scaling_for
 from .dtypes import FLOAT_DTYPES
@@ -742,9 +742,12 @@ def _read_weights(path: str, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     """(tensors, the `lowrank_settings` metadata string of a file lowrank wrote, else None)."""
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
-        with safe_open(st, framework="pt", device="cpu") as f:
-            stamp = (f.metadata() or {}).get(SETTINGS_KEY)
-            return {k: f.get_tensor(k) for k in f.keys()}, stamp
+        try:
+            with safe_open(st, framework="pt", device="cpu") as f:
+                stamp = (f.metadata() or {}).get(SETTINGS_KEY)
+                return {k: f.get_tensor(k) for k in f.keys()}, stamp
+        except SafetensorError as exc:  # truncated, or not a safetensors file at all
+            raise ValueError(f"load_adapter: {st!r} is not a readable safetensors file ({exc})") from None
     pkl = os.path.join(path, PICKLE_NAME)
     if os.path.isfile(pkl):
         if not allow_pickle:

@@ -14,7 +14,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .nf4_format import NF4Weight
 
@@ -79,12 +79,15 @@ class Checkpoint:
             if not os.path.isfile(full):
                 raise FileNotFoundError(f"{where}: {INDEX_NAME} names {name}, which is not in {d!r}")
             self.file_bytes[name] = os.path.getsize(full)
-            with safe_open(full, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    self.key_file[key] = name
-                    self._shape[key] = tuple(s.get_shape())
-                    self._dtype[key] = SAFETENSORS_DTYPES.get(s.get_dtype())
+            try:
+                with safe_open(full, framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        s = f.get_slice(key)
+                        self.key_file[key] = name
+                        self._shape[key] = tuple(s.get_shape())
+                        self._dtype[key] = SAFETENSORS_DTYPES.get(s.get_dtype())
+            except SafetensorError as exc:  # truncated, or not a safetensors file at all
+                raise ValueError(f"{where}: {full!r} is not a readable safetensors file ({exc})") from None
         if self.index is not None:
             wrong = [k for k, v in self.index["weight_map"].items() if self.key_file.get(k) != v]
             if wrong:

@@ -363,6 +363,19 @@ def test_a_config_that_is_not_a_json_object_names_the_file(tmp_path, content, wo
         lowrank.load_adapter(small_llama(), tmp_path)
 
 
+@pytest.mark.parametrize("cut", [7, 200], ids=["header", "data"])
+def test_a_truncated_weights_file_names_the_file(tmp_path, cut):
+    """A truncated adapter_model.safetensors (a copy cut short): a ValueError naming the file, where
+    safetensors' own error named nothing; the model untouched."""
+    _saved(tmp_path)
+    raw = (tmp_path / WEIGHTS_NAME).read_bytes()
+    (tmp_path / WEIGHTS_NAME).write_bytes(raw[:cut] if cut < 100 else raw[:-cut])
+    target = small_llama()
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors' is not a readable safetensors file"):
+        lowrank.load_adapter(target, tmp_path)
+    assert not list(lowrank.lora_layers(target))
+
+
 def test_target_modules_that_disagree_with_the_weights_are_refused(tmp_path):
     """peft builds its layers from target_modules and ignores weights outside them: a config naming
     other layers than the tensors would load into a different model in peft than in lowrank."""

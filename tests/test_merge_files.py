@@ -195,6 +195,14 @@ def test_refusals_leave_everything_as_it_was(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "not a causal language model" in err and err.count("\n") == 1, err
     shutil.rmtree(tmp_path / "o3")
+    # a base shard cut short (an interrupted download): the error names the shard
+    shutil.copytree(base_dir, tmp_path / "o3")
+    shard = sorted((tmp_path / "o3").glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:5])
+    assert cli.main(["merge", str(tmp_path / "o3"), str(adapter), str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard.name}' is not a readable safetensors file" in err and err.count("\n") == 1, err
+    shutil.rmtree(tmp_path / "o3")
     # a failure while writing the third shard: OUT untouched, no staging directory left
     real = safetensors.torch.save_file
     calls = []
