@@ -274,6 +274,9 @@ class TrainConfig:
             raise ValueError("--max-grad-norm and --weight-decay must be >= 0")
         if self.dora and self.method == "full":
             raise ValueError("--dora is for lora / qlora (full fine-tuning has no adapter)")
+        if self.method == "full" and (self.dropout or self.alpha is not None):
+            raise ValueError(f"--{'dropout' if self.dropout else 'alpha'} is for lora / qlora (full fine-tuning has "
+                             f"no adapter; its model's own dropout applies)")
         if self.modules_to_save and self.method == "full":
             raise ValueError("--modules-to-save is for lora / qlora (full fine-tuning trains every module)")
 

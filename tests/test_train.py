@@ -291,6 +291,10 @@ def test_modules_to_save_trains_the_head_is_checkpointed_and_resumes(files, tmp_
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
     with pytest.raises(ValueError, match="--modules-to-save is for lora"):
         T.train(cfg(files, tmp_path / "full", method="full", modules_to_save=["lm_head"]))
+    for kw, flag in ((dict(dropout=0.1), "--dropout"), (dict(alpha=8.0), "--alpha")):  # were ignored silently
+        with pytest.raises(ValueError, match=f"{flag} is for lora / qlora"):
+            T.train(cfg(files, tmp_path / "full", method="full", **kw))
+    assert not (tmp_path / "full").exists()
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
