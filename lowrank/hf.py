@@ -197,7 +197,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
                 found.append((sub, os.path.join(path, sub)))
     if not found:
         raise ValueError(f"{path!r} holds no adapter ({CONFIG_NAME} in it or in a subfolder)")
-    for target in (_meta_twin(model), model):  # every check on the twin, then the same loads for real
+    try:
+        twin = _meta_twin(model)
+    except Exception:  # a model deepcopy cannot handle (DTensor shards, foreign hooks): no dry run, as before
+        twin = None
+    for target in (twin, model) if twin is not None else (model,):  # every check on the twin, then for real
         active = active_adapter(target)
         for name, where in found:
             load_adapter(target, where, adapter_name=name)
