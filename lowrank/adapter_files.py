@@ -66,9 +66,31 @@ _TOKENS_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.token_adapter\.train
 _EMBEDDING_BASE_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.base_layer\.weight$")
 
 
-# transformers model class suffix -> peft task_type written by save_adapter(task_type="auto")
+# save_adapter(task_type="auto"): peft's task_type from transformers' auto-class tables (GPT-2's
+# GPT2LMHeadModel is a causal LM, T5ForConditionalGeneration a seq2seq one: the names alone do not
+# say), then from the class name's suffix (a model class the tables do not list)
+_TASK_TABLES = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+                ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"))
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-               ("ForTokenClassification", "TOKEN_CLS"))
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def auto_task_type(model: nn.Module) -> str | None:
+    """The peft task_type of `model`'s class (None: none known: peft then loads the adapter as a
+    plain PeftModel)."""
+    kind = type(model).__name__
+    try:
+        from transformers.models.auto import modeling_auto  # optional: only transformers models have a task
+    except ImportError:
+        modeling_auto = None
+    for table, task in _TASK_TABLES if modeling_auto is not None else ():
+        for names in getattr(modeling_auto, table, {}).values():
+            if kind == names or (isinstance(names, (tuple, list)) and kind in names):
+                return task
+    return next((t for suffix, t in _TASK_TYPES if kind.endswith(suffix)), None)
 
 
 # -- save -------------------------------------------------------------------------------------------
@@ -76,9 +98,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                  task_type: str | None = "auto", base_model_name_or_path: str | None = None) -> None:
     """Write `adapter_name` of a patched `model` as a peft LoRA adapter in directory `path`.
 
-    task_type: "auto" writes "CAUSAL_LM", "SEQ_CLS" or "TOKEN_CLS" for a *ForCausalLM,
-    *ForSequenceClassification or *ForTokenClassification model and null otherwise (peft then loads
-    it as a plain PeftModel); pass a peft TaskType string to choose.
+    task_type: "auto" writes the model class's peft task ("CAUSAL_LM" for GPT2LMHeadModel or any
+    *ForCausalLM, "SEQ_2_SEQ_LM" for T5ForConditionalGeneration, "SEQ_CLS", "TOKEN_CLS",
+    "QUESTION_ANS": `auto_task_type`) and null for others (peft then loads it as a plain
+    PeftModel); pass a peft TaskType string to choose.
     The adapter's modules_to_save copies are written as peft does (`<path>.<entry>` keys of each
     copy's state dict, `modules_to_save` naming the modules by peft's rule).
     base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set.
@@ -122,8 +145,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         tensors[f"{PREFIX}{p}.{TOKENS_KEY}"] = \
             layer.trainable_tokens_delta[adapter_name].detach().to("cpu").contiguous().clone()
     if task_type == "auto":
-        kind = type(model).__name__
-        task_type = next((t for suffix, t in _TASK_TYPES if kind.endswith(suffix)), None)
+        task_type = auto_task_type(model)
     if base_model_name_or_path is None:
         base_model_name_or_path = (getattr(getattr(model, "config", None), "name_or_path", None)
                                    or getattr(model, "name_or_path", None)) or None

@@ -305,6 +305,30 @@ def test_load_over_a_merged_adapter_refused(tmp_path):
     assert torch.equal(logits(model, x), want)
 
 
+def test_auto_task_type_lets_peft_auto_classes_load_the_adapter(tmp_path):
+    """save_adapter's task_type="auto" from transformers' auto-class tables: GPT2LMHeadModel (no
+    "ForCausalLM" in its name) is CAUSAL_LM, so peft's AutoPeftModelForCausalLM loads the adapter
+    (it refused a null task_type) and computes what the patched model does; T5's
+    ForConditionalGeneration is SEQ_2_SEQ_LM; a plain nn.Module gets null."""
+    from lowrank.adapter_files import auto_task_type
+
+    base = SMALL_MODELS["gpt2"]()
+    base.save_pretrained(tmp_path / "base")
+    model = lowrank.patch_linear(copy.deepcopy(base), rank=4)
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(tmp_path / "base"))
+    assert json.load(open(tmp_path / "ad" / CONFIG_NAME))["task_type"] == "CAUSAL_LM"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad")).eval()
+    x = ids()
+    torch.testing.assert_close(logits(theirs, x), logits(model, x), rtol=1e-5, atol=1e-6)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2))
+    assert auto_task_type(t5) == "SEQ_2_SEQ_LM"
+    assert auto_task_type(nn.Sequential(nn.Linear(2, 2))) is None
+
+
 # -- strict reading ---------------------------------------------------------------------------------
 
 def _saved(tmp_path, **kwargs):
