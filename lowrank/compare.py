@@ -443,6 +443,9 @@ def compare(methods=DEFAULT_METHODS, *, rank: int = 4, batch: int = 16, full_ste
         raise ValueError(f"compare: budget must be 'flops' or 'time', got {budget!r}")
     if budget == "time" and not (seconds and seconds > 0):
         raise ValueError("compare: budget 'time' needs seconds > 0")
+    if budget != "time" and seconds is not None:  # it would be ignored: every method gets the same FLOPs
+        raise ValueError(f"compare: seconds={seconds!r} is for budget 'time' (--budget time --seconds S); the "
+                         f"budget is {budget!r}")
     for name, v in (("rank", rank), ("batch", batch), ("full_steps", full_steps), ("pretrain_steps", pretrain_steps)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"compare: {name} must be a positive integer, got {v!r}")

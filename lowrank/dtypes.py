@@ -15,7 +15,10 @@ FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 def check_dtype(dtype: torch.dtype, where: str, what: str = "dtype", float64: bool = False) -> None:
     """TypeError naming `where` and `what` unless dtype is float32, float16 or bfloat16 (or float64
     when the caller's path takes it)."""
-    if dtype in (FLOAT_DTYPES if float64 else KERNEL_DTYPES):
+    if isinstance(dtype, torch.dtype) and dtype in (FLOAT_DTYPES if float64 else KERNEL_DTYPES):
         return
     also = " (float64 on the reference path)" if float64 else ""
+    if not isinstance(dtype, torch.dtype):  # e.g. the string "float32": torch.float32 was meant
+        raise TypeError(f"{where}: {what} must be a torch.dtype (torch.float32, torch.float16 or torch.bfloat16"
+                        f"{also}), got {type(dtype).__name__} {dtype!r}")
     raise TypeError(f"{where}: {what} {dtype} is not supported; use float32, float16 or bfloat16{also}")

@@ -47,6 +47,13 @@ def test_check_dtype_names_where_what_and_which(dtype):
         check_dtype(dtype, "my_op", "weight dtype")
 
 
+def test_check_dtype_names_a_string_for_what_it_is():
+    """adapter_dtype="float32" (a string where a torch.dtype is meant) said 'float32 is not supported;
+    use float32': now it asks for a torch.dtype."""
+    with pytest.raises(TypeError, match=r"my_op: adapter_dtype must be a torch.dtype .*got str 'float32'"):
+        check_dtype("float32", "my_op", "adapter_dtype")
+
+
 def test_check_dtype_accepts_the_three_and_float64_where_asked():
     for dtype in KERNEL_DTYPES:
         check_dtype(dtype, "op")

@@ -139,6 +139,8 @@ def test_bad_arguments_raise():
         C.compare(["vera"], progress=False)
     with pytest.raises(ValueError, match="seconds"):
         C.compare(budget="time", progress=False)
+    with pytest.raises(ValueError, match=r"seconds=1\.0 is for budget 'time'"):  # was ignored silently
+        C.compare(seconds=1.0, progress=False)
     with pytest.raises(ValueError, match="rank"):
         C.compare(rank=0, progress=False)
 
