@@ -53,6 +53,23 @@ def _matches(spec: TargetSpec, path: str, module: nn.Module) -> bool:
     return any(path == s or path.endswith("." + s) for s in spec)
 
 
+def _warn_unadapted_weights(model: nn.Module) -> None:
+    """A warning naming the weights "all-linear" cannot give LoRA and peft may: 2-D weights of modules
+    that are not linear layers or embeddings (a MoE router: transformers 5's MixtralTopKRouter) and
+    3-D parameters (fused experts, (experts, out, in)). They stay frozen."""
+    left = []
+    for path, module in model.named_modules():
+        if isinstance(module, (LoRALinear, ModulesToSave, TrainableTokens)) or is_adaptable(module):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 or (p.dim() == 2 and name == "weight"):
+                left.append(f"{path}.{name}" if path else name)
+    if left:
+        warnings.warn(f"patch_linear: targets='all-linear' adapts nn.Linear / Conv1D layers; {len(left)} other "
+                      f"weight(s) stay frozen without LoRA, e.g. {', '.join(left[:3])} (MoE routers and fused "
+                      f"expert weights: peft 0.21 adapts these, lowrank does not yet)", UserWarning, stacklevel=4)
+
+
 def _output_heads(model: nn.Module) -> set[int]:
     heads = set()
     get = getattr(model, "get_output_embeddings", None)
@@ -384,6 +401,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     chosen = _outside_saved(select_targets(model, targets, exclude), saved, targets)
     if mts_names is None:
         _warn_frozen_head(model)
+    if isinstance(targets, str) and targets == "all-linear":
+        _warn_unadapted_weights(model)
     tokens = select_token_layers(model, trainable_token_indices) if trainable_token_indices is not None else []
     token_paths = {p for p, _, _ in tokens}
     clash = [c[0] for c in chosen if c[0] in token_paths] + [p for p, _ in saved if p in token_paths]
@@ -494,7 +513,7 @@ def _warn_frozen_head(model: nn.Module) -> None:
     if heads:
         warnings.warn(f"patch_linear: {type(model).__name__}.{heads[0]} (its task head, usually freshly initialised) "
                       f"is frozen; pass modules_to_save={heads!r} to train it with the adapter (peft adds it for "
-                      f"SEQ_CLS / TOKEN_CLS)", stacklevel=3)
+                      f"SEQ_CLS / TOKEN_CLS)", stacklevel=4)
 
 
 def _new_copies(saved: list) -> list[tuple[nn.Module, ModulesToSave, nn.Module]]:

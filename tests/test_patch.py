@@ -447,6 +447,28 @@ def test_an_integer_input_is_a_type_error_as_for_nn_linear(quantize):
     assert model(torch.ones(2, 64)).dtype == torch.float32
 
 
+def test_all_linear_names_the_weights_it_leaves_frozen():
+    """transformers 5's Mixtral: the router (MixtralTopKRouter, a 2-D weight) and the fused experts
+    (3-D parameters) are no nn.Linear; "all-linear" leaves them without LoRA, where peft adapts
+    them, and now says so, naming them. A Llama (every weight a linear layer's or an embedding's)
+    gets no such warning."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, vocab_size=64)
+    moe = transformers.MixtralForCausalLM(config)
+    fused = [n for n, p in moe.named_parameters() if p.dim() == 3]
+    with pytest.warns(UserWarning, match=r"3 other weight\(s\) stay frozen without LoRA, e.g\. "
+                                         r"model\.layers\.0\.mlp\.gate\.weight, .*experts"):
+        lowrank.patch_linear(moe, rank=2)
+    assert fused and all("lora" not in n for n in fused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowrank.patch_linear(tiny_llama(), rank=2)
+
+
 def test_config_from_peft_selects_what_peft_selects():
     """patch_linear(config=LoraConfig(...)): the layers peft's get_peft_model adapts, at its rank,
     alpha, dropout and scaling; the same from the config's dict, with peft not imported by lowrank."""
