@@ -62,7 +62,28 @@ class NF4Linear(nn.Module):
         """Adopt a quantized bitsandbytes Linear4bit (nf4) as it is: its storage is shared, not copied."""
         nf4 = NF4Weight.from_bnb(layer)
         dtype = compute_dtype or getattr(layer, "compute_dtype", None) or torch.bfloat16
-        return cls(nf4, layer.bias, dtype)
+        new = cls(nf4, layer.bias, dtype)
+        new.bnb_class = type(layer)  # what `to_bnb` (lowrank.unpatch) rebuilds
+        new.bnb_compute_dtype = getattr(layer, "compute_dtype", None)
+        return new
+
+    def to_bnb(self) -> nn.Module:
+        """The bitsandbytes Linear4bit this layer was adopted from (`from_bnb`; lowrank.unpatch puts
+        it back), rebuilt from the same codes and statistics through bitsandbytes' own state-dict
+        loading: its forward is the original's, and peft and transformers see their layer again."""
+        cls = self.__dict__.get("bnb_class")
+        if cls is None:
+            raise ValueError("NF4Linear.to_bnb: this layer was quantized by lowrank, not adopted from bitsandbytes")
+        from bitsandbytes.nn import Params4bit  # optional: only a layer adopted from it goes back to it
+
+        stats = self.nf4.to_bnb_state_dict("")  # bitsandbytes' own keys: "weight", "weight.absmax", ...
+        packed = stats.pop("weight")
+        layer = cls(self.in_features, self.out_features, bias=False,
+                    compute_dtype=self.__dict__.get("bnb_compute_dtype"), quant_type="nf4", device="meta")
+        layer.weight = Params4bit.from_prequantized(packed, stats, requires_grad=False, device=packed.device,
+                                                    module=layer)
+        layer.bias = self.bias  # the same Parameter (or None)
+        return layer
 
     # -- nn.Linear-like surface ------------------------------------------------------------------
     @property

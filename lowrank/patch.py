@@ -21,6 +21,7 @@ from .dtypes import check_dtype
 from .layer_types import is_embedding
 from .lora_linear import LoRALinear, is_adaptable
 from .modules_to_save import ModulesToSave, check_copyable
+from .nf4_linear import NF4Linear
 from .trainable_tokens import TrainableTokens, check_token_indices
 from .qlora import check_quantize_args, quantize_targets, quantized_layers
 
@@ -596,8 +597,11 @@ def restore_modules(model: nn.Module, layers: list, keep_copy: str | None) -> No
     keep_copy, that adapter's rows written into the embedding's weight first), and restore the
     flags patching changed."""
     refs = module_references(model)
-    for _, module in layers:
-        replace_module(refs, module, module.base_layer)  # under every path that holds it
+    # A bitsandbytes Linear4bit adopted as an NF4Linear goes back as a Linear4bit (the same codes),
+    # built for every layer before the first is replaced: a failure leaves the model as it was.
+    bases = [(module, _original_base(module.base_layer)) for _, module in layers]
+    for module, base in bases:
+        replace_module(refs, module, base)  # under every path that holds it
     copies = []
     for _, wrapper in list(saved_modules(model)):
         chosen = wrapper.modules_to_save[keep_copy] if keep_copy in wrapper.modules_to_save else None
@@ -616,6 +620,12 @@ def restore_modules(model: nn.Module, layers: list, keep_copy: str | None) -> No
     for original, chosen in copies:
         for (_, p), (_, q) in zip(original.named_parameters(), chosen.named_parameters()):
             q.requires_grad_(p.requires_grad)
+
+
+def _original_base(base: nn.Module) -> nn.Module:
+    """The module to put back for a LoRA layer's base: a bitsandbytes Linear4bit for an NF4Linear
+    adopted from one (NF4Linear.to_bnb), else the base itself."""
+    return base.to_bnb() if isinstance(base, NF4Linear) and base.__dict__.get("bnb_class") else base
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -137,6 +137,37 @@ def test_adopts_bnb_linear4bit_without_requantizing():
     assert_close(model(x).detach(), ref, baseline=y_bnb)
 
 
+@needs_bnb
+@pytest.mark.parametrize("undo", ["unpatch", "merge_and_unload-other-adapter"])
+def test_an_adopted_bnb_layer_goes_back_as_a_bnb_layer(undo):
+    """unpatch (and merge_and_unload of an adapter the layer does not hold) puts a bitsandbytes
+    Linear4bit back where one was adopted (it left lowrank's NF4Linear, which peft's "all-linear"
+    does not adapt): bitsandbytes' class and compute dtype, the same codes, statistics and bias, and
+    bitsandbytes' own forward, bit for bit as before patching."""
+    _, layer = make_bnb_linear(128, 48, double_quant=True)
+    model = torch.nn.Sequential(layer, torch.nn.Linear(48, 8))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y0 = model(x)
+    state0 = {k: v.clone() for k, v in layer.state_dict().items()}
+    if undo == "unpatch":
+        lowrank.patch_linear(model, rank=4, targets=["0"], compute_dtype=torch.float32)
+        lowrank.unpatch(model)
+    else:
+        lowrank.patch_linear(model, rank=4, targets=["0", "1"], compute_dtype=torch.float32)
+        lowrank.add_adapter(model, "other", rank=2, targets=["1"], set_active=True)
+        model = lowrank.merge_and_unload(model, adapter_name="other")
+    back = model[0]
+    assert type(back) is type(layer) and back.compute_dtype == layer.compute_dtype
+    assert back.bias is layer.bias and not back.weight.requires_grad
+    state = back.state_dict()
+    assert state.keys() == state0.keys() and all(torch.equal(state[k], v) for k, v in state0.items())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), layer(x), rtol=0, atol=0)
+        if undo == "unpatch":
+            assert torch.equal(model(x), y0)
+
+
 def test_qlora_llama_triton_path_matches_reference(monkeypatch):
     """The patched model through the Triton kernels (interpreter here) gives the reference's loss
     and LoRA gradients."""
