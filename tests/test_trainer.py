@@ -129,13 +129,19 @@ def test_4bit_by_transformers_trains_where_plain_trainer_refuses(tmp_path):
     assert os.path.isfile(tmp_path / "ours" / "checkpoint-2" / WEIGHTS_NAME)
 
 
-def test_several_adapters_save_and_load_as_peft_lays_them_out(tmp_path):
+def two_adapters(second: str):
+    """patched_llama's adapter and a rank-2 one named `second` on k_proj, every B drawn (non-zero)."""
     model = patched_llama()
-    lowrank.add_adapter(model, "fr", r=2, target_modules=["k_proj"])
+    lowrank.add_adapter(model, second, r=2, target_modules=["k_proj"])
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
+    return model
+
+
+def test_several_adapters_save_and_load_as_peft_lays_them_out(tmp_path):
+    model = two_adapters("fr")
     assert lowrank.hf.save_adapters(model, tmp_path) == ["default", "fr"]
     assert os.path.isfile(tmp_path / CONFIG_NAME) and os.path.isfile(tmp_path / "fr" / CONFIG_NAME)
     fresh = tiny_llama()
@@ -151,12 +157,7 @@ def test_load_adapters_skips_trainer_checkpoints_and_changes_nothing_when_one_fa
     like "sft-v2" included), not the checkpoints. A subfolder that fails to load (weights of the
     wrong rank) fails the call before any adapter reaches the model: module types, adapter names
     and every tensor as they were (an unpatched model and a patched one)."""
-    model = patched_llama()
-    lowrank.add_adapter(model, "sft-v2", r=2, target_modules=["k_proj"])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    model = two_adapters("sft-v2")
     lowrank.hf.save_adapters(model, tmp_path)
     lowrank.save_adapter(model, tmp_path / "checkpoint-3")
     fresh = tiny_llama()
