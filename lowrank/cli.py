@@ -272,10 +272,11 @@ def _add_train(sub) -> None:
                    help="JSONL of {text} or {prompt, completion} (loss on the completion only), or a .txt file")
     p.add_argument("--out", required=True, help="the output directory (checkpoints, log.jsonl)")
     p.add_argument("--method", default="lora", choices=train_job.METHODS, help="what is trained")
-    p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank")
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help=f"LoRA rank (default: {train_job.TrainConfig.rank}); lora / qlora only")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
-    p.add_argument("--targets", type=_targets, default="all-linear",
-                   help="all-linear, or comma-separated module names (q_proj,v_proj)")
+    p.add_argument("--targets", type=_targets, default=None,
+                   help="all-linear (the default), or comma-separated module names (q_proj,v_proj); lora / qlora only")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     lrs = ", ".join(f"{k} {v:g}" for k, v in train_job.DEFAULT_LR.items())
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {lrs})")
@@ -313,9 +314,13 @@ def _add_train(sub) -> None:
 
 
 def run_train(args) -> int:
+    adapter = {name: getattr(args, name) for name in ("rank", "targets") if getattr(args, name) is not None}
+    if args.method == "full" and adapter:
+        raise ValueError(f"--{next(iter(adapter))} is for lora / qlora (full fine-tuning has no adapter: it trains "
+                         f"every weight)")
     cfg = train_job.TrainConfig(
-        model=args.model, data=args.data, out=args.out, method=args.method, rank=args.rank, alpha=args.alpha,
-        targets=args.targets, dropout=args.dropout, lr=args.lr, warmup=args.warmup, steps=args.steps,
+        model=args.model, data=args.data, out=args.out, method=args.method, alpha=args.alpha, **adapter,
+        dropout=args.dropout, lr=args.lr, warmup=args.warmup, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, eval_every=args.eval_every,
         save_every=args.save_every, keep_best=args.keep_best, keep_last=args.keep_last, resume=args.resume,
         seed=args.seed, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,

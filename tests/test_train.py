@@ -394,6 +394,11 @@ def test_user_errors_are_one_line_without_traceback(files, tmp_path, capsys):
         (["--model", str(small), "--data", str(files / "data.jsonl")], "has a vocabulary of 100"),  # bytes up to 258
         (["--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--steps", "2", "--epochs", "1"],
          "--steps or --epochs"),
+        # full fine-tuning has no adapter: a rank or targets given were ignored silently
+        (["--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--method", "full", "--rank", "8"],
+         "--rank is for lora / qlora"),
+        (["--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--method", "full", "--targets",
+          "q_proj"], "--targets is for lora / qlora"),
     ]
     for args, needle in cases:
         assert cli.main(["train", *args, *common]) == 2
