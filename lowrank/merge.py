@@ -40,7 +40,7 @@ from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.dora_merge import dora_merge_, dora_unmerge_
 from .ops.merge import check_merge_args, record_allows_fast_unmerge
-from .patch import active_adapter, refuse_inside_adapter_ids, restore_modules
+from .patch import active_adapter, original_bases, refuse_inside_adapter_ids, restore_modules
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
 
@@ -378,6 +378,11 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
         new_bases.append((layer, base))
         if report_row is not None:
             report[path] = report_row
+    # What replaces the other layers (a bitsandbytes Linear4bit rebuilt for an adopted one) is built
+    # before any dense merge too: a failure there (out of memory) also leaves the model as it was.
+    merged_nf4 = {id(layer) for _, layer, _ in quantized}
+    originals = dict((id(layer), base) for layer, base in
+                     original_bases([(path, layer) for path, layer in layers if id(layer) not in merged_nf4]))
     for path, layer, name in dense:
         _merge_layer(layer, name, exact=False)
     for layer, base in new_bases:
@@ -385,7 +390,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     for path, layer, name in dense:
         layer.merged = None  # the wrapper is discarded next; its base layer keeps the merged weight
     # modules_to_save: the merged adapter's trained copy takes the original's place (peft's choice)
-    restore_modules(model, layers, keep_copy=adapter_name or active_adapter(model))
+    restore_modules(model, layers, keep_copy=adapter_name or active_adapter(model),
+                    bases=[(layer, originals.get(id(layer), layer.base_layer)) for _, layer in layers])
     return (model, report) if return_report else model
 
 

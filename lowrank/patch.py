@@ -590,16 +590,24 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def restore_modules(model: nn.Module, layers: list, keep_copy: str | None) -> None:
-    """Put the original modules back in place of every LoRA layer in `layers`, of every
+def original_bases(layers: list) -> list:
+    """(LoRA layer, the module to put back for it) for each (path, layer) of `layers`: its base
+    layer, or for an NF4Linear adopted from a bitsandbytes Linear4bit a Linear4bit rebuilt from the
+    same codes (NF4Linear.to_bnb). Built for every layer before any is replaced, so that a failure
+    (out of memory) leaves the model as it was."""
+    return [(module, _original_base(module.base_layer)) for _, module in layers]
+
+
+def restore_modules(model: nn.Module, layers: list, keep_copy: str | None, bases: list | None = None) -> None:
+    """Put the original modules back in place of every LoRA layer in `layers` (`bases`: what
+    original_bases(layers) gave, when the caller built it before changing anything), of every
     ModulesToSave wrapper (or, with keep_copy, that adapter's copy where the wrapper has one: its
     parameters get the original's requires_grad flags) and of every TrainableTokens layer (with
     keep_copy, that adapter's rows written into the embedding's weight first), and restore the
     flags patching changed."""
     refs = module_references(model)
-    # A bitsandbytes Linear4bit adopted as an NF4Linear goes back as a Linear4bit (the same codes),
-    # built for every layer before the first is replaced: a failure leaves the model as it was.
-    bases = [(module, _original_base(module.base_layer)) for _, module in layers]
+    if bases is None:
+        bases = original_bases(layers)
     for module, base in bases:
         replace_module(refs, module, base)  # under every path that holds it
     copies = []

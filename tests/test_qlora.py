@@ -168,6 +168,36 @@ def test_an_adopted_bnb_layer_goes_back_as_a_bnb_layer(undo):
             assert torch.equal(model(x), y0)
 
 
+@needs_bnb
+def test_merge_and_unload_failing_to_rebuild_a_bnb_layer_leaves_the_model_as_it_was(monkeypatch):
+    """merge_and_unload builds the bitsandbytes layer it puts back (NF4Linear.to_bnb) before it merges
+    any dense layer: a failure there (out of memory, here injected) leaves every layer unmerged,
+    patched and computing what it did (it used to leave the dense layers merged and flagged)."""
+    from lowrank.nf4_linear import NF4Linear
+
+    _, layer = make_bnb_linear(128, 48, double_quant=True)
+    model = torch.nn.Sequential(layer, torch.nn.Linear(48, 8))
+    lowrank.patch_linear(model, rank=4, targets=["0", "1"], compute_dtype=torch.float32)
+    lowrank.add_adapter(model, "other", rank=2, targets=["1"], set_active=True)
+    with torch.no_grad():
+        model[1].lora_B["other"].normal_()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y0 = model(x)
+    w0 = model[1].base_layer.weight.detach().clone()
+
+    def fail(self):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(NF4Linear, "to_bnb", fail)
+    with pytest.raises(MemoryError, match="injected"):
+        lowrank.merge_and_unload(model, adapter_name="other")
+    assert not model[1].merged and torch.equal(model[1].base_layer.weight, w0)
+    assert isinstance(model[0].base_layer, NF4Linear)
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)
+
+
 def test_qlora_llama_triton_path_matches_reference(monkeypatch):
     """The patched model through the Triton kernels (interpreter here) gives the reference's loss
     and LoRA gradients."""
