@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import LoRAConfig, pattern_value, peft_lora_kwargs, scaling_for
 from .dtypes import FLOAT_DTYPES
-from .layer_types import is_embedding, linear_dims
+from .layer_types import is_embedding, linear_dims, real_values
 from .lora_linear import LoRALinear
 from .modules_to_save import ModulesToSave
 from .trainable_tokens import TrainableTokens
@@ -692,7 +692,7 @@ def _embedding_base_problems(bases: dict[str, torch.Tensor], layers: dict) -> li
         elif tuple(t.shape) != tuple(base.weight.shape):
             problems.append(f"{p}.base_layer.weight: shape {tuple(t.shape)} in the file, the model's embedding is "
                             f"{tuple(base.weight.shape)} (a resized vocabulary?): the adapter belongs to another base")
-        elif base.weight.device.type == "meta" or not torch.equal(t.to(base.weight.dtype), base.weight.detach().cpu()):
+        elif (w := real_values(base.weight)).device.type == "meta" or not torch.equal(t.to(w.dtype), w.detach().cpu()):
             problems.append(f"{p}.base_layer.weight: the file's embedding weight differs from the model's; lowrank "
                             f"does not replace base weights when loading an adapter (the adapter was trained on "
                             f"another base, or with new token rows)")

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .adapter_files import CONFIG_NAME, load_adapter, save_adapter
 from .adapters import adapter_names
+from .layer_types import dry_run_values
 from .merge import dense_weight, merge, unmerge
 from .nf4_linear import NF4Linear
 from .patch import active_adapter, lora_layers, saved_modules, set_active_adapter, token_layers
@@ -181,12 +182,14 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
 _CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")  # transformers' Trainer's checkpoint folders
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def load_adapters(model: nn.Module, path: str | os.PathLike, allow_pickle: bool = False) -> list[str]:
     """The adapters `save_adapters` wrote, loaded into `model` (replacing the weights of adapters it
     has, adding the others); the model's active adapter stays. Returns the names loaded. A Trainer's
     `checkpoint-N` subfolders (beside the adapter `save_model` writes into its output_dir) are not
-    adapters and are skipped. All of them are loaded into a meta-device twin of the model first, so
-    a ValueError from any one (or when `path` holds none) leaves the model unchanged."""
+    adapters and are skipped. All of them are loaded into a meta-device twin of the model first
+    (checks that read values read the model's own tensors), so a ValueError from any one (or when
+    `path` holds none) leaves the model unchanged. `allow_pickle`: as `load_adapter`'s (adapter_model.bin
+    files, peft's safe_serialization=False)."""
     path = os.fspath(path)
     found = []
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
@@ -198,22 +201,29 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
     if not found:
         raise ValueError(f"{path!r} holds no adapter ({CONFIG_NAME} in it or in a subfolder)")
     try:
-        twin = _meta_twin(model)
+        twin, sources = _meta_twin(model)
     except Exception:  # a model deepcopy cannot handle (DTensor shards, foreign hooks): no dry run, as before
         twin = None
-    for target in (twin, model) if twin is not None else (model,):  # every check on the twin, then for real
+
+    def load_all(target):
         active = active_adapter(target)
         for name, where in found:
-            load_adapter(target, where, adapter_name=name)
+            load_adapter(target, where, adapter_name=name, allow_pickle=allow_pickle)
         if active is not None:
             set_active_adapter(target, active, trainable=True)
+
+    if twin is not None:  # every check on the twin (values read from the model's tensors), then for real
+        with dry_run_values(sources):
+            load_all(twin)
+    load_all(model)
     return [name for name, _ in found]
 
 
-def _meta_twin(model: nn.Module) -> nn.Module:
+def _meta_twin(model: nn.Module) -> tuple[nn.Module, dict]:
     """A copy of `model` whose parameters, buffers and NF4 storage are meta tensors (shapes and
-    dtypes, no memory; shared tensors stay shared): what load_adapters tries every adapter on."""
-    memo = {}
+    dtypes, no memory; shared tensors stay shared): what load_adapters tries every adapter on; and
+    {id(twin tensor): the model's tensor} for `dry_run_values`."""
+    memo, sources = {}, {}
     tensors = [*model.parameters(), *model.buffers()]
     for m in model.modules():
         if isinstance(m, NF4Linear):
@@ -222,7 +232,8 @@ def _meta_twin(model: nn.Module) -> nn.Module:
         if id(t) not in memo:
             twin = torch.empty_like(t, device="meta")
             memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
-    return copy.deepcopy(model, memo)
+            sources[id(memo[id(t)])] = t
+    return copy.deepcopy(model, memo), sources
 
 
 class _TrainerMixin:

@@ -1,11 +1,39 @@
 """Recognising the linear layers lowrank wraps, without importing the libraries that define them,
-and finding every place a model holds a module (one module may sit under several paths).
+finding every place a model holds a module (one module may sit under several paths), and the real
+tensors behind a meta-device twin during a dry run (`dry_run_values`, `real_values`).
 
 Level 0: imports torch only. (`lowrank.lora_linear.is_linear` adds lowrank's own NF4Linear.)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
+import torch
 import torch.nn as nn
+
+# id(meta tensor of a twin) -> the model's tensor it stands for, while a dry run is on (this context)
+_DRY_RUN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lowrank_dry_run", default=None)
+
+
+@contextlib.contextmanager
+def dry_run_values(sources: dict):
+    """While on (in this thread / context): `real_values` maps each meta tensor of a model's
+    meta-device twin (`sources`: id(twin tensor) -> the model's tensor) back to the model's, so that
+    checks that read values (an adapter file's copy of an embedding compared bit for bit, token
+    rows to start from, a module to copy whole) judge the real model while the twin takes every
+    change (lowrank.hf.load_adapters' dry run)."""
+    token = _DRY_RUN.set(sources)
+    try:
+        yield
+    finally:
+        _DRY_RUN.reset(token)
+
+
+def real_values(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or during `dry_run_values` the model's tensor that the twin's `t` stands for. Read only."""
+    sources = _DRY_RUN.get()
+    return t if sources is None else sources.get(id(t), t)
 
 
 def is_conv1d(module: nn.Module) -> bool:

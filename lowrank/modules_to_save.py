@@ -28,7 +28,7 @@ import threading
 import torch
 import torch.nn as nn
 
-from .layer_types import is_bnb_linear4bit
+from .layer_types import is_bnb_linear4bit, real_values
 from .nf4_linear import NF4Linear
 
 _OWN = ("original_module", "modules_to_save")
@@ -49,7 +49,7 @@ def check_copyable(path: str, module: nn.Module) -> None:
     if bad:
         raise TypeError(f"modules_to_save: {path!r} has non-floating-point parameter(s) {bad[:3]}; they cannot be "
                         f"trained")
-    meta = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    meta = [n for n, p in module.named_parameters() if real_values(p).device.type == "meta"]
     if meta:
         raise TypeError(f"modules_to_save: {path!r} has parameters on the meta device ({meta[0]}): there is nothing "
                         f"to copy")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layer_types import is_embedding
+from .layer_types import is_embedding, real_values
 
 
 def check_token_indices(path: str, module: nn.Module, indices) -> list[int]:
@@ -36,7 +36,7 @@ def check_token_indices(path: str, module: nn.Module, indices) -> list[int]:
                          f"[0, {module.num_embeddings})")
     if len(set(ids)) != len(ids):
         raise ValueError(f"trainable_token_indices for {path!r} lists a token twice: {ids}")
-    if module.weight.device.type == "meta":
+    if real_values(module.weight).device.type == "meta":
         raise ValueError(f"trainable_token_indices: {path!r} is on the meta device (no rows to start from)")
     return ids
 

@@ -182,6 +182,50 @@ def test_load_adapters_skips_trainer_checkpoints_and_changes_nothing_when_one_fa
         assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("case", ["modules_to_save", "trainable_tokens", "peft-embedding-lora", "pickle"])
+def test_load_adapters_reads_values_from_the_model_in_its_dry_run(tmp_path, case):
+    """load_adapters' dry run on a meta-device twin judged the checks that read values against meta
+    tensors and refused valid folders: a modules_to_save head ("nothing to copy"), trainable token
+    rows ("no rows to start from": a Trainer resume of such a run failed) and peft's embedding-LoRA
+    file, which carries the embedding's base weight ("differs from the model's"). Each loads into a
+    fresh model and back into the patched one (a resume), to the saved weights and peft's logits; a
+    file whose embedding copy is not the model's is still refused, the model unchanged. peft's
+    safe_serialization=False files load with allow_pickle=True, as with load_adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    kw = {"modules_to_save": dict(modules_to_save=["lm_head"]), "trainable_tokens": dict(trainable_token_indices=[1, 2]),
+          "peft-embedding-lora": dict(target_modules=["q_proj", "embed_tokens"]), "pickle": {}}[case]
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **kw}))
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path, safe_serialization=case != "pickle")
+    x = torch.tensor([[1, 2, 5, 7]])
+    with torch.no_grad():
+        want = peft_model(input_ids=x).logits
+    if case == "pickle":
+        with pytest.raises(ValueError, match="allow_pickle"):
+            lowrank.hf.load_adapters(tiny_llama(), tmp_path)
+    extra = dict(allow_pickle=True) if case == "pickle" else {}
+    fresh = tiny_llama().eval()
+    assert lowrank.hf.load_adapters(fresh, tmp_path, **extra) == ["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x).logits, want)
+    assert lowrank.hf.load_adapters(fresh, tmp_path, **extra) == ["default"]  # into the patched model (a resume)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=x).logits, want)
+    if case == "peft-embedding-lora":
+        other = tiny_llama()
+        with torch.no_grad():
+            other.model.embed_tokens.weight[3] += 1
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(ValueError, match="embedding weight differs"):
+            lowrank.hf.load_adapters(other, tmp_path)
+        after = other.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_refusals():
     with pytest.raises(TypeError, match="base must be transformers.Trainer"):
         lowrank.trainer_class(dict)
