@@ -546,7 +546,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     problems += _saved_problems(to_save, states, adapter_name, bool(existing))
     problems += _embedding_base_problems(embedding_bases, linear)
     problems += _token_problems(token_targets, token_rows, adapter_name, bool(existing))
-    selected = _peft_selection(model, config.get("target_modules"), saved_names)
+    selected = _peft_selection(model, config.get("target_modules"), saved_names, config.get("exclude_modules"))
     if selected is not None and pairs and selected != set(pairs):
         extra, missing = sorted(set(pairs) - selected), sorted(selected - set(pairs))
         problems.append(f"target_modules={config.get('target_modules')!r} in {CONFIG_NAME} selects other layers than "
@@ -635,18 +635,25 @@ def _value_problems(name: str, t: torch.Tensor, dtype: torch.dtype) -> list[str]
     return []
 
 
-def _peft_selection(model: nn.Module, targets, saved_names: list[str] | None = None) -> set[str] | None:
+def _peft_selection(model: nn.Module, targets, saved_names: list[str] | None = None,
+                    exclude=None) -> set[str] | None:
     """The linear layers peft selects with `target_modules` (None: the config names none), less those
-    modules_to_save takes."""
+    `exclude_modules` names (peft's rule for both: a regex string matches the whole path, a name the
+    end of it) and those modules_to_save takes."""
     if targets is None:
         return None
+
+    def named(spec, p):
+        return re.fullmatch(spec, p) is not None if isinstance(spec, str) else \
+            any(p == t or p.endswith("." + t) for t in spec)
+
     found = [p for p, *_ in iter_linear(model)]
-    if targets == "all-linear":
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # peft's comparison: any case
         out = {p for p, *_ in select_targets(model, "all-linear")} if found else set()
-    elif isinstance(targets, str):
-        out = {p for p in found if re.fullmatch(targets, p)}
     else:
-        out = {p for p in found if any(p == t or p.endswith("." + t) for t in targets)}
+        out = {p for p in found if named(targets, p)}
+    if exclude:
+        out = {p for p in out if not named(exclude, p)}
     return {p for p in out if not in_saved_module(p, saved_names)}
 
 

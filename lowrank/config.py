@@ -179,6 +179,18 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 PEFT_DEFAULT_R = 8
 PEFT_DEFAULT_ALPHA = 8
 
+# The heads peft trains whole (adds to modules_to_save) when it makes a new adapter for a task:
+# get_peft_model with this task_type; those of them the model has (peft's own saved configs list
+# "classifier" and "score" whichever the model holds).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
+def task_type_name(config: Mapping) -> str | None:
+    """A config's task_type as its string ('SEQ_CLS'; peft's TaskType enum read by value), or None."""
+    task = config.get("task_type")
+    return None if task is None else str(getattr(task, "value", task))
+
 _PEFT_FIELD_TYPES = {
     "use_rslora": ((bool,), "true or false"),
     "use_dora": ((bool,), "true or false"),
@@ -230,6 +242,8 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and not 0.0 <= dropout < 1.0:
         problems.append(f"lora_dropout={dropout!r} must be a number in [0, 1)")
     targets = config.get("target_modules")
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # peft compares it case-insensitively
+        targets = "all-linear"
     if isinstance(targets, (list, tuple, set, frozenset)) and not all(isinstance(t, str) and t for t in targets):
         problems.append(f"target_modules={targets!r} must list non-empty module names")
     if isinstance(targets, str) and targets != "all-linear":
@@ -280,6 +294,10 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
         if targets is None:
             problems.append("target_modules is null: peft picks a default per architecture; name the modules "
                             "(or 'all-linear')")
+        if config.get("inference_mode") is True:  # get_peft_model freezes such an adapter: nothing would train
+            problems.append("inference_mode=True makes the new adapter frozen (as peft's get_peft_model does) and "
+                            "lowrank does not create frozen adapters: set inference_mode=False to train it, or "
+                            "load saved weights with lowrank.load_adapter(..., is_trainable=False)")
         init = config.get("init_lora_weights", True)
         if init is True or init == "gaussian":
             kwargs["init"] = "kaiming" if init is True else "gaussian"

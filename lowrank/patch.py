@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .config import (PEFT_NAMES, LoRAConfig, TargetSpec, check_pattern, lora_kwargs, pattern_value, peft_config_dict,
-                     peft_lora_kwargs)
+from .config import (PEFT_NAMES, TASK_HEADS, LoRAConfig, TargetSpec, check_pattern, lora_kwargs, pattern_value,
+                     peft_config_dict, peft_lora_kwargs, task_type_name)
 from .layer_types import module_references, replace_module
 from .dtypes import check_dtype
 from .layer_types import is_embedding
@@ -312,7 +312,15 @@ def accepts_peft_names(fn):
                                (k == "adapter_name" and "adapter_name" in sig.parameters)}
                 source = "the LoRAConfig"
             else:
-                from_config = peft_lora_kwargs(peft_config_dict(config), f"{where}(config=...)", for_new_weights=True)
+                fields = peft_config_dict(config)
+                from_config = peft_lora_kwargs(fields, f"{where}(config=...)", for_new_weights=True)
+                heads = TASK_HEADS.get(task_type_name(fields), ())
+                if heads:  # peft's task heads, trained whole: those the model has (peft is lenient on the others)
+                    model = args[0] if args else kwargs.get("model")
+                    paths = [p for p, _ in module_paths(model)] if isinstance(model, nn.Module) else []
+                    names = [n for n in dict.fromkeys([*(from_config.get("modules_to_save") or []), *heads])
+                             if n not in heads or any(p.endswith(n) for p in paths)]
+                    from_config["modules_to_save"] = names or None
                 # a field left empty in the config (None) leaves the argument free for the caller
                 from_config = {k: v for k, v in from_config.items() if v is not None}
                 source = "config"

@@ -412,6 +412,34 @@ def test_target_modules_that_disagree_with_the_weights_are_refused(tmp_path):
     assert not list(lowrank.lora_layers(target))
 
 
+@pytest.mark.parametrize("targets, exclude", [(["q_proj", "v_proj"], ["layers.0.self_attn.q_proj"]),
+                                              ("all-linear", r".*mlp.*")])
+def test_peft_adapters_with_exclude_modules_load(tmp_path, targets, exclude):
+    """peft's exclude_modules (a list of names, or a regex) removes layers from target_modules'
+    selection: load_adapter refused every such file (its check of target_modules against the weights
+    ignored the exclusion); peft compares "all-linear" in any case. Loaded to peft's logits."""
+    base = small_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=targets,
+                                                                   exclude_modules=exclude)).eval()
+    randomize_B_(pm)
+    pm.save_pretrained(tmp_path)
+    model = lowrank.load_adapter(copy.deepcopy(base), tmp_path)
+    assert sorted(p for p, _ in lowrank.lora_layers(model)) == sorted(
+        n.removeprefix("base_model.model.") for n, m in pm.named_modules() if type(m).__name__ == "Linear"
+        and hasattr(m, "lora_A") and "default" in m.lora_A)
+    x = ids()
+    check_same(logits(model, x), model, x, logits(pm, x))
+
+
+def test_all_linear_in_any_case_as_peft_reads_it():
+    """peft compares target_modules with "all-linear" case-insensitively; lowrank read "ALL-LINEAR" as
+    a regex that matched no layer."""
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(small_llama(), peft.LoraConfig(r=4, target_modules="ALL-LINEAR"))
+    ours = lowrank.patch_linear(small_llama(), config={"r": 4, "target_modules": "ALL-LINEAR"})
+    assert lowrank.trainable_parameters(ours) == pm.get_nb_trainable_parameters()
+
+
 @pytest.mark.parametrize("bad, words", [(1e5, "overflow the layer's torch.float16"), (float("nan"), "NaN/Inf")])
 def test_values_the_model_cannot_hold_are_refused(tmp_path, bad, words):
     """Loading into an fp16 model casts the factors: 1e5 used to become Inf silently."""

@@ -144,6 +144,39 @@ def test_trainable_count_matches_peft():
     assert s.adapters[0].saved_params == sum(p.numel() for p in model.classifier.original_module.parameters())
 
 
+@pytest.mark.parametrize("task, make, targets", [("SEQ_CLS", "llama", ["q_proj", "v_proj"]), ("SEQ_CLS", "llama", "all-linear"),
+                                                   ("TOKEN_CLS", "bert", ["query", "value"])])
+def test_a_peft_config_task_type_trains_the_head_as_peft_does(task, make, targets):
+    """patch_linear(config=LoraConfig(task_type=...)) trains what get_peft_model trains: the task's
+    head whole (peft adds "classifier" / "score" to modules_to_save, those the model has), no LoRA in it
+    (task_type was read as bookkeeping: the head stayed frozen, or got LoRA under all-linear); the same
+    trainable parameters, by name. peft's own saved SEQ_CLS config (modules_to_save lists both names)
+    is taken back as peft takes it."""
+    build = {"llama": llama_cls, "bert": lambda: bert_cls(token=True)}[make]
+    config = peft.LoraConfig(r=4, target_modules=targets, task_type=task)
+    pm = peft.get_peft_model(build(), config)
+    ours = lowrank.patch_linear(build(), config=config)
+    assert lowrank.trainable_parameters(ours) == pm.get_nb_trainable_parameters()
+    heads = sorted(n.removeprefix("base_model.model.") for n, p in pm.named_parameters()
+                   if p.requires_grad and ".modules_to_save." in n)
+    assert heads and sorted(n for n, p in ours.named_parameters() if p.requires_grad and ".modules_to_save." in n) == heads
+    lora = {n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n, p in pm.named_parameters()
+            if p.requires_grad and ".lora_" in n}
+    assert {p for p, _ in lowrank.lora_layers(ours)} == lora
+    again = lowrank.patch_linear(build(), config=pm.peft_config["default"].to_dict() | {"inference_mode": False})
+    assert lowrank.trainable_parameters(again) == pm.get_nb_trainable_parameters()
+
+
+def test_a_peft_config_in_inference_mode_is_refused_for_a_new_adapter():
+    """inference_mode=True: get_peft_model makes the new adapter frozen; lowrank said nothing and
+    trained it. Now a ValueError naming the field, the model unchanged."""
+    model = llama_cls()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="inference_mode=True"):
+        lowrank.patch_linear(model, config=peft.LoraConfig(r=4, target_modules=["q_proj"], inference_mode=True))
+    assert_same_snapshot(before, snapshot(model))
+
+
 def test_adapters_switch_mix_disable_and_delete():
     model = bert_cls()
     x = tokens()
