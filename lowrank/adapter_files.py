@@ -42,7 +42,7 @@ import torch.nn as nn
 import safetensors.torch
 from safetensors import SafetensorError, safe_open
 
-from .config import LoRAConfig, pattern_value, peft_lora_kwargs, scaling_for
+from .config import ORIGIN_ATTR, TASK_HEADS, LoRAConfig, pattern_value, peft_lora_kwargs, scaling_for
 from .dtypes import FLOAT_DTYPES
 from .layer_types import is_embedding, linear_dims, real_values
 from .lora_linear import LoRALinear
@@ -94,17 +94,27 @@ def auto_task_type(model: nn.Module) -> str | None:
 
 
 # -- save -------------------------------------------------------------------------------------------
+# The base model an adapter file names (peft's auto classes load the base from them): kept by
+# load_adapter (config.ORIGIN_ATTR), written back by save_adapter.
+_ORIGIN_FIELDS = ("base_model_name_or_path", "revision")
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 task_type: str | None = "auto", base_model_name_or_path: str | None = None) -> None:
+                 task_type: str | None = "auto", base_model_name_or_path: str | None = None,
+                 revision: str | None = None) -> None:
     """Write `adapter_name` of a patched `model` as a peft LoRA adapter in directory `path`.
 
     task_type: "auto" writes the model class's peft task ("CAUSAL_LM" for GPT2LMHeadModel or any
     *ForCausalLM, "SEQ_2_SEQ_LM" for T5ForConditionalGeneration, "SEQ_CLS", "TOKEN_CLS",
     "QUESTION_ANS": `auto_task_type`) and null for others (peft then loads it as a plain
-    PeftModel); pass a peft TaskType string to choose.
+    PeftModel); pass a peft TaskType string to choose. peft trains a classification task's head
+    whole (`config.TASK_HEADS`): where the adapter has LoRA on it, "auto" writes null and a
+    classification task given is a ValueError (peft could not load that file).
     The adapter's modules_to_save copies are written as peft does (`<path>.<entry>` keys of each
     copy's state dict, `modules_to_save` naming the modules by peft's rule).
-    base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set.
+    base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set, else
+    the one in the file the adapter was loaded from; revision (peft's: the base's git revision):
+    default the loaded file's, when the base written is that file's base.
     Layers whose rank or alpha differ from the most common ones are written in peft's rank_pattern /
     alpha_pattern. A DoRA adapter is written with `use_dora: true` and its magnitude vectors.
     Raises ValueError when the model has no such adapter, or when layers differ in rslora, dropout
@@ -144,15 +154,30 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     for p, layer in tokens:
         tensors[f"{PREFIX}{p}.{TOKENS_KEY}"] = \
             layer.trainable_tokens_delta[adapter_name].detach().to("cpu").contiguous().clone()
-    if task_type == "auto":
+    auto = task_type == "auto"
+    if auto:
         task_type = auto_task_type(model)
+    # peft trains the task's head as a whole copy (peft's plain suffix rule): LoRA there would clash
+    lora_heads = sorted(p for p, _ in layers if any(p.endswith(h) for h in TASK_HEADS.get(task_type, ())))
+    if lora_heads and auto:
+        task_type = None
+    elif lora_heads:
+        raise ValueError(f"save_adapter: task_type={task_type!r} makes peft train {lora_heads[0]!r} whole "
+                         f"(modules_to_save) when it loads the file, but the adapter has LoRA there: peft could not "
+                         f"load it; pass task_type=None (or 'auto')")
+    origin = model.__dict__.get(ORIGIN_ATTR, {}).get(adapter_name, {})
     if base_model_name_or_path is None:
         base_model_name_or_path = (getattr(getattr(model, "config", None), "name_or_path", None)
-                                   or getattr(model, "name_or_path", None)) or None
+                                   or getattr(model, "name_or_path", None)
+                                   or origin.get("base_model_name_or_path")) or None
+    if revision is None and base_model_name_or_path == origin.get("base_model_name_or_path"):
+        revision = origin.get("revision")
     saved_names = _saved_names(model, [p for p, _ in saved]) if saved else None
     config = _config_dict(cfg, _target_modules(model, [p for p, _ in layers], saved_names),
                           fan_in_fan_out=any(m.fan_in_fan_out and not m.embedding for _, m in layers),
                           task_type=task_type, base=base_model_name_or_path)
+    if revision is not None:
+        config["revision"] = revision
     if rank_pattern:
         config["rank_pattern"] = rank_pattern
     if alpha_pattern:
@@ -600,6 +625,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             if not is_trainable:
                 for param in layer.adapter_parameters(adapter_name):
                     param.requires_grad_(False)
+    origin = {k: config[k] for k in _ORIGIN_FIELDS if isinstance(config.get(k), str) and config[k]}
+    model.__dict__.setdefault(ORIGIN_ATTR, {})[adapter_name] = origin
     return model
 
 

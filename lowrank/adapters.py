@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .config import TargetSpec
+from .config import ORIGIN_ATTR, TargetSpec
 from .merge import merge, unmerge
 from .layer_types import module_references, replace_module
 from .patch import (accepts_peft_names, active_adapter, lora_layers, patch_linear, refuse_inside_adapter_ids,
@@ -108,6 +108,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             layer.detach_adapter(name)
             if not layer.token_indices:
                 replace_module(refs, layer, layer.base_layer)
+    model.__dict__.get(ORIGIN_ATTR, {}).pop(name, None)
     if was_active:  # peft's choice: the first remaining name in sorted order
         rest = sorted(adapter_names(model))
         set_active_adapter(model, rest[0] if rest else None, trainable=True)

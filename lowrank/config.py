@@ -179,6 +179,11 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 PEFT_DEFAULT_R = 8
 PEFT_DEFAULT_ALPHA = 8
 
+# Where load_adapter keeps, per adapter, the base model its file names (base_model_name_or_path,
+# revision), for save_adapter to write back: {adapter name: {field: value}} in the model's __dict__
+# (delete_adapter drops the entry).
+ORIGIN_ATTR = "_lowrank_adapter_origin"
+
 # The heads peft trains whole (adds to modules_to_save) when it makes a new adapter for a task:
 # get_peft_model with this task_type; those of them the model has (peft's own saved configs list
 # "classifier" and "score" whichever the model holds).

@@ -329,6 +329,60 @@ def test_auto_task_type_lets_peft_auto_classes_load_the_adapter(tmp_path):
     assert auto_task_type(nn.Sequential(nn.Linear(2, 2))) is None
 
 
+def test_the_base_a_loaded_file_names_is_written_back(tmp_path):
+    """A peft file's base_model_name_or_path and revision survive load_adapter + save_adapter on a
+    model built from a config (no name of its own): lowrank wrote null and dropped the revision, so
+    peft's AutoPeftModelForCausalLM looked for a model named "None" (and would take another revision
+    of the base without a word). The model's own name wins; a deleted adapter forgets its file."""
+    base = small_llama()
+    base.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"], revision="v1.0"))
+    pm.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    randomize_B_(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    model = lowrank.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    lowrank.save_adapter(model, tmp_path / "ours")
+    config = json.load(open(tmp_path / "ours" / CONFIG_NAME))
+    assert (config["base_model_name_or_path"], config["revision"]) == (str(tmp_path / "base"), "v1.0")
+    model.config.name_or_path = "another/base"
+    lowrank.save_adapter(model, tmp_path / "named")
+    config = json.load(open(tmp_path / "named" / CONFIG_NAME))
+    assert config["base_model_name_or_path"] == "another/base" and "revision" not in config
+    model.config.name_or_path = ""
+    lowrank.add_adapter(model, "other", rank=2, targets=["q_proj"])
+    lowrank.delete_adapter(model, "default")
+    lowrank.add_adapter(model, "default", rank=2, targets=["q_proj"])
+    lowrank.save_adapter(model, tmp_path / "fresh")
+    assert json.load(open(tmp_path / "fresh" / CONFIG_NAME))["base_model_name_or_path"] is None
+
+
+def test_a_classifier_head_with_lora_is_saved_without_its_task(tmp_path):
+    """peft trains a SEQ_CLS / TOKEN_CLS head whole when it loads such a file: where the adapter has
+    LoRA on the head (all-linear on a classifier), task_type="auto" wrote SEQ_CLS and peft failed to
+    load the file (KeyError); now it writes null and peft loads it to our logits. Asking for the task
+    is a ValueError, nothing written."""
+    def bert():
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+            num_labels=3)).eval()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lowrank.patch_linear(bert(), rank=4)
+    assert "classifier" in dict(lowrank.lora_layers(model))
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path / "ad")
+    assert json.load(open(tmp_path / "ad" / CONFIG_NAME))["task_type"] is None
+    theirs = peft.PeftModel.from_pretrained(bert(), tmp_path / "ad").eval()
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="task_type='SEQ_CLS'.*'classifier'"):
+        lowrank.save_adapter(model, tmp_path / "cls", task_type="SEQ_CLS")
+    assert not (tmp_path / "cls").exists()
+
+
 # -- strict reading ---------------------------------------------------------------------------------
 
 def _saved(tmp_path, **kwargs):
