@@ -101,7 +101,7 @@ _ORIGIN_FIELDS = ("base_model_name_or_path", "revision")
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  task_type: str | None = "auto", base_model_name_or_path: str | None = None,
-                 revision: str | None = None) -> None:
+                 revision: str | None = None, replace_directory: bool = True) -> None:
     """Write `adapter_name` of a patched `model` as a peft LoRA adapter in directory `path`.
 
     task_type: "auto" writes the model class's peft task ("CAUSAL_LM" for GPT2LMHeadModel or any
@@ -117,6 +117,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     default the loaded file's, when the base written is that file's base.
     Layers whose rank or alpha differ from the most common ones are written in peft's rank_pattern /
     alpha_pattern. A DoRA adapter is written with `use_dora: true` and its magnitude vectors.
+    replace_directory: a `path` holding only an adapter is replaced whole, in one step (the old
+    adapter or the new one, whatever happens); False writes the two files in place (each complete
+    before it is renamed in), for a directory other processes write other files into meanwhile
+    (a Trainer checkpoint, where every rank saves its RNG state: the swap took theirs away).
     Raises ValueError when the model has no such adapter, or when layers differ in rslora, dropout
     or DoRA (a peft file has one of each).
     """
@@ -192,7 +196,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     _remove_stale(path)
-    if _only_adapter_files(path) and _exchange_supported(parent):
+    if replace_directory and _only_adapter_files(path) and _exchange_supported(parent):
         _save_by_exchange(path, tensors, metadata, config)
     else:
         _save_in_place(path, tensors, metadata, config)

@@ -170,12 +170,13 @@ def Trainer(*args, **kwargs):  # noqa: N802 (reads as the class it builds)
     return trainer_class()(*args, **kwargs)
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def save_adapters(model: nn.Module, path: str | os.PathLike, replace_directory: bool = True) -> list[str]:
     """Every adapter of `model` in peft's layout for several adapters: "default" in `path`, each
-    other one in `path/<name>`; returns the names written."""
+    other one in `path/<name>`; returns the names written. replace_directory: as save_adapter's."""
     names = adapter_names(model)
     for name in names:
-        save_adapter(model, path if name == "default" else os.path.join(path, name), adapter_name=name)
+        save_adapter(model, path if name == "default" else os.path.join(path, name), adapter_name=name,
+                     replace_directory=replace_directory)
     return names
 
 
@@ -258,7 +259,8 @@ class _TrainerMixin:
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_adapters(model, output_dir)
+        # in place: the other processes write their rng_state_<rank>.pth into this folder meanwhile
+        save_adapters(model, output_dir, replace_directory=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

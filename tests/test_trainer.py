@@ -68,6 +68,31 @@ def test_checkpoints_hold_the_adapter_and_resume_continues_bit_for_bit(tmp_path)
         torch.testing.assert_close(c(input_ids=x).logits, pm(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_checkpoint_keeps_what_other_processes_write_into_it_meanwhile(tmp_path, monkeypatch):
+    """Under torchrun every rank writes rng_state_<rank>.pth into the checkpoint folder while rank 0
+    saves the adapter there: the save swapped the folder (only the adapter files in it at that
+    moment) and deleted the old one, taking another rank's file with it (a resume of that checkpoint
+    was not exact). The Trainer's save now writes in place. Here a file written into the folder
+    while the adapter is being written stands for the other rank's."""
+    from lowrank import adapter_files
+
+    write_pair = adapter_files._write_pair
+
+    def racing(directory, *a, **kw):
+        ckpt = next(iter(sorted((tmp_path / "a").glob("checkpoint-*"))), None)
+        if ckpt is not None:
+            (ckpt / "rng_state_1.pth").write_bytes(b"another rank's state")
+        return write_pair(directory, *a, **kw)
+
+    monkeypatch.setattr(adapter_files, "_write_pair", racing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowrank.Trainer(model=patched_llama(), args=args(tmp_path / "a", 2), train_dataset=lm_data()).train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / "rng_state_1.pth").read_bytes() == b"another rank's state"
+    assert {CONFIG_NAME, WEIGHTS_NAME} <= set(os.listdir(ckpt))
+
+
 def test_classifier_head_in_modules_to_save_trains_and_is_checkpointed(tmp_path):
     cfg = transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=32, num_labels=2)
