@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .dtypes import KERNEL_DTYPES
+from .layer_types import is_bnb_linear4bit
 from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.dora_merge import dora_merge_, dora_unmerge_
@@ -342,8 +343,10 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     quantized), as in peft. NF4 (QLoRA) layers are dequantized to
     a dense dtype and merged there with one rounding (the recipe the QLoRA authors recommend:
     merging into 4-bit codes would lose most of the delta), becoming dense nn.Linear layers in the
-    dtype of the weight that was quantized (`NF4Weight.dtype`, the dtype the rest of the model
-    was in; bitsandbytes records it too), so the merged model runs without casts; with
+    dtype the rest of the model is in (most of its other parameters by element count: fp32 after
+    prepare_for_qlora_training upcast them; without any, the dtype of the weight that was
+    quantized, `NF4Weight.dtype`, which bitsandbytes records too), so the merged model runs
+    without casts; with
     `requantize=True` the merged weight is quantized back to an NF4Linear with the same blocksize
     and double quantization. `return_report=True` returns `(model, report)` where report maps each
     NF4 layer's path to the error requantizing added, relative to the merged dense weight:
@@ -373,8 +376,10 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     # done: if one fails, the ones before it are merged (without a record) and flagged so, and
     # their forward skips the LoRA path: outputs stay right, never W + 2 s B A.
     report, new_bases = {}, []
+    rest = _unquantized_dtype(model) if quantized else None
     for path, layer, name in quantized:
-        base, report_row = _merged_nf4(layer, name, requantize)
+        # the dtype the rest of the model is in (prepare_for_qlora_training: fp32), else the quantized one
+        base, report_row = _merged_nf4(layer, name, requantize, rest)
         new_bases.append((layer, base))
         if report_row is not None:
             report[path] = report_row
@@ -392,7 +397,22 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     # modules_to_save: the merged adapter's trained copy takes the original's place (peft's choice)
     restore_modules(model, layers, keep_copy=adapter_name or active_adapter(model),
                     bases=[(layer, originals.get(id(layer), layer.base_layer)) for _, layer in layers])
+    _drop_quantization_marks(model)
     return (model, report) if return_report else model
+
+
+def _drop_quantization_marks(model: nn.Module) -> None:
+    """A model transformers loaded in 4-bit whose every quantized layer merge_and_unload made dense is
+    no longer quantized: its quantizer and quantization_config go (transformers' own
+    remove_quantization_config, as its dequantize() does), else save_pretrained wrote a dense model
+    under a 4-bit config that from_pretrained could not load."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or any(isinstance(m, NF4Linear) or is_bnb_linear4bit(m) for m in model.modules()):
+        return
+    quantizer.remove_quantization_config(model)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
 
 
 @torch.no_grad()
@@ -431,11 +451,25 @@ def _nf4_dense_dtype(base: NF4Linear) -> torch.dtype:
     return base.nf4.dtype if base.nf4.dtype in KERNEL_DTYPES else base.compute_dtype
 
 
+def _unquantized_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype most of `model`'s parameters outside its LoRA layers are in (by element
+    count: the embeddings, norms, head), or None without any: after prepare_for_qlora_training
+    upcast them to fp32 the layers around a merged NF4 layer feed it fp32, whatever dtype was
+    quantized."""
+    inside = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in m.parameters()}
+    count: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if id(p) not in inside and p.dtype.is_floating_point and p.device.type != "meta":
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return max(count, key=count.get) if count else None
+
+
 @torch.no_grad()
-def _merged_nf4(layer: LoRALinear, name: str, requantize: bool):
-    """(new base layer, requantization error or None) for an NF4 LoRA layer."""
+def _merged_nf4(layer: LoRALinear, name: str, requantize: bool, dtype: torch.dtype | None = None):
+    """(new base layer, requantization error or None) for an NF4 LoRA layer, merged in `dtype`
+    (default: `_nf4_dense_dtype`)."""
     base: NF4Linear = layer.base_layer
-    w = base.dequantize(_nf4_dense_dtype(base)).contiguous()  # (out, in)
+    w = base.dequantize(dtype if dtype in KERNEL_DTYPES else _nf4_dense_dtype(base)).contiguous()  # (out, in)
     a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
     if name in layer.lora_magnitude_vector:  # DoRA: the norms of this dequantized weight, one rounding
         dora_merge_(w, a, b, layer.lora_magnitude_vector[name].detach(), layer.scaling(name), exact=False)

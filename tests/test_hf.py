@@ -112,6 +112,38 @@ def test_merged_save_of_a_model_quantized_by_transformers_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_merge_and_unload_of_a_model_transformers_loaded_in_4bit(tmp_path):
+    """The QLoRA recipe on a model transformers loaded in 4-bit (bf16): prepare_for_qlora_training
+    upcasts the norms and embeddings to fp32, so the merged layers must take fp32 (they came out in
+    the quantized bf16 and the first forward failed on the dtypes); with every quantized layer
+    merged, the model is no longer marked 4-bit (save_pretrained wrote a dense model under a 4-bit
+    config that from_pretrained could not load). The saved model loads and computes the merged
+    model's logits. Found by a new-user trial."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    SMALL_MODELS["llama"]().save_pretrained(tmp_path / "base")
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q,
+                                                              device_map="cpu", dtype=torch.bfloat16)
+    lowrank.prepare_for_qlora_training(model, gradient_checkpointing=False)
+    lowrank.patch_linear(model, rank=4)
+    randomize_B_(model, std=0.01)
+    x = ids()
+    before = logits(model, x)
+    merged = lowrank.merge_and_unload(model)
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+    after = logits(merged, x)
+    torch.testing.assert_close(after, before, rtol=0.05, atol=0.05)  # bf16 compute before, fp32 after
+    assert getattr(merged, "hf_quantizer", None) is None and not getattr(merged.config, "quantization_config", None)
+    assert not merged.is_quantized
+    merged.save_pretrained(tmp_path / "merged")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert type(back.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(logits(back, x), after, rtol=0, atol=0)
+
+
 def test_a_failed_merged_save_leaves_the_directory_and_model_as_they_were(tmp_path, monkeypatch):
     model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=4)
     randomize_B_(model)
