@@ -426,6 +426,10 @@ def main(argv=None) -> int:
     # `lowrank bench ARGS` hands ARGS to `python -m bench` untouched (listed here for --help only)
     sub.add_parser("bench", help="the benchmarks and their report: python -m bench's arguments (--quick, --only, "
                                  "--out, --no-static); needs a source checkout")
+    for name, p in sub.choices.items():  # --debug after the command too (lowrank plan ... --debug)
+        if name != "bench":
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the traceback of an error")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return run_bench(argv[1:])

@@ -251,9 +251,14 @@ def test_bad_arguments_give_one_line_and_exit_2(args, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
-def test_debug_shows_the_traceback():
-    r = _cli("--debug", "plan", "--model", "no-such-model")
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(where):
+    """--debug before the command or after it (the README's `lowrank plan ... [--debug]`, which the
+    parser refused as an unknown argument)."""
+    args = ["plan", "--model", "no-such-model"]
+    r = _cli(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
     assert r.returncode == 2 and "Traceback" in r.stderr and "PlanError" in r.stderr
+    assert "Traceback" not in _cli(*args).stderr
 
 
 def test_json_output_is_the_plan():
