@@ -49,8 +49,10 @@ class TrainableTokens(nn.Module):
         if tied_to is None and not is_embedding(base_layer):
             raise TypeError(f"TrainableTokens wraps an nn.Embedding (or a head tied to one), got "
                             f"{type(base_layer).__name__}")
-        if tied_to is not None and not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"a head tied to trainable tokens must be an nn.Linear, got {type(base_layer).__name__}")
+        if tied_to is not None and not (isinstance(base_layer, nn.Linear) or is_embedding(base_layer)):
+            raise TypeError(f"a layer tied to trainable tokens must be an nn.Linear head or another nn.Embedding "
+                            f"holding the same weight (T5's and BART's encoder / decoder embed_tokens), got "
+                            f"{type(base_layer).__name__}")
         self.base_layer = base_layer
         self.trainable_tokens_delta = nn.ParameterDict()
         self.token_indices: dict[str, list[int]] = {}

@@ -63,6 +63,46 @@ def test_peft_files_both_ways(tmp_path, arch):
     torch.testing.assert_close(logits(back, x), ref, rtol=1e-5, atol=1e-5)
 
 
+def _t5():
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=97, decoder_start_token_id=0)).eval()
+
+
+def _bart():
+    torch.manual_seed(0)
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=97, max_position_embeddings=32)).eval()
+
+
+@pytest.mark.parametrize("make, targets", [(_t5, ["q", "v"]), (_bart, ["q_proj", "v_proj"])], ids=["t5", "bart"])
+def test_encoder_decoder_embeddings_sharing_the_weight_follow_it(tmp_path, make, targets):
+    """T5 and BART hold the input embedding's weight in three Embedding modules (shared, the encoder's
+    and the decoder's embed_tokens; BART's scaled) and the tied head: trainable tokens were refused
+    ("a head tied to trainable tokens must be an nn.Linear"; peft trains them). Every module holding
+    the weight follows the rows: peft's file loads to peft's logits, and ours loads back into peft."""
+    pm = peft_model(make, targets)
+    pm.save_pretrained(tmp_path / "peft")
+    x = tokens()
+
+    def out(m):
+        with torch.no_grad():
+            return m(input_ids=x, decoder_input_ids=x).logits
+
+    ref = out(pm)
+    assert not torch.allclose(ref, out(make()))
+    model = lowrank.load_adapter(make(), tmp_path / "peft")
+    followers = [p for p, m in lowrank.patch.token_layers(model) if m.tied_to is not None]
+    assert any("encoder.embed_tokens" in p for p in followers) and any("decoder.embed_tokens" in p for p in followers)
+    torch.testing.assert_close(out(model), ref, rtol=1e-5, atol=1e-5)
+    lowrank.save_adapter(model, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
+    torch.testing.assert_close(out(back), ref, rtol=1e-5, atol=1e-5)
+    fresh = lowrank.patch_linear(make(), config=peft.LoraConfig(r=4, target_modules=targets, trainable_token_indices=IDS))
+    assert lowrank.trainable_parameters(fresh) == pm.get_nb_trainable_parameters()
+
+
 def test_only_the_named_rows_train():
     model = lowrank.patch_linear(tiny_llama(), r=2, target_modules=["q_proj"], trainable_token_indices=IDS)
     layer = model.model.embed_tokens
