@@ -35,6 +35,10 @@ PRECISIONS = ("bf16-mixed", "fp32")
 
 # Architectures of common open models, from their published config.json files (only the fields
 # that change the counts; everything else takes transformers' defaults).
+# model_types whose layers keep what Hugging Face's Llama keeps (RMSNorm, q/k/v/o with GQA, a gated
+# MLP): the activation model is theirs; others are estimated with it (an "architecture" assumption).
+LLAMA_LAYOUT = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3"})
+
 PRESETS: dict[str, tuple[str, dict]] = {
     "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
@@ -179,7 +183,9 @@ def meta_model(config) -> nn.Module:
         try:
             return AutoModelForCausalLM.from_config(config)
         except ValueError as e:
-            raise PlanError(f"config {type(config).__name__}: not a causal language model ({e})") from None
+            reason = str(e).split("\n")[0]
+            raise PlanError(f"config {type(config).__name__}: not a causal language model "
+                            f"({reason[:160]}{'...' if len(reason) > 160 else ''})") from None
 
 
 def _unique_params(model: nn.Module):
@@ -691,6 +697,10 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int | None =
         "checkpointing": "Hugging Face's per-decoder-layer gradient checkpointing",
         "qlora": "the adapted layers in NF4 (blocksize 64, double quantization), everything else bf16",
     }
+    if arch.model_type not in LLAMA_LAYOUT and arch.family != "gpt2":
+        assumptions["architecture"] = (f"model_type {arch.model_type!r} is not one lowrank models (the Llama family: "
+                                       f"{', '.join(sorted(LLAMA_LAYOUT))}; gpt2): its activations are estimated with "
+                                       f"the Llama layout, causal, as a decoder-only language model")
     if dora:
         assumptions["dora"] = (f"LoRA and QLoRA with DoRA adapters: + a magnitude entry per output row "
                                f"({counts.dora_rows:,}), each layer's pre-scale output kept for m's gradient, "
