@@ -279,6 +279,8 @@ class TrainConfig:
                              f"no adapter; its model's own dropout applies)")
         if self.modules_to_save and self.method == "full":
             raise ValueError("--modules-to-save is for lora / qlora (full fine-tuning trains every module)")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out!r} is a file, not a directory")
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
@@ -754,9 +756,26 @@ class _Job:
 
     def _load_optimizer(self, saved: dict) -> None:
         if self.cfg.fsdp:
-            set_optimizer_state_dict(self.model, self.opt, saved, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.model, self.opt, self._named_optimizer_state(saved),
+                                     options=StateDictOptions(full_state_dict=True))
         else:
             self.opt.load_state_dict(saved)
+
+    def _named_optimizer_state(self, saved: dict) -> dict:
+        """`saved` keyed by parameter names, as FSDP2's full optimizer state dict is: a checkpoint of a
+        run without --fsdp (one process, DDP) keys its state by position in the optimizer's
+        parameter list (torch's Optimizer.state_dict), which set_optimizer_state_dict does not read
+        (KeyError 'state.0.step': such a run could not be resumed with --fsdp)."""
+        groups = saved.get("param_groups", [])
+        if not any(isinstance(i, int) for g in groups for i in g.get("params", ())):
+            return saved
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        order = [names[id(p)] for g in self.opt.param_groups for p in g["params"]]
+        if sum(len(g["params"]) for g in groups) != len(order):
+            raise ValueError(f"--resume: the checkpoint's optimizer holds {sum(len(g['params']) for g in groups)} "
+                             f"parameters, this run trains {len(order)}")
+        return {"state": {order[i]: v for i, v in saved["state"].items()},
+                "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
 
     # one step ------------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, int, float]:

@@ -399,9 +399,12 @@ def test_user_errors_are_one_line_without_traceback(files, tmp_path, capsys):
          "--rank is for lora / qlora"),
         (["--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--method", "full", "--targets",
           "q_proj"], "--targets is for lora / qlora"),
+        # found after the model had loaded ([Errno 17] File exists)
+        (["--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--out", str(files / "data.jsonl")],
+         "is a file, not a directory"),
     ]
     for args, needle in cases:
-        assert cli.main(["train", *args, *common]) == 2
+        assert cli.main(["train", *args, *(common if "--out" not in args else common[2:])]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0] and err[0].startswith("lowrank train: error:"), (needle, err)
     assert not os.path.exists(tmp_path / "o")
@@ -428,7 +431,7 @@ def torchrun(files, out, *args):
     """`torchrun --standalone --nproc-per-node 2 -m lowrank.cli train` on the tiny model (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "lowrank.cli", "train", "--model", str(files / "model"), "--data", str(files / "data.jsonl"), "--out",
-           str(out), "--rank", "4", "--no-progress", *args]
+           str(out), *([] if "full" in args else ["--rank", "4"]), "--no-progress", *args]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -511,6 +514,23 @@ def test_fsdp2_qlora_resumes_bit_for_bit(files, tmp_path):
     shutil.rmtree(tmp_path / "checkpoint-4")
     torchrun(files, tmp_path, *args, "--resume")
     assert_bit_equal(first, weights(str(tmp_path / "checkpoint-4")))
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_under_fsdp2(files, tmp_path):
+    """The checkpoint of a run without --fsdp keys the optimizer state by parameter position, FSDP2's
+    loader by name: resuming it with --fsdp under torchrun failed (KeyError 'state.0.step'; found by
+    a new-user trial), though FSDP or DDP may change on resume. Now it continues to what the one
+    process's own run reaches (summation order apart)."""
+    kw = dict(steps=4, batch_size=4, eval_every=0, save_every=2, keep_last=2, keep_best=0)
+    one = T.train(cfg(files, tmp_path / "one", **kw))
+    shutil.copytree(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2")
+    torchrun(files, tmp_path / "two", "--lr", "1e-2", "--steps", "4", "--batch-size", "4", "--eval-every", "0",
+             "--save-every", "2", "--keep-last", "2", "--keep-best", "0", "--fsdp", "--resume")
+    two, ref = weights(str(tmp_path / "two" / "checkpoint-4")), weights(one.last_checkpoint)
+    assert two.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 @pytest.mark.slow
