@@ -108,9 +108,11 @@ class LoRALinear(nn.Module):
         self.attach_adapter(config, *self.new_factors(config), activate=activate)
 
     def new_factors(self, config: LoRAConfig, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
-        """(A, B) for `config` on this layer, allocated and initialised, in `dtype` (default: the
-        base weight's; float32 over an NF4 base), and for a DoRA adapter the magnitude m = ||W_i||
-        too: (A, B, m); the layer is not touched (the allocation is what can fail: out of memory)."""
+        """(A, B) for `config` on this layer, allocated and initialised, in `dtype` (default: float32
+        over a float16 / bfloat16 / NF4 base, as peft's autocast_adapter_dtype: a 16-bit factor
+        loses most small optimizer updates to rounding; else the base weight's), and for a DoRA
+        adapter the magnitude m = ||W_i|| too: (A, B, m); the layer is not touched (the allocation
+        is what can fail: out of memory)."""
         if config.adapter_name in self.configs:
             raise ValueError(f"adapter {config.adapter_name!r} already exists on this layer")
         if config.dora and self.embedding:
@@ -118,7 +120,7 @@ class LoRALinear(nn.Module):
                              f"linear layers); leave the embedding out of the targets or use plain LoRA")
         w = self.base_layer.weight
         if dtype is None:
-            dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+            dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         a = torch.empty(config.rank, self.in_features, device=w.device, dtype=dtype)
         b = torch.zeros(self.out_features, config.rank, device=w.device, dtype=dtype)
         if self.embedding:  # peft's embedding init: A = 0, B ~ N(0, 1) (drawn in float32)

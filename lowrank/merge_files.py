@@ -7,7 +7,8 @@ The output is the base directory's files with every adapter layer's weight repla
 round(W + s * B @ A) (the merge op: the sum in fp32, rounded once), so that
 `AutoModelForCausalLM.from_pretrained(out)` loads it as a plain model with no missing or unexpected
 key, bit-equal to `merge_and_unload(load_adapter(from_pretrained(base), adapter))` in memory (the
-same op on the same operands: the factors cast to the weight's dtype, as load_adapter casts them).
+same op on the same operands: the factors in fp32, as load_adapter makes them over a 16-bit or NF4
+base, as peft's autocast_adapter_dtype does).
 
 # Note: streaming
 The base's safetensors shards are read one at a time: a shard's tensors are read, the adapter's
@@ -189,10 +190,10 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
                             f"bfloat16")
             continue
         if not is_nf4:
-            fdtype = wdtype
+            fdtype = torch.float32  # the factors merge in fp32, as load_adapter makes them (peft's autocast)
             a, b = layer.lora_A.to(fdtype), layer.lora_B.to(fdtype)
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                problems.append(f"{layer.path}: the factors overflow {fdtype}, the weight's dtype they are cast to")
+                problems.append(f"{layer.path}: the factors are not finite in {fdtype}")
                 continue
             w = torch.empty(shape, dtype=wdtype, device="meta")
             wa, wb = (b.t(), a.t()) if transposed else (a, b)
@@ -364,7 +365,7 @@ def merge_files(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
                 plan = by_key.get(key)
                 if plan is not None:
                     t = t.contiguous()
-                    _merge_weight(t, plan, t.dtype)
+                    _merge_weight(t, plan, torch.float32)  # fp32 factors, as load_adapter's (peft's autocast)
                 out_tensors[key] = t
             held_max = max(held_max, _distinct_bytes(list(tensors.values()) + list(out_tensors.values())))
             del tensors

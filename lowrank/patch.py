@@ -386,10 +386,11 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     rest stays frozen (new or retrained tokens): a list of ids for the input embedding, or
     {module name: ids}; see `lowrank.TrainableTokens`. A head tied to that embedding follows it.
 
-    adapter_dtype: the dtype of the new factors (default: the base weight's; float32 over NF4).
-    float32 adapters over a bfloat16 / float16 model are the usual mixed precision (peft's
-    autocast_adapter_dtype): the optimizer updates fp32 factors, the forward casts them to the
-    base's dtype for the fused op (differentiably).
+    adapter_dtype: the dtype of the new factors (default: float32 over a bfloat16 / float16 / NF4
+    base, as peft's default autocast_adapter_dtype=True; else the base weight's). float32 adapters
+    over a 16-bit model are the usual mixed precision: the optimizer updates fp32 factors (a bf16
+    factor loses most small updates to rounding), the forward casts them to the base's dtype for
+    the fused op (differentiably).
 
     dora=True (peft's use_dora): a DoRA adapter, each layer's output rows scaled by
     m / ||W + s B A|| with a trainable magnitude m initialised to W's row norms (`lowrank.ops.dora`;

@@ -205,13 +205,31 @@ def test_kaiming_and_gaussian_init():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_adapters_follow_the_base_dtype_and_device(dtype):
+def test_adapters_over_a_16_bit_base_are_float32_as_in_peft(dtype):
+    """Factors default to float32 over a float16 / bfloat16 base, as peft's autocast_adapter_dtype
+    makes them (they took the base's dtype: a bf16 lora_A trained with AdamW at lr 1e-4 kept most of
+    its elements, found by a new-user trial); adapter_dtype= chooses; outputs keep the base's dtype;
+    gradients reach the fp32 factors, and a step moves every element of A."""
+    torch.manual_seed(0)
     model = Toy().to(dtype)
     lowrank.patch_linear(model, rank=3)
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(Toy().to(dtype), peft.LoraConfig(r=3, target_modules="all-linear"))
+    assert {p.dtype for n, p in theirs.named_parameters() if "lora_" in n} == {torch.float32}
     for _, layer in lowrank.lora_layers(model):
-        assert layer.lora_A["default"].dtype == dtype and layer.lora_B["default"].dtype == dtype
+        assert layer.lora_A["default"].dtype == torch.float32 and layer.lora_B["default"].dtype == torch.float32
+        with torch.no_grad():
+            layer.lora_B["default"].normal_()
     out = model(torch.randn(2, 8).to(dtype))
     assert out.dtype == dtype
+    a0 = {p: layer.lora_A["default"].detach().clone() for p, layer in lowrank.lora_layers(model)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    out.float().square().sum().backward()
+    opt.step()
+    for p, layer in lowrank.lora_layers(model):
+        assert bool((layer.lora_A["default"].detach() != a0[p]).all()), p
+    same = lowrank.patch_linear(Toy().to(dtype), rank=3, adapter_dtype=dtype)
+    assert {layer.lora_A["default"].dtype for _, layer in lowrank.lora_layers(same)} == {dtype}
 
 
 def test_weight_is_not_copied():
