@@ -45,7 +45,7 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None, weights
     wrapped = {p: (f"modules_to_save.{name}." if name in w.modules_to_save else "original_module.")
                for p, w in saved_modules(model) if p}
     paths += sorted(wrapped, key=len, reverse=True)
-    out = {}
+    out, rows_in = {}, {}
     for key, value in model.state_dict().items():
         prefix = next((p for p in paths if key.startswith(p + ".")), None)
         if prefix is None:
@@ -54,8 +54,12 @@ def merged_state_dict(model: nn.Module, adapter_name: str | None = None, weights
         rest = key[len(prefix) + 1:]
         if prefix in tokens:  # trainable tokens: the weight with the adapter's rows in place
             layer = tokens[prefix]
-            if rest == "base_layer.weight" and name in layer.token_indices:
-                value = layer.weight_for(name).detach()
+            owner = layer.tied_to if layer.tied_to is not None else layer
+            if rest == "base_layer.weight" and name in owner.token_indices:
+                # one tensor for the embedding and every layer tied to it: transformers then writes it once
+                if id(owner) not in rows_in:
+                    rows_in[id(owner)] = owner.weight_for(name).detach()
+                value = rows_in[id(owner)]
             if rest.startswith("base_layer."):
                 out[f"{prefix}.{rest[len('base_layer.'):]}"] = value
         elif prefix in wrapped:

@@ -194,6 +194,22 @@ def test_merge_and_unload_and_merged_save(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_merged_save_of_a_tied_embedding_writes_it_once(tmp_path):
+    """GPT-2's head is tied to its embedding: the merged save wrote the embedding with the rows in
+    place twice, a second copy under lm_head.weight (peft writes it once; found by a new-user trial).
+    Now one tensor, as transformers writes a tied model; it loads to the patched model's logits."""
+    model = lowrank.patch_linear(tiny_gpt2(), r=2, target_modules=["c_attn"], trainable_token_indices=IDS)
+    with torch.no_grad():
+        model.transformer.wte.trainable_tokens_delta["default"].normal_()
+    x = tokens()
+    ref = logits(model, x)
+    lowrank.save_pretrained(model, tmp_path / "merged", merged=True)
+    keys = load_file(tmp_path / "merged" / "model.safetensors").keys()
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(loaded, x), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("spec,error,match", [
     ([3, 97], ValueError, "outside the vocabulary"),
     ([3, 3], ValueError, "lists a token twice"),
