@@ -98,14 +98,19 @@ def test_merged_save_of_an_adapter_on_some_layers(tmp_path, quantize):
         lowrank.save_pretrained(model, tmp_path / "n", merged=True, adapter_name="nope")
 
 
-def test_merged_save_of_a_model_quantized_by_transformers_is_refused(tmp_path):
+def _loaded_in_4bit(tmp_path, compute_dtype, **kw):
+    """The small Llama saved, then loaded in 4-bit (nf4) by transformers + bitsandbytes."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
     SMALL_MODELS["llama"]().save_pretrained(tmp_path / "base")
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q,
-                                                              device_map="cpu")
+                                        bnb_4bit_compute_dtype=compute_dtype)
+    return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q,
+                                                             device_map="cpu", **kw)
+
+
+def test_merged_save_of_a_model_quantized_by_transformers_is_refused(tmp_path):
+    model = _loaded_in_4bit(tmp_path, torch.float32)
     lowrank.patch_linear(model, rank=4, targets=["q_proj"])
     with pytest.raises(ValueError, match="lowrank merge"):
         lowrank.save_pretrained(model, tmp_path / "out", merged=True)
@@ -119,13 +124,7 @@ def test_merge_and_unload_of_a_model_transformers_loaded_in_4bit(tmp_path):
     merged, the model is no longer marked 4-bit (save_pretrained wrote a dense model under a 4-bit
     config that from_pretrained could not load). The saved model loads and computes the merged
     model's logits. Found by a new-user trial."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("bitsandbytes")
-    SMALL_MODELS["llama"]().save_pretrained(tmp_path / "base")
-    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q,
-                                                              device_map="cpu", dtype=torch.bfloat16)
+    model = _loaded_in_4bit(tmp_path, torch.bfloat16, dtype=torch.bfloat16)
     lowrank.prepare_for_qlora_training(model, gradient_checkpointing=False)
     lowrank.patch_linear(model, rank=4)
     randomize_B_(model, std=0.01)
@@ -139,7 +138,8 @@ def test_merge_and_unload_of_a_model_transformers_loaded_in_4bit(tmp_path):
     assert getattr(merged, "hf_quantizer", None) is None and not getattr(merged.config, "quantization_config", None)
     assert not merged.is_quantized
     merged.save_pretrained(tmp_path / "merged")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    auto = pytest.importorskip("transformers").AutoModelForCausalLM
+    back = auto.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert type(back.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     torch.testing.assert_close(logits(back, x), after, rtol=0, atol=0)
 
