@@ -629,6 +629,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             if not is_trainable:
                 for param in layer.adapter_parameters(adapter_name):
                     param.requires_grad_(False)
+                layer.eval()  # for inference, as peft's from_pretrained(is_trainable=False): no LoRA dropout
     origin = {k: config[k] for k in _ORIGIN_FIELDS if isinstance(config.get(k), str) and config[k]}
     model.__dict__.setdefault(ORIGIN_ATTR, {})[adapter_name] = origin
     return model

@@ -16,7 +16,7 @@ from .backend import backend_for
 from .config import LoRAConfig
 from .layer_types import is_conv1d, is_dense_linear, is_embedding, linear_dims
 from .nf4_linear import NF4Linear
-from .ops.dora import dora_linear, dora_row_norms, dora_scale, weight_row_sq_norms
+from .ops.dora import dora_linear, dora_scale, row_norms, weight_row_sq_norms
 from .ops.lora_matmul import lora_linear
 from .ops.nf4_lora_matmul import nf4_lora_linear
 from .ops.sgmv import metadata_for, sgmv
@@ -367,8 +367,8 @@ def _mixed_dora(layer, x: torch.Tensor, h: torch.Tensor, ids_tok: torch.Tensor, 
         if a not in layer.lora_magnitude_vector:
             scales.append(ones)
             continue
-        norms = dora_row_norms(source, layer.lora_A[a], layer.lora_B[a], cfg.scaling,
-                               weight_sq=layer.weight_sq_norms(), dtype=layer.base_layer.compute_dtype if nf4 else None)
+        norms = row_norms(source, layer.lora_A[a], layer.lora_B[a], cfg.scaling, layer.weight_sq_norms(),
+                          layer.base_layer.compute_dtype if nf4 else None)
         scales.append(dora_scale(layer.lora_magnitude_vector[a], norms, dt))
     valid = (ids_tok >= 0) & (ids_tok < len(names))
     s_tok = torch.stack(scales)[torch.where(valid, ids_tok + 1, 0)]  # (M, N): each token's adapter's scale
@@ -397,10 +397,12 @@ def _tokens_and_meta(ids, m: int, n_adapters: int, x):
     builds both and caches them on that tensor, the others reuse them (one sort a batch, not one
     a layer). The key holds the tensor's version (ids changed in place miss) and whether a CUDA
     graph is being captured (a capture records its own metadata build, so replays with new ids
-    rebuild it). Not cached while torch.compile traces."""
+    rebuild it). Not cached while torch.compile traces, nor for ids made under torch.inference_mode
+    (an inference tensor has no version counter: a change in place could not be seen)."""
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (m, n_adapters, str(x.device), ids._version, capturing)
-    cache = None if torch.compiler.is_compiling() else ids.__dict__.setdefault("_lowrank_meta", {})
+    uncached = torch.compiler.is_compiling() or ids.is_inference()
+    key = None if uncached else (m, n_adapters, str(x.device), ids._version, capturing)
+    cache = None if uncached else ids.__dict__.setdefault("_lowrank_meta", {})
     if cache is not None and key in cache:
         return cache[key]
     ids_tok = ids if ids.shape[0] == m else ids.repeat_interleave(m // ids.shape[0], output_size=m)

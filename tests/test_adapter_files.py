@@ -620,6 +620,14 @@ def test_is_trainable_false_loads_frozen(tmp_path):
     assert not any(p.requires_grad for p in trained.parameters())
     with pytest.raises(TypeError, match="is_trainable"):
         lowrank.load_adapter(copy.deepcopy(base), tmp_path, is_trainable="no")
+    # with dropout in the file, an inference load computes the same logits twice (its layers in eval, as
+    # peft's from_pretrained leaves them; they were in training mode: dropout on, generate not repeatable)
+    noisy = lowrank.patch_linear(copy.deepcopy(base), rank=4, dropout=0.3)
+    randomize_B_(noisy)
+    lowrank.save_adapter(noisy, tmp_path / "noisy")
+    served = lowrank.load_adapter(copy.deepcopy(base), tmp_path / "noisy", is_trainable=False)
+    assert not any(layer.training for _, layer in lowrank.lora_layers(served))
+    assert torch.equal(logits(served, x), logits(served, x))
 
 
 def test_base_rewriting_initialisations_are_refused(tmp_path):

@@ -278,6 +278,26 @@ def test_compile_switching_does_not_recompile():
     assert grads["0.lora_A.b"].any() and not grads["0.lora_A.a"].any()
 
 
+def test_a_mixed_batch_entered_under_inference_mode():
+    """adapter_ids entered inside torch.inference_mode makes an inference tensor of ids, which has no
+    version counter: the metadata cache keyed by it raised on the first forward (found by a new-user
+    trial). Such ids are not cached; rows equal each adapter alone."""
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    lowrank.add_adapter(model, "a", rank=4)
+    lowrank.add_adapter(model, "b", rank=8)
+    randomize_B_(model)
+    x = torch.randn(3, 5, 16)
+    rows = ["b", None, "a"]
+    expect = {name: run_on(model, name, lambda: model(x).detach(), trainable=False) for name in ("a", "b", None)}
+    with torch.inference_mode():
+        with lowrank.adapter_ids(model, rows):
+            got = model(x)
+            again = model(x)
+    assert torch.equal(got, again)
+    for i, name in enumerate(rows):
+        assert_close(got[i], expect[name][i].double(), expect[name][i], name=f"row {i}")
+
+
 @pytest.mark.gpu
 def test_cuda_graph_mixed_batch_model():
     """A model's mixed-batch forward captured in a CUDA graph, replayed with ids changed in place."""

@@ -122,6 +122,41 @@ def test_a_dora_model_compiles_to_one_graph(quantize):
         torch.testing.assert_close(grads[key], g, rtol=1e-4, atol=1e-7, msg=str(key))
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_a_dora_mixed_batch_compiles_to_one_graph(quantize):
+    """A mixed batch (lowrank.adapter_ids) over DoRA adapters: its norms went through the Python
+    dora_row_norms, whose data-dependent branch broke fullgraph (and recompiled per layer up to
+    dynamo's limit, then ran eager; found by a new-user trial); now the lowrank::dora_row_norms /
+    nf4_dora_row_norms ops. One graph, each row its own adapter's eager output."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=4, dora=True, quantize=quantize,
+                                 compute_dtype=torch.float32 if quantize else None, adapter_name="a")
+    lowrank.add_adapter(model, "b", rank=2, dora=True)
+    with torch.no_grad():
+        for _, layer in lowrank.lora_layers(model):
+            for b in layer.lora_B.values():
+                b.normal_(0, 0.2)
+    model.eval()
+    x = ids(rows=3)
+    rows = ["b", None, "a"]
+    with torch.no_grad():
+        want = {}
+        for name in ("a", "b"):
+            lowrank.set_adapter(model, name)
+            want[name] = model(input_ids=x).logits
+        with lowrank.disable_adapters(model):
+            want[None] = model(input_ids=x).logits
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)  # a graph break raises
+        with lowrank.adapter_ids(model, rows):
+            got = compiled(input_ids=x).logits
+    assert counter.frame_count == 1
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(got[i], want[name][i], rtol=1e-5, atol=1e-6, msg=f"row {i} ({name})")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_initial_magnitude_is_peft_s(arch):
     """A new DoRA adapter: m = ||W_i|| (the base output unchanged, B = 0), as peft initialises it:

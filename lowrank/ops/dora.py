@@ -328,6 +328,17 @@ def _nf4_row_norms(w: NF4Weight, lora_A, lora_B, s: float, weight_sq, dtype: tor
                                  weight_sq, dtype)
 
 
+def row_norms(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, weight_sq, dtype) -> torch.Tensor:
+    """dora_row_norms of a dense weight or an NF4Weight (decoded to `dtype`), through the custom ops
+    while torch.compile traces (dora_row_norms branches on values: a graph break, and a recompile
+    per layer)."""
+    if isinstance(weight, NF4Weight):
+        return _nf4_row_norms(weight, lora_A, lora_B, scaling, weight_sq, dtype)
+    if torch.compiler.is_compiling():
+        return dora_row_norms_op(weight.detach(), lora_A.detach(), lora_B.detach(), scaling, weight_sq)
+    return dora_row_norms(weight, lora_A, lora_B, scaling, weight_sq=weight_sq)
+
+
 def dora_scale(magnitude: torch.Tensor, norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """m / n per row, detached, in `dtype` (see the Note on zero norms): float64 m / n where n > 0,
     0 where n == 0, clamped to dtype's finite range, rounded once. Differentiable in m (the gradient
