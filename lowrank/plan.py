@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -244,7 +246,9 @@ def count(config, arch: Arch, rank: int, targets, blocksize: int = 64, dora: boo
         raise PlanError(str(e)) from None
     quantized = sum(m.weight.numel() for _, m, _, _ in chosen)
     nf4 = sum(nf4_nbytes(m.weight.numel(), blocksize) + 256 * 4 for _, m, _, _ in chosen)
-    patch_linear(model, rank=rank, targets=targets, dora=dora)
+    with warnings.catch_warnings():  # what all-linear leaves frozen (MoE experts) is in the plan's own notes
+        warnings.simplefilter("ignore", UserWarning)
+        patch_linear(model, rank=rank, targets=targets, dora=dora)
     per_target: dict[str, int] = {}
     lora_mm = 0
     largest_lora = 0
@@ -543,14 +547,39 @@ def _fit(arch: Arch, counts: Counts, s: Setup, shards: int, usable: int) -> Memo
     return off if off.peak <= usable else memory(arch, counts, s, True, shards)
 
 
-def plan_method(arch: Arch, counts: Counts, s: Setup, tokens: int, variants: int, mfu: float | None) -> MethodPlan:
-    """One method on the given GPUs: a replica per GPU (DDP) when one fits, else FSDP2 over them."""
-    usable = usable_bytes(s.gpu)
+def _layout(arch: Arch, counts: Counts, s: Setup, usable: int) -> Memory:
+    """The memory of `s`: a replica per GPU (DDP) when one fits, else FSDP2 over the GPUs."""
     mem = _fit(arch, counts, s, 1, usable)
     if mem.peak > usable and s.gpus > 1:
         mem = _fit(arch, counts, s, s.gpus, usable)
+    return mem
+
+
+def largest_batch(arch: Arch, counts: Counts, s: Setup, usable: int, limit: int = 1 << 20) -> int:
+    """The largest micro-batch (per GPU) this plan fits at, 0 if none, found on the plan's own fit test
+    (the memory of each batch, with checkpointing and the layout chosen for it as for the batch
+    asked): memory grows with the batch, so doubling then bisection finds the edge. A line through
+    one batch's numbers cannot: which phase peaks, and checkpointing under auto, change with it."""
+    fits = lambda b: _layout(arch, counts, dataclasses.replace(s, batch=b), usable).peak <= usable  # noqa: E731
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, 2 * hi
+    if hi > limit:
+        return lo
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def plan_method(arch: Arch, counts: Counts, s: Setup, tokens: int, variants: int, mfu: float | None) -> MethodPlan:
+    """One method on the given GPUs: a replica per GPU (DDP) when one fits, else FSDP2 over them."""
+    usable = usable_bytes(s.gpu)
+    mem = _layout(arch, counts, s, usable)
     fits = mem.peak <= usable
-    max_batch = (usable - mem.fixed) // mem.per_sequence if mem.fixed <= usable else 0
+    max_batch = largest_batch(arch, counts, s, usable)
     min_gpus = next((n for n in (1, *range(2, 4097)) if _fit(arch, counts, s, n, usable).peak <= usable), None)
     fl = flops_per_token(arch, counts, s.method, s.seq, mem.checkpointing, tokens_per_pass=s.batch * s.seq)
     util = (mfu if mfu is not None else s.gpu.mfu) * (QLORA_THROUGHPUT if s.method == "qlora" else 1.0)
@@ -656,13 +685,13 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int | None =
                         ("variants", variants)):
         if not isinstance(value, int) or value < 1:
             raise PlanError(f"--{name} must be a positive integer, got {value!r}")
-    if epochs <= 0:
-        raise PlanError(f"--epochs must be positive, got {epochs}")
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise PlanError(f"--epochs must be a positive number, got {epochs}")
     if mfu is not None and not 0 < mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], got {mfu}")
     if gpu_mem is not None:
-        if gpu_mem <= RESERVED_GIB:
-            raise PlanError(f"--gpu-mem must be more than {RESERVED_GIB} GiB, got {gpu_mem}")
+        if not (math.isfinite(gpu_mem) and gpu_mem > RESERVED_GIB):
+            raise PlanError(f"--gpu-mem must be a number of GiB above {RESERVED_GIB}, got {gpu_mem}")
         base = GPUS.get(gpu) if gpu else None
         g = GPU(f"{gpu_mem:g}gib" if base is None else base.name, gpu_mem, base.tflops if base else 312.0,
                 base.mfu if base else 0.40)

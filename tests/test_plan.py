@@ -243,6 +243,10 @@ def _cli(*args):
     (["plan", "--rank", "0"], "--rank"),
     (["plan", "--targets", "zz_proj"], "zz_proj"),
     (["plan", "--mfu", "2"], "--mfu"),
+    (["plan", "--gpu-mem", "inf"], "--gpu-mem"),  # a traceback (OverflowError)
+    (["plan", "--gpu-mem", "nan"], "--gpu-mem"),  # an error naming no argument
+    (["plan", "--epochs", "inf"], "--epochs"),
+    (["plan", "--epochs", "nan"], "--epochs"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, needle):
     r = _cli(*args)
@@ -288,6 +292,26 @@ def test_an_architecture_outside_the_modelled_ones_is_named_in_the_assumptions(t
     with pytest.raises(P.PlanError, match="not a causal language model") as e:
         P.make_plan(str(tmp_path / "t5"))
     assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("model, kw", [
+    ("llama-3-8b", dict(method="full", gpu="h200", optimizer="adamw-8bit", grad_ckpt="on")),
+    ("llama-3-8b", dict(method="full", gpu="h200", optimizer="sgd")),
+    ("llama-3.2-1b", dict(method="full", gpu="a100-80gb")),
+    ("llama-3-8b", dict(method="lora", gpu="h100-80gb")),
+    ("llama-3-8b", dict(method="lora", gpu="h100-80gb", rank=64)),
+    ("llama-3-70b", dict(method="qlora", gpu="a100-80gb", gpus=8)),
+])
+def test_the_largest_micro_batch_is_the_edge_of_the_plans_own_fit(model, kw):
+    """"The largest micro-batch that fits": the plan at that batch fits and at one more does not. It
+    was a line through the asked batch's numbers, off both ways when the peak phase or auto
+    checkpointing changes with the batch (56 on an H200 where 56 needs 257 GiB; 3 where 4 fits;
+    found by a new-user trial)."""
+    method = kw["method"]
+    largest = P.make_plan(model, **kw).methods[method].max_batch
+    assert largest >= 1
+    assert P.make_plan(model, batch=largest, **kw).methods[method].fits
+    assert not P.make_plan(model, batch=largest + 1, **kw).methods[method].fits
 
 
 def test_model_from_a_config_file_or_a_directory(tmp_path):
