@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -354,6 +355,8 @@ def _lrs(text):
             out[name.strip()] = float(value)
         except ValueError:
             raise ValueError(f"--lr: {item!r} is not method=number") from None
+        if not (math.isfinite(out[name.strip()]) and out[name.strip()] > 0):
+            raise ValueError(f"--lr: {item!r}: a learning rate must be a positive number")
     return out
 
 

@@ -269,9 +269,14 @@ def file_workload(model_dir: str, data: str, general: str | None = None, seq: in
 
     if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"--model {model_dir}: not a local transformers model directory (no config.json)")
+    records = read_records(data, "--data")  # a missing or malformed file is named before the model loads
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    records = read_records(data, "--data")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {model_dir}: no usable tokenizer there (save the model's tokenizer beside it, "
+                         f"tokenizer.save_pretrained(DIR)); transformers said: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(records), generator=g).tolist()
     n_eval = max(1, min(eval_examples, len(records) // 10))

@@ -200,10 +200,28 @@ def test_bad_data_is_named(tmp_path):
         C.file_workload(str(tmp_path / "model"), str(bad))
 
 
+def test_a_missing_data_file_or_tokenizer_is_named(tmp_path):
+    """--data missing was reported as transformers' tokenizer error when the model folder had no
+    tokenizer (found by a new-user trial): the data file is read first, and a folder without a usable
+    tokenizer is named with what to do."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=64)).save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"nonexist\.jsonl: no such file"):
+        C.file_workload(str(tmp_path / "bare"), str(tmp_path / "nonexist.jsonl"))
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "the cat"}\n' * 4)
+    with pytest.raises(ValueError, match=r"bare: no usable tokenizer"):
+        C.file_workload(str(tmp_path / "bare"), str(data))
+
+
 @pytest.mark.parametrize("args, needle", [
     (["compare", "--methods", "vera"], "methods"),
     (["compare", "--data", "x.jsonl"], "--model"),
     (["compare", "--lr", "full=fast"], "--lr"),
+    (["compare", "--lr", "full=nan"], "--lr"),  # torch's "Invalid learning rate: nan" named no argument
+    (["compare", "--lr", "lora=-1"], "--lr"),
 ])
 def test_cli_bad_arguments_one_line(args, needle):
     r = subprocess.run([sys.executable, "-m", "lowrank.cli", *args], capture_output=True, text=True, timeout=120)
