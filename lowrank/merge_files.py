@@ -142,12 +142,13 @@ def _plan(ckpt: Checkpoint, found, nf4_config, dtype, where: str) -> list[_Plan]
     for name, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(name)
     plans, problems = [], []
+    dora = [layer.path for layer in found.layers if layer.magnitude is not None]
+    if dora:  # said once for the adapter, not once per layer
+        raise ValueError(f"{where}: a DoRA adapter ({len(dora)} layer(s) with magnitudes, {dora[0]} first); lowrank "
+                         f"merge does not merge DoRA files yet, nothing written (load it and use "
+                         f"lowrank.merge_and_unload, or save_pretrained(merged=True))")
     for layer in found.layers:
         key, (n, k) = keys[layer.path], layer.shape
-        if layer.magnitude is not None:
-            problems.append(f"{layer.path}: a DoRA adapter; lowrank merge does not merge DoRA files yet (load it "
-                            f"and use lowrank.merge_and_unload, or save_pretrained(merged=True))")
-            continue
         mod_name, module = _module_for(model, modules, layer.path, key)
         if module is None:
             problems.append(f"{layer.path}: no module {layer.path} in the {type(model).__name__} built from "

@@ -421,3 +421,15 @@ def test_a_trained_copy_of_a_tied_head_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lm_head"):
         merge_files(base_dir, tmp_path / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dora_adapter_is_refused_once_and_nothing_written(tmp_path):
+    """lowrank merge does not merge DoRA files yet: one sentence for the adapter (it repeated the same
+    sentence once per layer: found by a new-user trial), OUT not created."""
+    base = tiny_llama()
+    base_dir = _base_dir(tmp_path, base)
+    adapter = _lowrank_adapter(tmp_path, base, dora=True)
+    with pytest.raises(ValueError, match="DoRA") as e:
+        merge_files(base_dir, adapter, tmp_path / "out")
+    assert str(e.value).count("does not merge DoRA") == 1 and "save_pretrained(merged=True)" in str(e.value)
+    assert not (tmp_path / "out").exists()
