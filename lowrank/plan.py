@@ -726,6 +726,13 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int | None =
         "checkpointing": "Hugging Face's per-decoder-layer gradient checkpointing",
         "qlora": "the adapted layers in NF4 (blocksize 64, double quantization), everything else bf16",
     }
+    # (the Llama-family presets leave max_position_embeddings at transformers' default: not theirs)
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, k, None), int)), None) \
+        if (model not in PRESETS or arch.family == "gpt2") else None
+    if positions is not None and seq > positions:
+        assumptions["sequence"] = (f"--seq {seq} is beyond the {positions} positions the model was built for "
+                                   f"(GPT-2's learned position embeddings cannot run it at all); costed as asked")
     if arch.model_type not in LLAMA_LAYOUT and arch.family != "gpt2":
         assumptions["architecture"] = (f"model_type {arch.model_type!r} is not one lowrank models (the Llama family: "
                                        f"{', '.join(sorted(LLAMA_LAYOUT))}; gpt2): its activations are estimated with "

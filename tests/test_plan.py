@@ -288,6 +288,9 @@ def test_an_architecture_outside_the_modelled_ones_is_named_in_the_assumptions(t
     assert "'bert' is not one lowrank models" in plan.assumptions["architecture"]
     for preset in ("llama-3-8b", "gpt2", "mistral-7b"):
         assert "architecture" not in P.make_plan(preset, gpu="h100-80gb").assumptions
+    # a sequence beyond the model's positions (GPT-2: 1024) was costed without a word
+    assert "sequence" not in P.make_plan("gpt2", seq=1024).assumptions
+    assert "beyond the 1024 positions" in P.make_plan("gpt2", seq=4096).assumptions["sequence"]
     T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(tmp_path / "t5")
     with pytest.raises(P.PlanError, match="not a causal language model") as e:
         P.make_plan(str(tmp_path / "t5"))
