@@ -20,6 +20,11 @@ With sigma_1 >= ... >= sigma_r (zeros where min(N, K) < r):
 - condition number sigma_1 / sigma_r (inf when sigma_r is 0).
 - with the base model: |s B A|_F / |W|_F (Frobenius norms; the base tensor read from its file alone;
   a bitsandbytes NF4 weight is decoded first).
+- a DoRA adapter: the spectrum is still that of s B A (the direction update); its magnitudes m also
+  rescale every row, so with the base |dW|/|W| is the merged weight's change |W' - W|_F / |W|_F
+  (W' = m / ||W + s B A||_rows (.) (W + s B A), `dora_change`). A DoRA layer with B = 0 is flagged
+  `magnitude-only` rather than `zero` (its magnitudes may have trained; with the base, `zero` when
+  W' = W).
 
 # Note: rank collapse and the suggested rank
 A layer is flagged `collapsed` when its rank99 <= r / 4 (at r >= 4): three quarters of its rank
@@ -69,8 +74,9 @@ class LayerReport:
     rank99: int
     energy_top_k: float
     condition: float
-    relative_norm: float | None  # |s B A|_F / |W|_F, with the base
+    relative_norm: float | None  # |s B A|_F / |W|_F, with the base (DoRA: |W' - W|_F / |W|_F, the merge's)
     flags: list[str]
+    dora: bool = False  # a DoRA layer: rows also rescaled by its magnitudes (see the Note)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -113,24 +119,39 @@ def spectrum_stats(sv: torch.Tensor, top_k: int) -> dict:
             "condition": math.inf if float(sv[-1]) == 0.0 else float(sv[0] / sv[-1])}
 
 
-def _layer_report(layer: AdapterLayer, top_k: int, base_norm: float | None) -> LayerReport:
+def dora_change(weight: torch.Tensor, layer: AdapterLayer) -> float:
+    """|W' - W|_F for a DoRA layer merged (W' = m / ||W + s B A||_rows (.) (W + s B A), peft's merge),
+    in float64; `weight` (out, in)."""
+    v = weight.double() + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
+    norms = torch.linalg.vector_norm(v, dim=1)
+    scale = torch.where(norms > 0, layer.magnitude.double() / norms, torch.zeros_like(norms))
+    return float(torch.linalg.vector_norm(scale[:, None] * v - weight.double()))
+
+
+def _layer_report(layer: AdapterLayer, top_k: int, base_norm: float | None,
+                  change: float | None = None) -> LayerReport:
+    """change: |W' - W|_F of a DoRA layer, with the base (`dora_change`)."""
     sv = singular_values(layer.lora_A, layer.lora_B, layer.scaling)
     stats = spectrum_stats(sv, top_k)
     norm = float(sv.norm())
+    dora = layer.magnitude is not None
+    moved = norm if change is None else change
     flags = []
-    if norm == 0.0:
+    if norm == 0.0 and not (dora and (change is None or change > 0)):
         flags.append("zero")
+    elif norm == 0.0:  # DoRA, B = 0: the magnitudes may still rescale the rows (they do when change > 0)
+        flags.append("magnitude-only")
     elif layer.rank >= 4 and stats["rank99"] <= layer.rank * COLLAPSE_FRACTION:
         flags.append("collapsed")
-    rel = None if base_norm is None else (norm / base_norm if base_norm > 0 else math.inf)
+    rel = None if base_norm is None else (moved / base_norm if base_norm > 0 else math.inf)
     return LayerReport(layer.path, tuple(layer.shape), layer.rank, layer.scaling, sv.tolist(), norm,
-                       relative_norm=rel, flags=flags, **stats)
+                       relative_norm=rel, flags=flags, dora=dora, **stats)
 
 
 def suggest_rank(layers: list[LayerReport]) -> int | None:
     """The smallest power of two >= the largest rank99 of the non-zero layers, at most the largest r
     (the Note); None when every layer is zero."""
-    live = [lr for lr in layers if "zero" not in lr.flags]
+    live = [lr for lr in layers if lr.norm > 0]  # (a DoRA layer with B = 0 has no direction update to rank)
     if not live:
         return None
     need = max(lr.rank99 for lr in live)
@@ -148,6 +169,7 @@ def inspect_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None =
         raise ValueError(f"inspect: top_k must be an int >= 1, got {top_k!r}")
     found = read_adapter(adapter, allow_pickle=allow_pickle)
     base_norms: dict[str, float] = {}
+    changes: dict[str, float] = {}  # DoRA layers with the base: |W' - W|_F of the merge
     if base is not None:
         ckpt = Checkpoint(base, "inspect --base")
         keys = ckpt.resolve([layer.path for layer in found.layers], "inspect --base")
@@ -158,14 +180,21 @@ def inspect_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None =
                 if tuple(nf4.shape) != (n, k):
                     raise ValueError(f"inspect --base: the NF4 weight {key} in {base!r} is {tuple(nf4.shape)}; the "
                                      f"adapter's layer {layer.path} needs ({n}, {k})")
-                base_norms[layer.path] = float(torch.linalg.vector_norm(nf4.dequantize(torch.float32).double()))
+                w = nf4.dequantize(torch.float32)
+                base_norms[layer.path] = float(torch.linalg.vector_norm(w.double()))
+                if layer.magnitude is not None:
+                    changes[layer.path] = dora_change(w, layer)
                 continue
             if ckpt.shape(key) not in ((n, k), (k, n)) or ckpt.dtype(key) is None \
                     or not ckpt.dtype(key).is_floating_point:
                 raise ValueError(f"inspect --base: {key} in {base!r} is {ckpt.dtype(key)} {ckpt.shape(key)}; the "
                                  f"adapter's layer {layer.path} needs a dense ({n}, {k}) weight")
-            base_norms[layer.path] = float(torch.linalg.vector_norm(ckpt.tensor(key).double()))
-    layers = [_layer_report(layer, top_k, base_norms.get(layer.path)) for layer in found.layers]
+            w = ckpt.tensor(key)
+            base_norms[layer.path] = float(torch.linalg.vector_norm(w.double()))
+            if layer.magnitude is not None:
+                changes[layer.path] = dora_change(w if ckpt.shape(key) == (n, k) else w.t(), layer)
+    layers = [_layer_report(layer, top_k, base_norms.get(layer.path), changes.get(layer.path))
+              for layer in found.layers]
     rule = ("smallest power of two >= the largest rank99 (values holding 99% of the energy) over non-zero layers, "
             "at most r; collapsed: rank99 <= r/4")
     saved = {p: sum(t.numel() for t in state.values()) for p, state in sorted(found.saved.items())}
@@ -199,8 +228,18 @@ def render(report: InspectReport, out=None) -> None:
     if zero:
         say(f"{len(zero)} layer(s) have a zero update (B = 0: untrained): {', '.join(zero[:4])}"
             f"{' ...' if len(zero) > 4 else ''}")
+    dora = [lr for lr in report.layers if lr.dora]
+    if dora:
+        say(f"DoRA adapter ({len(dora)} layer(s)): the spectrum is of the direction update s B A; the magnitudes "
+            f"also rescale each output row (m_i / ||W_i + s (B A)_i||), "
+            + ("so |dW|/|W| is the merged weight's change, |W' - W| / |W|" if report.base else
+               "which only --base can measure (the merged change needs W)"))
+        only = [lr.path for lr in dora if "magnitude-only" in lr.flags]
+        if only:
+            say(f"{len(only)} DoRA layer(s) with B = 0: their update, if any, is the magnitudes' alone: "
+                f"{', '.join(only[:4])}{' ...' if len(only) > 4 else ''}")
     if report.suggested_rank is None:
-        say("no suggested rank: every layer's update is zero")
+        say("no suggested rank: every layer's direction update s B A is zero")
     else:
         r_max = max(lr.rank for lr in report.layers)
         say(f"suggested rank for the next run: {report.suggested_rank} (adapter r={r_max}; rule: {report.rule})")

@@ -163,6 +163,41 @@ def test_an_untrained_adapter_is_zero_not_collapsed(tmp_path):
     assert all(lr["condition"] is None for lr in report.to_json()["layers"])
 
 
+def test_a_dora_adapter_reports_the_merged_change(tmp_path, capsys):
+    """DoRA magnitudes were ignored (found by a new-user trial): a peft DoRA adapter with B = 0 and
+    magnitudes 1.1 ||W_i|| was reported as untrained ("zero", no change), and with random B the
+    ratio was |s B A| / |W| where the merge moves W by far less. Now: with the base, |dW|/|W| is the
+    merged weight's change (against merge_and_unload, float64), B = 0 layers are "magnitude-only",
+    the output says DoRA, and no rank is suggested from layers without a direction update."""
+    base = tiny_llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.1)
+    pm.save_pretrained(tmp_path / "scaled")
+    report = inspect_adapter(tmp_path / "scaled", base=tmp_path / "base")
+    assert all(lr.flags == ["magnitude-only"] and lr.dora for lr in report.layers)
+    assert all(lr.relative_norm == pytest.approx(0.1, rel=1e-4) for lr in report.layers)
+    assert report.suggested_rank is None
+    assert cli.main(["inspect", str(tmp_path / "scaled")]) == 0
+    out = capsys.readouterr().out
+    assert "DoRA adapter" in out and "only --base can measure" in out
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "trained")
+    report = inspect_adapter(tmp_path / "trained", base=tmp_path / "base")
+    merged = copy.deepcopy(pm).merge_and_unload()
+    weights, after = dict(base.named_parameters()), dict(merged.named_parameters())
+    for lr in report.layers:
+        w, w2 = weights[lr.path + ".weight"].double(), after[lr.path + ".weight"].double()
+        assert lr.relative_norm == pytest.approx(float((w2 - w).norm() / w.norm()), rel=1e-4)
+        assert lr.relative_norm < lr.norm / float(w.norm())  # not |s B A| / |W|
+
+
 def test_base_with_another_prefix_is_resolved(tmp_path):
     """An adapter made on the bare LlamaModel (paths `layers.0...`) inspected against the
     LlamaForCausalLM checkpoint (keys `model.layers.0...`)."""
