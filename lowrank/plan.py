@@ -745,7 +745,8 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int | None =
     setup_d = dict(model=model, rank=rank, targets=targets if isinstance(targets, str) else list(targets),
                    batch=batch, seq=seq, gpu=g.name, gpu_mem_gib=g.mem_gib, gpus=gpus, optimizer=optimizer,
                    grad_ckpt=grad_ckpt, objective=objective, examples=examples, epochs=epochs, variants=variants,
-                   dora=dora)
+                   dora=dora, precision=precision, mfu=mfu if mfu is not None else g.mfu,
+                   tokens_per_example=tokens_per_example or seq)
     return Plan(arch=arch, counts=counts, setup=setup_d, methods=shown, recommendation=rec,
                 assumptions=assumptions, rules=RULES)
 

@@ -271,6 +271,8 @@ def test_json_output_is_the_plan():
     d = json.loads(r.stdout)
     assert d["counts"]["total"] == 124_439_808 and set(d["methods"]) == {"full", "lora", "qlora"}
     assert d["recommendation"]["method"] in ("full", "lora", "qlora") and d["recommendation"]["reasons"]
+    # every input the numbers rest on (precision, utilisation, tokens per example were missing)
+    assert {"precision": "bf16-mixed", "mfu": P.GPUS["rtx4090"].mfu, "tokens_per_example": 2048}.items() <= d["setup"].items()
     for m in d["methods"].values():
         assert m["memory"]["peak"] == sum(m["memory"]["parts"].values())
 
