@@ -386,8 +386,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     # What replaces the other layers (a bitsandbytes Linear4bit rebuilt for an adopted one) is built
     # before any dense merge too: a failure there (out of memory) also leaves the model as it was.
     merged_nf4 = {id(layer) for _, layer, _ in quantized}
-    originals = dict((id(layer), base) for layer, base in
-                     original_bases([(path, layer) for path, layer in layers if id(layer) not in merged_nf4]))
+    originals = {id(layer): base for layer, base in
+                 original_bases([(path, layer) for path, layer in layers if id(layer) not in merged_nf4])}
     for path, layer, name in dense:
         _merge_layer(layer, name, exact=False)
     for layer, base in new_bases:

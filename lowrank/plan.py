@@ -380,8 +380,6 @@ class Memory:
     phases: dict              # phase -> its peak
     checkpointing: bool
     shards: int               # 1: a whole replica per GPU; n: FSDP2 full sharding over n GPUs
-    per_sequence: int         # bytes one more sequence in the micro-batch adds
-    fixed: int                # what the peak would be with no sequence at all
 
 
 def memory(arch: Arch, counts: Counts, s: Setup, checkpointing: bool, shards: int = 1) -> Memory:
@@ -457,11 +455,8 @@ def memory(arch: Arch, counts: Counts, s: Setup, checkpointing: bool, shards: in
     step["optimizer step temporaries"] = opt_temp
     phases = {"backward": sum(backward.values()), "optimizer step": sum(step.values())}
     phase = max(phases, key=phases.get)
-    per_seq = s.seq * (act["layers"] + (act["recomputed layer"] if recompute_part > loss_part else
-                                        act["final norm"] + act["log-probs"] + loss_ws))
     return Memory(parts=backward if phase == "backward" else step, peak=phases[phase], phase=phase, phases=phases,
-                  checkpointing=checkpointing, shards=shards, per_sequence=per_seq,
-                  fixed=max(phases["optimizer step"], phases["backward"] - s.batch * per_seq))
+                  checkpointing=checkpointing, shards=shards)
 
 
 def usable_bytes(gpu: GPU) -> int:

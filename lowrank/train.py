@@ -771,9 +771,10 @@ class _Job:
             return saved
         names = {id(p): n for n, p in self.model.named_parameters()}
         order = [names[id(p)] for g in self.opt.param_groups for p in g["params"]]
-        if sum(len(g["params"]) for g in groups) != len(order):
-            raise ValueError(f"--resume: the checkpoint's optimizer holds {sum(len(g['params']) for g in groups)} "
-                             f"parameters, this run trains {len(order)}")
+        held = sum(len(g["params"]) for g in groups)
+        if held != len(order):
+            raise ValueError(f"--resume: the checkpoint's optimizer holds {held} parameters, this run trains "
+                             f"{len(order)}")
         return {"state": {order[i]: v for i, v in saved["state"].items()},
                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
 

@@ -334,7 +334,7 @@ def row_norms(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
     per layer)."""
     if isinstance(weight, NF4Weight):
         return _nf4_row_norms(weight, lora_A, lora_B, scaling, weight_sq, dtype)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the norms are detached: the op sees no autograd
         return dora_row_norms_op(weight.detach(), lora_A.detach(), lora_B.detach(), scaling, weight_sq)
     return dora_row_norms(weight, lora_A, lora_B, scaling, weight_sq=weight_sq)
 
@@ -385,10 +385,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling: float, bias=None,
     if weight_sq is not None and (tuple(weight_sq.shape) != (weight.shape[0],) or weight_sq.dtype != torch.float64):
         raise ValueError(f"dora_linear: weight_sq must be float64 ({weight.shape[0]},), got {weight_sq.dtype} "
                          f"{tuple(weight_sq.shape)}")
-    if torch.compiler.is_compiling():  # the norms are detached: the op sees no autograd
-        norms = dora_row_norms_op(weight.detach(), lora_A.detach(), lora_B.detach(), s, weight_sq)
-    else:
-        norms = dora_row_norms(weight, lora_A, lora_B, s, weight_sq=weight_sq)
+    norms = row_norms(weight, lora_A, lora_B, s, weight_sq, None)  # (the op while compiling: detached)
     if dropout == 0.0 and backend_for(x) == "triton" and supported(x, weight, lora_A, bias):
         if torch.is_grad_enabled():
             return _DoRATriton.apply(x, weight, lora_A, lora_B, magnitude, bias, s, norms)
