@@ -4,14 +4,13 @@ model with the user's data."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
 import torch
 
 from lowrank import compare as C
+from tests.helpers import run_cli
 
 
 @pytest.fixture
@@ -224,7 +223,7 @@ def test_a_missing_data_file_or_tokenizer_is_named(tmp_path):
     (["compare", "--lr", "lora=-1"], "--lr"),
 ])
 def test_cli_bad_arguments_one_line(args, needle):
-    r = subprocess.run([sys.executable, "-m", "lowrank.cli", *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    code, err = run_cli(*args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err

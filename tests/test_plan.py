@@ -14,6 +14,7 @@ from lowrank import patch_linear
 from lowrank import plan as P
 from lowrank.nf4_linear import NF4Linear
 from lowrank.tensor_memory import TensorMemory
+from tests.helpers import run_cli
 
 
 def _peft_trainable(config, rank, targets, dora=False):
@@ -249,10 +250,10 @@ def _cli(*args):
     (["plan", "--epochs", "nan"], "--epochs"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, needle):
-    r = _cli(*args)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    code, err = run_cli(*args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -260,9 +261,10 @@ def test_debug_shows_the_traceback(where):
     """--debug before the command or after it (the README's `lowrank plan ... [--debug]`, which the
     parser refused as an unknown argument)."""
     args = ["plan", "--model", "no-such-model"]
-    r = _cli(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
-    assert r.returncode == 2 and "Traceback" in r.stderr and "PlanError" in r.stderr
-    assert "Traceback" not in _cli(*args).stderr
+    code, err = run_cli(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
+    assert code == 2 and "Traceback" in err and "PlanError" in err
+    code, err = run_cli(*args)
+    assert code == 2 and "Traceback" not in err and "no-such-model" in err
 
 
 def test_json_output_is_the_plan():
