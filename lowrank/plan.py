@@ -705,7 +705,9 @@ def make_plan(model: str = "llama-3-8b", method: str = "all", rank: int | None =
                       grad_ckpt=grad_ckpt, precision=precision)
         methods[m] = plan_method(arch, counts, setup, tokens, variants, mfu)
     rec = recommend(arch, counts, methods, objective, variants, examples, gpus, g, rank)
-    shown = methods if method == "all" else {method: methods[method]}
+    # --method M shows M, and beside it the method recommended when that is another: the
+    # recommendation weighs every method, and named one the table did not have (qlora asked, full advised)
+    shown = methods if method == "all" else {m: methods[m] for m in METHODS if m in (method, rec["method"])}
     assumptions = {
         "precision": precision,
         "weights": ("bf16 weights; full fine-tuning keeps an fp32 master copy of every weight; LoRA adapters "

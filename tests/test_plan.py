@@ -232,6 +232,16 @@ def test_rules_follow_objective_then_hardware(model, gpu, gpus, objective, expec
     assert plan.methods[expected].fits
 
 
+def test_a_method_asked_for_shows_the_recommended_one_beside_it():
+    """--method qlora on a GPU where LoRA fits: the recommendation (lora) named a method the table did
+    not show; now its column is there too. Asked for the recommended one: that column alone."""
+    plan = P.make_plan("llama-3-8b", method="qlora", gpu="h100-80gb")
+    assert plan.recommendation["method"] == "lora"
+    assert list(plan.methods) == ["lora", "qlora"]
+    alone = P.make_plan("llama-3-8b", method="lora", gpu="h100-80gb")
+    assert list(alone.methods) == ["lora"] and alone.methods["lora"] == plan.methods["lora"]
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 def _cli(*args):
