@@ -40,7 +40,7 @@ from .layer_types import is_bnb_linear4bit
 from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.dora_merge import dora_merge_, dora_unmerge_
-from .ops.merge import check_merge_args, record_allows_fast_unmerge
+from .ops.merge import check_merge_args, check_no_overflow, record_allows_fast_unmerge
 from .patch import active_adapter, original_bases, refuse_inside_adapter_ids, restore_modules
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
@@ -105,7 +105,7 @@ def _merge_operands(layer: LoRALinear, name: str):
     return w, a, b
 
 
-def _check_layer(path: str, layer: LoRALinear, name: str | None):
+def _check_layer(path: str, layer: LoRALinear, name: str | None, what: str = "merge"):
     base = layer.base_layer
     w = getattr(base, "weight", None)
     if type(layer) is not LoRALinear or not is_adaptable(base) or not isinstance(w, torch.Tensor) \
@@ -119,7 +119,11 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None):
         raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")
     _refuse_meta(path, layer, name)
     w_, a, b = _merge_operands(layer, name)
-    check_merge_args(w_, a, b, layer.scaling(name), f"merge: layer {path}")
+    check_merge_args(w_, a, b, layer.scaling(name), f"{what}: layer {path}")
+    if name not in layer.lora_magnitude_vector:
+        # before any layer is written: an overflow in a later layer would otherwise stop a merge
+        # midway (merge_and_unload and merge(exact=False) cannot take an inexact merge back)
+        check_no_overflow(w_, a, b, layer.scaling(name), f"{what}: layer {path}")
     return name
 
 
@@ -369,12 +373,13 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
                 raise ValueError(f"merge_and_unload: layer {path}: lora_A / lora_B / magnitude contain NaN or Inf")
             quantized.append((path, layer, name))
         else:
-            dense.append((path, layer, _check_layer(path, layer, name)))
+            dense.append((path, layer, _check_layer(path, layer, name, "merge_and_unload")))
     _check_not_shared(model, [(path, layer) for path, layer, _ in dense], "merge_and_unload")
     # NF4 layers first: they are built aside (nothing changes in place), so a failure there (out
-    # of memory) leaves the model untouched. Dense layers keep their `merged` flag until all are
-    # done: if one fails, the ones before it are merged (without a record) and flagged so, and
-    # their forward skips the LoRA path: outputs stay right, never W + 2 s B A.
+    # of memory) leaves the model untouched. An overflow was refused above, for every layer, before
+    # any write (_check_layer). Dense layers keep their `merged` flag until all are done: should
+    # one still fail (out of memory), the ones before it are merged (without a record) and flagged
+    # so, and their forward skips the LoRA path: outputs stay right, never W + 2 s B A.
     report, new_bases = {}, []
     rest = _unquantized_dtype(model) if quantized else None
     for path, layer, name in quantized:

@@ -489,3 +489,31 @@ def test_merge_and_unload_of_an_adapter_on_some_nf4_layers_keeps_the_others_quan
             assert isinstance(module, lowrank.NF4Linear), path
             assert torch.equal(module.nf4.dequantize(torch.float32), w), path
     assert_close(logits(plain, ids).float(), ref64, baseline=out_b.float(), factor=2, name="merged QLoRA 'b'")
+
+
+@pytest.mark.parametrize("call", ["merge_and_unload", "merge-inexact"])
+def test_an_overflow_in_the_last_layer_leaves_every_layer_as_it_was(call):
+    """fp16, only the last LoRA layer's merge overflows: merge_and_unload (and merge(exact=False),
+    neither able to take an inexact merge back) merged the 13 layers before it in place and then
+    raised, naming no layer (found by a new-user audit). Every layer is checked first now: the
+    error names the layer and no weight, flag or module changes."""
+    model = tiny_llama(torch.float16)
+    lowrank.patch_linear(model, rank=2)
+    layers = list(lowrank.lora_layers(model))
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.lora_B["default"].normal_(0, 0.01)
+        path, last = layers[-1]
+        last.lora_B["default"][0, 0], last.lora_A["default"][0, 0] = 1e6, 1e3
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"layer {path}: the merged weight would overflow"):
+        if call == "merge_and_unload":
+            lowrank.merge_and_unload(model)
+        else:
+            lowrank.merge(model, exact=False)
+    assert [p for p, _ in lowrank.lora_layers(model)] == [p for p, _ in layers]
+    assert not any(layer.merged for _, layer in layers)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert_bits_equal(after[k], v, k)
