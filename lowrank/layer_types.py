@@ -52,6 +52,14 @@ def is_dense_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def runs_own_forward(module: nn.Module) -> bool:
+    """A dense linear layer whose output is not just x @ W.T + b from its weight: a subclass with a
+    forward of its own, a forward replaced on the instance (accelerate's hooks do that) or forward
+    hooks registered on it. LoRA must then call the layer, not read its weight (LoRALinear.forward)."""
+    own = type(module).forward is not nn.Linear.forward and not is_conv1d(module)
+    return own or "forward" in vars(module) or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+
+
 def is_embedding(module: nn.Module) -> bool:
     """nn.Embedding or a subclass (transformers' scaled word embeddings): LoRA-able as peft does it."""
     return isinstance(module, nn.Embedding)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .backend import backend_for
 from .config import LoRAConfig
-from .layer_types import is_conv1d, is_dense_linear, is_embedding, linear_dims
+from .layer_types import is_conv1d, is_dense_linear, is_embedding, linear_dims, runs_own_forward
 from .nf4_linear import NF4Linear
 from .ops.dora import dora_linear, dora_scale, row_norms, weight_row_sq_norms
 from .ops.lora_matmul import lora_linear
@@ -212,6 +212,7 @@ class LoRALinear(nn.Module):
                                                 self.lora_magnitude_vector[name], cfg.scaling,
                                                 cfg.dropout if self.training else 0.0, self.weight_sq_norms())
         if name in self.lora_magnitude_vector:
+            _refuse_dora_over_own_forward(self)
             w = self.base_weight_nk()
             a, b, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
             if a.dtype != w.dtype:  # fp32 master adapters over a 16-bit base, as for LoRA below
@@ -221,6 +222,8 @@ class LoRALinear(nn.Module):
         if isinstance(self.base_layer, NF4Linear):  # the fused QLoRA op
             return self.base_layer.lora_forward(x, self.lora_A[name], self.lora_B[name], cfg.scaling,
                                                 cfg.dropout if self.training else 0.0)
+        if runs_own_forward(self.base_layer):  # the layer's own output (a subclass, hooks), plus LoRA
+            return _unfused_forward(self, x, name)
         w = self.base_weight_nk()
         a, b = self.lora_A[name], self.lora_B[name]
         if a.dtype != w.dtype:  # master adapters in another dtype (fp32 over a bf16 base): cast for the
@@ -234,6 +237,28 @@ class LoRALinear(nn.Module):
         dora = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={ranks}{dora}, "
                 f"active={self.active_adapter!r}, fan_in_fan_out={self.fan_in_fan_out}")
+
+
+def _refuse_dora_over_own_forward(layer: LoRALinear) -> None:
+    if runs_own_forward(layer.base_layer):
+        raise NotImplementedError(
+            f"LoRALinear({layer.in_features}, {layer.out_features}): DoRA over a {type(layer.base_layer).__name__} "
+            f"with a forward of its own or forward hooks: DoRA rescales x @ W.T, which such a layer need not "
+            f"compute; use LoRA there")
+
+
+def _unfused_forward(layer: LoRALinear, x: torch.Tensor, name: str) -> torch.Tensor:
+    """base_layer(x) + scaling * dropout(x) @ A.T @ B.T in torch ops, for a base layer whose output
+    is its own (`runs_own_forward`: a subclass's forward, accelerate's hooks, forward hooks), as
+    peft computes every layer: the fused op would read the weight and skip them. The LoRA part runs
+    in the adapters' dtype and is added in the output's."""
+    out = layer.base_layer(x)
+    cfg = layer.configs[name]
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    h = x.to(a.dtype)
+    if layer.training and cfg.dropout > 0.0:
+        h = F.dropout(h, cfg.dropout, training=True)
+    return out + ((h @ a.t()) @ b.t() * cfg.scaling).to(out.dtype)
 
 
 def _embedding_delta(layer: LoRALinear, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -283,6 +308,8 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     adapters changes data, not a guard). Every adapter of the layer goes into one `lowrank::sgmv`."""
     names = list(layer.configs)
     dora = len(layer.lora_magnitude_vector) > 0
+    if dora and not layer.embedding and not isinstance(layer.base_layer, NF4Linear):
+        _refuse_dora_over_own_forward(layer)
     out = None if dora and names else layer.base_layer(x)  # DoRA: the base GEMM without its bias, below
     if not names:
         return out

@@ -114,6 +114,10 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None, what: str = "me
             f"layer {path}: merging into a {type(layer).__name__} over {type(base).__name__} with weight "
             f"{getattr(w, 'dtype', None)} is not implemented (only dense float32/float16/bfloat16 nn.Linear "
             f"and Conv1D weights; for NF4 layers use lowrank.merge_and_unload, which dequantizes and merges)")
+    if isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward:
+        raise NotImplementedError(
+            f"layer {path}: its base layer, a {type(base).__name__}, has a forward of its own: the adapter adds "
+            f"s B A x to that forward's output, which no merged weight reproduces; keep the adapter unmerged")
     name = name or layer.active_adapter
     if name is None or name not in layer.configs:
         raise ValueError(f"layer {path}: no adapter {name!r} (has {sorted(layer.configs)})")

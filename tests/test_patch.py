@@ -623,3 +623,52 @@ def test_fp32_adapters_over_a_bf16_model():
         assert torch.equal(model(input_ids=ids).logits, before)
     with pytest.raises(TypeError, match="adapter_dtype"):
         lowrank.patch_linear(tiny_llama(), r=2, adapter_dtype=torch.int8)
+
+
+class _Doubled(nn.Linear):
+    """An nn.Linear subclass with a forward of its own."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+@pytest.mark.parametrize("kind", ["subclass", "forward-hook", "pre-hook", "instance-forward"])
+def test_a_base_layer_with_its_own_forward_is_called(kind):
+    """A LoRA layer computed x @ W.T + b from the base layer's weight, so an nn.Linear subclass's own
+    forward, forward hooks and a forward replaced on the instance (accelerate's hooks) were skipped
+    (found by a new-user audit): the output at B = 0 was not the base model's. Now such a layer is
+    called, and the LoRA branch added: base(x) + s B A x against float64, gradients to A and B."""
+    torch.manual_seed(0)
+    base = _Doubled(8, 6) if kind == "subclass" else nn.Linear(8, 6)
+    calls = []
+    if kind == "forward-hook":
+        base.register_forward_hook(lambda mod, inp, out: calls.append(1) or out + 1.0)
+    elif kind == "pre-hook":
+        base.register_forward_pre_hook(lambda mod, inp: calls.append(1) or (inp[0] * 0.5,))
+    elif kind == "instance-forward":
+        plain = base.forward
+        base.forward = lambda x: calls.append(1) or plain(x) - 3.0
+    model = nn.Sequential(base)
+    x = torch.randn(5, 8)
+    want0 = model(x)
+    lowrank.patch_linear(model, rank=2, alpha=4)
+    assert torch.equal(model(x), want0)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    with torch.no_grad():
+        ref = want0.double() + 2.0 * (x.double() @ a.double().t() @ b.double().t())
+    out = model(x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert a.grad is not None and b.grad is not None and a.grad.abs().sum() > 0
+    if kind != "subclass":
+        assert len(calls) == 3  # before patching, at B = 0, with B: once a forward
+    if kind == "subclass":
+        with pytest.raises(NotImplementedError, match="a _Doubled, has a forward of its own"):
+            lowrank.merge(model)
+        assert not layer.merged
+        dora = lowrank.patch_linear(nn.Sequential(_Doubled(8, 6)), rank=2, dora=True)
+        with pytest.raises(NotImplementedError, match="DoRA over a _Doubled"):
+            dora(x)
