@@ -34,7 +34,11 @@ def iter_linear(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Mo
     nn.Embedding: `lora_linear.is_adaptable`), under every path that holds it (a module held twice
     is yielded twice: `named_children` would report it once); a LoRALinear
     counts as one layer (its base_layer is not visited again); the inside of a ModulesToSave wrapper
-    (its original and copies: trained whole, not by LoRA) is not visited."""
+    (its original and copies: trained whole, not by LoRA) is not visited, nor the inside of an
+    nn.MultiheadAttention (its out_proj is an nn.Linear that the attention never calls: it reads
+    the weight itself, so a LoRA layer there would change nothing and train nothing)."""
+    if isinstance(model, nn.MultiheadAttention):
+        return
     for attr, child in model._modules.items():
         if child is None or isinstance(child, (ModulesToSave, TrainableTokens)):
             continue
@@ -56,10 +60,14 @@ def _matches(spec: TargetSpec, path: str, module: nn.Module) -> bool:
 
 def _warn_unadapted_weights(model: nn.Module) -> None:
     """A warning naming the weights "all-linear" cannot give LoRA and peft may: 2-D weights of modules
-    that are not linear layers or embeddings (a MoE router: transformers 5's MixtralTopKRouter) and
-    3-D parameters (fused experts, (experts, out, in)). They stay frozen."""
+    that are not linear layers or embeddings (a MoE router: transformers 5's MixtralTopKRouter),
+    3-D parameters (fused experts, (experts, out, in)) and nn.MultiheadAttention modules (`iter_linear`).
+    They stay frozen."""
     left = []
     for path, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):  # (its out_proj is an nn.Linear: not adapted either)
+            left.append(f"{path or type(module).__name__} (nn.MultiheadAttention)")
+            continue
         if isinstance(module, (LoRALinear, ModulesToSave, TrainableTokens)) or is_adaptable(module):
             continue
         for name, p in module.named_parameters(recurse=False):
@@ -67,8 +75,8 @@ def _warn_unadapted_weights(model: nn.Module) -> None:
                 left.append(f"{path}.{name}" if path else name)
     if left:
         warnings.warn(f"patch_linear: targets='all-linear' adapts nn.Linear / Conv1D layers; {len(left)} other "
-                      f"weight(s) stay frozen without LoRA, e.g. {', '.join(left[:3])} (MoE routers and fused "
-                      f"expert weights: peft 0.21 adapts these, lowrank does not yet)", UserWarning, stacklevel=4)
+                      f"weight(s) stay frozen without LoRA, e.g. {', '.join(left[:3])} (MoE routers, fused "
+                      f"expert weights, nn.MultiheadAttention: peft 0.21 adapts these, lowrank does not yet)", UserWarning, stacklevel=4)
 
 
 def _output_heads(model: nn.Module) -> set[int]:

@@ -672,3 +672,17 @@ def test_a_base_layer_with_its_own_forward_is_called(kind):
         dora = lowrank.patch_linear(nn.Sequential(_Doubled(8, 6)), rank=2, dora=True)
         with pytest.raises(NotImplementedError, match="DoRA over a _Doubled"):
             dora(x)
+
+
+def test_multihead_attention_is_not_adapted_through_its_out_proj():
+    """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: "all-linear"
+    patched it anyway, a LoRA layer that changed no output and got no gradient while counted as
+    trainable (found by a new-user audit). It is left out, and the warning names it."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match=r"self_attn \(nn.MultiheadAttention\)"):
+        lowrank.patch_linear(model, rank=2)
+    assert sorted(path for path, _ in lowrank.lora_layers(model)) == ["linear1", "linear2"]
+    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with pytest.raises(ValueError, match="matched no linear layer"):
+        lowrank.patch_linear(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), rank=2, targets=["out_proj"])
