@@ -79,6 +79,16 @@ def _warn_unadapted_weights(model: nn.Module) -> None:
                       f"expert weights, nn.MultiheadAttention: peft 0.21 adapts these, lowrank does not yet)", UserWarning, stacklevel=4)
 
 
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """ValueError for a model that holds peft's tuner layers (a PeftModel, or get_peft_model's
+    layers): "all-linear" would put LoRA on peft's own lora_A / lora_B and freeze peft's adapter."""
+    for path, module in model.named_modules():
+        if type(module).__module__.startswith("peft."):
+            raise ValueError(f"patch_linear: {path or 'the model'} is peft's {type(module).__name__}: this model "
+                             f"already carries peft adapters. Patch the base model and load the adapter with "
+                             f"lowrank.load_adapter(model, DIR), or take peft's merge_and_unload() / unload() first")
+
+
 def _output_heads(model: nn.Module) -> set[int]:
     heads = set()
     get = getattr(model, "get_output_embeddings", None)
@@ -412,6 +422,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
     refuse_inside_adapter_ids(model, "patch_linear")
+    _refuse_peft_layers(model)
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
                         targets=targets, exclude=exclude, adapter_name=adapter_name, dora=dora)
     mts_names = check_module_names(modules_to_save)

@@ -686,3 +686,16 @@ def test_multihead_attention_is_not_adapted_through_its_out_proj():
     assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     with pytest.raises(ValueError, match="matched no linear layer"):
         lowrank.patch_linear(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), rank=2, targets=["out_proj"])
+
+
+def test_a_model_with_peft_adapters_is_refused():
+    """patch_linear on a get_peft_model result put LoRA on peft's own lora_A / lora_B Linears and
+    froze peft's adapter, without a word (found by a new-user audit): refused, the model unchanged."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"is peft's PeftModel.*lowrank.load_adapter"):
+        lowrank.patch_linear(model, rank=2)
+    with pytest.raises(ValueError, match=r"q_proj is peft's"):
+        lowrank.patch_linear(model.base_model.model, rank=2)
+    assert_same_snapshot(snapshot(model), before)
