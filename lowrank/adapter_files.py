@@ -108,8 +108,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     *ForCausalLM, "SEQ_2_SEQ_LM" for T5ForConditionalGeneration, "SEQ_CLS", "TOKEN_CLS",
     "QUESTION_ANS": `auto_task_type`) and null for others (peft then loads it as a plain
     PeftModel); pass a peft TaskType string to choose. peft trains a classification task's head
-    whole (`config.TASK_HEADS`): where the adapter has LoRA on it, "auto" writes null and a
-    classification task given is a ValueError (peft could not load that file).
+    whole (`config.TASK_HEADS`) and loads it from the file: where the adapter has LoRA on or inside
+    it, or does not train it whole (modules_to_save), "auto" writes null and a classification task
+    given is a ValueError (peft could not load that file).
     The adapter's modules_to_save copies are written as peft does (`<path>.<entry>` keys of each
     copy's state dict, `modules_to_save` naming the modules by peft's rule).
     base_model_name_or_path: default `model.config.name_or_path` / `model.name_or_path` if set, else
@@ -161,14 +162,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     auto = task_type == "auto"
     if auto:
         task_type = auto_task_type(model)
-    # peft trains the task's head as a whole copy (peft's plain suffix rule): LoRA there would clash
-    lora_heads = sorted(p for p, _ in layers if any(p.endswith(h) for h in TASK_HEADS.get(task_type, ())))
-    if lora_heads and auto:
-        task_type = None
+    # peft trains the task's head as a whole copy (modules_to_save, peft's plain suffix rule) and loads
+    # it from the file: LoRA on it or inside it would clash, and a head the file lacks is a KeyError
+    heads = [p for p in base_module_paths(model) if any(p.endswith(h) for h in TASK_HEADS.get(task_type, ()))]
+    heads = [h for h in heads if not any(h.startswith(o + ".") for o in heads)]  # outermost (peft wraps those)
+    lora_heads = sorted(p for p, _ in layers if any(p == h or p.startswith(h + ".") for h in heads))
+    unsaved = sorted(h for h in heads if h not in {p for p, _ in saved})
+    if (lora_heads or unsaved) and auto:
+        task_type = None  # a plain PeftModel loads it (what peft writes without a task_type)
     elif lora_heads:
         raise ValueError(f"save_adapter: task_type={task_type!r} makes peft train {lora_heads[0]!r} whole "
                          f"(modules_to_save) when it loads the file, but the adapter has LoRA there: peft could not "
                          f"load it; pass task_type=None (or 'auto')")
+    elif unsaved:
+        raise ValueError(f"save_adapter: task_type={task_type!r} makes peft load {unsaved[0]!r} whole from the file "
+                         f"(modules_to_save), but adapter {adapter_name!r} does not train it: peft could not load "
+                         f"the file; patch with modules_to_save=[{unsaved[0].rsplit('.', 1)[-1]!r}] (or config="
+                         f"LoraConfig(task_type=...)), or pass task_type=None (or 'auto')")
     origin = model.__dict__.get(ORIGIN_ATTR, {}).get(adapter_name, {})
     if base_model_name_or_path is None:
         base_model_name_or_path = (getattr(getattr(model, "config", None), "name_or_path", None)

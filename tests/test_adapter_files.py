@@ -381,6 +381,29 @@ def test_a_classifier_head_with_lora_is_saved_without_its_task(tmp_path):
     with pytest.raises(ValueError, match="task_type='SEQ_CLS'.*'classifier'"):
         lowrank.save_adapter(model, tmp_path / "cls", task_type="SEQ_CLS")
     assert not (tmp_path / "cls").exists()
+    # LoRA elsewhere and the head not trained (peft's get_peft_model without a task_type): SEQ_CLS
+    # was written, and peft looked for the head in the file (KeyError; found by a new-user trial)
+    model = lowrank.patch_linear(bert(), rank=4, targets=["query", "value"])
+    randomize_B_(model)
+    lowrank.save_adapter(model, tmp_path / "plain")
+    assert json.load(open(tmp_path / "plain" / CONFIG_NAME))["task_type"] is None
+    theirs = peft.PeftModel.from_pretrained(bert(), tmp_path / "plain").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not train it.*modules_to_save=\\['classifier'\\]"):
+        lowrank.save_adapter(model, tmp_path / "cls", task_type="SEQ_CLS")
+    # LoRA inside the head (RoBERTa's classifier.dense / .out_proj: no path ends with "classifier")
+    torch.manual_seed(0)
+    roberta = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        num_labels=3, pad_token_id=1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lowrank.patch_linear(copy.deepcopy(roberta), rank=4)
+    assert "classifier.dense" in dict(lowrank.lora_layers(model))
+    lowrank.save_adapter(model, tmp_path / "roberta")
+    assert json.load(open(tmp_path / "roberta" / CONFIG_NAME))["task_type"] is None
+    peft.PeftModel.from_pretrained(copy.deepcopy(roberta), tmp_path / "roberta")
 
 
 # -- strict reading ---------------------------------------------------------------------------------
