@@ -340,7 +340,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requantize: bool = False,
+def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requantize: bool | None = None,
                      return_report: bool = False):
     """Merge (without a record) and put plain layers back: returns `model` with no LoRA module left
     and the original requires_grad flags (as lowrank.unpatch). A modules_to_save wrapper gives way to
@@ -356,7 +356,12 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     quantized, `NF4Weight.dtype`, which bitsandbytes records too), so the merged model runs
     without casts; with
     `requantize=True` the merged weight is quantized back to an NF4Linear with the same blocksize
-    and double quantization. `return_report=True` returns `(model, report)` where report maps each
+    and double quantization (a bitsandbytes Linear4bit where it was adopted from one). The default,
+    None, is False except on a model transformers loaded in 4-bit whose other 4-bit layers stay
+    (the adapter not on every quantized layer): there dense merged layers beside them, under the
+    model's 4-bit quantization_config, would save a checkpoint that loads but fails in its first
+    forward, so the merged layers stay 4-bit, as peft's merge keeps them; requantize=False there is
+    a ValueError. `return_report=True` returns `(model, report)` where report maps each
     NF4 layer's path to the error requantizing added, relative to the merged dense weight:
     {"rel_fro_error": |deq(q(W')) - W'|_F / |W'|_F, "max_abs_error": ...} (empty without NF4
     layers or without requantize)."""
@@ -379,6 +384,18 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
         else:
             dense.append((path, layer, _check_layer(path, layer, name, "merge_and_unload")))
     _check_not_shared(model, [(path, layer) for path, layer, _ in dense], "merge_and_unload")
+    if quantized and getattr(model, "hf_quantizer", None) is not None:
+        merging = {id(layer.base_layer) for _, layer, _ in quantized}
+        left = [p for p, m in model.named_modules()
+                if (isinstance(m, NF4Linear) or is_bnb_linear4bit(m)) and id(m) not in merging]
+        if left and requantize is False:
+            raise ValueError(f"merge_and_unload: requantize=False makes {len(quantized)} merged layer(s) dense beside "
+                             f"{len(left)} 4-bit layer(s) the adapter does not cover (e.g. {left[0]}) in a model "
+                             f"transformers loaded in 4-bit: its save_pretrained checkpoint would load and then fail; "
+                             f"leave requantize at its default (the merged layers stay 4-bit, as in peft) or adapt "
+                             f"every quantized layer")
+        requantize = bool(left) if requantize is None else requantize
+    requantize = bool(requantize)
     # NF4 layers first: they are built aside (nothing changes in place), so a failure there (out
     # of memory) leaves the model untouched. An overflow was refused above, for every layer, before
     # any write (_check_layer). Dense layers keep their `merged` flag until all are done: should
@@ -389,7 +406,7 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     for path, layer, name in quantized:
         # the dtype the rest of the model is in (prepare_for_qlora_training: fp32), else the quantized one
         base, report_row = _merged_nf4(layer, name, requantize, rest)
-        new_bases.append((layer, base))
+        new_bases.append((layer, base.to_bnb() if "bnb_class" in base.__dict__ else base))
         if report_row is not None:
             report[path] = report_row
     # What replaces the other layers (a bitsandbytes Linear4bit rebuilt for an adopted one) is built
@@ -497,4 +514,7 @@ def _merged_nf4(layer: LoRALinear, name: str, requantize: bool, dtype: torch.dty
            "max_abs_error": err.abs().max().item()}
     if base.bias is not None:
         q.bias = base.bias  # keep the original (frozen) bias parameter and dtype
+    for key in ("bnb_class", "bnb_compute_dtype"):  # adopted from bitsandbytes: goes back as its Linear4bit
+        if key in base.__dict__:
+            q.__dict__[key] = base.__dict__[key]
     return q, row

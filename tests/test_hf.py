@@ -163,3 +163,29 @@ def test_a_failed_merged_save_leaves_the_directory_and_model_as_they_were(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging directory left
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_merge_and_unload_of_part_of_a_model_transformers_loaded_in_4bit(tmp_path):
+    """LoRA on q_proj only of a model transformers loaded in 4-bit: merge_and_unload made q_proj a
+    dense nn.Linear beside 4-bit k/v/o/MLP layers, under the model's 4-bit quantization_config;
+    save_pretrained's checkpoint loaded q_proj as a Linear4bit holding a dense weight and its first
+    forward failed (found by a new-user trial). By default such merged layers stay 4-bit now (as in
+    peft); the checkpoint loads and computes the merged model's logits. requantize=False there is a
+    ValueError, the model left as it was."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _loaded_in_4bit(tmp_path, torch.float32)
+    lowrank.patch_linear(model, rank=4, targets=["q_proj"])
+    randomize_B_(model, std=0.01)
+    with pytest.raises(ValueError, match=r"requantize=False .* 4-bit layer\(s\) the adapter does not cover"):
+        lowrank.merge_and_unload(model, requantize=False)
+    assert len(list(lowrank.lora_layers(model))) == len(model.model.layers)
+    x = ids()
+    merged = lowrank.merge_and_unload(model)
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert merged.is_quantized and not list(lowrank.lora_layers(merged))
+    want = logits(merged, x)
+    merged.save_pretrained(tmp_path / "merged")
+    back = pytest.importorskip("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                                                   device_map="cpu")
+    assert isinstance(back.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    torch.testing.assert_close(logits(back, x), want, rtol=0, atol=0)
