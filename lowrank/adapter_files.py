@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ORIGIN_ATTR, TASK_HEADS, LoRAConfig, pattern_value, peft_lora_kwargs, scaling_for
 from .dtypes import FLOAT_DTYPES
-from .layer_types import is_embedding, linear_dims, real_values
+from .layer_types import is_dense_linear, is_embedding, linear_dims, real_values
 from .lora_linear import LoRALinear
 from .modules_to_save import ModulesToSave
 from .trainable_tokens import TrainableTokens
@@ -727,22 +727,22 @@ def _token_problems(targets: dict, rows: dict, adapter_name: str, existing: bool
 
 
 def _embedding_base_problems(bases: dict[str, torch.Tensor], layers: dict) -> list[str]:
-    """peft writes the base weight of an embedding layer with LoRA into the adapter file. Loading
-    never replaces base weights: such a weight is accepted when it is bit for bit the model's own
-    (the usual case), and refused otherwise (a resized or retrained vocabulary: the adapter was
-    trained on another base)."""
+    """peft writes the base weight of an embedding layer with LoRA into the adapter file, and of the
+    output head (lm_head: peft counts it among the embedding layers). Loading never replaces base
+    weights: such a weight is accepted when it is bit for bit the model's own (the usual case), and
+    refused otherwise (a resized or retrained vocabulary: the adapter was trained on another base)."""
     problems = []
     for p, t in sorted(bases.items()):
         mod = layers.get(p)
         base = mod.base_layer if isinstance(mod, LoRALinear) else mod
-        if base is None or not is_embedding(base):
+        if base is None or not (is_embedding(base) or is_dense_linear(base)):
             problems.append(f"{p}.base_layer.weight: the file holds a base weight for {p}, which is not an "
-                            f"nn.Embedding of the model")
+                            f"nn.Embedding or a dense linear layer of the model")
         elif tuple(t.shape) != tuple(base.weight.shape):
             problems.append(f"{p}.base_layer.weight: shape {tuple(t.shape)} in the file, the model's embedding is "
                             f"{tuple(base.weight.shape)} (a resized vocabulary?): the adapter belongs to another base")
         elif (w := real_values(base.weight)).device.type == "meta" or not torch.equal(t.to(w.dtype), w.detach().cpu()):
-            problems.append(f"{p}.base_layer.weight: the file's embedding weight differs from the model's; lowrank "
+            problems.append(f"{p}.base_layer.weight: the file's base weight differs from the model's; lowrank "
                             f"does not replace base weights when loading an adapter (the adapter was trained on "
                             f"another base, or with new token rows)")
     return problems

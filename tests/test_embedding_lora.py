@@ -191,7 +191,7 @@ def test_a_file_with_another_base_embedding_is_refused(tmp_path):
     save_file(tensors, tmp_path / WEIGHTS_NAME, metadata={"format": "pt"})
     model = tiny_llama()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="embedding weight differs from the model's"):
+    with pytest.raises(ValueError, match="base weight differs from the model's"):
         lowrank.load_adapter(model, tmp_path)
     assert_same_snapshot(snapshot(model), before)
 
@@ -225,3 +225,23 @@ def test_unpatch_restores_the_embedding():
     lowrank.patch_linear(model, r=4, target_modules=["embed_tokens"])
     lowrank.unpatch(model)
     assert_same_snapshot(snapshot(model), before)
+
+
+def test_a_peft_file_with_lora_on_lm_head_loads(tmp_path):
+    """peft counts lm_head among the embedding layers and writes its base weight into the file when
+    lm_head is targeted; load_adapter refused that file ("not an nn.Embedding"; found by a new-user
+    trial). The weight is accepted when it is the model's own (and refused when it is not, as an
+    embedding's); the loaded model computes peft's logits."""
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                           init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad")
+    tensors = load_file(tmp_path / "ad" / WEIGHTS_NAME)
+    key = "base_model.model.lm_head.base_layer.weight"
+    assert key in tensors
+    x = torch.randint(0, 97, (2, 7))
+    model = lowrank.load_adapter(tiny_llama(), tmp_path / "ad")
+    torch.testing.assert_close(logits(model, x), logits(pm, x), rtol=1e-5, atol=1e-6)
+    tensors[key][3] += 1.0
+    save_file(tensors, tmp_path / "ad" / WEIGHTS_NAME, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.base_layer.weight: the file's base weight differs"):
+        lowrank.load_adapter(tiny_llama(), tmp_path / "ad")
