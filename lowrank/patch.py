@@ -126,7 +126,26 @@ def select_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = 
     if not chosen:
         raise ValueError(f"targets={_describe(targets)} (exclude={_describe(exclude)}) matched no linear layer; "
                          f"{_list_linear(found)}")
+    if targets != "all-linear" and not callable(targets):
+        _refuse_unadaptable(model, targets, exclude, {f[0] for f in found})
     return chosen
+
+
+def _refuse_unadaptable(model: nn.Module, targets, exclude, adaptable: set[str]) -> None:
+    """ValueError when a target name or pattern selects a module with weights of its own that LoRA
+    cannot adapt (an nn.Conv2d, the out_proj of an nn.MultiheadAttention) beside the layers it can:
+    that module was left out without a word (peft adapts a Conv2d, or refuses the module)."""
+    parents = {}
+    for path, module in module_paths(model):
+        if isinstance(module, nn.MultiheadAttention):
+            parents.update({f"{path}.{attr}": path for attr in module._modules})
+        if path in adaptable or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if _matches(targets, path, module) and not (exclude is not None and _matches(exclude, path, module)):
+            why = (f"the out_proj of the nn.MultiheadAttention {parents[path]!r}, which reads its weight itself"
+                   if path in parents else f"a {type(module).__name__}, not an nn.Linear, Conv1D or nn.Embedding")
+            raise ValueError(f"targets={_describe(targets)} selects {path!r}, {why}: lowrank cannot give it LoRA; "
+                             f"leave it out of targets (or exclude it)")
 
 
 def _is_embedding_layer(module: nn.Module) -> bool:

@@ -699,3 +699,25 @@ def test_a_model_with_peft_adapters_is_refused():
     with pytest.raises(ValueError, match=r"q_proj is peft's"):
         lowrank.patch_linear(model.base_model.model, rank=2)
     assert_same_snapshot(snapshot(model), before)
+
+
+def test_a_target_that_selects_a_layer_lora_cannot_adapt_is_refused():
+    """targets=["projection", "q_proj"] on a model whose "projection" is an nn.Conv2d adapted q_proj
+    and left the convolution out without a word (found by a new-user trial: peft adapts it); a
+    MultiheadAttention's out_proj the same. Refused now, naming the module; the model unchanged."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projection = nn.Conv2d(3, 8, 2)
+            self.q_proj = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2)
+
+    model = Net()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"selects 'projection', a Conv2d, not an nn.Linear"):
+        lowrank.patch_linear(model, rank=2, targets=["projection", "q_proj"])
+    with pytest.raises(ValueError, match=r"selects 'attn.out_proj', the out_proj of the nn.MultiheadAttention"):
+        lowrank.patch_linear(model, rank=2, targets=r".*(q|out)_proj")
+    assert_same_snapshot(snapshot(model), before)
+    lowrank.patch_linear(model, rank=2, targets=["projection", "q_proj"], exclude=["projection"])
+    assert [p for p, _ in lowrank.lora_layers(model)] == ["q_proj"]
