@@ -91,7 +91,7 @@ def scaling_for(rank: int, alpha: float, rslora: bool) -> float:
 
 
 def pattern_value(pattern: Mapping[str, Any] | None, path: str):
-    """peft's rule for rank_pattern / alpha_pattern: the value of the first key (in the mapping's
+    r"""peft's rule for rank_pattern / alpha_pattern: the value of the first key (in the mapping's
     order) that, as a regex, matches the end of the module path at a name boundary
     (re.match(rf"(.*\.)?({key})$", path)); None when no key does."""
     for key, value in (pattern or {}).items():
