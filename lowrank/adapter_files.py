@@ -49,7 +49,7 @@ from .lora_linear import LoRALinear
 from .modules_to_save import ModulesToSave
 from .trainable_tokens import TrainableTokens
 from .patch import (base_module_paths, input_embedding_path, iter_linear, lora_layers, patch_linear,
-                    refuse_inside_adapter_ids, saved_modules, select_modules_to_save, select_targets, select_token_layers,
+                    refuse_inside_blocks, saved_modules, select_modules_to_save, select_targets, select_token_layers,
                     token_layers)
 
 CONFIG_NAME = "adapter_config.json"
@@ -497,7 +497,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter expects a torch.nn.Module, got {type(model).__name__}")
     LoRAConfig(adapter_name=adapter_name)  # validates the name
-    refuse_inside_adapter_ids(model, "load_adapter")
+    refuse_inside_blocks(model, "load_adapter")
     path = os.fspath(path)
     config_file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_file):

@@ -27,8 +27,8 @@ import torch.nn as nn
 from .config import ORIGIN_ATTR, TargetSpec
 from .merge import merge, unmerge
 from .layer_types import module_references, replace_module
-from .patch import (accepts_peft_names, active_adapter, lora_layers, patch_linear, refuse_inside_adapter_ids,
-                    saved_modules, set_active_adapter, token_layers)
+from .patch import (DISABLED_ATTR, accepts_peft_names, active_adapter, lora_layers, patch_linear,
+                    refuse_inside_blocks, saved_modules, set_active_adapter, token_layers)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -70,6 +70,7 @@ def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
     require grad and every other adapter's do not. trainable=False leaves every flag as it is:
     switching then never makes torch.compile recompile (dynamo guards on requires_grad)."""
     _check_name(model, name, "set_adapter")
+    refuse_inside_blocks(model, "set_adapter")
     _refuse_merged(model, "set_adapter")
     set_active_adapter(model, name, trainable)
 
@@ -79,7 +80,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     remaining adapter in sorted order becomes active and trainable everywhere (peft's choice), or
     none."""
     _check_name(model, name, "delete_adapter")
-    refuse_inside_adapter_ids(model, "delete_adapter")
+    refuse_inside_blocks(model, "delete_adapter")
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.configs]
     merged = [p for p, layer in layers if getattr(layer, "merged", None) and layer.merged.adapter == name]
     if merged:
@@ -122,7 +123,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     unmerged inside and merged again on exit."""
     saved = [(layer, layer.active_adapter, getattr(layer, "merged", None)) for _, layer in lora_layers(model)]
     saved += [(wrapper, wrapper.active_adapter, None) for _, wrapper in [*saved_modules(model), *token_layers(model)]]
-    unmerged = []
+    unmerged, marked = [], []
     try:
         # Inside the try: if a layer refuses to unmerge (its weights changed since the merge), the
         # layers unmerged before it are merged again, and the model is as it was.
@@ -132,8 +133,13 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
                 unmerged.append((layer, state))
         for layer, _, _ in saved:
             layer.active_adapter = None
+        for layer, _, _ in saved:  # no adapter is added, chosen, deleted or merged inside (refuse_inside_blocks)
+            layer.__dict__[DISABLED_ATTR] = layer.__dict__.get(DISABLED_ATTR, 0) + 1
+            marked.append(layer)
         yield
     finally:
+        for layer in marked:
+            layer.__dict__[DISABLED_ATTR] -= 1
         for layer, name, _ in saved:
             layer.active_adapter = name
         # The same adapter and record kind: after an exact merge the weight comes back bit for bit;

@@ -41,7 +41,7 @@ from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.dora_merge import dora_merge_, dora_unmerge_
 from .ops.merge import check_merge_args, check_no_overflow, record_allows_fast_unmerge
-from .patch import active_adapter, original_bases, refuse_inside_adapter_ids, restore_modules
+from .patch import active_adapter, original_bases, refuse_inside_blocks, restore_modules
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
 
@@ -159,7 +159,7 @@ def _refuse_meta(path: str, layer: LoRALinear, name: str) -> None:
 def _targets(model: nn.Module, what: str):
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what} expects a torch.nn.Module, got {type(model).__name__}")
-    refuse_inside_adapter_ids(model, what)
+    refuse_inside_blocks(model, what)
     if isinstance(model, LoRALinear):
         return [("", model)]
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]

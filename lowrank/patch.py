@@ -440,7 +440,7 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
-    refuse_inside_adapter_ids(model, "patch_linear")
+    refuse_inside_blocks(model, "patch_linear")
     _refuse_peft_layers(model)
     config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
                         targets=targets, exclude=exclude, adapter_name=adapter_name, dora=dora)
@@ -610,16 +610,25 @@ def active_adapter(model: nn.Module) -> str | None:
     return next((layer.active_adapter for _, layer in lora_layers(model) if layer.active_adapter is not None), None)
 
 
-def refuse_inside_adapter_ids(model: nn.Module, where: str) -> None:
-    """ValueError while `model` is inside a `lowrank.adapter_ids` block: adding, loading, deleting,
+DISABLED_ATTR = "_lowrank_disabled"  # on each layer inside lowrank.disable_adapters: how many blocks deep
+
+
+def refuse_inside_blocks(model: nn.Module, where: str) -> None:
+    """ValueError while `model` is inside a `lowrank.adapter_ids` block (adding, loading, deleting,
     merging or unpatching adapters there would send the batch's rows to other adapters than its
-    ids say."""
-    busy = [p or type(m).__name__ for p, m in [*lora_layers(model), *saved_modules(model), *token_layers(model)]
-            if m._adapter_ids is not None]
+    ids say) or a `lowrank.disable_adapters` block (its exit puts back each layer's adapter and
+    merge as they were at its entry: one deleted, added, chosen or merged inside would be undone
+    halfway, e.g. set_adapter's requires_grad flags kept for an adapter no longer active)."""
+    layers = [*lora_layers(model), *saved_modules(model), *token_layers(model)]
+    busy = [p or type(m).__name__ for p, m in layers if m._adapter_ids is not None]
     if busy:
         raise ValueError(f"{where}: the model is inside an adapter_ids block ({len(busy)} layers, e.g. {busy[0]}); "
                          f"changing its adapters or weights there would reroute the batch's rows: leave the "
                          f"block first")
+    off = [p or type(m).__name__ for p, m in layers if m.__dict__.get(DISABLED_ATTR)]
+    if off:
+        raise ValueError(f"{where}: the model is inside a disable_adapters block ({len(off)} layers, e.g. {off[0]}), "
+                         f"whose exit restores the adapters as they were at its entry: leave the block first")
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -628,7 +637,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise TypeError(f"unpatch expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, LoRALinear):
         raise TypeError("unpatch the model that contains the LoRALinear, not the layer itself")
-    refuse_inside_adapter_ids(model, "unpatch")
+    refuse_inside_blocks(model, "unpatch")
     layers = list(lora_layers(model))
     for path, module in layers:
         if getattr(module, "merged", False):

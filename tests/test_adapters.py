@@ -696,3 +696,26 @@ def test_deleting_the_active_adapter_picks_one_for_the_whole_model():
     actives = {p.rsplit(".", 1)[-1]: layer.active_adapter for p, layer in lowrank.lora_layers(model)}
     assert actives == {"q_proj": "b", "k_proj": None}
     assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {"b"}
+
+
+def test_adapters_are_not_changed_inside_disable_adapters():
+    """disable_adapters' exit puts back each layer's adapter as it was at its entry: set_adapter
+    inside left the old adapter active with the new one's requires_grad flags (nothing trainable
+    ran), delete_adapter inside made the exit raise and left no adapter active (found by a new-user
+    audit). Changing adapters inside is refused, the model as it was; after the block it works."""
+    model = lowrank.patch_linear(tiny_llama(), rank=2, targets=["q_proj"])
+    lowrank.add_adapter(model, "b", rank=2, targets=["q_proj"])
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with lowrank.disable_adapters(model):
+        for call in (lambda: lowrank.set_adapter(model, "b"), lambda: lowrank.delete_adapter(model, "b"),
+                     lambda: lowrank.add_adapter(model, "c", rank=2, targets=["q_proj"]),
+                     lambda: lowrank.merge(model, adapter_name="b")):
+            with pytest.raises(ValueError, match="inside a disable_adapters block"):
+                call()
+        with lowrank.disable_adapters(model):  # nested blocks still work
+            pass
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {l.active_adapter for _, l in lowrank.lora_layers(model)} == {"default"}
+    assert sorted(lowrank.adapter_names(model)) == ["b", "default"]
+    lowrank.set_adapter(model, "b")
+    assert {l.active_adapter for _, l in lowrank.lora_layers(model)} == {"b"}
