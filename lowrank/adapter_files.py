@@ -485,7 +485,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     loads as a DoRA adapter; over an existing adapter, both must be DoRA or both not.
 
     is_trainable=False (peft's name; peft's default, not lowrank's) loads the adapter frozen, for
-    inference: its factors get no gradient whether or not it is active. With the default True an
+    inference: its factors get no gradient whether or not it is active, and the whole model is put
+    in eval mode (as peft's from_pretrained and load_adapter do: no dropout anywhere). With the default True an
     adapter that becomes active is trainable, as one made by patch_linear (a frozen default would
     make a training loop after load_adapter silently train nothing).
 
@@ -639,7 +640,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             if not is_trainable:
                 for param in layer.adapter_parameters(adapter_name):
                     param.requires_grad_(False)
-                layer.eval()  # for inference, as peft's from_pretrained(is_trainable=False): no LoRA dropout
+    if not is_trainable:
+        model.eval()  # for inference, as peft's from_pretrained / load_adapter(is_trainable=False): no dropout
     origin = {k: config[k] for k in _ORIGIN_FIELDS if isinstance(config.get(k), str) and config[k]}
     model.__dict__.setdefault(ORIGIN_ATTR, {})[adapter_name] = origin
     return model

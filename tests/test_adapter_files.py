@@ -651,6 +651,12 @@ def test_is_trainable_false_loads_frozen(tmp_path):
     served = lowrank.load_adapter(copy.deepcopy(base), tmp_path / "noisy", is_trainable=False)
     assert not any(layer.training for _, layer in lowrank.lora_layers(served))
     assert torch.equal(logits(served, x), logits(served, x))
+    # the whole model in eval mode, as peft's from_pretrained leaves it: a GPT-2 built from its config
+    # (training mode, dropout 0.1) kept its own dropout on (found by a new-user trial)
+    gpt2 = SMALL_MODELS["gpt2"]().train()
+    lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(gpt2), rank=4), tmp_path / "gpt2")
+    served = lowrank.load_adapter(gpt2, tmp_path / "gpt2", is_trainable=False)
+    assert not any(m.training for m in served.modules())
 
 
 def test_base_rewriting_initialisations_are_refused(tmp_path):
