@@ -265,8 +265,12 @@ class _TrainerMixin:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # in place: the other processes write their rng_state_<rank>.pth into this folder meanwhile
         save_adapters(model, output_dir, replace_directory=False)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        # the tokenizer as transformers' Trainer saves it: the processing class, else the collator's
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

@@ -345,3 +345,21 @@ def test_five_steps_on_each_kind_of_base_train_the_head_checkpoint_and_resume(tm
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_the_collators_tokenizer_is_saved_when_there_is_no_processing_class(tmp_path):
+    """transformers' Trainer saves data_collator.tokenizer into each checkpoint when processing_class
+    is None; lowrank's saved none (found by a new-user trial)."""
+    from tokenizers import Tokenizer, models
+
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0")),
+        pad_token="w1", unk_token="w0")
+    collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
+    data = [{"input_ids": r["input_ids"].tolist()} for r in lm_data()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowrank.Trainer(model=patched_llama(), args=args(tmp_path, 2), train_dataset=data,
+                        data_collator=collator).train()
+    files = set(os.listdir(tmp_path / "checkpoint-2"))
+    assert {CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json", "tokenizer_config.json"} <= files
