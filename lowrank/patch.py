@@ -466,10 +466,11 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     rank_pattern, alpha_pattern = check_pattern(rank_pattern, "rank_pattern"), check_pattern(alpha_pattern,
                                                                                               "alpha_pattern")
     layer_configs = {path: _layer_config(config, path, alpha, rank_pattern, alpha_pattern) for path, *_ in chosen}
-    clash = [path for path, module, *_ in chosen
-             if isinstance(module, LoRALinear) and adapter_name in module.configs]
-    clash += [path for path, module in saved if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save]
-    clash += [path for path, module, _ in tokens if isinstance(module, TrainableTokens) and adapter_name in module.token_indices]
+    # anywhere in the model, not only on the layers chosen now: the same name on other targets would
+    # grow a trained adapter with fresh factors (at another rank) under its name
+    clash = [path for path, module in lora_layers(model) if adapter_name in module.configs]
+    clash += [path for path, module in saved_modules(model) if adapter_name in module.modules_to_save]
+    clash += [path for path, module in token_layers(model) if adapter_name in module.token_indices]
     if clash:
         raise ValueError(f"adapter {adapter_name!r} already exists on {len(clash)} layer(s) (e.g. {clash[0]}); "
                          f"use another adapter_name or lowrank.unpatch(model) first")

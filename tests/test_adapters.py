@@ -719,3 +719,15 @@ def test_adapters_are_not_changed_inside_disable_adapters():
     assert sorted(lowrank.adapter_names(model)) == ["b", "default"]
     lowrank.set_adapter(model, "b")
     assert {l.active_adapter for _, l in lowrank.lora_layers(model)} == {"b"}
+
+
+def test_an_adapter_name_in_use_elsewhere_in_the_model_is_refused():
+    """add_adapter with a name the model has, on other targets, was accepted: the trained adapter grew
+    fresh factors at another rank under its name (found by a new-user audit). Refused, model unchanged."""
+    model = lowrank.patch_linear(tiny_llama(), rank=2, targets=["q_proj"])
+    lowrank.add_adapter(model, "b", rank=2, targets=["q_proj"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="adapter 'b' already exists on 2 layer"):
+        lowrank.add_adapter(model, "b", rank=4, targets=["k_proj"])
+    assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
