@@ -114,6 +114,11 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None, what: str = "me
             f"layer {path}: merging into a {type(layer).__name__} over {type(base).__name__} with weight "
             f"{getattr(w, 'dtype', None)} is not implemented (only dense float32/float16/bfloat16 nn.Linear "
             f"and Conv1D weights; for NF4 layers use lowrank.merge_and_unload, which dequantizes and merges)")
+    if nn.utils.parametrize.is_parametrized(base, "weight"):
+        raise NotImplementedError(
+            f"layer {path}: its weight is parametrized (torch.nn.utils.parametrize: computed from "
+            f"{type(base.parametrizations.weight).__name__} on every access), so there is no stored weight to "
+            f"merge into; keep the adapter unmerged, or parametrize.remove_parametrizations first")
     if isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward:
         raise NotImplementedError(
             f"layer {path}: its base layer, a {type(base).__name__}, has a forward of its own: the adapter adds "

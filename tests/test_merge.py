@@ -517,3 +517,26 @@ def test_an_overflow_in_the_last_layer_leaves_every_layer_as_it_was(call):
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert_bits_equal(after[k], v, k)
+
+
+def test_a_parametrized_weight_is_not_merged():
+    """A parametrized weight (torch.nn.utils.parametrize) is computed on every access: merge wrote into
+    a temporary, said nothing, and unmerge then refused for good (found by a new-user audit). Refused,
+    naming the layer, nothing changed."""
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    nn.utils.parametrize.register_parametrization(model[0], "weight", Double())
+    lowrank.patch_linear(model, rank=2)
+    with torch.no_grad():
+        for _, layer in lowrank.lora_layers(model):
+            layer.lora_B["default"].normal_()
+    x = torch.randn(3, 8)
+    want = model(x)
+    for call in (lowrank.merge, lowrank.merge_and_unload):
+        with pytest.raises(NotImplementedError, match="layer 0: its weight is parametrized"):
+            call(model)
+        assert not any(layer.merged for _, layer in lowrank.lora_layers(model))
+        assert torch.equal(model(x), want)
