@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 
 import torch
 import torch.nn as nn
@@ -229,6 +230,7 @@ def _write_pair(directory: str, tensors: dict, metadata: dict, config: dict) -> 
         for t in (tmp_w, tmp_c):
             if os.path.exists(t):
                 os.unlink(t)
+        _finished(tmp_w, tmp_c)
         raise
     return tmp_w, tmp_c
 
@@ -238,9 +240,10 @@ def _save_by_exchange(path: str, tensors: dict, metadata: dict, config: dict) ->
     step (renameat2 RENAME_EXCHANGE; a plain rename when `path` does not exist yet): a reader, or a
     kill at any moment, sees the old adapter or the new one, never a mix (see the Note)."""
     parent = os.path.dirname(path)
-    staging = _staging_name(path)
-    os.mkdir(staging, 0o777)  # the umask applies, as to any directory the user makes
+    staging = _started(_staging_name(path))
+    tmp_w = tmp_c = ""
     try:
+        os.mkdir(staging, 0o777)  # the umask applies, as to any directory the user makes
         tmp_w, tmp_c = _write_pair(staging, tensors, metadata, config)
         os.rename(tmp_w, os.path.join(staging, WEIGHTS_NAME))
         os.rename(tmp_c, os.path.join(staging, CONFIG_NAME))
@@ -253,6 +256,7 @@ def _save_by_exchange(path: str, tensors: dict, metadata: dict, config: dict) ->
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
+        _finished(staging, tmp_w, tmp_c)
 
 
 def _save_in_place(path: str, tensors: dict, metadata: dict, config: dict) -> None:
@@ -268,6 +272,7 @@ def _save_in_place(path: str, tensors: dict, metadata: dict, config: dict) -> No
         for t in (tmp_w, tmp_c):
             if os.path.exists(t):
                 os.unlink(t)
+        _finished(tmp_w, tmp_c)
     _fsync_dir(path)
 
 
@@ -275,18 +280,55 @@ def _staging_name(path: str) -> str:
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.saving")
 
 
+_IN_FLIGHT: set[str] = set()  # temporary files and staging directories this process is writing now
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def _abandoned(name: str) -> bool:
+    """Whether a temporary or staging entry (".<final>.<pid>.<hex>.tmp|saving") was left by a save
+    that is not running: its process has exited, or it is this process's and no thread writes it.
+    Another live process's entry is its save in progress (two writers of one directory: the
+    later rename wins, neither fails)."""
+    try:
+        pid = int(os.path.basename(name).rsplit(".", 3)[-3])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        with _IN_FLIGHT_LOCK:
+            return name not in _IN_FLIGHT
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (PermissionError: alive, another user's)
+        return False
+    return False
+
+
+def _started(name: str) -> str:
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT.add(name)
+    return name
+
+
+def _finished(*names: str) -> None:
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT.difference_update(names)
+
+
 def _remove_stale(path: str) -> None:
     """What an interrupted save left behind: temporary files in `path`, staging directories beside
-    it. (One writer at a time per adapter directory: a concurrent save's files would go too.)"""
+    it, each only when the save that made it is not running (`_abandoned`)."""
     if os.path.isdir(path):
         for name in os.listdir(path):
-            if name.endswith(".tmp") and name.startswith((f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}.")):
+            if name.endswith(".tmp") and name.startswith((f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}.")) \
+                    and _abandoned(os.path.join(path, name)):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(path, name))
     parent, base = os.path.dirname(path), os.path.basename(path)
     if os.path.isdir(parent):
         for name in os.listdir(parent):
-            if name.startswith(f".{base}.") and name.endswith(".saving"):
+            if name.startswith(f".{base}.") and name.endswith(".saving") and _abandoned(os.path.join(parent, name)):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
@@ -441,7 +483,7 @@ def _saved_names(model: nn.Module, paths: list[str]) -> list[str]:
 def _tmp_name(directory, final: str) -> str:
     """A new empty file in `directory` for `final`, created with mode 0666 less the umask (0644 under
     umask 022, as peft's files are; mkstemp would make it 0600)."""
-    name = os.path.join(directory, f".{final}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    name = _started(os.path.join(directory, f".{final}.{os.getpid()}.{secrets.token_hex(6)}.tmp"))
     os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return name
 

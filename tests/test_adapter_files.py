@@ -2,6 +2,8 @@
 import copy
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -536,15 +538,24 @@ def test_values_the_model_cannot_hold_are_refused(tmp_path, bad, words):
 @pytest.mark.parametrize("others", [False, True], ids=["exchange", "in-place"])
 def test_saved_files_follow_the_umask_and_leftovers_are_removed(tmp_path, others):
     """Files get 0666 less the umask (0644 under 022, as peft's; they were 0600), and the next save
-    removes what an interrupted one left (temporary files, a staging directory)."""
+    removes what an interrupted one left (temporary files, a staging directory) -- of a process that
+    has exited, or of this one -- but not what another process's save in progress is writing (a
+    second writer deleted the first one's staging directory and that save failed with a
+    FileNotFoundError; found by a new-user audit)."""
     target = tmp_path / "adapter"
     _saved(target)
     if others:
         (target / "README.md").write_text("notes\n")
-    stale = [target / f".{WEIGHTS_NAME}.999.deadbeef.tmp", target / f".{CONFIG_NAME}.999.deadbeef.tmp"]
+    live = os.getppid()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    stale = [target / f".{WEIGHTS_NAME}.{dead}.deadbeef.tmp", target / f".{CONFIG_NAME}.{os.getpid()}.deadbeef.tmp"]
     for f in stale:
         f.write_text("half a file")
-    (tmp_path / ".adapter.999.deadbeef.saving").mkdir()
+    (tmp_path / f".adapter.{dead}.deadbeef.saving").mkdir()
+    (tmp_path / f".adapter.{live}.feedface.saving").mkdir()  # another process, saving now
+    if others:  # (any file beside the adapter's two makes the save write in place)
+        (target / f".{WEIGHTS_NAME}.{live}.feedface.tmp").write_text("being written")
     old = os.umask(0o022)
     try:
         _saved(target)
@@ -552,8 +563,9 @@ def test_saved_files_follow_the_umask_and_leftovers_are_removed(tmp_path, others
         os.umask(old)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert (target / name).stat().st_mode & 0o777 == 0o644, name
-    assert sorted(os.listdir(target)) == sorted([CONFIG_NAME, WEIGHTS_NAME] + (["README.md"] if others else []))
-    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert sorted(os.listdir(target)) == sorted([CONFIG_NAME, WEIGHTS_NAME] + (
+        ["README.md", f".{WEIGHTS_NAME}.{live}.feedface.tmp"] if others else []))
+    assert sorted(os.listdir(tmp_path)) == [f".adapter.{live}.feedface.saving", "adapter"]
 
 
 _SAVE_LOOP = r"""
