@@ -205,12 +205,27 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     metadata = {"format": "pt", SETTINGS_KEY: json.dumps(_settings(config))}
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
+    _refuse_file_in_the_way(path, "save_adapter")
     os.makedirs(parent, exist_ok=True)
     _remove_stale(path)
     if replace_directory and _only_adapter_files(path) and _exchange_supported(parent):
         _save_by_exchange(path, tensors, metadata, config)
     else:
         _save_in_place(path, tensors, metadata, config)
+
+
+def _refuse_file_in_the_way(path: str, where: str) -> None:
+    """ValueError when `path` or a folder above it is an existing file (a directory cannot be made
+    there; os.makedirs said only "File exists", naming no file)."""
+    p = path
+    while True:
+        if os.path.lexists(p) and not os.path.isdir(p):
+            what = "is a file" if p == path else f"is a file, so {path} cannot be a directory"
+            raise ValueError(f"{where}: {p} {what}; an adapter is saved as a directory of two files")
+        up = os.path.dirname(p)
+        if up == p:
+            return
+        p = up
 
 
 def _write_pair(directory: str, tensors: dict, metadata: dict, config: dict) -> tuple[str, str]:

@@ -744,3 +744,16 @@ def test_per_layer_ranks_merge_and_mixed_batches():
     lowrank.unmerge(model)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_saving_onto_a_file_is_a_clear_error(tmp_path):
+    """save_adapter onto an existing file, or under one, raised a bare FileExistsError naming no file
+    (misleading for the second; found by a new-user audit): a ValueError naming the file, nothing
+    written, the file as it was."""
+    model = lowrank.patch_linear(small_llama(), rank=2, targets=["q_proj"])
+    (tmp_path / "adapter").write_text("not a folder")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'adapter'} is a file; an adapter is saved as a directory"):
+        lowrank.save_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'adapter'} is a file, so {tmp_path / 'adapter' / 'sub'} "):
+        lowrank.save_adapter(model, tmp_path / "adapter" / "sub")
+    assert (tmp_path / "adapter").read_text() == "not a folder" and os.listdir(tmp_path) == ["adapter"]
