@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -365,8 +366,8 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     None, is False except on a model transformers loaded in 4-bit whose other 4-bit layers stay
     (the adapter not on every quantized layer): there dense merged layers beside them, under the
     model's 4-bit quantization_config, would save a checkpoint that loads but fails in its first
-    forward, so the merged layers stay 4-bit, as peft's merge keeps them; requantize=False there is
-    a ValueError. `return_report=True` returns `(model, report)` where report maps each
+    forward, so the merged layers stay 4-bit, as peft's merge keeps them; requantize=False there
+    merges dense all the same, with a UserWarning. `return_report=True` returns `(model, report)` where report maps each
     NF4 layer's path to the error requantizing added, relative to the merged dense weight:
     {"rel_fro_error": |deq(q(W')) - W'|_F / |W'|_F, "max_abs_error": ...} (empty without NF4
     layers or without requantize)."""
@@ -394,11 +395,11 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
         left = [p for p, m in model.named_modules()
                 if (isinstance(m, NF4Linear) or is_bnb_linear4bit(m)) and id(m) not in merging]
         if left and requantize is False:
-            raise ValueError(f"merge_and_unload: requantize=False makes {len(quantized)} merged layer(s) dense beside "
-                             f"{len(left)} 4-bit layer(s) the adapter does not cover (e.g. {left[0]}) in a model "
-                             f"transformers loaded in 4-bit: its save_pretrained checkpoint would load and then fail; "
-                             f"leave requantize at its default (the merged layers stay 4-bit, as in peft) or adapt "
-                             f"every quantized layer")
+            warnings.warn(f"merge_and_unload: requantize=False makes {len(quantized)} merged layer(s) dense beside "
+                          f"{len(left)} 4-bit layer(s) the adapter does not cover (e.g. {left[0]}) in a model "
+                          f"transformers loaded in 4-bit: it runs, but its save_pretrained checkpoint would load and "
+                          f"then fail; leave requantize at its default to save it (the merged layers stay 4-bit, as "
+                          f"in peft), or write dense files with `lowrank merge`", UserWarning, stacklevel=2)
         requantize = bool(left) if requantize is None else requantize
     requantize = bool(requantize)
     # NF4 layers first: they are built aside (nothing changes in place), so a failure there (out

@@ -1,6 +1,7 @@
 """DoRA at the model level: patch_linear(dora=True) / use_dora against peft 0.21.2's DoRA on the same
 weights (Llama, GPT-2 Conv1D), outputs and gradients; the adapter's state and its checks."""
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -436,7 +437,12 @@ def test_bad_dora_files_are_refused_and_change_nothing(tmp_path, case):
 def test_save_refuses_mixed_dora_and_lora_layers(tmp_path):
     """One adapter name, DoRA on some layers and plain LoRA on others: a peft file cannot say so."""
     model = lowrank.patch_linear(SMALL_MODELS["llama"](), rank=2, targets=["q_proj"], dora=True)
-    lowrank.patch_linear(model, rank=2, targets=["v_proj"])
+    with pytest.raises(ValueError, match="adapter 'default' already exists"):  # one name, one adapter
+        lowrank.patch_linear(model, rank=2, targets=["v_proj"])
+    # (built below the public API: a layer of the adapter turned plain LoRA)
+    _, layer = next(iter(lowrank.lora_layers(model)))
+    del layer.lora_magnitude_vector["default"]
+    layer.configs["default"] = dataclasses.replace(layer.configs["default"], dora=False)
     with pytest.raises(ValueError, match="dora"):
         lowrank.save_adapter(model, tmp_path / "x")
 
