@@ -475,6 +475,13 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         raise ValueError(f"adapter {adapter_name!r} already exists on {len(clash)} layer(s) (e.g. {clash[0]}); "
                          f"use another adapter_name or lowrank.unpatch(model) first")
 
+    for path, module, *_ in chosen:  # a weight swapped for one of another shape leaves the features stale
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype.is_floating_point \
+                and tuple(w.shape) != (module.out_features, module.in_features):  # (bitsandbytes' are packed)
+            raise ValueError(f"{path}: nn.Linear(in_features={module.in_features}, out_features={module.out_features}) "
+                             f"holds a weight of shape {tuple(w.shape)}; set in_features / out_features to match "
+                             f"(out, in) before patching")
     check_quantize_args(quantize, compute_dtype, blocksize, double_quant)
     if adapter_dtype is not None:
         check_dtype(adapter_dtype, "patch_linear", "adapter_dtype")

@@ -721,3 +721,16 @@ def test_a_target_that_selects_a_layer_lora_cannot_adapt_is_refused():
     assert_same_snapshot(snapshot(model), before)
     lowrank.patch_linear(model, rank=2, targets=["projection", "q_proj"], exclude=["projection"])
     assert [p for p, _ in lowrank.lora_layers(model)] == ["q_proj"]
+
+
+def test_a_linear_whose_weight_disagrees_with_its_features_is_refused():
+    """An nn.Linear whose weight was swapped for one of another shape (in_features / out_features
+    stale) patched without a word and failed in its first forward naming no module (found by a
+    new-user audit): refused at patching, naming the layer, the model unchanged."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[0].weight = nn.Parameter(torch.randn(4, 8))
+    model[0].bias = nn.Parameter(torch.zeros(4))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"0: nn.Linear\(in_features=8, out_features=8\) holds a weight of shape \(4, 8\)"):
+        lowrank.patch_linear(model, rank=2)
+    assert_same_snapshot(snapshot(model), before)
