@@ -27,7 +27,7 @@ import torch.nn as nn
 from .config import ORIGIN_ATTR, TargetSpec
 from .merge import merge, unmerge
 from .layer_types import module_references, replace_module
-from .patch import (DISABLED_ATTR, accepts_peft_names, active_adapter, lora_layers, patch_linear,
+from .patch import (DISABLED, accepts_peft_names, active_adapter, lora_layers, patch_linear,
                     refuse_inside_blocks, saved_modules, set_active_adapter, token_layers)
 
 
@@ -70,7 +70,7 @@ def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
     require grad and every other adapter's do not. trainable=False leaves every flag as it is:
     switching then never makes torch.compile recompile (dynamo guards on requires_grad)."""
     _check_name(model, name, "set_adapter")
-    refuse_inside_blocks(model, "set_adapter")
+    refuse_inside_blocks(model, "set_adapter", adapter_ids=False)
     _refuse_merged(model, "set_adapter")
     set_active_adapter(model, name, trainable)
 
@@ -134,12 +134,12 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         for layer, _, _ in saved:
             layer.active_adapter = None
         for layer, _, _ in saved:  # no adapter is added, chosen, deleted or merged inside (refuse_inside_blocks)
-            layer.__dict__[DISABLED_ATTR] = layer.__dict__.get(DISABLED_ATTR, 0) + 1
+            DISABLED[layer] = DISABLED.get(layer, 0) + 1
             marked.append(layer)
         yield
     finally:
         for layer in marked:
-            layer.__dict__[DISABLED_ATTR] -= 1
+            DISABLED[layer] -= 1
         for layer, name, _ in saved:
             layer.active_adapter = name
         # The same adapter and record kind: after an exact merge the weight comes back bit for bit;

@@ -52,12 +52,27 @@ def is_dense_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+# nn.Linear subclasses whose forward is x @ W.T + b all the same (module, class name): transformers'
+# FalconLinear (every projection of Falcon) computes input @ weight.T + bias in two steps.
+PLAIN_LINEAR_SUBCLASSES = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """An nn.Linear subclass whose forward is its own (not nn.Linear's, nor one of
+    PLAIN_LINEAR_SUBCLASSES): its output need not be x @ W.T + b, so no merged weight reproduces
+    base(x) + s B A x, and DoRA (which rescales x @ W.T) does not apply."""
+    cls = type(module)
+    return (isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward
+            and (cls.__module__, cls.__name__) not in PLAIN_LINEAR_SUBCLASSES)
+
+
 def runs_own_forward(module: nn.Module) -> bool:
     """A dense linear layer whose output is not just x @ W.T + b from its weight: a subclass with a
-    forward of its own, a forward replaced on the instance (accelerate's hooks do that) or forward
-    hooks registered on it. LoRA must then call the layer, not read its weight (LoRALinear.forward)."""
-    own = type(module).forward is not nn.Linear.forward and not is_conv1d(module)
-    return own or "forward" in vars(module) or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+    forward of its own (`has_own_forward`), a forward replaced on the instance (accelerate's hooks
+    do that) or forward hooks registered on it. LoRA must then call the layer, not read its weight
+    (LoRALinear.forward)."""
+    return has_own_forward(module) or "forward" in vars(module) or bool(module._forward_hooks) \
+        or bool(module._forward_pre_hooks)
 
 
 def is_embedding(module: nn.Module) -> bool:

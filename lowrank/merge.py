@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .dtypes import KERNEL_DTYPES
-from .layer_types import is_bnb_linear4bit
+from .layer_types import has_own_forward, is_bnb_linear4bit
 from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.dora_merge import dora_merge_, dora_unmerge_
@@ -120,7 +120,7 @@ def _check_layer(path: str, layer: LoRALinear, name: str | None, what: str = "me
             f"layer {path}: its weight is parametrized (torch.nn.utils.parametrize: computed from "
             f"{type(base.parametrizations.weight).__name__} on every access), so there is no stored weight to "
             f"merge into; keep the adapter unmerged, or parametrize.remove_parametrizations first")
-    if isinstance(base, nn.Linear) and type(base).forward is not nn.Linear.forward:
+    if has_own_forward(base):
         raise NotImplementedError(
             f"layer {path}: its base layer, a {type(base).__name__}, has a forward of its own: the adapter adds "
             f"s B A x to that forward's output, which no merged weight reproduces; keep the adapter unmerged")

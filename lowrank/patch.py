@@ -9,6 +9,7 @@ import functools
 import inspect
 import re
 import warnings
+import weakref
 from typing import Iterator
 
 import torch
@@ -16,9 +17,8 @@ import torch.nn as nn
 
 from .config import (PEFT_NAMES, TASK_HEADS, LoRAConfig, TargetSpec, check_pattern, lora_kwargs, pattern_value,
                      peft_config_dict, peft_lora_kwargs, task_type_name)
-from .layer_types import module_references, replace_module
 from .dtypes import check_dtype
-from .layer_types import is_embedding
+from .layer_types import is_dense_linear, is_embedding, module_references, replace_module, runs_own_forward
 from .lora_linear import LoRALinear, is_adaptable
 from .modules_to_save import ModulesToSave, check_copyable
 from .nf4_linear import NF4Linear
@@ -132,14 +132,18 @@ def select_targets(model: nn.Module, targets: TargetSpec, exclude: TargetSpec = 
 
 
 def _refuse_unadaptable(model: nn.Module, targets, exclude, adaptable: set[str]) -> None:
-    """ValueError when a target name or pattern selects a module with weights of its own that LoRA
-    cannot adapt (an nn.Conv2d, the out_proj of an nn.MultiheadAttention) beside the layers it can:
-    that module was left out without a word (peft adapts a Conv2d, or refuses the module)."""
+    """ValueError when a target name or pattern selects a module with a weight matrix of its own that
+    LoRA cannot adapt (an nn.Conv2d, the out_proj of an nn.MultiheadAttention) beside the layers it
+    can: that module was left out without a word (peft adapts a Conv2d, or refuses the module).
+    Modules inside an adaptable layer (its parametrizations) and 1-D weights (norms) are passed over."""
     parents = {}
     for path, module in module_paths(model):
         if isinstance(module, nn.MultiheadAttention):
             parents.update({f"{path}.{attr}": path for attr in module._modules})
-        if path in adaptable or not any(True for _ in module.parameters(recurse=False)):
+        parts = path.split(".")  # inside an adaptable layer (a parametrization of its weight)?
+        inside = any(".".join(parts[:i]) in adaptable for i in range(1, len(parts)))
+        # a weight of 2 or more dimensions: a norm's (1-D) is not one peft users target by mistake
+        if path in adaptable or inside or not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
             continue
         if _matches(targets, path, module) and not (exclude is not None and _matches(exclude, path, module)):
             why = (f"the out_proj of the nn.MultiheadAttention {parents[path]!r}, which reads its weight itself"
@@ -476,6 +480,10 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                          f"use another adapter_name or lowrank.unpatch(model) first")
 
     for path, module, *_ in chosen:  # a weight swapped for one of another shape leaves the features stale
+        if dora and not isinstance(module, LoRALinear) and is_dense_linear(module) and runs_own_forward(module):
+            raise ValueError(f"{path}: DoRA over a {type(module).__name__} with a forward of its own or forward "
+                             f"hooks: DoRA rescales x @ W.T, which such a layer need not compute; use LoRA there "
+                             f"(or leave it out of targets)")
         w = getattr(module, "weight", None)
         if isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype.is_floating_point \
                 and tuple(w.shape) != (module.out_features, module.in_features):  # (bitsandbytes' are packed)
@@ -618,22 +626,26 @@ def active_adapter(model: nn.Module) -> str | None:
     return next((layer.active_adapter for _, layer in lora_layers(model) if layer.active_adapter is not None), None)
 
 
-DISABLED_ATTR = "_lowrank_disabled"  # on each layer inside lowrank.disable_adapters: how many blocks deep
+# The layers inside lowrank.disable_adapters blocks: how many deep. Kept beside the layers, not in
+# them, so that a copy made inside a block (copy.deepcopy) is not marked for good.
+DISABLED: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
-def refuse_inside_blocks(model: nn.Module, where: str) -> None:
+def refuse_inside_blocks(model: nn.Module, where: str, adapter_ids: bool = True) -> None:
     """ValueError while `model` is inside a `lowrank.adapter_ids` block (adding, loading, deleting,
     merging or unpatching adapters there would send the batch's rows to other adapters than its
     ids say) or a `lowrank.disable_adapters` block (its exit puts back each layer's adapter and
     merge as they were at its entry: one deleted, added, chosen or merged inside would be undone
-    halfway, e.g. set_adapter's requires_grad flags kept for an adapter no longer active)."""
+    halfway, e.g. set_adapter's requires_grad flags kept for an adapter no longer active).
+    adapter_ids=False: the disable_adapters block only (set_adapter: a mixed batch names its
+    adapters itself, and choosing the active one inside it was always allowed)."""
     layers = [*lora_layers(model), *saved_modules(model), *token_layers(model)]
-    busy = [p or type(m).__name__ for p, m in layers if m._adapter_ids is not None]
+    busy = [p or type(m).__name__ for p, m in layers if adapter_ids and m._adapter_ids is not None]
     if busy:
         raise ValueError(f"{where}: the model is inside an adapter_ids block ({len(busy)} layers, e.g. {busy[0]}); "
                          f"changing its adapters or weights there would reroute the batch's rows: leave the "
                          f"block first")
-    off = [p or type(m).__name__ for p, m in layers if m.__dict__.get(DISABLED_ATTR)]
+    off = [p or type(m).__name__ for p, m in layers if DISABLED.get(m)]
     if off:
         raise ValueError(f"{where}: the model is inside a disable_adapters block ({len(off)} layers, e.g. {off[0]}), "
                          f"whose exit restores the adapters as they were at its entry: leave the block first")

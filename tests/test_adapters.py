@@ -714,6 +714,10 @@ def test_adapters_are_not_changed_inside_disable_adapters():
                 call()
         with lowrank.disable_adapters(model):  # nested blocks still work
             pass
+        twin = copy.deepcopy(model)  # a copy made inside is not inside any block
+    lowrank.set_adapter(twin, "b")
+    with lowrank.adapter_ids(model, ["b"]):  # choosing the active adapter inside a mixed batch: as before
+        lowrank.set_adapter(model, "default")
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert {l.active_adapter for _, l in lowrank.lora_layers(model)} == {"default"}
     assert sorted(lowrank.adapter_names(model)) == ["b", "default"]

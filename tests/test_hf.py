@@ -175,15 +175,20 @@ def test_merge_and_unload_of_part_of_a_model_transformers_loaded_in_4bit(tmp_pat
     bnb = pytest.importorskip("bitsandbytes")
     model = _loaded_in_4bit(tmp_path, torch.float32)
     lowrank.patch_linear(model, rank=4, targets=["q_proj"])
-    randomize_B_(model, std=0.01)
+    randomize_B_(model, std=0.5)
     with pytest.warns(UserWarning, match=r"requantize=False .* 4-bit layer\(s\) the adapter does not cover"):
         dense = lowrank.merge_and_unload(copy.deepcopy(model), requantize=False)
     assert type(dense.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     x = ids()
+    want_lora = logits(model, x)
+    with lowrank.disable_adapters(model):
+        base = logits(model, x)
     merged = lowrank.merge_and_unload(model)
     assert isinstance(merged.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert merged.is_quantized and not list(lowrank.lora_layers(merged))
     want = logits(merged, x)
+    # the delta is in: the merged model is the LoRA model up to q_proj's requantization, far from the base
+    assert (want - want_lora).norm() < 0.5 * (base - want_lora).norm()
     merged.save_pretrained(tmp_path / "merged")
     back = pytest.importorskip("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
                                                                                    device_map="cpu")

@@ -669,9 +669,36 @@ def test_a_base_layer_with_its_own_forward_is_called(kind):
         with pytest.raises(NotImplementedError, match="a _Doubled, has a forward of its own"):
             lowrank.merge(model)
         assert not layer.merged
-        dora = lowrank.patch_linear(nn.Sequential(_Doubled(8, 6)), rank=2, dora=True)
-        with pytest.raises(NotImplementedError, match="DoRA over a _Doubled"):
+        with pytest.raises(ValueError, match="0: DoRA over a _Doubled"):  # at patching, naming the layer
+            lowrank.patch_linear(nn.Sequential(_Doubled(8, 6)), rank=2, dora=True)
+        dora = lowrank.patch_linear(nn.Sequential(nn.Linear(8, 6)), rank=2, dora=True)
+        dora[0].base_layer.register_forward_hook(lambda mod, inp, out: out)  # a hook added after patching
+        with pytest.raises(NotImplementedError, match="DoRA over a Linear"):
             dora(x)
+
+
+def test_falcon_linear_is_a_plain_linear():
+    """transformers' FalconLinear (every Falcon projection) overrides forward with input @ W.T + b:
+    LoRA keeps the fused op over it, and merge / DoRA work (the own-forward rule refused them; found
+    in review). merge_and_unload gives the LoRA model's logits."""
+    transformers = pytest.importorskip("transformers")
+    from lowrank.layer_types import runs_own_forward
+
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    new_decoder_architecture=False, multi_query=True, bias=False)
+    model = transformers.FalconForCausalLM(cfg).eval()
+    lowrank.patch_linear(model, rank=2, dora=True)
+    layers = list(lowrank.lora_layers(model))
+    assert layers and all(type(l.base_layer).__name__ == "FalconLinear" for _, l in layers)
+    assert not any(runs_own_forward(l.base_layer) for _, l in layers)
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.lora_B["default"].normal_(0, 0.1)
+        x = torch.randint(0, 61, (2, 5))
+        want = model(input_ids=x).logits
+        merged = lowrank.merge_and_unload(model)
+        torch.testing.assert_close(merged(input_ids=x).logits, want, rtol=1e-4, atol=1e-5)
 
 
 def test_multihead_attention_is_not_adapted_through_its_out_proj():
@@ -721,6 +748,11 @@ def test_a_target_that_selects_a_layer_lora_cannot_adapt_is_refused():
     assert_same_snapshot(snapshot(model), before)
     lowrank.patch_linear(model, rank=2, targets=["projection", "q_proj"], exclude=["projection"])
     assert [p for p, _ in lowrank.lora_layers(model)] == ["q_proj"]
+    # not what is inside an adaptable layer (the parametrization of a weight-normed q_proj), nor a norm
+    net = nn.ModuleDict({"q_proj": nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)),
+                         "q_norm": nn.LayerNorm(8)})
+    lowrank.patch_linear(net, rank=2, targets=r".*q_.*")
+    assert [p for p, _ in lowrank.lora_layers(net)] == ["q_proj"]
 
 
 def test_a_linear_whose_weight_disagrees_with_its_features_is_refused():
