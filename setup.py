@@ -120,10 +120,10 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # (the Triton kernels live in lowrank/kernels/: a top-level kernels/ in the source tree, mapped
+    # to lowrank.kernels at install, shadowed Hugging Face's `kernels` package, which transformers
+    # >= 5.25 imports, wherever the tree was on sys.path: pytest, python -m from the checkout)
     packages=["lowrank", "lowrank.ops", "lowrank.kernels"],
-    # kernels/ sits at the top level of the repo but must never install as a top-level
-    # `kernels` module (the name is taken on PyPI): map it under the package.
-    package_dir={"lowrank": "lowrank", "lowrank.kernels": "kernels"},
     package_data={"lowrank": ["_lib/*.so", "_lib/manifest.json"]},
     install_requires=[
         "torch>=2.4",

@@ -11,7 +11,7 @@ and to peft at the same point ("vs_floor", "vs_peft": < 1 is faster), and for M 
 fraction of the measured copy bandwidth ("frac_bw", from the minimum bytes).
 
 At M <= 16 on CUDA, "lowrank-gemm" times the kernels with the small-M split-K path turned off
-(kernels/lora_matmul.py, Note on small M), so one run shows which of the two paths is faster.
+(lowrank/kernels/lora_matmul.py, Note on small M), so one run shows which of the two paths is faster.
 
 On the CPU the kernels are not timed (they would run in Triton's interpreter): the CPU path
 (`lowrank.ops.lora_matmul.lora_linear_reference`) runs against peft's layer at shapes scaled down 8x
@@ -93,7 +93,7 @@ def _fused(x, w, a, b, scaling):
 
 
 def _without_small_m(fn):
-    """fn with the small-M path off (kernels/lora_matmul.py, Note on small M): the plain GEMM path."""
+    """fn with the small-M path off (lowrank/kernels/lora_matmul.py, Note on small M): the plain GEMM path."""
     from lowrank.kernels import lora_matmul
 
     def call(x):

@@ -1,4 +1,4 @@
-"""NF4 quantize / dequantize microbenchmarks (lowrank/nf4_format.py, kernels/nf4_dequant.py).
+"""NF4 quantize / dequantize microbenchmarks (lowrank/nf4_format.py, lowrank/kernels/nf4_dequant.py).
 
     python -m bench.run --only nf4_dequant [--quick]
 

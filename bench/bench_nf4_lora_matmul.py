@@ -1,4 +1,4 @@
-"""QLoRA microbenchmarks: the fused NF4 LoRA matmul (kernels/nf4_lora_matmul.py) through
+"""QLoRA microbenchmarks: the fused NF4 LoRA matmul (lowrank/kernels/nf4_lora_matmul.py) through
 `lowrank.ops.nf4_lora_linear`.
 
     python -m bench.run --only nf4_lora_matmul [--quick]

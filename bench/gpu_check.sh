@@ -11,8 +11,7 @@
 #      pygments for lowrank plan / compare: `../shared/tools/gpu-wheels.sh rich markdown-it-py mdurl
 #      pygments`; the machine lacks them) with
 #      pip --no-index --no-deps --target, and put that folder on PYTHONPATH;
-#   2. make lowrank.kernels importable from the source tree (an editable install maps kernels/
-#      there; a bare copy of the tree needs a link), build the native library with nvcc (sm_90;
+#   2. build the native library with nvcc (sm_90;
 #      53 s wall / 13 s CPU for both libraries on the 2-core dev machine);
 #   3. pytest -m gpu over tests/ (the GPU tests of every test file);
 #   4. one step per benchmark in bench/run.py's BENCHES (python -m bench.run --quick --only NAME),
@@ -75,11 +74,7 @@ else
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# 2. lowrank.kernels from the source tree, and the native library.
-if ! "$PY" -c "import lowrank.kernels" >/dev/null 2>&1; then
-    echo "linking lowrank/kernels -> ../kernels (no editable install here)"
-    ln -sfn ../kernels lowrank/kernels
-fi
+# 2. the native library (lowrank/kernels/ is in the source tree itself).
 if [ "$DRY" = 1 ]; then
     LOWRANK_NO_CUDA=1 step native 90 "$PY" setup.py build_native
 else

@@ -245,7 +245,7 @@ def sgmv_variants(dtype: str, target: str) -> list[Variant]:
 
 
 def dora_norms_variants(dtype: str, target: str) -> list[Variant]:
-    """DoRA's float64 W A^T / ||W||^2 kernel (`kernels/dora_norms.py`): dense and NF4 (aligned and
+    """DoRA's float64 W A^T / ||W||^2 kernel (`lowrank/kernels/dora_norms.py`): dense and NF4 (aligned and
     gather decode) at the padded ranks its launcher makes; float64 MMAs, never wgmma (not a GEMM here)."""
     from lowrank.kernels import dora_norms as K
 

@@ -1,10 +1,10 @@
-"""DoRA on the fused LoRA kernels (kernels/lora_matmul.py: the `scale` / `v_out` epilogue and the
+"""DoRA on the fused LoRA kernels (lowrank/kernels/lora_matmul.py: the `scale` / `v_out` epilogue and the
 scaled dY of the backward; lowrank/ops/dora.py: `_DoRATriton`, the Triton path of `dora_linear`).
 
 Kernel outputs against float64 with the flash-attention rule (tests/helpers.assert_close: at most
 twice the error of the same maths in plain torch in the same dtype), every buffer the kernels write
 NaN-poisoned first (`lm._empty` patched, `out` / `v_out` poisoned). Without a GPU the kernels run in
-Triton's interpreter (conftest; bf16 dots through the interpreter fix in kernels/_common.py).
+Triton's interpreter (conftest; bf16 dots through the interpreter fix in lowrank/kernels/_common.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""kernels/dora_norms.py: W A^T and ||W_i||^2 in float64 in one pass over W, dense or NF4, and
+"""lowrank/kernels/dora_norms.py: W A^T and ||W_i||^2 in float64 in one pass over W, dense or NF4, and
 `dora_row_norms` / `weight_row_sq_norms` on it (the Triton path of lowrank/ops/dora.py).
 
 The oracle is exact up to one rounding: every product of fp32 / fp16 / bf16 values is exact in float64,

@@ -1,11 +1,11 @@
-"""The package's layering: every import inside lowrank/ and kernels/ points down the levels, the
+"""The package's layering: every import inside lowrank/ points down the levels, the
 module-level imports form no cycle, function-local imports are only for optional dependencies,
 and no module plays `__getattr__` tricks. An AST check, so that the structure stays.
 
 | level | modules |
 | --- | --- |
 | 0 base | dtypes, backend, config, native, nf4_format, layer_types, tensor_memory, checkpoint |
-| 1 kernels | kernels/*.py (installed as lowrank.kernels) |
+| 1 kernels | lowrank/kernels/*.py |
 | 2 ops | lowrank/ops/*.py |
 | 3 modules | nf4_linear, lora_linear, modules_to_save, trainable_tokens |
 | 4 model | patch, qlora, merge, adapters, adapter_files |
@@ -44,9 +44,9 @@ LAZY_OK = ("lowrank.kernels",)
 
 
 def package_sources() -> dict[str, tuple[str, str]]:
-    """{module name: (path, source)} for lowrank/ and kernels/ (which installs as lowrank.kernels)."""
+    """{module name: (path, source)} for lowrank/ (lowrank/kernels/ included)."""
     out = {}
-    for folder, package in (("lowrank", "lowrank"), ("kernels", "lowrank.kernels")):
+    for folder, package in (("lowrank", "lowrank"),):
         for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
             rel = os.path.relpath(dirpath, os.path.join(ROOT, folder))
             prefix = package if rel == "." else package + "." + rel.replace(os.sep, ".")

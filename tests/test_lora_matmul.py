@@ -1,4 +1,4 @@
-"""The fused LoRA matmul (kernels/lora_matmul.py, the op in lowrank/ops/lora_matmul.py) against the
+"""The fused LoRA matmul (lowrank/kernels/lora_matmul.py, the op in lowrank/ops/lora_matmul.py) against the
 float64 einsum oracles (tests/oracles.py; dropout masks recomputed from Philox itself).
 
 Every kernel output is checked with the flash-attention rule (tests/helpers.assert_close): its

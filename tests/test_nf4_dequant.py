@@ -1,4 +1,4 @@
-"""NF4 dequantization (kernels/nf4_dequant.py, the dispatch in lowrank/ops/nf4_dequant.py): bit-
+"""NF4 dequantization (lowrank/kernels/nf4_dequant.py, the dispatch in lowrank/ops/nf4_dequant.py): bit-
 identical to the pure-torch format code and to bitsandbytes, every element written; compiled for
 sm_90 without a GPU, with no FMA in the nested absmax decode."""
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""DoRA on the fused NF4 LoRA kernel (kernels/nf4_lora_matmul.py: the `scale` / `v_out` epilogue of the
+"""DoRA on the fused NF4 LoRA kernel (lowrank/kernels/nf4_lora_matmul.py: the `scale` / `v_out` epilogue of the
 forward and the scaled dY of the dX direction; lowrank/ops/dora.py: `_NF4DoRATriton`, the Triton path
 of `nf4_dora_linear`).
 
 Kernel outputs against float64 on the dequantized weight with the flash-attention rule
 (tests/helpers.assert_close: at most twice the error of the same maths in plain torch in the same
 dtype), every output NaN-poisoned first. Without a GPU the kernels run in Triton's interpreter
-(conftest; bf16 dots through the interpreter fix in kernels/_common.py).
+(conftest; bf16 dots through the interpreter fix in lowrank/kernels/_common.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.test_dora_op import dora_f64
 K = pytest.importorskip("lowrank.kernels.nf4_lora_matmul", reason="needs Triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The last commit of kernels/nf4_lora_matmul.py before the DoRA epilogue: scale=None must be it exactly.
+# The last commit of lowrank/kernels/nf4_lora_matmul.py before the DoRA epilogue: scale=None must be it exactly.
 BEFORE_DORA = "652eb21cbe02b8fe7014e42153a8201a0916bfb3"
 INTERP = dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32, GROUP_M=4, num_warps=4, num_stages=1)
 CONFIGS = {"tiles": None, "split-q": dict(INTERP, GROUP_M=1, SPLIT_Q=3)}  # split-q: GPU's small-M path
@@ -79,7 +79,7 @@ def test_kernel_scale_epilogue_v_out_and_scaled_dx(dtype, case):
 
 
 def _kernel_before_dora(tmp_path):
-    """kernels/nf4_lora_matmul.py as it was before the DoRA epilogue (git), imported as a module."""
+    """lowrank/kernels/nf4_lora_matmul.py as it was before the DoRA epilogue (git), imported as a module."""
     try:
         src = subprocess.run(["git", "show", f"{BEFORE_DORA}:kernels/nf4_lora_matmul.py"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)

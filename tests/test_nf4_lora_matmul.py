@@ -1,4 +1,4 @@
-"""The fused NF4 LoRA matmul (kernels/nf4_lora_matmul.py) and the QLoRA op over it
+"""The fused NF4 LoRA matmul (lowrank/kernels/nf4_lora_matmul.py) and the QLoRA op over it
 (lowrank/ops/nf4_lora_matmul.py): kernels against float64 (interpreter on the CPU), the op's
 gradients on both backends, its memory (no dense W saved for backward), torch.compile, autocast."""
 from __future__ import annotations

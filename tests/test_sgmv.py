@@ -1,4 +1,4 @@
-"""The mixed-adapter op (lowrank/ops/sgmv.py, kernels/sgmv.py): reference path and the Triton
+"""The mixed-adapter op (lowrank/ops/sgmv.py, lowrank/kernels/sgmv.py): reference path and the Triton
 kernels (interpreter on CPU) against float64, each row held to its own magnitude."""
 import pytest
 import torch

@@ -69,7 +69,7 @@ no dense or float64 copy of W), through `_Rows.kernel_proj` and the custom ops `
 NF4 (QLoRA) bases: `nf4_dora_linear` takes the norms from the 4-bit storage, a block of rows decoded
 at a time (`_Rows`). On the Triton backend without dropout (`_NF4DoRATriton`, the custom ops
 `lowrank::nf4_dora_linear_fwd` / `_bwd`, fake implementations registered) the matmuls run on the
-fused NF4-decode LoRA kernel (`kernels/nf4_lora_matmul.py`) as on dense bases: T = x A^T in x's dtype
+fused NF4-decode LoRA kernel (`lowrank/kernels/nf4_lora_matmul.py`) as on dense bases: T = x A^T in x's dtype
 (as the QLoRA op takes it), then ONE fused launch whose epilogue scales the fp32 accumulator by the
 fp32 scale before the bias (`nf4_lora_matmul(..., scale=, v_out=)`, v written when m trains); the
 backward's dX launch reads dY (.) scale as it loads dY, and dT = s dY (scale (.) B), dB = s scale (.)
