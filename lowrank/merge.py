@@ -42,7 +42,7 @@ from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.dora_merge import dora_merge_, dora_unmerge_
 from .ops.merge import check_merge_args, check_no_overflow, record_allows_fast_unmerge
-from .patch import active_adapter, original_bases, refuse_inside_blocks, restore_modules
+from .patch import active_adapter, original_base, original_bases, refuse_inside_blocks, restore_modules
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
 
@@ -392,15 +392,15 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     _check_not_shared(model, [(path, layer) for path, layer, _ in dense], "merge_and_unload")
     if quantized and getattr(model, "hf_quantizer", None) is not None:
         merging = {id(layer.base_layer) for _, layer, _ in quantized}
-        left = [p for p, m in model.named_modules()
-                if (isinstance(m, NF4Linear) or is_bnb_linear4bit(m)) and id(m) not in merging]
-        if left and requantize is False:
+        left = [p for p, m in model.named_modules() if _is_4bit(m) and id(m) not in merging]
+        if requantize is None:
+            requantize = bool(left)
+        elif left and not requantize:
             warnings.warn(f"merge_and_unload: requantize=False makes {len(quantized)} merged layer(s) dense beside "
                           f"{len(left)} 4-bit layer(s) the adapter does not cover (e.g. {left[0]}) in a model "
                           f"transformers loaded in 4-bit: it runs, but its save_pretrained checkpoint would load and "
                           f"then fail; leave requantize at its default to save it (the merged layers stay 4-bit, as "
                           f"in peft), or write dense files with `lowrank merge`", UserWarning, stacklevel=2)
-        requantize = bool(left) if requantize is None else requantize
     requantize = bool(requantize)
     # NF4 layers first: they are built aside (nothing changes in place), so a failure there (out
     # of memory) leaves the model untouched. An overflow was refused above, for every layer, before
@@ -412,7 +412,7 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     for path, layer, name in quantized:
         # the dtype the rest of the model is in (prepare_for_qlora_training: fp32), else the quantized one
         base, report_row = _merged_nf4(layer, name, requantize, rest)
-        new_bases.append((layer, base.to_bnb() if "bnb_class" in base.__dict__ else base))
+        new_bases.append((layer, original_base(base)))  # (a bitsandbytes Linear4bit again, if adopted)
         if report_row is not None:
             report[path] = report_row
     # What replaces the other layers (a bitsandbytes Linear4bit rebuilt for an adopted one) is built
@@ -433,13 +433,17 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, requanti
     return (model, report) if return_report else model
 
 
+def _is_4bit(module: nn.Module) -> bool:
+    return isinstance(module, NF4Linear) or is_bnb_linear4bit(module)
+
+
 def _drop_quantization_marks(model: nn.Module) -> None:
     """A model transformers loaded in 4-bit whose every quantized layer merge_and_unload made dense is
     no longer quantized: its quantizer and quantization_config go (transformers' own
     remove_quantization_config, as its dequantize() does), else save_pretrained wrote a dense model
     under a 4-bit config that from_pretrained could not load."""
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or any(isinstance(m, NF4Linear) or is_bnb_linear4bit(m) for m in model.modules()):
+    if quantizer is None or any(_is_4bit(m) for m in model.modules()):
         return
     quantizer.remove_quantization_config(model)
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):

@@ -479,12 +479,12 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
         raise ValueError(f"adapter {adapter_name!r} already exists on {len(clash)} layer(s) (e.g. {clash[0]}); "
                          f"use another adapter_name or lowrank.unpatch(model) first")
 
-    for path, module, *_ in chosen:  # a weight swapped for one of another shape leaves the features stale
+    for path, module, *_ in chosen:
         if dora and not isinstance(module, LoRALinear) and is_dense_linear(module) and runs_own_forward(module):
             raise ValueError(f"{path}: DoRA over a {type(module).__name__} with a forward of its own or forward "
                              f"hooks: DoRA rescales x @ W.T, which such a layer need not compute; use LoRA there "
                              f"(or leave it out of targets)")
-        w = getattr(module, "weight", None)
+        w = getattr(module, "weight", None)  # a weight swapped for one of another shape: stale features
         if isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype.is_floating_point \
                 and tuple(w.shape) != (module.out_features, module.in_features):  # (bitsandbytes' are packed)
             raise ValueError(f"{path}: nn.Linear(in_features={module.in_features}, out_features={module.out_features}) "
@@ -671,7 +671,7 @@ def original_bases(layers: list) -> list:
     layer, or for an NF4Linear adopted from a bitsandbytes Linear4bit a Linear4bit rebuilt from the
     same codes (NF4Linear.to_bnb). Built for every layer before any is replaced, so that a failure
     (out of memory) leaves the model as it was."""
-    return [(module, _original_base(module.base_layer)) for _, module in layers]
+    return [(module, original_base(module.base_layer)) for _, module in layers]
 
 
 def restore_modules(model: nn.Module, layers: list, keep_copy: str | None, bases: list | None = None) -> None:
@@ -706,7 +706,7 @@ def restore_modules(model: nn.Module, layers: list, keep_copy: str | None, bases
             q.requires_grad_(p.requires_grad)
 
 
-def _original_base(base: nn.Module) -> nn.Module:
+def original_base(base: nn.Module) -> nn.Module:
     """The module to put back for a LoRA layer's base: a bitsandbytes Linear4bit for an NF4Linear
     adopted from one (NF4Linear.to_bnb), else the base itself."""
     return base.to_bnb() if isinstance(base, NF4Linear) and base.__dict__.get("bnb_class") else base
