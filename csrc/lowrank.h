@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define LOWRANK_ABI_VERSION 6
+#define LOWRANK_ABI_VERSION 7
 
 enum lowrank_status {
   LOWRANK_OK = 0,
@@ -36,6 +36,13 @@ enum lowrank_dtype {
 int lowrank_cpu_abi_version(void);
 /* A human-readable build description, e.g. "cpu g++ 12.2.0 openmp". Static storage. */
 const char *lowrank_cpu_build_info(void);
+/* Which rank loop a CPU merge of a 16-bit weight may take here: 1 when the bf16 pair loop
+ * (AVX512_BF16) is available, which merges factors whose values are all normal bf16 numbers or zero
+ * with its own accumulation bits; 0 when every merge takes the fp32 fma loop (the same bits on
+ * AVX-512, AVX2 and the portable code). A record made by an exact merge serves the fast unmerge
+ * (lowrank_cpu_unmerge_strided) only where this returns the same value; the certified unmerge and
+ * a restore are exact with it anywhere. */
+int lowrank_cpu_rank_loop_kind(void);
 
 int lowrank_cuda_abi_version(void);
 /* e.g. "cuda 13.0 sm_80 sm_90". Static storage. */

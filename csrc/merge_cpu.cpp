@@ -130,6 +130,10 @@ struct Args {
   const int32_t *put_idx = nullptr;
   const void *put_val = nullptr;
   int64_t put_count = 0;
+  // The pair loop's operands (pack_pairs: 16-bit weights, factors all normal bf16 or zero,
+  // AVX512_BF16), or null: A in pair panels, B's rows as rp = ceil(rank / 2) dwords.
+  const uint32_t *ap16 = nullptr, *b16 = nullptr;
+  int64_t rp = 0;
 };
 
 // merge_math.h's error_bound with the accumulation term given (ea >= |s| |acc - exact sum| +
@@ -360,11 +364,79 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_f64(const fl
   }
 }
 
+// The rank loop on bf16 pairs (AVX512_BF16's vdpbf16ps), for factors whose every value is a
+// normal bf16 number or zero (pack_pairs): 16 lanes x 2 products per instruction, twice the fp32
+// fma's arithmetic per instruction (one thread, 1024 x 4096, r = 64, this loop with the magnitude
+// tracking 4.2-5.1 ms against 6.5-8.7 ms for rank_rows4_avx512_abs). A pair of rank steps in one
+// instruction: per element acc <- (acc + a[2kk+1] b[2kk+1]) + a[2kk] b[2kk], each product exact in
+// fp32 (8-bit significands), each add rounded to nearest even, subnormal inputs and results flushed
+// to zero (no MXCSR). So the bits are not the fp32 loop's, but they are this loop's on every run
+// on any CPU with the instruction: a merge and its fast unmerge take the same loop (merge_impl
+// decides from the factors alone). The error bound is the fp32 loop's: a sum of r exact products,
+// one rounding per add in the order p1, p0, p3, p2, ...; T (sabs) is the magnitude after each
+// pair, i.e. of every second partial sum plus the last (r odd: the pad pair's zero comes first, an
+// exact add), as rank_rows4_avx512_abs's, and each intermediate |s1 + p_odd| <= (1 + u) |s'| +
+// |p_even|. The flushes add at most 2^-126 per add and per product (merge_impl raises abs_bound).
+// ap16: panel p holds, for pair kk, 16 dwords (a[2kk, c] in the low half, a[2kk+1, c] in the
+// high, c < 16, zero-padded); b0: RB rows of rp dwords (b[i, 2kk] low, b[i, 2kk+1] high).
+template <int P, bool TRACK>
+__attribute__((target("avx512f,avx512dq,avx512bf16"), always_inline)) static inline void pair_panels(
+    const uint32_t *b0, int64_t rp, const uint32_t *const *pp, float (*acc)[JT], float (*sabs)[JT], int j, int keep) {
+  __m512 c[P][RB], t[P][RB];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < RB; ++q) c[p][q] = t[p][q] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < rp; ++kk) {
+    __m512bh x[P];
+    for (int p = 0; p < P; ++p) x[p] = (__m512bh)_mm512_loadu_si512(pp[p] + 16 * kk);
+    for (int q = 0; q < RB; ++q) {
+      const __m512bh e = (__m512bh)_mm512_set1_epi32((int)b0[q * rp + kk]);
+      for (int p = 0; p < P; ++p) c[p][q] = _mm512_dpbf16_ps(c[p][q], e, x[p]);
+    }
+    if (TRACK)  // t = max(|t|, |c|): vrangeps (max magnitude, sign cleared), one instruction
+      for (int p = 0; p < P; ++p)
+        for (int q = 0; q < RB; ++q) t[p][q] = _mm512_range_ps(t[p][q], c[p][q], 0x0B);
+  }
+  const __m512 n = _mm512_set1_ps((float)rp);
+  for (int p = 0; p < keep; ++p)
+    for (int q = 0; q < RB; ++q) {
+      _mm512_storeu_ps(acc[q] + j + 16 * p, c[p][q]);
+      if (TRACK) _mm512_storeu_ps(sabs[q] + j + 16 * p, _mm512_mul_ps(n, t[p][q]));
+    }
+}
+
+// RB rows x nc columns of the pair loop: P = 4 panels at a time without tracking (16 chains),
+// 3 with it (24 accumulators), then 2 or the last one.
+template <bool TRACK>
+__attribute__((target("avx512f,avx512dq,avx512bf16"), noinline)) void rank_rows4_pairs(const uint32_t *b0, int64_t rp,
+                                                                            const uint32_t *ap, int nc,
+                                                                            float (*acc)[JT], float (*sabs)[JT]) {
+  constexpr int P = TRACK ? 3 : 4;
+  int j = 0;
+  for (; j + 16 * (P - 1) < nc; j += 16 * P, ap += 16 * P * rp) {
+    const uint32_t *pp[P];
+    for (int p = 0; p < P; ++p) pp[p] = ap + 16 * p * rp;
+    pair_panels<P, TRACK>(b0, rp, pp, acc, sabs, j, P);
+  }
+  for (; j < nc; j += 32, ap += 32 * rp) {
+    const bool two = j + 16 < nc;
+    const uint32_t *pp[2] = {ap, two ? ap + 16 * rp : ap};
+    pair_panels<2, TRACK>(b0, rp, pp, acc, sabs, j, two ? 2 : 1);
+  }
+}
+
 static bool detect_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && std::getenv("LOWRANK_NO_AVX512") == nullptr;
 }
 static const bool g_avx512 = detect_avx512();
+
+// AVX512_BF16 for the pair loop (rank_rows4_pairs); LOWRANK_NO_BF16_DOT set: never (tests compare).
+static bool detect_bf16_dot() {
+  __builtin_cpu_init();
+  return g_avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512dq") &&
+         std::getenv("LOWRANK_NO_BF16_DOT") == nullptr;
+}
+static const bool g_bf16_dot = detect_bf16_dot();
 
 static bool detect_avx2_fma() {
   __builtin_cpu_init();  // needed before __builtin_cpu_supports in a static initializer
@@ -387,6 +459,7 @@ __attribute__((target("avx2"), noinline)) void flag_masks_avx2(const int32_t *fl
 #else
 static const bool g_avx2_fma = false;
 static const bool g_avx512 = false;
+static const bool g_bf16_dot = false;
 #endif
 
 // Bit BIT of flag[0 .. nc) as masks (bits >= nc clear). Flags are rare (records ~8%, the double
@@ -632,7 +705,9 @@ static inline void prefetch_tile(const T *w, int64_t ldw, int nr, int nc) {
 
 // The rank loop of one tile: acc[q][j] = the fp32 sum over k ascending from +0 of
 // fmaf(B[i0 + q, k], A[k, j0 + j], .) -- the same fma sequence per element on every path (AVX-512,
-// AVX2, portable), so the same bits whichever runs: the fast unmerge relies on it. With `tight`
+// AVX2, portable), so the same bits whichever runs: the fast unmerge relies on it. The exception:
+// the pair loop (g.ap16, rank_rows4_pairs), whose bits are its own; merge_impl chooses it from the
+// factors and the CPU alone, so a merge and its fast unmerge on one machine agree. With `tight`
 // (AVX-512, a 16-bit weight) also the partial-sum magnitudes into sabs; returns whether it did.
 // Inlined into each clone of its callers.
 template <int DT>
@@ -640,13 +715,19 @@ __attribute__((always_inline)) inline bool rank_tile(const Args &g, int64_t i0, 
                                                      float (*acc)[JT], [[maybe_unused]] float (*sabs)[JT],
                                                      [[maybe_unused]] bool tight) {
   const int64_t r = g.rank;
-  if (nr != RB || !g.ap) {  // the portable loops accumulate into acc (the panel kernels store it)
+  if (nr != RB || !(g.ap || g.ap16)) {  // the portable loops accumulate into acc (the panel kernels store it)
     for (int q = 0; q < RB; ++q)
       for (int j = 0; j < JT; ++j) acc[q][j] = 0.0f;
   }
-  if (nr == RB && g.ap) {
+  if (nr == RB && (g.ap || g.ap16)) {
 #ifdef LOWRANK_HAVE_AVX2_KERNEL
-    if (tight && g_avx512 && DT != DT_F32) {
+    if (g.ap16) {  // (16-bit weights only: pack_pairs)
+      if (tight) {
+        rank_rows4_pairs<true>(g.b16 + i0 * g.rp, g.rp, g.ap16 + j0 * g.rp, nc, acc, sabs);
+        return true;
+      }
+      rank_rows4_pairs<false>(g.b16 + i0 * g.rp, g.rp, g.ap16 + j0 * g.rp, nc, acc, nullptr);
+    } else if (tight && g_avx512 && DT != DT_F32) {
       rank_rows4_avx512_abs(g.b + i0 * r, r, g.ap + j0 * r, nc, acc, sabs);
       return true;
     } else if (g_avx512) {
@@ -752,7 +833,17 @@ void merge_tile(const Args &g, int64_t i0, int nr, int64_t j0, int nc, std::vect
       const float *bi = g.b + i * r;
       // (Gathering 8 elements' A values per k with AVX2 was 1.4x slower on AMD Zen 4.)
       for (int e = 0; e < m; ++e) dacc[e] = 0.0;
-      if (g.ap) {
+      if (g.ap16) {  // the same from the pair loop's panels: a[k] is half k & 1 of word k / 2
+        int off[JT];
+        for (int e = 0; e < m; ++e) off[e] = (js[e] >> 4) * 16 * (int)g.rp + (js[e] & 15);
+        const uint32_t *apt = g.ap16 + j0 * g.rp;
+        for (int64_t k = 0; k < r; ++k) {
+          const double bk = (double)bi[k];
+          const uint32_t *ak = apt + 16 * (k >> 1);
+          const int sh = (k & 1) ? 0 : 16;  // the value's bits: the high half as it is, the low one shifted up
+          for (int e = 0; e < m; ++e) dacc[e] += bk * (double)u2f((ak[off[e]] << sh) & 0xFFFF0000u);
+        }
+      } else if (g.ap) {
         // A from the panels the rank loop has just read (in cache; an element's r values 64 bytes
         // apart, one run of lines) rather than from a's rows (r lines cols * 4 bytes apart): at
         // fp16 r = 64, a delta of 30% of W's rms, this loop was 40% of an unmerge.
@@ -901,7 +992,12 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void merge_tile_f64(const Ar
   rank_rows4_avx512_f64(g.b + i0 * r, r, g.ap + j0 * r, nc, acc);
   // the record rule (merge_tile) also asks whether the fast unmerge's fp32 round trip gives W back
   [[maybe_unused]] alignas(64) float acc32[RB][JT];
-  if (RECORD) rank_rows4_avx512(g.b + i0 * r, r, g.ap + j0 * r, nc, acc32);
+  if (RECORD) {  // (the fast unmerge's loop: rank_tile's)
+    if (g.ap16)
+      rank_rows4_pairs<false>(g.b16 + i0 * g.rp, g.rp, g.ap16 + j0 * g.rp, nc, acc32, nullptr);
+    else
+      rank_rows4_avx512(g.b + i0 * r, r, g.ap + j0 * r, nc, acc32);
+  }
   const float s32 = (float)g.scale;
   const double s = g.scale, ns = -g.scale;
   for (int q = 0; q < RB; ++q) {
@@ -960,6 +1056,53 @@ static FloatBuf pack_panels(const Args &g) {
   return ap;
 }
 
+// The pair loop's operands (Args::ap16, b16), or nulls when it does not apply: a 32-bit weight
+// (whose merge is not certified: its bits stay the fp32 loop's), no AVX512_BF16, fewer than RB rows,
+// or a factor value that is not a normal bf16 number or zero (subnormal, or more than 8
+// significant bits: fp32-trained factors). A bf16 adapter (saved in bf16, or trained in it) passes
+// as it is or widened to fp32. The check reads A and B once (r (rows + cols) floats).
+using WordBuf = std::unique_ptr<uint32_t[]>;
+static inline bool bf16_exact(uint32_t u) {
+  const uint32_t ex = u & 0x7F800000u;
+  return (u & 0xFFFFu) == 0 && ex != 0x7F800000u && (ex != 0 || (u & 0x7FFFFFFFu) == 0);
+}
+static bool pack_pairs(const Args &g, int dt, WordBuf &ap16, WordBuf &b16) {
+  if (dt == DT_F32 || !g_bf16_dot || g.rows < RB) return false;
+  const int64_t r = g.rank, rp = (r + 1) / 2, cols = g.cols, panels = (cols + 15) / 16;
+  // B first: fp32-trained factors usually fail on its first row (a new adapter's B = 0 passes)
+  uint32_t ok = 1;
+  for (int64_t i = 0; i < g.rows && ok; ++i)
+    for (int64_t k = 0; k < r; ++k) ok &= (uint32_t)bf16_exact(f2u(g.b[i * r + k]));
+  for (int64_t k = 0; k < r && ok; ++k)
+    for (int64_t j = 0; j < cols; ++j) ok &= (uint32_t)bf16_exact(f2u(g.a[k * cols + j]));
+  if (!ok) return false;
+  ap16.reset(new uint32_t[(size_t)(panels * rp * 16)]);
+  b16.reset(new uint32_t[(size_t)(g.rows * rp)]);
+  const int64_t full = cols / 16;  // panels with 16 columns
+#pragma omp parallel
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t kk = 0; kk < rp; ++kk) {
+      const float *lo = g.a + 2 * kk * cols;
+      const float *hi = 2 * kk + 1 < r ? lo + cols : nullptr;
+      for (int64_t p = 0; p < panels; ++p) {
+        uint32_t *dst = ap16.get() + (p * rp + kk) * 16;
+        const int64_t n = p < full ? 16 : cols - 16 * p;
+        for (int64_t c = 0; c < n; ++c)
+          dst[c] = f2u(lo[16 * p + c]) >> 16 | (hi ? f2u(hi[16 * p + c]) & 0xFFFF0000u : 0u);
+        for (int64_t c = n; c < 16; ++c) dst[c] = 0;
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < g.rows; ++i) {
+      const float *row = g.b + i * r;
+      for (int64_t kk = 0; kk < rp; ++kk)
+        b16[i * rp + kk] = f2u(row[2 * kk]) >> 16 | (2 * kk + 1 < r ? f2u(row[2 * kk + 1]) & 0xFFFF0000u : 0u);
+    }
+  }
+  return true;
+}
+
 // Which path a 16-bit merge takes: the f64 one (merge_tile_f64) needs AVX-512 and the panels,
 // and is taken only when LOWRANK_MERGE_F64=1 (tests, benchmarks; =0 or unset: the fast path).
 // It used to be the default for exact fp16 merges at rank >= 32; with the AVX-512 epilogue and
@@ -967,11 +1110,12 @@ static FloatBuf pack_panels(const Args &g) {
 // 1024 x 4096, merge + exact unmerge, min of 9: fp16 r = 64 40.5 / 46.2 ms on the fast path
 // against 47.1 / 48.7 ms on the f64 path at a delta of 5% / 30% of W's rms; bf16 and r = 16
 // by more).
-static bool use_f64_path(const Args &g, int dt) {
-  if (dt == DT_F32 || !g_avx512 || g.ap == nullptr) return false;
+static bool f64_requested(int dt) {
+  if (dt == DT_F32 || !g_avx512) return false;
   const char *env = std::getenv("LOWRANK_MERGE_F64");
   return env != nullptr && env[0] == '1';
 }
+static bool use_f64_path(const Args &g, int dt) { return g.ap != nullptr && f64_requested(dt); }
 
 // The fast unmerge's record written back as it goes (Args::put_idx): after a tile's rounding,
 // each of its rows' records in columns below j0 + nc, while the tile's lines are still in L1.
@@ -1017,14 +1161,29 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
       g.inv_c = f;
     }
   }
+  // A's panels: the pair loop's when it applies (pack_pairs), else (or for the f64 path, which
+  // reads fp32 panels) the fp32 loop's; an undo's call (below) comes with them.
   FloatBuf panels;
-  if (!g.ap) {
+  WordBuf ap16, b16;
+  if (!g.ap && !g.ap16) {
     try {
-      panels = pack_panels(g);
+      if (pack_pairs(g, DT, ap16, b16)) {
+        g.ap16 = ap16.get();
+        g.b16 = b16.get();
+        g.rp = (g.rank + 1) / 2;
+        // the pair loop's flushes to zero: at most 2^-126 per add and per product (2 r in all),
+        // times |scale|, on top of the caller's underflow slack
+        const double flush = 1.1754943508222875e-38 * 2.0 * (double)g.rank * fabs(g.scale) * 1.01;
+        const float ab = (float)((double)g.abs_bound + flush);
+        g.abs_bound = (double)ab < (double)g.abs_bound + flush ? nextafterf(ab, INFINITY) : ab;
+      }
+      if (!g.ap16 || f64_requested(DT)) {
+        panels = pack_panels(g);
+        g.ap = panels.get();
+      }
     } catch (const std::bad_alloc &) {
       return LOWRANK_ERR_OUT_OF_MEMORY;
     }
-    g.ap = panels.get();
   }
   // The static schedule gives thread t one contiguous run of tasks (below), in thread order. Records go straight into the caller's buffers:
   // thread t writes its rows' records, in index order, from slot cap * t / nthreads on (what
@@ -1045,9 +1204,10 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
   // from L2 against 1.17 ms from L1 at 1024 x 4096 r = 16.) A row's records still come out in
   // column order (its column blocks are visited in order), collected per row and handed out row
   // by row.
-  const int64_t r_ = g.rank;
-  const bool blocked = g.ap && r_ * g.cols * (int64_t)sizeof(float) > (int64_t)(32 << 10);
-  const int64_t jb = blocked ? std::min<int64_t>(JT, std::max<int64_t>(32, (8192 / r_) / 32 * 32)) : g.cols;
+  // (The pair loop's panels hold a column in ceil(r / 2) words: twice the columns per block.)
+  const int64_t words = g.ap16 && !f64 ? g.rp : g.rank;  // 4-byte words of the panels per column
+  const bool blocked = (g.ap || g.ap16) && words * g.cols * (int64_t)sizeof(float) > (int64_t)(32 << 10);
+  const int64_t jb = blocked ? std::min<int64_t>(JT, std::max<int64_t>(32, (8192 / words) / 32 * 32)) : g.cols;
   g.prefetch = blocked;
   const int maxthr = std::max(1, omp_get_max_threads());
   const int64_t rt = g.rt ? g.rt : std::max<int64_t>(RB, std::min<int64_t>(RT, (g.rows / (4 * maxthr)) / RB * RB));
@@ -1508,3 +1668,5 @@ extern "C" int lowrank_cpu_restore(void *w, int64_t rows, int64_t cols, int64_t 
   if (!record_in_range(rows, cols, rec_idx, count, &increasing)) return LOWRANK_ERR_INVALID_ARGUMENT;
   return restore_dispatch(w, cols, ldw, dtype, rec_idx, rec_val, count, increasing);
 }
+
+extern "C" int lowrank_cpu_rank_loop_kind(void) { return g_bf16_dot ? 1 : 0; }

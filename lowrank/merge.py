@@ -41,7 +41,7 @@ from .layer_types import has_own_forward, is_bnb_linear4bit
 from .lora_linear import LoRALinear, is_adaptable
 from .nf4_linear import NF4Linear
 from .ops.dora_merge import dora_merge_, dora_unmerge_
-from .ops.merge import check_merge_args, check_no_overflow, record_allows_fast_unmerge
+from .ops.merge import check_merge_args, check_no_overflow, fast_unmerge_key
 from .patch import active_adapter, original_base, original_bases, refuse_inside_blocks, restore_modules
 
 _BLOCK_BITS = 16  # the stored record splits flat indices into 64Ki-element blocks
@@ -64,7 +64,9 @@ class MergeState:
     versions: tuple  # (weight, lora_A, lora_B[, magnitude]) version counters right after the merge
     fingerprints: tuple = ()  # (weight, lora_A, lora_B[, magnitude]) `fingerprint`s right after the merge
     dora_scale: torch.Tensor | None = None  # a DoRA merge: m / ||W + s B A|| per row, float64 (N,)
-    fast_unmerge: bool = False  # the record came from the native CPU library: unmerge_(..., fast=True) on the CPU
+    # the record came from the native CPU library: its fast_unmerge_key then (unmerge_(..., fast=True)
+    # on the CPU where the key is the same), else None
+    fast_unmerge: int | None = None
 
     @classmethod
     def pack(cls, adapter, scaling, exact, rec_idx, rec_val, numel, versions, fingerprints=()):
@@ -258,7 +260,7 @@ def _merge_layer(layer: LoRALinear, name: str, exact: bool) -> None:
     state = MergeState.pack(name, scaling, exact, rec_idx, rec_val, w.numel(), _versions(layer, name, w),
                             _fingerprints(layer, name, w))
     state.dora_scale = dora_scale
-    state.fast_unmerge = exact and dora_scale is None and record_allows_fast_unmerge(w, a)
+    state.fast_unmerge = fast_unmerge_key(w, a) if exact and dora_scale is None else None
     layer.merged = state
 
 
@@ -291,10 +293,12 @@ def _unmerge_layer(path: str, layer: LoRALinear, checked: bool = False) -> None:
         # leaves it behind. It follows the weight here (the version check above has already
         # refused a .to(dtype), which rewrites the weight).
         rec_idx, rec_val = state.unpack()
-        # fast: the CPU library's uncertified round trip, exact with its own record (ignored on
-        # another device, where the certified unmerge is exact with it too: lowrank.ops.merge)
-        torch.ops.lowrank.unmerge_(w, a, b, state.scaling, rec_idx.to(w.device), rec_val.to(w.device),
-                                   state.fast_unmerge)
+        # fast: the CPU library's uncertified round trip, exact with its own record made under the
+        # same key (ignored on another device, where the certified unmerge is exact with it too:
+        # lowrank.ops.merge); under another key (a merged model moved to a CPU without the pair
+        # loop), the certified unmerge
+        fast = state.fast_unmerge is not None and state.fast_unmerge == fast_unmerge_key(w, a)
+        torch.ops.lowrank.unmerge_(w, a, b, state.scaling, rec_idx.to(w.device), rec_val.to(w.device), fast)
     else:
         torch.ops.lowrank.unmerge_(w, a, b, state.scaling)
     layer.merged = None

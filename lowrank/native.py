@@ -20,7 +20,7 @@ import torch
 
 from .dtypes import check_dtype
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
 MANIFEST_NAME = "manifest.json"  # written by setup.py beside the libraries: {file: {size, sha256}}
 
@@ -118,8 +118,8 @@ def _load(kind: str):
 
 def _declare(lib, kind: str) -> None:
     """ctypes signatures of the entry points (csrc/lowrank.h): merge, restore, dora_merge,
-    dora_unmerge, and on the CPU merge_strided, unmerge_strided, nf4_dequantize, nf4_decode_tile
-    and nf4_matmul."""
+    dora_unmerge, and on the CPU merge_strided, unmerge_strided, rank_loop_kind, nf4_dequantize,
+    nf4_decode_tile and nf4_matmul."""
     p, i64, f32p = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
     merge = getattr(lib, f"lowrank_{kind}_merge")
     merge.restype = ctypes.c_int
@@ -138,6 +138,9 @@ def _declare(lib, kind: str) -> None:
         lib.lowrank_cpu_merge_strided.restype = ctypes.c_int
         lib.lowrank_cpu_merge_strided.argtypes = [p, i64, i64, i64, ctypes.c_int, p, i64, i64, p, i64, i64,
                                                   ctypes.c_int, i64, ctypes.c_double, p, p, i64, p]
+        if hasattr(lib, "lowrank_cpu_rank_loop_kind"):  # (ABI >= 7; bench.ab_native also loads older builds)
+            lib.lowrank_cpu_rank_loop_kind.restype = ctypes.c_int
+            lib.lowrank_cpu_rank_loop_kind.argtypes = []
         if hasattr(lib, "lowrank_cpu_unmerge_strided"):  # (ABI >= 6; bench.ab_native also loads older builds)
             lib.lowrank_cpu_unmerge_strided.restype = ctypes.c_int
             lib.lowrank_cpu_unmerge_strided.argtypes = [p, i64, i64, i64, ctypes.c_int, p, i64, i64, p, i64, i64,

@@ -108,10 +108,16 @@ def check_record(w0, merged, a, b, s, rec, max_extra=0.1):
     return rec_idx.numel() / max(w0.numel(), 1)
 
 
-def run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag=0.05):
+def run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag=0.05, factor_dtype=None, w_scale=0.02):
+    """merge_ + the checks above + the fast unmerge. factor_dtype: the factors drawn in it (default:
+    the weight's), e.g. "bf16-in-fp32" (bf16 values widened to fp32: a saved bf16 adapter loaded as
+    fp32 master weights)."""
     gen = torch.Generator().manual_seed(seed)
-    store, w = make_weight(n, k, dtype, pad, specials, gen=gen)
-    a, b = factors(n, k, r, dtype, mag, gen)
+    store, w = make_weight(n, k, dtype, pad, specials, scale=w_scale, gen=gen)
+    if factor_dtype == "bf16-in-fp32":
+        a, b = (t.float() for t in factors(n, k, r, torch.bfloat16, mag, gen))
+    else:
+        a, b = factors(n, k, r, factor_dtype or dtype, mag, gen)
     orig_store = store.clone()
     w0 = w.clone()
     rec_idx, rec_val = merge_(w, a, b, s, True)
@@ -128,7 +134,9 @@ def run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag=0.05):
     assert torch.equal(torch.isnan(w), torch.isnan(w0))
     inf0 = torch.isinf(w0)
     assert torch.equal(w[inf0], w0[inf0])
-    frac = check_record(w0, w, a, b, s, (rec_idx, rec_val))
+    # (weights near the underflow threshold: the bound's underflow slack leaves most round trips
+    # uncertified, and those are recorded outright)
+    frac = check_record(w0, w, a, b, s, (rec_idx, rec_val), max_extra=1.0 if w_scale < 1e-30 else 0.1)
     unmerge_(w, a, b, s, rec_idx, rec_val, fast=True)
     assert_bits_equal(store, orig_store, "after unmerge")
     return frac
@@ -144,6 +152,101 @@ def run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag=0.05):
        specials=st.booleans(), mag=st.sampled_from([0.05, 0.01, 1.0]), seed=st.integers(0, 2**16))
 def test_merge_matches_float64_and_unmerge_is_exact(n, k, r, dtype, s, pad, specials, mag, seed):
     run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag)
+
+
+PAIR_LOOP = HAS_CPU_LIB and native.cpu(warn=False).lowrank_cpu_rank_loop_kind() == 1
+needs_pair_loop = pytest.mark.skipif(not PAIR_LOOP, reason="the CPU lacks AVX512_BF16: no bf16 pair loop to test")
+
+
+@needs_cpu_lib
+@settings(max_examples=60)
+@given(n=st.integers(4, 40), k=st.integers(1, 300), r=st.sampled_from([1, 2, 3, 16, 31, 64, 256]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), factor_dtype=st.sampled_from(["bf16-in-fp32", None]),
+       s=st.sampled_from(SCALES), pad=st.sampled_from([0, 3]), specials=st.booleans(),
+       mag=st.sampled_from([0.05, 1.0, 1e-19]), seed=st.integers(0, 2**16))
+def test_merge_with_bf16_factors_matches_float64_and_unmerge_is_exact(n, k, r, dtype, factor_dtype, s, pad,
+                                                                      specials, mag, seed):
+    """Factors whose values are all bf16 numbers (a bf16 adapter, as it is or widened to fp32): on a
+    CPU with AVX512_BF16 the library's bf16 pair loop accumulates them (csrc/merge_cpu.cpp,
+    rank_rows4_pairs: its own bits, subnormal products and sums flushed to zero), so the merge is
+    still the float64 result rounded once and both unmerges restore W with the record. mag = 1e-19
+    puts the products at ~2^-126, where the flushes happen; a bf16 weight is then drawn at the same
+    scale, so that they would show."""
+    w_scale = 1e-37 if mag == 1e-19 and dtype == torch.bfloat16 else 0.02
+    run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag, factor_dtype, w_scale)
+
+
+@needs_pair_loop
+def test_pair_loop_records_need_their_own_fast_unmerge(tmp_path, monkeypatch):
+    """A merge with bf16 factors takes the pair loop where the CPU has it and the fp32 loop where it
+    does not (LOWRANK_NO_BF16_DOT=1, read at load: a fresh process): the merged bits are the same
+    (one rounding), the records are not (each holds its own loop's fast-unmerge misses), so the
+    fast unmerge of one kind cannot take the other's record. lowrank.merge keeps the key
+    (ops.merge.fast_unmerge_key) with the record, and a merged layer unmerged under another key
+    (a model moved to a CPU without the instruction) takes the certified unmerge, exact with any
+    record."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from lowrank.ops.merge import fast_unmerge_key, merge_\n"
+            "def merged():\n"
+            "    g = torch.Generator().manual_seed(5)\n"
+            "    w = (torch.randn(64, 1000, generator=g) * 0.02).half()\n"
+            "    a = (torch.randn(32, 1000, generator=g) * 0.3).bfloat16().float()\n"
+            "    b = (torch.randn(64, 32, generator=g) * 0.3).bfloat16().float()\n"
+            "    w0 = w.clone()\n"
+            "    idx, val = merge_(w, a, b, 0.75, True)\n"
+            "    return {'w0': w0, 'a': a, 'b': b, 'w': w, 'idx': idx, 'val': val, 'key': fast_unmerge_key(w, a)}\n")
+    script = tmp_path / "merge_kind.py"
+    script.write_text(code + "import sys\ntorch.save(merged(), sys.argv[1])\n")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "fp32.pt")], check=True,
+                   env={**os.environ, "LOWRANK_NO_BF16_DOT": "1"})
+    fp32 = torch.load(tmp_path / "fp32.pt")
+    here = {}
+    exec(code, here)
+    pair = here["merged"]()
+    assert (fp32["key"], pair["key"]) == (0, 1)
+    assert_bits_equal(fp32["w"], pair["w"], "merged weight, fp32 loop vs pair loop")
+    assert_bits_equal(pair["w"], merged_f64(pair["w0"], pair["a"], pair["b"], 0.75), "merged vs float64")
+    assert not torch.equal(fp32["idx"], pair["idx"]), "the two loops' records should differ (their misses do)"
+    for made in (fp32, pair):  # the certified unmerge is exact with either record
+        back = made["w"].clone()
+        unmerge_(back, made["a"], made["b"], 0.75, made["idx"], made["val"])
+        assert_bits_equal(back, made["w0"], "certified unmerge")
+    # here (the pair loop): the fast unmerge recomputes the merge's own accumulation (on this data
+    # a fast unmerge by the fp32 loop missed 25 elements that the pair loop's record leaves out)
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(256, 4096, generator=g) * 0.02).half()
+    a = (torch.randn(256, 4096, generator=g) * 0.3).bfloat16().float()
+    b = (torch.randn(256, 256, generator=g) * 0.3).bfloat16().float()
+    w0 = w.clone()
+    rec = merge_(w, a, b, 0.75, True)
+    unmerge_(w, a, b, 0.75, *rec, fast=True)
+    assert_bits_equal(w, w0, "fast unmerge after a pair-loop merge")
+
+    # lowrank.merge / unmerge: the key kept at the merge decides
+    layer = nn.Linear(1000, 64, bias=False).half()
+    with torch.no_grad():
+        layer.weight.copy_(pair["w0"])
+    holder = nn.Sequential(layer)
+    lowrank.patch_linear(holder, rank=32, alpha=24, targets=["0"])
+    lora = holder[0]
+    with torch.no_grad():
+        lora.lora_A["default"].copy_(pair["a"])
+        lora.lora_B["default"].copy_(pair["b"])
+    lowrank.merge(holder)
+    assert lora.merged.fast_unmerge == 1
+    assert_bits_equal(lora.base_layer.weight, pair["w"], "lowrank.merge's merged weight")
+    merge_mod = importlib.import_module("lowrank.merge")
+    from lowrank.ops import merge as ops_merge
+
+    calls = []
+    monkeypatch.setattr(merge_mod, "fast_unmerge_key", lambda w, a: 0)  # "moved to a CPU without the pair loop"
+    monkeypatch.setattr(ops_merge, "_cpu_unmerge_fast", lambda *args: calls.append(args))
+    lowrank.unmerge(holder)
+    assert calls == [], "the fast unmerge ran with a record made under another key"
+    assert_bits_equal(lora.base_layer.weight, pair["w0"], "unmerged under another key")
 
 
 @contextlib.contextmanager
@@ -788,8 +891,8 @@ def test_a_merge_that_would_overflow_is_refused_before_writing(dtype, backend, m
 
 @needs_cpu_lib
 def test_avx2_rank_loop_gives_the_avx512_bits(tmp_path):
-    """The rank loop has an AVX-512 kernel and an AVX2 one (LOWRANK_NO_AVX512=1, read at load, picks
-    the latter in a fresh process): both run the same fma sequence per element, so the merged bits
+    """The fp32 rank loop has an AVX-512 kernel and an AVX2 one (LOWRANK_NO_AVX512=1, read at load,
+    picks the latter in a fresh process): both run the same fma sequence per element, so the merged bits
     are the same, for every dtype and a column count that ends inside a panel; and the fast unmerge,
     which relies on that sequence, restores W in either process from a record the other one made
     (the records themselves differ: AVX2 certifies with the looser Cauchy-Schwarz bound)."""
@@ -818,7 +921,10 @@ def test_avx2_rank_loop_gives_the_avx512_bits(tmp_path):
         "        unmerge_(back, a, b, 1.7, oidx, oval, fast=True)\n"
         "    out[str(dt)] = (w, idx, val, w0, back)\n"
         "torch.save(out, sys.argv[1])\n")
-    runs = [({}, None), ({"LOWRANK_NO_AVX512": "1"}, 0), ({}, 1)]  # (environment, whose record to unmerge)
+    # (environment, whose record to unmerge); the bf16 pair loop, which has bits of its own, off
+    # (test_pair_loop_records_need_their_own_fast_unmerge)
+    fp32_loop = {"LOWRANK_NO_BF16_DOT": "1"}
+    runs = [(fp32_loop, None), ({"LOWRANK_NO_AVX512": "1"}, 0), (fp32_loop, 1)]
     results = []
     for i, (env, other) in enumerate(runs):
         path = tmp_path / f"out{i}.pt"

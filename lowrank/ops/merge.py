@@ -339,8 +339,24 @@ def _check_record_indices(weight, rec_idx, where):
 
 def record_allows_fast_unmerge(weight, lora_A) -> bool:
     """Whether an exact merge_ of this weight and factors, here, runs on the native CPU library: its
-    record then also serves unmerge_(..., fast=True) (see unmerge_)."""
-    return weight.device.type == "cpu" and _library(weight, lora_A) is not None
+    record then also serves unmerge_(..., fast=True) here (see unmerge_ and fast_unmerge_key)."""
+    return fast_unmerge_key(weight, lora_A) is not None
+
+
+def fast_unmerge_key(weight, lora_A) -> int | None:
+    """None where an exact merge_ of this weight and factors would not run on the native CPU
+    library; else which rank loops that library has here (csrc/lowrank.h,
+    lowrank_cpu_rank_loop_kind: 1 with the bf16 pair loop of AVX512_BF16, 0 without). The fast
+    unmerge recomputes the merge's accumulation, so a record serves it only where the key is the
+    one the merge saw: a merged model moved to a machine without the instruction (or run with
+    LOWRANK_NO_BF16_DOT / LOWRANK_NO_AVX512 set) unmerges with the certified path instead."""
+    if weight.device.type != "cpu":
+        return None
+    lib = _library(weight, lora_A)
+    if lib is None:
+        return None
+    kind = getattr(lib, "lowrank_cpu_rank_loop_kind", None)
+    return int(kind()) if kind is not None else 0
 
 
 def _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val, fast=False):
@@ -412,8 +428,9 @@ def unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, s
 
     fast=True, for a record made by `merge_` on the native CPU library (`record_allows_fast_unmerge`)
     and a CPU weight: the round trip is the fp32 one of the merge's own accumulation, uncertified
-    (about half the work at rank 64); exact with that record only -- with a record made on CUDA or
-    by the pure-torch path the result is undefined. Elsewhere (another device, no library) fast is
+    (about half the work at rank 64); exact with that record only, made where `fast_unmerge_key`
+    was what it is here -- with a record made on CUDA, by the pure-torch path or under another
+    key the result is undefined. Elsewhere (another device, no library) fast is
     ignored: the certified unmerge is exact with any merge_ record."""
     _run_unmerge(weight, lora_A, lora_B, scaling, rec_idx, rec_val, fast)
 
