@@ -366,17 +366,22 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_f64(const fl
 
 // The rank loop on bf16 pairs (AVX512_BF16's vdpbf16ps), for factors whose every value is a
 // normal bf16 number or zero (pack_pairs): 16 lanes x 2 products per instruction, twice the fp32
-// fma's arithmetic per instruction (one thread, 1024 x 4096, r = 64, this loop with the magnitude
-// tracking 4.2-5.1 ms against 6.5-8.7 ms for rank_rows4_avx512_abs). A pair of rank steps in one
-// instruction: per element acc <- (acc + a[2kk+1] b[2kk+1]) + a[2kk] b[2kk], each product exact in
-// fp32 (8-bit significands), each add rounded to nearest even, subnormal inputs and results flushed
-// to zero (no MXCSR). So the bits are not the fp32 loop's, but they are this loop's on every run
-// on any CPU with the instruction: a merge and its fast unmerge take the same loop (merge_impl
-// decides from the factors alone). The error bound is the fp32 loop's: a sum of r exact products,
-// one rounding per add in the order p1, p0, p3, p2, ...; T (sabs) is the magnitude after each
-// pair, i.e. of every second partial sum plus the last (r odd: the pad pair's zero comes first, an
-// exact add), as rank_rows4_avx512_abs's, and each intermediate |s1 + p_odd| <= (1 + u) |s'| +
-// |p_even|. The flushes add at most 2^-126 per add and per product (merge_impl raises abs_bound).
+// fma's arithmetic per instruction. A pair of rank steps in one instruction: per element
+// acc <- (acc + a[2kk+1] b[2kk+1]) + a[2kk] b[2kk], each product exact in fp32 (8-bit
+// significands), each add rounded to nearest even, subnormal inputs and results flushed to zero
+// (no MXCSR) -- checked against a scalar emulation on AMD Zen 4. So the bits are not the fp32
+// loop's, but they are this loop's on every run on any CPU with the instruction: a merge and its
+// fast unmerge take the same loop (merge_impl decides from the factors and the CPU alone;
+// lowrank_cpu_rank_loop_kind tells Python which loops a record was made with). The error bound
+// is the fp32 loop's (rank_rows4_avx512_abs): a sum of r exact products, one rounding per add in
+// the order p1, p0, p3, p2, ...; every intermediate |s + p_odd| <= (1 + u) |s'| + |p_even| (s' the
+// pair's result), so the sum of all partial-sum magnitudes is at most (2 + u) T + sum |p_k| with
+// T the sum over pairs of |s'| (r odd: the pad's zero product comes first, an exact add). The
+// magnitude tracking keeps M = max |s'| with one vrangeps (the sum's abs + add pair cost as much
+// as the vdpbf16ps themselves: one thread, 1024 x 4096, r = 64, 4.2-5.1 ms with it against 2.9-3.5
+// ms with vrangeps, the fp32 loop 6.5-8.7 ms) and stores T = rp * M >= T: a bound ~1.5x looser on
+// that term for a random walk (slightly more elements on the slow path; fewer instructions won).
+// The flushes add at most 2^-126 per add and per product (merge_impl raises abs_bound).
 // ap16: panel p holds, for pair kk, 16 dwords (a[2kk, c] in the low half, a[2kk+1, c] in the
 // high, c < 16, zero-padded); b0: RB rows of rp dwords (b[i, 2kk] low, b[i, 2kk+1] high).
 template <int P, bool TRACK>
