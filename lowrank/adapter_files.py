@@ -43,7 +43,7 @@ import torch.nn as nn
 import safetensors.torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ORIGIN_ATTR, TASK_HEADS, LoRAConfig, pattern_value, peft_lora_kwargs, scaling_for
+from .config import ORIGIN_ATTR, TASK_HEADS, LoRAConfig, layer_index, pattern_value, peft_lora_kwargs, scaling_for
 from .dtypes import FLOAT_DTYPES
 from .layer_types import is_dense_linear, is_embedding, linear_dims, real_values
 from .lora_linear import LoRALinear
@@ -643,7 +643,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     problems += _saved_problems(to_save, states, adapter_name, bool(existing))
     problems += _embedding_base_problems(embedding_bases, linear)
     problems += _token_problems(token_targets, token_rows, adapter_name, bool(existing))
-    selected = _peft_selection(model, config.get("target_modules"), saved_names, config.get("exclude_modules"))
+    selected = _peft_selection(model, config.get("target_modules"), saved_names, config.get("exclude_modules"),
+                               config.get("layers_to_transform"), config.get("layers_pattern"))
     if selected is not None and pairs and selected != set(pairs):
         extra, missing = sorted(set(pairs) - selected), sorted(selected - set(pairs))
         problems.append(f"target_modules={config.get('target_modules')!r} in {CONFIG_NAME} selects other layers than "
@@ -737,10 +738,11 @@ def _value_problems(name: str, t: torch.Tensor, dtype: torch.dtype) -> list[str]
 
 
 def _peft_selection(model: nn.Module, targets, saved_names: list[str] | None = None,
-                    exclude=None) -> set[str] | None:
+                    exclude=None, layers=None, layers_pattern=None) -> set[str] | None:
     """The linear layers peft selects with `target_modules` (None: the config names none), less those
     `exclude_modules` names (peft's rule for both: a regex string matches the whole path, a name the
-    end of it) and those modules_to_save takes."""
+    end of it) and those modules_to_save takes; with layers_to_transform (`layers`, a list of
+    names only, as peft), those in its blocks (`config.layer_index`) or named by their whole path."""
     if targets is None:
         return None
 
@@ -755,6 +757,9 @@ def _peft_selection(model: nn.Module, targets, saved_names: list[str] | None = N
         out = {p for p in found if named(targets, p)}
     if exclude:
         out = {p for p in out if not named(exclude, p)}
+    if isinstance(targets, (list, tuple)) and layers is not None and layers != []:
+        wanted = set(layers) if isinstance(layers, (list, tuple)) else {layers}
+        out = {p for p in out if p in targets or layer_index(p, layers_pattern) in wanted}
     return {p for p in out if not in_saved_module(p, saved_names)}
 
 

@@ -158,13 +158,12 @@ def check_target_spec(spec: TargetSpec, what: str, allow_none: bool) -> None:
 
 # peft's argument / LoraConfig field -> lowrank's argument of the same meaning.
 PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-              "exclude_modules": "exclude", "use_rslora": "rslora", "use_dora": "dora"}
+              "exclude_modules": "exclude", "use_rslora": "rslora", "use_dora": "dora", "layers_to_transform": "layers"}
 
 # LoraConfig fields that do not change what lowrank computes: bookkeeping, and fan_in_fan_out
 # (lowrank knows each layer's weight layout: GPT-2's Conv1D is recognised, not declared).
 _PEFT_INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-               "inference_mode", "megatron_core", "qalora_group_size", "fan_in_fan_out", "peft_type",
-               "layers_pattern"}  # (layers_pattern only acts with layers_to_transform, which is refused)
+               "inference_mode", "megatron_core", "qalora_group_size", "fan_in_fan_out", "peft_type"}
 # How an adapter was initialised, for a file whose weights are given: irrelevant, unless the
 # method also rewrote the base weights (the adapter then belongs to that residual base, and on the
 # original base it would compute something else without a word).
@@ -204,6 +203,47 @@ _PEFT_FIELD_TYPES = {
     "bias": ((str,), "a string"),
     "target_modules": ((str, list, tuple, set, frozenset, type(None)), "a regex string, a list of names, or null"),
 }
+
+
+def check_layers(layers, layers_pattern, where: str) -> None:
+    """TypeError / ValueError unless layers (peft's layers_to_transform) is None, an int >= 0 or a list
+    of them, and layers_pattern None, a regex string or a list of them."""
+    items = layers if isinstance(layers, (list, tuple)) else [layers] if layers is not None else []
+    if layers is not None and not isinstance(layers, (list, tuple, int)) or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in items):
+        raise TypeError(f"{where}: layers (peft's layers_to_transform) must be a layer index or a list of them, got "
+                        f"{layers!r}")
+    if any(i < 0 for i in items):
+        raise ValueError(f"{where}: layers (peft's layers_to_transform) holds a negative index: {layers!r}")
+    patterns = layers_pattern if isinstance(layers_pattern, (list, tuple)) else \
+        [layers_pattern] if layers_pattern is not None else []
+    if layers_pattern is not None and not isinstance(layers_pattern, (list, tuple, str)) or not all(
+            isinstance(p, str) for p in patterns):
+        raise TypeError(f"{where}: layers_pattern must be a regex string (the name before the layer index, e.g. "
+                        f"'layers' or 'h') or a list of them, got {layers_pattern!r}")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"{where}: layers_pattern {p!r} is not a valid regular expression ({exc})") from None
+
+
+def layer_index(path: str, layers_pattern=None) -> int | None:
+    """The layer index peft reads from a module path for layers_to_transform (peft 0.21's rule): the
+    first number that is a whole path segment after a segment matching one of the layers_pattern
+    regexes ("model.layers.3.mlp.experts.5.up_proj": 3 with "layers"), or, with no pattern, the
+    first number after any segment that is itself preceded by one (so "layers.3.q_proj", at the
+    top, has none); None when there is no such number."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or ())
+    if not patterns or layers_pattern == "":
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+    else:
+        found = None
+        for p in patterns:
+            found = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", path)
+            if found:
+                break
+    return int(found.group(1)) if found else None
 
 
 def _empty(value) -> bool:
@@ -269,7 +309,12 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         problems.append(f"lora_alpha={alpha!r} must be a number > 0")
     read = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "target_modules", "exclude_modules",
-            "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices"}
+            "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices",
+            "layers_to_transform", "layers_pattern"}
+    try:  # (reading a file, they are checked and not used: its keys say which layers)
+        check_layers(config.get("layers_to_transform"), config.get("layers_pattern"), where)
+    except (TypeError, ValueError) as exc:
+        problems.append(str(exc).split(": ", 1)[1])
     tokens = config.get("trainable_token_indices")
     if tokens is not None and not (isinstance(tokens, (list, tuple)) or (
             isinstance(tokens, Mapping) and all(isinstance(k, str) and isinstance(v, (list, tuple))
@@ -318,6 +363,12 @@ def peft_lora_kwargs(config: Mapping, where: str, for_new_weights: bool) -> dict
             exclude = sorted(exclude)
         kwargs.update(targets=targets if not isinstance(targets, tuple) else list(targets),
                       exclude=exclude if exclude else None)
+        layers = config.get("layers_to_transform")
+        if isinstance(layers, (list, tuple)) and not layers:  # peft: an empty list selects every layer
+            layers = None
+        if layers is not None:
+            kwargs.update(layers=list(layers) if isinstance(layers, (list, tuple)) else layers,
+                          layers_pattern=config.get("layers_pattern") or None)
     for key, value in config.items():
         if key not in read and key not in _PEFT_INERT and not _empty(value):
             problems.append(f"{key}={value!r} is not supported")

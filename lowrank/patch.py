@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .config import (PEFT_NAMES, TASK_HEADS, LoRAConfig, TargetSpec, check_pattern, lora_kwargs, pattern_value,
-                     peft_config_dict, peft_lora_kwargs, task_type_name)
+from .config import (PEFT_NAMES, TASK_HEADS, LoRAConfig, TargetSpec, check_layers, check_pattern, layer_index,
+                     lora_kwargs, pattern_value, peft_config_dict, peft_lora_kwargs, task_type_name)
 from .dtypes import check_dtype
 from .layer_types import is_dense_linear, is_embedding, module_references, replace_module, runs_own_forward
 from .lora_linear import LoRALinear, is_adaptable
@@ -387,7 +387,8 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                  double_quant: bool = True, set_active: bool = False, rank_pattern: dict | None = None,
                  alpha_pattern: dict | None = None, modules_to_save: list[str] | str | None = None,
                  trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
-                 adapter_dtype: torch.dtype | None = None, dora: bool = False) -> nn.Module:
+                 adapter_dtype: torch.dtype | None = None, dora: bool = False,
+                 layers: int | list[int] | None = None, layers_pattern: str | list[str] | None = None) -> nn.Module:
     """Add a LoRA adapter to the selected linear layers of `model`, in place; returns `model`.
 
     Matching nn.Linear / Conv1D layers are replaced by LoRALinear wrappers (the base weights are
@@ -437,10 +438,17 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     m / ||W + s B A|| with a trainable magnitude m initialised to W's row norms (`lowrank.ops.dora`;
     on NF4 bases the norms come from the 4-bit storage, a block of rows at a time).
 
+    layers (peft's layers_to_transform): only the targets in these transformer blocks, by the index
+    in their path (an int or a list; `lowrank.config.layer_index`, peft's rule: the first number
+    segment, after a segment matching layers_pattern when given: "layers" for Llama, "h" for
+    GPT-2). As in peft it narrows a list of names or "all-linear" (a target named by its whole path
+    stays); with a regex or callable `targets` it is a ValueError (put the index in the regex).
+
     peft's habits: its argument names work too (r, lora_alpha, lora_dropout, target_modules,
-    exclude_modules, use_rslora, use_dora), and config= takes a peft LoraConfig (or its dict, or a lowrank
-    LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`. A config field that asks
-    for what lowrank does not do (PiSSA init, layers_to_transform, ...) is a ValueError naming it.
+    exclude_modules, use_rslora, use_dora, layers_to_transform), and config= takes a peft LoraConfig
+    (or its dict, or a lowrank LoRAConfig) in place of the LoRA arguments; see `accepts_peft_names`.
+    A config field that asks for what lowrank does not do (PiSSA init, bias="all", ...) is a
+    ValueError naming it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_linear expects a torch.nn.Module, got {type(model).__name__}")
@@ -450,7 +458,9 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
                         targets=targets, exclude=exclude, adapter_name=adapter_name, dora=dora)
     mts_names = check_module_names(modules_to_save)
     saved = select_modules_to_save(model, mts_names) if mts_names else []
-    chosen = _outside_saved(select_targets(model, targets, exclude), saved, targets)
+    check_layers(layers, layers_pattern, "patch_linear")
+    chosen = _in_layers(_outside_saved(select_targets(model, targets, exclude), saved, targets), targets, layers,
+                        layers_pattern)
     if mts_names is None:
         _warn_frozen_head(model)
     if isinstance(targets, str) and targets == "all-linear":
@@ -551,6 +561,30 @@ def patch_linear(model: nn.Module, rank: int = 16, alpha: float | None = None, d
     if fresh_state:
         object.__setattr__(model, _STATE_ATTR, state)
     return model
+
+
+def _in_layers(chosen: list, targets: TargetSpec, layers, layers_pattern) -> list:
+    """The targets in the blocks `layers` names (peft's layers_to_transform, see patch_linear); all of
+    them for None or an empty list (peft's reading)."""
+    if layers is None or (isinstance(layers, (list, tuple)) and not layers):
+        if layers is None and layers_pattern is not None:
+            raise ValueError("patch_linear: layers_pattern without layers (peft's layers_to_transform) selects "
+                             "nothing by itself; give the layer indices too")
+        return chosen
+    if isinstance(targets, str) and targets != "all-linear" or callable(targets):
+        raise ValueError(f"patch_linear: layers={layers!r} narrows a list of target names or 'all-linear' (as "
+                         f"peft's layers_to_transform does; peft ignores it for a regex); with targets="
+                         f"{_describe(targets)} put the layer index in the expression instead")
+    wanted = {layers} if isinstance(layers, int) else set(layers)
+    named = set(targets) if isinstance(targets, (list, tuple)) else set()  # whole paths: kept, as in peft
+    kept = [c for c in chosen if c[0] in named or layer_index(c[0], layers_pattern) in wanted]
+    if not kept:
+        found = sorted({i for c in chosen if (i := layer_index(c[0], layers_pattern)) is not None})
+        raise ValueError(f"patch_linear: layers={layers!r} (layers_pattern={layers_pattern!r}) leaves none of the "
+                         f"{len(chosen)} targeted layer(s); their layer indices: "
+                         f"{found if found else 'none found (name the block list with layers_pattern)'}; "
+                         f"e.g. {chosen[0][0]!r}")
+    return kept
 
 
 def _outside_saved(chosen: list, saved: list, targets: TargetSpec) -> list:

@@ -189,9 +189,9 @@ def test_unsupported_config_refused(tmp_path):
     base = small_llama()
     lowrank.save_adapter(lowrank.patch_linear(copy.deepcopy(base), rank=4), tmp_path)
     config = json.load(open(tmp_path / CONFIG_NAME))
-    config.update(layers_to_transform=[0], target_parameters=["mlp.experts.gate_up_proj"])
+    config.update(bias="all", target_parameters=["mlp.experts.gate_up_proj"])
     json.dump(config, open(tmp_path / CONFIG_NAME, "w"))
-    with pytest.raises(ValueError, match="layers_to_transform=.*target_parameters="):
+    with pytest.raises(ValueError, match="bias=.*target_parameters="):
         lowrank.load_adapter(copy.deepcopy(base), tmp_path)
 
 
@@ -508,6 +508,29 @@ def test_peft_adapters_with_exclude_modules_load(tmp_path, targets, exclude):
         and hasattr(m, "lora_A") and "default" in m.lora_A)
     x = ids()
     check_same(logits(model, x), model, x, logits(pm, x))
+
+
+@pytest.mark.parametrize("layers, pattern", [([1], None), (0, "layers")])
+def test_peft_adapters_with_layers_to_transform_load(tmp_path, layers, pattern):
+    """A peft file made with layers_to_transform / layers_pattern (weights for those blocks only) loads
+    onto exactly those layers, to peft's logits; saved again, peft reads it back to the same layers."""
+    base = small_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                                   layers_to_transform=layers,
+                                                                   layers_pattern=pattern)).eval()
+    randomize_B_(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    want = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                  if type(m).__name__ == "Linear" and hasattr(m, "lora_A") and "default" in m.lora_A)
+    model = lowrank.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert sorted(p for p, _ in lowrank.lora_layers(model)) == want
+    x = ids()
+    check_same(logits(model, x), model, x, logits(pm, x))
+    lowrank.save_adapter(model, tmp_path / "again")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
+    assert sorted(n.removeprefix("base_model.model.") for n, m in back.named_modules()
+                  if type(m).__name__ == "Linear" and hasattr(m, "lora_A") and "default" in m.lora_A) == want
+    torch.testing.assert_close(logits(back, x), logits(pm, x), rtol=0, atol=0)
 
 
 def test_all_linear_in_any_case_as_peft_reads_it():

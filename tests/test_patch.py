@@ -543,7 +543,7 @@ def test_config_from_a_lowrank_config_and_conflicts():
     ("use_dora", "yes"), ("modules_to_save", "lm_head"), ("target_parameters", ["mlp.experts.gate_up_proj"]),
     ("rank_pattern", {"q_proj": 0}),
     ("alpha_pattern", {"(": 8}), ("init_lora_weights", "pissa"), ("bias", "all"),
-    ("layers_to_transform", [0]), ("target_modules", None), ("peft_type", "LOHA"), ("lora_dropout", 1.5),
+    ("layers_to_transform", ["0"]), ("layers_pattern", "("), ("target_modules", None), ("peft_type", "LOHA"), ("lora_dropout", 1.5),
     ("r", 0), ("some_future_field", {"enabled": True}),
 ])
 def test_config_fields_lowrank_does_not_do_are_named(field, value):
@@ -561,6 +561,69 @@ def test_config_fields_lowrank_does_not_do_are_named(field, value):
     config.setdefault("r", 4)
     lowrank.patch_linear(model, config=config)
 
+
+
+@pytest.mark.parametrize("model_fn,config", [
+    ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
+    ("llama", dict(target_modules=["q_proj", "gate_proj"], layers_to_transform=0, layers_pattern="layers")),
+    ("llama", dict(target_modules=["q_proj", "model.layers.0.mlp.down_proj"], layers_to_transform=[1])),
+    ("llama", dict(target_modules=["q_proj"], layers_to_transform=[], layers_pattern="layers")),
+    ("gpt2", dict(target_modules=["c_attn", "c_fc"], layers_to_transform=[1], layers_pattern=["blocks", "h"])),
+    ("gpt2", dict(target_modules=["c_attn"], layers_to_transform=[0, 1], layers_pattern="h")),
+], ids=["list", "int-with-pattern", "whole-path-kept", "empty-list", "gpt2-patterns", "gpt2-both"])
+def test_layers_to_transform_selects_the_layers_peft_selects(model_fn, config):
+    """layers_to_transform / layers_pattern (lowrank: layers=, layers_pattern=): the layers that carry
+    LoRA are those peft's get_peft_model adapts for the same config, through config= and through
+    the arguments, and the patched model computes what peft's does."""
+    peft = pytest.importorskip("peft")
+    build = tiny_llama if model_fn == "llama" else tiny_gpt2
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", **config)
+    reference = peft.get_peft_model(build(), cfg)
+    want = sorted(p.removeprefix("base_model.model.") for p, m in reference.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer))
+    ours = lowrank.patch_linear(build(), config=cfg)
+    assert sorted(p for p, _ in lowrank.lora_layers(ours)) == want
+    args = dict(layers=config["layers_to_transform"], layers_pattern=config.get("layers_pattern"))
+    by_args = lowrank.patch_linear(build(), rank=4, alpha=8, targets=config["target_modules"], **args)
+    assert sorted(p for p, _ in lowrank.lora_layers(by_args)) == want
+    # the same factors: the same outputs
+    mods = dict(reference.named_modules())
+    with torch.no_grad():
+        for path, layer in lowrank.lora_layers(ours):
+            src = mods["base_model.model." + path]
+            layer.lora_A["default"].copy_(src.lora_A["default"].weight)
+            layer.lora_B["default"].copy_(torch.randn_like(layer.lora_B["default"]))
+            src.lora_B["default"].weight.copy_(layer.lora_B["default"])
+    ids = torch.randint(0, 90, (2, 7))
+    torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_with_all_linear():
+    """layers= also narrows "all-linear" (peft's LoraConfig refuses a string target_modules with
+    layers_to_transform; lowrank reads "all-linear" as the list of names it stands for)."""
+    model = lowrank.patch_linear(tiny_llama(), rank=4, layers=1)
+    paths = [p for p, _ in lowrank.lora_layers(model)]
+    assert paths and all(p.startswith("model.layers.1.") for p in paths)
+    assert len(paths) == 7  # q, k, v, o, gate, up, down
+
+
+def test_layers_to_transform_errors_name_the_problem():
+    """layers= with a regex or callable targets, indices no target has, bad types, and a pattern alone
+    are refused with the reason, the model untouched."""
+    model = tiny_llama()
+    before = snapshot(model)
+    cases = [(dict(targets=r".*q_proj", layers=[0]), ValueError, "put the layer index in the expression"),
+             (dict(targets=["q_proj"], layers=[7]), ValueError, r"leaves none of the 2 targeted layer\(s\); their "
+                                                                  r"layer indices: \[0, 1\]"),
+             (dict(targets=["q_proj"], layers=[0], layers_pattern="blocks"), ValueError, "none found"),
+             (dict(targets=["q_proj"], layers=["0"]), TypeError, "layer index or a list"),
+             (dict(targets=["q_proj"], layers=[-1]), ValueError, "negative"),
+             (dict(targets=["q_proj"], layers=[0], layers_pattern="("), ValueError, "not a valid regular"),
+             (dict(targets=["q_proj"], layers_pattern="layers"), ValueError, "without layers")]
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            lowrank.patch_linear(model, rank=4, **kwargs)
+        assert_same_snapshot(snapshot(model), before)
 
 
 def test_rank_and_alpha_patterns_follow_pefts_matching_rule():
