@@ -16,7 +16,7 @@ from .backend import backend_for
 from .config import LoRAConfig
 from .layer_types import is_conv1d, is_dense_linear, is_embedding, linear_dims, runs_own_forward
 from .nf4_linear import NF4Linear
-from .ops.dora import dora_linear, dora_scale, row_norms, weight_row_sq_norms
+from .ops.dora import dora_linear, dora_scale, magnitude_rounded, row_norms, weight_row_sq_norms
 from .ops.lora_matmul import lora_linear
 from .ops.nf4_lora_matmul import nf4_lora_linear
 from .ops.sgmv import metadata_for, sgmv
@@ -134,7 +134,9 @@ class LoRALinear(nn.Module):
             return a, b
         m = torch.empty(self.out_features, device=w.device, dtype=dtype)
         if w.device.type != "meta":
-            m.copy_(self.weight_sq_norms().sqrt())  # ||W_i|| in float64, rounded once
+            # ||W_i|| in float64, rounded as the forward rounds the norms it divides m by
+            # (ops.dora.magnitude_rounded): the scale m / n is then exactly 1 at initialisation
+            m.copy_(magnitude_rounded(self.weight_sq_norms().sqrt(), dtype))
         return a, b, m
 
     def attach_adapter(self, config: LoRAConfig, a: torch.Tensor, b: torch.Tensor,

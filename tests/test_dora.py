@@ -12,7 +12,7 @@ import lowrank
 from lowrank.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from lowrank.lora_linear import LoRALinear
 from tests.helpers import assert_close
-from tests.models import SMALL_MODELS, ids
+from tests.models import SMALL_MODELS, ids, small_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -178,6 +178,45 @@ def test_initial_magnitude_is_peft_s(arch):
     x = ids()
     with torch.no_grad():
         assert_close(model(input_ids=x).logits, base.double()(input_ids=x).logits, base.float()(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_new_dora_adapter_leaves_the_outputs_bit_for_bit(arch, dtype):
+    """At initialisation (B = 0, m = the row norms) a DoRA model computes the base model's logits bit
+    for bit, as peft's does: the scale m / n is exactly 1 because the forward divides by the norms
+    rounded as m holds them (fp32 master m, cast to a 16-bit weight's dtype; ops.dora.magnitude_rounded).
+    It used to divide by the float64 norm: ~a quarter of the rows scaled by 1 - 2^-24 (fp32), logits
+    off by up to 4e-3 in bf16."""
+    base = SMALL_MODELS[arch]().to(dtype)
+    x = ids()
+    with torch.no_grad():
+        want = base(input_ids=x).logits
+        model = lowrank.patch_linear(copy.deepcopy(base), rank=4, targets=TARGETS[arch], dora=True)
+        assert all(layer.lora_magnitude_vector["default"].dtype == torch.float32
+                   for _, layer in lowrank.lora_layers(model))
+        assert torch.equal(model(input_ids=x).logits, want)
+        model = lowrank.patch_linear(copy.deepcopy(base), rank=4, targets=TARGETS[arch], dora=True,
+                                     adapter_dtype=dtype)  # a master m in the weight's own dtype
+        assert torch.equal(model(input_ids=x).logits, want)
+        lowrank.merge(model)  # scale 1: the merged weights are the base's
+        mods = dict(base.named_modules())
+        for path, layer in lowrank.lora_layers(model):
+            w0 = mods[path].weight  # nn.Linear (out, in); GPT-2's Conv1D (in, out)
+            assert torch.equal(layer.base_weight_nk(), w0 if arch == "llama" else w0.t()), path
+        assert torch.equal(model(input_ids=x).logits, want)
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_new_dora_adapter_on_nf4_leaves_the_outputs_bit_for_bit(compute):
+    """The same over NF4 bases (m = the dequantized weight's row norms in the compute dtype): the
+    DoRA model's logits are the plain QLoRA model's (B = 0: the base's) bit for bit."""
+    base = small_llama()
+    x = ids()
+    with torch.no_grad():
+        plain = lowrank.patch_linear(copy.deepcopy(base), rank=4, quantize="nf4", compute_dtype=compute)
+        dora = lowrank.patch_linear(copy.deepcopy(base), rank=4, quantize="nf4", compute_dtype=compute, dora=True)
+        assert torch.equal(dora(input_ids=x).logits, plain(input_ids=x).logits)
 
 
 def test_peft_config_and_dict_give_a_dora_adapter():

@@ -36,9 +36,17 @@ def merged_reference(w, a, b, m, s):
     """The dense float64 DoRA weight, rounded once by numpy (torch's float64 -> float16 rounds twice);
     scale 0 where the norm is 0 (the op's stated rule)."""
     full = w.double() + s * (b.double() @ a.double())
-    n = full.norm(dim=1)
+    n = stored_norms(full.norm(dim=1), m.dtype)
     scale = torch.where(n > 0, m.double() / torch.where(n > 0, n, 1.0), 0.0)
     return round_once(scale[:, None] * full, w.dtype)
+
+
+def stored_norms(n, dtype):
+    """The float64 norms as a magnitude of `dtype` holds them (the op divides m by these): rounded to
+    float32, then to a 16-bit dtype; float64 as they are."""
+    if dtype == torch.float64:
+        return n
+    return n.float().to(dtype).double()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -63,7 +71,7 @@ def test_torch_double_rounding_would_fail_the_reference():
     differs from one rounding on some elements of a merge of this size; the op does not."""
     w, a, b, m = problem(256, 256, 8, torch.float16, 5)
     full = w.double() + 2.0 * (b.double() @ a.double())
-    x64 = (m.double() / full.norm(dim=1))[:, None] * full
+    x64 = (m.double() / stored_norms(full.norm(dim=1), m.dtype))[:, None] * full
     once = round_once(x64, torch.float16)
     assert not torch.equal(x64.to(torch.float16), once)  # torch: two roundings somewhere
     dora_merge_(w, a, b, m, 2.0)

@@ -217,7 +217,7 @@ def test_near_overflow_merges_as_the_torch_path(monkeypatch):
 def _raw_merge(lib, w, a, b, m, s, cap):
     """lowrank_cpu_dora_merge called directly: (status, count, idx, val)."""
     a64, b64 = a.double().contiguous(), b.double().contiguous()
-    scale = (m.double() * dm._inverse(dm.dora_row_norms(w, a, b, s))).contiguous()
+    scale = (m.double() * dm.inverse_norms(dm.dora_row_norms(w, a, b, s), m)).contiguous()
     inv = (dm._inverse(scale.abs()) * scale.sign()).contiguous()
     idx, val = torch.full((max(cap, 1),), -7, dtype=torch.int32), poison_(torch.empty(max(cap, 1), dtype=w.dtype))
     count, bad = ctypes.c_int64(-1), ctypes.c_int64(-1)

@@ -343,7 +343,7 @@ def dora_scale(magnitude: torch.Tensor, norms: torch.Tensor, dtype: torch.dtype)
     """m / n per row, detached, in `dtype` (see the Note on zero norms): float64 m / n where n > 0,
     0 where n == 0, clamped to dtype's finite range, rounded once. Differentiable in m (the gradient
     of m is the upstream gradient times 1 / n, 0 where n == 0)."""
-    inv = _inverse(norms)  # (N,) float64
+    inv = inverse_norms(norms, magnitude)  # (N,) float64
     big = torch.finfo(dtype).max
     return (magnitude.to(torch.float64) * inv).clamp(-big, big).to(dtype)
 
@@ -462,6 +462,24 @@ def _inverse(norms: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
 
 
+def magnitude_rounded(norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float64 row norms rounded as a magnitude of `dtype` holds them (float64 again): to float32,
+    then to `dtype` when it is a 16-bit type (float64: as they are). A new DoRA adapter's m is W's row
+    norms rounded so (`LoRALinear.new_factors`), and an fp32 master m reaches the op cast to a 16-bit
+    weight's dtype the same way, so that m / magnitude_rounded(n) is exactly 1 at initialisation:
+    the DoRA layer's output is then the base layer's, bit for bit, as peft's is."""
+    if dtype == torch.float64:
+        return norms
+    r = norms.to(torch.float32)
+    return (r if dtype == torch.float32 else r.to(dtype)).to(torch.float64)
+
+
+def inverse_norms(norms: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """1 / n (float64, 0 where n == 0) with n rounded as `magnitude` holds norms (`magnitude_rounded`):
+    the scale m / n of every DoRA path (forward, backward's dm, merge) divides by it."""
+    return _inverse(magnitude_rounded(norms, magnitude.dtype))
+
+
 def _scaled_grad_and_dm(dy2: torch.Tensor, scale: torch.Tensor, v2: torch.Tensor | None):
     """(g = dy (.) scale (M, N), sum over rows of dy (.) v (N,) float64, or None without v) in one pass
     over dy and v, a block of rows at a time: the products for the sum stay in cache (a plain
@@ -485,7 +503,7 @@ class _DoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, norms):
         n = weight.shape[0]
-        inv = _inverse(norms)  # (N,) float64
+        inv = inverse_norms(norms, magnitude)  # (N,) float64
         big = torch.finfo(x.dtype).max
         scale = (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(x.dtype)  # (N,)
         v = F.linear(x, weight)
@@ -559,7 +577,7 @@ def _(dy, x, weight, lora_A, lora_B, t, scale, scaling, need_dx):
 def _fp32_scale(magnitude, norms, dtype: torch.dtype):
     """(scale = m / n (N,) fp32, clamped to dtype's finite range; 1 / n (N,) float64): the Triton
     path's scale (the module's Note: the Triton path)."""
-    inv = _inverse(norms)  # (N,) float64
+    inv = inverse_norms(norms, magnitude)  # (N,) float64
     big = torch.finfo(dtype).max
     return (magnitude.detach().to(torch.float64) * inv).clamp(-big, big).to(torch.float32), inv
 

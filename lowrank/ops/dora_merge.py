@@ -49,7 +49,7 @@ import torch
 
 from lowrank import native
 
-from .dora import _inverse, dora_row_norms
+from .dora import _inverse, dora_row_norms, inverse_norms
 from .merge import _ptr
 from .merge_torch import round_f64
 
@@ -103,7 +103,7 @@ def dora_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     _check(weight, lora_A, lora_B, magnitude, scaling, where)
     n, k = weight.shape
     s = float(scaling)
-    scale = magnitude.detach().double() * _inverse(dora_row_norms(weight, lora_A, lora_B, s))  # (N,)
+    scale = magnitude.detach().double() * inverse_norms(dora_row_norms(weight, lora_A, lora_B, s), magnitude)  # (N,)
     a64, b64 = lora_A.detach().double(), lora_B.detach().double()
     inv = _inverse(scale.abs()) * scale.sign()  # 1 / scale, 0 where scale is 0
     lib = _library(weight)
