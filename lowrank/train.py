@@ -451,12 +451,17 @@ def labelled_tokens(labels: torch.Tensor) -> int:
 
 
 def lr_lambda(warmup: int, total: int):
-    """The factor on the peak lr at optimizer step s (0-based): linear warm-up over `warmup` steps to
-    1, then a cosine to 0 at `total`."""
+    """The factor on the peak lr at optimizer step s (0-based): a linear warm-up (s + 1) / warmup that
+    reaches 1 at its last step, s = warmup - 1 (step 0 without warm-up), then from that one step at
+    the peak a cosine that would reach 0 at s = total, one past the last step (no step is wasted at
+    lr 0, and the peak is taken once: the cosine used to start over at 1 on the step after the
+    warm-up's last)."""
+    peak = max(warmup - 1, 0)
+
     def factor(s: int) -> float:
-        if s < warmup:
+        if s < peak:
             return (s + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - peak) / max(1, total - peak))))
     return factor
 
 

@@ -135,9 +135,17 @@ def test_warmup_then_cosine(files, tmp_path):
     res = T.train(cfg(files, tmp_path, steps=10, warmup=3, lr=1e-2, eval_every=0, save_every=0, keep_best=0))
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
            if "lr" in json.loads(line)]
-    want = [1e-2 * (s + 1) / 3 for s in range(3)] + [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 7))
-                                                     for s in range(3, 10)]
+    # warm-up 1/3, 2/3, then the peak once (step 2) and a cosine that would be 0 at step 10
+    want = [1e-2 * (s + 1) / 3 for s in range(2)] + [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8))
+                                                     for s in range(2, 10)]
     assert res.steps == 10 and lrs == pytest.approx(want, rel=1e-12)
+    assert lrs.count(max(lrs)) == 1 and min(lrs) > 0
+
+
+def test_cosine_without_warmup_starts_at_the_peak():
+    factor = T.lr_lambda(0, 4)
+    assert [factor(s) for s in range(4)] == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                                                           0.5 * (1 + math.cos(3 * math.pi / 4))], rel=1e-12)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
