@@ -43,6 +43,7 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 import tempfile
 import threading
 import time
@@ -687,6 +688,11 @@ class _Job:
         self.batches = Batches(self.train_rows, cfg.seed, cfg.batch_size, self.pad)
         # Batches run on across epoch boundaries (see Batches): E epochs are E * rows sequences.
         per_step = cfg.batch_size * cfg.grad_accum
+        if len(self.train_rows) < per_step:
+            warnings.warn(f"--data {cfg.data}: {len(self.train_rows)} training sequence(s), fewer than one optimizer "
+                          f"step takes (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} = {per_step}): "
+                          f"every step repeats sequences (the batches run on into the next epochs)", UserWarning,
+                          stacklevel=2)
         self.total = cfg.steps if cfg.steps is not None else max(1, math.ceil((cfg.epochs or 1.0) *
                                                                              len(self.train_rows) / per_step))
         self.train_records, self.eval_records = len(train_r), len(eval_r)

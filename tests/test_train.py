@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import os
 import shutil
 import signal
@@ -140,6 +141,20 @@ def test_warmup_then_cosine(files, tmp_path):
                                                      for s in range(2, 10)]
     assert res.steps == 10 and lrs == pytest.approx(want, rel=1e-12)
     assert lrs.count(max(lrs)) == 1 and min(lrs) > 0
+
+
+def test_fewer_sequences_than_a_step_takes_warns(files, tmp_path):
+    """6 records (5 training sequences, one held out for eval), batch 4 x grad-accum 2: each step
+    repeats sequences (the stream runs on into the next epochs), which a user should hear about; a
+    step's worth is silent."""
+    write_prompt_completion_jsonl(tmp_path / "few.jsonl", n=6)
+    with pytest.warns(UserWarning, match=r": 5 training sequence\(s\), fewer than one optimizer step takes"):
+        T.train(cfg(files, tmp_path / "a", data=str(tmp_path / "few.jsonl"), steps=1, grad_accum=2,
+                    eval_every=0, save_every=0, keep_best=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        T.train(cfg(files, tmp_path / "b", data=str(tmp_path / "few.jsonl"), steps=1, batch_size=5, grad_accum=1,
+                    eval_every=0, save_every=0, keep_best=0))
 
 
 def test_cosine_without_warmup_starts_at_the_peak():
