@@ -199,7 +199,7 @@ class LoRALinear(nn.Module):
             return _mixed_forward(self, x)
         name = self.active_adapter
         if name is None or self.merged:
-            return self.base_layer(x)
+            return self.base_layer(_in_weight_dtype(self, x))
         cfg = self.configs[name]
         if self.embedding:
             out = self.base_layer(x)
@@ -230,8 +230,7 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A[name], self.lora_B[name]
         if a.dtype != w.dtype:  # master adapters in another dtype (fp32 over a bf16 base): cast for the
             a, b = a.to(w.dtype), b.to(w.dtype)  # fused op, differentiably (their gradients in their own dtype)
-        return lora_linear(x.to(w.dtype) if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)
-                           else x, w, a, b, cfg.scaling, bias=self.base_layer.bias,
+        return lora_linear(_in_weight_dtype(self, x), w, a, b, cfg.scaling, bias=self.base_layer.bias,
                            dropout=cfg.dropout if self.training else 0.0)
 
     def extra_repr(self) -> str:
@@ -304,6 +303,18 @@ def _takes_mixed_forward(layer) -> bool:
             and torch.compiler.is_compiling())
 
 
+def _in_weight_dtype(layer, x: torch.Tensor) -> torch.Tensor:
+    """x cast to the weight's dtype where the layer computes in it (a dense base of lowrank's own
+    forward, outside autocast) and x is a float of another dtype: an fp32 layer given bf16 input
+    computes in fp32 on every path (the fused op, a mixed batch, the base rows, adapters disabled or
+    merged) instead of only with an adapter running (plain nn.Linear raises there)."""
+    if layer.embedding or isinstance(layer.base_layer, NF4Linear) or not x.is_floating_point() \
+            or torch.is_autocast_enabled(x.device.type) or runs_own_forward(layer.base_layer):
+        return x
+    w_dtype = layer.base_layer.weight.dtype
+    return x.to(w_dtype) if x.dtype != w_dtype and w_dtype.is_floating_point else x
+
+
 def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """LoRALinear.forward for mixed batches (`layer._adapter_ids` set by `lowrank.adapter_ids`) and
     for the active adapter under torch.compile (`layer._active_index`, a buffer, so switching
@@ -312,6 +323,7 @@ def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:
     dora = len(layer.lora_magnitude_vector) > 0
     if dora and not layer.embedding and not isinstance(layer.base_layer, NF4Linear):
         _refuse_dora_over_own_forward(layer)
+    x = _in_weight_dtype(layer, x)
     out = None if dora and names else layer.base_layer(x)  # DoRA: the base GEMM without its bias, below
     if not names:
         return out

@@ -126,6 +126,34 @@ def test_mixed_batch_rows_equal_their_adapter(arch, backend, monkeypatch):
     assert all(layer._adapter_ids is None for _, layer in lowrank.lora_layers(model))
 
 
+def test_mixed_batch_casts_another_float_dtype_as_the_plain_forward_does():
+    """A bf16 input to fp32 LoRA layers: the plain forward computes in the weight's dtype (the input
+    cast), so must a mixed batch; it raised torch's "mat1 and mat2 must have the same dtype". Each
+    row equals its adapter run alone on the same input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    lowrank.patch_linear(model, rank=4, targets=["0", "2"])
+    lowrank.patch_linear(model, rank=4, targets=["0", "2"], adapter_name="b")
+    with torch.no_grad():
+        for _, layer in lowrank.lora_layers(model):
+            for name in ("default", "b"):
+                layer.lora_B[name].normal_()
+    x = torch.randn(3, 16).bfloat16()
+    names = ["default", "b", None]
+    with torch.no_grad(), lowrank.adapter_ids(model, names):
+        mixed = model(x)
+    assert mixed.dtype == torch.float32
+    for row, name in enumerate(names):
+        with torch.no_grad():
+            if name is None:
+                with lowrank.disable_adapters(model):
+                    own = model(x[row:row + 1])
+            else:
+                lowrank.set_adapter(model, name)
+                own = model(x[row:row + 1])
+        torch.testing.assert_close(mixed[row:row + 1], own, rtol=1e-6, atol=1e-6, msg=f"row {row} ({name})")
+
+
 class _null:
     def __enter__(self):
         return self
