@@ -367,21 +367,24 @@ __attribute__((target("avx512f"), noinline)) void rank_rows4_avx512_f64(const fl
 // The rank loop on bf16 pairs (AVX512_BF16's vdpbf16ps), for factors whose every value is a
 // normal bf16 number or zero (pack_pairs): 16 lanes x 2 products per instruction, twice the fp32
 // fma's arithmetic per instruction. A pair of rank steps in one instruction: per element
-// acc <- (acc + a[2kk+1] b[2kk+1]) + a[2kk] b[2kk], each product exact in fp32 (8-bit
-// significands), each add rounded to nearest even, subnormal inputs and results flushed to zero
-// (no MXCSR) -- checked against a scalar emulation on AMD Zen 4. So the bits are not the fp32
+// acc <- (acc + a[2kk+1] b[2kk+1]) + a[2kk] b[2kk]: two fused multiply-adds (a product of 8-bit
+// significands, exact, inside each), each rounded to nearest even, subnormal inputs and results
+// flushed to zero (no MXCSR) -- checked against a scalar emulation on AMD Zen 4. So the bits are not the fp32
 // loop's, but they are this loop's on every run on any CPU with the instruction: a merge and its
 // fast unmerge take the same loop (merge_impl decides from the factors and the CPU alone;
 // lowrank_cpu_rank_loop_kind tells Python which loops a record was made with). The error bound
 // is the fp32 loop's (rank_rows4_avx512_abs): a sum of r exact products, one rounding per add in
-// the order p1, p0, p3, p2, ...; every intermediate |s + p_odd| <= (1 + u) |s'| + |p_even| (s' the
+// the order p1, p0, p3, p2, ...; every intermediate |s + p_odd| <= |s'| / (1 - u) + |p_even| (s' the
 // pair's result), so the sum of all partial-sum magnitudes is at most (2 + u) T + sum |p_k| with
 // T the sum over pairs of |s'| (r odd: the pad's zero product comes first, an exact add). The
 // magnitude tracking keeps M = max |s'| with one vrangeps (the sum's abs + add pair cost as much
 // as the vdpbf16ps themselves: one thread, 1024 x 4096, r = 64, 4.2-5.1 ms with it against 2.9-3.5
 // ms with vrangeps, the fp32 loop 6.5-8.7 ms) and stores T = rp * M >= T: a bound ~1.5x looser on
 // that term for a random walk (slightly more elements on the slow path; fewer instructions won).
-// The flushes add at most 2^-126 per add and per product (merge_impl raises abs_bound).
+// The flushes: each half of the instruction is a fused multiply-add whose result is flushed when
+// subnormal (the product itself is not rounded or flushed: checked against an emulation on Zen 4,
+// 32M lanes), so at most 2^-126 per step, r in all -- what merge_strided's underflow slack already
+// covers; merge_impl adds it again for direct lowrank_cpu_merge callers.
 // ap16: panel p holds, for pair kk, 16 dwords (a[2kk, c] in the low half, a[2kk+1, c] in the
 // high, c < 16, zero-padded); b0: RB rows of rp dwords (b[i, 2kk] low, b[i, 2kk+1] high).
 template <int P, bool TRACK>
@@ -621,7 +624,10 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) static inline __mmask16
   if (DT == DT_F16) {
     const __m512 lo = _mm512_sub_round_ps(v, e, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m512 hi = _mm512_add_round_ps(v, e, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-    return _mm256_cmpeq_epi16_mask(round16<DT>(lo), round16<DT>(hi)) & _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+    // (a NaN bound -- 0 * Inf in the bound's terms, a scale below float's range with huge factors --
+    // rounds both ends to the same NaN bits: never certified, as e < room refuses it for bf16)
+    return _mm256_cmpeq_epi16_mask(round16<DT>(lo), round16<DT>(hi)) & _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q) &
+           _mm512_cmp_ps_mask(e, e, _CMP_ORD_Q);
   }
   const __m512i u = _mm512_castps_si512(v);
   const __m512i ex = _mm512_and_si512(_mm512_srli_epi32(u, 23), _mm512_set1_epi32(0xFF));
@@ -1163,7 +1169,7 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
       const double x = (1.0 / c0) * (1.0 + 1.9073486328125e-06);
       float f = (float)x;
       if ((double)f < x) f = nextafterf(f, INFINITY);
-      g.inv_c = f;
+      g.inv_c = std::min(f, 3.4028234663852886e38f);  // (finite: see merge_strided's slack for |scale| < 2^-100)
     }
   }
   // A's panels: the pair loop's when it applies (pack_pairs), else (or for the f64 path, which
@@ -1176,9 +1182,10 @@ static int merge_impl(const Args &g_in, int32_t *rec_idx, void *rec_val, int64_t
         g.ap16 = ap16.get();
         g.b16 = b16.get();
         g.rp = (g.rank + 1) / 2;
-        // the pair loop's flushes to zero: at most 2^-126 per add and per product (2 r in all),
-        // times |scale|, on top of the caller's underflow slack
-        const double flush = 1.1754943508222875e-38 * 2.0 * (double)g.rank * fabs(g.scale) * 1.01;
+        // the pair loop's flushes to zero: at most 2^-126 per fused step (r in all), times
+        // |scale|: merge_strided's underflow slack covers it already, a direct lowrank_cpu_merge
+        // caller's need not
+        const double flush = 1.1754943508222875e-38 * (double)g.rank * fabs(g.scale) * 1.01;
         const float ab = (float)((double)g.abs_bound + flush);
         g.abs_bound = (double)ab < (double)g.abs_bound + flush ? nextafterf(ab, INFINITY) : ab;
       }
@@ -1503,10 +1510,11 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
   // Templated on the factor dtype, with the unit-stride case apart, so that the loops vectorize:
   // with a per-element dtype switch they were 7% of an exact merge + unmerge at 1024x4096 r=64.)
   int finite = 1;
+  double b_max = 0.0;  // max_i ||b[i, :]|| (for a scale below float's normal range: below)
   auto widen = [&](auto fdt) {
     constexpr int FDT = decltype(fdt)::value;
     constexpr int64_t CB = 256;  // columns per block: each thread reads a's rows in runs
-#pragma omp parallel reduction(& : finite)
+#pragma omp parallel reduction(& : finite) reduction(max : b_max)
     {
 #pragma omp for schedule(static) nowait
       for (int64_t i = 0; i < rows; ++i) {
@@ -1523,6 +1531,7 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
         }
         finite &= isfinite(ss) != 0;
         rb[i] = round_up_float(c * sqrt(ss));
+        b_max = std::max(b_max, sqrt(ss));
       }
 #pragma omp for schedule(static) nowait
       for (int64_t j0 = 0; j0 < cols; j0 += CB) {
@@ -1554,7 +1563,19 @@ static int merge_strided(void *w, int64_t rows, int64_t cols, int64_t ldw, int d
   else
     widen(std::integral_constant<int, DT_BF16>{});
   if (!finite) return LOWRANK_ERR_NONFINITE;
-  const float abs_bound = round_up_float(1.1754943508222875e-38 * std::max(1.0, r * fabs(scale) * 1.01));
+  double slack = 1.1754943508222875e-38 * std::max(1.0, r * fabs(scale) * 1.01);
+  if (fabs(scale) < 7.888609052210118e-31) {
+    // |scale| < 2^-100: the per-element bound can fail here. Its rb * inv_c * cb term saturates
+    // (merge_impl clamps inv_c = 1 / c0 to FLT_MAX; it was +Inf, and 0 * Inf a NaN bound that
+    // certified anything), and below float's normal range |s - s32| <= u |s| (what its |acc| term
+    // covers) fails too. So the slack takes all of it for every element: |s| |acc - sum| +
+    // |s - s32| |acc| <= (|s| (r + 1) u (1.01) + |s - s32|) (1 + gamma_r) max ||B_i|| max ||A_j||
+    // (a delta this small leaves almost every element certified all the same).
+    double a_max = 0.0;
+    for (int64_t j = 0; j < cols; ++j) a_max = std::max(a_max, (double)cb[j]);
+    slack += (fabs(scale) * (r + 1.0) * u * 1.01 + fabs(scale - (double)(float)scale)) * b_max * a_max * 1.02;
+  }
+  const float abs_bound = round_up_float(slack);
   if (ldw < cols || !w) return LOWRANK_ERR_INVALID_ARGUMENT;
   const bool record = rec_idx != nullptr;
   if (record && (!rec_val || !rec_count || rec_capacity < 0 || rows * cols > INT32_MAX))

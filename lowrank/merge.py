@@ -295,8 +295,8 @@ def _unmerge_layer(path: str, layer: LoRALinear, checked: bool = False) -> None:
         rec_idx, rec_val = state.unpack()
         # fast: the CPU library's uncertified round trip, exact with its own record made under the
         # same key (ignored on another device, where the certified unmerge is exact with it too:
-        # lowrank.ops.merge); under another key (a merged model moved to a CPU without the pair
-        # loop), the certified unmerge
+        # lowrank.ops.merge); under another key (a guard: ops.merge.fast_unmerge_key), the
+        # certified unmerge
         fast = state.fast_unmerge is not None and state.fast_unmerge == fast_unmerge_key(w, a)
         torch.ops.lowrank.unmerge_(w, a, b, state.scaling, rec_idx.to(w.device), rec_val.to(w.device), fast)
     else:

@@ -168,12 +168,76 @@ def test_merge_with_bf16_factors_matches_float64_and_unmerge_is_exact(n, k, r, d
                                                                       specials, mag, seed):
     """Factors whose values are all bf16 numbers (a bf16 adapter, as it is or widened to fp32): on a
     CPU with AVX512_BF16 the library's bf16 pair loop accumulates them (csrc/merge_cpu.cpp,
-    rank_rows4_pairs: its own bits, subnormal products and sums flushed to zero), so the merge is
-    still the float64 result rounded once and both unmerges restore W with the record. mag = 1e-19
-    puts the products at ~2^-126, where the flushes happen; a bf16 weight is then drawn at the same
-    scale, so that they would show."""
+    rank_rows4_pairs: its own bits, subnormal sums flushed to zero), so the merge is still the
+    float64 result rounded once and both unmerges restore W with the record. mag = 1e-19 puts the
+    products at ~2^-126, where the flushes happen, and a bf16 weight is then drawn at that scale (the
+    underflow slack covers them; the certification is what this checks there, not the slack's size)."""
     w_scale = 1e-37 if mag == 1e-19 and dtype == torch.bfloat16 else 0.02
     run_merge_unmerge(n, k, r, dtype, s, pad, specials, seed, mag, factor_dtype, w_scale)
+
+
+@needs_cpu_lib
+@pytest.mark.parametrize("s", [300.0, 360.0, 420.0, 500.0])
+def test_merge_where_the_partial_sums_dwarf_the_result(s):
+    """Partial sums that climb to 16 and come back to ~0 while each small product (just under half an
+    ulp of the running sum) is lost to rounding: the accumulation error is ~u times the sum of the
+    partial-sum magnitudes, far above u (|acc| + ||B_i|| ||A_j||). The tracked bound must see those
+    magnitudes (the pair loop's ceil(r/2) * max |s'|; a build that dropped the factor ceil(r/2)
+    certified 2040 of these 2048 elements wrongly, as the review found), so the merge is still the
+    float64 result rounded once, and both unmerges restore W."""
+    u, r, n, k = 2.0 ** -24, 64, 4, 512
+    g = torch.Generator().manual_seed(0)
+    a = torch.zeros(r, k)
+    level = 0.0
+    for kk in range(r // 2):
+        big = 1.0 if kk < 16 else -1.0
+        a[2 * kk + 1] = big
+        level += big
+        half = u * 2.0 ** math.floor(math.log2(max(level, 1.0)))
+        a[2 * kk] = 0.98 * half * (1 + 0.01 * torch.rand(k, generator=g))
+    a = a.bfloat16().float()  # bf16 values: the pair loop where the CPU has it, else the fp32 loop
+    b = torch.ones(n, r)
+    w0 = (1 + torch.rand(n, k, generator=g)).bfloat16()
+    w = w0.clone()
+    rec = merge_(w, a, b, s, True)
+    assert_bits_equal(w, merged_f64(w0, a, b, s), "merged vs float64 rounded once")
+    for fast in (False, True):
+        back = w.clone()
+        unmerge_(back, a, b, s, *rec, fast=fast)
+        assert_bits_equal(back, w0, f"unmerged (fast={fast})")
+
+
+@needs_cpu_lib
+@pytest.mark.parametrize("loop", ["pair loop", "fp32 loop"])
+@pytest.mark.parametrize("s", [0.99 * 2.0 ** -150, 1e-44, -1e-40, 1e-38, 3e-35, -1e-31, 1e-30])
+def test_merge_with_a_scale_below_floats_range(s, loop):
+    """|scale| down to below float's smallest subnormal with huge factors (the delta still moves W by
+    several ulps): the merge is the float64 result rounded once and both unmerges restore W. fp32(s)
+    is subnormal or 0 there (the bound's |acc| term assumed |s - fp32(s)| <= u |s|) and the bound's
+    other terms saturated to Inf: an AVX-512 fp16 certification took the NaN bound (0 * Inf) as
+    certified and left W unchanged (found by the review; the same with either loop)."""
+    g = torch.Generator().manual_seed(3)
+    f = (1e-3 / abs(s)) ** 0.5  # factors whose product, times s, is ~5% of W
+    cases = [(torch.bfloat16, 9, 17, 3), (torch.float16, 7, 40, 17), (torch.float16, 8, 33, 64)]
+    if abs(s) < 1e-43:  # and the review's case: one product at bf16's largest value, W = 2^-14
+        cases.append((torch.float16, 4, 8, 1))
+    for dtype, n, k, r in cases:
+        if r == 1:
+            a, b = torch.full((1, k), 2.0 ** 127 * 255 / 128), torch.ones(n, 1)
+            w0 = torch.full((n, k), 2.0 ** -14, dtype=dtype)
+        else:
+            a = (torch.randn(r, k, generator=g) * f / r ** 0.5).bfloat16().float()
+            b = (torch.randn(n, r, generator=g) * f).bfloat16().float()
+            w0 = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+        if loop == "fp32 loop":  # one value off the bf16 grid: the fp32 loop
+            a[0, 0] = float(torch.nextafter(a[0, 0], torch.tensor(math.inf)))
+        w = w0.clone()
+        rec = merge_(w, a, b, s, True)
+        assert_bits_equal(w, merged_f64(w0, a, b, s), f"{dtype} r={r}: merged vs float64 rounded once")
+        for fast in (False, True):
+            back = w.clone()
+            unmerge_(back, a, b, s, *rec, fast=fast)
+            assert_bits_equal(back, w0, f"{dtype} r={r}: unmerged (fast={fast})")
 
 
 @needs_pair_loop

@@ -140,6 +140,12 @@ def _factors(weight, lora_A, lora_B, scaling):
     row_bound = _round_up_f32(torch.linalg.vector_norm(b32.double(), dim=1) * c)  # (N,)
     col_bound = _round_up_f32(torch.linalg.vector_norm(a32.double(), dim=0))  # (K,)
     abs_bound = 2.0 ** -126 * max(1.0, r * abs(scaling) * 1.01)
+    if abs(scaling) < 2.0 ** -100:  # the per-element bound's terms saturate or fail to cover fp32(s) != s:
+        # the slack takes the whole accumulation error for every element (csrc/merge_cpu.cpp, merge_strided)
+        s32 = float(torch.tensor(float(scaling), dtype=torch.float32))
+        b_max = float(torch.linalg.vector_norm(b32.double(), dim=1).max()) if b32.numel() else 0.0
+        a_max = float(torch.linalg.vector_norm(a32.double(), dim=0).max()) if a32.numel() else 0.0
+        abs_bound += (abs(scaling) * (r + 1) * _U * 1.01 + abs(float(scaling) - s32)) * b_max * a_max * 1.02
     return b32, a32, row_bound, col_bound, abs_bound
 
 
@@ -348,8 +354,9 @@ def fast_unmerge_key(weight, lora_A) -> int | None:
     library; else which rank loops that library has here (csrc/lowrank.h,
     lowrank_cpu_rank_loop_kind: 1 with the bf16 pair loop of AVX512_BF16, 0 without). The fast
     unmerge recomputes the merge's accumulation, so a record serves it only where the key is the
-    one the merge saw: a merged model moved to a machine without the instruction (or run with
-    LOWRANK_NO_BF16_DOT / LOWRANK_NO_AVX512 set) unmerges with the certified path instead."""
+    one the merge saw; lowrank.merge keeps the key and unmerges with the certified path under
+    another (a guard: a merged layer does not reach another process today -- a pickled or copied
+    one fails unmerge's version check first)."""
     if weight.device.type != "cpu":
         return None
     lib = _library(weight, lora_A)
