@@ -43,7 +43,7 @@ import torch.nn as nn
 import safetensors.torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ORIGIN_ATTR, TASK_HEADS, LoRAConfig, layer_index, pattern_value, peft_lora_kwargs, scaling_for
+from .config import ORIGIN_ATTR, TASK_HEADS, LoRAConfig, in_layers, pattern_value, peft_lora_kwargs, scaling_for
 from .dtypes import FLOAT_DTYPES
 from .layer_types import is_dense_linear, is_embedding, linear_dims, real_values
 from .lora_linear import LoRALinear
@@ -758,8 +758,7 @@ def _peft_selection(model: nn.Module, targets, saved_names: list[str] | None = N
     if exclude:
         out = {p for p in out if not named(exclude, p)}
     if isinstance(targets, (list, tuple)) and layers is not None and layers != []:
-        wanted = set(layers) if isinstance(layers, (list, tuple)) else {layers}
-        out = {p for p in out if p in targets or layer_index(p, layers_pattern) in wanted}
+        out = {p for p in out if in_layers(p, targets, layers, layers_pattern)}
     return {p for p in out if not in_saved_module(p, saved_names)}
 
 

@@ -246,6 +246,15 @@ def layer_index(path: str, layers_pattern=None) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def in_layers(path: str, targets, layers, layers_pattern=None) -> bool:
+    """Whether layers_to_transform (`layers`: an index, or a non-empty list of them) keeps the target
+    at `path`: its `layer_index` is listed, or a list of `targets` names it by its whole path (peft
+    0.21 checks the index only for list entries that match at the end of the path)."""
+    if isinstance(targets, (list, tuple)) and path in targets:
+        return True
+    return layer_index(path, layers_pattern) in ({layers} if isinstance(layers, int) else set(layers))
+
+
 def _empty(value) -> bool:
     """None, False, 0-free containers: a field left at peft's 'off' default (nested dicts of such too)."""
     if isinstance(value, Mapping):

@@ -230,7 +230,7 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A[name], self.lora_B[name]
         if a.dtype != w.dtype:  # master adapters in another dtype (fp32 over a bf16 base): cast for the
             a, b = a.to(w.dtype), b.to(w.dtype)  # fused op, differentiably (their gradients in their own dtype)
-        return lora_linear(_in_weight_dtype(self, x), w, a, b, cfg.scaling, bias=self.base_layer.bias,
+        return lora_linear(_to_weight_dtype(x, w.dtype), w, a, b, cfg.scaling, bias=self.base_layer.bias,
                            dropout=cfg.dropout if self.training else 0.0)
 
     def extra_repr(self) -> str:
@@ -308,11 +308,17 @@ def _in_weight_dtype(layer, x: torch.Tensor) -> torch.Tensor:
     forward, outside autocast) and x is a float of another dtype: an fp32 layer given bf16 input
     computes in fp32 on every path (the fused op, a mixed batch, the base rows, adapters disabled or
     merged) instead of only with an adapter running (plain nn.Linear raises there)."""
-    if layer.embedding or isinstance(layer.base_layer, NF4Linear) or not x.is_floating_point() \
-            or torch.is_autocast_enabled(x.device.type) or runs_own_forward(layer.base_layer):
+    if layer.embedding or isinstance(layer.base_layer, NF4Linear) or runs_own_forward(layer.base_layer):
         return x
-    w_dtype = layer.base_layer.weight.dtype
-    return x.to(w_dtype) if x.dtype != w_dtype and w_dtype.is_floating_point else x
+    return _to_weight_dtype(x, layer.base_layer.weight.dtype)
+
+
+def _to_weight_dtype(x: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
+    """x in w_dtype when both are floating point and x's differs, outside autocast (which decides)."""
+    if x.dtype == w_dtype or not x.is_floating_point() or not w_dtype.is_floating_point \
+            or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(w_dtype)
 
 
 def _mixed_forward(layer, x: torch.Tensor) -> torch.Tensor:

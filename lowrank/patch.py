@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .config import (PEFT_NAMES, TASK_HEADS, LoRAConfig, TargetSpec, check_layers, check_pattern, layer_index,
-                     lora_kwargs, pattern_value, peft_config_dict, peft_lora_kwargs, task_type_name)
+from .config import (PEFT_NAMES, TASK_HEADS, LoRAConfig, TargetSpec, check_layers, check_pattern, in_layers,
+                     layer_index, lora_kwargs, pattern_value, peft_config_dict, peft_lora_kwargs, task_type_name)
 from .dtypes import check_dtype
 from .layer_types import is_dense_linear, is_embedding, module_references, replace_module, runs_own_forward
 from .lora_linear import LoRALinear, is_adaptable
@@ -575,9 +575,7 @@ def _in_layers(chosen: list, targets: TargetSpec, layers, layers_pattern) -> lis
         raise ValueError(f"patch_linear: layers={layers!r} narrows a list of target names or 'all-linear' (as "
                          f"peft's layers_to_transform does; peft ignores it for a regex); with targets="
                          f"{_describe(targets)} put the layer index in the expression instead")
-    wanted = {layers} if isinstance(layers, int) else set(layers)
-    named = set(targets) if isinstance(targets, (list, tuple)) else set()  # whole paths: kept, as in peft
-    kept = [c for c in chosen if c[0] in named or layer_index(c[0], layers_pattern) in wanted]
+    kept = [c for c in chosen if in_layers(c[0], targets, layers, layers_pattern)]
     if not kept:
         found = sorted({i for c in chosen if (i := layer_index(c[0], layers_pattern)) is not None})
         raise ValueError(f"patch_linear: layers={layers!r} (layers_pattern={layers_pattern!r}) leaves none of the "

@@ -137,15 +137,17 @@ def _factors(weight, lora_A, lora_B, scaling):
     a32 = lora_A.detach().float().contiguous()
     gamma = r * _U / (1 - r * _U)
     c = abs(scaling) * (gamma * (1 + _U) + _U) * (1 + 2.0 ** -18)
-    row_bound = _round_up_f32(torch.linalg.vector_norm(b32.double(), dim=1) * c)  # (N,)
-    col_bound = _round_up_f32(torch.linalg.vector_norm(a32.double(), dim=0))  # (K,)
+    b_norms = torch.linalg.vector_norm(b32.double(), dim=1)  # (N,)
+    a_norms = torch.linalg.vector_norm(a32.double(), dim=0)  # (K,)
+    row_bound = _round_up_f32(b_norms * c)
+    col_bound = _round_up_f32(a_norms)
     abs_bound = 2.0 ** -126 * max(1.0, r * abs(scaling) * 1.01)
-    if abs(scaling) < 2.0 ** -100:  # the per-element bound's terms saturate or fail to cover fp32(s) != s:
-        # the slack takes the whole accumulation error for every element (csrc/merge_cpu.cpp, merge_strided)
+    if abs(scaling) < 2.0 ** -100 and b_norms.numel() and a_norms.numel():
+        # the per-element bound's terms saturate or fail to cover fp32(s) != s: the slack takes the
+        # whole accumulation error for every element (csrc/merge_cpu.cpp, merge_strided)
         s32 = float(torch.tensor(float(scaling), dtype=torch.float32))
-        b_max = float(torch.linalg.vector_norm(b32.double(), dim=1).max()) if b32.numel() else 0.0
-        a_max = float(torch.linalg.vector_norm(a32.double(), dim=0).max()) if a32.numel() else 0.0
-        abs_bound += (abs(scaling) * (r + 1) * _U * 1.01 + abs(float(scaling) - s32)) * b_max * a_max * 1.02
+        abs_bound += (abs(scaling) * (r + 1) * _U * 1.01 + abs(float(scaling) - s32)) \
+            * float(b_norms.max()) * float(a_norms.max()) * 1.02
     return b32, a32, row_bound, col_bound, abs_bound
 
 
